@@ -1,0 +1,322 @@
+//! Key pairs for the two algorithms Imprint uses (Ed25519 and ECDSA P-256), on top of ring.
+//!
+//! The same [`KeyPair`] type serves devices, line stations and CAs. Randomness is passed in
+//! (`&dyn SecureRandom`) so that the vector generator can be deterministic; everything else uses
+//! [`ring::rand::SystemRandom`].
+
+use ring::rand::SecureRandom;
+use ring::signature::{
+    self, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P256_SHA256_FIXED,
+    ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey,
+};
+use zeroize::Zeroizing;
+
+use crate::spki;
+
+/// A signature algorithm Imprint accepts for device, line and CA keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyAlgorithm {
+    /// Ed25519 (RFC 8032), "EdDSA" in COSE (alg -8).
+    Ed25519,
+    /// ECDSA over P-256 with SHA-256, "ES256" in COSE (alg -7).
+    P256,
+}
+
+impl KeyAlgorithm {
+    /// The name used on command lines and in config files.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyAlgorithm::Ed25519 => "ed25519",
+            KeyAlgorithm::P256 => "p256",
+        }
+    }
+
+    /// Parses the command-line name (`ed25519` or `p256`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "ed25519" => Some(KeyAlgorithm::Ed25519),
+            "p256" | "p-256" | "es256" | "ecdsa-p256" => Some(KeyAlgorithm::P256),
+            _ => None,
+        }
+    }
+
+    /// The rcgen signature algorithm used in certificates and CSRs.
+    pub fn rcgen(self) -> &'static rcgen::SignatureAlgorithm {
+        match self {
+            KeyAlgorithm::Ed25519 => &rcgen::PKCS_ED25519,
+            KeyAlgorithm::P256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+        }
+    }
+}
+
+impl std::fmt::Display for KeyAlgorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Errors from loading or using key material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The PKCS#8 document is not a key of a supported algorithm, or is corrupt.
+    #[error("not a valid PKCS#8 Ed25519 or P-256 private key")]
+    InvalidPrivateKey,
+    /// The SubjectPublicKeyInfo is not an Ed25519 or P-256 key.
+    #[error("unsupported or malformed public key: {0}")]
+    InvalidPublicKey(&'static str),
+    /// The random generator failed.
+    #[error("the random generator failed")]
+    Random,
+}
+
+enum Inner {
+    Ed25519(Ed25519KeyPair),
+    // ASN.1 (DER) signatures for X.509 and PKCS#10; fixed r||s signatures for COSE (RFC 9053 2.1).
+    P256 {
+        asn1: Box<EcdsaKeyPair>,
+        fixed: Box<EcdsaKeyPair>,
+    },
+}
+
+/// A private key with its public half. The PKCS#8 document is zeroized on drop.
+pub struct KeyPair {
+    algorithm: KeyAlgorithm,
+    pkcs8: Zeroizing<Vec<u8>>,
+    inner: Inner,
+}
+
+impl std::fmt::Debug for KeyPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyPair")
+            .field("algorithm", &self.algorithm)
+            .field("public_key", &hex::encode(self.public_key_raw()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyPair {
+    /// Generates a fresh key pair.
+    pub fn generate(algorithm: KeyAlgorithm, rng: &dyn SecureRandom) -> Result<Self, KeyError> {
+        let pkcs8 = match algorithm {
+            KeyAlgorithm::Ed25519 => Ed25519KeyPair::generate_pkcs8(rng),
+            KeyAlgorithm::P256 => {
+                EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, rng)
+            }
+        }
+        .map_err(|_| KeyError::Random)?;
+        Self::from_pkcs8(pkcs8.as_ref(), rng)
+    }
+
+    /// Loads a PKCS#8 v1 or v2 private key of either algorithm.
+    pub fn from_pkcs8(der: &[u8], rng: &dyn SecureRandom) -> Result<Self, KeyError> {
+        let pkcs8 = Zeroizing::new(der.to_vec());
+        if let Ok(kp) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der) {
+            return Ok(Self {
+                algorithm: KeyAlgorithm::Ed25519,
+                pkcs8,
+                inner: Inner::Ed25519(kp),
+            });
+        }
+        let asn1 = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der, rng)
+            .map_err(|_| KeyError::InvalidPrivateKey)?;
+        let fixed = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der, rng)
+            .map_err(|_| KeyError::InvalidPrivateKey)?;
+        Ok(Self {
+            algorithm: KeyAlgorithm::P256,
+            pkcs8,
+            inner: Inner::P256 {
+                asn1: Box::new(asn1),
+                fixed: Box::new(fixed),
+            },
+        })
+    }
+
+    /// Loads a `PRIVATE KEY` PEM document.
+    pub fn from_pem(text: &str, rng: &dyn SecureRandom) -> Result<Self, KeyError> {
+        let doc = pem::parse(text).map_err(|_| KeyError::InvalidPrivateKey)?;
+        if doc.tag() != "PRIVATE KEY" {
+            return Err(KeyError::InvalidPrivateKey);
+        }
+        Self::from_pkcs8(doc.contents(), rng)
+    }
+
+    /// The key's algorithm.
+    pub fn algorithm(&self) -> KeyAlgorithm {
+        self.algorithm
+    }
+
+    /// The PKCS#8 document (secret).
+    pub fn pkcs8_der(&self) -> &[u8] {
+        &self.pkcs8
+    }
+
+    /// The PKCS#8 document as PEM (secret; zeroized on drop).
+    pub fn to_pem(&self) -> Zeroizing<String> {
+        Zeroizing::new(pem::encode(&pem::Pem::new(
+            "PRIVATE KEY",
+            self.pkcs8.to_vec(),
+        )))
+    }
+
+    /// The raw public key: 32 bytes for Ed25519, the 65-byte uncompressed point for P-256.
+    pub fn public_key_raw(&self) -> &[u8] {
+        match &self.inner {
+            Inner::Ed25519(k) => k.public_key().as_ref(),
+            Inner::P256 { asn1, .. } => asn1.public_key().as_ref(),
+        }
+    }
+
+    /// The DER SubjectPublicKeyInfo of the public key.
+    pub fn spki_der(&self) -> Vec<u8> {
+        spki::encode(self.algorithm, self.public_key_raw())
+    }
+
+    /// Signs as X.509 and PKCS#10 expect: raw 64 bytes for Ed25519, DER `Ecdsa-Sig-Value` for P-256.
+    pub fn sign_x509(&self, msg: &[u8], rng: &dyn SecureRandom) -> Result<Vec<u8>, KeyError> {
+        match &self.inner {
+            Inner::Ed25519(k) => Ok(k.sign(msg).as_ref().to_vec()),
+            Inner::P256 { asn1, .. } => asn1
+                .sign(rng, msg)
+                .map(|s| s.as_ref().to_vec())
+                .map_err(|_| KeyError::Random),
+        }
+    }
+
+    /// Signs as COSE expects (RFC 9053 section 2.1): raw 64 bytes for both algorithms.
+    pub fn sign_cose(&self, msg: &[u8], rng: &dyn SecureRandom) -> Result<Vec<u8>, KeyError> {
+        match &self.inner {
+            Inner::Ed25519(k) => Ok(k.sign(msg).as_ref().to_vec()),
+            Inner::P256 { fixed, .. } => fixed
+                .sign(rng, msg)
+                .map(|s| s.as_ref().to_vec())
+                .map_err(|_| KeyError::Random),
+        }
+    }
+
+    /// An rcgen signer over this key, drawing ECDSA nonces from `rng`.
+    pub fn rcgen_signer<'a>(&'a self, rng: &'a dyn SecureRandom) -> RcgenSigner<'a> {
+        RcgenSigner { key: self, rng }
+    }
+}
+
+/// A public key of a supported algorithm, as raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKey {
+    /// The algorithm.
+    pub algorithm: KeyAlgorithm,
+    /// Raw public key bytes (see [`KeyPair::public_key_raw`]).
+    pub raw: Vec<u8>,
+}
+
+impl PublicKey {
+    /// Parses a DER SubjectPublicKeyInfo.
+    pub fn from_spki_der(der: &[u8]) -> Result<Self, KeyError> {
+        spki::decode(der)
+    }
+
+    /// Parses a `PUBLIC KEY` PEM document.
+    pub fn from_pem(text: &str) -> Result<Self, KeyError> {
+        let doc = pem::parse(text).map_err(|_| KeyError::InvalidPublicKey("not PEM"))?;
+        if doc.tag() != "PUBLIC KEY" {
+            return Err(KeyError::InvalidPublicKey("PEM label is not PUBLIC KEY"));
+        }
+        Self::from_spki_der(doc.contents())
+    }
+
+    /// The DER SubjectPublicKeyInfo.
+    pub fn spki_der(&self) -> Vec<u8> {
+        spki::encode(self.algorithm, &self.raw)
+    }
+
+    /// The `PUBLIC KEY` PEM document.
+    pub fn to_pem(&self) -> String {
+        pem::encode(&pem::Pem::new("PUBLIC KEY", self.spki_der()))
+    }
+
+    /// Verifies an X.509-style signature (DER ECDSA for P-256).
+    pub fn verify_x509(&self, msg: &[u8], sig: &[u8]) -> bool {
+        let alg: &dyn signature::VerificationAlgorithm = match self.algorithm {
+            KeyAlgorithm::Ed25519 => &signature::ED25519,
+            KeyAlgorithm::P256 => &ECDSA_P256_SHA256_ASN1,
+        };
+        UnparsedPublicKey::new(alg, &self.raw)
+            .verify(msg, sig)
+            .is_ok()
+    }
+
+    /// Verifies a COSE-style signature (fixed-size r||s for ES256).
+    pub fn verify_cose(&self, msg: &[u8], sig: &[u8]) -> bool {
+        let alg: &dyn signature::VerificationAlgorithm = match self.algorithm {
+            KeyAlgorithm::Ed25519 => &signature::ED25519,
+            KeyAlgorithm::P256 => &ECDSA_P256_SHA256_FIXED,
+        };
+        UnparsedPublicKey::new(alg, &self.raw)
+            .verify(msg, sig)
+            .is_ok()
+    }
+}
+
+impl From<&KeyPair> for PublicKey {
+    fn from(k: &KeyPair) -> Self {
+        PublicKey {
+            algorithm: k.algorithm(),
+            raw: k.public_key_raw().to_vec(),
+        }
+    }
+}
+
+/// Adapts a [`KeyPair`] to rcgen's signing trait.
+pub struct RcgenSigner<'a> {
+    key: &'a KeyPair,
+    rng: &'a dyn SecureRandom,
+}
+
+impl std::fmt::Debug for RcgenSigner<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RcgenSigner")
+            .field("key", self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl rcgen::PublicKeyData for RcgenSigner<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        self.key.public_key_raw()
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.key.algorithm().rcgen()
+    }
+}
+
+impl rcgen::SigningKey for RcgenSigner<'_> {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.key
+            .sign_x509(msg, self.rng)
+            .map_err(|_| rcgen::Error::RingUnspecified)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ring::rand::SystemRandom;
+
+    #[test]
+    fn pem_round_trip_and_signatures_verify() {
+        let rng = SystemRandom::new();
+        for alg in [KeyAlgorithm::Ed25519, KeyAlgorithm::P256] {
+            let k = KeyPair::generate(alg, &rng).unwrap();
+            let again = KeyPair::from_pem(&k.to_pem(), &rng).unwrap();
+            assert_eq!(again.algorithm(), alg);
+            assert_eq!(again.public_key_raw(), k.public_key_raw());
+            let pubkey = PublicKey::from_pem(&PublicKey::from(&k).to_pem()).unwrap();
+            let x = k.sign_x509(b"msg", &rng).unwrap();
+            let c = k.sign_cose(b"msg", &rng).unwrap();
+            assert!(pubkey.verify_x509(b"msg", &x));
+            assert!(pubkey.verify_cose(b"msg", &c));
+            assert!(!pubkey.verify_cose(b"other", &c));
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! Enrollment and secret-delivery messages, with their CBOR encoding (normative) and the JSON
+//! mapping HTTPS also accepts (byte strings as unpadded base64url, RFC 4648 section 5).
+
+use base64::Engine as _;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::cbor::{IntMap, MapWriter};
+use crate::problem::{Problem, ProblemType};
+
+/// Largest accepted CBOR enrollment request, in bytes.
+pub const MAX_ENROLL_REQUEST: usize = 4096;
+/// Largest accepted JSON enrollment request (base64 adds a third), in bytes.
+pub const MAX_ENROLL_REQUEST_JSON: usize = 8192;
+/// Largest accepted secret acknowledgement, in bytes.
+pub const MAX_ACK: usize = 512;
+
+/// Unpadded base64url for output; padding tolerated on input.
+const B64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Encodes bytes as unpadded base64url.
+pub fn b64(bytes: &[u8]) -> String {
+    B64.encode(bytes)
+}
+
+/// Decodes base64url (padding optional), naming `field` on failure.
+pub fn unb64(text: &str, field: &str) -> Result<Vec<u8>, Problem> {
+    B64.decode(text)
+        .map_err(|e| Problem::malformed(format!("{field}: not base64url: {e}")))
+}
+
+fn too_large(what: &str, len: usize, max: usize) -> Problem {
+    Problem::new(
+        ProblemType::TooLarge,
+        format!("{what} is {len} bytes; the limit is {max}"),
+    )
+}
+
+/// Which response an enrolling device asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ResponseForm {
+    /// The whole certificate, DER.
+    #[default]
+    Full,
+    /// The CA key id and the signature only; the device rebuilds the certificate.
+    Compact,
+}
+
+/// `EnrollRequest = { 1: token, 2: csr, ? 3: form }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollRequest {
+    /// The factory token (tagged COSE_Sign1).
+    pub token: Vec<u8>,
+    /// The PKCS#10 CSR, DER.
+    pub csr: Vec<u8>,
+    /// The requested response form.
+    pub form: ResponseForm,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollRequestJson {
+    token: String,
+    csr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    form: Option<String>,
+}
+
+impl EnrollRequest {
+    /// CBOR encoding.
+    pub fn to_cbor(&self) -> Vec<u8> {
+        let mut w = MapWriter::new().bytes(1, &self.token).bytes(2, &self.csr);
+        if self.form == ResponseForm::Compact {
+            w = w.uint(3, 1);
+        }
+        w.encode()
+    }
+
+    /// Decodes CBOR, enforcing [`MAX_ENROLL_REQUEST`].
+    pub fn from_cbor(bytes: &[u8]) -> Result<Self, Problem> {
+        if bytes.len() > MAX_ENROLL_REQUEST {
+            return Err(too_large("enroll request", bytes.len(), MAX_ENROLL_REQUEST));
+        }
+        let mut m = IntMap::decode(bytes, "enroll request").map_err(Problem::malformed)?;
+        let token = m.bytes(1, "token").map_err(Problem::malformed)?;
+        let csr = m.bytes(2, "csr").map_err(Problem::malformed)?;
+        let form = match m.opt_uint(3, "form").map_err(Problem::malformed)? {
+            None | Some(0) => ResponseForm::Full,
+            Some(1) => ResponseForm::Compact,
+            Some(n) => {
+                return Err(Problem::malformed(format!(
+                    "enroll request: unknown form {n}"
+                )));
+            }
+        };
+        Ok(EnrollRequest { token, csr, form })
+    }
+
+    /// JSON mapping.
+    pub fn to_json(&self) -> Vec<u8> {
+        let j = EnrollRequestJson {
+            token: b64(&self.token),
+            csr: b64(&self.csr),
+            form: (self.form == ResponseForm::Compact).then(|| "compact".to_string()),
+        };
+        serde_json::to_vec(&j).unwrap_or_default()
+    }
+
+    /// Decodes the JSON mapping, enforcing [`MAX_ENROLL_REQUEST_JSON`].
+    pub fn from_json(bytes: &[u8]) -> Result<Self, Problem> {
+        if bytes.len() > MAX_ENROLL_REQUEST_JSON {
+            return Err(too_large(
+                "enroll request",
+                bytes.len(),
+                MAX_ENROLL_REQUEST_JSON,
+            ));
+        }
+        let j: EnrollRequestJson = serde_json::from_slice(bytes)
+            .map_err(|e| Problem::malformed(format!("enroll request: invalid JSON: {e}")))?;
+        let form = match j.form.as_deref() {
+            None | Some("full") => ResponseForm::Full,
+            Some("compact") => ResponseForm::Compact,
+            Some(other) => {
+                return Err(Problem::malformed(format!(
+                    "enroll request: form {other:?} is neither \"full\" nor \"compact\""
+                )));
+            }
+        };
+        Ok(EnrollRequest {
+            token: unb64(&j.token, "token")?,
+            csr: unb64(&j.csr, "csr")?,
+            form,
+        })
+    }
+}
+
+/// `EnrollResponse = { 1: certificate } / { 2: ca-key-id, 3: signature }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnrollResponse {
+    /// The certificate, DER.
+    Full {
+        /// DER certificate.
+        certificate: Vec<u8>,
+    },
+    /// What the device needs to rebuild the certificate.
+    Compact {
+        /// The issuing CA's subjectKeyIdentifier.
+        ca_key_id: Vec<u8>,
+        /// The CA's signature over the to-be-signed certificate.
+        signature: Vec<u8>,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollResponseJson {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    certificate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signature: Option<String>,
+}
+
+impl EnrollResponse {
+    /// CBOR encoding.
+    pub fn to_cbor(&self) -> Vec<u8> {
+        match self {
+            EnrollResponse::Full { certificate } => MapWriter::new().bytes(1, certificate).encode(),
+            EnrollResponse::Compact {
+                ca_key_id,
+                signature,
+            } => MapWriter::new()
+                .bytes(2, ca_key_id)
+                .bytes(3, signature)
+                .encode(),
+        }
+    }
+
+    /// Decodes CBOR.
+    pub fn from_cbor(bytes: &[u8]) -> Result<Self, Problem> {
+        let mut m = IntMap::decode(bytes, "enroll response").map_err(Problem::malformed)?;
+        if m.has(1) {
+            return Ok(EnrollResponse::Full {
+                certificate: m.bytes(1, "certificate").map_err(Problem::malformed)?,
+            });
+        }
+        Ok(EnrollResponse::Compact {
+            ca_key_id: m.bytes(2, "ca-key-id").map_err(Problem::malformed)?,
+            signature: m.bytes(3, "signature").map_err(Problem::malformed)?,
+        })
+    }
+
+    /// JSON mapping.
+    pub fn to_json(&self) -> Vec<u8> {
+        let j = match self {
+            EnrollResponse::Full { certificate } => EnrollResponseJson {
+                certificate: Some(b64(certificate)),
+                ca_key_id: None,
+                signature: None,
+            },
+            EnrollResponse::Compact {
+                ca_key_id,
+                signature,
+            } => EnrollResponseJson {
+                certificate: None,
+                ca_key_id: Some(b64(ca_key_id)),
+                signature: Some(b64(signature)),
+            },
+        };
+        serde_json::to_vec(&j).unwrap_or_default()
+    }
+
+    /// Decodes the JSON mapping.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, Problem> {
+        let j: EnrollResponseJson = serde_json::from_slice(bytes)
+            .map_err(|e| Problem::malformed(format!("enroll response: invalid JSON: {e}")))?;
+        match (j.certificate, j.ca_key_id, j.signature) {
+            (Some(c), None, None) => Ok(EnrollResponse::Full {
+                certificate: unb64(&c, "certificate")?,
+            }),
+            (None, Some(k), Some(s)) => Ok(EnrollResponse::Compact {
+                ca_key_id: unb64(&k, "ca_key_id")?,
+                signature: unb64(&s, "signature")?,
+            }),
+            _ => Err(Problem::malformed(
+                "enroll response: need certificate, or ca_key_id and signature",
+            )),
+        }
+    }
+}
+
+/// The only secret algorithm today: a 256-bit key for AES-256 (and anything else that takes 32
+/// uniformly random bytes).
+pub const SECRET_ALGORITHM: &str = "aes-256";
+
+/// `SecretDelivery = { 1: key-id, 2: version, 3: algorithm, 4: secret, 5: kcv }`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretDelivery {
+    /// Stable identifier of this key.
+    pub key_id: String,
+    /// Version of the device's secret, from 1.
+    pub version: u64,
+    /// [`SECRET_ALGORITHM`].
+    pub algorithm: String,
+    /// The 32 secret bytes (zeroized on drop).
+    pub secret: Zeroizing<[u8; 32]>,
+    /// Key check value: see [`crate::secret::kcv`].
+    pub kcv: [u8; 3],
+}
+
+impl std::fmt::Debug for SecretDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretDelivery")
+            .field("key_id", &self.key_id)
+            .field("version", &self.version)
+            .field("algorithm", &self.algorithm)
+            .field("secret", &"[redacted]")
+            .field("kcv", &hex::encode(self.kcv))
+            .finish()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretDeliveryJson {
+    key_id: String,
+    version: u64,
+    algorithm: String,
+    secret: String,
+    kcv: String,
+}
+
+fn secret_bytes(b: &[u8]) -> Result<Zeroizing<[u8; 32]>, Problem> {
+    let arr = <[u8; 32]>::try_from(b)
+        .map_err(|_| Problem::malformed(format!("secret must be 32 bytes, is {}", b.len())))?;
+    Ok(Zeroizing::new(arr))
+}
+
+fn kcv_bytes(b: &[u8]) -> Result<[u8; 3], Problem> {
+    <[u8; 3]>::try_from(b)
+        .map_err(|_| Problem::malformed(format!("kcv must be 3 bytes, is {}", b.len())))
+}
+
+impl SecretDelivery {
+    /// CBOR encoding.
+    pub fn to_cbor(&self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(
+            MapWriter::new()
+                .text(1, &self.key_id)
+                .uint(2, self.version)
+                .text(3, &self.algorithm)
+                .bytes(4, self.secret.as_ref())
+                .bytes(5, &self.kcv)
+                .encode(),
+        )
+    }
+
+    /// Decodes CBOR.
+    pub fn from_cbor(bytes: &[u8]) -> Result<Self, Problem> {
+        let mut m = IntMap::decode(bytes, "secret").map_err(Problem::malformed)?;
+        let key_id = m.text(1, "key-id").map_err(Problem::malformed)?;
+        let version = m.uint(2, "version").map_err(Problem::malformed)?;
+        let algorithm = m.text(3, "algorithm").map_err(Problem::malformed)?;
+        let raw = Zeroizing::new(m.bytes(4, "secret").map_err(Problem::malformed)?);
+        let kcv = kcv_bytes(&m.bytes(5, "kcv").map_err(Problem::malformed)?)?;
+        Ok(SecretDelivery {
+            key_id,
+            version,
+            algorithm,
+            secret: secret_bytes(&raw)?,
+            kcv,
+        })
+    }
+
+    /// JSON mapping.
+    pub fn to_json(&self) -> Zeroizing<Vec<u8>> {
+        let j = SecretDeliveryJson {
+            key_id: self.key_id.clone(),
+            version: self.version,
+            algorithm: self.algorithm.clone(),
+            secret: b64(self.secret.as_ref()),
+            kcv: b64(&self.kcv),
+        };
+        let out = Zeroizing::new(serde_json::to_vec(&j).unwrap_or_default());
+        zeroize::Zeroize::zeroize(&mut { j.secret });
+        out
+    }
+
+    /// Decodes the JSON mapping.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, Problem> {
+        let j: SecretDeliveryJson = serde_json::from_slice(bytes)
+            .map_err(|e| Problem::malformed(format!("secret: invalid JSON: {e}")))?;
+        let raw = Zeroizing::new(unb64(&j.secret, "secret")?);
+        zeroize::Zeroize::zeroize(&mut { j.secret });
+        Ok(SecretDelivery {
+            key_id: j.key_id,
+            version: j.version,
+            algorithm: j.algorithm,
+            secret: secret_bytes(&raw)?,
+            kcv: kcv_bytes(&unb64(&j.kcv, "kcv")?)?,
+        })
+    }
+}
+
+/// `SecretAck = { 1: key-id, 2: version, 3: kcv }`: the device confirms what it stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretAck {
+    /// The key id delivered.
+    pub key_id: String,
+    /// The version delivered.
+    pub version: u64,
+    /// The KCV the device computed over the secret it stored.
+    pub kcv: [u8; 3],
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretAckJson {
+    key_id: String,
+    version: u64,
+    kcv: String,
+}
+
+impl SecretAck {
+    /// CBOR encoding.
+    pub fn to_cbor(&self) -> Vec<u8> {
+        MapWriter::new()
+            .text(1, &self.key_id)
+            .uint(2, self.version)
+            .bytes(3, &self.kcv)
+            .encode()
+    }
+
+    /// Decodes CBOR, enforcing [`MAX_ACK`].
+    pub fn from_cbor(bytes: &[u8]) -> Result<Self, Problem> {
+        if bytes.len() > MAX_ACK {
+            return Err(too_large("secret ack", bytes.len(), MAX_ACK));
+        }
+        let mut m = IntMap::decode(bytes, "secret ack").map_err(Problem::malformed)?;
+        Ok(SecretAck {
+            key_id: m.text(1, "key-id").map_err(Problem::malformed)?,
+            version: m.uint(2, "version").map_err(Problem::malformed)?,
+            kcv: kcv_bytes(&m.bytes(3, "kcv").map_err(Problem::malformed)?)?,
+        })
+    }
+
+    /// JSON mapping.
+    pub fn to_json(&self) -> Vec<u8> {
+        let j = SecretAckJson {
+            key_id: self.key_id.clone(),
+            version: self.version,
+            kcv: b64(&self.kcv),
+        };
+        serde_json::to_vec(&j).unwrap_or_default()
+    }
+
+    /// Decodes the JSON mapping, enforcing [`MAX_ACK`].
+    pub fn from_json(bytes: &[u8]) -> Result<Self, Problem> {
+        if bytes.len() > MAX_ACK {
+            return Err(too_large("secret ack", bytes.len(), MAX_ACK));
+        }
+        let j: SecretAckJson = serde_json::from_slice(bytes)
+            .map_err(|e| Problem::malformed(format!("secret ack: invalid JSON: {e}")))?;
+        Ok(SecretAck {
+            key_id: j.key_id,
+            version: j.version,
+            kcv: kcv_bytes(&unb64(&j.kcv, "kcv")?)?,
+        })
+    }
+}
