@@ -1,1 +1,21 @@
-//! ca-server
+//! The Imprint CA server, split by trust boundary:
+//!
+//! - front ends ([`https`]): decode, limit, map errors; nothing else;
+//! - registration authority ([`ra`]): decides, and alone can make a `VerifiedEnrollment`;
+//! - issuer ([`issuer`]): the only holder of the CA key;
+//! - store ([`store`]): a trait, with sled as the embedded default, written through group commit
+//!   ([`commit`]) so that every answer waits for its data to be on disk.
+#![forbid(unsafe_code)]
+
+pub mod commit;
+pub mod config;
+pub mod https;
+pub mod issuer;
+pub mod lines;
+pub mod ra;
+pub mod records;
+pub mod server;
+pub mod service;
+pub mod setup;
+pub mod store;
+pub mod tls;

@@ -1,0 +1,141 @@
+//! Group commit: one thread applies enrollments to the store and makes each batch durable with
+//! one flush, then answers everybody in the batch. While it syncs, new requests queue up and form
+//! the next batch, so durability costs one fdatasync per batch, not per device.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::store::{EnrollOutcome, NewEnrollment, Store, StoreError};
+
+/// Largest batch applied before a flush.
+const MAX_BATCH: usize = 2048;
+/// How long a reader waits for a flush before giving up with an internal error.
+const DURABLE_WAIT: Duration = Duration::from_secs(30);
+
+struct Job {
+    enrollment: NewEnrollment,
+    reply: oneshot::Sender<Result<EnrollOutcome, String>>,
+}
+
+/// Statistics of the committer, for metrics and benchmarks.
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    /// Batches flushed.
+    pub batches: AtomicU64,
+    /// Enrollments applied.
+    pub applied: AtomicU64,
+    /// Largest batch so far.
+    pub max_batch: AtomicU64,
+}
+
+/// Handle to the committer thread.
+#[derive(Clone)]
+pub struct Committer {
+    tx: mpsc::Sender<Job>,
+    /// Number of the batch being applied (or last applied).
+    started: Arc<AtomicU64>,
+    durable: watch::Receiver<u64>,
+    stats: Arc<CommitStats>,
+}
+
+impl std::fmt::Debug for Committer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Committer")
+            .field("started", &self.started.load(Ordering::Relaxed))
+            .field("durable", &*self.durable.borrow())
+            .finish()
+    }
+}
+
+impl Committer {
+    /// Starts the committer thread over `store`.
+    pub fn start(store: Arc<dyn Store>) -> Result<Self, String> {
+        let (tx, mut rx) = mpsc::channel::<Job>(MAX_BATCH * 4);
+        let started = Arc::new(AtomicU64::new(0));
+        let (durable_tx, durable) = watch::channel(0u64);
+        let stats = Arc::new(CommitStats::default());
+        let (s2, st2) = (started.clone(), stats.clone());
+        std::thread::Builder::new()
+            .name("group-commit".into())
+            .spawn(move || {
+                let mut epoch = 0u64;
+                let mut batch = Vec::with_capacity(MAX_BATCH);
+                while let Some(first) = rx.blocking_recv() {
+                    batch.push(first);
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    epoch += 1;
+                    s2.store(epoch, Ordering::SeqCst);
+                    let results: Vec<Result<EnrollOutcome, StoreError>> = batch
+                        .iter()
+                        .map(|j| store.apply_enrollment(&j.enrollment))
+                        .collect();
+                    let synced = store.sync();
+                    if let Err(e) = &synced {
+                        tracing::error!(error = %e, "store sync failed; answering the batch with internal errors");
+                    } else {
+                        durable_tx.send_replace(epoch);
+                    }
+                    st2.batches.fetch_add(1, Ordering::Relaxed);
+                    st2.applied.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    st2.max_batch.fetch_max(batch.len() as u64, Ordering::Relaxed);
+                    for (job, result) in batch.drain(..).zip(results) {
+                        let answer = match (&synced, result) {
+                            (Ok(()), Ok(outcome)) => Ok(outcome),
+                            (Err(e), _) => Err(e.to_string()),
+                            (_, Err(e)) => Err(e.to_string()),
+                        };
+                        // The requester may have gone away (connection closed); that is fine,
+                        // the binding is durable and a retry will find it.
+                        let _ = job.reply.send(answer);
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the group-commit thread: {e}"))?;
+        Ok(Committer {
+            tx,
+            started,
+            durable,
+            stats,
+        })
+    }
+
+    /// Applies `e` and returns once it is durable.
+    pub async fn commit(&self, e: NewEnrollment) -> Result<EnrollOutcome, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job {
+                enrollment: e,
+                reply,
+            })
+            .await
+            .map_err(|_| "the group-commit thread has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the group-commit thread dropped the request".to_string())?
+    }
+
+    /// Waits until everything applied before this call is durable: a reader that found a record
+    /// must not answer with it before the record's batch is on disk.
+    pub async fn wait_durable(&self) -> Result<(), String> {
+        let target = self.started.load(Ordering::SeqCst);
+        let mut rx = self.durable.clone();
+        let wait = rx.wait_for(|d| *d >= target);
+        match tokio::time::timeout(DURABLE_WAIT, wait).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err("the group-commit thread has stopped".into()),
+            Err(_) => Err("timed out waiting for the store to become durable".into()),
+        }
+    }
+
+    /// Batch statistics.
+    pub fn stats(&self) -> &CommitStats {
+        &self.stats
+    }
+}

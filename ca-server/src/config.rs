@@ -1,0 +1,137 @@
+//! The CA folder and its `config.toml`. Every field has a default that works.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// `config.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listener addresses.
+    pub listen: Listen,
+    /// Token rules.
+    pub token: TokenRules,
+    /// Front-end limits.
+    pub limits: Limits,
+}
+
+/// Where the server listens; `serve` flags override these.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listen {
+    /// HTTPS enrollment.
+    pub https: Option<SocketAddr>,
+    /// CoAP enrollment (UDP).
+    pub coap: Option<SocketAddr>,
+    /// Mutual-TLS secret delivery.
+    pub mtls: Option<SocketAddr>,
+    /// Operators' admin API.
+    pub admin: Option<SocketAddr>,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            https: Some(SocketAddr::from(([127, 0, 0, 1], 8443))),
+            coap: None,
+            mtls: None,
+            admin: None,
+        }
+    }
+}
+
+/// Factory-token time rules.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenRules {
+    /// Allowed clock difference with line stations, seconds.
+    pub max_clock_skew: u64,
+    /// Longest accepted token lifetime, seconds.
+    pub max_lifetime: u64,
+}
+
+impl Default for TokenRules {
+    fn default() -> Self {
+        TokenRules {
+            max_clock_skew: 120,
+            max_lifetime: 86_400,
+        }
+    }
+}
+
+/// Limits that protect the front ends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Concurrent TLS connections per listener; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Seconds a client may take for the TLS handshake and its request.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 2048,
+            request_timeout_secs: 10,
+        }
+    }
+}
+
+/// The files of a CA folder.
+#[derive(Debug, Clone)]
+pub struct CaDir {
+    root: PathBuf,
+}
+
+impl CaDir {
+    /// The folder at `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        CaDir { root: root.into() }
+    }
+
+    /// The folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// `config.toml`.
+    pub fn config(&self) -> PathBuf {
+        self.root.join("config.toml")
+    }
+    /// The CA private key, PEM, mode 0600.
+    pub fn ca_key(&self) -> PathBuf {
+        self.root.join("ca.key.pem")
+    }
+    /// The CA certificate, PEM.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.root.join("ca.pem")
+    }
+    /// The key-encryption key for secrets at rest (32 bytes), mode 0600.
+    pub fn kek(&self) -> PathBuf {
+        self.root.join("kek.bin")
+    }
+    /// The HTTPS server certificate (issued by the CA), PEM.
+    pub fn tls_cert(&self) -> PathBuf {
+        self.root.join("tls.pem")
+    }
+    /// The HTTPS server key, PEM, mode 0600.
+    pub fn tls_key(&self) -> PathBuf {
+        self.root.join("tls.key.pem")
+    }
+    /// The sled store.
+    pub fn store(&self) -> PathBuf {
+        self.root.join("store")
+    }
+
+    /// Reads `config.toml` (defaults when absent), naming the file and field on error.
+    pub fn load_config(&self) -> Result<Config, String> {
+        let path = self.config();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The HTTPS front end: decoding, size limits, content negotiation and error mapping. Nothing
+//! else: every decision is the service's.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use protocol_spec::Problem;
+use protocol_spec::enroll::RequestEncoding;
+use protocol_spec::messages::MAX_ENROLL_REQUEST_JSON;
+use protocol_spec::profile::cert_pem;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::service::CaService;
+
+const CBOR: &str = "application/cbor";
+const JSON: &str = "application/json";
+const PEM_CHAIN: &str = "application/pem-certificate-chain";
+const PROBLEM_JSON: &str = "application/problem+json";
+const PROBLEM_CBOR: &str = "application/concise-problem-details+cbor";
+
+/// Serves HTTPS enrollment on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    service: Arc<CaService>,
+    max_connections: usize,
+    timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let permits = Arc::new(Semaphore::new(max_connections.max(1)));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = shutdown.changed() => return,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let svc = service_fn(move |req| {
+                let service = service.clone();
+                async move { Ok::<_, Infallible>(handle(req, &service, peer).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(timeout)
+                .serve_connection(TokioIo::new(tls), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+fn header(req: &Request<Incoming>, name: hyper::header::HeaderName) -> &str {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+fn media_type(value: &str) -> String {
+    value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn problem(p: &Problem, cbor: bool) -> Response<Full<Bytes>> {
+    let status =
+        StatusCode::from_u16(p.kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if cbor {
+        respond(status, PROBLEM_CBOR, p.to_cbor())
+    } else {
+        respond(status, PROBLEM_JSON, p.to_json())
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    service: &CaService,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/health") => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+        (&Method::GET, "/ca") => {
+            let der = service.issuer().profile().ca_der().to_vec();
+            if header(&req, ACCEPT).contains("pem") {
+                respond(
+                    StatusCode::OK,
+                    "application/x-pem-file",
+                    cert_pem(&der).into_bytes(),
+                )
+            } else {
+                respond(StatusCode::OK, "application/pkix-cert", der)
+            }
+        }
+        (&Method::POST, "/enroll") => enroll(req, service, peer).await,
+        (_, "/enroll" | "/ca" | "/health") => {
+            let mut r = problem(
+                &Problem::malformed(format!("method {} not allowed on {path}", req.method())),
+                false,
+            );
+            *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            r
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("no resource {path}\n").into_bytes(),
+        ),
+    }
+}
+
+async fn enroll(
+    req: Request<Incoming>,
+    service: &CaService,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    let ctype = media_type(header(&req, CONTENT_TYPE));
+    let accept = media_type(header(&req, ACCEPT));
+    let encoding = match ctype.as_str() {
+        CBOR => RequestEncoding::Cbor,
+        JSON => RequestEncoding::Json,
+        other => {
+            let p = Problem::malformed(format!("content type {other:?} is not {CBOR} or {JSON}"));
+            let mut r = problem(&p, false);
+            *r.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+            return r;
+        }
+    };
+    let cbor_problems = encoding == RequestEncoding::Cbor && !accept.contains("json");
+    // Read one byte past the limit so that an oversize body is reported as too-large.
+    let body = match Limited::new(req.into_body(), MAX_ENROLL_REQUEST_JSON + 1)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let p = if e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                Problem::new(
+                    protocol_spec::ProblemType::TooLarge,
+                    format!("request body exceeds {MAX_ENROLL_REQUEST_JSON} bytes"),
+                )
+            } else {
+                Problem::malformed(format!("could not read the request body: {e}"))
+            };
+            return problem(&p, cbor_problems);
+        }
+    };
+    match service.enroll(&body, encoding).await {
+        Err(p) => {
+            tracing::info!(%peer, problem = %p.kind, "enrollment refused");
+            problem(&p, cbor_problems)
+        }
+        Ok(enrolled) => {
+            if accept == PEM_CHAIN {
+                return respond(
+                    StatusCode::OK,
+                    PEM_CHAIN,
+                    cert_pem(&enrolled.certificate).into_bytes(),
+                );
+            }
+            let msg = match service.response(&enrolled) {
+                Ok(m) => m,
+                Err(p) => return problem(&p, cbor_problems),
+            };
+            let json = accept == JSON || (accept != CBOR && encoding == RequestEncoding::Json);
+            if json {
+                respond(StatusCode::OK, JSON, msg.to_json())
+            } else {
+                respond(StatusCode::OK, CBOR, msg.to_cbor())
+            }
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! The registration authority: decides whether a request deserves a certificate.
+//!
+//! The stateless rules (token, line, range, CSR, key binding) come from `protocol_spec::enroll`;
+//! the stateful ones (revoked, serial taken, duplicate key, replay, quota) are re-checked inside
+//! the store transaction. Only this module can make a [`VerifiedEnrollment`], and the issuer
+//! takes nothing else.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use protocol_spec::enroll::{self, RequestEncoding};
+use protocol_spec::messages::ResponseForm;
+use protocol_spec::token::{LineInfo, TokenPolicy};
+use protocol_spec::{DeviceSerial, Problem, PublicKey, spki};
+
+use crate::records::LineRecord;
+
+/// A request that passed every stateless check.
+#[derive(Debug, Clone)]
+pub struct VerifiedEnrollment {
+    serial: DeviceSerial,
+    spki: Vec<u8>,
+    key_hash: [u8; 32],
+    line: String,
+    token_id: Vec<u8>,
+    form: ResponseForm,
+}
+
+impl VerifiedEnrollment {
+    /// The vouched-for serial.
+    pub fn serial(&self) -> DeviceSerial {
+        self.serial
+    }
+    /// The proven key.
+    pub fn spki(&self) -> &[u8] {
+        &self.spki
+    }
+    /// SHA-256 of the key.
+    pub fn key_hash(&self) -> &[u8; 32] {
+        &self.key_hash
+    }
+    /// The line that vouched.
+    pub fn line(&self) -> &str {
+        &self.line
+    }
+    /// The token id.
+    pub fn token_id(&self) -> &[u8] {
+        &self.token_id
+    }
+    /// The response form asked for.
+    pub fn form(&self) -> ResponseForm {
+        self.form
+    }
+}
+
+/// Registered lines, cached for the hot path.
+#[derive(Debug, Default)]
+pub struct RegistrationAuthority {
+    lines: RwLock<HashMap<String, LineInfo>>,
+    policy: TokenPolicy,
+}
+
+impl RegistrationAuthority {
+    /// An authority applying `policy` to the given lines.
+    pub fn new(policy: TokenPolicy, lines: &[LineRecord]) -> Self {
+        let ra = RegistrationAuthority {
+            lines: RwLock::new(HashMap::new()),
+            policy,
+        };
+        ra.set_lines(lines);
+        ra
+    }
+
+    /// Replaces the cached lines (after an operator change).
+    pub fn set_lines(&self, lines: &[LineRecord]) {
+        let map = lines
+            .iter()
+            .filter_map(|l| {
+                let public_key = PublicKey::from_spki_der(&l.public_key).ok()?;
+                Some((
+                    l.id.clone(),
+                    LineInfo {
+                        public_key,
+                        first_serial: l.first_serial,
+                        last_serial: l.last_serial,
+                        active: l.active,
+                    },
+                ))
+            })
+            .collect();
+        if let Ok(mut guard) = self.lines.write() {
+            *guard = map;
+        }
+    }
+
+    /// Runs the stateless checks of SPEC.md section 3.3 (1 to 11).
+    pub fn verify(
+        &self,
+        body: &[u8],
+        encoding: RequestEncoding,
+        now: u64,
+    ) -> Result<VerifiedEnrollment, Problem> {
+        let guard = self.lines.read().map_err(|_| Problem::internal())?;
+        let dir = |id: &str| guard.get(id).cloned();
+        let checked = enroll::check(body, encoding, &dir, now, self.policy)?;
+        drop(guard);
+        let claims = checked.token().claims();
+        let spki_der = checked.csr().spki_der().to_vec();
+        Ok(VerifiedEnrollment {
+            serial: claims.serial,
+            key_hash: spki::sha256(&spki_der),
+            spki: spki_der,
+            line: claims.line.clone(),
+            token_id: claims.token_id.clone(),
+            form: checked.form(),
+        })
+    }
+}

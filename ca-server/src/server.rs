@@ -1,0 +1,106 @@
+//! Starting and stopping a CA server from a CA folder.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol_spec::KeyPair;
+use protocol_spec::token::TokenPolicy;
+use ring::rand::SystemRandom;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{CaDir, Config};
+use crate::issuer::Issuer;
+use crate::service::{CaService, Clock, SystemClock};
+use crate::store::{SledStore, Store};
+
+/// Listener overrides from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct ListenOverrides {
+    /// `--https`.
+    pub https: Option<SocketAddr>,
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// Where HTTPS listens (the real port when 0 was asked for).
+    pub https: Option<SocketAddr>,
+    /// The service (for tests and metrics).
+    pub service: Arc<CaService>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Stops accepting and waits for the listeners to finish.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Opens the CA folder and starts the configured listeners.
+pub async fn start(dir: &CaDir, overrides: &ListenOverrides) -> Result<RunningServer, String> {
+    start_with_clock(dir, overrides, Arc::new(SystemClock)).await
+}
+
+/// [`start`] with an injected clock.
+pub async fn start_with_clock(
+    dir: &CaDir,
+    overrides: &ListenOverrides,
+    clock: Arc<dyn Clock>,
+) -> Result<RunningServer, String> {
+    let config: Config = dir.load_config()?;
+    let key_pem = std::fs::read_to_string(dir.ca_key()).map_err(|e| {
+        format!(
+            "{}: {e} (run `ca-server init --dir {}` first)",
+            dir.ca_key().display(),
+            dir.root().display()
+        )
+    })?;
+    let ca_key = KeyPair::from_pem(&key_pem, &SystemRandom::new())
+        .map_err(|e| format!("{}: {e}", dir.ca_key().display()))?;
+    let ca_pem = std::fs::read_to_string(dir.ca_cert())
+        .map_err(|e| format!("{}: {e}", dir.ca_cert().display()))?;
+    let ca_der = protocol_spec::profile::cert_from_pem(&ca_pem)
+        .ok_or_else(|| format!("{}: no CERTIFICATE", dir.ca_cert().display()))?;
+    let issuer =
+        Issuer::new(ca_key, &ca_der).map_err(|e| format!("{}: {e}", dir.ca_key().display()))?;
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.store()).map_err(|e| e.to_string())?);
+    let policy = TokenPolicy {
+        max_clock_skew: config.token.max_clock_skew,
+        max_lifetime: config.token.max_lifetime,
+    };
+    let service = Arc::new(CaService::new(issuer, store, policy, clock)?);
+    let (shutdown, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let timeout = Duration::from_secs(config.limits.request_timeout_secs.max(1));
+
+    let https_addr = overrides.https.or(config.listen.https);
+    let mut https = None;
+    if let Some(addr) = https_addr {
+        let tls = crate::tls::https_server_config(&dir.tls_cert(), &dir.tls_key())?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("HTTPS {addr}: {e}"))?;
+        https = Some(listener.local_addr().map_err(|e| e.to_string())?);
+        tasks.push(tokio::spawn(crate::https::serve(
+            listener,
+            tls,
+            service.clone(),
+            config.limits.max_connections,
+            timeout,
+            rx.clone(),
+        )));
+    }
+    Ok(RunningServer {
+        https,
+        service,
+        shutdown,
+        tasks,
+    })
+}

@@ -1,0 +1,126 @@
+//! `ca-server init`: a new CA folder with working defaults.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+
+use protocol_spec::{KeyAlgorithm, KeyPair, profile};
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyUsagePurpose, SanType};
+use ring::rand::{SecureRandom, SystemRandom};
+use zeroize::Zeroizing;
+
+use crate::config::{CaDir, Config};
+use crate::store::SledStore;
+
+/// What `init` needs to know.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// CA key algorithm.
+    pub algorithm: KeyAlgorithm,
+    /// CA common name.
+    pub name: String,
+    /// Extra DNS names or IP addresses for the HTTPS server certificate (localhost, 127.0.0.1
+    /// and ::1 are always included).
+    pub tls_names: Vec<String>,
+    /// The CA's notBefore (and every device certificate's), Unix seconds.
+    pub now: u64,
+}
+
+/// Writes `bytes` to a new file with `mode`, refusing to overwrite.
+pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Creates a CA folder: CA key (0600) and certificate, key-encryption key (0600), HTTPS server
+/// key (0600) and certificate issued by the CA, `config.toml`, and an empty store.
+pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
+    if dir.ca_key().exists() {
+        return Err(format!(
+            "{} already holds a CA ({} exists); refusing to overwrite it",
+            dir.root().display(),
+            dir.ca_key().display()
+        ));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir.root())
+        .map_err(|e| format!("{}: {e}", dir.root().display()))?;
+    let rng = SystemRandom::new();
+    let ca_key = KeyPair::generate(opts.algorithm, &rng).map_err(|e| e.to_string())?;
+    let not_before = i64::try_from(opts.now).map_err(|_| "time out of range".to_string())?;
+    let ca_der = profile::new_ca_certificate(&opts.name, &ca_key, not_before, &rng)
+        .map_err(|e| e.to_string())?;
+    write_new(&dir.ca_key(), ca_key.to_pem().as_bytes(), 0o600)?;
+    write_new(&dir.ca_cert(), profile::cert_pem(&ca_der).as_bytes(), 0o644)?;
+    let mut kek = Zeroizing::new([0u8; 32]);
+    rng.fill(kek.as_mut())
+        .map_err(|_| "random generator failed".to_string())?;
+    write_new(&dir.kek(), kek.as_ref(), 0o600)?;
+    let (tls_cert, tls_key) =
+        server_certificate(&ca_der, &ca_key, &opts.tls_names, opts.now, &rng)?;
+    write_new(&dir.tls_key(), tls_key.as_bytes(), 0o600)?;
+    write_new(&dir.tls_cert(), tls_cert.as_bytes(), 0o644)?;
+    let config = toml::to_string_pretty(&Config::default()).map_err(|e| e.to_string())?;
+    let header =
+        "# Imprint CA configuration. Every field may be left out; these are the defaults.\n";
+    write_new(&dir.config(), format!("{header}{config}").as_bytes(), 0o644)?;
+    SledStore::open(&dir.store()).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// An HTTPS server certificate (P-256 key) issued by the CA, so that devices verify the server
+/// with the one CA certificate they pin.
+fn server_certificate(
+    ca_der: &[u8],
+    ca_key: &KeyPair,
+    names: &[String],
+    now: u64,
+    rng: &SystemRandom,
+) -> Result<(String, Zeroizing<String>), String> {
+    let key = KeyPair::generate(KeyAlgorithm::P256, rng).map_err(|e| e.to_string())?;
+    let mut sans = vec![
+        SanType::DnsName(
+            "localhost"
+                .try_into()
+                .map_err(|e: rcgen::Error| e.to_string())?,
+        ),
+        SanType::IpAddress([127, 0, 0, 1].into()),
+        SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()),
+    ];
+    for n in names {
+        match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => sans.push(SanType::IpAddress(ip)),
+            Err(_) => sans.push(SanType::DnsName(
+                n.as_str()
+                    .try_into()
+                    .map_err(|e: rcgen::Error| format!("--tls-name {n:?}: {e}"))?,
+            )),
+        }
+    }
+    let mut p = CertificateParams::default();
+    p.distinguished_name
+        .push(DnType::CommonName, "Imprint CA server");
+    p.subject_alt_names = sans;
+    let start = time::OffsetDateTime::from_unix_timestamp(i64::try_from(now).unwrap_or(0))
+        .map_err(|e| e.to_string())?;
+    p.not_before = start;
+    p.not_after = start + time::Duration::days(3650);
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    p.use_authority_key_identifier_extension = true;
+    let issuer = Issuer::from_ca_cert_der(&ca_der.into(), ca_key.rcgen_signer(rng))
+        .map_err(|e| e.to_string())?;
+    let cert = p
+        .signed_by(&key.rcgen_signer(rng), &issuer)
+        .map_err(|e| e.to_string())?;
+    Ok((cert.pem(), key.to_pem()))
+}

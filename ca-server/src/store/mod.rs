@@ -1,0 +1,90 @@
+//! The store: the only shared state of the CA. The trait is what the CA needs, nothing more;
+//! [`SledStore`] is the embedded default.
+
+mod sled_store;
+
+pub use sled_store::SledStore;
+
+use protocol_spec::Problem;
+
+use crate::records::{AuditEntry, DeviceRecord, LineRecord};
+
+/// A store failure (I/O, corruption). Never shown to clients beyond `internal`.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The underlying database failed.
+    #[error("store: {0}")]
+    Backend(String),
+    /// A record did not decode.
+    #[error("store: corrupt record in {tree}: {reason}")]
+    Corrupt {
+        /// Which tree.
+        tree: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The store is held by another process.
+    #[error(
+        "the store at {0} is in use by another process (a running ca-server?); stop it, or use the admin API"
+    )]
+    Locked(String),
+    /// Asked to change something that does not exist, or refused by a rule.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A certificate ready to be bound: everything the enrollment transaction writes.
+#[derive(Debug, Clone)]
+pub struct NewEnrollment {
+    /// Device serial.
+    pub serial: u64,
+    /// DER SPKI.
+    pub spki: Vec<u8>,
+    /// SHA-256 of `spki`.
+    pub key_hash: [u8; 32],
+    /// The issued certificate.
+    pub certificate: Vec<u8>,
+    /// Line id.
+    pub line: String,
+    /// Token id consumed.
+    pub token_id: Vec<u8>,
+    /// Unix seconds.
+    pub at: u64,
+}
+
+/// What applying an enrollment did.
+#[derive(Debug, Clone)]
+pub enum EnrollOutcome {
+    /// A new binding was recorded.
+    Created(DeviceRecord),
+    /// (serial, key) was already bound: the stored record, unchanged.
+    Existing(DeviceRecord),
+    /// A rule refused it; nothing was written.
+    Refused(Problem),
+}
+
+/// Storage for the CA. Writes are atomic; [`Store::apply_enrollment`] is not durable until the
+/// next [`Store::sync`] returns, which lets many enrollments share one flush.
+pub trait Store: Send + Sync + 'static {
+    /// The device record for `serial`.
+    fn device(&self, serial: u64) -> Result<Option<DeviceRecord>, StoreError>;
+    /// Which serial holds the key with this SPKI hash.
+    fn serial_for_key(&self, key_hash: &[u8; 32]) -> Result<Option<u64>, StoreError>;
+    /// A registered line.
+    fn line(&self, id: &str) -> Result<Option<LineRecord>, StoreError>;
+    /// All registered lines.
+    fn lines(&self) -> Result<Vec<LineRecord>, StoreError>;
+    /// Registers a line (refuses an existing id), with its audit entry; durable on return.
+    fn add_line(&self, line: &LineRecord, actor: &str) -> Result<(), StoreError>;
+    /// Applies one enrollment atomically: checks the stateful rules (SPEC.md 3.3, 12 to 17) and
+    /// writes device, key index, token use, line count and audit entry, or nothing.
+    fn apply_enrollment(&self, e: &NewEnrollment) -> Result<EnrollOutcome, StoreError>;
+    /// Makes everything applied so far durable (flush and fdatasync).
+    fn sync(&self) -> Result<(), StoreError>;
+    /// Every device record, in serial order.
+    fn devices(&self) -> Box<dyn Iterator<Item = Result<DeviceRecord, StoreError>> + '_>;
+    /// Every audit entry, in order.
+    fn audit(&self) -> Box<dyn Iterator<Item = Result<AuditEntry, StoreError>> + '_>;
+    /// Bytes the store occupies on disk.
+    fn size_on_disk(&self) -> Result<u64, StoreError>;
+}

@@ -1,0 +1,213 @@
+//! `device-agent`: a device's first power-on, enrollment and inspection.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use device_agent::AgentError;
+use device_agent::enroll::{accept_response, build_request};
+use device_agent::https::HttpsClient;
+use device_agent::retry::{self, Backoff};
+use device_agent::state::DeviceState;
+use device_agent::url::{CaUrl, Scheme};
+use protocol_spec::messages::ResponseForm;
+use protocol_spec::profile::{CertProfile, cert_from_pem, cert_pem};
+use protocol_spec::{DeviceSerial, KeyAlgorithm};
+use ring::rand::SystemRandom;
+
+/// The Imprint device agent.
+#[derive(Parser, Debug)]
+#[command(name = "device-agent", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Form {
+    /// The whole certificate.
+    Full,
+    /// CA key id and signature; the agent rebuilds the certificate.
+    Compact,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// First power-on: generate the device key pair into a new state file (mode 0600) and print
+    /// the public key (PEM) for the line station.
+    Keygen {
+        /// The state file to create.
+        #[arg(long)]
+        state: PathBuf,
+        /// The device serial.
+        #[arg(long)]
+        serial: DeviceSerial,
+        /// Key algorithm.
+        #[arg(long, default_value = "ed25519", value_parser = parse_alg)]
+        algorithm: KeyAlgorithm,
+    },
+    /// Enroll with the CA using a factory token; verifies the certificate against the pinned
+    /// CA certificate and the device key before storing it.
+    Enroll {
+        /// The state file.
+        #[arg(long)]
+        state: PathBuf,
+        /// The factory token (raw COSE_Sign1 bytes from `line-station attest`).
+        #[arg(long)]
+        token: PathBuf,
+        /// The CA certificate (PEM) this device trusts.
+        #[arg(long = "ca-cert")]
+        ca_cert: PathBuf,
+        /// The CA: https://HOST:PORT (or coap://HOST:PORT).
+        #[arg(long)]
+        url: String,
+        /// Response form (default: full over HTTPS, compact over CoAP).
+        #[arg(long, value_enum)]
+        form: Option<Form>,
+        /// Attempts in all before giving up on transient failures.
+        #[arg(long, default_value_t = 8)]
+        attempts: u32,
+    },
+    /// Show what the device holds (never the private key).
+    Show {
+        /// The state file.
+        #[arg(long)]
+        state: PathBuf,
+        /// Print the certificate as PEM only.
+        #[arg(long)]
+        pem: bool,
+    },
+}
+
+fn parse_alg(s: &str) -> Result<KeyAlgorithm, String> {
+    KeyAlgorithm::from_name(s).ok_or_else(|| format!("{s:?} is not ed25519 or p256"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("device-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, AgentError> {
+    std::fs::read(path).map_err(|e| AgentError::io(path, e))
+}
+
+fn run(cli: Cli) -> Result<(), AgentError> {
+    let rng = SystemRandom::new();
+    match cli.command {
+        Command::Keygen {
+            state,
+            serial,
+            algorithm,
+        } => {
+            let s = DeviceState::generate(serial, algorithm, &rng)?;
+            s.create(&state)?;
+            print!("{}", s.public_key().to_pem());
+            Ok(())
+        }
+        Command::Enroll {
+            state,
+            token,
+            ca_cert,
+            url,
+            form,
+            attempts,
+        } => {
+            let mut s = DeviceState::load(&state, &rng)?;
+            let ca_text = String::from_utf8(read(&ca_cert)?)
+                .map_err(|_| AgentError::Invalid(format!("{}: not PEM text", ca_cert.display())))?;
+            let ca_der = cert_from_pem(&ca_text).ok_or_else(|| {
+                AgentError::Invalid(format!("{}: no CERTIFICATE", ca_cert.display()))
+            })?;
+            let ca = CertProfile::from_ca_der(&ca_der)
+                .map_err(|e| AgentError::Invalid(format!("{}: {e}", ca_cert.display())))?;
+            if let Some(cert) = &s.certificate {
+                let again = protocol_spec::messages::EnrollResponse::Full {
+                    certificate: cert.clone(),
+                };
+                accept_response(&s, &ca, &again)?;
+                println!(
+                    "serial {} is already enrolled with this CA; nothing to do",
+                    s.serial
+                );
+                return Ok(());
+            }
+            let url = CaUrl::parse(&url)?;
+            if url.scheme == Scheme::Coap {
+                return Err(AgentError::Invalid(
+                    "coap:// enrollment is not available in this build yet; use https://".into(),
+                ));
+            }
+            let form = match form {
+                Some(Form::Compact) => ResponseForm::Compact,
+                Some(Form::Full) | None => ResponseForm::Full,
+            };
+            let token_bytes = read(&token)?;
+            let request = build_request(&s, &token_bytes, form, &rng)?.to_cbor();
+            let client = HttpsClient::new(url, &ca_der)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| AgentError::Transport(e.to_string()))?;
+            let backoff = Backoff {
+                max_attempts: attempts.max(1),
+                ..Backoff::default()
+            };
+            let response = rt.block_on(retry::run(backoff, |_| client.enroll(request.clone())))?;
+            let cert = accept_response(&s, &ca, &response)?;
+            s.certificate = Some(cert);
+            s.ca_certificate = Some(ca_der);
+            s.enrolled_at = Some(now());
+            s.save(&state)?;
+            println!(
+                "serial {} enrolled; certificate stored in {}",
+                s.serial,
+                state.display()
+            );
+            Ok(())
+        }
+        Command::Show { state, pem } => {
+            let s = DeviceState::load(&state, &rng)?;
+            if pem {
+                let cert = s.certificate.as_ref().ok_or_else(|| {
+                    AgentError::Invalid(format!("serial {} is not enrolled yet", s.serial))
+                })?;
+                print!("{}", cert_pem(cert));
+                return Ok(());
+            }
+            println!("serial:      {}", s.serial);
+            println!("algorithm:   {}", s.key.algorithm());
+            println!("key sha256:  {}", hex::encode(s.key_hash()));
+            match (&s.certificate, s.enrolled_at) {
+                (Some(cert), at) => {
+                    println!(
+                        "enrolled:    yes (at {})",
+                        at.map(|t| t.to_string()).unwrap_or_default()
+                    );
+                    if let Ok((_, c)) = x509_parser::parse_x509_certificate(cert) {
+                        println!("issuer:      {}", c.issuer());
+                        println!("subject:     {}", c.subject());
+                        println!("not before:  {}", c.validity().not_before);
+                    }
+                    print!("{}", cert_pem(cert));
+                }
+                (None, _) => println!("enrolled:    no"),
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The HTTPS transport: a new TLS connection per request, as a device makes, verifying the
+//! server against the pinned CA certificate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper::header::{ACCEPT, CONTENT_TYPE, HOST};
+use hyper_util::rt::TokioIo;
+use protocol_spec::Problem;
+use protocol_spec::messages::EnrollResponse;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::AgentError;
+use crate::url::CaUrl;
+
+/// Time allowed for one request, connection and TLS included.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// An HTTPS client for one CA.
+#[derive(Clone)]
+pub struct HttpsClient {
+    url: CaUrl,
+    tls: TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for HttpsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpsClient")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A raw HTTP answer.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    /// Status code.
+    pub status: u16,
+    /// Content-Type, if any.
+    pub content_type: String,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl HttpsClient {
+    /// A client for `url` that trusts only `ca_der` (and, optionally, presents a client
+    /// certificate: see [`HttpsClient::with_config`]).
+    pub fn new(url: CaUrl, ca_der: &[u8]) -> Result<Self, AgentError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(ca_der.to_vec()))
+            .map_err(|e| AgentError::Invalid(format!("CA certificate: {e}")))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| AgentError::Invalid(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Self::with_config(url, Arc::new(config))
+    }
+
+    /// A client with a prepared rustls configuration.
+    pub fn with_config(url: CaUrl, config: Arc<rustls::ClientConfig>) -> Result<Self, AgentError> {
+        let server_name = ServerName::try_from(url.host.clone())
+            .map_err(|e| AgentError::Invalid(format!("host {:?}: {e}", url.host)))?;
+        Ok(HttpsClient {
+            url,
+            tls: TlsConnector::from(config),
+            server_name,
+        })
+    }
+
+    /// One request on a fresh connection.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        accept: &str,
+        body: Vec<u8>,
+    ) -> Result<HttpAnswer, AgentError> {
+        tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.request_inner(method, path, content_type, accept, body),
+        )
+        .await
+        .map_err(|_| AgentError::Transport(format!("{} timed out", self.url.authority())))?
+    }
+
+    async fn request_inner(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        accept: &str,
+        body: Vec<u8>,
+    ) -> Result<HttpAnswer, AgentError> {
+        let t = |e: &dyn std::fmt::Display| {
+            AgentError::Transport(format!("{}: {e}", self.url.authority()))
+        };
+        let tcp = TcpStream::connect(self.url.authority())
+            .await
+            .map_err(|e| t(&e))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self
+            .tls
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| {
+                // A certificate problem is not going to fix itself.
+                if e.to_string().contains("certificate") {
+                    AgentError::Verify(format!("TLS: {e}"))
+                } else {
+                    t(&e)
+                }
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| t(&e))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(HOST, self.url.authority())
+            .header(ACCEPT, accept);
+        if let Some(ct) = content_type {
+            req = req.header(CONTENT_TYPE, ct);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| AgentError::Invalid(e.to_string()))?;
+        let resp = sender.send_request(req).await.map_err(|e| t(&e))?;
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| t(&e))?
+            .to_bytes();
+        Ok(HttpAnswer {
+            status,
+            content_type,
+            body,
+        })
+    }
+
+    /// `POST /enroll` with a CBOR EnrollRequest; the decoded response, or the CA's problem.
+    pub async fn enroll(&self, request_cbor: Vec<u8>) -> Result<EnrollResponse, AgentError> {
+        let a = self
+            .request(
+                "POST",
+                "/enroll",
+                Some("application/cbor"),
+                "application/cbor",
+                request_cbor,
+            )
+            .await?;
+        if a.status == 200 {
+            return EnrollResponse::from_cbor(&a.body)
+                .map_err(|p| AgentError::Verify(format!("response: {}", p.detail)));
+        }
+        Err(problem_of(&a))
+    }
+
+    /// `GET /ca`: the CA certificate, DER.
+    pub async fn ca_certificate(&self) -> Result<Vec<u8>, AgentError> {
+        let a = self
+            .request("GET", "/ca", None, "application/pkix-cert", Vec::new())
+            .await?;
+        if a.status == 200 {
+            Ok(a.body.to_vec())
+        } else {
+            Err(problem_of(&a))
+        }
+    }
+}
+
+/// The problem in an error answer (or a transport error when the body is none of ours).
+pub fn problem_of(a: &HttpAnswer) -> AgentError {
+    let p = if a.content_type.contains("cbor") {
+        Problem::from_cbor(&a.body)
+    } else {
+        Problem::from_json(&a.body)
+    };
+    match p {
+        Some(p) => AgentError::Refused(p),
+        None if a.status >= 500 => AgentError::Transport(format!("HTTP {}", a.status)),
+        None => AgentError::Verify(format!("HTTP {} without problem details", a.status)),
+    }
+}
