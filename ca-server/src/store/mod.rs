@@ -9,6 +9,9 @@ use protocol_spec::Problem;
 
 use crate::records::{AuditEntry, DeviceRecord, LineRecord};
 
+/// One stored record: (table, key, value).
+pub type RawRecord = (String, Vec<u8>, Vec<u8>);
+
 /// A store failure (I/O, corruption). Never shown to clients beyond `internal`.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -85,6 +88,9 @@ pub trait Store: Send + Sync + 'static {
     fn devices(&self) -> Box<dyn Iterator<Item = Result<DeviceRecord, StoreError>> + '_>;
     /// Every audit entry, in order.
     fn audit(&self) -> Box<dyn Iterator<Item = Result<AuditEntry, StoreError>> + '_>;
+    /// Every record of every table as (table, key, value), in a stable order: for consistency
+    /// checks and for proving that a refused request changed nothing.
+    fn raw_records(&self) -> Result<Vec<RawRecord>, StoreError>;
     /// Bytes the store occupies on disk.
     fn size_on_disk(&self) -> Result<u64, StoreError>;
 }

@@ -8,7 +8,7 @@ use protocol_spec::{Problem, ProblemType};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
-use super::{EnrollOutcome, NewEnrollment, Store, StoreError};
+use super::{EnrollOutcome, NewEnrollment, RawRecord, Store, StoreError};
 use crate::records::{
     AuditEntry, DeviceRecord, DeviceStatus, LineRecord, TokenUse, from_cbor, to_cbor,
 };
@@ -92,22 +92,19 @@ fn flatten<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreErro
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `path`.
+    /// Opens (or creates) the store in `path`. sled allows one process per store; a lock still
+    /// held by a store this process just dropped (sled releases it from a background thread)
+    /// is waited for briefly, another process's lock is reported as [`StoreError::Locked`].
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(64 * 1024 * 1024)
-            .mode(sled::Mode::LowSpace)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    StoreError::Locked(path.display().to_string())
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let db = loop {
+            match Self::open_db(path) {
+                Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                sled::Error::Io(ref io) if io.to_string().contains("lock") => {
-                    StoreError::Locked(path.display().to_string())
-                }
-                other => backend(other),
-            })?;
+                other => break other?,
+            }
+        };
         let tree = |n: &str| db.open_tree(n).map_err(backend);
         let audit = tree(AUDIT)?;
         let head = match audit.last().map_err(backend)? {
@@ -133,6 +130,20 @@ impl SledStore {
             data_file,
             audit_head: Mutex::new(head),
         })
+    }
+
+    fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
+        sled::Config::new()
+            .path(path)
+            .cache_capacity(64 * 1024 * 1024)
+            .mode(sled::Mode::LowSpace)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                    StoreError::Locked(path.display().to_string())
+                }
+                other => backend(other),
+            })
     }
 
     fn head(&self) -> Result<std::sync::MutexGuard<'_, (u64, [u8; 32])>, StoreError> {
@@ -353,6 +364,23 @@ impl Store for SledStore {
             let (_, v) = r.map_err(backend)?;
             from_cbor(&v).map_err(corrupt(AUDIT))
         }))
+    }
+
+    fn raw_records(&self) -> Result<Vec<RawRecord>, StoreError> {
+        let mut out = Vec::new();
+        for (name, tree) in [
+            (DEVICES, &self.devices),
+            (KEYS, &self.keys),
+            (TOKENS, &self.tokens),
+            (LINES, &self.lines),
+            (AUDIT, &self.audit),
+        ] {
+            for r in tree.iter() {
+                let (k, v) = r.map_err(backend)?;
+                out.push((name.to_string(), k.to_vec(), v.to_vec()));
+            }
+        }
+        Ok(out)
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {

@@ -1,0 +1,162 @@
+//! Test helpers: a CA folder with a registered line, devices that make real requests.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ca_server::config::CaDir;
+use ca_server::server::{self, ListenOverrides, RunningServer};
+use ca_server::setup::{self, InitOptions};
+use ca_server::store::{SledStore, Store};
+use device_agent::https::HttpsClient;
+use device_agent::url::CaUrl;
+use protocol_spec::messages::{EnrollRequest, ResponseForm};
+use protocol_spec::token::{self, FactoryClaims};
+use protocol_spec::{DeviceSerial, KeyAlgorithm, KeyPair, PublicKey, csr, spki};
+use ring::rand::{SecureRandom, SystemRandom};
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A line registered with the test CA.
+pub struct Line {
+    pub id: String,
+    pub key: KeyPair,
+}
+
+impl Line {
+    pub fn new(id: &str, alg: KeyAlgorithm) -> Self {
+        Line {
+            id: id.into(),
+            key: KeyPair::generate(alg, &SystemRandom::new()).unwrap(),
+        }
+    }
+
+    /// A token for (serial, key) with a random cti.
+    pub fn token(&self, serial: u64, spki_der: &[u8]) -> Vec<u8> {
+        let mut cti = vec![0u8; 16];
+        SystemRandom::new().fill(&mut cti).unwrap();
+        self.token_with(serial, spki_der, cti, now() - 5, now() + 600)
+    }
+
+    pub fn token_with(
+        &self,
+        serial: u64,
+        spki_der: &[u8],
+        cti: Vec<u8>,
+        iat: u64,
+        exp: u64,
+    ) -> Vec<u8> {
+        let claims = FactoryClaims {
+            line: self.id.clone(),
+            serial: DeviceSerial::new(serial).unwrap(),
+            key_hash: spki::sha256(spki_der),
+            issued_at: iat,
+            expires_at: exp,
+            token_id: cti,
+        };
+        token::mint(&claims, &self.key, &SystemRandom::new()).unwrap()
+    }
+}
+
+/// A virtual device.
+pub struct Device {
+    pub serial: DeviceSerial,
+    pub key: KeyPair,
+}
+
+impl Device {
+    pub fn new(serial: u64, alg: KeyAlgorithm) -> Self {
+        Device {
+            serial: DeviceSerial::new(serial).unwrap(),
+            key: KeyPair::generate(alg, &SystemRandom::new()).unwrap(),
+        }
+    }
+
+    pub fn csr(&self) -> Vec<u8> {
+        csr::build(&self.key, self.serial, &SystemRandom::new()).unwrap()
+    }
+
+    pub fn request(&self, line: &Line, form: ResponseForm) -> Vec<u8> {
+        EnrollRequest {
+            token: line.token(self.serial.get(), &self.key.spki_der()),
+            csr: self.csr(),
+            form,
+        }
+        .to_cbor()
+    }
+}
+
+/// A CA folder in a temporary directory.
+pub struct TestCa {
+    pub tmp: tempfile::TempDir,
+    pub dir: CaDir,
+    pub ca_der: Vec<u8>,
+}
+
+impl TestCa {
+    pub fn new(alg: KeyAlgorithm) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CaDir::new(tmp.path().join("ca"));
+        setup::init(
+            &dir,
+            &InitOptions {
+                algorithm: alg,
+                name: "Test CA".into(),
+                tls_names: vec![],
+                now: now() - 60,
+            },
+        )
+        .unwrap();
+        let pem = std::fs::read_to_string(dir.ca_cert()).unwrap();
+        let ca_der = protocol_spec::profile::cert_from_pem(&pem).unwrap();
+        TestCa { tmp, dir, ca_der }
+    }
+
+    /// Registers `line` for serials `first..=last` (store opened offline).
+    pub fn add_line(&self, line: &Line, first: u64, last: u64, quota: Option<u64>) {
+        let store = SledStore::open(&self.dir.store()).unwrap();
+        let pem = PublicKey::from(&line.key).to_pem();
+        ca_server::lines::add_line(&store, &line.id, &pem, (first, last), quota, now(), "test")
+            .unwrap();
+    }
+
+    pub async fn start(&self) -> RunningServer {
+        let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        server::start(
+            &self.dir,
+            &ListenOverrides {
+                https: Some(loopback),
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    pub fn client(&self, addr: SocketAddr) -> HttpsClient {
+        HttpsClient::new(
+            CaUrl::parse(&format!("https://{addr}")).unwrap(),
+            &self.ca_der,
+        )
+        .unwrap()
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.root()
+    }
+
+    pub fn ca_pem_path(&self) -> PathBuf {
+        self.dir.ca_cert()
+    }
+}
+
+/// Every record of every table, for before/after comparisons.
+pub fn snapshot(store: &Arc<dyn Store>) -> Vec<ca_server::store::RawRecord> {
+    store.raw_records().unwrap()
+}

@@ -1,0 +1,352 @@
+//! HTTPS enrollment on real sockets with a real sled store.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{Device, Line, TestCa, now, snapshot};
+use device_agent::AgentError;
+use device_agent::enroll::{accept_response, build_request};
+use device_agent::state::DeviceState;
+use protocol_spec::messages::{EnrollRequest, EnrollResponse, ResponseForm};
+use protocol_spec::profile::CertProfile;
+use protocol_spec::{KeyAlgorithm, ProblemType};
+use ring::rand::SystemRandom;
+
+const ED: KeyAlgorithm = KeyAlgorithm::Ed25519;
+const P256: KeyAlgorithm = KeyAlgorithm::P256;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_enrolls_every_device_and_ca_algorithm_over_https() {
+    for ca_alg in [ED, P256] {
+        let ca = TestCa::new(ca_alg);
+        let line = Line::new("line-1", P256);
+        ca.add_line(&line, 1, 100, None);
+        let server = ca.start().await;
+        let client = ca.client(server.https.unwrap());
+        let profile = CertProfile::from_ca_der(&ca.ca_der).unwrap();
+        let rng = SystemRandom::new();
+        let mut serial = 0;
+        for dev_alg in [ED, P256] {
+            for form in [ResponseForm::Full, ResponseForm::Compact] {
+                serial += 1;
+                let state = DeviceState::generate(
+                    protocol_spec::DeviceSerial::new(serial).unwrap(),
+                    dev_alg,
+                    &rng,
+                )
+                .unwrap();
+                let token = line.token(serial, &state.key.spki_der());
+                let req = build_request(&state, &token, form, &rng).unwrap();
+                let resp = client.enroll(req.to_cbor()).await.unwrap();
+                assert_eq!(
+                    matches!(resp, EnrollResponse::Compact { .. }),
+                    form == ResponseForm::Compact
+                );
+                let cert = accept_response(&state, &profile, &resp).unwrap();
+                let rec = server
+                    .service
+                    .store()
+                    .device(serial)
+                    .unwrap()
+                    .expect("record stored");
+                assert_eq!(
+                    rec.certificate, cert,
+                    "{ca_alg}/{dev_alg}/{form:?}: device and store agree"
+                );
+                // A retry with a fresh token gets the same bytes and no new record.
+                let again = build_request(
+                    &state,
+                    &line.token(serial, &state.key.spki_der()),
+                    ResponseForm::Full,
+                    &rng,
+                )
+                .unwrap();
+                let resp2 = client.enroll(again.to_cbor()).await.unwrap();
+                assert_eq!(resp2, EnrollResponse::Full { certificate: cert });
+            }
+        }
+        assert_eq!(server.service.store().devices().count(), 4);
+        assert_eq!(client.ca_certificate().await.unwrap(), ca.ca_der);
+        server.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_keys_racing_for_one_serial_bind_exactly_one() {
+    let ca = TestCa::new(ED);
+    let line = Line::new("line-1", ED);
+    ca.add_line(&line, 1, 1000, None);
+    let server = ca.start().await;
+    let client = ca.client(server.https.unwrap());
+    let bodies: Vec<Vec<u8>> = (0..50)
+        .map(|_| Device::new(7, ED).request(&line, ResponseForm::Full))
+        .collect();
+    let before = snapshot(server.service.store());
+    let tasks: Vec<_> = bodies
+        .into_iter()
+        .map(|b| {
+            let c = client.clone();
+            tokio::spawn(async move { c.enroll(b).await })
+        })
+        .collect();
+    let mut ok = Vec::new();
+    let mut taken = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(EnrollResponse::Full { certificate }) => ok.push(certificate),
+            Err(AgentError::Refused(p)) if p.kind == ProblemType::SerialTaken => taken += 1,
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!((ok.len(), taken), (1, 49));
+    let rec = server.service.store().device(7).unwrap().unwrap();
+    assert_eq!(rec.certificate, ok[0]);
+    let after = snapshot(server.service.store());
+    // Exactly one device, one key, one token, one audit entry more, and the line count.
+    assert_eq!(after.len(), before.len() + 4);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_identical_requests_get_the_same_bytes_and_one_record() {
+    for ca_alg in [ED, P256] {
+        let ca = TestCa::new(ca_alg);
+        let line = Line::new("line-1", ED);
+        ca.add_line(&line, 1, 1000, None);
+        let server = ca.start().await;
+        let client = ca.client(server.https.unwrap());
+        let body = Device::new(9, P256).request(&line, ResponseForm::Full);
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let (c, b) = (client.clone(), body.clone());
+                tokio::spawn(async move { c.enroll(b).await })
+            })
+            .collect();
+        let mut certs = std::collections::BTreeSet::new();
+        for t in tasks {
+            match t.await.unwrap().unwrap() {
+                EnrollResponse::Full { certificate } => certs.insert(certificate),
+                other => panic!("{other:?}"),
+            };
+        }
+        assert_eq!(
+            certs.len(),
+            1,
+            "{ca_alg}: every answer is the same certificate"
+        );
+        let devices: Vec<_> = server.service.store().devices().collect();
+        assert_eq!(devices.len(), 1);
+        assert_eq!(
+            &devices[0].as_ref().unwrap().certificate,
+            certs.first().unwrap()
+        );
+        let audit = server
+            .service
+            .store()
+            .audit()
+            .filter(|e| e.as_ref().unwrap().event == "enroll")
+            .count();
+        assert_eq!(audit, 1);
+        server.stop().await;
+    }
+}
+
+/// Sends `body` (CBOR unless `json`) and returns (status, problem type name).
+async fn post(addr: std::net::SocketAddr, ca: &TestCa, body: Vec<u8>, json: bool) -> (u16, String) {
+    let client = ca.client(addr);
+    let ct = if json {
+        "application/json"
+    } else {
+        "application/cbor"
+    };
+    let a = client
+        .request("POST", "/enroll", Some(ct), ct, body)
+        .await
+        .unwrap();
+    let p = device_agent::https::problem_of(&a);
+    let name = match p {
+        AgentError::Refused(p) => p.kind.name().to_string(),
+        other => format!("not a problem: {other}"),
+    };
+    (a.status, name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_reachable_problem_has_its_status_and_type_and_changes_nothing() {
+    let ca = TestCa::new(ED);
+    let line = Line::new("line-1", ED);
+    let small = Line::new("small", ED);
+    let rogue = Line::new("line-1", ED);
+    ca.add_line(&line, 1, 1000, None);
+    ca.add_line(&small, 5000, 5999, Some(1));
+    let server = ca.start().await;
+    let addr = server.https.unwrap();
+    let client = ca.client(addr);
+
+    // Bindings the conflicts below run into.
+    let enrolled = Device::new(10, ED);
+    let cti = vec![0x5a; 16];
+    let first = EnrollRequest {
+        token: line.token_with(
+            10,
+            &enrolled.key.spki_der(),
+            cti.clone(),
+            now() - 5,
+            now() + 600,
+        ),
+        csr: enrolled.csr(),
+        form: ResponseForm::Full,
+    };
+    client.enroll(first.to_cbor()).await.unwrap();
+    client
+        .enroll(Device::new(5000, ED).request(&small, ResponseForm::Full))
+        .await
+        .unwrap();
+
+    let d = Device::new(20, ED);
+    let spki = d.key.spki_der();
+    let req = |token: Vec<u8>, csr: Vec<u8>| {
+        EnrollRequest {
+            token,
+            csr,
+            form: ResponseForm::Full,
+        }
+        .to_cbor()
+    };
+    let other = Device::new(20, P256);
+    let mut bad_csr = d.csr();
+    *bad_csr.last_mut().unwrap() ^= 1;
+    // A real P-384 CSR made by openssl: a well-formed key of an algorithm Imprint refuses.
+    let dir = ca.tmp.path();
+    let (key, csr) = (dir.join("p384.pem"), dir.join("p384.csr"));
+    assert!(
+        std::process::Command::new("openssl")
+            .args(["ecparam", "-name", "secp384r1", "-genkey", "-noout", "-out"])
+            .arg(&key)
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        std::process::Command::new("openssl")
+            .args(["req", "-new", "-subj", "/CN=20", "-outform", "DER", "-key"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let p384_csr = std::fs::read(&csr).unwrap();
+    let cases: Vec<(&str, Vec<u8>, bool, u16)> = vec![
+        (
+            "token-expired",
+            req(
+                line.token_with(20, &spki, vec![1; 16], now() - 2000, now() - 1000),
+                d.csr(),
+            ),
+            false,
+            401,
+        ),
+        (
+            "token-signature",
+            req(rogue.token(20, &spki), d.csr()),
+            false,
+            401,
+        ),
+        (
+            "token-replayed",
+            req(
+                line.token_with(20, &spki, cti.clone(), now() - 5, now() + 600),
+                d.csr(),
+            ),
+            false,
+            409,
+        ),
+        (
+            "line-unknown",
+            req(Line::new("nope", ED).token(20, &spki), d.csr()),
+            false,
+            403,
+        ),
+        (
+            "serial-out-of-range",
+            req(
+                line.token(4000, &spki),
+                Device {
+                    serial: protocol_spec::DeviceSerial::new(4000).unwrap(),
+                    key: protocol_spec::KeyPair::from_pkcs8(
+                        d.key.pkcs8_der(),
+                        &SystemRandom::new(),
+                    )
+                    .unwrap(),
+                }
+                .csr(),
+            ),
+            false,
+            403,
+        ),
+        (
+            "quota-exhausted",
+            Device::new(5001, ED).request(&small, ResponseForm::Full),
+            false,
+            403,
+        ),
+        (
+            "key-mismatch",
+            req(line.token(20, &spki), other.csr()),
+            false,
+            400,
+        ),
+        (
+            "csr-signature",
+            req(line.token(20, &spki), bad_csr),
+            false,
+            400,
+        ),
+        (
+            "key-algorithm",
+            req(line.token(20, &spki), p384_csr),
+            false,
+            400,
+        ),
+        (
+            "duplicate-key",
+            req(
+                line.token(21, &enrolled.key.spki_der()),
+                Device {
+                    serial: protocol_spec::DeviceSerial::new(21).unwrap(),
+                    key: protocol_spec::KeyPair::from_pkcs8(
+                        enrolled.key.pkcs8_der(),
+                        &SystemRandom::new(),
+                    )
+                    .unwrap(),
+                }
+                .csr(),
+            ),
+            false,
+            409,
+        ),
+        (
+            "serial-taken",
+            Device::new(10, ED).request(&line, ResponseForm::Full),
+            false,
+            409,
+        ),
+        ("malformed", b"\xa1\x01".to_vec(), false, 400),
+        ("malformed", br#"{"token": 1}"#.to_vec(), true, 400),
+        ("too-large", vec![0u8; 9000], false, 413),
+    ];
+    let before = snapshot(server.service.store());
+    for (want, body, json, status) in cases {
+        let (got_status, got) = post(addr, &ca, body, json).await;
+        assert_eq!((got_status, got.as_str()), (status, want));
+        assert_eq!(
+            snapshot(server.service.store()),
+            before,
+            "{want} changed the store"
+        );
+    }
+    server.stop().await;
+}
