@@ -7,6 +7,7 @@
 //!   ([`commit`]) so that every answer waits for its data to be on disk.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod commit;
 pub mod config;
 pub mod https;

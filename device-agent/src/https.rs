@@ -1,6 +1,7 @@
 //! The HTTPS transport: a new TLS connection per request, as a device makes, verifying the
 //! server against the pinned CA certificate.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use protocol_spec::Problem;
 use protocol_spec::messages::EnrollResponse;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 
 use crate::AgentError;
@@ -27,6 +28,7 @@ pub struct HttpsClient {
     url: CaUrl,
     tls: TlsConnector,
     server_name: ServerName<'static>,
+    source: Option<IpAddr>,
 }
 
 impl std::fmt::Debug for HttpsClient {
@@ -73,7 +75,30 @@ impl HttpsClient {
             url,
             tls: TlsConnector::from(config),
             server_name,
+            source: None,
         })
+    }
+
+    /// The same client, connecting from `source` (a load generator spreads its connections over
+    /// 127.0.0.0/8 so that a million connections do not run out of ephemeral ports).
+    pub fn with_source(&self, source: IpAddr) -> Self {
+        HttpsClient {
+            source: Some(source),
+            ..self.clone()
+        }
+    }
+
+    async fn connect(&self) -> std::io::Result<TcpStream> {
+        let Some(source) = self.source else {
+            return TcpStream::connect(self.url.authority()).await;
+        };
+        let target = tokio::net::lookup_host(self.url.authority())
+            .await?
+            .find(|a| a.is_ipv4() == source.is_ipv4())
+            .ok_or_else(|| std::io::Error::other("no address of the source's family"))?;
+        let socket = if source.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.bind(SocketAddr::new(source, 0))?;
+        socket.connect(target).await
     }
 
     /// One request on a fresh connection.
@@ -104,9 +129,7 @@ impl HttpsClient {
         let t = |e: &dyn std::fmt::Display| {
             AgentError::Transport(format!("{}: {e}", self.url.authority()))
         };
-        let tcp = TcpStream::connect(self.url.authority())
-            .await
-            .map_err(|e| t(&e))?;
+        let tcp = self.connect().await.map_err(|e| t(&e))?;
         let _ = tcp.set_nodelay(true);
         let tls = self
             .tls

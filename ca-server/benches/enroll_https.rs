@@ -1,0 +1,79 @@
+//! HTTPS enrollment throughput: the CA as a separate process, durable (group commit +
+//! fdatasync), a new TLS connection per device, device requests (keys, tokens, CSRs) made
+//! before the clock starts so that the figure is the enrollment round trip itself.
+//!
+//! ```text
+//! cargo bench -p ca-server --bench enroll_https -- [DEVICES] [CONCURRENCY]
+//! ```
+// A benchmark aborts on failure.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use common::{Device, Line, TestCa};
+use protocol_spec::KeyAlgorithm;
+use protocol_spec::messages::ResponseForm;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let devices: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let concurrency: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(64);
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let line = Line::new("bench", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, devices, None);
+    eprintln!("preparing {devices} device requests ...");
+    let requests: Arc<Vec<Vec<u8>>> = Arc::new(
+        (1..=devices).map(|s| Device::new(s, KeyAlgorithm::Ed25519).request(&line, ResponseForm::Compact)).collect(),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ca-server"))
+        .args(["serve", "--https", "127.0.0.1:0", "--dir"])
+        .arg(ca.root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    let addr: std::net::SocketAddr = first.trim().rsplit('=').next().unwrap().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let client = ca.client(addr);
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let failures: usize = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let (client, next, requests) = (client.clone(), next.clone(), requests.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut failed = 0;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(body) = requests.get(i) else { return failed };
+                    let src = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 2, (i / 250 % 250) as u8 + 1, (i % 250) as u8 + 1));
+                    if client.with_source(src).enroll(body.clone()).await.is_err() {
+                        failed += 1;
+                    }
+                }
+            }));
+        }
+        let mut f = 0;
+        for t in tasks {
+            f += t.await.unwrap();
+        }
+        f
+    });
+    let secs = start.elapsed().as_secs_f64();
+    let _ = child.kill();
+    let _ = child.wait();
+    println!(
+        "https enroll: {devices} devices, concurrency {concurrency}: {:.2} s, {:.0} enrollments/s, {failures} failures",
+        secs,
+        devices as f64 / secs
+    );
+    assert_eq!(failures, 0);
+}

@@ -1,0 +1,177 @@
+//! Virtual devices: small state machines from the device-agent library, stepped by a bounded
+//! number of tasks (not a task per device) over real sockets.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use device_agent::AgentError;
+use device_agent::enroll::{accept_response, build_request};
+use device_agent::https::HttpsClient;
+use device_agent::line_station::attest;
+use device_agent::state::DeviceState;
+use hdrhistogram::Histogram;
+use protocol_spec::messages::ResponseForm;
+use protocol_spec::profile::CertProfile;
+use protocol_spec::{DeviceSerial, KeyAlgorithm};
+use ring::rand::SystemRandom;
+
+use crate::embedded::{LineStation, SERIALS_PER_LINE};
+
+/// Phases of one device's life, in order.
+pub const PHASES: [&str; 4] = ["keygen", "token", "enroll", "verify"];
+
+/// Shared counters the live view and the report read.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Devices through every phase.
+    pub done: AtomicU64,
+    /// Devices that failed.
+    pub failed: AtomicU64,
+    /// Devices taken by a worker.
+    pub started: AtomicU64,
+}
+
+/// What the workers measured.
+pub struct Outcome {
+    /// Latency histograms per phase, microseconds.
+    pub phases: Vec<Histogram<u64>>,
+    /// Failures by kind.
+    pub errors: BTreeMap<String, u64>,
+    /// SHA-256 of the certificate each device stored, by serial - 1 (zeros: none).
+    pub received: Vec<[u8; 32]>,
+}
+
+/// What every worker needs.
+pub struct Fleet {
+    /// Devices to run.
+    pub devices: u64,
+    /// Device key algorithm.
+    pub algorithm: KeyAlgorithm,
+    /// Tasks stepping devices.
+    pub concurrency: usize,
+    /// The CA client.
+    pub client: HttpsClient,
+    /// The pinned CA.
+    pub profile: CertProfile,
+    /// Line stations, one per [`SERIALS_PER_LINE`] serials.
+    pub lines: Vec<LineStation>,
+    /// Unix seconds at start (token times).
+    pub now: u64,
+}
+
+/// A loopback source address for device `serial`, spread over 127.0.0.0/8.
+pub fn source_ip(serial: u64) -> IpAddr {
+    let i = serial % (250 * 250 * 250);
+    let (a, b, c) = (i / 62_500, (i / 250) % 250, i % 250);
+    IpAddr::V4(Ipv4Addr::new(127, 1 + a as u8, 1 + b as u8, 1 + c as u8))
+}
+
+fn error_kind(e: &AgentError) -> String {
+    match e {
+        AgentError::Refused(p) => p.kind.name().to_string(),
+        AgentError::Transport(_) => "transport".into(),
+        AgentError::Verify(_) => "verify".into(),
+        _ => "other".into(),
+    }
+}
+
+/// Runs every device through its phases.
+pub async fn run(fleet: Arc<Fleet>, progress: Arc<Progress>) -> Outcome {
+    let received = Arc::new(Mutex::new(vec![[0u8; 32]; fleet.devices as usize]));
+    let mut tasks = Vec::new();
+    for _ in 0..fleet.concurrency.max(1) {
+        let (fleet, progress, received) = (fleet.clone(), progress.clone(), received.clone());
+        tasks.push(tokio::spawn(async move { worker(&fleet, &progress, &received).await }));
+    }
+    let mut phases: Vec<Histogram<u64>> = PHASES.iter().map(|_| histogram()).collect();
+    let mut errors = BTreeMap::new();
+    for t in tasks {
+        if let Ok((h, e)) = t.await {
+            for (all, mine) in phases.iter_mut().zip(h) {
+                let _ = all.add(mine);
+            }
+            for (k, v) in e {
+                *errors.entry(k).or_insert(0) += v;
+            }
+        }
+    }
+    let received = std::mem::take(&mut *received.lock().unwrap_or_else(|p| p.into_inner()));
+    Outcome {
+        phases,
+        errors,
+        received,
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 us to 10 min, 3 significant figures: constant, valid bounds, so this cannot fail.
+    #[allow(clippy::expect_used)]
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+async fn worker(
+    fleet: &Fleet,
+    progress: &Progress,
+    received: &Mutex<Vec<[u8; 32]>>,
+) -> (Vec<Histogram<u64>>, BTreeMap<String, u64>) {
+    let rng = SystemRandom::new();
+    let mut hist: Vec<Histogram<u64>> = PHASES.iter().map(|_| histogram()).collect();
+    let mut errors = BTreeMap::new();
+    loop {
+        let i = progress.started.fetch_add(1, Ordering::Relaxed);
+        if i >= fleet.devices {
+            break;
+        }
+        let serial = i + 1;
+        match device(fleet, serial, &rng, &mut hist).await {
+            Ok(cert_hash) => {
+                if let Ok(mut r) = received.lock() {
+                    r[i as usize] = cert_hash;
+                }
+                progress.done.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                *errors.entry(error_kind(&e)).or_insert(0) += 1;
+                progress.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    (hist, errors)
+}
+
+fn record(h: &mut Histogram<u64>, since: Instant) -> Instant {
+    let now = Instant::now();
+    let _ = h.record((now - since).as_micros().max(1) as u64);
+    now
+}
+
+async fn device(
+    fleet: &Fleet,
+    serial: u64,
+    rng: &SystemRandom,
+    hist: &mut [Histogram<u64>],
+) -> Result<[u8; 32], AgentError> {
+    let t0 = Instant::now();
+    let sn = DeviceSerial::new(serial).ok_or_else(|| AgentError::Invalid("serial 0".into()))?;
+    let mut state = DeviceState::generate(sn, fleet.algorithm, rng)?;
+    let t1 = record(&mut hist[0], t0);
+    let line = &fleet.lines[((serial - 1) / SERIALS_PER_LINE) as usize];
+    debug_assert!(serial >= line.first);
+    let token = attest(&line.key, &line.id, sn, &state.key.spki_der(), fleet.now, 600, rng)?;
+    let request = build_request(&state, &token, ResponseForm::Compact, rng)?.to_cbor();
+    let t2 = record(&mut hist[1], t1);
+    let client = fleet.client.with_source(source_ip(serial));
+    let backoff = device_agent::retry::Backoff::default();
+    let response = device_agent::retry::run(backoff, |_| client.enroll(request.clone())).await?;
+    let t3 = record(&mut hist[2], t2);
+    let cert = accept_response(&state, &fleet.profile, &response)?;
+    record(&mut hist[3], t3);
+    let digest = ring::digest::digest(&ring::digest::SHA256, &cert);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    state.certificate = Some(cert);
+    Ok(out)
+}

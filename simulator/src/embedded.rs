@@ -1,0 +1,159 @@
+//! The embedded CA: a child process (this same binary, `simulator ca-server ...`) on a sled
+//! store in a temporary folder, so that its memory and CPU are measured apart and it can be
+//! killed and restarted.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use ca_server::config::CaDir;
+use ca_server::setup::{self, InitOptions};
+use ca_server::store::SledStore;
+use protocol_spec::{KeyAlgorithm, KeyPair, PublicKey};
+use ring::rand::SystemRandom;
+
+/// Serials each registered line covers, as on a real floor.
+pub const SERIALS_PER_LINE: u64 = 100_000;
+
+/// A line station the simulator plays.
+pub struct LineStation {
+    /// Line id.
+    pub id: String,
+    /// Its key.
+    pub key: KeyPair,
+    /// First serial.
+    pub first: u64,
+}
+
+/// The CA child and its folder.
+pub struct EmbeddedCa {
+    _tmp: tempfile::TempDir,
+    /// The CA folder.
+    pub dir: CaDir,
+    /// The CA certificate, DER.
+    pub ca_der: Vec<u8>,
+    /// HTTPS address.
+    pub https: SocketAddr,
+    child: Child,
+}
+
+/// Creates the CA folder, registers one line per [`SERIALS_PER_LINE`] serials, starts the child.
+pub fn start(devices: u64, ca_algorithm: KeyAlgorithm, now: u64) -> Result<(EmbeddedCa, Vec<LineStation>), String> {
+    let tmp = tempfile::Builder::new()
+        .prefix("imprint-sim-")
+        .tempdir()
+        .map_err(|e| format!("temporary folder: {e}"))?;
+    let dir = CaDir::new(tmp.path().join("ca"));
+    setup::init(
+        &dir,
+        &InitOptions {
+            algorithm: ca_algorithm,
+            name: "Imprint Simulator CA".into(),
+            tls_names: vec![],
+            now: now.saturating_sub(3600),
+        },
+    )?;
+    let rng = SystemRandom::new();
+    let mut lines = Vec::new();
+    {
+        let store = SledStore::open(&dir.store()).map_err(|e| e.to_string())?;
+        let mut first = 1;
+        let mut n = 0;
+        while first <= devices.max(1) {
+            n += 1;
+            let key = KeyPair::generate(KeyAlgorithm::Ed25519, &rng).map_err(|e| e.to_string())?;
+            let id = format!("line-{n:03}");
+            let last = first + SERIALS_PER_LINE - 1;
+            ca_server::lines::add_line(&store, &id, &PublicKey::from(&key).to_pem(), (first, last), None, now, "simulator")?;
+            lines.push(LineStation { id, key, first });
+            first = last + 1;
+        }
+    }
+    let pem = std::fs::read_to_string(dir.ca_cert()).map_err(|e| e.to_string())?;
+    let ca_der = protocol_spec::profile::cert_from_pem(&pem).ok_or("CA certificate unreadable")?;
+    let (child, https) = spawn(dir.root())?;
+    Ok((
+        EmbeddedCa {
+            _tmp: tmp,
+            dir,
+            ca_der,
+            https,
+            child,
+        },
+        lines,
+    ))
+}
+
+fn spawn(dir: &Path) -> Result<(Child, SocketAddr), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args(["ca-server", "serve", "--https", "127.0.0.1:0", "--dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("starting the CA: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout from the CA")?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the CA's address: {e}"))?;
+    let addr = line
+        .trim()
+        .strip_prefix("ca-server: listening https=")
+        .ok_or_else(|| format!("the CA did not start: {line:?}"))?
+        .parse()
+        .map_err(|e| format!("CA address {line:?}: {e}"))?;
+    Ok((child, addr))
+}
+
+/// Peak resident memory (VmHWM) and CPU seconds (user + system) of a process, from /proc.
+pub fn process_usage(pid: u32) -> (u64, f64) {
+    let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0);
+    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may contain spaces) start at ") ".
+            let rest = s.rsplit_once(") ")?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = f.get(11)?.parse().ok()?;
+            let stime: f64 = f.get(12)?.parse().ok()?;
+            Some((utime + stime) / 100.0)
+        })
+        .unwrap_or(0.0);
+    (hwm, cpu)
+}
+
+impl EmbeddedCa {
+    /// Peak memory and CPU seconds of the CA so far.
+    pub fn usage(&self) -> (u64, f64) {
+        process_usage(self.child.id())
+    }
+
+    /// Stops the CA with SIGTERM and waits for it.
+    pub fn stop(&mut self) -> Result<(), String> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+impl Drop for EmbeddedCa {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,166 @@
+//! The run report: JSON for machines, a text summary for people.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::ceiling::Ceiling;
+use crate::verify::Verification;
+
+/// Latency summary of one phase, microseconds.
+#[derive(Debug, Serialize)]
+pub struct PhaseLatency {
+    /// Samples.
+    pub count: u64,
+    /// Mean.
+    pub mean_us: f64,
+    /// Median.
+    pub p50_us: u64,
+    /// 90th percentile.
+    pub p90_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Maximum.
+    pub max_us: u64,
+}
+
+impl PhaseLatency {
+    /// Summarizes a histogram.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        PhaseLatency {
+            count: h.len(),
+            mean_us: h.mean(),
+            p50_us: h.value_at_quantile(0.5),
+            p90_us: h.value_at_quantile(0.9),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+        }
+    }
+}
+
+/// Memory and CPU of one process.
+#[derive(Debug, Serialize)]
+pub struct Usage {
+    /// Peak resident set (VmHWM), bytes.
+    pub peak_memory_bytes: u64,
+    /// User + system CPU, seconds.
+    pub cpu_seconds: f64,
+}
+
+/// The whole report.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// What was run.
+    pub config: BTreeMap<String, String>,
+    /// Wall time of the device phase, seconds.
+    pub wall_seconds: f64,
+    /// Devices through every phase.
+    pub devices_ok: u64,
+    /// Devices that failed.
+    pub devices_failed: u64,
+    /// devices_ok / wall_seconds.
+    pub devices_per_second: f64,
+    /// (seconds since start, devices done) once a second.
+    pub throughput: Vec<(f64, u64)>,
+    /// Latency per phase.
+    pub phases: BTreeMap<String, PhaseLatency>,
+    /// Failures by kind.
+    pub errors: BTreeMap<String, u64>,
+    /// This machine's crypto ceiling.
+    pub ceiling: Ceiling,
+    /// devices_per_second / ceiling.devices_per_second.
+    pub fraction_of_ceiling: f64,
+    /// The simulator process.
+    pub simulator: Usage,
+    /// The CA process.
+    pub ca: Usage,
+    /// Store size on disk, bytes.
+    pub store_bytes: u64,
+    /// Store bytes per device record.
+    pub store_bytes_per_device: f64,
+    /// The verification pass.
+    pub verification: Verification,
+}
+
+impl Report {
+    /// Writes `report.json` in `dir` and returns its path.
+    pub fn write(&self, dir: &Path) -> Result<std::path::PathBuf, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let path = dir.join("report.json");
+        let text = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(path)
+    }
+
+    /// A few lines for the terminal.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
+        s += &format!(
+            "devices: {} ok, {} failed in {:.1} s = {:.0} devices/s ({:.0}% of this machine's crypto ceiling of {:.0}/s)\n",
+            self.devices_ok,
+            self.devices_failed,
+            self.wall_seconds,
+            self.devices_per_second,
+            self.fraction_of_ceiling * 100.0,
+            self.ceiling.devices_per_second
+        );
+        for (name, p) in &self.phases {
+            s += &format!(
+                "  {name:<8} p50 {:>7} us  p99 {:>7} us  max {:>8} us\n",
+                p.p50_us, p.p99_us, p.max_us
+            );
+        }
+        if !self.errors.is_empty() {
+            s += &format!("errors: {:?}\n", self.errors);
+        }
+        s += &format!(
+            "CA: peak memory {:.1} MiB, CPU {:.1} s; simulator: peak memory {:.1} MiB, CPU {:.1} s\n",
+            mb(self.ca.peak_memory_bytes),
+            self.ca.cpu_seconds,
+            mb(self.simulator.peak_memory_bytes),
+            self.simulator.cpu_seconds
+        );
+        s += &format!(
+            "store: {:.1} MiB on disk, {:.0} bytes per device\n",
+            mb(self.store_bytes),
+            self.store_bytes_per_device
+        );
+        let v = &self.verification;
+        s += &format!(
+            "verification: {} — {} records, {} certificates valid, {}/{} device certificates match the store, {} shared keys, {} index mismatches, audit chain {}\n",
+            if v.ok { "PASSED" } else { "FAILED" },
+            v.records,
+            v.certificates_valid,
+            v.devices_matching_store,
+            v.devices_with_certificate,
+            v.shared_keys,
+            v.index_mismatches,
+            if v.audit_chain_ok { "intact" } else { "BROKEN" }
+        );
+        for p in &v.problems {
+            s += &format!("  problem: {p}\n");
+        }
+        s
+    }
+}
+
+/// Total size of the files under `dir`.
+pub fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += dir_size(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
