@@ -22,7 +22,10 @@ use protocol_spec::KeyAlgorithm;
 use protocol_spec::messages::ResponseForm;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let devices: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(20_000);
     let concurrency: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(64);
     let ca = TestCa::new(KeyAlgorithm::Ed25519);
@@ -30,7 +33,9 @@ fn main() {
     ca.add_line(&line, 1, devices, None);
     eprintln!("preparing {devices} device requests ...");
     let requests: Arc<Vec<Vec<u8>>> = Arc::new(
-        (1..=devices).map(|s| Device::new(s, KeyAlgorithm::Ed25519).request(&line, ResponseForm::Compact)).collect(),
+        (1..=devices)
+            .map(|s| Device::new(s, KeyAlgorithm::Ed25519).request(&line, ResponseForm::Compact))
+            .collect(),
     );
     let mut child = Command::new(env!("CARGO_BIN_EXE_ca-server"))
         .args(["serve", "--https", "127.0.0.1:0", "--dir"])
@@ -39,9 +44,14 @@ fn main() {
         .spawn()
         .unwrap();
     let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
     let addr: std::net::SocketAddr = first.trim().rsplit('=').next().unwrap().parse().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let client = ca.client(addr);
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
@@ -53,8 +63,15 @@ fn main() {
                 let mut failed = 0;
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(body) = requests.get(i) else { return failed };
-                    let src = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 2, (i / 250 % 250) as u8 + 1, (i % 250) as u8 + 1));
+                    let Some(body) = requests.get(i) else {
+                        return failed;
+                    };
+                    let src = std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+                        127,
+                        2,
+                        (i / 250 % 250) as u8 + 1,
+                        (i % 250) as u8 + 1,
+                    ));
                     if client.with_source(src).enroll(body.clone()).await.is_err() {
                         failed += 1;
                     }

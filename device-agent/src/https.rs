@@ -96,7 +96,11 @@ impl HttpsClient {
             .await?
             .find(|a| a.is_ipv4() == source.is_ipv4())
             .ok_or_else(|| std::io::Error::other("no address of the source's family"))?;
-        let socket = if source.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        let socket = if source.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
         socket.bind(SocketAddr::new(source, 0))?;
         socket.connect(target).await
     }

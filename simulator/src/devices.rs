@@ -84,7 +84,9 @@ pub async fn run(fleet: Arc<Fleet>, progress: Arc<Progress>) -> Outcome {
     let mut tasks = Vec::new();
     for _ in 0..fleet.concurrency.max(1) {
         let (fleet, progress, received) = (fleet.clone(), progress.clone(), received.clone());
-        tasks.push(tokio::spawn(async move { worker(&fleet, &progress, &received).await }));
+        tasks.push(tokio::spawn(async move {
+            worker(&fleet, &progress, &received).await
+        }));
     }
     let mut phases: Vec<Histogram<u64>> = PHASES.iter().map(|_| histogram()).collect();
     let mut errors = BTreeMap::new();
@@ -160,7 +162,15 @@ async fn device(
     let t1 = record(&mut hist[0], t0);
     let line = &fleet.lines[((serial - 1) / SERIALS_PER_LINE) as usize];
     debug_assert!(serial >= line.first);
-    let token = attest(&line.key, &line.id, sn, &state.key.spki_der(), fleet.now, 600, rng)?;
+    let token = attest(
+        &line.key,
+        &line.id,
+        sn,
+        &state.key.spki_der(),
+        fleet.now,
+        600,
+        rng,
+    )?;
     let request = build_request(&state, &token, ResponseForm::Compact, rng)?.to_cbor();
     let t2 = record(&mut hist[1], t1);
     let client = fleet.client.with_source(source_ip(serial));

@@ -39,7 +39,11 @@ pub struct EmbeddedCa {
 }
 
 /// Creates the CA folder, registers one line per [`SERIALS_PER_LINE`] serials, starts the child.
-pub fn start(devices: u64, ca_algorithm: KeyAlgorithm, now: u64) -> Result<(EmbeddedCa, Vec<LineStation>), String> {
+pub fn start(
+    devices: u64,
+    ca_algorithm: KeyAlgorithm,
+    now: u64,
+) -> Result<(EmbeddedCa, Vec<LineStation>), String> {
     let tmp = tempfile::Builder::new()
         .prefix("imprint-sim-")
         .tempdir()
@@ -65,7 +69,15 @@ pub fn start(devices: u64, ca_algorithm: KeyAlgorithm, now: u64) -> Result<(Embe
             let key = KeyPair::generate(KeyAlgorithm::Ed25519, &rng).map_err(|e| e.to_string())?;
             let id = format!("line-{n:03}");
             let last = first + SERIALS_PER_LINE - 1;
-            ca_server::lines::add_line(&store, &id, &PublicKey::from(&key).to_pem(), (first, last), None, now, "simulator")?;
+            ca_server::lines::add_line(
+                &store,
+                &id,
+                &PublicKey::from(&key).to_pem(),
+                (first, last),
+                None,
+                now,
+                "simulator",
+            )?;
             lines.push(LineStation { id, key, first });
             first = last + 1;
         }

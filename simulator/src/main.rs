@@ -86,12 +86,17 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<bool, String> {
     if cli.transport == Transport::Coap {
-        return Err("the CoAP transport is not available in this build yet; use --transport https".into());
+        return Err(
+            "the CoAP transport is not available in this build yet; use --transport https".into(),
+        );
     }
     if cli.devices == 0 {
         return Err("--devices must be at least 1".into());
     }
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     eprintln!("measuring this machine's crypto ceiling ...");
     let ceiling = ceiling::measure(300, cli.algorithm, cli.ca_algorithm)?;
     eprintln!("starting the embedded CA ({}) ...", cli.ca_algorithm);
@@ -113,11 +118,17 @@ fn run(cli: Cli) -> Result<bool, String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let bar = if cli.quiet { ProgressBar::hidden() } else { ProgressBar::new(cli.devices) };
+    let bar = if cli.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(cli.devices)
+    };
     bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} devices {per_sec} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} devices {per_sec} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     let start = Instant::now();
     let (outcome, throughput) = rt.block_on(async {
@@ -134,7 +145,7 @@ fn run(cli: Cli) -> Result<bool, String> {
                 ticker_bar.set_position(done + failed);
                 ticker_bar.set_message(format!("failed {failed}"));
                 n += 1;
-                if n % 5 == 0 {
+                if n.is_multiple_of(5) {
                     samples.push((start.elapsed().as_secs_f64(), done));
                 }
             }
@@ -177,8 +188,14 @@ fn run(cli: Cli) -> Result<bool, String> {
         errors: outcome.errors,
         fraction_of_ceiling: rate / ceiling.devices_per_second,
         ceiling,
-        simulator: Usage { peak_memory_bytes: sim_peak, cpu_seconds: sim_cpu },
-        ca: Usage { peak_memory_bytes: ca_peak, cpu_seconds: ca_cpu },
+        simulator: Usage {
+            peak_memory_bytes: sim_peak,
+            cpu_seconds: sim_cpu,
+        },
+        ca: Usage {
+            peak_memory_bytes: ca_peak,
+            cpu_seconds: ca_cpu,
+        },
         store_bytes,
         store_bytes_per_device: store_bytes as f64 / verification.records.max(1) as f64,
         verification,

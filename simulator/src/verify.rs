@@ -46,7 +46,11 @@ impl Verification {
 }
 
 /// Runs the pass over the store at `path` (the CA must be stopped: sled allows one process).
-pub fn verify(path: &std::path::Path, ca_der: &[u8], received: &[[u8; 32]]) -> Result<Verification, String> {
+pub fn verify(
+    path: &std::path::Path,
+    ca_der: &[u8],
+    received: &[[u8; 32]],
+) -> Result<Verification, String> {
     let store = SledStore::open(path).map_err(|e| e.to_string())?;
     let profile = CertProfile::from_ca_der(ca_der).map_err(|e| e.to_string())?;
     let mut v = Verification::default();
@@ -57,7 +61,7 @@ pub fn verify(path: &std::path::Path, ca_der: &[u8], received: &[[u8; 32]]) -> R
         let rec = rec.map_err(|e| e.to_string())?;
         v.records += 1;
         let Some(serial) = DeviceSerial::new(rec.serial) else {
-            v.problem(format!("record with serial 0"));
+            v.problem("record with serial 0".to_string());
             continue;
         };
         match profile.lint(&rec.certificate, serial, &rec.spki) {
@@ -67,7 +71,10 @@ pub fn verify(path: &std::path::Path, ca_der: &[u8], received: &[[u8; 32]]) -> R
         let h = spki::sha256(&rec.spki);
         if !keys.insert(h) {
             v.shared_keys += 1;
-            v.problem(format!("serial {}: key already bound to another serial", rec.serial));
+            v.problem(format!(
+                "serial {}: key already bound to another serial",
+                rec.serial
+            ));
         }
         if store.serial_for_key(&h).map_err(|e| e.to_string())? != Some(rec.serial) {
             v.index_mismatches += 1;
@@ -91,10 +98,16 @@ pub fn verify(path: &std::path::Path, ca_der: &[u8], received: &[[u8; 32]]) -> R
         v.devices_with_certificate += 1;
         match on_record[i] {
             Some(r) if r == *got => v.devices_matching_store += 1,
-            Some(_) => v.problem(format!("serial {}: device holds another certificate than the store", i + 1)),
+            Some(_) => v.problem(format!(
+                "serial {}: device holds another certificate than the store",
+                i + 1
+            )),
             None => {
                 v.devices_missing_from_store += 1;
-                v.problem(format!("serial {}: device holds a certificate the store has no record of", i + 1));
+                v.problem(format!(
+                    "serial {}: device holds a certificate the store has no record of",
+                    i + 1
+                ));
             }
         }
     }
@@ -107,7 +120,10 @@ pub fn verify(path: &std::path::Path, ca_der: &[u8], received: &[[u8; 32]]) -> R
         .count() as u64;
     if token_entries != v.records {
         v.index_mismatches += 1;
-        v.problem(format!("{token_entries} token entries for {} devices", v.records));
+        v.problem(format!(
+            "{token_entries} token entries for {} devices",
+            v.records
+        ));
     }
     let mut prev = [0u8; 32];
     v.audit_chain_ok = true;
