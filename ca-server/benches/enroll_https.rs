@@ -47,7 +47,7 @@ fn main() {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut first)
         .unwrap();
-    let addr: std::net::SocketAddr = first.trim().rsplit('=').next().unwrap().parse().unwrap();
+    let addr = ca_server::server::parse_listening_line(&first).unwrap()["https"];
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -53,6 +53,9 @@ enum Command {
         /// HTTPS enrollment address (default from config.toml: 127.0.0.1:8443).
         #[arg(long)]
         https: Option<SocketAddr>,
+        /// CoAP enrollment address, UDP (default from config.toml: off).
+        #[arg(long)]
+        coap: Option<SocketAddr>,
     },
 }
 
@@ -195,16 +198,15 @@ fn run(cli: Cli) -> Result<(), String> {
                 Ok(())
             }
         },
-        Command::Serve { dir, https } => {
+        Command::Serve { dir, https, coap } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())?;
             rt.block_on(async move {
-                let running = server::start(&CaDir::new(&dir), &ListenOverrides { https }).await?;
-                if let Some(a) = running.https {
-                    println!("ca-server: listening https={a}");
-                }
+                let running =
+                    server::start(&CaDir::new(&dir), &ListenOverrides { https, coap }).await?;
+                println!("{}", running.listening_line());
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
                 wait_for_signal().await;

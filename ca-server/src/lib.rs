@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod coap;
 pub mod commit;
 pub mod config;
 pub mod https;

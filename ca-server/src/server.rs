@@ -20,6 +20,8 @@ use crate::store::{SledStore, Store};
 pub struct ListenOverrides {
     /// `--https`.
     pub https: Option<SocketAddr>,
+    /// `--coap`.
+    pub coap: Option<SocketAddr>,
 }
 
 /// A running server.
@@ -27,6 +29,10 @@ pub struct ListenOverrides {
 pub struct RunningServer {
     /// Where HTTPS listens (the real port when 0 was asked for).
     pub https: Option<SocketAddr>,
+    /// Where CoAP listens.
+    pub coap: Option<SocketAddr>,
+    /// CoAP counters.
+    pub coap_stats: Arc<crate::coap::CoapStats>,
     /// The service (for tests and metrics).
     pub service: Arc<CaService>,
     shutdown: watch::Sender<bool>,
@@ -34,6 +40,19 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
+    /// The line `serve` prints once listening, e.g.
+    /// `ca-server: listening https=127.0.0.1:8443 coap=127.0.0.1:5683`.
+    pub fn listening_line(&self) -> String {
+        let mut s = String::from("ca-server: listening");
+        if let Some(a) = self.https {
+            s += &format!(" https={a}");
+        }
+        if let Some(a) = self.coap {
+            s += &format!(" coap={a}");
+        }
+        s
+    }
+
     /// Stops accepting and waits for the listeners to finish.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
@@ -97,10 +116,38 @@ pub async fn start_with_clock(
             rx.clone(),
         )));
     }
+    let coap_stats = Arc::new(crate::coap::CoapStats::default());
+    let mut coap = None;
+    if let Some(addr) = overrides.coap.or(config.listen.coap) {
+        let socket = tokio::net::UdpSocket::bind(addr)
+            .await
+            .map_err(|e| format!("CoAP {addr}: {e}"))?;
+        coap = Some(socket.local_addr().map_err(|e| e.to_string())?);
+        tasks.push(tokio::spawn(crate::coap::serve(
+            socket,
+            service.clone(),
+            crate::coap::CoapConfig::default(),
+            coap_stats.clone(),
+            rx.clone(),
+        )));
+    }
     Ok(RunningServer {
         https,
+        coap,
+        coap_stats,
         service,
         shutdown,
         tasks,
     })
+}
+
+/// Parses [`RunningServer::listening_line`]: the address of each listener by name.
+pub fn parse_listening_line(line: &str) -> Option<std::collections::BTreeMap<String, SocketAddr>> {
+    let rest = line.trim().strip_prefix("ca-server: listening")?;
+    rest.split_whitespace()
+        .map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
 }

@@ -30,11 +30,9 @@ fn spawn_server(ca: &TestCa) -> (Child, SocketAddr) {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("ca-server: listening https=")
+    let addrs = ca_server::server::parse_listening_line(&line)
         .unwrap_or_else(|| panic!("unexpected: {line}"));
-    (child, addr.parse().unwrap())
+    (child, addrs["https"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

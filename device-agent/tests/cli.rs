@@ -66,6 +66,7 @@ async fn ca_with_line(
         &ca,
         &ListenOverrides {
             https: Some(loopback),
+            coap: Some(loopback),
         },
     )
     .await

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cbor;
+pub mod coap;
 pub mod csr;
 pub mod enroll;
 pub mod keys;

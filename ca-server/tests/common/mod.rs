@@ -133,6 +133,7 @@ impl TestCa {
             &self.dir,
             &ListenOverrides {
                 https: Some(loopback),
+                coap: Some(loopback),
             },
         )
         .await
