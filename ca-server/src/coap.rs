@@ -392,38 +392,36 @@ impl CoapFrontEnd {
                 .get_first_option(o)
                 .and_then(|v| parse_uint_option(v))
         };
-        if let Some(cf) = uint(CoapOption::ContentFormat) {
-            if cf != u32::from(CF_CBOR) {
-                let p = Problem::malformed(format!(
-                    "content format {cf} is not {CF_CBOR} (application/cbor)"
-                ));
-                return self.finish_problem(&packet, len, peer, code(4, 15), &p);
-            }
+        if let Some(cf) = uint(CoapOption::ContentFormat)
+            && cf != u32::from(CF_CBOR)
+        {
+            let p = Problem::malformed(format!(
+                "content format {cf} is not {CF_CBOR} (application/cbor)"
+            ));
+            return self.finish_problem(&packet, len, peer, code(4, 15), &p);
         }
-        if let Some(accept) = uint(CoapOption::Accept) {
-            if accept != u32::from(CF_CBOR) {
-                let p =
-                    Problem::malformed(format!("only content format {CF_CBOR} can be returned"));
-                return self.finish_problem(&packet, len, peer, code(4, 6), &p);
-            }
+        if let Some(accept) = uint(CoapOption::Accept)
+            && accept != u32::from(CF_CBOR)
+        {
+            let p = Problem::malformed(format!("only content format {CF_CBOR} can be returned"));
+            return self.finish_problem(&packet, len, peer, code(4, 6), &p);
         }
         // A follow-up request for the next Block2 piece of a response already made.
-        if let Some(b2) = block_option(&packet, CoapOption::Block2) {
-            if b2.num > 0 {
-                let repr = lock(&self.blocks)
-                    .get(&(peer, PATH_ENROLL))
-                    .map(|r| (r.code, r.content_format, r.body.clone()));
-                match repr {
-                    Some((c, cf, body)) => {
-                        return self.finish(&packet, len, peer, c, Some(cf), body, None);
-                    }
-                    None if packet.payload.is_empty() => {
-                        let p =
-                            Problem::malformed("no response to continue; send the request again");
-                        return self.finish_problem(&packet, len, peer, code(4, 8), &p);
-                    }
-                    None => {}
+        if let Some(b2) = block_option(&packet, CoapOption::Block2)
+            && b2.num > 0
+        {
+            let repr = lock(&self.blocks)
+                .get(&(peer, PATH_ENROLL))
+                .map(|r| (r.code, r.content_format, r.body.clone()));
+            match repr {
+                Some((c, cf, body)) => {
+                    return self.finish(&packet, len, peer, c, Some(cf), body, None);
                 }
+                None if packet.payload.is_empty() => {
+                    let p = Problem::malformed("no response to continue; send the request again");
+                    return self.finish_problem(&packet, len, peer, code(4, 8), &p);
+                }
+                None => {}
             }
         }
         let mut block1 = None;
@@ -496,14 +494,13 @@ impl CoapFrontEnd {
         if let Some(total) = packet
             .get_first_option(CoapOption::Size1)
             .and_then(|v| parse_uint_option(v))
+            && total as usize > MAX_ENROLL_REQUEST
         {
-            if total as usize > MAX_ENROLL_REQUEST {
-                let p = Problem::new(
-                    ProblemType::TooLarge,
-                    format!("request of {total} bytes exceeds {MAX_ENROLL_REQUEST}"),
-                );
-                return Err((code(4, 13), p));
-            }
+            let p = Problem::new(
+                ProblemType::TooLarge,
+                format!("request of {total} bytes exceeds {MAX_ENROLL_REQUEST}"),
+            );
+            return Err((code(4, 13), p));
         }
         let mut all = lock(&self.assemblies);
         let size = b1.size();
@@ -682,21 +679,20 @@ impl CoapFrontEnd {
                 p.add_option(CoapOption::Size2, uint_option(body.len() as u32));
             }
             p.payload = body[start..end].to_vec();
-            if more || num > 0 {
-                if let Some(path) = [PATH_ENROLL, PATH_CA]
+            if (more || num > 0)
+                && let Some(path) = [PATH_ENROLL, PATH_CA]
                     .into_iter()
                     .find(|x| *x == uri_path(req))
-                {
-                    lock(&self.blocks).insert(
-                        (peer, path),
-                        Representation {
-                            code: c,
-                            content_format: content_format.unwrap_or(0),
-                            body: body.clone(),
-                            at: Instant::now(),
-                        },
-                    );
-                }
+            {
+                lock(&self.blocks).insert(
+                    (peer, path),
+                    Representation {
+                        code: c,
+                        content_format: content_format.unwrap_or(0),
+                        body: body.clone(),
+                        at: Instant::now(),
+                    },
+                );
             }
         }
         p.to_bytes_with_limit(MAX_DATAGRAM).unwrap_or_default()

@@ -6,6 +6,7 @@
 //! side: line keys and tokens.
 #![forbid(unsafe_code)]
 
+pub mod coap;
 pub mod enroll;
 pub mod error;
 pub mod https;

@@ -6,6 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use device_agent::AgentError;
+use device_agent::coap::CoapClient;
 use device_agent::enroll::{accept_response, build_request};
 use device_agent::https::HttpsClient;
 use device_agent::retry::{self, Backoff};
@@ -62,7 +63,7 @@ enum Command {
         /// The CA: https://HOST:PORT (or coap://HOST:PORT).
         #[arg(long)]
         url: String,
-        /// Response form (default: full over HTTPS, compact over CoAP).
+        /// Response form (default: full over HTTPS, compact over CoAP, which fits one datagram).
         #[arg(long, value_enum)]
         form: Option<Form>,
         /// Attempts in all before giving up on transient failures.
@@ -147,18 +148,12 @@ fn run(cli: Cli) -> Result<(), AgentError> {
                 return Ok(());
             }
             let url = CaUrl::parse(&url)?;
-            if url.scheme == Scheme::Coap {
-                return Err(AgentError::Invalid(
-                    "coap:// enrollment is not available in this build yet; use https://".into(),
-                ));
-            }
-            let form = match form {
-                Some(Form::Compact) => ResponseForm::Compact,
-                Some(Form::Full) | None => ResponseForm::Full,
+            let form = match (form, url.scheme) {
+                (Some(Form::Compact), _) | (None, Scheme::Coap) => ResponseForm::Compact,
+                (Some(Form::Full), _) | (None, Scheme::Https) => ResponseForm::Full,
             };
             let token_bytes = read(&token)?;
             let request = build_request(&s, &token_bytes, form, &rng)?.to_cbor();
-            let client = HttpsClient::new(url, &ca_der)?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -167,7 +162,16 @@ fn run(cli: Cli) -> Result<(), AgentError> {
                 max_attempts: attempts.max(1),
                 ..Backoff::default()
             };
-            let response = rt.block_on(retry::run(backoff, |_| client.enroll(request.clone())))?;
+            let response = match url.scheme {
+                Scheme::Https => {
+                    let client = HttpsClient::new(url, &ca_der)?;
+                    rt.block_on(retry::run(backoff, |_| client.enroll(request.clone())))?
+                }
+                Scheme::Coap => {
+                    let client = CoapClient::new(url);
+                    rt.block_on(retry::run(backoff, |_| client.enroll_once(request.clone())))?
+                }
+            };
             let cert = accept_response(&s, &ca, &response)?;
             s.certificate = Some(cert);
             s.ca_certificate = Some(ca_der);

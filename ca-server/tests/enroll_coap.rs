@@ -1,0 +1,398 @@
+//! CoAP enrollment on real UDP sockets: the agent, a lossy relay, libcoap, malformed datagrams.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Device, Line, TestCa, snapshot};
+use device_agent::coap::CoapClient;
+use device_agent::enroll::{accept_response, build_request};
+use device_agent::state::DeviceState;
+use device_agent::url::CaUrl;
+use protocol_spec::coap::TransmissionParams;
+use protocol_spec::messages::{EnrollResponse, ResponseForm};
+use protocol_spec::profile::CertProfile;
+use protocol_spec::{DeviceSerial, KeyAlgorithm};
+use ring::rand::SystemRandom;
+use tokio::net::UdpSocket;
+
+fn coap_url(addr: SocketAddr) -> CaUrl {
+    CaUrl::parse(&format!("coap://{addr}")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_enrolls_both_key_types_over_coap_compact_full_and_blockwise() {
+    let ca = TestCa::new(KeyAlgorithm::P256);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    let server = ca.start().await;
+    let addr = server.coap.unwrap();
+    let profile = CertProfile::from_ca_der(&ca.ca_der).unwrap();
+    let rng = SystemRandom::new();
+    let mut serial = 0;
+    for alg in [KeyAlgorithm::Ed25519, KeyAlgorithm::P256] {
+        // Compact (one datagram), full, and full with the request forced into 64-byte Block1
+        // pieces (the response then comes back in Block2 pieces: amplification limit).
+        for (form, block1) in [
+            (ResponseForm::Compact, 1024),
+            (ResponseForm::Full, 1024),
+            (ResponseForm::Full, 64),
+        ] {
+            serial += 1;
+            let state =
+                DeviceState::generate(DeviceSerial::new(serial).unwrap(), alg, &rng).unwrap();
+            let token = line.token(serial, &state.key.spki_der());
+            let req = build_request(&state, &token, form, &rng).unwrap().to_cbor();
+            let client = CoapClient::new(coap_url(addr)).with_block1_size(block1);
+            let mut sock = client.socket().await.unwrap();
+            let resp = client.enroll(&mut sock, req).await.unwrap();
+            assert_eq!(
+                matches!(resp, EnrollResponse::Compact { .. }),
+                form == ResponseForm::Compact
+            );
+            let cert = accept_response(&state, &profile, &resp).unwrap();
+            assert_eq!(
+                server
+                    .service
+                    .store()
+                    .device(serial)
+                    .unwrap()
+                    .unwrap()
+                    .certificate,
+                cert
+            );
+        }
+    }
+    let client = CoapClient::new(coap_url(addr));
+    let mut sock = client.socket().await.unwrap();
+    assert_eq!(
+        client.ca_certificate(&mut sock).await.unwrap(),
+        ca.ca_der,
+        "GET /ca through Block2"
+    );
+    let stats = &server.coap_stats;
+    assert_eq!(stats.processed.load(Ordering::Relaxed), 6);
+    server.stop().await;
+}
+
+/// A UDP relay that drops `loss` of the datagrams in each direction, and records every distinct
+/// (client, Message ID) it delivered to the server.
+async fn lossy_relay(
+    server: SocketAddr,
+    loss: f64,
+) -> (SocketAddr, Arc<Mutex<HashSet<(SocketAddr, u16)>>>) {
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = front.local_addr().unwrap();
+    let delivered: Arc<Mutex<HashSet<(SocketAddr, u16)>>> = Arc::default();
+    let upstreams: Arc<Mutex<BTreeMap<SocketAddr, Arc<UdpSocket>>>> = Arc::default();
+    let d = delivered.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 8192];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut drop_it = move || {
+            // xorshift: reproducible loss without a dependency.
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % 10_000) as f64 / 10_000.0 < loss
+        };
+        loop {
+            let Ok((n, client)) = front.recv_from(&mut buf).await else {
+                return;
+            };
+            let up = {
+                let ups = upstreams.lock().unwrap();
+                ups.get(&client).cloned()
+            };
+            let up = match up {
+                Some(u) => u,
+                None => {
+                    let u = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                    u.connect(server).await.unwrap();
+                    upstreams.lock().unwrap().insert(client, u.clone());
+                    let (u2, front2) = (u.clone(), front.clone());
+                    let mut seed2 = (client.port() as u64).wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
+                    tokio::spawn(async move {
+                        let mut b = vec![0u8; 8192];
+                        while let Ok(n) = u2.recv(&mut b).await {
+                            seed2 ^= seed2 << 13;
+                            seed2 ^= seed2 >> 7;
+                            seed2 ^= seed2 << 17;
+                            if (seed2 % 10_000) as f64 / 10_000.0 >= loss {
+                                let _ = front2.send_to(&b[..n], client).await;
+                            }
+                        }
+                    });
+                    u
+                }
+            };
+            if drop_it() {
+                continue;
+            }
+            if n >= 4 {
+                d.lock()
+                    .unwrap()
+                    .insert((client, u16::from_be_bytes([buf[2], buf[3]])));
+            }
+            let _ = up.send(&buf[..n]).await;
+        }
+    });
+    (addr, delivered)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_devices_enroll_through_30_percent_loss_each_way_processed_once() {
+    const DEVICES: u64 = 1000;
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, DEVICES, None);
+    let server = ca.start().await;
+    let (relay, delivered) = lossy_relay(server.coap.unwrap(), 0.30).await;
+    let params = TransmissionParams {
+        ack_timeout_ms: 150,
+        ack_random_factor: 1.5,
+        max_retransmit: 4,
+    };
+    let client = CoapClient::new(coap_url(relay)).with_params(params);
+    let profile = Arc::new(CertProfile::from_ca_der(&ca.ca_der).unwrap());
+    let line = Arc::new(line);
+    let received: Arc<Mutex<BTreeMap<u64, Vec<u8>>>> = Arc::default();
+    let attempts = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(AtomicU64::new(1));
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let (client, profile, line, received, attempts, next) = (
+            client.clone(),
+            profile.clone(),
+            line.clone(),
+            received.clone(),
+            attempts.clone(),
+            next.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let rng = SystemRandom::new();
+            loop {
+                let serial = next.fetch_add(1, Ordering::Relaxed);
+                if serial > DEVICES {
+                    return;
+                }
+                let state = DeviceState::generate(
+                    DeviceSerial::new(serial).unwrap(),
+                    KeyAlgorithm::Ed25519,
+                    &rng,
+                )
+                .unwrap();
+                let token = line.token(serial, &state.key.spki_der());
+                let req = build_request(&state, &token, ResponseForm::Compact, &rng)
+                    .unwrap()
+                    .to_cbor();
+                // The agent's own retry loop on top of CoAP retransmission, as `device-agent
+                // enroll` does: an exchange that exhausts MAX_RETRANSMIT is tried again.
+                let backoff = device_agent::retry::Backoff {
+                    initial: Duration::from_millis(50),
+                    max: Duration::from_millis(500),
+                    max_attempts: 50,
+                };
+                let resp = device_agent::retry::run(backoff, |_| {
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                    let (client, req) = (&client, req.clone());
+                    async move { client.enroll_once(req).await }
+                })
+                .await;
+                let resp = match resp {
+                    Ok(r) => r,
+                    Err(e) => panic!("serial {serial}: {e}"),
+                };
+                let cert = accept_response(&state, &profile, &resp).unwrap();
+                assert!(received.lock().unwrap().insert(serial, cert).is_none());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let received = received.lock().unwrap().clone();
+    assert_eq!(received.len() as u64, DEVICES, "every device enrolled");
+    let store = server.service.store();
+    assert_eq!(
+        store.devices().count() as u64,
+        DEVICES,
+        "one record per device, no second certificate"
+    );
+    for (serial, cert) in &received {
+        assert_eq!(&store.device(*serial).unwrap().unwrap().certificate, cert);
+    }
+    let stats = &server.coap_stats;
+    let processed = stats.processed.load(Ordering::Relaxed);
+    let delivered = delivered.lock().unwrap().len() as u64;
+    assert_eq!(
+        processed, delivered,
+        "each exchange that reached the server was processed exactly once"
+    );
+    let dups = stats.duplicates_answered.load(Ordering::Relaxed)
+        + stats.duplicates_in_progress.load(Ordering::Relaxed);
+    assert!(
+        dups > 100,
+        "retransmissions reached the server and were answered from the cache ({dups})"
+    );
+    assert!(
+        attempts.load(Ordering::Relaxed) > DEVICES,
+        "some exchanges failed for good and were retried"
+    );
+    server.stop().await;
+}
+
+/// Sends raw bytes and returns the answer, if one comes within 300 ms.
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> Option<Vec<u8>> {
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    s.send_to(bytes, addr).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    match tokio::time::timeout(Duration::from_millis(300), s.recv_from(&mut buf)).await {
+        Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_datagrams_get_the_documented_answer_and_change_nothing() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    let server = ca.start().await;
+    let addr = server.coap.unwrap();
+    let before = snapshot(server.service.store());
+    // Truncated header: dropped.
+    assert_eq!(raw(addr, &[0x40, 0x02]).await, None);
+    // Unknown version: silently ignored (RFC 7252 section 3).
+    assert_eq!(raw(addr, &[0x80, 0x01, 0x12, 0x34]).await, None);
+    // Confirmable with a reserved option delta (15): Reset with the same Message ID.
+    let rst = raw(addr, &[0x40, 0x02, 0x12, 0x35, 0xf1, 0x00])
+        .await
+        .unwrap();
+    assert_eq!(
+        (rst[0] >> 4 & 3, rst[1], &rst[2..4]),
+        (3, 0, &[0x12, 0x35][..])
+    );
+    // Non-confirmable with the same fault: silently ignored.
+    assert_eq!(raw(addr, &[0x50, 0x02, 0x12, 0x36, 0xf1, 0x00]).await, None);
+    // Token length 9 (reserved): Reset.
+    let rst = raw(addr, &[0x49, 0x02, 0x12, 0x37, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+        .await
+        .unwrap();
+    assert_eq!(rst[0] >> 4 & 3, 3);
+    // CON ping (empty message): Reset.
+    let rst = raw(addr, &[0x40, 0x00, 0x12, 0x38]).await.unwrap();
+    assert_eq!(rst[0] >> 4 & 3, 3);
+    // An unknown critical option (2049): 4.02 Bad Option, piggybacked.
+    let mut p = vec![0x40, 0x02, 0x12, 0x39];
+    p.extend_from_slice(&[0xb6]); // Uri-Path (11), 6 bytes
+    p.extend_from_slice(b"enroll");
+    p.extend_from_slice(&[0xe0, 0x06, 0xe9]); // delta 269 + 0x06e9 = 2038 after 11: option 2049
+    let ans = raw(addr, &p).await.unwrap();
+    assert_eq!(
+        (ans[0] >> 4 & 3, ans[1], &ans[2..4]),
+        (2, 0x82, &[0x12, 0x39][..]),
+        "4.02 Bad Option"
+    );
+    // Oversize payload (5000 bytes): 4.13 Request Entity Too Large.
+    let mut big = vec![0x40, 0x02, 0x12, 0x3a, 0xb6];
+    big.extend_from_slice(b"enroll");
+    big.push(0xff);
+    big.extend(std::iter::repeat_n(0u8, 5000));
+    let ans = raw(addr, &big).await.unwrap();
+    assert_eq!(ans[1], 0x8d, "4.13");
+    // A well-formed request whose payload is not an EnrollRequest ({1: 80 bytes}, no csr):
+    // 4.00 with the problem, in one datagram (the request is large enough for it).
+    let mut bad = vec![0x40, 0x02, 0x12, 0x3b, 0xb6];
+    bad.extend_from_slice(b"enroll");
+    bad.extend_from_slice(&[0xff, 0xa1, 0x01, 0x58, 80]);
+    bad.extend_from_slice(&[0u8; 80]);
+    let ans = raw(addr, &bad).await.unwrap();
+    assert_eq!(ans[1], 0x80, "4.00");
+    let pos = ans.iter().position(|b| *b == 0xff).unwrap();
+    let problem = protocol_spec::Problem::from_cbor(&ans[pos + 1..]).unwrap();
+    assert_eq!(problem.kind, protocol_spec::ProblemType::Malformed);
+    // Unknown resource: 4.04; wrong method: 4.05.
+    let mut nf = vec![0x40, 0x01, 0x12, 0x3c, 0xb3];
+    nf.extend_from_slice(b"xyz");
+    assert_eq!(raw(addr, &nf).await.unwrap()[1], 0x84);
+    let mut wm = vec![0x40, 0x04, 0x12, 0x3d, 0xb6];
+    wm.extend_from_slice(b"enroll");
+    assert_eq!(raw(addr, &wm).await.unwrap()[1], 0x85);
+    assert_eq!(snapshot(server.service.store()), before, "nothing stored");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libcoap_client_enrolls_through_block2_and_fetches_the_ca() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    let server = ca.start().await;
+    let addr = server.coap.unwrap();
+    let dir = ca.tmp.path();
+    let dev = Device::new(11, KeyAlgorithm::P256);
+    let req = dir.join("req.cbor");
+    std::fs::write(&req, dev.request(&line, ResponseForm::Full)).unwrap();
+    let out = dir.join("resp.cbor");
+    // -b 64: 64-byte blocks; the request goes in Block1 pieces, and the full certificate comes
+    // back in Block2 pieces (a response may not exceed three times the small final piece).
+    let mut cmd = std::process::Command::new("coap-client-notls");
+    cmd.args(["-m", "post", "-t", "60", "-A", "60", "-b", "64", "-f"])
+        .arg(&req)
+        .arg("-o")
+        .arg(&out)
+        .arg(format!("coap://{addr}/enroll"));
+    let run = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .expect("coap-client-notls (Debian package libcoap3-bin, installed by .ci/run)");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let EnrollResponse::Full { certificate } =
+        EnrollResponse::from_cbor(&std::fs::read(&out).unwrap()).unwrap()
+    else {
+        panic!("not a full response")
+    };
+    assert!(certificate.len() > 3 * 100, "larger than one 64-byte block");
+    assert_eq!(
+        server
+            .service
+            .store()
+            .device(11)
+            .unwrap()
+            .unwrap()
+            .certificate,
+        certificate
+    );
+    let pem = dir.join("dev.pem");
+    std::fs::write(&pem, protocol_spec::profile::cert_pem(&certificate)).unwrap();
+    let v = std::process::Command::new("openssl")
+        .args(["verify", "-x509_strict", "-purpose", "sslclient", "-CAfile"])
+        .arg(ca.ca_pem_path())
+        .arg(&pem)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&v.stdout).contains(": OK"), "{v:?}");
+    let ca_out = dir.join("ca.der");
+    let mut cmd = std::process::Command::new("coap-client-notls");
+    cmd.args(["-m", "get", "-A", "287", "-o"])
+        .arg(&ca_out)
+        .arg(format!("coap://{addr}/ca"));
+    let run = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(run.status.success());
+    assert_eq!(std::fs::read(&ca_out).unwrap(), ca.ca_der);
+    server.stop().await;
+}
