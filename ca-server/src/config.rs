@@ -15,6 +15,25 @@ pub struct Config {
     pub token: TokenRules,
     /// Front-end limits.
     pub limits: Limits,
+    /// Issuance.
+    pub issuer: IssuerRules,
+}
+
+/// Issuance settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IssuerRules {
+    /// Verify the CA's own signature on every certificate before it is stored (the lint's
+    /// guard against a faulty signer). Costs one signature verification per enrollment.
+    pub verify_own_signatures: bool,
+}
+
+impl Default for IssuerRules {
+    fn default() -> Self {
+        IssuerRules {
+            verify_own_signatures: true,
+        }
+    }
 }
 
 /// Where the server listens; `serve` flags override these.

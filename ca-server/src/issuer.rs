@@ -24,6 +24,7 @@ pub struct Issuer {
     key: KeyPair,
     profile: CertProfile,
     rng: SystemRandom,
+    verify_signatures: bool,
 }
 
 impl std::fmt::Debug for Issuer {
@@ -45,7 +46,14 @@ impl Issuer {
             key,
             profile,
             rng: SystemRandom::new(),
+            verify_signatures: true,
         })
+    }
+
+    /// Whether the lint also verifies the CA's own signature (default: yes).
+    pub fn with_signature_check(mut self, on: bool) -> Self {
+        self.verify_signatures = on;
+        self
     }
 
     /// The profile (CA certificate, key id) for the front ends.

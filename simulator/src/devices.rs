@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use device_agent::AgentError;
+use device_agent::coap::{CoapClient, CoapSocket};
 use device_agent::enroll::{accept_response, build_request};
 use device_agent::https::HttpsClient;
 use device_agent::line_station::attest;
@@ -52,8 +53,10 @@ pub struct Fleet {
     pub algorithm: KeyAlgorithm,
     /// Tasks stepping devices.
     pub concurrency: usize,
-    /// The CA client.
+    /// The CA over HTTPS (used when `coap` is `None`).
     pub client: HttpsClient,
+    /// The CA over CoAP.
+    pub coap: Option<CoapClient>,
     /// The pinned CA.
     pub profile: CertProfile,
     /// Line stations, one per [`SERIALS_PER_LINE`] serials.
@@ -122,13 +125,31 @@ async fn worker(
     let rng = SystemRandom::new();
     let mut hist: Vec<Histogram<u64>> = PHASES.iter().map(|_| histogram()).collect();
     let mut errors = BTreeMap::new();
+    // Over CoAP each worker keeps one socket (its own loopback address) for the devices it
+    // steps, as a line gateway would; Message IDs keep their exchanges apart.
+    let mut sock = None;
+    if let Some(coap) = &fleet.coap {
+        let first = progress.started.load(Ordering::Relaxed);
+        match coap
+            .clone()
+            .with_source(source_ip(first + 1))
+            .socket()
+            .await
+        {
+            Ok(s) => sock = Some(s),
+            Err(e) => {
+                *errors.entry(error_kind(&e)).or_insert(0) += 1;
+                return (hist, errors);
+            }
+        }
+    }
     loop {
         let i = progress.started.fetch_add(1, Ordering::Relaxed);
         if i >= fleet.devices {
             break;
         }
         let serial = i + 1;
-        match device(fleet, serial, &rng, &mut hist).await {
+        match device(fleet, serial, &rng, &mut hist, sock.as_mut()).await {
             Ok(cert_hash) => {
                 if let Ok(mut r) = received.lock() {
                     r[i as usize] = cert_hash;
@@ -155,6 +176,7 @@ async fn device(
     serial: u64,
     rng: &SystemRandom,
     hist: &mut [Histogram<u64>],
+    sock: Option<&mut CoapSocket>,
 ) -> Result<[u8; 32], AgentError> {
     let t0 = Instant::now();
     let sn = DeviceSerial::new(serial).ok_or_else(|| AgentError::Invalid("serial 0".into()))?;
@@ -173,9 +195,27 @@ async fn device(
     )?;
     let request = build_request(&state, &token, ResponseForm::Compact, rng)?.to_cbor();
     let t2 = record(&mut hist[1], t1);
-    let client = fleet.client.with_source(source_ip(serial));
     let backoff = device_agent::retry::Backoff::default();
-    let response = device_agent::retry::run(backoff, |_| client.enroll(request.clone())).await?;
+    let response = match (&fleet.coap, sock) {
+        (Some(coap), Some(sock)) => {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match coap.enroll(sock, request.clone()).await {
+                    Ok(r) => break r,
+                    Err(e) if e.is_transient() => match backoff.delay(attempt, 0.5) {
+                        Some(d) => tokio::time::sleep(d).await,
+                        None => return Err(e),
+                    },
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        _ => {
+            let client = fleet.client.with_source(source_ip(serial));
+            device_agent::retry::run(backoff, |_| client.enroll(request.clone())).await?
+        }
+    };
     let t3 = record(&mut hist[2], t2);
     let cert = accept_response(&state, &fleet.profile, &response)?;
     record(&mut hist[3], t3);

@@ -35,6 +35,8 @@ pub struct EmbeddedCa {
     pub ca_der: Vec<u8>,
     /// HTTPS address.
     pub https: SocketAddr,
+    /// CoAP address.
+    pub coap: SocketAddr,
     child: Child,
 }
 
@@ -42,6 +44,7 @@ pub struct EmbeddedCa {
 pub fn start(
     devices: u64,
     ca_algorithm: KeyAlgorithm,
+    verify_own_signatures: bool,
     now: u64,
 ) -> Result<(EmbeddedCa, Vec<LineStation>), String> {
     let tmp = tempfile::Builder::new()
@@ -58,6 +61,13 @@ pub fn start(
             now: now.saturating_sub(3600),
         },
     )?;
+    if !verify_own_signatures {
+        let mut config = dir.load_config()?;
+        config.issuer.verify_own_signatures = false;
+        let text = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
+        std::fs::write(dir.config(), text)
+            .map_err(|e| format!("{}: {e}", dir.config().display()))?;
+    }
     let rng = SystemRandom::new();
     let mut lines = Vec::new();
     {
@@ -84,23 +94,32 @@ pub fn start(
     }
     let pem = std::fs::read_to_string(dir.ca_cert()).map_err(|e| e.to_string())?;
     let ca_der = protocol_spec::profile::cert_from_pem(&pem).ok_or("CA certificate unreadable")?;
-    let (child, https) = spawn(dir.root())?;
+    let (child, https, coap) = spawn(dir.root())?;
     Ok((
         EmbeddedCa {
             _tmp: tmp,
             dir,
             ca_der,
             https,
+            coap,
             child,
         },
         lines,
     ))
 }
 
-fn spawn(dir: &Path) -> Result<(Child, SocketAddr), String> {
+fn spawn(dir: &Path) -> Result<(Child, SocketAddr, SocketAddr), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
-        .args(["ca-server", "serve", "--https", "127.0.0.1:0", "--dir"])
+        .args([
+            "ca-server",
+            "serve",
+            "--https",
+            "127.0.0.1:0",
+            "--coap",
+            "127.0.0.1:0",
+            "--dir",
+        ])
         .arg(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -112,13 +131,12 @@ fn spawn(dir: &Path) -> Result<(Child, SocketAddr), String> {
     BufReader::new(stdout)
         .read_line(&mut line)
         .map_err(|e| format!("reading the CA's address: {e}"))?;
-    let addr = line
-        .trim()
-        .strip_prefix("ca-server: listening https=")
-        .ok_or_else(|| format!("the CA did not start: {line:?}"))?
-        .parse()
-        .map_err(|e| format!("CA address {line:?}: {e}"))?;
-    Ok((child, addr))
+    let addrs = ca_server::server::parse_listening_line(&line)
+        .ok_or_else(|| format!("the CA did not start: {line:?}"))?;
+    match (addrs.get("https"), addrs.get("coap")) {
+        (Some(h), Some(c)) => Ok((child, *h, *c)),
+        _ => Err(format!("the CA did not report both listeners: {line:?}")),
+    }
 }
 
 /// Peak resident memory (VmHWM) and CPU seconds (user + system) of a process, from /proc.

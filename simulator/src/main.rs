@@ -19,6 +19,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, ValueEnum};
+use device_agent::coap::CoapClient;
 use device_agent::https::HttpsClient;
 use device_agent::url::CaUrl;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -36,7 +37,7 @@ struct Cli {
     #[arg(long, default_value_t = 100_000)]
     devices: u64,
     /// Enrollment transport.
-    #[arg(long, value_enum, default_value_t = Transport::Https)]
+    #[arg(long, value_enum, default_value_t = Transport::Coap)]
     transport: Transport,
     /// Device key algorithm.
     #[arg(long, default_value = "ed25519", value_parser = parse_alg)]
@@ -45,8 +46,12 @@ struct Cli {
     #[arg(long = "ca-algorithm", default_value = "ed25519", value_parser = parse_alg)]
     ca_algorithm: KeyAlgorithm,
     /// Tasks stepping devices (devices in flight at once).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 256)]
     concurrency: usize,
+    /// Whether the embedded CA verifies its own signature on every certificate (the lint's
+    /// fault guard; costs one verification per device).
+    #[arg(long = "ca-verify-own-signatures", default_value_t = true, action = clap::ArgAction::Set)]
+    ca_verify_own_signatures: bool,
     /// Where to write the report.
     #[arg(long, default_value = "simulator-report")]
     report: PathBuf,
@@ -85,11 +90,6 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<bool, String> {
-    if cli.transport == Transport::Coap {
-        return Err(
-            "the CoAP transport is not available in this build yet; use --transport https".into(),
-        );
-    }
     if cli.devices == 0 {
         return Err("--devices must be at least 1".into());
     }
@@ -100,15 +100,22 @@ fn run(cli: Cli) -> Result<bool, String> {
     eprintln!("measuring this machine's crypto ceiling ...");
     let ceiling = ceiling::measure(300, cli.algorithm, cli.ca_algorithm)?;
     eprintln!("starting the embedded CA ({}) ...", cli.ca_algorithm);
-    let (mut ca, lines) = embedded::start(cli.devices, cli.ca_algorithm, now)?;
+    let (mut ca, lines) = embedded::start(
+        cli.devices,
+        cli.ca_algorithm,
+        cli.ca_verify_own_signatures,
+        now,
+    )?;
     let profile = CertProfile::from_ca_der(&ca.ca_der).map_err(|e| e.to_string())?;
     let url = CaUrl::parse(&format!("https://{}", ca.https)).map_err(|e| e.to_string())?;
     let client = HttpsClient::new(url, &ca.ca_der).map_err(|e| e.to_string())?;
+    let coap_url = CaUrl::parse(&format!("coap://{}", ca.coap)).map_err(|e| e.to_string())?;
     let fleet = Arc::new(Fleet {
         devices: cli.devices,
         algorithm: cli.algorithm,
         concurrency: cli.concurrency,
         client,
+        coap: (cli.transport == Transport::Coap).then(|| CoapClient::new(coap_url)),
         profile,
         lines,
         now,
@@ -167,10 +174,20 @@ fn run(cli: Cli) -> Result<bool, String> {
     let rate = ok as f64 / wall.max(1e-9);
     let mut config = BTreeMap::new();
     config.insert("devices".into(), cli.devices.to_string());
-    config.insert("transport".into(), "https".into());
+    config.insert(
+        "transport".into(),
+        match cli.transport {
+            Transport::Https => "https".into(),
+            Transport::Coap => "coap".into(),
+        },
+    );
     config.insert("algorithm".into(), cli.algorithm.to_string());
     config.insert("ca_algorithm".into(), cli.ca_algorithm.to_string());
     config.insert("concurrency".into(), cli.concurrency.to_string());
+    config.insert(
+        "ca_verify_own_signatures".into(),
+        cli.ca_verify_own_signatures.to_string(),
+    );
     let mut throughput = throughput;
     throughput.push((wall, ok));
     let report = Report {
