@@ -84,25 +84,32 @@ fn error_kind(e: &AgentError) -> String {
 /// Runs every device through its phases.
 pub async fn run(fleet: Arc<Fleet>, progress: Arc<Progress>) -> Outcome {
     let received = Arc::new(Mutex::new(vec![[0u8; 32]; fleet.devices as usize]));
+    // One set of histograms for all workers (a few hundred kB each; per-worker copies would
+    // cost hundreds of MB at high concurrency).
+    let hist = Arc::new(Mutex::new(
+        PHASES.iter().map(|_| histogram()).collect::<Vec<_>>(),
+    ));
     let mut tasks = Vec::new();
     for _ in 0..fleet.concurrency.max(1) {
-        let (fleet, progress, received) = (fleet.clone(), progress.clone(), received.clone());
+        let (fleet, progress, received, hist) = (
+            fleet.clone(),
+            progress.clone(),
+            received.clone(),
+            hist.clone(),
+        );
         tasks.push(tokio::spawn(async move {
-            worker(&fleet, &progress, &received).await
+            worker(&fleet, &progress, &received, &hist).await
         }));
     }
-    let mut phases: Vec<Histogram<u64>> = PHASES.iter().map(|_| histogram()).collect();
     let mut errors = BTreeMap::new();
     for t in tasks {
-        if let Ok((h, e)) = t.await {
-            for (all, mine) in phases.iter_mut().zip(h) {
-                let _ = all.add(mine);
-            }
+        if let Ok(e) = t.await {
             for (k, v) in e {
                 *errors.entry(k).or_insert(0) += v;
             }
         }
     }
+    let phases = std::mem::take(&mut *hist.lock().unwrap_or_else(|p| p.into_inner()));
     let received = std::mem::take(&mut *received.lock().unwrap_or_else(|p| p.into_inner()));
     Outcome {
         phases,
@@ -121,9 +128,9 @@ async fn worker(
     fleet: &Fleet,
     progress: &Progress,
     received: &Mutex<Vec<[u8; 32]>>,
-) -> (Vec<Histogram<u64>>, BTreeMap<String, u64>) {
+    hist: &Mutex<Vec<Histogram<u64>>>,
+) -> BTreeMap<String, u64> {
     let rng = SystemRandom::new();
-    let mut hist: Vec<Histogram<u64>> = PHASES.iter().map(|_| histogram()).collect();
     let mut errors = BTreeMap::new();
     // Over CoAP each worker keeps one socket (its own loopback address) for the devices it
     // steps, as a line gateway would; Message IDs keep their exchanges apart.
@@ -139,7 +146,7 @@ async fn worker(
             Ok(s) => sock = Some(s),
             Err(e) => {
                 *errors.entry(error_kind(&e)).or_insert(0) += 1;
-                return (hist, errors);
+                return errors;
             }
         }
     }
@@ -149,7 +156,16 @@ async fn worker(
             break;
         }
         let serial = i + 1;
-        match device(fleet, serial, &rng, &mut hist, sock.as_mut()).await {
+        let mut times = [0u64; 4];
+        let result = device(fleet, serial, &rng, &mut times, sock.as_mut()).await;
+        if let Ok(mut h) = hist.lock() {
+            for (h, t) in h.iter_mut().zip(times) {
+                if t > 0 {
+                    let _ = h.record(t);
+                }
+            }
+        }
+        match result {
             Ok(cert_hash) => {
                 if let Ok(mut r) = received.lock() {
                     r[i as usize] = cert_hash;
@@ -162,12 +178,12 @@ async fn worker(
             }
         }
     }
-    (hist, errors)
+    errors
 }
 
-fn record(h: &mut Histogram<u64>, since: Instant) -> Instant {
+fn record(slot: &mut u64, since: Instant) -> Instant {
     let now = Instant::now();
-    let _ = h.record((now - since).as_micros().max(1) as u64);
+    *slot = (now - since).as_micros().max(1) as u64;
     now
 }
 
@@ -175,13 +191,13 @@ async fn device(
     fleet: &Fleet,
     serial: u64,
     rng: &SystemRandom,
-    hist: &mut [Histogram<u64>],
+    times: &mut [u64; 4],
     sock: Option<&mut CoapSocket>,
 ) -> Result<[u8; 32], AgentError> {
     let t0 = Instant::now();
     let sn = DeviceSerial::new(serial).ok_or_else(|| AgentError::Invalid("serial 0".into()))?;
     let mut state = DeviceState::generate(sn, fleet.algorithm, rng)?;
-    let t1 = record(&mut hist[0], t0);
+    let t1 = record(&mut times[0], t0);
     let line = &fleet.lines[((serial - 1) / SERIALS_PER_LINE) as usize];
     debug_assert!(serial >= line.first);
     let token = attest(
@@ -194,7 +210,7 @@ async fn device(
         rng,
     )?;
     let request = build_request(&state, &token, ResponseForm::Compact, rng)?.to_cbor();
-    let t2 = record(&mut hist[1], t1);
+    let t2 = record(&mut times[1], t1);
     let backoff = device_agent::retry::Backoff::default();
     let response = match (&fleet.coap, sock) {
         (Some(coap), Some(sock)) => {
@@ -216,9 +232,9 @@ async fn device(
             device_agent::retry::run(backoff, |_| client.enroll(request.clone())).await?
         }
     };
-    let t3 = record(&mut hist[2], t2);
+    let t3 = record(&mut times[2], t2);
     let cert = accept_response(&state, &fleet.profile, &response)?;
-    record(&mut hist[3], t3);
+    record(&mut times[3], t3);
     let digest = ring::digest::digest(&ring::digest::SHA256, &cert);
     let mut out = [0u8; 32];
     out.copy_from_slice(digest.as_ref());
