@@ -45,6 +45,11 @@ enum Command {
         #[command(subcommand)]
         command: LineCommand,
     },
+    /// Per-device secrets (offline: the server must not be running).
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
     /// Serve enrollment until interrupted (SIGINT or SIGTERM).
     Serve {
         /// The CA folder.
@@ -56,6 +61,38 @@ enum Command {
         /// CoAP enrollment address, UDP (default from config.toml: off).
         #[arg(long)]
         coap: Option<SocketAddr>,
+        /// Mutual-TLS secrets address (default from config.toml: off).
+        #[arg(long)]
+        mtls: Option<SocketAddr>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SecretsCommand {
+    /// Import pre-generated keys: JSON lines {"key_id": "...", "key": "<64 hex>"} or CSV
+    /// `key_id,key`. Each key goes to exactly one device, on its first fetch. A file holding a
+    /// key or id already known is refused whole.
+    Import {
+        /// The CA folder.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The batch file.
+        file: PathBuf,
+    },
+    /// Create a new pending secret version for one device, a line, or all devices.
+    Rotate {
+        /// The CA folder.
+        #[arg(long)]
+        dir: PathBuf,
+        /// One device.
+        #[arg(long, conflicts_with_all = ["line", "all"])]
+        serial: Option<u64>,
+        /// Every device enrolled through this line.
+        #[arg(long, conflicts_with = "all")]
+        line: Option<String>,
+        /// Every device.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -198,14 +235,21 @@ fn run(cli: Cli) -> Result<(), String> {
                 Ok(())
             }
         },
-        Command::Serve { dir, https, coap } => {
+        Command::Secrets { command } => secrets_command(command),
+        Command::Serve {
+            dir,
+            https,
+            coap,
+            mtls,
+        } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())?;
             rt.block_on(async move {
                 let running =
-                    server::start(&CaDir::new(&dir), &ListenOverrides { https, coap }).await?;
+                    server::start(&CaDir::new(&dir), &ListenOverrides { https, coap, mtls })
+                        .await?;
                 println!("{}", running.listening_line());
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
@@ -228,6 +272,71 @@ async fn wait_for_signal() {
         }
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn secrets_command(command: SecretsCommand) -> Result<(), String> {
+    let now = SystemClock.now();
+    match command {
+        SecretsCommand::Import { dir, file } => {
+            let ca = CaDir::new(&dir);
+            let text = zeroize::Zeroizing::new(
+                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?,
+            );
+            let batch = crate::secrets::parse_import(&text)
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            let keys = crate::secrets::SecretKeys::load(&ca.kek())?;
+            let store = SledStore::open(&ca.store()).map_err(|e| e.to_string())?;
+            let n = crate::service::import_batch(&store, &keys, batch, now, "cli")
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            println!("imported {n} keys from {}", file.display());
+            Ok(())
+        }
+        SecretsCommand::Rotate {
+            dir,
+            serial,
+            line,
+            all,
+        } => {
+            let ca = CaDir::new(&dir);
+            let keys = crate::secrets::SecretKeys::load(&ca.kek())?;
+            let store = SledStore::open(&ca.store()).map_err(|e| e.to_string())?;
+            let serials: Vec<u64> = match (serial, line, all) {
+                (Some(s), _, _) => vec![s],
+                (None, Some(l), _) => store
+                    .devices()
+                    .filter_map(|d| d.ok())
+                    .filter(|d| d.line == l)
+                    .map(|d| d.serial)
+                    .collect(),
+                (None, None, true) => store
+                    .devices()
+                    .filter_map(|d| d.ok())
+                    .map(|d| d.serial)
+                    .collect(),
+                _ => return Err("give --serial S, --line L or --all".into()),
+            };
+            let mut rotated = 0;
+            for s in &serials {
+                match crate::service::rotate_in(&store, &keys, *s, now, "cli")
+                    .map_err(|e| e.to_string())?
+                {
+                    Ok(rec) => {
+                        rotated += 1;
+                        if serials.len() == 1 {
+                            println!(
+                                "serial {s}: version {} ({}) pending delivery",
+                                rec.version, rec.key_id
+                            );
+                        }
+                    }
+                    Err(p) => eprintln!("serial {s}: {}", p.detail),
+                }
+            }
+            store.sync().map_err(|e| e.to_string())?;
+            println!("rotated {rotated} of {} devices", serials.len());
+            Ok(())
         }
     }
 }

@@ -15,10 +15,10 @@ const MAX_BATCH: usize = 2048;
 /// How long a reader waits for a flush before giving up with an internal error.
 const DURABLE_WAIT: Duration = Duration::from_secs(30);
 
-struct Job {
-    enrollment: NewEnrollment,
-    reply: oneshot::Sender<Result<EnrollOutcome, String>>,
-}
+/// Called once the batch is synced, with the sync's result.
+type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+/// Applies one operation to the store (not yet durable) and returns how to answer it.
+type Job = Box<dyn FnOnce(&dyn Store) -> Reply + Send>;
 
 /// Statistics of the committer, for metrics and benchmarks.
 #[derive(Debug, Default)]
@@ -73,10 +73,7 @@ impl Committer {
                     }
                     epoch += 1;
                     s2.store(epoch, Ordering::SeqCst);
-                    let results: Vec<Result<EnrollOutcome, StoreError>> = batch
-                        .iter()
-                        .map(|j| store.apply_enrollment(&j.enrollment))
-                        .collect();
+                    let replies: Vec<Reply> = batch.drain(..).map(|job| job(store.as_ref())).collect();
                     let synced = store.sync();
                     if let Err(e) = &synced {
                         tracing::error!(error = %e, "store sync failed; answering the batch with internal errors");
@@ -84,17 +81,11 @@ impl Committer {
                         durable_tx.send_replace(epoch);
                     }
                     st2.batches.fetch_add(1, Ordering::Relaxed);
-                    st2.applied.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    st2.max_batch.fetch_max(batch.len() as u64, Ordering::Relaxed);
-                    for (job, result) in batch.drain(..).zip(results) {
-                        let answer = match (&synced, result) {
-                            (Ok(()), Ok(outcome)) => Ok(outcome),
-                            (Err(e), _) => Err(e.to_string()),
-                            (_, Err(e)) => Err(e.to_string()),
-                        };
-                        // The requester may have gone away (connection closed); that is fine,
-                        // the binding is durable and a retry will find it.
-                        let _ = job.reply.send(answer);
+                    st2.applied.fetch_add(replies.len() as u64, Ordering::Relaxed);
+                    st2.max_batch.fetch_max(replies.len() as u64, Ordering::Relaxed);
+                    let synced = synced.map_err(|e| e.to_string());
+                    for reply in replies {
+                        reply(synced.clone());
                     }
                 }
             })
@@ -109,12 +100,32 @@ impl Committer {
 
     /// Applies `e` and returns once it is durable.
     pub async fn commit(&self, e: NewEnrollment) -> Result<EnrollOutcome, String> {
-        let (reply, rx) = oneshot::channel();
+        self.run(move |store| store.apply_enrollment(&e)).await
+    }
+
+    /// Runs `op` on the committer thread, inside a batch, and returns its result once the
+    /// batch is durable. Every write that must be on disk before an answer goes through here.
+    pub async fn run<T, F>(&self, op: F) -> Result<T, String>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel::<Result<T, String>>();
+        let job: Job = Box::new(move |store: &dyn Store| {
+            let result = op(store);
+            Box::new(move |synced: Result<(), String>| {
+                let answer = match (synced, result) {
+                    (Ok(()), Ok(v)) => Ok(v),
+                    (Err(e), _) => Err(e),
+                    (_, Err(e)) => Err(e.to_string()),
+                };
+                // The requester may have gone away (connection closed); that is fine, the
+                // write is durable and a retry will find it.
+                let _ = reply.send(answer);
+            }) as Reply
+        });
         self.tx
-            .send(Job {
-                enrollment: e,
-                reply,
-            })
+            .send(job)
             .await
             .map_err(|_| "the group-commit thread has stopped".to_string())?;
         rx.await

@@ -29,11 +29,21 @@ const PEM_CHAIN: &str = "application/pem-certificate-chain";
 const PROBLEM_JSON: &str = "application/problem+json";
 const PROBLEM_CBOR: &str = "application/concise-problem-details+cbor";
 
-/// Serves HTTPS enrollment on `listener` until `shutdown` turns true.
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    /// HTTPS enrollment, server-authenticated TLS.
+    Enrollment,
+    /// Secrets, mutual TLS with device certificates.
+    Secrets,
+}
+
+/// Serves `door` on `listener` until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     service: Arc<CaService>,
+    door: Door,
     max_connections: usize,
     timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -73,9 +83,24 @@ pub async fn serve(
                     return;
                 }
             };
+            // The client certificate, checked against the CA by rustls (mutual-TLS door only).
+            let client_cert: Option<Arc<Vec<u8>>> = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| Arc::new(c.to_vec()));
             let svc = service_fn(move |req| {
-                let service = service.clone();
-                async move { Ok::<_, Infallible>(handle(req, &service, peer).await) }
+                let (service, client_cert) = (service.clone(), client_cert.clone());
+                async move {
+                    let resp = match door {
+                        Door::Enrollment => handle(req, &service, peer).await,
+                        Door::Secrets => {
+                            crate::mtls::handle(req, &service, client_cert.as_deref()).await
+                        }
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -88,14 +113,14 @@ pub async fn serve(
     }
 }
 
-fn header(req: &Request<Incoming>, name: hyper::header::HeaderName) -> &str {
+pub(crate) fn header(req: &Request<Incoming>, name: hyper::header::HeaderName) -> &str {
     req.headers()
         .get(name)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
 }
 
-fn media_type(value: &str) -> String {
+pub(crate) fn media_type(value: &str) -> String {
     value
         .split(';')
         .next()
@@ -104,7 +129,11 @@ fn media_type(value: &str) -> String {
         .to_ascii_lowercase()
 }
 
-fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Full<Bytes>> {
+pub(crate) fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: Vec<u8>,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     if let Ok(v) = HeaderValue::from_str(content_type) {
@@ -113,7 +142,7 @@ fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Fu
     r
 }
 
-fn problem(p: &Problem, cbor: bool) -> Response<Full<Bytes>> {
+pub(crate) fn problem(p: &Problem, cbor: bool) -> Response<Full<Bytes>> {
     let status =
         StatusCode::from_u16(p.kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if cbor {

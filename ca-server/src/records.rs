@@ -114,3 +114,57 @@ pub fn to_cbor<T: Serialize>(v: &T) -> Vec<u8> {
 pub fn from_cbor<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
     ciborium::from_reader(bytes).map_err(|e| e.to_string())
 }
+
+/// One version of a device's symmetric secret, encrypted at rest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretRecord {
+    /// The device.
+    pub serial: u64,
+    /// Version, from 1.
+    pub version: u64,
+    /// Stable key identifier.
+    pub key_id: String,
+    /// AES-256-GCM ciphertext and tag of the 32-byte secret (AAD: serial, key id, version).
+    #[serde(with = "serde_bytes")]
+    pub ciphertext: Vec<u8>,
+    /// The GCM nonce.
+    #[serde(with = "serde_bytes")]
+    pub nonce: Vec<u8>,
+    /// Key check value (first 3 bytes of AES-256(secret, 0^128)).
+    #[serde(with = "serde_bytes")]
+    pub kcv: Vec<u8>,
+    /// Keyed hash of the plaintext (the uniqueness index entry).
+    #[serde(with = "serde_bytes")]
+    pub index_tag: Vec<u8>,
+    /// `csprng` or `import`.
+    pub source: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// First delivery, Unix seconds.
+    #[serde(default)]
+    pub delivered_at: Option<u64>,
+    /// Acknowledgement, Unix seconds.
+    #[serde(default)]
+    pub confirmed_at: Option<u64>,
+}
+
+/// An imported secret waiting for its device, encrypted at rest (AAD: "pool", key id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolEntry {
+    /// Identifier from the batch.
+    pub key_id: String,
+    /// AES-256-GCM ciphertext and tag.
+    #[serde(with = "serde_bytes")]
+    pub ciphertext: Vec<u8>,
+    /// The GCM nonce.
+    #[serde(with = "serde_bytes")]
+    pub nonce: Vec<u8>,
+    /// Key check value.
+    #[serde(with = "serde_bytes")]
+    pub kcv: Vec<u8>,
+    /// Keyed hash of the plaintext.
+    #[serde(with = "serde_bytes")]
+    pub index_tag: Vec<u8>,
+    /// Unix seconds of the import.
+    pub imported_at: u64,
+}

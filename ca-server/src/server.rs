@@ -22,6 +22,8 @@ pub struct ListenOverrides {
     pub https: Option<SocketAddr>,
     /// `--coap`.
     pub coap: Option<SocketAddr>,
+    /// `--mtls`.
+    pub mtls: Option<SocketAddr>,
 }
 
 /// A running server.
@@ -31,6 +33,8 @@ pub struct RunningServer {
     pub https: Option<SocketAddr>,
     /// Where CoAP listens.
     pub coap: Option<SocketAddr>,
+    /// Where the mutual-TLS secrets door listens.
+    pub mtls: Option<SocketAddr>,
     /// CoAP counters.
     pub coap_stats: Arc<crate::coap::CoapStats>,
     /// The service (for tests and metrics).
@@ -49,6 +53,9 @@ impl RunningServer {
         }
         if let Some(a) = self.coap {
             s += &format!(" coap={a}");
+        }
+        if let Some(a) = self.mtls {
+            s += &format!(" mtls={a}");
         }
         s
     }
@@ -94,7 +101,8 @@ pub async fn start_with_clock(
         max_clock_skew: config.token.max_clock_skew,
         max_lifetime: config.token.max_lifetime,
     };
-    let service = Arc::new(CaService::new(issuer, store, policy, clock)?);
+    let secrets = crate::secrets::SecretKeys::load(&dir.kek())?;
+    let service = Arc::new(CaService::new(issuer, secrets, store, policy, clock)?);
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let timeout = Duration::from_secs(config.limits.request_timeout_secs.max(1));
@@ -111,6 +119,7 @@ pub async fn start_with_clock(
             listener,
             tls,
             service.clone(),
+            crate::https::Door::Enrollment,
             config.limits.max_connections,
             timeout,
             rx.clone(),
@@ -131,9 +140,27 @@ pub async fn start_with_clock(
             rx.clone(),
         )));
     }
+    let mut mtls = None;
+    if let Some(addr) = overrides.mtls.or(config.listen.mtls) {
+        let tls = crate::tls::mtls_server_config(&dir.ca_cert(), &dir.tls_cert(), &dir.tls_key())?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("mutual TLS {addr}: {e}"))?;
+        mtls = Some(listener.local_addr().map_err(|e| e.to_string())?);
+        tasks.push(tokio::spawn(crate::https::serve(
+            listener,
+            tls,
+            service.clone(),
+            crate::https::Door::Secrets,
+            config.limits.max_connections,
+            timeout,
+            rx.clone(),
+        )));
+    }
     Ok(RunningServer {
         https,
         coap,
+        mtls,
         coap_stats,
         service,
         shutdown,

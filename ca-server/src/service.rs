@@ -13,8 +13,11 @@ use protocol_spec::{Problem, ProblemType};
 use crate::commit::Committer;
 use crate::issuer::Issuer;
 use crate::ra::RegistrationAuthority;
-use crate::records::DeviceStatus;
-use crate::store::{EnrollOutcome, NewEnrollment, Store};
+use crate::records::{DeviceStatus, SecretRecord};
+use crate::secrets::SecretKeys;
+use crate::store::{EnrollOutcome, NewEnrollment, SecretOp, SecretOutcome, Store};
+use protocol_spec::messages::{SECRET_ALGORITHM, SecretAck, SecretDelivery};
+use zeroize::Zeroizing;
 
 /// Where time comes from (a fake in tests of time rules).
 pub trait Clock: Send + Sync + 'static {
@@ -50,6 +53,7 @@ pub struct Enrolled {
 pub struct CaService {
     ra: RegistrationAuthority,
     issuer: Issuer,
+    secrets: Arc<SecretKeys>,
     store: Arc<dyn Store>,
     committer: Committer,
     clock: Arc<dyn Clock>,
@@ -73,6 +77,7 @@ impl CaService {
     /// Assembles the service and starts the group-commit thread.
     pub fn new(
         issuer: Issuer,
+        secrets: SecretKeys,
         store: Arc<dyn Store>,
         policy: TokenPolicy,
         clock: Arc<dyn Clock>,
@@ -82,6 +87,7 @@ impl CaService {
         Ok(CaService {
             ra: RegistrationAuthority::new(policy, &lines),
             issuer,
+            secrets: Arc::new(secrets),
             store,
             committer,
             clock,
@@ -205,4 +211,259 @@ impl CaService {
             },
         })
     }
+}
+
+impl CaService {
+    /// The device a mutual-TLS client certificate belongs to. The TLS layer has already checked
+    /// the chain to the CA; here the record must exist, be active, and hold this very
+    /// certificate.
+    pub fn device_for_certificate(&self, cert_der: &[u8]) -> Result<u64, Problem> {
+        let unknown = |d: &str| Problem::new(ProblemType::UnknownDevice, d.to_string());
+        let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+            .map_err(|_| unknown("client certificate does not parse"))?;
+        let raw = cert.tbs_certificate.raw_serial();
+        let trimmed: Vec<u8> = raw.iter().copied().skip_while(|b| *b == 0).collect();
+        if trimmed.len() > 8 {
+            return Err(unknown("certificate serial is not a device serial"));
+        }
+        let serial = trimmed.iter().fold(0u64, |a, b| (a << 8) | u64::from(*b));
+        let rec = self
+            .store
+            .device(serial)
+            .map_err(|e| internal("store read", e))?
+            .ok_or_else(|| unknown(&format!("no enrollment record for serial {serial}")))?;
+        if rec.status == DeviceStatus::Revoked {
+            return Err(Problem::new(
+                ProblemType::Revoked,
+                format!("device {serial} is revoked"),
+            ));
+        }
+        if rec.certificate != cert_der {
+            return Err(unknown(&format!(
+                "this is not the certificate on record for serial {serial}"
+            )));
+        }
+        Ok(serial)
+    }
+
+    fn deliver(
+        &self,
+        rec: &SecretRecord,
+        secret: Option<Zeroizing<[u8; 32]>>,
+    ) -> Result<SecretDelivery, Problem> {
+        let secret = match secret {
+            Some(s) => s,
+            None => self
+                .secrets
+                .open_version(rec)
+                .map_err(|e| internal("secret decryption", e))?,
+        };
+        let kcv = protocol_spec::secret::kcv(&secret);
+        Ok(SecretDelivery {
+            key_id: rec.key_id.clone(),
+            version: rec.version,
+            algorithm: SECRET_ALGORITHM.to_string(),
+            secret,
+            kcv,
+        })
+    }
+
+    /// The device's newest secret; version 1 is allocated on the first fetch (from the imported
+    /// pool if it has keys, else from the CSPRNG). Delivery is durable before the answer.
+    pub async fn fetch_secret(&self, serial: u64) -> Result<SecretDelivery, Problem> {
+        for attempt in 0..8u64 {
+            let now = self.clock.now();
+            let versions = self
+                .store
+                .secret_versions(serial)
+                .map_err(|e| internal("store read", e))?;
+            if let Some(latest) = versions.last() {
+                if latest.delivered_at.is_none() {
+                    let op = SecretOp::Delivered {
+                        serial,
+                        version: latest.version,
+                        at: now,
+                    };
+                    match self
+                        .committer
+                        .run(move |s| s.apply_secret(&op))
+                        .await
+                        .map_err(|e| internal("commit", e))?
+                    {
+                        SecretOutcome::Done(_) => {}
+                        SecretOutcome::Refused(p) => return Err(p),
+                        _ => continue,
+                    }
+                } else {
+                    self.committer
+                        .wait_durable()
+                        .await
+                        .map_err(|e| internal("durable wait", e))?;
+                }
+                return self.deliver(latest, None);
+            }
+            let pool = self
+                .store
+                .pool(((serial + attempt) % 32) as usize, 1)
+                .map_err(|e| internal("store read", e))?;
+            let pool = match pool.into_iter().next() {
+                Some(p) => Some(p),
+                None => self
+                    .store
+                    .pool(0, 1)
+                    .map_err(|e| internal("store read", e))?
+                    .into_iter()
+                    .next(),
+            };
+            let (secret, key_id, source, from_pool) = match pool {
+                Some(entry) => {
+                    let s = self
+                        .secrets
+                        .open_pool(&entry)
+                        .map_err(|e| internal("pool decryption", e))?;
+                    (s, entry.key_id.clone(), "import", Some(entry.key_id))
+                }
+                None => (
+                    self.secrets.generate().map_err(|e| internal("random", e))?,
+                    self.secrets
+                        .new_key_id()
+                        .map_err(|e| internal("random", e))?,
+                    "csprng",
+                    None,
+                ),
+            };
+            let mut record = self
+                .secrets
+                .seal_version(serial, 1, key_id, &secret, source, now)
+                .map_err(|e| internal("sealing", e))?;
+            record.delivered_at = Some(now);
+            let op = SecretOp::Allocate { record, from_pool };
+            match self
+                .committer
+                .run(move |s| s.apply_secret(&op))
+                .await
+                .map_err(|e| internal("commit", e))?
+            {
+                SecretOutcome::Done(Some(rec)) => {
+                    tracing::debug!(serial, version = rec.version, "secret allocated");
+                    return self.deliver(&rec, Some(secret));
+                }
+                SecretOutcome::Refused(p) if p.kind != ProblemType::Internal => return Err(p),
+                // Another fetch won the race, a pool entry was taken, or (with a broken random
+                // generator) the secret was not unique: read again.
+                _ => continue,
+            }
+        }
+        Err(internal(
+            "secret allocation",
+            "no progress after 8 attempts",
+        ))
+    }
+
+    /// Records the device's acknowledgement (idempotent).
+    pub async fn ack_secret(&self, serial: u64, ack: SecretAck) -> Result<(), Problem> {
+        let op = SecretOp::Ack {
+            serial,
+            key_id: ack.key_id,
+            version: ack.version,
+            kcv: ack.kcv.to_vec(),
+            at: self.clock.now(),
+        };
+        match self
+            .committer
+            .run(move |s| s.apply_secret(&op))
+            .await
+            .map_err(|e| internal("commit", e))?
+        {
+            SecretOutcome::Done(_) => Ok(()),
+            SecretOutcome::Refused(p) => Err(p),
+            other => Err(internal("ack", format!("{other:?}"))),
+        }
+    }
+
+    /// Creates a new pending version for a device; it is delivered on the device's next fetch.
+    pub async fn rotate_secret(&self, serial: u64, actor: &str) -> Result<SecretRecord, Problem> {
+        let (keys, at, actor) = (self.secrets.clone(), self.clock.now(), actor.to_string());
+        self.committer
+            .run(move |s| rotate_in(s, &keys, serial, at, &actor))
+            .await
+            .map_err(|e| internal("commit", e))?
+    }
+
+    /// Revokes a device: refused at the mutual-TLS door from its next request on.
+    pub async fn revoke(&self, serial: u64, actor: &str) -> Result<bool, Problem> {
+        let (at, actor) = (self.clock.now(), actor.to_string());
+        self.committer
+            .run(move |s| s.set_status(serial, DeviceStatus::Revoked, at, &actor))
+            .await
+            .map_err(|e| internal("commit", e))
+    }
+
+    /// The secret keys (for imports).
+    pub fn secret_keys(&self) -> &SecretKeys {
+        &self.secrets
+    }
+}
+
+/// Seals and stores an import batch, all or nothing (used online by the admin API and offline by
+/// `ca-server secrets import`). Returns how many keys were imported.
+pub fn import_batch(
+    store: &dyn Store,
+    keys: &SecretKeys,
+    batch: Vec<crate::secrets::ImportedKey>,
+    at: u64,
+    actor: &str,
+) -> Result<usize, String> {
+    let n = batch.len();
+    let entries = batch
+        .into_iter()
+        .map(|(id, key)| keys.seal_pool(id, &key, at))
+        .collect::<Result<Vec<_>, _>>()?;
+    let op = SecretOp::Import {
+        entries,
+        at,
+        actor: actor.to_string(),
+    };
+    match store.apply_secret(&op).map_err(|e| e.to_string())? {
+        SecretOutcome::Done(_) => {
+            store.sync().map_err(|e| e.to_string())?;
+            Ok(n)
+        }
+        SecretOutcome::Refused(p) => Err(p.detail),
+        other => Err(format!("import failed: {other:?}")),
+    }
+}
+
+/// Adds version n+1 to a device's secrets inside `store` (not yet synced). The outer error is
+/// the store's, the inner the device's (unknown, revoked).
+pub fn rotate_in(
+    store: &dyn Store,
+    keys: &SecretKeys,
+    serial: u64,
+    at: u64,
+    actor: &str,
+) -> Result<Result<SecretRecord, Problem>, crate::store::StoreError> {
+    let fail = |e: String| crate::store::StoreError::Backend(e);
+    for _ in 0..8 {
+        let head = store
+            .secret_versions(serial)?
+            .last()
+            .map(|r| r.version)
+            .unwrap_or(0);
+        let secret = keys.generate().map_err(fail)?;
+        let key_id = keys.new_key_id().map_err(fail)?;
+        let record = keys
+            .seal_version(serial, head + 1, key_id, &secret, "csprng", at)
+            .map_err(fail)?;
+        let op = SecretOp::Rotate {
+            record,
+            actor: actor.to_string(),
+        };
+        match store.apply_secret(&op)? {
+            SecretOutcome::Done(Some(rec)) => return Ok(Ok(rec)),
+            SecretOutcome::Refused(p) if p.kind != ProblemType::Internal => return Ok(Err(p)),
+            _ => continue,
+        }
+    }
+    Err(fail("rotation made no progress after 8 attempts".into()))
 }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod https;
 pub mod line_station;
 pub mod retry;
+pub mod secrets;
 pub mod state;
 pub mod url;
 

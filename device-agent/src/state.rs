@@ -29,6 +29,53 @@ pub struct DeviceState {
     pub certificate: Option<Vec<u8>>,
     /// When it enrolled, Unix seconds.
     pub enrolled_at: Option<u64>,
+    /// Its symmetric secrets, oldest version first.
+    pub secrets: Vec<StoredSecret>,
+}
+
+/// A secret the device received (zeroized on drop, never printed).
+#[derive(Clone)]
+pub struct StoredSecret {
+    /// Key id.
+    pub key_id: String,
+    /// Version.
+    pub version: u64,
+    /// Algorithm name.
+    pub algorithm: String,
+    /// The 32 secret bytes.
+    pub secret: Zeroizing<[u8; 32]>,
+    /// Key check value.
+    pub kcv: [u8; 3],
+    /// Whether the CA confirmed the acknowledgement.
+    pub acknowledged: bool,
+}
+
+impl std::fmt::Debug for StoredSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredSecret")
+            .field("key_id", &self.key_id)
+            .field("version", &self.version)
+            .field("kcv", &hex::encode(self.kcv))
+            .field("acknowledged", &self.acknowledged)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretFile {
+    key_id: String,
+    version: u64,
+    algorithm: String,
+    secret: String,
+    kcv: String,
+    acknowledged: bool,
+}
+
+impl Drop for SecretFile {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.secret);
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -45,6 +92,8 @@ struct StateFile {
     certificate: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     enrolled_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    secrets: Vec<SecretFile>,
 }
 
 impl Drop for StateFile {
@@ -68,6 +117,7 @@ impl DeviceState {
             ca_certificate: None,
             certificate: None,
             enrolled_at: None,
+            secrets: Vec::new(),
         })
     }
 
@@ -107,12 +157,33 @@ impl DeviceState {
                 .map(|s| unb64(s, name).map_err(|p| bad(p.detail)))
                 .transpose()
         };
+        let mut secrets = Vec::new();
+        for s in &f.secrets {
+            let raw = Zeroizing::new(unb64(&s.secret, "secret").map_err(|p| bad(p.detail))?);
+            let secret: [u8; 32] = raw
+                .as_slice()
+                .try_into()
+                .map_err(|_| bad(format!("secret {} is not 32 bytes", s.key_id)))?;
+            let kcv: [u8; 3] = hex::decode(&s.kcv)
+                .ok()
+                .and_then(|k| k.try_into().ok())
+                .ok_or_else(|| bad(format!("kcv of {} is not 3 hex bytes", s.key_id)))?;
+            secrets.push(StoredSecret {
+                key_id: s.key_id.clone(),
+                version: s.version,
+                algorithm: s.algorithm.clone(),
+                secret: Zeroizing::new(secret),
+                kcv,
+                acknowledged: s.acknowledged,
+            });
+        }
         Ok(DeviceState {
             serial,
             key,
             ca_certificate: opt(&f.ca_certificate, "ca_certificate")?,
             certificate: opt(&f.certificate, "certificate")?,
             enrolled_at: f.enrolled_at,
+            secrets,
         })
     }
 
@@ -126,6 +197,18 @@ impl DeviceState {
             ca_certificate: self.ca_certificate.as_deref().map(b64),
             certificate: self.certificate.as_deref().map(b64),
             enrolled_at: self.enrolled_at,
+            secrets: self
+                .secrets
+                .iter()
+                .map(|s| SecretFile {
+                    key_id: s.key_id.clone(),
+                    version: s.version,
+                    algorithm: s.algorithm.clone(),
+                    secret: b64(s.secret.as_ref()),
+                    kcv: hex::encode(s.kcv),
+                    acknowledged: s.acknowledged,
+                })
+                .collect(),
         };
         let mut text = Zeroizing::new(
             serde_json::to_vec_pretty(&f).map_err(|e| AgentError::Invalid(e.to_string()))?,

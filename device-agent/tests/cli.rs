@@ -67,6 +67,7 @@ async fn ca_with_line(
         &ListenOverrides {
             https: Some(loopback),
             coap: Some(loopback),
+            mtls: Some(loopback),
         },
     )
     .await

@@ -7,7 +7,7 @@ pub use sled_store::SledStore;
 
 use protocol_spec::Problem;
 
-use crate::records::{AuditEntry, DeviceRecord, LineRecord};
+use crate::records::{AuditEntry, DeviceRecord, LineRecord, PoolEntry, SecretRecord};
 
 /// One stored record: (table, key, value).
 pub type RawRecord = (String, Vec<u8>, Vec<u8>);
@@ -66,6 +66,69 @@ pub enum EnrollOutcome {
     Refused(Problem),
 }
 
+/// A write to the secrets tables.
+#[derive(Debug, Clone)]
+pub enum SecretOp {
+    /// Give a device with no secret its version 1 (generated, or `from_pool`), delivered now.
+    Allocate {
+        /// The sealed version 1.
+        record: SecretRecord,
+        /// The pool entry it came from, removed in the same transaction.
+        from_pool: Option<String>,
+    },
+    /// Add version n+1 (pending) to a device whose newest version is n.
+    Rotate {
+        /// The sealed new version.
+        record: SecretRecord,
+        /// Who asked.
+        actor: String,
+    },
+    /// Mark a version delivered (first delivery only).
+    Delivered {
+        /// Device.
+        serial: u64,
+        /// Version.
+        version: u64,
+        /// Unix seconds.
+        at: u64,
+    },
+    /// The device confirms what it stored.
+    Ack {
+        /// Device.
+        serial: u64,
+        /// Key id acknowledged.
+        key_id: String,
+        /// Version acknowledged.
+        version: u64,
+        /// KCV the device computed.
+        kcv: Vec<u8>,
+        /// Unix seconds.
+        at: u64,
+    },
+    /// Add a batch of pre-generated keys to the pool: all of it or nothing.
+    Import {
+        /// Sealed entries.
+        entries: Vec<PoolEntry>,
+        /// Unix seconds.
+        at: u64,
+        /// Who imported.
+        actor: String,
+    },
+}
+
+/// What a secrets write did.
+#[derive(Debug, Clone)]
+pub enum SecretOutcome {
+    /// Written; the affected record.
+    Done(Option<SecretRecord>),
+    /// The device already had a version (Allocate); its newest, unchanged.
+    Existing(SecretRecord),
+    /// The state moved under the caller (a pool entry taken, a version added): read again.
+    Conflict,
+    /// Refused by a rule; nothing written.
+    Refused(Problem),
+}
+
 /// Storage for the CA. Writes are atomic; [`Store::apply_enrollment`] is not durable until the
 /// next [`Store::sync`] returns, which lets many enrollments share one flush.
 pub trait Store: Send + Sync + 'static {
@@ -84,6 +147,20 @@ pub trait Store: Send + Sync + 'static {
     fn apply_enrollment(&self, e: &NewEnrollment) -> Result<EnrollOutcome, StoreError>;
     /// Makes everything applied so far durable (flush and fdatasync).
     fn sync(&self) -> Result<(), StoreError>;
+    /// Every secret version of a device, oldest first.
+    fn secret_versions(&self, serial: u64) -> Result<Vec<SecretRecord>, StoreError>;
+    /// Up to `n` pool entries, starting at the `skip`-th.
+    fn pool(&self, skip: usize, n: usize) -> Result<Vec<PoolEntry>, StoreError>;
+    /// Applies one secrets write atomically (durable at the next [`Store::sync`]).
+    fn apply_secret(&self, op: &SecretOp) -> Result<SecretOutcome, StoreError>;
+    /// Sets a device's status (revoke), with an audit entry; `false` if there is no such device.
+    fn set_status(
+        &self,
+        serial: u64,
+        status: crate::records::DeviceStatus,
+        at: u64,
+        actor: &str,
+    ) -> Result<bool, StoreError>;
     /// Every device record, in serial order.
     fn devices(&self) -> Box<dyn Iterator<Item = Result<DeviceRecord, StoreError>> + '_>;
     /// Every audit entry, in order.

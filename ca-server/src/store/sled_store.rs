@@ -8,9 +8,10 @@ use protocol_spec::{Problem, ProblemType};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
-use super::{EnrollOutcome, NewEnrollment, RawRecord, Store, StoreError};
+use super::{EnrollOutcome, NewEnrollment, RawRecord, SecretOp, SecretOutcome, Store, StoreError};
 use crate::records::{
-    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, TokenUse, from_cbor, to_cbor,
+    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, SecretRecord, TokenUse,
+    from_cbor, to_cbor,
 };
 
 const DEVICES: &str = "devices";
@@ -18,6 +19,12 @@ const KEYS: &str = "keys";
 const TOKENS: &str = "tokens";
 const LINES: &str = "lines";
 const AUDIT: &str = "audit";
+const SECRETS: &str = "secrets";
+const SECRET_HEAD: &str = "secret_head";
+const SECRET_INDEX: &str = "secret_index";
+const KEY_IDS: &str = "key_ids";
+const POOL: &str = "secret_pool";
+const POOL_MARK: &[u8] = b"pool";
 
 /// sled-backed [`Store`].
 pub struct SledStore {
@@ -28,6 +35,11 @@ pub struct SledStore {
     tokens: sled::Tree,
     lines: sled::Tree,
     audit: sled::Tree,
+    secrets: sled::Tree,
+    secret_head: sled::Tree,
+    secret_index: sled::Tree,
+    key_ids: sled::Tree,
+    pool: sled::Tree,
     /// sled's data file, opened again so that `sync` can fdatasync it: sled's own flush uses
     /// sync_file_range on Linux, which neither flushes the drive cache nor orders metadata.
     data_file: File,
@@ -125,6 +137,11 @@ impl SledStore {
             keys: tree(KEYS)?,
             tokens: tree(TOKENS)?,
             lines: tree(LINES)?,
+            secrets: tree(SECRETS)?,
+            secret_head: tree(SECRET_HEAD)?,
+            secret_index: tree(SECRET_INDEX)?,
+            key_ids: tree(KEY_IDS)?,
+            pool: tree(POOL)?,
             audit,
             db,
             data_file,
@@ -347,6 +364,292 @@ impl Store for SledStore {
         Ok(outcome)
     }
 
+    fn secret_versions(&self, serial: u64) -> Result<Vec<SecretRecord>, StoreError> {
+        self.secrets
+            .scan_prefix(serial.to_be_bytes())
+            .map(|r| {
+                let (_, v) = r.map_err(backend)?;
+                from_cbor(&v).map_err(corrupt(SECRETS))
+            })
+            .collect()
+    }
+
+    fn pool(&self, skip: usize, n: usize) -> Result<Vec<PoolEntry>, StoreError> {
+        self.pool
+            .iter()
+            .skip(skip)
+            .take(n)
+            .map(|r| {
+                let (_, v) = r.map_err(backend)?;
+                from_cbor(&v).map_err(corrupt(POOL))
+            })
+            .collect()
+    }
+
+    fn apply_secret(&self, op: &SecretOp) -> Result<SecretOutcome, StoreError> {
+        let mut head = self.head()?;
+        let (event, serial, actor, detail, at) = match op {
+            SecretOp::Allocate { record, from_pool } => (
+                "secret-deliver",
+                Some(record.serial),
+                "device".to_string(),
+                format!(
+                    "key_id={} version={} source={}{}",
+                    record.key_id,
+                    record.version,
+                    record.source,
+                    from_pool
+                        .as_ref()
+                        .map(|p| format!(" pool_id={p}"))
+                        .unwrap_or_default()
+                ),
+                record.created_at,
+            ),
+            SecretOp::Rotate { record, actor } => (
+                "secret-rotate",
+                Some(record.serial),
+                actor.clone(),
+                format!("key_id={} version={}", record.key_id, record.version),
+                record.created_at,
+            ),
+            SecretOp::Delivered {
+                serial,
+                version,
+                at,
+            } => (
+                "secret-deliver",
+                Some(*serial),
+                "device".to_string(),
+                format!("version={version}"),
+                *at,
+            ),
+            SecretOp::Ack {
+                serial,
+                key_id,
+                version,
+                at,
+                ..
+            } => (
+                "secret-ack",
+                Some(*serial),
+                "device".to_string(),
+                format!("key_id={key_id} version={version}"),
+                *at,
+            ),
+            SecretOp::Import { entries, at, actor } => (
+                "secret-import",
+                None,
+                actor.clone(),
+                format!("{} keys", entries.len()),
+                *at,
+            ),
+        };
+        let entry = Self::next_entry(&head, at, event, serial, &actor, detail);
+        let trees = (
+            &self.devices,
+            &self.secrets,
+            &self.secret_head,
+            &self.secret_index,
+            &self.key_ids,
+            &self.pool,
+            &self.audit,
+        );
+        let r = trees.transaction(|(devices, secrets, heads, index, key_ids, pool, audit)| {
+            let ver_key = |serial: u64, version: u64| {
+                let mut k = serial.to_be_bytes().to_vec();
+                k.extend_from_slice(&version.to_be_bytes());
+                k
+            };
+            let head_of = |serial: u64| -> TxResult<u64> {
+                Ok(heads
+                    .get(serial.to_be_bytes())?
+                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0))
+            };
+            let active = |serial: u64| -> TxResult<Option<SecretOutcome>> {
+                match tx_get::<DeviceRecord>(devices, &serial.to_be_bytes(), DEVICES)? {
+                    None => Ok(Some(SecretOutcome::Refused(Problem::new(
+                        ProblemType::UnknownDevice,
+                        format!("no device {serial}"),
+                    )))),
+                    Some(d) if d.status == DeviceStatus::Revoked => Ok(Some(SecretOutcome::Refused(
+                        Problem::new(ProblemType::Revoked, format!("device {serial} is revoked")),
+                    ))),
+                    Some(_) => Ok(None),
+                }
+            };
+            // Inserts a new version after the uniqueness checks; None when written.
+            let insert = |rec: &SecretRecord, pool_id: Option<&str>| -> TxResult<Option<SecretOutcome>> {
+                let key = ver_key(rec.serial, rec.version);
+                match index.get(&rec.index_tag)? {
+                    None => {}
+                    Some(v) if pool_id.is_some() && v.as_ref() == POOL_MARK => {}
+                    Some(_) => {
+                        // Two devices with one secret must be impossible.
+                        return Ok(Some(SecretOutcome::Refused(Problem::new(
+                            ProblemType::Internal,
+                            "secret already bound to another device",
+                        ))));
+                    }
+                }
+                match key_ids.get(rec.key_id.as_bytes())? {
+                    None => {}
+                    Some(v) if pool_id.is_some() && v.as_ref() == POOL_MARK => {}
+                    Some(_) => return Ok(Some(SecretOutcome::Conflict)),
+                }
+                index.insert(rec.index_tag.as_slice(), key.as_slice())?;
+                key_ids.insert(rec.key_id.as_bytes(), key.as_slice())?;
+                secrets.insert(key.as_slice(), to_cbor(rec))?;
+                heads.insert(&rec.serial.to_be_bytes(), &rec.version.to_be_bytes())?;
+                Ok(None)
+            };
+            let decide = || -> TxResult<SecretOutcome> {
+                Ok(match op {
+                SecretOp::Allocate { record, from_pool } => {
+                    if let Some(o) = active(record.serial)? {
+                        return Ok(o);
+                    }
+                    let h = head_of(record.serial)?;
+                    if h > 0 {
+                        let existing = tx_get::<SecretRecord>(secrets, &ver_key(record.serial, h), SECRETS)?;
+                        return Ok(existing.map(SecretOutcome::Existing).unwrap_or(SecretOutcome::Conflict));
+                    }
+                    if record.version != 1 {
+                        return Ok(SecretOutcome::Conflict);
+                    }
+                    if let Some(id) = from_pool
+                        && pool.remove(id.as_bytes())?.is_none() {
+                            return Ok(SecretOutcome::Conflict);
+                        }
+                    if let Some(o) = insert(record, from_pool.as_deref())? {
+                        return Ok(o);
+                    }
+                    SecretOutcome::Done(Some(record.clone()))
+                }
+                SecretOp::Rotate { record, .. } => {
+                    if let Some(o) = active(record.serial)? {
+                        return Ok(o);
+                    }
+                    if head_of(record.serial)? + 1 != record.version {
+                        return Ok(SecretOutcome::Conflict);
+                    }
+                    if let Some(o) = insert(record, None)? {
+                        return Ok(o);
+                    }
+                    SecretOutcome::Done(Some(record.clone()))
+                }
+                SecretOp::Delivered { serial, version, at } => {
+                    let key = ver_key(*serial, *version);
+                    let Some(mut rec) = tx_get::<SecretRecord>(secrets, &key, SECRETS)? else {
+                        return Ok(SecretOutcome::Conflict);
+                    };
+                    if rec.delivered_at.is_some() {
+                        return Ok(SecretOutcome::Done(Some(rec)));
+                    }
+                    rec.delivered_at = Some(*at);
+                    secrets.insert(key.as_slice(), to_cbor(&rec))?;
+                    SecretOutcome::Done(Some(rec))
+                }
+                SecretOp::Ack { serial, key_id, version, kcv, at } => {
+                    let key = ver_key(*serial, *version);
+                    let rec = tx_get::<SecretRecord>(secrets, &key, SECRETS)?;
+                    let Some(mut rec) = rec.filter(|r| r.key_id == *key_id && r.delivered_at.is_some()) else {
+                        return Ok(SecretOutcome::Refused(Problem::new(
+                            ProblemType::AckMismatch,
+                            format!("key {key_id} version {version} was not delivered to device {serial}"),
+                        )));
+                    };
+                    if rec.kcv != *kcv {
+                        return Ok(SecretOutcome::Refused(Problem::new(
+                            ProblemType::AckMismatch,
+                            "the key check value does not match the delivered secret",
+                        )));
+                    }
+                    if rec.confirmed_at.is_some() {
+                        return Ok(SecretOutcome::Done(Some(rec)));
+                    }
+                    rec.confirmed_at = Some(*at);
+                    secrets.insert(key.as_slice(), to_cbor(&rec))?;
+                    SecretOutcome::Done(Some(rec))
+                }
+                SecretOp::Import { entries, .. } => {
+                    let mut ids = std::collections::HashSet::new();
+                    let mut tags = std::collections::HashSet::new();
+                    for e in entries {
+                        if !ids.insert(e.key_id.as_str()) || key_ids.get(e.key_id.as_bytes())?.is_some() {
+                            return Ok(SecretOutcome::Refused(Problem::malformed(format!(
+                                "key id {:?} is already known; nothing was imported",
+                                e.key_id
+                            ))));
+                        }
+                        if !tags.insert(e.index_tag.clone()) || index.get(&e.index_tag)?.is_some() {
+                            return Ok(SecretOutcome::Refused(Problem::malformed(format!(
+                                "the key of {:?} is already known; nothing was imported",
+                                e.key_id
+                            ))));
+                        }
+                    }
+                    for e in entries {
+                        index.insert(e.index_tag.as_slice(), POOL_MARK)?;
+                        key_ids.insert(e.key_id.as_bytes(), POOL_MARK)?;
+                        pool.insert(e.key_id.as_bytes(), to_cbor(e))?;
+                    }
+                    SecretOutcome::Done(None)
+                }
+                })
+            };
+            let outcome = decide()?;
+            // Only first deliveries and first acks are events worth an entry.
+            let log = match (&outcome, op) {
+                (SecretOutcome::Done(Some(r)), SecretOp::Delivered { at, .. }) => r.delivered_at == Some(*at),
+                (SecretOutcome::Done(Some(r)), SecretOp::Ack { at, .. }) => r.confirmed_at == Some(*at),
+                (SecretOutcome::Done(_), _) => true,
+                _ => false,
+            };
+            if log {
+                audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
+            }
+            Ok((outcome, log))
+        });
+        let (outcome, logged) = flatten(r)?;
+        if logged {
+            *head = (entry.seq, entry.hash());
+        }
+        Ok(outcome)
+    }
+
+    fn set_status(
+        &self,
+        serial: u64,
+        status: DeviceStatus,
+        at: u64,
+        actor: &str,
+    ) -> Result<bool, StoreError> {
+        let mut head = self.head()?;
+        let event = match status {
+            DeviceStatus::Revoked => "revoke",
+            DeviceStatus::Active => "reinstate",
+        };
+        let entry = Self::next_entry(&head, at, event, Some(serial), actor, String::new());
+        let r = (&self.devices, &self.audit).transaction(|(devices, audit)| {
+            let Some(mut rec) = tx_get::<DeviceRecord>(devices, &serial.to_be_bytes(), DEVICES)?
+            else {
+                return Ok(false);
+            };
+            rec.status = status;
+            rec.revoked_at = (status == DeviceStatus::Revoked).then_some(at);
+            devices.insert(&serial.to_be_bytes(), to_cbor(&rec))?;
+            audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
+            Ok(true)
+        });
+        let done = flatten(r)?;
+        if done {
+            *head = (entry.seq, entry.hash());
+        }
+        Ok(done)
+    }
+
     fn sync(&self) -> Result<(), StoreError> {
         self.db.flush().map_err(backend)?;
         self.data_file.sync_data().map_err(backend)
@@ -374,6 +677,11 @@ impl Store for SledStore {
             (TOKENS, &self.tokens),
             (LINES, &self.lines),
             (AUDIT, &self.audit),
+            (SECRETS, &self.secrets),
+            (SECRET_HEAD, &self.secret_head),
+            (SECRET_INDEX, &self.secret_index),
+            (KEY_IDS, &self.key_ids),
+            (POOL, &self.pool),
         ] {
             for r in tree.iter() {
                 let (k, v) = r.map_err(backend)?;

@@ -134,6 +134,7 @@ impl TestCa {
             &ListenOverrides {
                 https: Some(loopback),
                 coap: Some(loopback),
+                mtls: Some(loopback),
             },
         )
         .await

@@ -70,7 +70,26 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         attempts: u32,
     },
-    /// Show what the device holds (never the private key).
+    /// Fetch the device's secret over mutual TLS (certificate and key from the state file),
+    /// check its key check value, store it, and acknowledge it.
+    Secret {
+        /// The state file.
+        #[arg(long)]
+        state: PathBuf,
+        /// The CA's mutual-TLS door: https://HOST:PORT.
+        #[arg(long)]
+        url: String,
+    },
+    /// Pick up a rotated secret (the same exchange as `secret`; says when nothing changed).
+    Sync {
+        /// The state file.
+        #[arg(long)]
+        state: PathBuf,
+        /// The CA's mutual-TLS door: https://HOST:PORT.
+        #[arg(long)]
+        url: String,
+    },
+    /// Show what the device holds (never the private key or a secret).
     Show {
         /// The state file.
         #[arg(long)]
@@ -184,6 +203,44 @@ fn run(cli: Cli) -> Result<(), AgentError> {
             );
             Ok(())
         }
+        Command::Secret { state, url } | Command::Sync { state, url } => {
+            let mut s = DeviceState::load(&state, &rng)?;
+            let url = CaUrl::parse(&url)?;
+            if url.scheme != Scheme::Https {
+                return Err(AgentError::Invalid(
+                    "secrets are served over mutual TLS: use https://".into(),
+                ));
+            }
+            let client = device_agent::secrets::mtls_client(url, &s)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| AgentError::Transport(e.to_string()))?;
+            let outcome = rt.block_on(async {
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    match device_agent::secrets::sync(&client, &mut s, |st| st.save(&state)).await {
+                        Err(e) if e.is_transient() && attempt < 8 => {
+                            tokio::time::sleep(
+                                Backoff::default().delay(attempt, 0.5).unwrap_or_default(),
+                            )
+                            .await;
+                        }
+                        other => break other,
+                    }
+                }
+            })?;
+            match outcome {
+                device_agent::secrets::SyncOutcome::Stored { key_id, version } => {
+                    println!("stored and acknowledged secret {key_id} version {version}")
+                }
+                device_agent::secrets::SyncOutcome::UpToDate { version } => {
+                    println!("up to date: version {version}")
+                }
+            }
+            Ok(())
+        }
         Command::Show { state, pem } => {
             let s = DeviceState::load(&state, &rng)?;
             if pem {
@@ -210,6 +267,20 @@ fn run(cli: Cli) -> Result<(), AgentError> {
                     print!("{}", cert_pem(cert));
                 }
                 (None, _) => println!("enrolled:    no"),
+            }
+            for sec in &s.secrets {
+                println!(
+                    "secret:      {} version {} {} kcv {} {}",
+                    sec.key_id,
+                    sec.version,
+                    sec.algorithm,
+                    hex::encode(sec.kcv),
+                    if sec.acknowledged {
+                        "acknowledged"
+                    } else {
+                        "not acknowledged"
+                    }
+                );
             }
             Ok(())
         }

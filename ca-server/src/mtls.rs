@@ -1,0 +1,91 @@
+//! The mutual-TLS door: devices fetch and acknowledge their secrets, identified by the
+//! certificate they enrolled with.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{ACCEPT, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use protocol_spec::messages::{MAX_ACK, SecretAck};
+use protocol_spec::{Problem, ProblemType};
+
+use crate::https::{header, media_type, problem, respond};
+use crate::service::CaService;
+
+/// Handles one request on the mutual-TLS door.
+pub async fn handle(
+    req: Request<Incoming>,
+    service: &CaService,
+    client_cert: Option<&Vec<u8>>,
+) -> Response<Full<Bytes>> {
+    let json = media_type(header(&req, ACCEPT)) == "application/json"
+        || media_type(header(&req, CONTENT_TYPE)) == "application/json";
+    let path = req.uri().path().to_string();
+    if (req.method(), path.as_str()) == (&Method::GET, "/health") {
+        return respond(StatusCode::OK, "text/plain", b"ok\n".to_vec());
+    }
+    let Some(cert) = client_cert else {
+        // The TLS configuration requires a certificate; this is a belt to those braces.
+        return problem(
+            &Problem::new(ProblemType::UnknownDevice, "no client certificate"),
+            !json,
+        );
+    };
+    // Checked on every request, so that a revocation takes effect at once, even on a
+    // kept-alive connection.
+    let serial = match service.device_for_certificate(cert) {
+        Ok(s) => s,
+        Err(p) => {
+            tracing::info!(problem = %p.kind, "mutual-TLS client refused");
+            return problem(&p, !json);
+        }
+    };
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/secret") => match service.fetch_secret(serial).await {
+            Ok(d) => {
+                if json {
+                    respond(StatusCode::OK, "application/json", d.to_json().to_vec())
+                } else {
+                    respond(StatusCode::OK, "application/cbor", d.to_cbor().to_vec())
+                }
+            }
+            Err(p) => problem(&p, !json),
+        },
+        (&Method::POST, "/secret/ack") => {
+            let body = match Limited::new(req.into_body(), MAX_ACK + 1).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    return problem(
+                        &Problem::new(
+                            ProblemType::TooLarge,
+                            format!("ack exceeds {MAX_ACK} bytes"),
+                        ),
+                        !json,
+                    );
+                }
+            };
+            let ack = if json {
+                SecretAck::from_json(&body)
+            } else {
+                SecretAck::from_cbor(&body)
+            };
+            let ack = match ack {
+                Ok(a) => a,
+                Err(p) => return problem(&p, !json),
+            };
+            match service.ack_secret(serial, ack).await {
+                Ok(()) => {
+                    let mut r = Response::new(Full::new(Bytes::new()));
+                    *r.status_mut() = StatusCode::NO_CONTENT;
+                    r
+                }
+                Err(p) => problem(&p, !json),
+            }
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("no resource {path}\n").into_bytes(),
+        ),
+    }
+}

@@ -1,0 +1,251 @@
+//! Per-device secrets at rest: AES-256-GCM under a key derived from the key-encryption key, a
+//! keyed-hash index over the plaintexts, and the import format for pre-generated keys.
+
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use ring::hkdf;
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
+use zeroize::Zeroizing;
+
+use crate::records::{PoolEntry, SecretRecord};
+
+/// Keys derived from the CA's key-encryption key (`kek.bin`).
+pub struct SecretKeys {
+    seal: LessSafeKey,
+    index: hmac::Key,
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for SecretKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretKeys([redacted])")
+    }
+}
+
+struct Len(usize);
+
+impl hkdf::KeyType for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+fn derive(kek: &[u8; 32], info: &[u8]) -> Result<Zeroizing<[u8; 32]>, String> {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"imprint-kek-v1").extract(kek);
+    let info = [info];
+    let okm = prk
+        .expand(&info, Len(32))
+        .map_err(|_| "HKDF failed".to_string())?;
+    let mut out = Zeroizing::new([0u8; 32]);
+    okm.fill(out.as_mut())
+        .map_err(|_| "HKDF failed".to_string())?;
+    Ok(out)
+}
+
+/// AAD binding a sealed secret to its device, key id and version.
+fn device_aad(serial: u64, key_id: &str, version: u64) -> Vec<u8> {
+    let mut a = b"imprint-secret-v1".to_vec();
+    a.extend_from_slice(&serial.to_be_bytes());
+    a.extend_from_slice(&version.to_be_bytes());
+    a.extend_from_slice(key_id.as_bytes());
+    a
+}
+
+fn pool_aad(key_id: &str) -> Vec<u8> {
+    let mut a = b"imprint-pool-v1".to_vec();
+    a.extend_from_slice(key_id.as_bytes());
+    a
+}
+
+impl SecretKeys {
+    /// Derives the sealing and index keys from the 32-byte key-encryption key.
+    pub fn new(kek: &[u8]) -> Result<Self, String> {
+        let kek: [u8; 32] = kek
+            .try_into()
+            .map_err(|_| format!("the key-encryption key must be 32 bytes, is {}", kek.len()))?;
+        let kek = Zeroizing::new(kek);
+        let seal = derive(&kek, b"seal")?;
+        let index = derive(&kek, b"index")?;
+        Ok(SecretKeys {
+            seal: LessSafeKey::new(
+                UnboundKey::new(&AES_256_GCM, seal.as_ref()).map_err(|_| "AES key".to_string())?,
+            ),
+            index: hmac::Key::new(hmac::HMAC_SHA256, index.as_ref()),
+            rng: SystemRandom::new(),
+        })
+    }
+
+    /// Loads `kek.bin`.
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let bytes =
+            Zeroizing::new(std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?);
+        Self::new(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// 32 fresh bytes from the system CSPRNG.
+    pub fn generate(&self) -> Result<Zeroizing<[u8; 32]>, String> {
+        let mut s = Zeroizing::new([0u8; 32]);
+        self.rng
+            .fill(s.as_mut())
+            .map_err(|_| "random generator failed".to_string())?;
+        Ok(s)
+    }
+
+    /// A fresh random key id.
+    pub fn new_key_id(&self) -> Result<String, String> {
+        let mut b = [0u8; 16];
+        self.rng
+            .fill(&mut b)
+            .map_err(|_| "random generator failed".to_string())?;
+        Ok(format!("k{}", hex::encode(b)))
+    }
+
+    /// The keyed hash that indexes a plaintext secret.
+    pub fn index_tag(&self, secret: &[u8; 32]) -> Vec<u8> {
+        hmac::sign(&self.index, secret).as_ref().to_vec()
+    }
+
+    fn seal_with(&self, aad: &[u8], secret: &[u8; 32]) -> Result<(Vec<u8>, Vec<u8>), String> {
+        let mut nonce = [0u8; 12];
+        self.rng
+            .fill(&mut nonce)
+            .map_err(|_| "random generator failed".to_string())?;
+        let mut buf = secret.to_vec();
+        self.seal
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut buf,
+            )
+            .map_err(|_| "sealing failed".to_string())?;
+        Ok((buf, nonce.to_vec()))
+    }
+
+    fn open_with(
+        &self,
+        aad: &[u8],
+        ciphertext: &[u8],
+        nonce: &[u8],
+    ) -> Result<Zeroizing<[u8; 32]>, String> {
+        let nonce: [u8; 12] = nonce.try_into().map_err(|_| "bad nonce".to_string())?;
+        let mut buf = Zeroizing::new(ciphertext.to_vec());
+        let plain = self
+            .seal
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut buf,
+            )
+            .map_err(|_| {
+                "a stored secret failed authentication (wrong key or tampered record)".to_string()
+            })?;
+        let arr: [u8; 32] = (&*plain)
+            .try_into()
+            .map_err(|_| "stored secret is not 32 bytes".to_string())?;
+        Ok(Zeroizing::new(arr))
+    }
+
+    /// A new version record for a device.
+    pub fn seal_version(
+        &self,
+        serial: u64,
+        version: u64,
+        key_id: String,
+        secret: &[u8; 32],
+        source: &str,
+        at: u64,
+    ) -> Result<SecretRecord, String> {
+        let (ciphertext, nonce) = self.seal_with(&device_aad(serial, &key_id, version), secret)?;
+        Ok(SecretRecord {
+            serial,
+            version,
+            kcv: protocol_spec::secret::kcv(secret).to_vec(),
+            index_tag: self.index_tag(secret),
+            key_id,
+            ciphertext,
+            nonce,
+            source: source.to_string(),
+            created_at: at,
+            delivered_at: None,
+            confirmed_at: None,
+        })
+    }
+
+    /// Decrypts a device's version.
+    pub fn open_version(&self, r: &SecretRecord) -> Result<Zeroizing<[u8; 32]>, String> {
+        self.open_with(
+            &device_aad(r.serial, &r.key_id, r.version),
+            &r.ciphertext,
+            &r.nonce,
+        )
+    }
+
+    /// Seals an imported key for the pool.
+    pub fn seal_pool(
+        &self,
+        key_id: String,
+        secret: &[u8; 32],
+        at: u64,
+    ) -> Result<PoolEntry, String> {
+        let (ciphertext, nonce) = self.seal_with(&pool_aad(&key_id), secret)?;
+        Ok(PoolEntry {
+            kcv: protocol_spec::secret::kcv(secret).to_vec(),
+            index_tag: self.index_tag(secret),
+            key_id,
+            ciphertext,
+            nonce,
+            imported_at: at,
+        })
+    }
+
+    /// Decrypts a pool entry.
+    pub fn open_pool(&self, e: &PoolEntry) -> Result<Zeroizing<[u8; 32]>, String> {
+        self.open_with(&pool_aad(&e.key_id), &e.ciphertext, &e.nonce)
+    }
+}
+
+/// A key id and its 32 secret bytes, from an import file.
+pub type ImportedKey = (String, Zeroizing<[u8; 32]>);
+
+/// Parses an import file: JSON lines `{"key_id": "...", "key": "<64 hex digits>"}`, or CSV
+/// lines `key_id,hex` (a header line `key_id,key` is allowed). Blank lines and lines starting
+/// with `#` are skipped. Errors name the line.
+pub fn parse_import(text: &str) -> Result<Vec<ImportedKey>, String> {
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        let n = i + 1;
+        if line.is_empty() || line.starts_with('#') || line.eq_ignore_ascii_case("key_id,key") {
+            continue;
+        }
+        let (id, hexkey) = if line.starts_with('{') {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Line {
+                key_id: String,
+                key: String,
+            }
+            let l: Line = serde_json::from_str(line).map_err(|e| format!("line {n}: {e}"))?;
+            (l.key_id, Zeroizing::new(l.key))
+        } else {
+            let (a, b) = line
+                .split_once(',')
+                .ok_or_else(|| format!("line {n}: expected key_id,key"))?;
+            (a.trim().to_string(), Zeroizing::new(b.trim().to_string()))
+        };
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "line {n}: key_id must be 1 to 64 printable characters"
+            ));
+        }
+        let bytes = Zeroizing::new(
+            hex::decode(hexkey.as_str()).map_err(|_| format!("line {n}: key is not hex"))?,
+        );
+        let key: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| format!("line {n}: key must be 32 bytes (64 hex digits)"))?;
+        out.push((id, Zeroizing::new(key)));
+    }
+    Ok(out)
+}
