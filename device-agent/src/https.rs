@@ -130,9 +130,23 @@ impl HttpsClient {
         accept: &str,
         body: Vec<u8>,
     ) -> Result<HttpAnswer, AgentError> {
-        let t = |e: &dyn std::fmt::Display| {
-            AgentError::Transport(format!("{}: {e}", self.url.authority()))
-        };
+        let mut session = self.open_session().await?;
+        session
+            .request(method, path, content_type, accept, body)
+            .await
+    }
+
+    /// A connection kept open for several requests (a device fetching and acknowledging its
+    /// secret makes one handshake, not two).
+    pub async fn session(&self) -> Result<HttpsSession, AgentError> {
+        tokio::time::timeout(REQUEST_TIMEOUT, self.open_session())
+            .await
+            .map_err(|_| AgentError::Transport(format!("{} timed out", self.url.authority())))?
+    }
+
+    async fn open_session(&self) -> Result<HttpsSession, AgentError> {
+        let authority = self.url.authority();
+        let t = |e: &dyn std::fmt::Display| AgentError::Transport(format!("{authority}: {e}"));
         let tcp = self.connect().await.map_err(|e| t(&e))?;
         let _ = tcp.set_nodelay(true);
         let tls = self
@@ -147,42 +161,13 @@ impl HttpsClient {
                     t(&e)
                 }
             })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| t(&e))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(HOST, self.url.authority())
-            .header(ACCEPT, accept);
-        if let Some(ct) = content_type {
-            req = req.header(CONTENT_TYPE, ct);
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| AgentError::Invalid(e.to_string()))?;
-        let resp = sender.send_request(req).await.map_err(|e| t(&e))?;
-        let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| t(&e))?
-            .to_bytes();
-        Ok(HttpAnswer {
-            status,
-            content_type,
-            body,
-        })
+        Ok(HttpsSession { sender, authority })
     }
 
     /// `POST /enroll` with a CBOR EnrollRequest; the decoded response, or the CA's problem.
@@ -227,5 +212,69 @@ pub fn problem_of(a: &HttpAnswer) -> AgentError {
         Some(p) => AgentError::Refused(p),
         None if a.status >= 500 => AgentError::Transport(format!("HTTP {}", a.status)),
         None => AgentError::Verify(format!("HTTP {} without problem details", a.status)),
+    }
+}
+
+/// An open HTTPS connection (see [`HttpsClient::session`]).
+pub struct HttpsSession {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    authority: String,
+}
+
+impl std::fmt::Debug for HttpsSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpsSession")
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpsSession {
+    /// One request on this connection.
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        accept: &str,
+        body: Vec<u8>,
+    ) -> Result<HttpAnswer, AgentError> {
+        let authority = self.authority.clone();
+        let t = |e: &dyn std::fmt::Display| AgentError::Transport(format!("{authority}: {e}"));
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(HOST, &self.authority)
+            .header(ACCEPT, accept);
+        if let Some(ct) = content_type {
+            req = req.header(CONTENT_TYPE, ct);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| AgentError::Invalid(e.to_string()))?;
+        let work = async {
+            let resp = self.sender.send_request(req).await.map_err(|e| t(&e))?;
+            let status = resp.status().as_u16();
+            let content_type = resp
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| t(&e))?
+                .to_bytes();
+            Ok(HttpAnswer {
+                status,
+                content_type,
+                body,
+            })
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, work)
+            .await
+            .map_err(|_| AgentError::Transport(format!("{} timed out", self.authority)))?
     }
 }

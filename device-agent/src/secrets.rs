@@ -6,7 +6,7 @@ use protocol_spec::messages::{SECRET_ALGORITHM, SecretAck, SecretDelivery};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::AgentError;
-use crate::https::{HttpsClient, problem_of};
+use crate::https::{HttpsClient, HttpsSession, problem_of};
 use crate::state::{DeviceState, StoredSecret};
 use crate::url::CaUrl;
 
@@ -49,9 +49,14 @@ pub fn mtls_client(url: CaUrl, state: &DeviceState) -> Result<HttpsClient, Agent
     HttpsClient::with_config(url, Arc::new(config))
 }
 
-/// `GET /secret`, checked: algorithm known, KCV consistent with the secret.
+/// `GET /secret` on a new connection, checked (see [`fetch_on`]).
 pub async fn fetch(client: &HttpsClient) -> Result<SecretDelivery, AgentError> {
-    let a = client
+    fetch_on(&mut client.session().await?).await
+}
+
+/// `GET /secret`, checked: algorithm known, KCV consistent with the secret.
+pub async fn fetch_on(session: &mut HttpsSession) -> Result<SecretDelivery, AgentError> {
+    let a = session
         .request("GET", "/secret", None, "application/cbor", Vec::new())
         .await?;
     if a.status != 200 {
@@ -73,9 +78,14 @@ pub async fn fetch(client: &HttpsClient) -> Result<SecretDelivery, AgentError> {
     Ok(d)
 }
 
+/// `POST /secret/ack` on a new connection.
+pub async fn ack(client: &HttpsClient, a: &SecretAck) -> Result<(), AgentError> {
+    ack_on(&mut client.session().await?, a).await
+}
+
 /// `POST /secret/ack`.
-pub async fn ack(client: &HttpsClient, ack: &SecretAck) -> Result<(), AgentError> {
-    let a = client
+pub async fn ack_on(session: &mut HttpsSession, ack: &SecretAck) -> Result<(), AgentError> {
+    let a = session
         .request(
             "POST",
             "/secret/ack",
@@ -98,7 +108,8 @@ pub async fn sync(
     state: &mut DeviceState,
     mut save: impl FnMut(&DeviceState) -> Result<(), AgentError>,
 ) -> Result<SyncOutcome, AgentError> {
-    let d = fetch(client).await?;
+    let mut session = client.session().await?;
+    let d = fetch_on(&mut session).await?;
     let known = state
         .secrets
         .iter()
@@ -128,7 +139,7 @@ pub async fn sync(
         // The KCV of what the device holds, recomputed, not the one it was sent.
         kcv: protocol_spec::secret::kcv(&stored.secret),
     };
-    ack(client, &a).await?;
+    ack_on(&mut session, &a).await?;
     state.secrets[index].acknowledged = true;
     save(state)?;
     Ok(if known.is_some() {

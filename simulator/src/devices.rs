@@ -22,7 +22,7 @@ use ring::rand::SystemRandom;
 use crate::embedded::{LineStation, SERIALS_PER_LINE};
 
 /// Phases of one device's life, in order.
-pub const PHASES: [&str; 4] = ["keygen", "token", "enroll", "verify"];
+pub const PHASES: [&str; 6] = ["keygen", "token", "enroll", "verify", "secret", "ack"];
 
 /// Shared counters the live view and the report read.
 #[derive(Debug, Default)]
@@ -59,6 +59,10 @@ pub struct Fleet {
     pub coap: Option<CoapClient>,
     /// The pinned CA.
     pub profile: CertProfile,
+    /// The CA certificate, DER.
+    pub ca_der: Vec<u8>,
+    /// The mutual-TLS door, when devices fetch and acknowledge secrets.
+    pub secrets: Option<device_agent::url::CaUrl>,
     /// Line stations, one per [`SERIALS_PER_LINE`] serials.
     pub lines: Vec<LineStation>,
     /// Unix seconds at start (token times).
@@ -156,7 +160,7 @@ async fn worker(
             break;
         }
         let serial = i + 1;
-        let mut times = [0u64; 4];
+        let mut times = [0u64; PHASES.len()];
         let result = device(fleet, serial, &rng, &mut times, sock.as_mut()).await;
         if let Ok(mut h) = hist.lock() {
             for (h, t) in h.iter_mut().zip(times) {
@@ -191,7 +195,7 @@ async fn device(
     fleet: &Fleet,
     serial: u64,
     rng: &SystemRandom,
-    times: &mut [u64; 4],
+    times: &mut [u64; PHASES.len()],
     sock: Option<&mut CoapSocket>,
 ) -> Result<[u8; 32], AgentError> {
     let t0 = Instant::now();
@@ -234,10 +238,26 @@ async fn device(
     };
     let t3 = record(&mut times[2], t2);
     let cert = accept_response(&state, &fleet.profile, &response)?;
-    record(&mut times[3], t3);
+    let t4 = record(&mut times[3], t3);
     let digest = ring::digest::digest(&ring::digest::SHA256, &cert);
     let mut out = [0u8; 32];
     out.copy_from_slice(digest.as_ref());
     state.certificate = Some(cert);
+    state.ca_certificate = Some(fleet.ca_der.clone());
+    if let Some(url) = &fleet.secrets {
+        // One mutual-TLS connection: fetch, check the KCV, store, acknowledge.
+        let client =
+            device_agent::secrets::mtls_client(url.clone(), &state)?.with_source(source_ip(serial));
+        let mut session = client.session().await?;
+        let d = device_agent::secrets::fetch_on(&mut session).await?;
+        let t5 = record(&mut times[4], t4);
+        let ack = protocol_spec::messages::SecretAck {
+            key_id: d.key_id.clone(),
+            version: d.version,
+            kcv: protocol_spec::secret::kcv(&d.secret),
+        };
+        device_agent::secrets::ack_on(&mut session, &ack).await?;
+        record(&mut times[5], t5);
+    }
     Ok(out)
 }

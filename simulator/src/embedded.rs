@@ -37,6 +37,8 @@ pub struct EmbeddedCa {
     pub https: SocketAddr,
     /// CoAP address.
     pub coap: SocketAddr,
+    /// Mutual-TLS secrets address.
+    pub mtls: SocketAddr,
     child: Child,
 }
 
@@ -94,7 +96,7 @@ pub fn start(
     }
     let pem = std::fs::read_to_string(dir.ca_cert()).map_err(|e| e.to_string())?;
     let ca_der = protocol_spec::profile::cert_from_pem(&pem).ok_or("CA certificate unreadable")?;
-    let (child, https, coap) = spawn(dir.root())?;
+    let (child, https, coap, mtls) = spawn(dir.root())?;
     Ok((
         EmbeddedCa {
             _tmp: tmp,
@@ -102,13 +104,14 @@ pub fn start(
             ca_der,
             https,
             coap,
+            mtls,
             child,
         },
         lines,
     ))
 }
 
-fn spawn(dir: &Path) -> Result<(Child, SocketAddr, SocketAddr), String> {
+fn spawn(dir: &Path) -> Result<(Child, SocketAddr, SocketAddr, SocketAddr), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
         .args([
@@ -117,6 +120,8 @@ fn spawn(dir: &Path) -> Result<(Child, SocketAddr, SocketAddr), String> {
             "--https",
             "127.0.0.1:0",
             "--coap",
+            "127.0.0.1:0",
+            "--mtls",
             "127.0.0.1:0",
             "--dir",
         ])
@@ -131,11 +136,16 @@ fn spawn(dir: &Path) -> Result<(Child, SocketAddr, SocketAddr), String> {
     BufReader::new(stdout)
         .read_line(&mut line)
         .map_err(|e| format!("reading the CA's address: {e}"))?;
-    let addrs = ca_server::server::parse_listening_line(&line)
-        .ok_or_else(|| format!("the CA did not start: {line:?}"))?;
-    match (addrs.get("https"), addrs.get("coap")) {
-        (Some(h), Some(c)) => Ok((child, *h, *c)),
-        _ => Err(format!("the CA did not report both listeners: {line:?}")),
+    let addrs = ca_server::server::parse_listening_line(&line).unwrap_or_default();
+    match (addrs.get("https"), addrs.get("coap"), addrs.get("mtls")) {
+        (Some(h), Some(c), Some(m)) => Ok((child, *h, *c, *m)),
+        _ => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!(
+                "the CA did not report its three listeners: {line:?}"
+            ))
+        }
     }
 }
 

@@ -55,6 +55,9 @@ struct Cli {
     /// Where to write the report.
     #[arg(long, default_value = "simulator-report")]
     report: PathBuf,
+    /// Skip the secret phases (mutual-TLS fetch and acknowledgement).
+    #[arg(long)]
+    no_secrets: bool,
     /// Hide the live view (for logs and CI).
     #[arg(long)]
     quiet: bool,
@@ -110,6 +113,7 @@ fn run(cli: Cli) -> Result<bool, String> {
     let url = CaUrl::parse(&format!("https://{}", ca.https)).map_err(|e| e.to_string())?;
     let client = HttpsClient::new(url, &ca.ca_der).map_err(|e| e.to_string())?;
     let coap_url = CaUrl::parse(&format!("coap://{}", ca.coap)).map_err(|e| e.to_string())?;
+    let mtls_url = CaUrl::parse(&format!("https://{}", ca.mtls)).map_err(|e| e.to_string())?;
     let fleet = Arc::new(Fleet {
         devices: cli.devices,
         algorithm: cli.algorithm,
@@ -117,6 +121,8 @@ fn run(cli: Cli) -> Result<bool, String> {
         client,
         coap: (cli.transport == Transport::Coap).then(|| CoapClient::new(coap_url)),
         profile,
+        ca_der: ca.ca_der.clone(),
+        secrets: (!cli.no_secrets).then_some(mtls_url),
         lines,
         now,
     });
@@ -167,7 +173,12 @@ fn run(cli: Cli) -> Result<bool, String> {
     let (ca_peak, ca_cpu) = ca.usage();
     ca.stop()?;
     let store_bytes = report::dir_size(&ca.dir.store());
-    let verification = verify::verify(&ca.dir.store(), &ca.ca_der, &outcome.received)?;
+    let verification = verify::verify(
+        &ca.dir.store(),
+        &ca.ca_der,
+        &outcome.received,
+        !cli.no_secrets,
+    )?;
     let (sim_peak, sim_cpu) = embedded::process_usage(std::process::id());
     let ok = progress.done.load(Ordering::Relaxed);
     let failed = progress.failed.load(Ordering::Relaxed);
@@ -184,6 +195,7 @@ fn run(cli: Cli) -> Result<bool, String> {
     config.insert("algorithm".into(), cli.algorithm.to_string());
     config.insert("ca_algorithm".into(), cli.ca_algorithm.to_string());
     config.insert("concurrency".into(), cli.concurrency.to_string());
+    config.insert("secrets".into(), (!cli.no_secrets).to_string());
     config.insert(
         "ca_verify_own_signatures".into(),
         cli.ca_verify_own_signatures.to_string(),

@@ -133,13 +133,15 @@ impl Report {
         );
         let v = &self.verification;
         s += &format!(
-            "verification: {} — {} records, {} certificates valid, {}/{} device certificates match the store, {} shared keys, {} index mismatches, audit chain {}\n",
+            "verification: {} — {} records, {} certificates valid, {}/{} device certificates match the store, {} confirmed secrets, {} shared keys, {} shared secrets, {} index mismatches, audit chain {}\n",
             if v.ok { "PASSED" } else { "FAILED" },
             v.records,
             v.certificates_valid,
             v.devices_matching_store,
             v.devices_with_certificate,
+            v.devices_with_confirmed_secret,
             v.shared_keys,
+            v.shared_secrets,
             v.index_mismatches,
             if v.audit_chain_ok { "intact" } else { "BROKEN" }
         );

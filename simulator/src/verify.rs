@@ -27,6 +27,10 @@ pub struct Verification {
     pub shared_keys: u64,
     /// Key-index or token-index entries that disagree with the device records (must be 0).
     pub index_mismatches: u64,
+    /// Devices with a secret delivered and confirmed (serial -> key -> key id -> version).
+    pub devices_with_confirmed_secret: u64,
+    /// Secrets held by more than one device (must be 0), by the keyed-hash index.
+    pub shared_secrets: u64,
     /// Audit entries, and whether the hash chain verified.
     pub audit_entries: u64,
     /// Whether the audit hash chain verified from the first entry to the last.
@@ -50,6 +54,7 @@ pub fn verify(
     path: &std::path::Path,
     ca_der: &[u8],
     received: &[[u8; 32]],
+    secrets: bool,
 ) -> Result<Verification, String> {
     let store = SledStore::open(path).map_err(|e| e.to_string())?;
     let profile = CertProfile::from_ca_der(ca_der).map_err(|e| e.to_string())?;
@@ -57,6 +62,7 @@ pub fn verify(
     let mut keys = HashSet::new();
     let mut tokens = HashSet::new();
     let mut on_record = vec![None::<[u8; 32]>; received.len()];
+    let mut secret_tags = HashSet::new();
     for rec in store.devices() {
         let rec = rec.map_err(|e| e.to_string())?;
         v.records += 1;
@@ -79,6 +85,21 @@ pub fn verify(
         if store.serial_for_key(&h).map_err(|e| e.to_string())? != Some(rec.serial) {
             v.index_mismatches += 1;
             v.problem(format!("serial {}: key index disagrees", rec.serial));
+        }
+        for sv in store
+            .secret_versions(rec.serial)
+            .map_err(|e| e.to_string())?
+        {
+            if !secret_tags.insert(sv.index_tag.clone()) {
+                v.shared_secrets += 1;
+                v.problem(format!(
+                    "serial {}: secret {} shared with another device",
+                    rec.serial, sv.key_id
+                ));
+            }
+            if sv.version == 1 && sv.delivered_at.is_some() && sv.confirmed_at.is_some() {
+                v.devices_with_confirmed_secret += 1;
+            }
         }
         if !tokens.insert((rec.line.clone(), rec.token_id.clone())) {
             v.index_mismatches += 1;
@@ -137,6 +158,12 @@ pub fn verify(
             v.audit_chain_ok = false;
         }
         prev = e.hash();
+    }
+    if secrets && v.devices_with_confirmed_secret != v.devices_with_certificate {
+        v.problem(format!(
+            "{} of {} enrolled devices have a delivered and confirmed secret",
+            v.devices_with_confirmed_secret, v.devices_with_certificate
+        ));
     }
     v.ok = v.problems.is_empty()
         && v.certificates_valid == v.records
