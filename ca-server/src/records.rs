@@ -16,24 +16,28 @@ pub enum DeviceStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {
     /// The device serial (also the certificate serial).
+    #[serde(rename = "s")]
     pub serial: u64,
     /// DER SubjectPublicKeyInfo of the device key.
-    #[serde(with = "serde_bytes")]
+    #[serde(rename = "k", with = "serde_bytes")]
     pub spki: Vec<u8>,
     /// The certificate as issued, DER.
-    #[serde(with = "serde_bytes")]
+    #[serde(rename = "c", with = "serde_bytes")]
     pub certificate: Vec<u8>,
     /// The line that vouched for it.
+    #[serde(rename = "l")]
     pub line: String,
     /// The token id (cti) its enrollment consumed.
-    #[serde(with = "serde_bytes")]
+    #[serde(rename = "t", with = "serde_bytes")]
     pub token_id: Vec<u8>,
     /// Enrollment time, Unix seconds.
+    #[serde(rename = "e")]
     pub enrolled_at: u64,
     /// Lifecycle state.
+    #[serde(rename = "st")]
     pub status: DeviceStatus,
     /// When it was revoked, Unix seconds.
-    #[serde(default)]
+    #[serde(rename = "r", default)]
     pub revoked_at: Option<u64>,
 }
 
@@ -41,21 +45,28 @@ pub struct DeviceRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LineRecord {
     /// Line id (the token's `iss`).
+    #[serde(rename = "id")]
     pub id: String,
     /// DER SubjectPublicKeyInfo of the line station key.
-    #[serde(with = "serde_bytes")]
+    #[serde(rename = "k", with = "serde_bytes")]
     pub public_key: Vec<u8>,
     /// First serial the line may vouch for.
+    #[serde(rename = "f")]
     pub first_serial: u64,
     /// Last serial (inclusive).
+    #[serde(rename = "z")]
     pub last_serial: u64,
     /// How many devices the line may enroll in all.
+    #[serde(rename = "q")]
     pub quota: u64,
     /// How many it has enrolled.
+    #[serde(rename = "n")]
     pub enrolled: u64,
     /// Disabled lines vouch for nothing.
+    #[serde(rename = "a")]
     pub active: bool,
     /// Registration time, Unix seconds.
+    #[serde(rename = "c")]
     pub created_at: u64,
 }
 
@@ -63,30 +74,33 @@ pub struct LineRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenUse {
     /// Serial enrolled.
+    #[serde(rename = "s")]
     pub serial: u64,
-    /// SHA-256 of the SPKI enrolled.
-    #[serde(with = "serde_bytes")]
-    pub key_hash: Vec<u8>,
 }
 
 /// One entry of the append-only, hash-chained audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
     /// Position in the log, from 1.
+    #[serde(rename = "n")]
     pub seq: u64,
     /// Unix seconds.
+    #[serde(rename = "t")]
     pub at: u64,
     /// What happened: `enroll`, `line-add`, ...
+    #[serde(rename = "e")]
     pub event: String,
     /// The device concerned, if any.
-    #[serde(default)]
+    #[serde(rename = "s", default)]
     pub serial: Option<u64>,
     /// Who or what caused it (line id, operator name).
+    #[serde(rename = "a")]
     pub actor: String,
     /// Event-specific facts, as text (never a secret).
+    #[serde(rename = "d")]
     pub detail: String,
     /// Hash of the previous entry (zeros for the first).
-    #[serde(with = "serde_bytes")]
+    #[serde(rename = "p", with = "serde_bytes")]
     pub prev_hash: Vec<u8>,
 }
 
@@ -119,32 +133,37 @@ pub fn from_cbor<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecretRecord {
     /// The device.
+    #[serde(rename = "s")]
     pub serial: u64,
     /// Version, from 1.
+    #[serde(rename = "v")]
     pub version: u64,
     /// Stable key identifier.
+    #[serde(rename = "i")]
     pub key_id: String,
     /// AES-256-GCM ciphertext and tag of the 32-byte secret (AAD: serial, key id, version).
-    #[serde(with = "serde_bytes")]
+    #[serde(rename = "x", with = "serde_bytes")]
     pub ciphertext: Vec<u8>,
     /// The GCM nonce.
-    #[serde(with = "serde_bytes")]
+    #[serde(rename = "o", with = "serde_bytes")]
     pub nonce: Vec<u8>,
     /// Key check value (first 3 bytes of AES-256(secret, 0^128)).
-    #[serde(with = "serde_bytes")]
+    #[serde(rename = "c", with = "serde_bytes")]
     pub kcv: Vec<u8>,
     /// Keyed hash of the plaintext (the uniqueness index entry).
-    #[serde(with = "serde_bytes")]
+    #[serde(rename = "h", with = "serde_bytes")]
     pub index_tag: Vec<u8>,
     /// `csprng` or `import`.
+    #[serde(rename = "src")]
     pub source: String,
     /// Unix seconds.
+    #[serde(rename = "t0")]
     pub created_at: u64,
     /// First delivery, Unix seconds.
-    #[serde(default)]
+    #[serde(rename = "t1", default)]
     pub delivered_at: Option<u64>,
     /// Acknowledgement, Unix seconds.
-    #[serde(default)]
+    #[serde(rename = "t2", default)]
     pub confirmed_at: Option<u64>,
 }
 
@@ -152,19 +171,21 @@ pub struct SecretRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolEntry {
     /// Identifier from the batch.
+    #[serde(rename = "i")]
     pub key_id: String,
     /// AES-256-GCM ciphertext and tag.
-    #[serde(with = "serde_bytes")]
+    #[serde(rename = "x", with = "serde_bytes")]
     pub ciphertext: Vec<u8>,
     /// The GCM nonce.
-    #[serde(with = "serde_bytes")]
+    #[serde(rename = "o", with = "serde_bytes")]
     pub nonce: Vec<u8>,
     /// Key check value.
-    #[serde(with = "serde_bytes")]
+    #[serde(rename = "c", with = "serde_bytes")]
     pub kcv: Vec<u8>,
     /// Keyed hash of the plaintext.
-    #[serde(with = "serde_bytes")]
+    #[serde(rename = "h", with = "serde_bytes")]
     pub index_tag: Vec<u8>,
     /// Unix seconds of the import.
+    #[serde(rename = "t")]
     pub imported_at: u64,
 }

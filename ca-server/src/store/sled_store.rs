@@ -346,13 +346,7 @@ impl Store for SledStore {
                 };
                 devices.insert(&serial_key, to_cbor(&rec))?;
                 keys.insert(&e.key_hash, &serial_key)?;
-                tokens.insert(
-                    tkey.as_slice(),
-                    to_cbor(&TokenUse {
-                        serial: e.serial,
-                        key_hash: e.key_hash.to_vec(),
-                    }),
-                )?;
+                tokens.insert(tkey.as_slice(), to_cbor(&TokenUse { serial: e.serial }))?;
                 lines.insert(e.line.as_bytes(), to_cbor(&line))?;
                 audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
                 Ok(EnrollOutcome::Created(rec))
