@@ -81,10 +81,13 @@ pub struct CoapStats {
     pub resets: AtomicU64,
 }
 
+/// A remembered exchange, with the token of its request: a retransmission repeats the token,
+/// while a new request that happens to reuse a (peer, Message ID) within the lifetime (a new
+/// socket on a recycled port) carries another one and is a new exchange.
 #[derive(Clone)]
 enum Exchange {
-    InProgress,
-    Done(Arc<Vec<u8>>),
+    InProgress(Vec<u8>),
+    Done(Vec<u8>, Arc<Vec<u8>>),
 }
 
 type ExchangeKey = (SocketAddr, u16);
@@ -330,8 +333,9 @@ impl CoapFrontEnd {
         let key = (peer, mid);
         {
             let mut d = lock(&self.dedup);
+            let token = packet.get_token();
             match d.map.get(&key) {
-                Some(Exchange::Done(bytes)) => {
+                Some(Exchange::Done(t, bytes)) if t.as_slice() == token => {
                     let bytes = bytes.clone();
                     drop(d);
                     self.stats
@@ -340,14 +344,17 @@ impl CoapFrontEnd {
                     self.send(&bytes, peer);
                     return;
                 }
-                Some(Exchange::InProgress) => {
+                Some(Exchange::InProgress(t)) if t.as_slice() == token => {
                     self.stats
                         .duplicates_in_progress
                         .fetch_add(1, Ordering::Relaxed);
                     return;
                 }
+                Some(_) => {
+                    d.map.insert(key, Exchange::InProgress(token.to_vec()));
+                }
                 None => {
-                    d.map.insert(key, Exchange::InProgress);
+                    d.map.insert(key, Exchange::InProgress(token.to_vec()));
                     d.order.push_back((key, Instant::now()));
                 }
             }
@@ -599,7 +606,7 @@ impl CoapFrontEnd {
         let key = (peer, req.header.message_id);
         let bytes = Arc::new(bytes);
         if let Some(e) = lock(&self.dedup).map.get_mut(&key) {
-            *e = Exchange::Done(bytes.clone());
+            *e = Exchange::Done(req.get_token().to_vec(), bytes.clone());
         }
         self.send(&bytes, peer);
     }

@@ -155,10 +155,13 @@ impl CaService {
                 created: false,
             });
         }
+        // The key may have been bound to this very serial between the two reads (a concurrent
+        // identical request): then the transaction below returns the stored certificate.
         if let Some(other) = self
             .store
             .serial_for_key(v.key_hash())
             .map_err(|e| internal("store read", e))?
+            && other != serial
         {
             return Err(Problem::new(
                 ProblemType::DuplicateKey,

@@ -396,3 +396,38 @@ async fn libcoap_client_enrolls_through_block2_and_fetches_the_ca() {
     assert_eq!(std::fs::read(&ca_out).unwrap(), ca.ca_der);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_message_id_with_another_token_is_a_new_exchange_not_a_duplicate() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let server = ca.start().await;
+    let addr = server.coap.unwrap();
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let get_ca = |token: u8| {
+        let mut p = vec![0x41, 0x01, 0x77, 0x01, token, 0xb2];
+        p.extend_from_slice(b"ca");
+        p
+    };
+    let mut buf = vec![0u8; 4096];
+    // (token, duplicates answered from the cache so far)
+    for (token, dups_so_far) in [(0xaa, 0), (0xaa, 1), (0xbb, 1)] {
+        s.send_to(&get_ca(token), addr).await.unwrap();
+        let (n, _) = tokio::time::timeout(Duration::from_secs(2), s.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (buf[0] & 0x0f, buf[4]),
+            (1, token),
+            "the answer carries the request's token"
+        );
+        assert_eq!(&buf[2..4], &[0x77, 0x01]);
+        assert!(n > 5);
+        let dups = server
+            .coap_stats
+            .duplicates_answered
+            .load(Ordering::Relaxed);
+        assert_eq!(dups, dups_so_far, "token {token:#x}");
+    }
+    server.stop().await;
+}

@@ -128,13 +128,16 @@ impl Exchange {
                 (Some(ExchangeEvent::Reset), None)
             }
             MessageType::Acknowledgement if p.header.message_id == self.mid => {
-                self.acked = true;
                 if p.header.code == MessageClass::Empty {
                     // Section 5.2.2: the response will come separately.
+                    self.acked = true;
                     (None, None)
                 } else if p.get_token() == self.token.as_slice() {
+                    self.acked = true;
                     (Some(ExchangeEvent::Response(p)), None)
                 } else {
+                    // Section 5.3.2: a response whose token does not match is not ours (a stale
+                    // answer to an earlier exchange with the same Message ID); keep retrying.
                     (None, None)
                 }
             }
@@ -566,6 +569,14 @@ mod tests {
         let (ev, reply) = ex.handle(&ack.to_bytes().unwrap());
         assert!(matches!(ev, Some(ExchangeEvent::Response(_))) && reply.is_none());
         assert!(ex.poll_transmit(t0 + Duration::from_secs(10)).is_none());
+        // An ACK with our Message ID but another token is a stale answer: not ours, and the
+        // exchange keeps retransmitting.
+        let mut ex3 = Exchange::new(&con(9), t0, params(), 0.0).unwrap();
+        ex3.poll_transmit(t0);
+        let mut stale = ack.clone();
+        stale.set_token(vec![9, 9, 9, 9]);
+        assert!(ex3.handle(&stale.to_bytes().unwrap()).0.is_none());
+        assert!(ex3.poll_transmit(t0 + Duration::from_secs(2)).is_some());
         // An ACK for another message ID is not ours.
         let mut ex2 = Exchange::new(&con(10), t0, params(), 0.5).unwrap();
         ex2.poll_transmit(t0);

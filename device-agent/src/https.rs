@@ -253,6 +253,8 @@ impl HttpsSession {
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| AgentError::Invalid(e.to_string()))?;
         let work = async {
+            // The previous exchange on this connection must be finished before the next starts.
+            self.sender.ready().await.map_err(|e| t(&e))?;
             let resp = self.sender.send_request(req).await.map_err(|e| t(&e))?;
             let status = resp.status().as_u16();
             let content_type = resp
