@@ -212,7 +212,7 @@ fn run(cli: Cli) -> Result<bool, String> {
         phases: PHASES
             .iter()
             .zip(&outcome.phases)
-            .filter(|(_, h)| h.len() > 0)
+            .filter(|(_, h)| !h.is_empty())
             .map(|(n, h)| (n.to_string(), PhaseLatency::of(h)))
             .collect(),
         errors: outcome.errors,
