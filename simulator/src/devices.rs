@@ -248,16 +248,32 @@ async fn device(
         // One mutual-TLS connection: fetch, check the KCV, store, acknowledge.
         let client =
             device_agent::secrets::mtls_client(url.clone(), &state)?.with_source(source_ip(serial));
-        let mut session = client.session().await?;
-        let d = device_agent::secrets::fetch_on(&mut session).await?;
-        let t5 = record(&mut times[4], t4);
-        let ack = protocol_spec::messages::SecretAck {
-            key_id: d.key_id.clone(),
-            version: d.version,
-            kcv: protocol_spec::secret::kcv(&d.secret),
-        };
-        device_agent::secrets::ack_on(&mut session, &ack).await?;
-        record(&mut times[5], t5);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let phase = async {
+                let mut session = client.session().await?;
+                let d = device_agent::secrets::fetch_on(&mut session).await?;
+                let t5 = record(&mut times[4], t4);
+                let ack = protocol_spec::messages::SecretAck {
+                    key_id: d.key_id.clone(),
+                    version: d.version,
+                    kcv: protocol_spec::secret::kcv(&d.secret),
+                };
+                device_agent::secrets::ack_on(&mut session, &ack).await?;
+                record(&mut times[5], t5);
+                Ok::<(), AgentError>(())
+            };
+            match phase.await {
+                Ok(()) => break,
+                // The CA may have been killed mid-exchange: fetch again (same version) and ack.
+                Err(e) if e.is_transient() => match backoff.delay(attempt, 0.5) {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => return Err(e),
+                },
+                Err(e) => return Err(e),
+            }
+        }
     }
     Ok(out)
 }

@@ -40,6 +40,10 @@ pub struct EmbeddedCa {
     /// Mutual-TLS secrets address.
     pub mtls: SocketAddr,
     child: Child,
+    /// Times the CA was killed and restarted.
+    pub restarts: u64,
+    earlier_peak: u64,
+    earlier_cpu: f64,
 }
 
 /// Creates the CA folder, registers one line per [`SERIALS_PER_LINE`] serials, starts the child.
@@ -96,7 +100,8 @@ pub fn start(
     }
     let pem = std::fs::read_to_string(dir.ca_cert()).map_err(|e| e.to_string())?;
     let ca_der = protocol_spec::profile::cert_from_pem(&pem).ok_or("CA certificate unreadable")?;
-    let (child, https, coap, mtls) = spawn(dir.root())?;
+    let any: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
+    let (child, https, coap, mtls) = spawn(dir.root(), [any, any, any])?;
     Ok((
         EmbeddedCa {
             _tmp: tmp,
@@ -106,25 +111,29 @@ pub fn start(
             coap,
             mtls,
             child,
+            restarts: 0,
+            earlier_peak: 0,
+            earlier_cpu: 0.0,
         },
         lines,
     ))
 }
 
-fn spawn(dir: &Path) -> Result<(Child, SocketAddr, SocketAddr, SocketAddr), String> {
+fn spawn(
+    dir: &Path,
+    at: [SocketAddr; 3],
+) -> Result<(Child, SocketAddr, SocketAddr, SocketAddr), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
         .args([
             "ca-server",
             "serve",
             "--https",
-            "127.0.0.1:0",
+            &at[0].to_string(),
             "--coap",
-            "127.0.0.1:0",
-            "--mtls",
-            "127.0.0.1:0",
-            "--dir",
+            &at[1].to_string(),
         ])
+        .args(["--mtls", &at[2].to_string(), "--dir"])
         .arg(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -176,9 +185,36 @@ pub fn process_usage(pid: u32) -> (u64, f64) {
 }
 
 impl EmbeddedCa {
-    /// Peak memory and CPU seconds of the CA so far.
+    /// Peak memory (the largest of every incarnation) and CPU seconds (all incarnations) of
+    /// the CA so far.
     pub fn usage(&self) -> (u64, f64) {
-        process_usage(self.child.id())
+        let (peak, cpu) = process_usage(self.child.id());
+        (peak.max(self.earlier_peak), cpu + self.earlier_cpu)
+    }
+
+    /// Kills the CA with SIGKILL, as a power cut would, and starts it again on the same
+    /// addresses and store.
+    pub fn kill_and_restart(&mut self) -> Result<(), String> {
+        let (peak, cpu) = self.usage();
+        let _ = self.child.kill();
+        self.child.wait().map_err(|e| e.to_string())?;
+        self.earlier_peak = peak;
+        self.earlier_cpu = cpu;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match spawn(self.dir.root(), [self.https, self.coap, self.mtls]) {
+                Ok((child, ..)) => {
+                    self.child = child;
+                    self.restarts += 1;
+                    return Ok(());
+                }
+                // A port may take a moment to be free again.
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Stops the CA with SIGTERM and waits for it.

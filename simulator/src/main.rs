@@ -8,6 +8,7 @@
 mod ceiling;
 mod devices;
 mod embedded;
+mod relay;
 mod report;
 mod verify;
 
@@ -55,6 +56,13 @@ struct Cli {
     /// Where to write the report.
     #[arg(long, default_value = "simulator-report")]
     report: PathBuf,
+    /// Drop this share of datagrams in each direction (CoAP only), e.g. 0.3.
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Kill the CA with SIGKILL every SECONDS and restart it; devices retry, and the
+    /// verification pass must still find nothing lost and nothing duplicated.
+    #[arg(long = "kill-ca-every", value_name = "SECONDS")]
+    kill_ca_every: Option<f64>,
     /// Skip the secret phases (mutual-TLS fetch and acknowledgement).
     #[arg(long)]
     no_secrets: bool,
@@ -96,6 +104,12 @@ fn run(cli: Cli) -> Result<bool, String> {
     if cli.devices == 0 {
         return Err("--devices must be at least 1".into());
     }
+    if !(0.0..1.0).contains(&cli.loss) {
+        return Err("--loss must be at least 0 and below 1".into());
+    }
+    if cli.loss > 0.0 && cli.transport != Transport::Coap {
+        return Err("--loss applies to datagrams: use it with --transport coap".into());
+    }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -103,16 +117,25 @@ fn run(cli: Cli) -> Result<bool, String> {
     eprintln!("measuring this machine's crypto ceiling ...");
     let ceiling = ceiling::measure(300, cli.algorithm, cli.ca_algorithm)?;
     eprintln!("starting the embedded CA ({}) ...", cli.ca_algorithm);
-    let (mut ca, lines) = embedded::start(
+    let (ca, lines) = embedded::start(
         cli.devices,
         cli.ca_algorithm,
         cli.ca_verify_own_signatures,
         now,
     )?;
     let profile = CertProfile::from_ca_der(&ca.ca_der).map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
     let url = CaUrl::parse(&format!("https://{}", ca.https)).map_err(|e| e.to_string())?;
     let client = HttpsClient::new(url, &ca.ca_der).map_err(|e| e.to_string())?;
-    let coap_url = CaUrl::parse(&format!("coap://{}", ca.coap)).map_err(|e| e.to_string())?;
+    let coap_addr = if cli.loss > 0.0 {
+        rt.block_on(relay::start(ca.coap, cli.loss))?
+    } else {
+        ca.coap
+    };
+    let coap_url = CaUrl::parse(&format!("coap://{coap_addr}")).map_err(|e| e.to_string())?;
     let mtls_url = CaUrl::parse(&format!("https://{}", ca.mtls)).map_err(|e| e.to_string())?;
     let fleet = Arc::new(Fleet {
         devices: cli.devices,
@@ -127,10 +150,6 @@ fn run(cli: Cli) -> Result<bool, String> {
         now,
     });
     let progress = Arc::new(Progress::default());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
     let bar = if cli.quiet {
         ProgressBar::hidden()
     } else {
@@ -143,12 +162,14 @@ fn run(cli: Cli) -> Result<bool, String> {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
+    let (ca_store, ca_der) = (ca.dir.store(), ca.ca_der.clone());
+    let ca = Arc::new(std::sync::Mutex::new(ca));
+    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
     let start = Instant::now();
-    let (outcome, throughput) = rt.block_on(async {
-        let ticker_progress = progress.clone();
-        let ticker_bar = bar.clone();
+    let outcome = rt.block_on(async {
+        let (ticker_progress, ticker_bar, ticker_samples) =
+            (progress.clone(), bar.clone(), samples.clone());
         let ticker = tokio::spawn(async move {
-            let mut samples = Vec::new();
             let mut tick = tokio::time::interval(Duration::from_millis(200));
             let mut n = 0u64;
             loop {
@@ -159,26 +180,56 @@ fn run(cli: Cli) -> Result<bool, String> {
                 ticker_bar.set_message(format!("failed {failed}"));
                 n += 1;
                 if n.is_multiple_of(5) {
-                    samples.push((start.elapsed().as_secs_f64(), done));
+                    if let Ok(mut s) = ticker_samples.lock() {
+                        s.push((start.elapsed().as_secs_f64(), done));
+                    }
                 }
             }
         });
+        let killer = cli.kill_ca_every.map(|every| {
+            let (ca, bar) = (ca.clone(), bar.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs_f64(every.max(0.1)));
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let ca = ca.clone();
+                    let r = tokio::task::spawn_blocking(move || match ca.lock() {
+                        Ok(mut ca) => ca.kill_and_restart(),
+                        Err(_) => Err("CA handle poisoned".to_string()),
+                    })
+                    .await;
+                    match r {
+                        Ok(Ok(())) => bar.println("CA killed with SIGKILL and restarted"),
+                        Ok(Err(e)) => bar.println(format!("CA restart failed: {e}")),
+                        Err(_) => return,
+                    }
+                }
+            })
+        });
         let outcome = devices::run(fleet.clone(), progress.clone()).await;
         ticker.abort();
-        let samples = ticker.await.err().map(|_| Vec::new()).unwrap_or_default();
-        (outcome, samples)
+        if let Some(k) = killer {
+            k.abort();
+            let _ = k.await;
+        }
+        outcome
     });
     let wall = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    let mut ca = match Arc::try_unwrap(ca) {
+        Ok(m) => m
+            .into_inner()
+            .map_err(|_| "CA handle poisoned".to_string())?,
+        Err(_) => return Err("the CA handle is still shared".into()),
+    };
     let (ca_peak, ca_cpu) = ca.usage();
+    let ca_restarts = ca.restarts;
     ca.stop()?;
-    let store_bytes = report::dir_size(&ca.dir.store());
-    let verification = verify::verify(
-        &ca.dir.store(),
-        &ca.ca_der,
-        &outcome.received,
-        !cli.no_secrets,
-    )?;
+    let throughput =
+        std::mem::take(&mut *samples.lock().map_err(|_| "samples poisoned".to_string())?);
+    let store_bytes = report::dir_size(&ca_store);
+    let verification = verify::verify(&ca_store, &ca_der, &outcome.received, !cli.no_secrets)?;
     let (sim_peak, sim_cpu) = embedded::process_usage(std::process::id());
     let ok = progress.done.load(Ordering::Relaxed);
     let failed = progress.failed.load(Ordering::Relaxed);
@@ -196,6 +247,13 @@ fn run(cli: Cli) -> Result<bool, String> {
     config.insert("ca_algorithm".into(), cli.ca_algorithm.to_string());
     config.insert("concurrency".into(), cli.concurrency.to_string());
     config.insert("secrets".into(), (!cli.no_secrets).to_string());
+    config.insert("loss".into(), cli.loss.to_string());
+    config.insert(
+        "kill_ca_every".into(),
+        cli.kill_ca_every
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "never".into()),
+    );
     config.insert(
         "ca_verify_own_signatures".into(),
         cli.ca_verify_own_signatures.to_string(),
@@ -227,6 +285,7 @@ fn run(cli: Cli) -> Result<bool, String> {
             cpu_seconds: ca_cpu,
         },
         store_bytes,
+        ca_restarts,
         store_bytes_per_device: store_bytes as f64 / verification.records.max(1) as f64,
         verification,
     };

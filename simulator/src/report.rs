@@ -81,6 +81,8 @@ pub struct Report {
     pub ca: Usage,
     /// Store size on disk, bytes.
     pub store_bytes: u64,
+    /// Times the CA was killed with SIGKILL and restarted during the run.
+    pub ca_restarts: u64,
     /// Store bytes per device record.
     pub store_bytes_per_device: f64,
     /// The verification pass.
@@ -126,6 +128,12 @@ impl Report {
             mb(self.simulator.peak_memory_bytes),
             self.simulator.cpu_seconds
         );
+        if self.ca_restarts > 0 {
+            s += &format!(
+                "CA killed with SIGKILL and restarted {} times\n",
+                self.ca_restarts
+            );
+        }
         s += &format!(
             "store: {:.1} MiB on disk, {:.0} bytes per device\n",
             mb(self.store_bytes),

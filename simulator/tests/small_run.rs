@@ -5,19 +5,13 @@
 
 use std::process::Command;
 
-fn simulate(transport: &str, devices: u32) -> serde_json::Value {
+fn simulate(transport: &str, devices: u32, extra: &[&str]) -> serde_json::Value {
     let tmp = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_simulator"))
-        .args([
-            "--devices",
-            &devices.to_string(),
-            "--transport",
-            transport,
-            "--concurrency",
-            "32",
-            "--quiet",
-            "--report",
-        ])
+        .args(["--devices", &devices.to_string(), "--transport", transport])
+        .args(["--concurrency", "32", "--quiet"])
+        .args(extra)
+        .arg("--report")
         .arg(tmp.path())
         .output()
         .unwrap();
@@ -36,15 +30,24 @@ fn simulate(transport: &str, devices: u32) -> serde_json::Value {
 }
 
 #[test]
-fn small_simulations_enroll_every_device_and_verify_the_store() {
+fn small_simulations_survive_a_ca_kill_and_verify_the_store() {
     for transport in ["coap", "https"] {
-        let r = simulate(transport, 600);
-        assert_eq!(r["devices_ok"], 600, "{transport}");
+        // The CA is killed with SIGKILL after 1 s (and every second after): devices retry and
+        // the verification pass must find nothing lost, nothing duplicated.
+        let r = simulate(transport, 2000, &["--kill-ca-every", "1"]);
+        assert_eq!(r["devices_ok"], 2000, "{transport}");
         assert_eq!(r["devices_failed"], 0);
+        assert!(
+            r["ca_restarts"].as_u64().unwrap() >= 1,
+            "{transport}: the CA was killed at least once"
+        );
         let v = &r["verification"];
-        assert_eq!(v["records"], 600);
-        assert_eq!(v["certificates_valid"], 600);
-        assert_eq!(v["devices_matching_store"], 600);
+        assert_eq!(v["records"], 2000);
+        assert_eq!(v["certificates_valid"], 2000);
+        assert_eq!(v["devices_matching_store"], 2000);
+        assert_eq!(v["devices_missing_from_store"], 0);
+        assert_eq!(v["devices_with_confirmed_secret"], 2000);
+        assert_eq!(v["shared_secrets"], 0);
         assert_eq!(v["shared_keys"], 0);
         assert_eq!(v["index_mismatches"], 0);
         assert_eq!(v["audit_chain_ok"], true);
@@ -52,4 +55,12 @@ fn small_simulations_enroll_every_device_and_verify_the_store() {
         assert!(r["ceiling"]["devices_per_second"].as_f64().unwrap() > 0.0);
         assert_eq!(r["config"]["transport"], transport);
     }
+}
+
+#[test]
+fn coap_devices_enroll_through_datagram_loss() {
+    let r = simulate("coap", 300, &["--loss", "0.2", "--no-secrets"]);
+    assert_eq!(r["devices_ok"], 300);
+    assert_eq!(r["verification"]["ok"], true);
+    assert_eq!(r["config"]["loss"], "0.2");
 }
