@@ -179,10 +179,10 @@ fn run(cli: Cli) -> Result<bool, String> {
                 ticker_bar.set_position(done + failed);
                 ticker_bar.set_message(format!("failed {failed}"));
                 n += 1;
-                if n.is_multiple_of(5) {
-                    if let Ok(mut s) = ticker_samples.lock() {
-                        s.push((start.elapsed().as_secs_f64(), done));
-                    }
+                if n.is_multiple_of(5)
+                    && let Ok(mut s) = ticker_samples.lock()
+                {
+                    s.push((start.elapsed().as_secs_f64(), done));
                 }
             }
         });
