@@ -8,6 +8,7 @@
 mod ceiling;
 mod devices;
 mod embedded;
+mod html;
 mod relay;
 mod report;
 mod verify;
@@ -291,6 +292,6 @@ fn run(cli: Cli) -> Result<bool, String> {
     };
     let path = report.write(&cli.report)?;
     print!("{}", report.summary());
-    println!("report: {}", path.display());
+    println!("report: {} (and report.json beside it)", path.display());
     Ok(report.verification.ok && failed == 0)
 }

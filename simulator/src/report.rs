@@ -90,13 +90,16 @@ pub struct Report {
 }
 
 impl Report {
-    /// Writes `report.json` in `dir` and returns its path.
+    /// Writes `report.json` and `report.html` in `dir`; returns the HTML page's path.
     pub fn write(&self, dir: &Path) -> Result<std::path::PathBuf, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let path = dir.join("report.json");
         let text = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
         std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(path)
+        let html = dir.join("report.html");
+        std::fs::write(&html, crate::html::render(self)?)
+            .map_err(|e| format!("{}: {e}", html.display()))?;
+        Ok(html)
     }
 
     /// A few lines for the terminal.

@@ -26,6 +26,12 @@ fn simulate(transport: &str, devices: u32, extra: &[&str]) -> serde_json::Value 
         stdout.contains("report: "),
         "the simulator says where the report is"
     );
+    let html = std::fs::read_to_string(tmp.path().join("report.html")).unwrap();
+    assert!(
+        html.contains("Verification: <span class=\"ok\">PASSED</span>"),
+        "the HTML report states the verdict"
+    );
+    assert_eq!(html.matches("<svg").count(), 2, "two charts, inline");
     serde_json::from_slice(&std::fs::read(tmp.path().join("report.json")).unwrap()).unwrap()
 }
 
