@@ -65,8 +65,6 @@ pub struct Fleet {
     pub secrets: Option<device_agent::url::CaUrl>,
     /// Line stations, one per [`SERIALS_PER_LINE`] serials.
     pub lines: Vec<LineStation>,
-    /// Unix seconds at start (token times).
-    pub now: u64,
 }
 
 /// A loopback source address for device `serial`, spread over 127.0.0.0/8.
@@ -209,7 +207,9 @@ async fn device(
         &line.id,
         sn,
         &state.key.spki_der(),
-        fleet.now,
+        // Minted at attestation time, as a line station does: a run longer than a token's
+        // lifetime must not hand out tokens dated from its start.
+        unix_now(),
         600,
         rng,
     )?;
@@ -276,4 +276,11 @@ async fn device(
         }
     }
     Ok(out)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
