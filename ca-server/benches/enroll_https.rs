@@ -38,7 +38,14 @@ fn main() {
             .collect(),
     );
     let mut child = Command::new(env!("CARGO_BIN_EXE_ca-server"))
-        .args(["serve", "--https", "127.0.0.1:0", "--dir"])
+        .args([
+            "serve",
+            "--https",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--dir",
+        ])
         .arg(ca.root())
         .stdout(Stdio::piped())
         .spawn()

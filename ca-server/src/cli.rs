@@ -5,6 +5,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::admin::{
+    AddLine, DeviceView, LineView, RotateFailure, RotateRequest, RotateResult, RotatedVersion,
+};
+use crate::admin_client::{AdminClient, AdminResponse};
+use crate::audit::{AuditLine, AuditVerdict, rfc3339};
 use crate::config::CaDir;
 use crate::server::{self, ListenOverrides};
 use crate::service::{Clock, SystemClock};
@@ -24,7 +29,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Create a CA folder: CA key (0600) and certificate, key-encryption key, HTTPS server
-    /// certificate, config.toml with working defaults, and an empty store.
+    /// certificate, operator CA, config.toml with working defaults, and an empty store.
     Init {
         /// The CA folder to create.
         #[arg(long)]
@@ -40,17 +45,7 @@ enum Command {
         #[arg(long = "tls-name")]
         tls_names: Vec<String>,
     },
-    /// Production lines (offline: the server must not be running).
-    Line {
-        #[command(subcommand)]
-        command: LineCommand,
-    },
-    /// Per-device secrets (offline: the server must not be running).
-    Secrets {
-        #[command(subcommand)]
-        command: SecretsCommand,
-    },
-    /// Serve enrollment until interrupted (SIGINT or SIGTERM).
+    /// Serve until interrupted (SIGINT or SIGTERM).
     Serve {
         /// The CA folder.
         #[arg(long)]
@@ -64,14 +59,139 @@ enum Command {
         /// Mutual-TLS secrets address (default from config.toml: off).
         #[arg(long)]
         mtls: Option<SocketAddr>,
+        /// Admin API address, operators' mutual TLS (default from config.toml:
+        /// 127.0.0.1:8445).
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
+    /// Operator certificates for the admin API.
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
+    /// Production lines: online through the admin API, or offline with --dir (server stopped).
+    Line {
+        #[command(subcommand)]
+        command: LineCommand,
+    },
+    /// Look up, revoke and reset devices (admin API).
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+    /// Per-device secrets.
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
+    /// The audit log: export and verify, online (admin API) or offline with --dir.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+/// How to reach the admin API. Every option can also come from the environment.
+#[derive(clap::Args, Debug, Clone)]
+struct AdminArgs {
+    /// The admin API.
+    #[arg(
+        long = "admin",
+        env = "IMPRINT_ADMIN",
+        default_value = "https://127.0.0.1:8445"
+    )]
+    admin_url: String,
+    /// The operator's certificate (from `ca-server operator add`).
+    #[arg(long = "operator-cert", env = "IMPRINT_OPERATOR_CERT")]
+    operator_cert: Option<PathBuf>,
+    /// The operator's private key.
+    #[arg(long = "operator-key", env = "IMPRINT_OPERATOR_KEY")]
+    operator_key: Option<PathBuf>,
+    /// The CA certificate that issued the server's TLS certificate (the CA folder's ca.pem).
+    #[arg(long = "ca-cert", env = "IMPRINT_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum OperatorCommand {
+    /// Issue an operator certificate from the operator CA: NAME.pem and NAME.key.pem (0600).
+    /// Works whether or not the server runs (it does not touch the store).
+    Add {
+        /// The CA folder.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Operator name (A-Z a-z 0-9 . _ - @), shown in the audit log as operator:NAME.
+        name: String,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Where to write the files (default: DIR/operators).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DeviceCommand {
+    /// Everything recorded about a device: key fingerprint, certificate, line, token id,
+    /// enrollment time, every secret version with its times (never the secret), history.
+    Show {
+        /// Device serial.
+        serial: u64,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Revoke a device: refused at the mutual-TLS door from its next handshake, listed in the
+    /// CRL.
+    Revoke {
+        /// Device serial.
+        serial: u64,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Free a serial for re-enrollment, keeping its history; its key stays bound to it.
+    Reset {
+        /// Device serial.
+        serial: u64,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Every audit entry as JSON lines on standard output.
+    Export {
+        /// Read the store of this CA folder directly (the server must be stopped; a copy of
+        /// the folder works too).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Start after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Recompute the hash chain and name the first entry that does not match; exits 1 if one
+    /// does not.
+    Verify {
+        /// Read the store of this CA folder directly (the server must be stopped; a copy of
+        /// the folder works too).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
 #[derive(Subcommand, Debug)]
 enum SecretsCommand {
-    /// Import pre-generated keys: JSON lines {"key_id": "...", "key": "<64 hex>"} or CSV
-    /// `key_id,key`. Each key goes to exactly one device, on its first fetch. A file holding a
-    /// key or id already known is refused whole.
+    /// Import pre-generated keys (offline): JSON lines {"key_id": "...", "key": "<64 hex>"} or
+    /// CSV `key_id,key`. Each key goes to exactly one device, on its first fetch. A file
+    /// holding a key or id already known is refused whole.
     Import {
         /// The CA folder.
         #[arg(long)]
@@ -79,11 +199,12 @@ enum SecretsCommand {
         /// The batch file.
         file: PathBuf,
     },
-    /// Create a new pending secret version for one device, a line, or all devices.
+    /// Create a new pending secret version for one device, a line, or all devices; each
+    /// device receives it on its next fetch.
     Rotate {
-        /// The CA folder.
+        /// Act on the store of this CA folder directly (the server must be stopped).
         #[arg(long)]
-        dir: PathBuf,
+        dir: Option<PathBuf>,
         /// One device.
         #[arg(long, conflicts_with_all = ["line", "all"])]
         serial: Option<u64>,
@@ -93,6 +214,8 @@ enum SecretsCommand {
         /// Every device.
         #[arg(long)]
         all: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -100,9 +223,9 @@ enum SecretsCommand {
 enum LineCommand {
     /// Register a line station's key with its serial range and quota.
     Add {
-        /// The CA folder.
+        /// Act on the store of this CA folder directly (the server must be stopped).
         #[arg(long)]
-        dir: PathBuf,
+        dir: Option<PathBuf>,
         /// Line id (the token issuer): A-Z a-z 0-9 . _ -
         #[arg(long)]
         id: String,
@@ -115,12 +238,30 @@ enum LineCommand {
         /// Devices the line may enroll in all (default: the size of the range).
         #[arg(long)]
         quota: Option<u64>,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// List registered lines.
     List {
-        /// The CA folder.
+        /// Read the store of this CA folder directly (the server must be stopped).
         #[arg(long)]
-        dir: PathBuf,
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Disable a line: its tokens are refused (line-unknown) from now on.
+    Disable {
+        /// Line id.
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Enable a disabled line again.
+    Enable {
+        /// Line id.
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -147,7 +288,8 @@ where
     };
     init_tracing();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("ca-server: {e}");
             ExitCode::FAILURE
@@ -164,7 +306,7 @@ fn init_tracing() {
         .try_init();
 }
 
-fn run(cli: Cli) -> Result<(), String> {
+fn run(cli: Cli) -> Result<bool, String> {
     match cli.command {
         Command::Init {
             dir,
@@ -184,78 +326,66 @@ fn run(cli: Cli) -> Result<(), String> {
             )?;
             println!("created CA in {} ({algorithm})", dir.display());
             println!("  CA certificate: {}", ca.ca_cert().display());
+            println!("  operator CA:    {}", ca.operator_ca_cert().display());
             println!(
                 "  next: ca-server line add --dir {} --id LINE --public-key LINE.pub.pem --serials FIRST-LAST",
                 dir.display()
             );
-            Ok(())
+            Ok(true)
         }
-        Command::Line { command } => match command {
-            LineCommand::Add {
-                dir,
-                id,
-                public_key,
-                serials,
-                quota,
-            } => {
-                let pem = std::fs::read_to_string(&public_key)
-                    .map_err(|e| format!("{}: {e}", public_key.display()))?;
-                let range = crate::lines::parse_range(&serials)?;
-                let store =
-                    SledStore::open(&CaDir::new(&dir).store()).map_err(|e| e.to_string())?;
-                let rec = crate::lines::add_line(
-                    &store,
-                    &id,
-                    &pem,
-                    range,
-                    quota,
-                    SystemClock.now(),
-                    "cli",
-                )?;
-                println!(
-                    "line {} registered: serials {}-{}, quota {}",
-                    rec.id, rec.first_serial, rec.last_serial, rec.quota
-                );
-                Ok(())
-            }
-            LineCommand::List { dir } => {
-                let store =
-                    SledStore::open(&CaDir::new(&dir).store()).map_err(|e| e.to_string())?;
-                for l in store.lines().map_err(|e| e.to_string())? {
-                    println!(
-                        "{}\t{}-{}\tquota {}\tenrolled {}\t{}",
-                        l.id,
-                        l.first_serial,
-                        l.last_serial,
-                        l.quota,
-                        l.enrolled,
-                        if l.active { "active" } else { "disabled" }
-                    );
-                }
-                Ok(())
-            }
-        },
+        Command::Operator {
+            command:
+                OperatorCommand::Add {
+                    dir,
+                    name,
+                    days,
+                    out,
+                },
+        } => {
+            let ca = CaDir::new(&dir);
+            let out = out.unwrap_or_else(|| ca.operators());
+            let files = crate::operators::add_operator(&ca, &name, days, &out, SystemClock.now())?;
+            println!("operator {name}: certificate valid {days} days");
+            println!("  certificate: {}", files.cert.display());
+            println!("  key:         {} (mode 0600)", files.key.display());
+            println!("use it with:");
+            println!("  export IMPRINT_OPERATOR_CERT={}", files.cert.display());
+            println!("  export IMPRINT_OPERATOR_KEY={}", files.key.display());
+            println!("  export IMPRINT_CA_CERT={}", ca.ca_cert().display());
+            Ok(true)
+        }
+        Command::Line { command } => line_command(command),
+        Command::Device { command } => device_command(command),
         Command::Secrets { command } => secrets_command(command),
+        Command::Audit { command } => audit_command(command),
         Command::Serve {
             dir,
             https,
             coap,
             mtls,
+            admin,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())?;
             rt.block_on(async move {
-                let running =
-                    server::start(&CaDir::new(&dir), &ListenOverrides { https, coap, mtls })
-                        .await?;
+                let running = server::start(
+                    &CaDir::new(&dir),
+                    &ListenOverrides {
+                        https,
+                        coap,
+                        mtls,
+                        admin,
+                    },
+                )
+                .await?;
                 println!("{}", running.listening_line());
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
                 wait_for_signal().await;
                 running.stop().await;
-                Ok(())
+                Ok(true)
             })
         }
     }
@@ -276,7 +406,312 @@ async fn wait_for_signal() {
     }
 }
 
-fn secrets_command(command: SecretsCommand) -> Result<(), String> {
+/// Runs `f` on a small runtime (the admin client's requests).
+fn block_on<T>(f: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?
+        .block_on(f)
+}
+
+fn client(a: &AdminArgs) -> Result<AdminClient, String> {
+    let need = |v: &Option<PathBuf>, flag: &str, env: &str| {
+        v.clone().ok_or_else(|| {
+            format!("the admin API needs --{flag} (or {env}); `ca-server operator add` makes one")
+        })
+    };
+    let cert = need(&a.operator_cert, "operator-cert", "IMPRINT_OPERATOR_CERT")?;
+    let key = need(&a.operator_key, "operator-key", "IMPRINT_OPERATOR_KEY")?;
+    let ca = need(&a.ca_cert, "ca-cert", "IMPRINT_CA_CERT")?;
+    AdminClient::new(&a.admin_url, &ca, &cert, &key)
+}
+
+fn call(
+    a: &AdminArgs,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<AdminResponse, String> {
+    let c = client(a)?;
+    block_on(async move { c.request(method, path, body).await })
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<(), String> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
+fn open_store(dir: &std::path::Path) -> Result<SledStore, String> {
+    SledStore::open(&CaDir::new(dir).store()).map_err(|e| e.to_string())
+}
+
+fn line_command(command: LineCommand) -> Result<bool, String> {
+    match command {
+        LineCommand::Add {
+            dir,
+            id,
+            public_key,
+            serials,
+            quota,
+            admin,
+        } => {
+            let pem = std::fs::read_to_string(&public_key)
+                .map_err(|e| format!("{}: {e}", public_key.display()))?;
+            let range = crate::lines::parse_range(&serials)?;
+            let line = match dir {
+                Some(dir) => {
+                    let store = open_store(&dir)?;
+                    let rec = crate::lines::add_line(
+                        &store,
+                        &id,
+                        &pem,
+                        range,
+                        quota,
+                        SystemClock.now(),
+                        "cli",
+                    )?;
+                    crate::admin::line_view(&rec)
+                }
+                None => {
+                    let body = serde_json::to_vec(&AddLine {
+                        id,
+                        public_key: pem,
+                        serials,
+                        quota,
+                    })
+                    .map_err(|e| e.to_string())?;
+                    call(&admin, "POST", "/lines", Some(body))?.json::<LineView>()?
+                }
+            };
+            if admin.json {
+                print_json(&line)?;
+            } else {
+                println!(
+                    "line {} registered: serials {}-{}, quota {}",
+                    line.id, line.first_serial, line.last_serial, line.quota
+                );
+            }
+            Ok(true)
+        }
+        LineCommand::List { dir, admin } => {
+            let lines: Vec<LineView> = match dir {
+                Some(dir) => open_store(&dir)?
+                    .lines()
+                    .map_err(|e| e.to_string())?
+                    .iter()
+                    .map(crate::admin::line_view)
+                    .collect(),
+                None => call(&admin, "GET", "/lines", None)?.json()?,
+            };
+            if admin.json {
+                print_json(&lines)?;
+            } else {
+                println!(
+                    "{:<16} {:>23} {:>10} {:>10}  state",
+                    "line", "serials", "quota", "enrolled"
+                );
+                for l in &lines {
+                    println!(
+                        "{:<16} {:>23} {:>10} {:>10}  {}",
+                        l.id,
+                        format!("{}-{}", l.first_serial, l.last_serial),
+                        l.quota,
+                        l.enrolled,
+                        if l.active { "active" } else { "disabled" }
+                    );
+                }
+            }
+            Ok(true)
+        }
+        LineCommand::Disable { id, admin } => line_switch(&id, &admin, "disable"),
+        LineCommand::Enable { id, admin } => line_switch(&id, &admin, "enable"),
+    }
+}
+
+fn line_switch(id: &str, admin: &AdminArgs, action: &str) -> Result<bool, String> {
+    {
+        {
+            let line: LineView =
+                call(admin, "POST", &format!("/lines/{id}/{action}"), None)?.json()?;
+            if admin.json {
+                print_json(&line)?;
+            } else {
+                println!(
+                    "line {}: {}",
+                    line.id,
+                    if line.active { "active" } else { "disabled" }
+                );
+            }
+            Ok(true)
+        }
+    }
+}
+
+fn device_command(command: DeviceCommand) -> Result<bool, String> {
+    let (serial, admin, path, method) = match &command {
+        DeviceCommand::Show { serial, admin } => {
+            (*serial, admin, format!("/devices/{serial}"), "GET")
+        }
+        DeviceCommand::Revoke { serial, admin } => {
+            (*serial, admin, format!("/devices/{serial}/revoke"), "POST")
+        }
+        DeviceCommand::Reset { serial, admin } => {
+            (*serial, admin, format!("/devices/{serial}/reset"), "POST")
+        }
+    };
+    let view: DeviceView = call(admin, method, &path, None)?.json()?;
+    if admin.json {
+        print_json(&view)?;
+        return Ok(true);
+    }
+    match command {
+        DeviceCommand::Show { .. } => print_device(&view),
+        DeviceCommand::Revoke { .. } => println!(
+            "device {serial}: revoked; refused at the mutual-TLS door from its next handshake, listed in the CRL"
+        ),
+        DeviceCommand::Reset { .. } => println!(
+            "device {serial}: reset; the serial may enroll again (history kept: {} earlier binding(s))",
+            view.history.len()
+        ),
+    }
+    Ok(true)
+}
+
+fn print_device(v: &DeviceView) {
+    let t = |t: Option<u64>| t.map(rfc3339).unwrap_or_else(|| "-".into());
+    println!("device {}: {}", v.serial, v.status);
+    if let Some(b) = &v.binding {
+        println!("  key          {} ({})", b.key_fingerprint, b.key_algorithm);
+        println!("  line         {}", b.line);
+        println!("  token id     {}", b.token_id);
+        println!("  enrolled     {}", b.enrolled);
+        if let Some(r) = b.revoked_at {
+            println!("  revoked      {}", rfc3339(r));
+        }
+    }
+    if v.secrets.is_empty() {
+        println!("  secrets      none yet (allocated on the device's first fetch)");
+    } else {
+        println!("  secrets");
+        println!(
+            "    {:>3}  {:<34} {:<7} {:<6} {:<20} {:<20} {:<20}",
+            "ver", "key id", "source", "kcv", "created", "delivered", "confirmed"
+        );
+        for s in &v.secrets {
+            println!(
+                "    {:>3}  {:<34} {:<7} {:<6} {:<20} {:<20} {:<20}{}",
+                s.version,
+                s.key_id,
+                s.source,
+                s.kcv,
+                rfc3339(s.created_at),
+                t(s.delivered_at),
+                t(s.confirmed_at),
+                s.retired_at
+                    .map(|r| format!(" retired {}", rfc3339(r)))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    for h in &v.history {
+        println!(
+            "  reset        {} by {}: was {} with key {}, line {}, enrolled {}",
+            rfc3339(h.reset_at),
+            h.actor,
+            h.status,
+            h.binding.key_fingerprint,
+            h.binding.line,
+            h.binding.enrolled
+        );
+    }
+    if let Some(b) = &v.binding {
+        print!("{}", b.certificate);
+    }
+}
+
+fn audit_command(command: AuditCommand) -> Result<bool, String> {
+    use std::io::Write;
+    match command {
+        AuditCommand::Export { dir, after, admin } => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let io = |e: std::io::Error| e.to_string();
+            match dir {
+                Some(dir) => {
+                    let store = open_store(&dir)?;
+                    for item in store.audit_raw(after) {
+                        let (_, v) = item.map_err(|e| e.to_string())?;
+                        let e: crate::records::AuditEntry =
+                            crate::records::from_cbor(&v).map_err(|e| {
+                                format!("audit entry does not decode: {e} (run `audit verify`)")
+                            })?;
+                        serde_json::to_writer(&mut out, &AuditLine::from(&e))
+                            .map_err(|e| e.to_string())?;
+                        out.write_all(b"\n").map_err(io)?;
+                    }
+                }
+                None => {
+                    let c = client(&admin)?;
+                    let mut after = after;
+                    loop {
+                        let path = format!(
+                            "/audit?after={after}&limit={}",
+                            crate::admin::MAX_AUDIT_PAGE
+                        );
+                        let c2 = c.clone();
+                        let r = block_on(async move { c2.request("GET", &path, None).await })?;
+                        r.ok()?;
+                        let mut n = 0usize;
+                        for line in r.body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                            let e: AuditLine = serde_json::from_slice(line).map_err(|e| {
+                                format!("the server's audit line does not decode: {e}")
+                            })?;
+                            after = e.seq;
+                            out.write_all(line).map_err(io)?;
+                            out.write_all(b"\n").map_err(io)?;
+                            n += 1;
+                        }
+                        if n < crate::admin::MAX_AUDIT_PAGE {
+                            break;
+                        }
+                    }
+                }
+            }
+            out.flush().map_err(io)?;
+            Ok(true)
+        }
+        AuditCommand::Verify { dir, admin } => {
+            let verdict: AuditVerdict = match dir {
+                Some(dir) => {
+                    let store = open_store(&dir)?;
+                    crate::audit::verify(store.audit_raw(0)).map_err(|e| e.to_string())?
+                }
+                None => call(&admin, "GET", "/audit/verify", None)?.json()?,
+            };
+            if admin.json {
+                print_json(&verdict)?;
+            } else {
+                match &verdict.first_bad {
+                    None => println!(
+                        "audit chain intact: {} entries, head {}",
+                        verdict.entries, verdict.head
+                    ),
+                    Some(b) => println!(
+                        "audit chain BROKEN at entry {}: {}\n  (entries before it verify; last good head {})",
+                        b.seq, b.reason, verdict.head
+                    ),
+                }
+            }
+            Ok(verdict.ok())
+        }
+    }
+}
+
+fn secrets_command(command: SecretsCommand) -> Result<bool, String> {
     let now = SystemClock.now();
     match command {
         SecretsCommand::Import { dir, file } => {
@@ -291,52 +726,99 @@ fn secrets_command(command: SecretsCommand) -> Result<(), String> {
             let n = crate::service::import_batch(&store, &keys, batch, now, "cli")
                 .map_err(|e| format!("{}: {e}", file.display()))?;
             println!("imported {n} keys from {}", file.display());
-            Ok(())
+            Ok(true)
         }
         SecretsCommand::Rotate {
             dir,
             serial,
             line,
             all,
+            admin,
         } => {
-            let ca = CaDir::new(&dir);
-            let keys = crate::secrets::SecretKeys::load(&ca.kek())?;
-            let store = SledStore::open(&ca.store()).map_err(|e| e.to_string())?;
-            let serials: Vec<u64> = match (serial, line, all) {
-                (Some(s), _, _) => vec![s],
-                (None, Some(l), _) => store
-                    .devices()
-                    .filter_map(|d| d.ok())
-                    .filter(|d| d.line == l)
-                    .map(|d| d.serial)
-                    .collect(),
-                (None, None, true) => store
-                    .devices()
-                    .filter_map(|d| d.ok())
-                    .map(|d| d.serial)
-                    .collect(),
-                _ => return Err("give --serial S, --line L or --all".into()),
-            };
-            let mut rotated = 0;
-            for s in &serials {
-                match crate::service::rotate_in(&store, &keys, *s, now, "cli")
-                    .map_err(|e| e.to_string())?
-                {
-                    Ok(rec) => {
-                        rotated += 1;
-                        if serials.len() == 1 {
-                            println!(
-                                "serial {s}: version {} ({}) pending delivery",
-                                rec.version, rec.key_id
-                            );
-                        }
-                    }
-                    Err(p) => eprintln!("serial {s}: {}", p.detail),
-                }
+            let request = RotateRequest { serial, line, all };
+            if request == RotateRequest::default() {
+                return Err("give --serial S, --line L or --all".into());
             }
-            store.sync().map_err(|e| e.to_string())?;
-            println!("rotated {rotated} of {} devices", serials.len());
-            Ok(())
+            let result = match dir {
+                Some(dir) => rotate_offline(&dir, &request, now)?,
+                None => {
+                    let body = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+                    call(&admin, "POST", "/secrets/rotate", Some(body))?.json::<RotateResult>()?
+                }
+            };
+            if admin.json {
+                print_json(&result)?;
+            } else {
+                if result.requested == 1
+                    && let Some(v) = result.versions.first()
+                {
+                    println!(
+                        "serial {}: version {} ({}) pending delivery",
+                        v.serial, v.version, v.key_id
+                    );
+                }
+                for f in &result.failed {
+                    eprintln!("serial {}: {} ({})", f.serial, f.detail, f.problem);
+                }
+                println!("rotated {} of {} devices", result.rotated, result.requested);
+            }
+            Ok(result.failed.is_empty())
         }
     }
+}
+
+fn rotate_offline(
+    dir: &std::path::Path,
+    request: &RotateRequest,
+    now: u64,
+) -> Result<RotateResult, String> {
+    let ca = CaDir::new(dir);
+    let keys = crate::secrets::SecretKeys::load(&ca.kek())?;
+    let store = SledStore::open(&ca.store()).map_err(|e| e.to_string())?;
+    let active =
+        |d: &crate::records::DeviceRecord| d.status == crate::records::DeviceStatus::Active;
+    let serials: Vec<u64> = match request {
+        RotateRequest {
+            serial: Some(s), ..
+        } => vec![*s],
+        RotateRequest { line: Some(l), .. } => store
+            .devices()
+            .filter_map(|d| d.ok())
+            .filter(|d| d.line == *l && active(d))
+            .map(|d| d.serial)
+            .collect(),
+        _ => store
+            .devices()
+            .filter_map(|d| d.ok())
+            .filter(active)
+            .map(|d| d.serial)
+            .collect(),
+    };
+    let mut result = RotateResult {
+        requested: serials.len() as u64,
+        rotated: 0,
+        versions: Vec::new(),
+        failed: Vec::new(),
+    };
+    for s in &serials {
+        match crate::service::rotate_in(&store, &keys, *s, now, "cli").map_err(|e| e.to_string())? {
+            Ok(rec) => {
+                result.rotated += 1;
+                if result.versions.len() < 100 {
+                    result.versions.push(RotatedVersion {
+                        serial: *s,
+                        key_id: rec.key_id,
+                        version: rec.version,
+                    });
+                }
+            }
+            Err(p) => result.failed.push(RotateFailure {
+                serial: *s,
+                problem: p.kind.to_string(),
+                detail: p.detail,
+            }),
+        }
+    }
+    store.sync().map_err(|e| e.to_string())?;
+    Ok(result)
 }

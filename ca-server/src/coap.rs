@@ -554,7 +554,15 @@ impl CoapFrontEnd {
 
     async fn enroll(&self, job: Job) {
         self.stats.processed.fetch_add(1, Ordering::Relaxed);
-        let (c, cf, body) = match self.service.enroll(&job.body, RequestEncoding::Cbor).await {
+        let (c, cf, body) = match self
+            .service
+            .enroll(
+                &job.body,
+                RequestEncoding::Cbor,
+                crate::metrics::Transport::Coap,
+            )
+            .await
+        {
             Ok(enrolled) => match self.service.response(&enrolled) {
                 Ok(msg) => (CHANGED, CF_CBOR, msg.to_cbor()),
                 Err(p) => problem_parts(&p),

@@ -52,7 +52,10 @@ impl std::fmt::Debug for Committer {
 
 impl Committer {
     /// Starts the committer thread over `store`.
-    pub fn start(store: Arc<dyn Store>) -> Result<Self, String> {
+    pub fn start(
+        store: Arc<dyn Store>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Self, String> {
         let (tx, mut rx) = mpsc::channel::<Job>(MAX_BATCH * 4);
         let started = Arc::new(AtomicU64::new(0));
         let (durable_tx, durable) = watch::channel(0u64);
@@ -74,7 +77,9 @@ impl Committer {
                     epoch += 1;
                     s2.store(epoch, Ordering::SeqCst);
                     let replies: Vec<Reply> = batch.drain(..).map(|job| job(store.as_ref())).collect();
+                    let sync_started = std::time::Instant::now();
                     let synced = store.sync();
+                    metrics.commit(replies.len(), sync_started.elapsed());
                     if let Err(e) = &synced {
                         tracing::error!(error = %e, "store sync failed; answering the batch with internal errors");
                     } else {

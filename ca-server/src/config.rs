@@ -46,7 +46,7 @@ pub struct Listen {
     pub coap: Option<SocketAddr>,
     /// Mutual-TLS secret delivery.
     pub mtls: Option<SocketAddr>,
-    /// Operators' admin API.
+    /// Operators' admin API (mutual TLS with operator certificates; loopback by default).
     pub admin: Option<SocketAddr>,
 }
 
@@ -56,7 +56,7 @@ impl Default for Listen {
             https: Some(SocketAddr::from(([127, 0, 0, 1], 8443))),
             coap: None,
             mtls: None,
-            admin: None,
+            admin: Some(SocketAddr::from(([127, 0, 0, 1], 8445))),
         }
     }
 }
@@ -138,6 +138,18 @@ impl CaDir {
     /// The HTTPS server key, PEM, mode 0600.
     pub fn tls_key(&self) -> PathBuf {
         self.root.join("tls.key.pem")
+    }
+    /// The operator CA's certificate, PEM: the admin listener trusts only this root.
+    pub fn operator_ca_cert(&self) -> PathBuf {
+        self.root.join("operators-ca.pem")
+    }
+    /// The operator CA's key, PEM, mode 0600.
+    pub fn operator_ca_key(&self) -> PathBuf {
+        self.root.join("operators-ca.key.pem")
+    }
+    /// Where `operator add` writes operator certificates and keys by default.
+    pub fn operators(&self) -> PathBuf {
+        self.root.join("operators")
     }
     /// The sled store.
     pub fn store(&self) -> PathBuf {

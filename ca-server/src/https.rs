@@ -30,12 +30,14 @@ const PROBLEM_JSON: &str = "application/problem+json";
 const PROBLEM_CBOR: &str = "application/concise-problem-details+cbor";
 
 /// Which listener a connection came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Door {
     /// HTTPS enrollment, server-authenticated TLS.
     Enrollment,
     /// Secrets, mutual TLS with device certificates.
     Secrets,
+    /// The admin API, mutual TLS with operator certificates.
+    Admin(Arc<crate::admin::AdminContext>),
 }
 
 /// Serves `door` on `listener` until `shutdown` turns true.
@@ -70,6 +72,7 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let service = service.clone();
+        let door = door.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
@@ -91,12 +94,16 @@ pub async fn serve(
                 .and_then(|c| c.first())
                 .map(|c| Arc::new(c.to_vec()));
             let svc = service_fn(move |req| {
-                let (service, client_cert) = (service.clone(), client_cert.clone());
+                let (service, client_cert, door) =
+                    (service.clone(), client_cert.clone(), door.clone());
                 async move {
-                    let resp = match door {
+                    let resp = match &door {
                         Door::Enrollment => handle(req, &service, peer).await,
                         Door::Secrets => {
                             crate::mtls::handle(req, &service, client_cert.as_deref()).await
+                        }
+                        Door::Admin(ctx) => {
+                            crate::admin::handle(req, &service, ctx, client_cert.as_deref()).await
                         }
                     };
                     Ok::<_, Infallible>(resp)
@@ -172,8 +179,19 @@ async fn handle(
                 respond(StatusCode::OK, "application/pkix-cert", der)
             }
         }
+        (&Method::GET, "/crl") => match service.crl() {
+            Ok(crl) => {
+                if header(&req, ACCEPT).contains("pem") {
+                    let pem = pem::encode(&pem::Pem::new("X509 CRL", crl.der.to_vec()));
+                    respond(StatusCode::OK, "application/x-pem-file", pem.into_bytes())
+                } else {
+                    respond(StatusCode::OK, "application/pkix-crl", crl.der.to_vec())
+                }
+            }
+            Err(p) => problem(&p, false),
+        },
         (&Method::POST, "/enroll") => enroll(req, service, peer).await,
-        (_, "/enroll" | "/ca" | "/health") => {
+        (_, "/enroll" | "/ca" | "/crl" | "/health") => {
             let mut r = problem(
                 &Problem::malformed(format!("method {} not allowed on {path}", req.method())),
                 false,
@@ -228,7 +246,10 @@ async fn enroll(
             return problem(&p, cbor_problems);
         }
     };
-    match service.enroll(&body, encoding).await {
+    match service
+        .enroll(&body, encoding, crate::metrics::Transport::Https)
+        .await
+    {
         Err(p) => {
             tracing::info!(%peer, problem = %p.kind, "enrollment refused");
             problem(&p, cbor_problems)

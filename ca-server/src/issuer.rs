@@ -77,6 +77,54 @@ impl Issuer {
         Ok(issued)
     }
 
+    /// Signs a CRL listing `revoked` (serial, revocation time) with the CA key (RFC 5280
+    /// section 5): thisUpdate `now`, nextUpdate `now + validity`, the CRL number given, the
+    /// authority key identifier of the CA.
+    pub fn sign_crl(
+        &self,
+        revoked: &[(u64, u64)],
+        now: u64,
+        validity: u64,
+        number: u64,
+    ) -> Result<Vec<u8>, String> {
+        let time = |t: u64| {
+            i64::try_from(t)
+                .ok()
+                .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+                .ok_or_else(|| format!("time {t} out of range"))
+        };
+        let revoked_certs = revoked
+            .iter()
+            .map(|(serial, at)| {
+                Ok(rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(&serial.to_be_bytes()),
+                    revocation_time: time(*at)?,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: time(now)?,
+            next_update: time(now.saturating_add(validity.max(1)))?,
+            crl_number: rcgen::SerialNumber::from_slice(&number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::PreSpecified(
+                self.profile.ca_key_id().to_vec(),
+            ),
+        };
+        let issuer = rcgen::Issuer::from_ca_cert_der(
+            &self.profile.ca_der().to_vec().into(),
+            self.key.rcgen_signer(&self.rng),
+        )
+        .map_err(|e| format!("CA certificate: {e}"))?;
+        let crl = params
+            .signed_by(&issuer)
+            .map_err(|e| format!("CRL signing: {e}"))?;
+        Ok(crl.der().to_vec())
+    }
+
     fn lint(&self, der: &[u8], serial: DeviceSerial, spki: &[u8]) -> Result<(), String> {
         self.profile
             .lint(der, serial, spki)

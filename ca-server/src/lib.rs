@@ -7,6 +7,9 @@
 //!   ([`commit`]) so that every answer waits for its data to be on disk.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod admin_client;
+pub mod audit;
 pub mod cli;
 pub mod coap;
 pub mod commit;
@@ -14,9 +17,12 @@ pub mod config;
 pub mod https;
 pub mod issuer;
 pub mod lines;
+pub mod metrics;
 pub mod mtls;
+pub mod operators;
 pub mod ra;
 pub mod records;
+pub mod revocation;
 pub mod secrets;
 pub mod server;
 pub mod service;

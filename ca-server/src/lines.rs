@@ -42,7 +42,7 @@ pub fn check_id(id: &str) -> Result<(), String> {
     }
 }
 
-/// Registers a line with the store.
+/// Registers a line with the store (offline: `ca-server line add --dir`).
 pub fn add_line(
     store: &dyn Store,
     id: &str,
@@ -52,11 +52,27 @@ pub fn add_line(
     now: u64,
     actor: &str,
 ) -> Result<LineRecord, String> {
+    let rec = new_line(id, public_key_pem, range, quota, now)?;
+    store.add_line(&rec, actor).map_err(|e| e.to_string())?;
+    Ok(rec)
+}
+
+/// A checked line record, not yet stored.
+pub fn new_line(
+    id: &str,
+    public_key_pem: &str,
+    range: (u64, u64),
+    quota: Option<u64>,
+    now: u64,
+) -> Result<LineRecord, String> {
     check_id(id)?;
     let key = PublicKey::from_pem(public_key_pem).map_err(|e| format!("line public key: {e}"))?;
     let size = range.1 - range.0 + 1;
     let quota = quota.unwrap_or(size);
-    let rec = LineRecord {
+    if quota == 0 {
+        return Err("quota must be at least 1".into());
+    }
+    Ok(LineRecord {
         id: id.to_string(),
         public_key: key.spki_der(),
         first_serial: range.0,
@@ -65,7 +81,5 @@ pub fn add_line(
         enrolled: 0,
         active: true,
         created_at: now,
-    };
-    store.add_line(&rec, actor).map_err(|e| e.to_string())?;
-    Ok(rec)
+    })
 }

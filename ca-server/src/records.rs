@@ -102,17 +102,46 @@ pub struct AuditEntry {
     /// Hash of the previous entry (zeros for the first).
     #[serde(rename = "p", with = "serde_bytes")]
     pub prev_hash: Vec<u8>,
+    /// This entry's own hash ([`AuditEntry::compute_hash`]), so that a changed entry is named
+    /// by itself, not only by its successor.
+    #[serde(rename = "h", with = "serde_bytes", default)]
+    pub hash: Vec<u8>,
 }
 
 impl AuditEntry {
-    /// SHA-256 over the entry's CBOR encoding: what the next entry's `prev_hash` holds.
-    pub fn hash(&self) -> [u8; 32] {
-        let bytes = to_cbor(self);
+    /// SHA-256 over the entry's CBOR encoding with `hash` empty: what `hash` and the next
+    /// entry's `prev_hash` hold.
+    pub fn compute_hash(&self) -> [u8; 32] {
+        let unsealed = AuditEntry {
+            hash: Vec::new(),
+            ..self.clone()
+        };
+        let bytes = to_cbor(&unsealed);
         let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
         let mut out = [0u8; 32];
         out.copy_from_slice(d.as_ref());
         out
     }
+
+    /// The entry with its own hash filled in.
+    pub fn sealed(mut self) -> Self {
+        self.hash = self.compute_hash().to_vec();
+        self
+    }
+}
+
+/// A device record that an operator reset: the binding it held, kept for the history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetRecord {
+    /// The record as it was.
+    #[serde(rename = "d")]
+    pub device: DeviceRecord,
+    /// When it was reset, Unix seconds.
+    #[serde(rename = "t")]
+    pub reset_at: u64,
+    /// Who reset it.
+    #[serde(rename = "a")]
+    pub actor: String,
 }
 
 /// CBOR encoding of a record (writing to a Vec cannot fail for these types).
@@ -165,6 +194,10 @@ pub struct SecretRecord {
     /// Acknowledgement, Unix seconds.
     #[serde(rename = "t2", default)]
     pub confirmed_at: Option<u64>,
+    /// When the device's serial was reset: the version belongs to the earlier binding and is
+    /// never delivered again. Unix seconds.
+    #[serde(rename = "t3", default, skip_serializing_if = "Option::is_none")]
+    pub retired_at: Option<u64>,
 }
 
 /// An imported secret waiting for its device, encrypted at rest (AAD: "pool", key id).

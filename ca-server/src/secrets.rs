@@ -168,6 +168,7 @@ impl SecretKeys {
             created_at: at,
             delivered_at: None,
             confirmed_at: None,
+            retired_at: None,
         })
     }
 

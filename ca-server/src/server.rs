@@ -24,6 +24,8 @@ pub struct ListenOverrides {
     pub coap: Option<SocketAddr>,
     /// `--mtls`.
     pub mtls: Option<SocketAddr>,
+    /// `--admin`.
+    pub admin: Option<SocketAddr>,
 }
 
 /// A running server.
@@ -35,6 +37,8 @@ pub struct RunningServer {
     pub coap: Option<SocketAddr>,
     /// Where the mutual-TLS secrets door listens.
     pub mtls: Option<SocketAddr>,
+    /// Where the admin API listens.
+    pub admin: Option<SocketAddr>,
     /// CoAP counters.
     pub coap_stats: Arc<crate::coap::CoapStats>,
     /// The service (for tests and metrics).
@@ -56,6 +60,9 @@ impl RunningServer {
         }
         if let Some(a) = self.mtls {
             s += &format!(" mtls={a}");
+        }
+        if let Some(a) = self.admin {
+            s += &format!(" admin={a}");
         }
         s
     }
@@ -142,7 +149,12 @@ pub async fn start_with_clock(
     }
     let mut mtls = None;
     if let Some(addr) = overrides.mtls.or(config.listen.mtls) {
-        let tls = crate::tls::mtls_server_config(&dir.ca_cert(), &dir.tls_cert(), &dir.tls_key())?;
+        let tls = crate::tls::mtls_server_config(
+            &dir.ca_cert(),
+            &dir.tls_cert(),
+            &dir.tls_key(),
+            service.revocations().clone(),
+        )?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| format!("mutual TLS {addr}: {e}"))?;
@@ -157,10 +169,36 @@ pub async fn start_with_clock(
             rx.clone(),
         )));
     }
+    let mut admin = None;
+    if let Some(addr) = overrides.admin.or(config.listen.admin) {
+        crate::operators::ensure_operator_ca(dir, service.now())?;
+        let tls = crate::tls::admin_server_config(
+            &dir.operator_ca_cert(),
+            &dir.tls_cert(),
+            &dir.tls_key(),
+        )?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("admin {addr}: {e}"))?;
+        admin = Some(listener.local_addr().map_err(|e| e.to_string())?);
+        let ctx = Arc::new(crate::admin::AdminContext {
+            coap: coap_stats.clone(),
+        });
+        tasks.push(tokio::spawn(crate::https::serve(
+            listener,
+            tls,
+            service.clone(),
+            crate::https::Door::Admin(ctx),
+            config.limits.max_connections,
+            timeout,
+            rx.clone(),
+        )));
+    }
     Ok(RunningServer {
         https,
         coap,
         mtls,
+        admin,
         coap_stats,
         service,
         shutdown,

@@ -2,7 +2,7 @@
 //! group commit put together. Transport-neutral: bytes in, outcome out.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use protocol_spec::enroll::RequestEncoding;
 use protocol_spec::messages::{EnrollResponse, ResponseForm};
@@ -12,8 +12,10 @@ use protocol_spec::{Problem, ProblemType};
 
 use crate::commit::Committer;
 use crate::issuer::Issuer;
+use crate::metrics::{Metrics, Transport};
 use crate::ra::RegistrationAuthority;
-use crate::records::{DeviceStatus, SecretRecord};
+use crate::records::{DeviceRecord, DeviceStatus, LineRecord, SecretRecord};
+use crate::revocation::{CRL_VALIDITY, Crl, Revocations};
 use crate::secrets::SecretKeys;
 use crate::store::{EnrollOutcome, NewEnrollment, SecretOp, SecretOutcome, Store};
 use protocol_spec::messages::{SECRET_ALGORITHM, SecretAck, SecretDelivery};
@@ -57,6 +59,8 @@ pub struct CaService {
     store: Arc<dyn Store>,
     committer: Committer,
     clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    revocations: Arc<Revocations>,
 }
 
 impl std::fmt::Debug for CaService {
@@ -83,7 +87,9 @@ impl CaService {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, String> {
         let lines = store.lines().map_err(|e| e.to_string())?;
-        let committer = Committer::start(store.clone())?;
+        let revoked = store.revoked().map_err(|e| e.to_string())?;
+        let metrics = Arc::new(Metrics::new());
+        let committer = Committer::start(store.clone(), metrics.clone())?;
         Ok(CaService {
             ra: RegistrationAuthority::new(policy, &lines),
             issuer,
@@ -91,6 +97,8 @@ impl CaService {
             store,
             committer,
             clock,
+            metrics,
+            revocations: Arc::new(Revocations::new(revoked.into_iter().map(|(s, _)| s))),
         })
     }
 
@@ -109,6 +117,21 @@ impl CaService {
         &self.committer
     }
 
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The revoked serials (for the mutual-TLS door's handshake check).
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
+    }
+
+    /// The clock.
+    pub fn now(&self) -> u64 {
+        self.clock.now()
+    }
+
     /// Re-reads the registered lines after a change.
     pub fn reload_lines(&self) -> Result<(), String> {
         let lines = self.store.lines().map_err(|e| e.to_string())?;
@@ -116,8 +139,22 @@ impl CaService {
         Ok(())
     }
 
-    /// Enrolls: checks, issues, commits durably, and returns the certificate.
+    /// Enrolls: checks, issues, commits durably, and returns the certificate. Counted in the
+    /// metrics under `transport`.
     pub async fn enroll(
+        &self,
+        body: &[u8],
+        encoding: RequestEncoding,
+        transport: Transport,
+    ) -> Result<Enrolled, Problem> {
+        let started = Instant::now();
+        let r = self.enroll_inner(body, encoding).await;
+        self.metrics
+            .enrollment(transport, r.as_ref().map(|e| e.created), started.elapsed());
+        r
+    }
+
+    async fn enroll_inner(
         &self,
         body: &[u8],
         encoding: RequestEncoding,
@@ -222,14 +259,8 @@ impl CaService {
     /// certificate.
     pub fn device_for_certificate(&self, cert_der: &[u8]) -> Result<u64, Problem> {
         let unknown = |d: &str| Problem::new(ProblemType::UnknownDevice, d.to_string());
-        let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
-            .map_err(|_| unknown("client certificate does not parse"))?;
-        let raw = cert.tbs_certificate.raw_serial();
-        let trimmed: Vec<u8> = raw.iter().copied().skip_while(|b| *b == 0).collect();
-        if trimmed.len() > 8 {
-            return Err(unknown("certificate serial is not a device serial"));
-        }
-        let serial = trimmed.iter().fold(0u64, |a, b| (a << 8) | u64::from(*b));
+        let serial = crate::tls::certificate_serial(cert_der)
+            .ok_or_else(|| unknown("the certificate's serial is not a device serial"))?;
         let rec = self
             .store
             .device(serial)
@@ -274,13 +305,25 @@ impl CaService {
     /// The device's newest secret; version 1 is allocated on the first fetch (from the imported
     /// pool if it has keys, else from the CSPRNG). Delivery is durable before the answer.
     pub async fn fetch_secret(&self, serial: u64) -> Result<SecretDelivery, Problem> {
+        let started = Instant::now();
+        let r = self.fetch_secret_inner(serial).await;
+        self.metrics
+            .delivery(r.as_ref().map(|_| ()), started.elapsed());
+        r
+    }
+
+    async fn fetch_secret_inner(&self, serial: u64) -> Result<SecretDelivery, Problem> {
         for attempt in 0..8u64 {
             let now = self.clock.now();
             let versions = self
                 .store
                 .secret_versions(serial)
                 .map_err(|e| internal("store read", e))?;
-            if let Some(latest) = versions.last() {
+            // The newest version of the current binding; versions of a binding an operator
+            // reset are retired, and the new binding gets the next version.
+            let current = versions.last().filter(|l| l.retired_at.is_none());
+            let next_version = versions.last().map_or(1, |l| l.version + 1);
+            if let Some(latest) = current {
                 if latest.delivered_at.is_none() {
                     let op = SecretOp::Delivered {
                         serial,
@@ -337,7 +380,7 @@ impl CaService {
             };
             let mut record = self
                 .secrets
-                .seal_version(serial, 1, key_id, &secret, source, now)
+                .seal_version(serial, next_version, key_id, &secret, source, now)
                 .map_err(|e| internal("sealing", e))?;
             record.delivered_at = Some(now);
             let op = SecretOp::Allocate { record, from_pool };
@@ -365,6 +408,13 @@ impl CaService {
 
     /// Records the device's acknowledgement (idempotent).
     pub async fn ack_secret(&self, serial: u64, ack: SecretAck) -> Result<(), Problem> {
+        let started = Instant::now();
+        let r = self.ack_secret_inner(serial, ack).await;
+        self.metrics.ack(r.as_ref().map(|_| ()), started.elapsed());
+        r
+    }
+
+    async fn ack_secret_inner(&self, serial: u64, ack: SecretAck) -> Result<(), Problem> {
         let op = SecretOp::Ack {
             serial,
             key_id: ack.key_id,
@@ -387,19 +437,130 @@ impl CaService {
     /// Creates a new pending version for a device; it is delivered on the device's next fetch.
     pub async fn rotate_secret(&self, serial: u64, actor: &str) -> Result<SecretRecord, Problem> {
         let (keys, at, actor) = (self.secrets.clone(), self.clock.now(), actor.to_string());
-        self.committer
+        let r = self
+            .committer
             .run(move |s| rotate_in(s, &keys, serial, at, &actor))
             .await
-            .map_err(|e| internal("commit", e))?
+            .map_err(|e| internal("commit", e))?;
+        if r.is_ok() {
+            self.metrics.rotated(1);
+        }
+        r
     }
 
-    /// Revokes a device: refused at the mutual-TLS door from its next request on.
-    pub async fn revoke(&self, serial: u64, actor: &str) -> Result<bool, Problem> {
+    /// Rotates many devices, a batch of them per group commit. Returns the new versions and
+    /// the devices that could not be rotated (revoked, gone) with why.
+    pub async fn rotate_many(
+        &self,
+        serials: Vec<u64>,
+        actor: &str,
+    ) -> Result<(Vec<SecretRecord>, Vec<(u64, Problem)>), Problem> {
+        let (mut done, mut failed) = (Vec::new(), Vec::new());
+        for chunk in serials.chunks(512) {
+            let (keys, at, actor) = (self.secrets.clone(), self.clock.now(), actor.to_string());
+            let chunk = chunk.to_vec();
+            let results = self
+                .committer
+                .run(move |s| {
+                    chunk
+                        .into_iter()
+                        .map(|serial| Ok((serial, rotate_in(s, &keys, serial, at, &actor)?)))
+                        .collect::<Result<Vec<_>, crate::store::StoreError>>()
+                })
+                .await
+                .map_err(|e| internal("commit", e))?;
+            for (serial, r) in results {
+                match r {
+                    Ok(rec) => done.push(rec),
+                    Err(p) => failed.push((serial, p)),
+                }
+            }
+        }
+        self.metrics.rotated(done.len() as u64);
+        Ok((done, failed))
+    }
+
+    /// Revokes a device: refused at the mutual-TLS door from its next handshake on, and listed
+    /// in the CRL. Returns the record, `None` if there is no such device.
+    pub async fn revoke(&self, serial: u64, actor: &str) -> Result<Option<DeviceRecord>, Problem> {
         let (at, actor) = (self.clock.now(), actor.to_string());
-        self.committer
+        let rec = self
+            .committer
             .run(move |s| s.set_status(serial, DeviceStatus::Revoked, at, &actor))
             .await
-            .map_err(|e| internal("commit", e))
+            .map_err(|e| internal("commit", e))?;
+        if rec.is_some() {
+            self.revocations.set(serial, true);
+            self.metrics.revoked();
+            tracing::info!(serial, "device revoked");
+        }
+        Ok(rec)
+    }
+
+    /// Frees a serial for re-enrollment, keeping its history (see [`Store::reset_device`]).
+    pub async fn reset(&self, serial: u64, actor: &str) -> Result<Option<DeviceRecord>, Problem> {
+        let (at, actor) = (self.clock.now(), actor.to_string());
+        let rec = self
+            .committer
+            .run(move |s| s.reset_device(serial, at, &actor))
+            .await
+            .map_err(|e| internal("commit", e))?;
+        if rec.is_some() {
+            self.revocations.set(serial, false);
+            self.metrics.reset();
+            tracing::info!(serial, "device reset");
+        }
+        Ok(rec)
+    }
+
+    /// The current CRL (signed again when something was revoked or it is a day old).
+    pub fn crl(&self) -> Result<Crl, Problem> {
+        let now = self.clock.now();
+        self.revocations
+            .crl(now, |number| {
+                let revoked = self.store.revoked().map_err(|e| e.to_string())?;
+                self.issuer.sign_crl(&revoked, now, CRL_VALIDITY, number)
+            })
+            .map_err(|e| internal("CRL", e))
+    }
+
+    /// Registers a line (durable on return) and starts accepting its tokens.
+    pub async fn add_line(&self, line: LineRecord, actor: &str) -> Result<LineRecord, String> {
+        let actor = actor.to_string();
+        let l = line.clone();
+        self.committer.run(move |s| s.add_line(&l, &actor)).await?;
+        self.reload_lines()?;
+        Ok(line)
+    }
+
+    /// Enables or disables a line (durable on return); `None` if unknown.
+    pub async fn set_line_active(
+        &self,
+        id: &str,
+        active: bool,
+        actor: &str,
+    ) -> Result<Option<LineRecord>, String> {
+        let (id, at, actor) = (id.to_string(), self.clock.now(), actor.to_string());
+        let line = self
+            .committer
+            .run(move |s| s.set_line_active(&id, active, at, &actor))
+            .await?;
+        self.reload_lines()?;
+        Ok(line)
+    }
+
+    /// Appends an audit entry for an operator's lookup (durable on return).
+    pub async fn record_event(
+        &self,
+        event: &'static str,
+        serial: Option<u64>,
+        actor: &str,
+        detail: String,
+    ) -> Result<(), String> {
+        let (at, actor) = (self.clock.now(), actor.to_string());
+        self.committer
+            .run(move |s| s.record_event(event, serial, &actor, detail, at))
+            .await
     }
 
     /// The secret keys (for imports).

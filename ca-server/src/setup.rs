@@ -73,6 +73,7 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
     let header =
         "# Imprint CA configuration. Every field may be left out; these are the defaults.\n";
     write_new(&dir.config(), format!("{header}{config}").as_bytes(), 0o644)?;
+    crate::operators::ensure_operator_ca(dir, opts.now)?;
     SledStore::open(&dir.store()).map_err(|e| e.to_string())?;
     Ok(())
 }

@@ -4,9 +4,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::ServerConfig;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::revocation::Revocations;
 
 /// The ring provider, passed explicitly everywhere (no process-wide default is installed).
 pub fn provider() -> Arc<CryptoProvider> {
@@ -44,23 +49,115 @@ pub fn https_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>,
     Ok(Arc::new(cfg))
 }
 
-/// Server config for the mutual-TLS door: TLS 1.3 only, a client certificate chaining to the CA
-/// required.
+/// Server config for the mutual-TLS door: TLS 1.3 only, a client certificate chaining to the
+/// device CA required, and a revoked device refused in the handshake (alert
+/// `certificate_revoked`).
 pub fn mtls_server_config(
     ca_cert: &Path,
     cert: &Path,
     key: &Path,
+    revocations: Arc<Revocations>,
 ) -> Result<Arc<ServerConfig>, String> {
+    let verifier = Arc::new(DeviceVerifier {
+        inner: chain_verifier(ca_cert)?,
+        revocations,
+    });
+    client_auth_config(verifier, cert, key)
+}
+
+/// Server config for the admin listener: TLS 1.3 only, a client certificate chaining to the
+/// operator CA required (device certificates, issued by the device CA, fail the handshake).
+pub fn admin_server_config(
+    operator_ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<ServerConfig>, String> {
+    client_auth_config(chain_verifier(operator_ca)?, cert, key)
+}
+
+/// The serial number of a certificate, when it is a device serial (1 to 8 octets).
+pub fn certificate_serial(der: &[u8]) -> Option<u64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let raw = cert.tbs_certificate.raw_serial();
+    let trimmed: Vec<u8> = raw.iter().copied().skip_while(|b| *b == 0).collect();
+    if trimmed.len() > 8 {
+        return None;
+    }
+    Some(trimmed.iter().fold(0u64, |a, b| (a << 8) | u64::from(*b)))
+}
+
+fn chain_verifier(ca_cert: &Path) -> Result<Arc<dyn ClientCertVerifier>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for c in load_chain(ca_cert)? {
         roots
             .add(c)
             .map_err(|e| format!("{}: {e}", ca_cert.display()))?;
     }
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .build()
-            .map_err(|e| format!("client verifier: {e}"))?;
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| format!("client verifier for {}: {e}", ca_cert.display()))
+}
+
+/// Checks the chain with webpki, then refuses revoked serials.
+#[derive(Debug)]
+struct DeviceVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revocations: Arc<Revocations>,
+}
+
+impl ClientCertVerifier for DeviceVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match certificate_serial(end_entity) {
+            Some(serial) if self.revocations.is_revoked(serial) => {
+                tracing::info!(serial, "revoked device refused in the handshake");
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Revoked,
+                ))
+            }
+            _ => Ok(verified),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn client_auth_config(
+    verifier: Arc<dyn ClientCertVerifier>,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<ServerConfig>, String> {
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
@@ -68,5 +165,9 @@ pub fn mtls_server_config(
         .with_single_cert(load_chain(cert)?, load_key(key)?)
         .map_err(|e| format!("TLS server certificate: {e}"))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // No session resumption: a resumed session skips the client certificate check, and a
+    // revocation must bite at the very next handshake.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }

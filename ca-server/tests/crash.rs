@@ -20,7 +20,14 @@ use protocol_spec::{KeyAlgorithm, spki};
 
 fn spawn_server(ca: &TestCa) -> (Child, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ca-server"))
-        .args(["serve", "--https", "127.0.0.1:0", "--dir"])
+        .args([
+            "serve",
+            "--https",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--dir",
+        ])
         .arg(ca.root())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -193,7 +200,7 @@ pub fn check_invariants(store: &SledStore) {
             "audit chain broken at {}",
             e.seq
         );
-        prev = e.hash();
+        prev = e.compute_hash();
         enrolls += usize::from(e.event == "enroll");
     }
     assert_eq!(enrolls, devices.len(), "one audit entry per enrollment");

@@ -163,11 +163,21 @@ async fn strangers_are_refused_at_the_door() {
             .unwrap()
             .is_empty()
     );
-    // The real device works; once revoked, it is refused on its next request.
+    // The real device works; once revoked, a new connection is refused in the handshake
+    // (alert certificate_revoked), and a connection kept alive from before is refused at its
+    // next request.
     let client = mtls_client(url.clone(), &dev).unwrap();
-    device_agent::secrets::fetch(&client).await.unwrap();
-    assert!(server.service.revoke(10, "test").await.unwrap());
+    let mut kept = client.session().await.unwrap();
+    device_agent::secrets::fetch_on(&mut kept).await.unwrap();
+    assert!(server.service.revoke(10, "test").await.unwrap().is_some());
     match device_agent::secrets::fetch(&client).await {
+        Err(AgentError::Transport(msg)) => assert!(
+            msg.to_ascii_lowercase().contains("revoked"),
+            "the handshake refusal names the revocation: {msg}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    match device_agent::secrets::fetch_on(&mut kept).await {
         Err(AgentError::Refused(p)) => assert_eq!(p.kind, ProblemType::Revoked),
         other => panic!("{other:?}"),
     }

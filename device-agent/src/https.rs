@@ -164,10 +164,12 @@ impl HttpsClient {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| t(&e))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(HttpsSession { sender, authority })
+        let conn = tokio::spawn(async move { conn.await.map_err(|e| connection_error(&e)) });
+        Ok(HttpsSession {
+            sender,
+            authority,
+            conn: Some(conn),
+        })
     }
 
     /// `POST /enroll` with a CBOR EnrollRequest; the decoded response, or the CA's problem.
@@ -219,6 +221,21 @@ pub fn problem_of(a: &HttpAnswer) -> AgentError {
 pub struct HttpsSession {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     authority: String,
+    /// The connection task: when a request fails, its error says why (in TLS 1.3 a server's
+    /// refusal of the client certificate, such as `certificate_revoked`, arrives only there).
+    conn: Option<tokio::task::JoinHandle<Result<(), String>>>,
+}
+
+/// A connection error with its causes (hyper's own message is only the outermost one).
+fn connection_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
 }
 
 impl std::fmt::Debug for HttpsSession {
@@ -275,8 +292,23 @@ impl HttpsSession {
                 body,
             })
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, work)
+        let r = tokio::time::timeout(REQUEST_TIMEOUT, work)
             .await
-            .map_err(|_| AgentError::Transport(format!("{} timed out", self.authority)))?
+            .map_err(|_| AgentError::Transport(format!("{} timed out", self.authority)))?;
+        match r {
+            Err(AgentError::Transport(msg)) => Err(AgentError::Transport(self.why(msg).await)),
+            other => other,
+        }
+    }
+
+    /// Adds the connection's own error to a failed request's message.
+    async fn why(&mut self, msg: String) -> String {
+        let Some(conn) = self.conn.take() else {
+            return msg;
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(1), conn).await {
+            Ok(Ok(Err(e))) => format!("{msg} ({e})"),
+            _ => msg,
+        }
     }
 }

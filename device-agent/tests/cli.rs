@@ -68,6 +68,7 @@ async fn ca_with_line(
             https: Some(loopback),
             coap: Some(loopback),
             mtls: Some(loopback),
+            admin: Some(loopback),
         },
     )
     .await

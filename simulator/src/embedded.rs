@@ -133,7 +133,13 @@ fn spawn(
             "--coap",
             &at[1].to_string(),
         ])
-        .args(["--mtls", &at[2].to_string(), "--dir"])
+        .args([
+            "--mtls",
+            &at[2].to_string(),
+            "--admin",
+            "127.0.0.1:0",
+            "--dir",
+        ])
         .arg(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

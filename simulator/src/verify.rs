@@ -157,7 +157,7 @@ pub fn verify(
             }
             v.audit_chain_ok = false;
         }
-        prev = e.hash();
+        prev = e.compute_hash();
     }
     if secrets && v.devices_with_confirmed_secret != v.devices_with_certificate {
         v.problem(format!(

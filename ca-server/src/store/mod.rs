@@ -7,10 +7,12 @@ pub use sled_store::SledStore;
 
 use protocol_spec::Problem;
 
-use crate::records::{AuditEntry, DeviceRecord, LineRecord, PoolEntry, SecretRecord};
+use crate::records::{AuditEntry, DeviceRecord, LineRecord, PoolEntry, ResetRecord, SecretRecord};
 
 /// One stored record: (table, key, value).
 pub type RawRecord = (String, Vec<u8>, Vec<u8>);
+/// One audit entry as stored: (key, value), undecoded, for verification.
+pub type RawAudit = (Vec<u8>, Vec<u8>);
 
 /// A store failure (I/O, corruption). Never shown to clients beyond `internal`.
 #[derive(Debug, thiserror::Error)]
@@ -153,14 +155,47 @@ pub trait Store: Send + Sync + 'static {
     fn pool(&self, skip: usize, n: usize) -> Result<Vec<PoolEntry>, StoreError>;
     /// Applies one secrets write atomically (durable at the next [`Store::sync`]).
     fn apply_secret(&self, op: &SecretOp) -> Result<SecretOutcome, StoreError>;
-    /// Sets a device's status (revoke), with an audit entry; `false` if there is no such device.
+    /// Sets a device's status (revoke), with an audit entry when it changes. Returns the
+    /// record as it is now, `None` if there is no such device. Durable at the next sync.
     fn set_status(
         &self,
         serial: u64,
         status: crate::records::DeviceStatus,
         at: u64,
         actor: &str,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Option<DeviceRecord>, StoreError>;
+    /// Frees a serial for re-enrollment: the record moves to the device's history, its secret
+    /// versions are retired, it leaves the revocation list; the key stays bound to the serial.
+    /// Returns the record that was reset, `None` if there is no such device.
+    fn reset_device(
+        &self,
+        serial: u64,
+        at: u64,
+        actor: &str,
+    ) -> Result<Option<DeviceRecord>, StoreError>;
+    /// Earlier bindings of a serial (resets), oldest first.
+    fn history(&self, serial: u64) -> Result<Vec<ResetRecord>, StoreError>;
+    /// Revoked devices: (serial, revocation time), in serial order.
+    fn revoked(&self) -> Result<Vec<(u64, u64)>, StoreError>;
+    /// Enables or disables a line, with an audit entry when it changes; `None` if unknown.
+    fn set_line_active(
+        &self,
+        id: &str,
+        active: bool,
+        at: u64,
+        actor: &str,
+    ) -> Result<Option<LineRecord>, StoreError>;
+    /// Appends an audit entry for an event with no other write (an operator's lookup).
+    fn record_event(
+        &self,
+        event: &str,
+        serial: Option<u64>,
+        actor: &str,
+        detail: String,
+        at: u64,
+    ) -> Result<(), StoreError>;
+    /// Audit entries after sequence number `after`, as stored (undecoded), in order.
+    fn audit_raw(&self, after: u64) -> Box<dyn Iterator<Item = Result<RawAudit, StoreError>> + '_>;
     /// Every device record, in serial order.
     fn devices(&self) -> Box<dyn Iterator<Item = Result<DeviceRecord, StoreError>> + '_>;
     /// Every audit entry, in order.

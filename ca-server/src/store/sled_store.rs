@@ -8,10 +8,12 @@ use protocol_spec::{Problem, ProblemType};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
-use super::{EnrollOutcome, NewEnrollment, RawRecord, SecretOp, SecretOutcome, Store, StoreError};
+use super::{
+    EnrollOutcome, NewEnrollment, RawAudit, RawRecord, SecretOp, SecretOutcome, Store, StoreError,
+};
 use crate::records::{
-    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, SecretRecord, TokenUse,
-    from_cbor, to_cbor,
+    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, SecretRecord,
+    TokenUse, from_cbor, to_cbor,
 };
 
 const DEVICES: &str = "devices";
@@ -24,6 +26,8 @@ const SECRET_HEAD: &str = "secret_head";
 const SECRET_INDEX: &str = "secret_index";
 const KEY_IDS: &str = "key_ids";
 const POOL: &str = "secret_pool";
+const REVOKED: &str = "revoked";
+const HISTORY: &str = "history";
 const POOL_MARK: &[u8] = b"pool";
 
 /// sled-backed [`Store`].
@@ -40,6 +44,8 @@ pub struct SledStore {
     secret_index: sled::Tree,
     key_ids: sled::Tree,
     pool: sled::Tree,
+    revoked: sled::Tree,
+    history: sled::Tree,
     /// sled's data file, opened again so that `sync` can fdatasync it: sled's own flush uses
     /// sync_file_range on Linux, which neither flushes the drive cache nor orders metadata.
     data_file: File,
@@ -121,10 +127,18 @@ impl SledStore {
         let audit = tree(AUDIT)?;
         let head = match audit.last().map_err(backend)? {
             None => (0, [0u8; 32]),
-            Some((_, v)) => {
-                let e: AuditEntry = from_cbor(&v).map_err(corrupt(AUDIT))?;
-                (e.seq, e.hash())
-            }
+            Some((k, v)) => match from_cbor::<AuditEntry>(&v) {
+                Ok(e) => (e.seq, e.compute_hash()),
+                Err(e) => {
+                    // A damaged newest entry must not keep the store (and `audit verify`) from
+                    // opening; the chain stays broken at that entry, and verification names it.
+                    tracing::error!(error = %e, "the newest audit entry does not decode; run `ca-server audit verify`");
+                    let seq = u64_of(&k).unwrap_or(0);
+                    let mut h = [0u8; 32];
+                    h.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &v).as_ref());
+                    (seq, h)
+                }
+            },
         };
         let data_file = File::open(path.join("db")).map_err(backend)?;
         // The directory entries of sled's files must survive a crash too.
@@ -142,6 +156,8 @@ impl SledStore {
             secret_index: tree(SECRET_INDEX)?,
             key_ids: tree(KEY_IDS)?,
             pool: tree(POOL)?,
+            revoked: tree(REVOKED)?,
+            history: tree(HISTORY)?,
             audit,
             db,
             data_file,
@@ -185,8 +201,19 @@ impl SledStore {
             actor: actor.to_string(),
             detail,
             prev_hash: head.1.to_vec(),
+            hash: Vec::new(),
         }
+        .sealed()
     }
+}
+
+/// The hash a sealed entry carries.
+fn sealed_hash(e: &AuditEntry) -> [u8; 32] {
+    <[u8; 32]>::try_from(e.hash.as_slice()).unwrap_or_else(|_| e.compute_hash())
+}
+
+fn u64_of(v: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(v).ok().map(u64::from_be_bytes)
 }
 
 fn refused(kind: ProblemType, detail: String) -> TxResult<EnrollOutcome> {
@@ -252,7 +279,7 @@ impl Store for SledStore {
             Ok(())
         });
         flatten(r)?;
-        *head = (entry.seq, entry.hash());
+        *head = (entry.seq, sealed_hash(&entry));
         drop(head);
         self.sync()
     }
@@ -296,10 +323,13 @@ impl Store for SledStore {
                         format!("serial {} is already bound to another key", e.serial),
                     );
                 }
-                if let Some(other) = keys.get(e.key_hash)? {
-                    let other = <[u8; 8]>::try_from(other.as_ref())
-                        .map(u64::from_be_bytes)
-                        .unwrap_or(0);
+                // A key stays bound to its serial for ever, even after an operator reset the
+                // serial; only that serial may take it again.
+                if let Some(other) = keys
+                    .get(e.key_hash)?
+                    .map(|v| u64_of(&v).unwrap_or(0))
+                    .filter(|other| *other != e.serial)
+                {
                     return refused(
                         ProblemType::DuplicateKey,
                         format!("this public key is already bound to serial {other}"),
@@ -353,7 +383,7 @@ impl Store for SledStore {
             });
         let outcome = flatten(r)?;
         if matches!(outcome, EnrollOutcome::Created(_)) {
-            *head = (entry.seq, entry.hash());
+            *head = (entry.seq, sealed_hash(&entry));
         }
         Ok(outcome)
     }
@@ -504,12 +534,19 @@ impl Store for SledStore {
                     if let Some(o) = active(record.serial)? {
                         return Ok(o);
                     }
+                    // The next version goes to a device with none, or whose newest belongs to a
+                    // binding an operator reset (retired).
                     let h = head_of(record.serial)?;
                     if h > 0 {
-                        let existing = tx_get::<SecretRecord>(secrets, &ver_key(record.serial, h), SECRETS)?;
-                        return Ok(existing.map(SecretOutcome::Existing).unwrap_or(SecretOutcome::Conflict));
+                        match tx_get::<SecretRecord>(secrets, &ver_key(record.serial, h), SECRETS)? {
+                            Some(latest) if latest.retired_at.is_none() => {
+                                return Ok(SecretOutcome::Existing(latest));
+                            }
+                            None => return Ok(SecretOutcome::Conflict),
+                            Some(_) => {}
+                        }
                     }
-                    if record.version != 1 {
+                    if record.version != h + 1 {
                         return Ok(SecretOutcome::Conflict);
                     }
                     if let Some(id) = from_pool
@@ -608,7 +645,7 @@ impl Store for SledStore {
         });
         let (outcome, logged) = flatten(r)?;
         if logged {
-            *head = (entry.seq, entry.hash());
+            *head = (entry.seq, sealed_hash(&entry));
         }
         Ok(outcome)
     }
@@ -619,29 +656,190 @@ impl Store for SledStore {
         status: DeviceStatus,
         at: u64,
         actor: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<DeviceRecord>, StoreError> {
         let mut head = self.head()?;
         let event = match status {
             DeviceStatus::Revoked => "revoke",
             DeviceStatus::Active => "reinstate",
         };
         let entry = Self::next_entry(&head, at, event, Some(serial), actor, String::new());
-        let r = (&self.devices, &self.audit).transaction(|(devices, audit)| {
-            let Some(mut rec) = tx_get::<DeviceRecord>(devices, &serial.to_be_bytes(), DEVICES)?
-            else {
-                return Ok(false);
-            };
-            rec.status = status;
-            rec.revoked_at = (status == DeviceStatus::Revoked).then_some(at);
-            devices.insert(&serial.to_be_bytes(), to_cbor(&rec))?;
-            audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
-            Ok(true)
-        });
-        let done = flatten(r)?;
-        if done {
-            *head = (entry.seq, entry.hash());
+        let r =
+            (&self.devices, &self.revoked, &self.audit).transaction(|(devices, revoked, audit)| {
+                let key = serial.to_be_bytes();
+                let Some(mut rec) = tx_get::<DeviceRecord>(devices, &key, DEVICES)? else {
+                    return Ok((None, false));
+                };
+                if rec.status == status {
+                    return Ok((Some(rec), false));
+                }
+                rec.status = status;
+                rec.revoked_at = (status == DeviceStatus::Revoked).then_some(at);
+                devices.insert(&key, to_cbor(&rec))?;
+                match status {
+                    DeviceStatus::Revoked => revoked.insert(&key, &at.to_be_bytes())?,
+                    DeviceStatus::Active => revoked.remove(&key)?,
+                };
+                audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
+                Ok((Some(rec), true))
+            });
+        let (rec, changed) = flatten(r)?;
+        if changed {
+            *head = (entry.seq, sealed_hash(&entry));
         }
-        Ok(done)
+        Ok(rec)
+    }
+
+    fn reset_device(
+        &self,
+        serial: u64,
+        at: u64,
+        actor: &str,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        let mut head = self.head()?;
+        let entry = Self::next_entry(&head, at, "reset", Some(serial), actor, String::new());
+        let trees = (
+            &self.devices,
+            &self.revoked,
+            &self.history,
+            &self.secrets,
+            &self.audit,
+        );
+        let r = trees.transaction(|(devices, revoked, history, secrets, audit)| {
+            let key = serial.to_be_bytes();
+            let Some(rec) = tx_get::<DeviceRecord>(devices, &key, DEVICES)? else {
+                return Ok(None);
+            };
+            let mut entry = entry.clone();
+            entry.detail = format!(
+                "key={} cti={} status={}",
+                hex::encode(ring::digest::digest(&ring::digest::SHA256, &rec.spki)),
+                hex::encode(&rec.token_id),
+                match rec.status {
+                    DeviceStatus::Active => "active",
+                    DeviceStatus::Revoked => "revoked",
+                }
+            );
+            let entry = AuditEntry {
+                hash: Vec::new(),
+                ..entry
+            }
+            .sealed();
+            devices.remove(&key)?;
+            revoked.remove(&key)?;
+            let mut hkey = key.to_vec();
+            hkey.extend_from_slice(&entry.seq.to_be_bytes());
+            let old = ResetRecord {
+                device: rec.clone(),
+                reset_at: at,
+                actor: actor.to_string(),
+            };
+            history.insert(hkey, to_cbor(&old))?;
+            // The secrets of the old binding stay in the record but are never delivered again:
+            // the next fetch of a new enrollment gets a new version.
+            let mut v = 1u64;
+            loop {
+                let mut vkey = key.to_vec();
+                vkey.extend_from_slice(&v.to_be_bytes());
+                let Some(mut sr) = tx_get::<SecretRecord>(secrets, &vkey, SECRETS)? else {
+                    break;
+                };
+                if sr.retired_at.is_none() {
+                    sr.retired_at = Some(at);
+                    secrets.insert(vkey, to_cbor(&sr))?;
+                }
+                v += 1;
+            }
+            audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
+            Ok(Some((rec, entry)))
+        });
+        Ok(match flatten(r)? {
+            Some((rec, entry)) => {
+                *head = (entry.seq, sealed_hash(&entry));
+                Some(rec)
+            }
+            None => None,
+        })
+    }
+
+    fn history(&self, serial: u64) -> Result<Vec<ResetRecord>, StoreError> {
+        self.history
+            .scan_prefix(serial.to_be_bytes())
+            .map(|r| {
+                let (_, v) = r.map_err(backend)?;
+                from_cbor(&v).map_err(corrupt(HISTORY))
+            })
+            .collect()
+    }
+
+    fn revoked(&self) -> Result<Vec<(u64, u64)>, StoreError> {
+        self.revoked
+            .iter()
+            .map(|r| {
+                let (k, v) = r.map_err(backend)?;
+                match (u64_of(&k), u64_of(&v)) {
+                    (Some(s), Some(t)) => Ok((s, t)),
+                    _ => Err(corrupt(REVOKED)("entry is not two 8-byte numbers".into())),
+                }
+            })
+            .collect()
+    }
+
+    fn set_line_active(
+        &self,
+        id: &str,
+        active: bool,
+        at: u64,
+        actor: &str,
+    ) -> Result<Option<LineRecord>, StoreError> {
+        let mut head = self.head()?;
+        let event = if active {
+            "line-enable"
+        } else {
+            "line-disable"
+        };
+        let entry = Self::next_entry(&head, at, event, None, actor, format!("line={id}"));
+        let r = (&self.lines, &self.audit).transaction(|(lines, audit)| {
+            let Some(mut line) = tx_get::<LineRecord>(lines, id.as_bytes(), LINES)? else {
+                return Ok((None, false));
+            };
+            if line.active == active {
+                return Ok((Some(line), false));
+            }
+            line.active = active;
+            lines.insert(id.as_bytes(), to_cbor(&line))?;
+            audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
+            Ok((Some(line), true))
+        });
+        let (line, changed) = flatten(r)?;
+        if changed {
+            *head = (entry.seq, sealed_hash(&entry));
+        }
+        Ok(line)
+    }
+
+    fn record_event(
+        &self,
+        event: &str,
+        serial: Option<u64>,
+        actor: &str,
+        detail: String,
+        at: u64,
+    ) -> Result<(), StoreError> {
+        let mut head = self.head()?;
+        let entry = Self::next_entry(&head, at, event, serial, actor, detail);
+        self.audit
+            .insert(entry.seq.to_be_bytes(), to_cbor(&entry))
+            .map_err(backend)?;
+        *head = (entry.seq, sealed_hash(&entry));
+        Ok(())
+    }
+
+    fn audit_raw(&self, after: u64) -> Box<dyn Iterator<Item = Result<RawAudit, StoreError>> + '_> {
+        let start = after.saturating_add(1).to_be_bytes();
+        Box::new(self.audit.range(start..).map(|r| {
+            let (k, v) = r.map_err(backend)?;
+            Ok((k.to_vec(), v.to_vec()))
+        }))
     }
 
     fn sync(&self) -> Result<(), StoreError> {
@@ -676,6 +874,8 @@ impl Store for SledStore {
             (SECRET_INDEX, &self.secret_index),
             (KEY_IDS, &self.key_ids),
             (POOL, &self.pool),
+            (REVOKED, &self.revoked),
+            (HISTORY, &self.history),
         ] {
             for r in tree.iter() {
                 let (k, v) = r.map_err(backend)?;

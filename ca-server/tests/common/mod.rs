@@ -135,6 +135,7 @@ impl TestCa {
                 https: Some(loopback),
                 coap: Some(loopback),
                 mtls: Some(loopback),
+                admin: Some(loopback),
             },
         )
         .await

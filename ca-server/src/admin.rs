@@ -1,0 +1,752 @@
+//! The admin API: operators, authenticated by their mutual-TLS certificates (issued by the
+//! operator CA, see [`crate::operators`]), look up, revoke, reset and rotate devices, manage
+//! lines, export and verify the audit log, and scrape metrics. JSON in and out; errors are
+//! problem details (RFC 9457) with `application/problem+json`.
+//!
+//! | method, path | what |
+//! |---|---|
+//! | `GET /devices/{serial}` | [`DeviceView`] |
+//! | `POST /devices/{serial}/revoke` | [`DeviceView`] after revocation |
+//! | `POST /devices/{serial}/reset` | [`DeviceView`] after the reset |
+//! | `POST /secrets/rotate` | [`RotateRequest`] -> [`RotateResult`] |
+//! | `GET /lines`, `POST /lines` | [`LineView`] list; [`AddLine`] -> [`LineView`] |
+//! | `POST /lines/{id}/disable`, `POST /lines/{id}/enable` | [`LineView`] |
+//! | `GET /audit?after=N&limit=M` | JSON lines of [`AuditLine`] after sequence N |
+//! | `GET /audit/verify` | [`AuditVerdict`] |
+//! | `GET /crl` | the CRL, DER |
+//! | `GET /metrics` | Prometheus text format |
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use protocol_spec::PublicKey;
+use protocol_spec::profile::cert_pem;
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{AuditLine, rfc3339};
+use crate::coap::CoapStats;
+use crate::https::respond;
+use crate::metrics::Snapshot;
+use crate::records::{
+    DeviceRecord, DeviceStatus, LineRecord, ResetRecord, SecretRecord, from_cbor,
+};
+use crate::service::CaService;
+
+/// Largest admin request body.
+const MAX_BODY: usize = 64 * 1024;
+/// Most audit entries in one page.
+pub const MAX_AUDIT_PAGE: usize = 10_000;
+
+/// What the admin door needs beyond the service.
+#[derive(Debug)]
+pub struct AdminContext {
+    /// The CoAP front end's counters, for metrics.
+    pub coap: Arc<CoapStats>,
+}
+
+/// A device as an operator sees it: never a secret, only key ids, versions and times.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceView {
+    /// The serial.
+    pub serial: u64,
+    /// `active`, `revoked`, or `reset` (no current binding, history only).
+    pub status: String,
+    /// The current binding, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding: Option<BindingView>,
+    /// Every secret version, oldest first.
+    pub secrets: Vec<SecretView>,
+    /// Earlier bindings an operator reset, oldest first.
+    pub history: Vec<ResetView>,
+}
+
+/// One serial -> key binding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindingView {
+    /// `sha256:` and the hex SHA-256 of the DER SubjectPublicKeyInfo.
+    pub key_fingerprint: String,
+    /// `ed25519` or `p256`.
+    pub key_algorithm: String,
+    /// The line that vouched for it.
+    pub line: String,
+    /// The token id its enrollment consumed, hex.
+    pub token_id: String,
+    /// Enrollment time, Unix seconds.
+    pub enrolled_at: u64,
+    /// Enrollment time, RFC 3339.
+    pub enrolled: String,
+    /// Revocation time, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<u64>,
+    /// The certificate, PEM.
+    pub certificate: String,
+}
+
+/// One secret version, without the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretView {
+    /// Key id.
+    pub key_id: String,
+    /// Version.
+    pub version: u64,
+    /// `csprng` or `import`.
+    pub source: String,
+    /// Key check value, hex (3 octets: identifies the key without revealing it).
+    pub kcv: String,
+    /// Created, Unix seconds.
+    pub created_at: u64,
+    /// First delivered, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<u64>,
+    /// Acknowledged by the device, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_at: Option<u64>,
+    /// Retired by a reset of the serial, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_at: Option<u64>,
+}
+
+/// An earlier binding of a serial.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetView {
+    /// When it was reset, Unix seconds.
+    pub reset_at: u64,
+    /// Who reset it.
+    pub actor: String,
+    /// Its status when it was reset.
+    pub status: String,
+    /// The binding.
+    pub binding: BindingView,
+}
+
+/// A production line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineView {
+    /// Line id.
+    pub id: String,
+    /// First serial.
+    pub first_serial: u64,
+    /// Last serial (inclusive).
+    pub last_serial: u64,
+    /// Quota.
+    pub quota: u64,
+    /// Devices enrolled so far.
+    pub enrolled: u64,
+    /// Whether its tokens are accepted.
+    pub active: bool,
+    /// `sha256:` and the hex SHA-256 of the line station's SubjectPublicKeyInfo.
+    pub key_fingerprint: String,
+    /// Registration time, Unix seconds.
+    pub created_at: u64,
+}
+
+/// `POST /lines`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddLine {
+    /// Line id.
+    pub id: String,
+    /// The line station's public key, PEM.
+    pub public_key: String,
+    /// `FIRST-LAST`.
+    pub serials: String,
+    /// Quota (default: the size of the range).
+    #[serde(default)]
+    pub quota: Option<u64>,
+}
+
+/// `POST /secrets/rotate`: exactly one of the three.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRequest {
+    /// One device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<u64>,
+    /// Every device of a line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<String>,
+    /// Every device.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+}
+
+/// What a rotation did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateResult {
+    /// Devices asked for.
+    pub requested: u64,
+    /// New versions created.
+    pub rotated: u64,
+    /// The new versions (at most 100 listed).
+    pub versions: Vec<RotatedVersion>,
+    /// Devices not rotated, with why.
+    pub failed: Vec<RotateFailure>,
+}
+
+/// One new version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotatedVersion {
+    /// Device.
+    pub serial: u64,
+    /// New key id.
+    pub key_id: String,
+    /// New version (pending until the device fetches and acks it).
+    pub version: u64,
+}
+
+/// A device that was not rotated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateFailure {
+    /// Device.
+    pub serial: u64,
+    /// Problem type.
+    pub problem: String,
+    /// Detail.
+    pub detail: String,
+}
+
+/// An admin API failure, sent as problem details.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminProblem {
+    /// HTTP status.
+    pub status: u16,
+    /// Short title.
+    pub title: String,
+    /// What exactly.
+    pub detail: String,
+}
+
+impl AdminProblem {
+    fn new(status: StatusCode, detail: impl Into<String>) -> Self {
+        AdminProblem {
+            status: status.as_u16(),
+            title: status.canonical_reason().unwrap_or("error").to_string(),
+            detail: detail.into(),
+        }
+    }
+    fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, detail)
+    }
+    fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, detail)
+    }
+    fn internal(context: &str, e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "admin: {context}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error (see the server log)",
+        )
+    }
+}
+
+type AdminResult = Result<Response<Full<Bytes>>, AdminProblem>;
+
+/// Handles one request on the admin door. `client_cert` has been checked against the operator
+/// CA by the TLS layer; here it must also have the operator profile.
+pub async fn handle(
+    req: Request<Incoming>,
+    service: &CaService,
+    ctx: &AdminContext,
+    client_cert: Option<&Vec<u8>>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let operation = operation_name(req.method(), &path);
+    let operator = match client_cert.map(|c| crate::operators::operator_name(c)) {
+        Some(Ok(name)) => name,
+        Some(Err(why)) => {
+            return finish(
+                service,
+                operation,
+                Err(AdminProblem::new(
+                    StatusCode::FORBIDDEN,
+                    format!("not an operator certificate: {why}"),
+                )),
+            );
+        }
+        None => {
+            return finish(
+                service,
+                operation,
+                Err(AdminProblem::new(
+                    StatusCode::FORBIDDEN,
+                    "an operator certificate is required",
+                )),
+            );
+        }
+    };
+    let actor = format!("operator:{operator}");
+    let r = route(req, service, ctx, &actor, &path).await;
+    if let Err(p) = &r {
+        tracing::info!(operator, operation, status = p.status, detail = %p.detail, "admin request refused");
+    } else {
+        tracing::info!(operator, operation, "admin request");
+    }
+    finish(service, operation, r)
+}
+
+fn finish(service: &CaService, operation: &str, r: AdminResult) -> Response<Full<Bytes>> {
+    let resp = r.unwrap_or_else(|p| {
+        let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        respond(
+            status,
+            "application/problem+json",
+            serde_json::to_vec(&p).unwrap_or_default(),
+        )
+    });
+    service.metrics().admin(operation, resp.status().as_u16());
+    resp
+}
+
+/// A fixed name per route, so that metrics labels stay few.
+fn operation_name(method: &Method, path: &str) -> &'static str {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method.as_str(), parts.as_slice()) {
+        ("GET", ["devices", _]) => "device-show",
+        ("POST", ["devices", _, "revoke"]) => "device-revoke",
+        ("POST", ["devices", _, "reset"]) => "device-reset",
+        ("POST", ["secrets", "rotate"]) => "secrets-rotate",
+        ("GET", ["lines"]) => "line-list",
+        ("POST", ["lines"]) => "line-add",
+        ("POST", ["lines", _, "disable"]) => "line-disable",
+        ("POST", ["lines", _, "enable"]) => "line-enable",
+        ("GET", ["audit"]) => "audit-export",
+        ("GET", ["audit", "verify"]) => "audit-verify",
+        ("GET", ["crl"]) => "crl",
+        ("GET", ["metrics"]) => "metrics",
+        ("GET", ["health"]) => "health",
+        _ => "other",
+    }
+}
+
+async fn route(
+    req: Request<Incoming>,
+    service: &CaService,
+    ctx: &AdminContext,
+    actor: &str,
+    path: &str,
+) -> AdminResult {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = req.method().clone();
+    let query = req.uri().query().unwrap_or("").to_string();
+    match (method.as_str(), parts.as_slice()) {
+        ("GET", ["health"]) => Ok(respond(StatusCode::OK, "text/plain", b"ok\n".to_vec())),
+        ("GET", ["metrics"]) => metrics(service, ctx),
+        ("GET", ["crl"]) => {
+            let crl = service
+                .crl()
+                .map_err(|p| AdminProblem::internal("CRL", p.detail))?;
+            Ok(respond(
+                StatusCode::OK,
+                "application/pkix-crl",
+                crl.der.to_vec(),
+            ))
+        }
+        ("GET", ["devices", serial]) => {
+            let serial = parse_serial(serial)?;
+            let view = device_view(service, serial)?;
+            service
+                .record_event("device-show", Some(serial), actor, String::new())
+                .await
+                .map_err(|e| AdminProblem::internal("audit", e))?;
+            json(StatusCode::OK, &view)
+        }
+        ("POST", ["devices", serial, "revoke"]) => {
+            let serial = parse_serial(serial)?;
+            service
+                .revoke(serial, actor)
+                .await
+                .map_err(|p| AdminProblem::internal("revoke", p.detail))?
+                .ok_or_else(|| AdminProblem::not_found(format!("no enrolled device {serial}")))?;
+            // Sign the new CRL now, so that it is ready before anyone asks.
+            let _ = service.crl();
+            json(StatusCode::OK, &device_view(service, serial)?)
+        }
+        ("POST", ["devices", serial, "reset"]) => {
+            let serial = parse_serial(serial)?;
+            service
+                .reset(serial, actor)
+                .await
+                .map_err(|p| AdminProblem::internal("reset", p.detail))?
+                .ok_or_else(|| AdminProblem::not_found(format!("no enrolled device {serial}")))?;
+            let _ = service.crl();
+            json(StatusCode::OK, &device_view(service, serial)?)
+        }
+        ("POST", ["secrets", "rotate"]) => {
+            let body: RotateRequest = read_json(req).await?;
+            rotate(service, body, actor).await
+        }
+        ("GET", ["lines"]) => {
+            let lines = service
+                .store()
+                .lines()
+                .map_err(|e| AdminProblem::internal("store", e))?;
+            json(
+                StatusCode::OK,
+                &lines.iter().map(line_view).collect::<Vec<_>>(),
+            )
+        }
+        ("POST", ["lines"]) => {
+            let body: AddLine = read_json(req).await?;
+            let range =
+                crate::lines::parse_range(&body.serials).map_err(AdminProblem::bad_request)?;
+            let line = crate::lines::new_line(
+                &body.id,
+                &body.public_key,
+                range,
+                body.quota,
+                service.now(),
+            )
+            .map_err(AdminProblem::bad_request)?;
+            if service
+                .store()
+                .line(&line.id)
+                .map_err(|e| AdminProblem::internal("store", e))?
+                .is_some()
+            {
+                return Err(AdminProblem::new(
+                    StatusCode::CONFLICT,
+                    format!("line {:?} already exists", line.id),
+                ));
+            }
+            let line = service.add_line(line, actor).await.map_err(|e| {
+                if e.contains("already exists") {
+                    AdminProblem::new(StatusCode::CONFLICT, e)
+                } else {
+                    AdminProblem::internal("line add", e)
+                }
+            })?;
+            json(StatusCode::CREATED, &line_view(&line))
+        }
+        ("POST", ["lines", id, action @ ("disable" | "enable")]) => {
+            let line = service
+                .set_line_active(id, *action == "enable", actor)
+                .await
+                .map_err(|e| AdminProblem::internal("line", e))?
+                .ok_or_else(|| AdminProblem::not_found(format!("no line {id:?}")))?;
+            json(StatusCode::OK, &line_view(&line))
+        }
+        ("GET", ["audit"]) => audit_page(service, &query, actor).await,
+        ("GET", ["audit", "verify"]) => {
+            let store = service.store().clone();
+            let verdict =
+                tokio::task::spawn_blocking(move || crate::audit::verify(store.audit_raw(0)))
+                    .await
+                    .map_err(|e| AdminProblem::internal("audit verify", e))?
+                    .map_err(|e| AdminProblem::internal("audit verify", e))?;
+            let detail = match &verdict.first_bad {
+                None => format!("ok entries={} head={}", verdict.entries, verdict.head),
+                Some(b) => format!("broken at entry {}: {}", b.seq, b.reason),
+            };
+            service
+                .record_event("audit-verify", None, actor, detail)
+                .await
+                .map_err(|e| AdminProblem::internal("audit", e))?;
+            json(StatusCode::OK, &verdict)
+        }
+        _ => Err(AdminProblem::not_found(format!(
+            "no admin resource {} {path}",
+            method
+        ))),
+    }
+}
+
+fn metrics(service: &CaService, ctx: &AdminContext) -> AdminResult {
+    use std::sync::atomic::Ordering::Relaxed;
+    let store = service.store();
+    let lines = store
+        .lines()
+        .map_err(|e| AdminProblem::internal("store", e))?;
+    let c = &ctx.coap;
+    let snapshot = Snapshot {
+        store_bytes: store.size_on_disk().unwrap_or(0),
+        revoked: service.revocations().count() as u64,
+        lines: lines
+            .iter()
+            .map(|l| (l.id.clone(), l.enrolled, l.quota))
+            .collect(),
+        coap: vec![
+            ("received", c.received.load(Relaxed)),
+            ("processed", c.processed.load(Relaxed)),
+            ("duplicates_answered", c.duplicates_answered.load(Relaxed)),
+            (
+                "duplicates_in_progress",
+                c.duplicates_in_progress.load(Relaxed),
+            ),
+            ("dropped_busy", c.dropped_busy.load(Relaxed)),
+            ("malformed", c.malformed.load(Relaxed)),
+            ("resets", c.resets.load(Relaxed)),
+        ],
+    };
+    let text = service
+        .metrics()
+        .encode(&snapshot)
+        .map_err(|e| AdminProblem::internal("metrics", e))?;
+    Ok(respond(
+        StatusCode::OK,
+        crate::metrics::CONTENT_TYPE,
+        text.into_bytes(),
+    ))
+}
+
+async fn rotate(service: &CaService, body: RotateRequest, actor: &str) -> AdminResult {
+    let serials: Vec<u64> = match (&body.serial, &body.line, body.all) {
+        (Some(s), None, false) => vec![*s],
+        (None, Some(line), false) => {
+            if service
+                .store()
+                .line(line)
+                .map_err(|e| AdminProblem::internal("store", e))?
+                .is_none()
+            {
+                return Err(AdminProblem::not_found(format!("no line {line:?}")));
+            }
+            devices_where(service, |d| d.line == *line)?
+        }
+        (None, None, true) => devices_where(service, |_| true)?,
+        _ => {
+            return Err(AdminProblem::bad_request(
+                "give exactly one of \"serial\", \"line\" or \"all\": true",
+            ));
+        }
+    };
+    let requested = serials.len() as u64;
+    let (done, failed) = service
+        .rotate_many(serials, actor)
+        .await
+        .map_err(|p| AdminProblem::internal("rotate", p.detail))?;
+    if body.serial.is_some()
+        && let Some((serial, p)) = failed.first()
+    {
+        let status = StatusCode::from_u16(p.kind.http_status())
+            .ok()
+            .filter(|_| p.kind != protocol_spec::ProblemType::UnknownDevice)
+            .unwrap_or(StatusCode::NOT_FOUND);
+        return Err(AdminProblem::new(
+            status,
+            format!("serial {serial}: {}", p.detail),
+        ));
+    }
+    json(
+        StatusCode::OK,
+        &RotateResult {
+            requested,
+            rotated: done.len() as u64,
+            versions: done
+                .iter()
+                .take(100)
+                .map(|r| RotatedVersion {
+                    serial: r.serial,
+                    key_id: r.key_id.clone(),
+                    version: r.version,
+                })
+                .collect(),
+            failed: failed
+                .into_iter()
+                .map(|(serial, p)| RotateFailure {
+                    serial,
+                    problem: p.kind.to_string(),
+                    detail: p.detail,
+                })
+                .collect(),
+        },
+    )
+}
+
+fn devices_where(
+    service: &CaService,
+    keep: impl Fn(&DeviceRecord) -> bool,
+) -> Result<Vec<u64>, AdminProblem> {
+    let mut out = Vec::new();
+    for d in service.store().devices() {
+        let d = d.map_err(|e| AdminProblem::internal("store", e))?;
+        if d.status == DeviceStatus::Active && keep(&d) {
+            out.push(d.serial);
+        }
+    }
+    Ok(out)
+}
+
+async fn audit_page(service: &CaService, query: &str, actor: &str) -> AdminResult {
+    let mut after = 0u64;
+    let mut limit = 1000usize;
+    for kv in query.split('&').filter(|s| !s.is_empty()) {
+        match kv.split_once('=') {
+            Some(("after", v)) => {
+                after = v.parse().map_err(|_| {
+                    AdminProblem::bad_request(format!("after={v:?} is not a number"))
+                })?;
+            }
+            Some(("limit", v)) => {
+                limit = v.parse().map_err(|_| {
+                    AdminProblem::bad_request(format!("limit={v:?} is not a number"))
+                })?;
+            }
+            _ => {
+                return Err(AdminProblem::bad_request(format!(
+                    "unknown query parameter {kv:?}"
+                )));
+            }
+        }
+    }
+    let limit = limit.clamp(1, MAX_AUDIT_PAGE);
+    if after == 0 {
+        service
+            .record_event("audit-export", None, actor, String::new())
+            .await
+            .map_err(|e| AdminProblem::internal("audit", e))?;
+    }
+    let mut out = Vec::new();
+    for item in service.store().audit_raw(after).take(limit) {
+        let (_, v) = item.map_err(|e| AdminProblem::internal("store", e))?;
+        let e = from_cbor(&v).map_err(|e| AdminProblem::internal("audit entry", e))?;
+        serde_json::to_writer(&mut out, &AuditLine::from(&e))
+            .map_err(|e| AdminProblem::internal("json", e))?;
+        out.push(b'\n');
+    }
+    Ok(respond(StatusCode::OK, "application/x-ndjson", out))
+}
+
+/// A device's full record as an operator sees it.
+pub fn device_view(service: &CaService, serial: u64) -> Result<DeviceView, AdminProblem> {
+    let store = service.store();
+    let err = |e| AdminProblem::internal("store", e);
+    let current = store.device(serial).map_err(err)?;
+    let history = store.history(serial).map_err(err)?;
+    if current.is_none() && history.is_empty() {
+        return Err(AdminProblem::not_found(format!("no device {serial}")));
+    }
+    let secrets = store.secret_versions(serial).map_err(err)?;
+    Ok(DeviceView {
+        serial,
+        status: match &current {
+            Some(d) if d.status == DeviceStatus::Revoked => "revoked",
+            Some(_) => "active",
+            None => "reset",
+        }
+        .to_string(),
+        binding: current.as_ref().map(binding_view),
+        secrets: secrets.iter().map(secret_view).collect(),
+        history: history.iter().map(reset_view).collect(),
+    })
+}
+
+fn fingerprint(spki: &[u8]) -> String {
+    format!(
+        "sha256:{}",
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, spki))
+    )
+}
+
+fn binding_view(d: &DeviceRecord) -> BindingView {
+    BindingView {
+        key_fingerprint: fingerprint(&d.spki),
+        key_algorithm: PublicKey::from_spki_der(&d.spki)
+            .map(|k| k.algorithm.to_string())
+            .unwrap_or_else(|_| "unknown".into()),
+        line: d.line.clone(),
+        token_id: hex::encode(&d.token_id),
+        enrolled_at: d.enrolled_at,
+        enrolled: rfc3339(d.enrolled_at),
+        revoked_at: d.revoked_at,
+        certificate: cert_pem(&d.certificate),
+    }
+}
+
+fn secret_view(s: &SecretRecord) -> SecretView {
+    SecretView {
+        key_id: s.key_id.clone(),
+        version: s.version,
+        source: s.source.clone(),
+        kcv: hex::encode(&s.kcv),
+        created_at: s.created_at,
+        delivered_at: s.delivered_at,
+        confirmed_at: s.confirmed_at,
+        retired_at: s.retired_at,
+    }
+}
+
+fn reset_view(r: &ResetRecord) -> ResetView {
+    ResetView {
+        reset_at: r.reset_at,
+        actor: r.actor.clone(),
+        status: match r.device.status {
+            DeviceStatus::Active => "active",
+            DeviceStatus::Revoked => "revoked",
+        }
+        .to_string(),
+        binding: binding_view(&r.device),
+    }
+}
+
+/// A line as an operator sees it.
+pub fn line_view(l: &LineRecord) -> LineView {
+    LineView {
+        id: l.id.clone(),
+        first_serial: l.first_serial,
+        last_serial: l.last_serial,
+        quota: l.quota,
+        enrolled: l.enrolled,
+        active: l.active,
+        key_fingerprint: fingerprint(&l.public_key),
+        created_at: l.created_at,
+    }
+}
+
+fn parse_serial(s: &str) -> Result<u64, AdminProblem> {
+    s.parse::<u64>()
+        .ok()
+        .filter(|s| *s > 0)
+        .ok_or_else(|| AdminProblem::bad_request(format!("{s:?} is not a device serial")))
+}
+
+fn json<T: Serialize>(status: StatusCode, v: &T) -> AdminResult {
+    let body = serde_json::to_vec(v).map_err(|e| AdminProblem::internal("json", e))?;
+    Ok(respond(status, "application/json", body))
+}
+
+async fn read_json<T: for<'de> Deserialize<'de>>(
+    req: Request<Incoming>,
+) -> Result<T, AdminProblem> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| {
+            AdminProblem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body over {MAX_BODY} bytes, or unreadable"),
+            )
+        })?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| AdminProblem::bad_request(format!("request body: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operation_names_are_fixed() {
+        assert_eq!(operation_name(&Method::GET, "/devices/17"), "device-show");
+        assert_eq!(
+            operation_name(&Method::POST, "/devices/17/revoke"),
+            "device-revoke"
+        );
+        assert_eq!(
+            operation_name(&Method::POST, "/lines/L1/disable"),
+            "line-disable"
+        );
+        assert_eq!(operation_name(&Method::GET, "/nothing/here"), "other");
+    }
+
+    #[test]
+    fn serials_are_positive_numbers() {
+        assert_eq!(parse_serial("17").ok(), Some(17));
+        assert!(parse_serial("0").is_err());
+        assert!(parse_serial("x").is_err());
+        assert!(parse_serial("-1").is_err());
+    }
+}

@@ -1,0 +1,185 @@
+//! The audit log's outside view: export as JSON lines, and verification of the hash chain.
+//!
+//! Every entry carries the SHA-256 of the previous entry (`prev_hash`) and its own (`hash`,
+//! computed with `hash` empty), so a changed entry is named by itself: its content no longer
+//! matches its hash; an entry rewritten with a fresh hash no longer matches its successor's
+//! `prev_hash`; a removed entry leaves a gap in the sequence numbers. Only the newest entry can
+//! be rewritten without a trace inside the log, so `audit verify` prints the head hash for the
+//! operator to record elsewhere (a later verification shows whether it is still in the chain).
+
+use serde::{Deserialize, Serialize};
+
+use crate::records::{AuditEntry, from_cbor};
+use crate::store::{RawAudit, StoreError};
+
+/// One audit entry as exported (`audit export`, JSON lines).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditLine {
+    /// Position in the log, from 1.
+    pub seq: u64,
+    /// Unix seconds.
+    pub at: u64,
+    /// `at` as RFC 3339 UTC.
+    pub time: String,
+    /// What happened.
+    pub event: String,
+    /// The device concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<u64>,
+    /// Who caused it: a line id, `device`, `operator:NAME`, `cli`.
+    pub actor: String,
+    /// Event facts (never a secret).
+    pub detail: String,
+    /// Hash of the previous entry, hex.
+    pub prev_hash: String,
+    /// This entry's hash, hex.
+    pub hash: String,
+}
+
+impl From<&AuditEntry> for AuditLine {
+    fn from(e: &AuditEntry) -> Self {
+        AuditLine {
+            seq: e.seq,
+            at: e.at,
+            time: rfc3339(e.at),
+            event: e.event.clone(),
+            serial: e.serial,
+            actor: e.actor.clone(),
+            detail: e.detail.clone(),
+            prev_hash: hex::encode(&e.prev_hash),
+            hash: hex::encode(&e.hash),
+        }
+    }
+}
+
+/// The result of verifying the chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditVerdict {
+    /// Entries checked (up to and including the first bad one).
+    pub entries: u64,
+    /// The hash of the last good entry, hex (what an operator records to detect a rewritten
+    /// tail later).
+    pub head: String,
+    /// The first entry that does not match, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_bad: Option<BadEntry>,
+}
+
+/// An entry that breaks the chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BadEntry {
+    /// Its sequence number (where it should be).
+    pub seq: u64,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl AuditVerdict {
+    /// Whether the whole chain verified.
+    pub fn ok(&self) -> bool {
+        self.first_bad.is_none()
+    }
+}
+
+/// Recomputes the chain over `entries` (as stored, in key order, from the first) and names the
+/// first entry that does not match. A store read failure is an error, not a verdict.
+pub fn verify<I>(entries: I) -> Result<AuditVerdict, StoreError>
+where
+    I: IntoIterator<Item = Result<RawAudit, StoreError>>,
+{
+    let mut prev = [0u8; 32];
+    let mut count = 0u64;
+    let bad = |seq: u64, count: u64, prev: &[u8; 32], reason: String| AuditVerdict {
+        entries: count,
+        head: hex::encode(prev),
+        first_bad: Some(BadEntry { seq, reason }),
+    };
+    for item in entries {
+        let (key, value) = item?;
+        let expected = count + 1;
+        let Some(key_seq) = <[u8; 8]>::try_from(key.as_slice())
+            .ok()
+            .map(u64::from_be_bytes)
+        else {
+            return Ok(bad(
+                expected,
+                count + 1,
+                &prev,
+                format!("entry key {} is not a sequence number", hex::encode(&key)),
+            ));
+        };
+        if key_seq != expected {
+            return Ok(bad(
+                expected,
+                count,
+                &prev,
+                format!("entry {expected} is missing (the next entry found is {key_seq})"),
+            ));
+        }
+        count += 1;
+        let entry: AuditEntry = match from_cbor(&value) {
+            Ok(e) => e,
+            Err(e) => {
+                return Ok(bad(
+                    key_seq,
+                    count,
+                    &prev,
+                    format!("entry {key_seq} does not decode: {e}"),
+                ));
+            }
+        };
+        if entry.seq != key_seq {
+            return Ok(bad(
+                key_seq,
+                count,
+                &prev,
+                format!("entry {key_seq} claims sequence number {}", entry.seq),
+            ));
+        }
+        let computed = entry.compute_hash();
+        if entry.hash != computed {
+            return Ok(bad(
+                key_seq,
+                count,
+                &prev,
+                format!(
+                    "entry {key_seq}'s content does not match its hash (changed after it was written)"
+                ),
+            ));
+        }
+        if entry.prev_hash != prev {
+            return Ok(bad(
+                key_seq,
+                count,
+                &prev,
+                if key_seq == 1 {
+                    "entry 1 does not start the chain (prev_hash is not zero)".to_string()
+                } else {
+                    format!(
+                        "entry {key_seq} does not follow entry {} (its prev_hash differs: entry {} was rewritten, or this one was)",
+                        key_seq - 1,
+                        key_seq - 1
+                    )
+                },
+            ));
+        }
+        prev = computed;
+    }
+    Ok(AuditVerdict {
+        entries: count,
+        head: hex::encode(prev),
+        first_bad: None,
+    })
+}
+
+/// Unix seconds as RFC 3339 UTC (`2026-11-25T06:02:40Z`).
+pub fn rfc3339(t: u64) -> String {
+    i64::try_from(t)
+        .ok()
+        .and_then(|t| ::time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .and_then(|d| {
+            d.format(&::time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("@{t}"))
+}

@@ -1,0 +1,209 @@
+//! Operators: people (and scripts) who run the CA through the admin API, authenticated by
+//! mutual-TLS certificates of their own.
+//!
+//! Operator certificates come from a separate operator CA (`operators-ca.pem`, made by `init`
+//! or by the first `operator add`), never from the device CA. The two doors trust different
+//! roots, so a device certificate cannot complete the admin handshake and an operator
+//! certificate cannot complete the device door's. On top of that the admin door checks the
+//! operator profile ([`operator_name`]): subject `O=Imprint, OU=operators, CN=<name>`, no
+//! serialNumber attribute, extKeyUsage clientAuth, not a CA. Device certificates carry a
+//! serialNumber attribute and come from the other root, so they satisfy neither check.
+
+use std::path::{Path, PathBuf};
+
+use protocol_spec::{KeyAlgorithm, KeyPair};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyUsagePurpose, SerialNumber,
+};
+use ring::rand::{SecureRandom, SystemRandom};
+use x509_parser::der_parser::oid::Oid;
+use x509_parser::prelude::*;
+
+use crate::config::CaDir;
+use crate::setup::write_new;
+
+/// The organisation and unit every operator certificate carries in its subject.
+pub const OPERATOR_ORG: &str = "Imprint";
+/// See [`OPERATOR_ORG`].
+pub const OPERATOR_UNIT: &str = "operators";
+
+/// Creates the operator CA of a CA folder if it has none. Returns whether it created it.
+pub fn ensure_operator_ca(dir: &CaDir, now: u64) -> Result<bool, String> {
+    if dir.operator_ca_cert().exists() {
+        return Ok(false);
+    }
+    let rng = SystemRandom::new();
+    let key = KeyPair::generate(KeyAlgorithm::P256, &rng).map_err(|e| e.to_string())?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name
+        .push(DnType::OrganizationName, OPERATOR_ORG);
+    p.distinguished_name
+        .push(DnType::CommonName, "Imprint operator CA");
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.serial_number = Some(random_serial(&rng)?);
+    let start = at(now.saturating_sub(300))?;
+    p.not_before = start;
+    p.not_after = start + ::time::Duration::days(3650);
+    let cert = p
+        .self_signed(&key.rcgen_signer(&rng))
+        .map_err(|e| format!("operator CA: {e}"))?;
+    write_new(&dir.operator_ca_key(), key.to_pem().as_bytes(), 0o600)?;
+    write_new(&dir.operator_ca_cert(), cert.pem().as_bytes(), 0o644)?;
+    Ok(true)
+}
+
+/// Files written for a new operator.
+#[derive(Debug, Clone)]
+pub struct OperatorFiles {
+    /// The certificate, PEM.
+    pub cert: PathBuf,
+    /// The private key, PEM, mode 0600.
+    pub key: PathBuf,
+}
+
+/// Issues an operator certificate (P-256 key, valid `days` from now) from the operator CA and
+/// writes `NAME.pem` and `NAME.key.pem` (0600) into `out`, refusing to overwrite.
+pub fn add_operator(
+    dir: &CaDir,
+    name: &str,
+    days: u32,
+    out: &Path,
+    now: u64,
+) -> Result<OperatorFiles, String> {
+    check_name(name)?;
+    if days == 0 {
+        return Err("--days must be at least 1".into());
+    }
+    ensure_operator_ca(dir, now)?;
+    let rng = SystemRandom::new();
+    let ca_key_pem = std::fs::read_to_string(dir.operator_ca_key())
+        .map_err(|e| format!("{}: {e}", dir.operator_ca_key().display()))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem, &rng)
+        .map_err(|e| format!("{}: {e}", dir.operator_ca_key().display()))?;
+    let ca_pem = std::fs::read_to_string(dir.operator_ca_cert())
+        .map_err(|e| format!("{}: {e}", dir.operator_ca_cert().display()))?;
+    let ca_der = protocol_spec::profile::cert_from_pem(&ca_pem)
+        .ok_or_else(|| format!("{}: no CERTIFICATE", dir.operator_ca_cert().display()))?;
+    let issuer = Issuer::from_ca_cert_der(&ca_der.into(), ca_key.rcgen_signer(&rng))
+        .map_err(|e| format!("{}: {e}", dir.operator_ca_cert().display()))?;
+
+    let key = KeyPair::generate(KeyAlgorithm::P256, &rng).map_err(|e| e.to_string())?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name
+        .push(DnType::OrganizationName, OPERATOR_ORG);
+    p.distinguished_name
+        .push(DnType::OrganizationalUnitName, OPERATOR_UNIT);
+    p.distinguished_name
+        .push(DnType::CommonName, DnValue::Utf8String(name.to_string()));
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.use_authority_key_identifier_extension = true;
+    p.serial_number = Some(random_serial(&rng)?);
+    let start = at(now.saturating_sub(300))?;
+    p.not_before = start;
+    p.not_after = start + ::time::Duration::days(i64::from(days));
+    let cert = p
+        .signed_by(&key.rcgen_signer(&rng), &issuer)
+        .map_err(|e| format!("operator certificate: {e}"))?;
+
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let files = OperatorFiles {
+        cert: out.join(format!("{name}.pem")),
+        key: out.join(format!("{name}.key.pem")),
+    };
+    for f in [&files.cert, &files.key] {
+        if f.exists() {
+            return Err(format!(
+                "{} exists; an operator name is issued once (choose another name)",
+                f.display()
+            ));
+        }
+    }
+    write_new(&files.key, key.to_pem().as_bytes(), 0o600)?;
+    write_new(&files.cert, cert.pem().as_bytes(), 0o600)?;
+    Ok(files)
+}
+
+/// The operator a client certificate names, if it has the operator profile (the chain to the
+/// operator CA was already checked by the TLS layer).
+pub fn operator_name(der: &[u8]) -> Result<String, String> {
+    let (_, cert) =
+        parse_x509_certificate(der).map_err(|_| "the certificate does not parse".to_string())?;
+    let subject = cert.subject();
+    if subject
+        .iter_by_oid(&oid_registry::OID_X509_SERIALNUMBER)
+        .next()
+        .is_some()
+    {
+        return Err("a device certificate is not an operator certificate".into());
+    }
+    fn first(subject: &X509Name<'_>, oid: &Oid<'_>) -> Option<String> {
+        subject
+            .iter_by_oid(oid)
+            .next()
+            .and_then(|a| a.as_str().ok())
+            .map(str::to_string)
+    }
+    let attr = |oid: Oid<'static>| first(subject, &oid);
+    if attr(oid_registry::OID_X509_ORGANIZATIONAL_UNIT).as_deref() != Some(OPERATOR_UNIT)
+        || attr(oid_registry::OID_X509_ORGANIZATION_NAME).as_deref() != Some(OPERATOR_ORG)
+    {
+        return Err(format!(
+            "the subject is not O={OPERATOR_ORG}, OU={OPERATOR_UNIT}"
+        ));
+    }
+    let name = attr(oid_registry::OID_X509_COMMON_NAME)
+        .ok_or_else(|| "the subject has no common name".to_string())?;
+    check_name(&name)?;
+    let client_auth = cert
+        .extended_key_usage()
+        .ok()
+        .flatten()
+        .is_some_and(|e| e.value.client_auth);
+    if !client_auth {
+        return Err("the certificate is not for client authentication".into());
+    }
+    if cert.is_ca() {
+        return Err("a CA certificate is not an operator certificate".into());
+    }
+    Ok(name)
+}
+
+/// Operator names: 1 to 64 characters of `A-Z a-z 0-9 . _ - @`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "operator name {name:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ - @"
+        ))
+    }
+}
+
+fn random_serial(rng: &SystemRandom) -> Result<SerialNumber, String> {
+    let mut b = [0u8; 16];
+    rng.fill(&mut b)
+        .map_err(|_| "random generator failed".to_string())?;
+    b[0] &= 0x7f;
+    b[0] |= 0x01;
+    Ok(SerialNumber::from_slice(&b))
+}
+
+fn at(t: u64) -> Result<::time::OffsetDateTime, String> {
+    i64::try_from(t)
+        .ok()
+        .and_then(|t| ::time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .ok_or_else(|| format!("time {t} out of range"))
+}

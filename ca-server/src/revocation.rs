@@ -1,0 +1,99 @@
+//! Revocation: the set of revoked serials the mutual-TLS door consults at every handshake, and
+//! the CRL published at `GET /crl`, signed by the CA and regenerated when something is revoked.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
+
+/// How long a CRL is valid (nextUpdate - thisUpdate), seconds: 7 days.
+pub const CRL_VALIDITY: u64 = 7 * 86_400;
+/// A CRL older than this is signed again when asked for, seconds: 1 day.
+pub const CRL_REFRESH: u64 = 86_400;
+
+/// The revoked serials and the current CRL.
+#[derive(Debug, Default)]
+pub struct Revocations {
+    revoked: RwLock<HashSet<u64>>,
+    crl: Mutex<CrlState>,
+}
+
+#[derive(Debug, Default)]
+struct CrlState {
+    current: Option<Crl>,
+    last_number: u64,
+}
+
+/// A signed CRL.
+#[derive(Debug, Clone)]
+pub struct Crl {
+    /// DER.
+    pub der: Arc<Vec<u8>>,
+    /// thisUpdate, Unix seconds.
+    pub this_update: u64,
+    /// The CRL number.
+    pub number: u64,
+}
+
+impl Revocations {
+    /// The set loaded from the store's list.
+    pub fn new(revoked: impl IntoIterator<Item = u64>) -> Self {
+        Revocations {
+            revoked: RwLock::new(revoked.into_iter().collect()),
+            crl: Mutex::new(CrlState::default()),
+        }
+    }
+
+    /// Whether `serial` is revoked.
+    pub fn is_revoked(&self, serial: u64) -> bool {
+        self.revoked
+            .read()
+            .map(|s| s.contains(&serial))
+            .unwrap_or(true)
+    }
+
+    /// How many serials are revoked.
+    pub fn count(&self) -> usize {
+        self.revoked.read().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// Records a change and drops the current CRL, so that the next request signs a new one.
+    pub fn set(&self, serial: u64, revoked: bool) {
+        if let Ok(mut s) = self.revoked.write() {
+            if revoked {
+                s.insert(serial);
+            } else {
+                s.remove(&serial);
+            }
+        }
+        if let Ok(mut c) = self.crl.lock() {
+            c.current = None;
+        }
+    }
+
+    /// The current CRL, or a new one from `sign(number)` when there is none or it is older
+    /// than [`CRL_REFRESH`]. CRL numbers only grow: the signing time in seconds, or one more
+    /// than the last when two CRLs are signed within a second.
+    pub fn crl<F>(&self, now: u64, sign: F) -> Result<Crl, String>
+    where
+        F: FnOnce(u64) -> Result<Vec<u8>, String>,
+    {
+        let mut state = self
+            .crl
+            .lock()
+            .map_err(|_| "CRL lock poisoned".to_string())?;
+        if let Some(c) = &state.current
+            && now.saturating_sub(c.this_update) < CRL_REFRESH
+        {
+            return Ok(c.clone());
+        }
+        let number = now.max(state.last_number + 1);
+        let der = sign(number)?;
+        let crl = Crl {
+            der: Arc::new(der),
+            this_update: now,
+            number,
+        };
+        state.last_number = number;
+        state.current = Some(crl.clone());
+        Ok(crl)
+    }
+}

@@ -1,0 +1,729 @@
+//! The operator surface on real sockets: operator certificates at the admin door, every
+//! `ca-server` admin subcommand against a running server, revocation at the handshake and in
+//! the CRL (checked with openssl), the audit chain, and the metrics (checked by a parser).
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use ca_server::admin::{DeviceView, LineView, RotateResult};
+use ca_server::audit::{AuditLine, AuditVerdict};
+use ca_server::server::RunningServer;
+use common::{Line, TestCa};
+use device_agent::AgentError;
+use device_agent::enroll::{accept_response, build_request};
+use device_agent::secrets::{SyncOutcome, mtls_client, sync};
+use device_agent::state::DeviceState;
+use device_agent::url::CaUrl;
+use protocol_spec::messages::ResponseForm;
+use protocol_spec::profile::{CertProfile, cert_pem};
+use protocol_spec::{DeviceSerial, KeyAlgorithm, ProblemType, PublicKey};
+use ring::rand::SystemRandom;
+
+/// Enrolls `serial` over CoAP with a fresh key; the state is ready for the secrets door.
+async fn enroll(
+    ca: &TestCa,
+    server: &RunningServer,
+    line: &Line,
+    serial: u64,
+    alg: KeyAlgorithm,
+) -> Result<DeviceState, AgentError> {
+    let rng = SystemRandom::new();
+    let mut s = DeviceState::generate(DeviceSerial::new(serial).unwrap(), alg, &rng).unwrap();
+    let token = line.token(serial, &s.key.spki_der());
+    let req = build_request(&s, &token, ResponseForm::Compact, &rng)
+        .unwrap()
+        .to_cbor();
+    let client = device_agent::coap::CoapClient::new(
+        CaUrl::parse(&format!("coap://{}", server.coap.unwrap())).unwrap(),
+    );
+    let resp = client.enroll_once(req).await?;
+    let profile = CertProfile::from_ca_der(&ca.ca_der).unwrap();
+    s.certificate = Some(accept_response(&s, &profile, &resp)?);
+    s.ca_certificate = Some(ca.ca_der.clone());
+    Ok(s)
+}
+
+async fn sync_secret(server: &RunningServer, dev: &mut DeviceState) -> SyncOutcome {
+    let url = CaUrl::parse(&format!("https://{}", server.mtls.unwrap())).unwrap();
+    let client = mtls_client(url, dev).unwrap();
+    sync(&client, dev, |_| Ok(())).await.unwrap()
+}
+
+/// The operator's files and the server's addresses, for running `ca-server` as a user would.
+struct Operator {
+    cert: PathBuf,
+    key: PathBuf,
+    ca_cert: PathBuf,
+    admin: String,
+}
+
+impl Operator {
+    fn add(ca: &TestCa, server: &RunningServer, name: &str) -> Self {
+        let out = run(&[
+            "operator",
+            "add",
+            "--dir",
+            ca.root().to_str().unwrap(),
+            name,
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let ops = ca.dir.operators();
+        let cert = ops.join(format!("{name}.pem"));
+        let key = ops.join(format!("{name}.key.pem"));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        Operator {
+            cert,
+            key,
+            ca_cert: ca.ca_pem_path(),
+            admin: format!("https://{}", server.admin.unwrap()),
+        }
+    }
+
+    /// Runs `ca-server ARGS` with this operator's credentials in the environment.
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_ca-server"))
+            .args(args)
+            .env("IMPRINT_ADMIN", &self.admin)
+            .env("IMPRINT_OPERATOR_CERT", &self.cert)
+            .env("IMPRINT_OPERATOR_KEY", &self.key)
+            .env("IMPRINT_CA_CERT", &self.ca_cert)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs and expects success; stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "ca-server {args:?}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        stdout(&out)
+    }
+
+    fn json<T: for<'de> serde::Deserialize<'de>>(&self, args: &[&str]) -> T {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    fn curl(&self, url: &str) -> Output {
+        curl(url, &self.ca_cert, Some((&self.cert, &self.key)))
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ca-server"))
+        .args(args)
+        .env_remove("IMPRINT_ADMIN")
+        .output()
+        .unwrap()
+}
+
+fn curl(url: &str, ca: &Path, client: Option<(&Path, &Path)>) -> Output {
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--fail-with-body", "--cacert"]).arg(ca);
+    if let Some((cert, key)) = client {
+        c.arg("--cert").arg(cert).arg("--key").arg(key);
+    }
+    c.arg(url).output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn write_device_files(dir: &Path, dev: &DeviceState) -> (PathBuf, PathBuf) {
+    let cert = dir.join(format!("dev{}.pem", dev.serial.get()));
+    let key = dir.join(format!("dev{}.key", dev.serial.get()));
+    std::fs::write(&cert, cert_pem(dev.certificate.as_ref().unwrap())).unwrap();
+    std::fs::write(&key, dev.key.to_pem().as_bytes()).unwrap();
+    (cert, key)
+}
+
+async fn setup() -> (TestCa, Line, RunningServer) {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 1000, None);
+    let server = ca.start().await;
+    (ca, line, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_and_device_certificates_stay_at_their_own_doors() {
+    let (ca, line, server) = setup().await;
+    let op = tokio::task::block_in_place(|| Operator::add(&ca, &server, "alice"));
+    let dev = enroll(&ca, &server, &line, 7, KeyAlgorithm::P256)
+        .await
+        .unwrap();
+    let (dev_cert, dev_key) = write_device_files(ca.tmp.path(), &dev);
+    let admin = server.admin.unwrap();
+    let mtls = server.mtls.unwrap();
+    tokio::task::block_in_place(|| {
+        // The operator at the admin door: in.
+        let out = op.curl(&format!("https://{admin}/health"));
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stdout(&out), "ok\n");
+        // A device certificate at the admin door: the handshake fails (another root).
+        let out = curl(
+            &format!("https://{admin}/health"),
+            &ca.ca_pem_path(),
+            Some((&dev_cert, &dev_key)),
+        );
+        assert!(!out.status.success(), "a device got into the admin API");
+        // No certificate at all: refused too.
+        let out = curl(&format!("https://{admin}/health"), &ca.ca_pem_path(), None);
+        assert!(!out.status.success());
+        // The CLI with a device's certificate as operator certificate: refused, and it says
+        // so.
+        let out = Command::new(env!("CARGO_BIN_EXE_ca-server"))
+            .args(["device", "show", "7"])
+            .env("IMPRINT_ADMIN", &op.admin)
+            .env("IMPRINT_OPERATOR_CERT", &dev_cert)
+            .env("IMPRINT_OPERATOR_KEY", &dev_key)
+            .env("IMPRINT_CA_CERT", &op.ca_cert)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("admin API"), "{}", stderr(&out));
+        // The operator at the secrets door: the handshake fails (operator CA not trusted).
+        let out = curl(
+            &format!("https://{mtls}/secret"),
+            &ca.ca_pem_path(),
+            Some((&op.cert, &op.key)),
+        );
+        assert!(!out.status.success(), "an operator got a secret");
+        // The device at its own door: in.
+        let out = curl(
+            &format!("https://{mtls}/secret"),
+            &ca.ca_pem_path(),
+            Some((&dev_cert, &dev_key)),
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+    });
+    // The operator profile refuses a device certificate even on its own (belt and braces).
+    let why = ca_server::operators::operator_name(dev.certificate.as_ref().unwrap()).unwrap_err();
+    assert!(why.contains("device certificate"), "{why}");
+    let op_der =
+        protocol_spec::profile::cert_from_pem(&std::fs::read_to_string(&op.cert).unwrap()).unwrap();
+    assert_eq!(
+        ca_server::operators::operator_name(&op_der).unwrap(),
+        "alice"
+    );
+    // A second operator of the same name is refused: names are issued once.
+    let out = run(&[
+        "operator",
+        "add",
+        "--dir",
+        ca.root().to_str().unwrap(),
+        "alice",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("exists"), "{}", stderr(&out));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_subcommand_against_a_running_server() {
+    let (ca, line, server) = setup().await;
+    let op = tokio::task::block_in_place(|| Operator::add(&ca, &server, "ops.bob"));
+    let mut dev = enroll(&ca, &server, &line, 10, KeyAlgorithm::Ed25519)
+        .await
+        .unwrap();
+    let mut other = enroll(&ca, &server, &line, 11, KeyAlgorithm::P256)
+        .await
+        .unwrap();
+    assert!(matches!(
+        sync_secret(&server, &mut dev).await,
+        SyncOutcome::Stored { .. }
+    ));
+    sync_secret(&server, &mut other).await;
+
+    // device show: the binding and version 1 delivered and confirmed.
+    let v: DeviceView = tokio::task::block_in_place(|| op.json(&["device", "show", "10"]));
+    assert_eq!(v.status, "active");
+    let b = v.binding.as_ref().unwrap();
+    let spki_hash = hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        &dev.key.spki_der(),
+    ));
+    assert_eq!(b.key_fingerprint, format!("sha256:{spki_hash}"));
+    assert_eq!(b.line, "line-1");
+    assert_eq!(b.key_algorithm, "ed25519");
+    assert_eq!(
+        protocol_spec::profile::cert_from_pem(&b.certificate).unwrap(),
+        dev.certificate.clone().unwrap()
+    );
+    assert_eq!(v.secrets.len(), 1);
+    assert_eq!(v.secrets[0].key_id, dev.secrets[0].key_id);
+    assert!(v.secrets[0].delivered_at.is_some() && v.secrets[0].confirmed_at.is_some());
+
+    // rotate one device, the device picks it up; the record keeps both versions.
+    let r: RotateResult =
+        tokio::task::block_in_place(|| op.json(&["secrets", "rotate", "--serial", "10"]));
+    assert_eq!((r.requested, r.rotated), (1, 1));
+    assert_eq!(r.versions[0].version, 2);
+    let v: DeviceView = tokio::task::block_in_place(|| op.json(&["device", "show", "10"]));
+    assert_eq!(v.secrets.len(), 2);
+    assert!(v.secrets[1].delivered_at.is_none(), "pending until fetched");
+    assert!(matches!(
+        sync_secret(&server, &mut dev).await,
+        SyncOutcome::Stored { .. }
+    ));
+    let v: DeviceView = tokio::task::block_in_place(|| op.json(&["device", "show", "10"]));
+    assert_eq!(
+        v.secrets
+            .iter()
+            .map(|s| (
+                s.version,
+                s.delivered_at.is_some(),
+                s.confirmed_at.is_some()
+            ))
+            .collect::<Vec<_>>(),
+        vec![(1, true, true), (2, true, true)]
+    );
+    assert_eq!(v.secrets[1].key_id, r.versions[0].key_id);
+    // The human form shows the same facts and the certificate, never a secret.
+    let text = tokio::task::block_in_place(|| op.ok(&["device", "show", "10"]));
+    assert!(text.contains(&format!("sha256:{spki_hash}")), "{text}");
+    assert!(text.contains(&r.versions[0].key_id), "{text}");
+    assert!(text.contains("BEGIN CERTIFICATE"), "{text}");
+    for s in &dev.secrets {
+        let secret = s.secret.as_ref();
+        assert!(!text.contains(&hex::encode(secret)));
+    }
+
+    // rotate a line and all: every active device of the line gets a new pending version.
+    let r: RotateResult =
+        tokio::task::block_in_place(|| op.json(&["secrets", "rotate", "--line", "line-1"]));
+    assert_eq!((r.requested, r.rotated), (2, 2));
+    let r: RotateResult = tokio::task::block_in_place(|| op.json(&["secrets", "rotate", "--all"]));
+    assert_eq!((r.requested, r.rotated), (2, 2));
+    let out = tokio::task::block_in_place(|| op.run(&["secrets", "rotate", "--line", "nope"]));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no line"), "{}", stderr(&out));
+
+    // lines: add, list, disable (its tokens are refused at once), enable.
+    let line2 = Line::new("line-2", KeyAlgorithm::P256);
+    let pem_path = ca.tmp.path().join("line-2.pub.pem");
+    std::fs::write(&pem_path, PublicKey::from(&line2.key).to_pem()).unwrap();
+    let added: LineView = tokio::task::block_in_place(|| {
+        op.json(&[
+            "line",
+            "add",
+            "--id",
+            "line-2",
+            "--public-key",
+            pem_path.to_str().unwrap(),
+            "--serials",
+            "2000-2999",
+            "--quota",
+            "10",
+        ])
+    });
+    assert_eq!(
+        (added.first_serial, added.last_serial, added.quota),
+        (2000, 2999, 10)
+    );
+    let dup = tokio::task::block_in_place(|| {
+        op.run(&[
+            "line",
+            "add",
+            "--id",
+            "line-2",
+            "--public-key",
+            pem_path.to_str().unwrap(),
+            "--serials",
+            "2000-2999",
+        ])
+    });
+    assert!(!dup.status.success());
+    assert!(stderr(&dup).contains("already exists"), "{}", stderr(&dup));
+    enroll(&ca, &server, &line2, 2000, KeyAlgorithm::Ed25519)
+        .await
+        .unwrap();
+    let lines: Vec<LineView> = tokio::task::block_in_place(|| op.json(&["line", "list"]));
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| (l.id.as_str(), l.enrolled, l.active))
+            .collect::<Vec<_>>(),
+        vec![("line-1", 2, true), ("line-2", 1, true)]
+    );
+    let listed = tokio::task::block_in_place(|| op.ok(&["line", "list"]));
+    assert!(
+        listed.contains("line-2") && listed.contains("2000-2999"),
+        "{listed}"
+    );
+    let l: LineView = tokio::task::block_in_place(|| op.json(&["line", "disable", "line-2"]));
+    assert!(!l.active);
+    match enroll(&ca, &server, &line2, 2001, KeyAlgorithm::Ed25519).await {
+        Err(AgentError::Refused(p)) => assert_eq!(p.kind, ProblemType::LineUnknown),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    let l: LineView = tokio::task::block_in_place(|| op.json(&["line", "enable", "line-2"]));
+    assert!(l.active);
+    enroll(&ca, &server, &line2, 2001, KeyAlgorithm::Ed25519)
+        .await
+        .unwrap();
+
+    // revoke: the next handshake fails, and the serial is in the CRL, which openssl accepts.
+    let https = server.https.unwrap();
+    let v: DeviceView = tokio::task::block_in_place(|| op.json(&["device", "revoke", "10"]));
+    assert_eq!(v.status, "revoked");
+    let url = CaUrl::parse(&format!("https://{}", server.mtls.unwrap())).unwrap();
+    match device_agent::secrets::fetch(&mtls_client(url, &dev).unwrap()).await {
+        Err(AgentError::Transport(msg)) => {
+            assert!(msg.to_ascii_lowercase().contains("revoked"), "{msg}")
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    let crl_path = ca.tmp.path().join("ca.crl");
+    tokio::task::block_in_place(|| {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail", "--cacert"])
+            .arg(ca.ca_pem_path())
+            .arg("-o")
+            .arg(&crl_path)
+            .arg(format!("https://{https}/crl"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let out = Command::new("openssl")
+            .args(["crl", "-inform", "DER", "-noout", "-text", "-in"])
+            .arg(&crl_path)
+            .arg("-CAfile")
+            .arg(ca.ca_pem_path())
+            .arg("-verify")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stderr(&out).contains("verify OK"), "{}", stderr(&out));
+        assert!(
+            stdout(&out).contains("Serial Number: 0A"),
+            "{}",
+            stdout(&out)
+        );
+        assert!(
+            !stdout(&out).contains("Serial Number: 0B"),
+            "{}",
+            stdout(&out)
+        );
+    });
+    let der = std::fs::read(&crl_path).unwrap();
+    let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
+    let listed: Vec<u64> = crl
+        .iter_revoked_certificates()
+        .map(|r| {
+            r.raw_serial()
+                .iter()
+                .fold(0u64, |a, b| (a << 8) | u64::from(*b))
+        })
+        .collect();
+    assert_eq!(listed, vec![10]);
+    // A revoked device cannot enroll again, and cannot be rotated.
+    let out = tokio::task::block_in_place(|| op.run(&["secrets", "rotate", "--serial", "10"]));
+    assert!(!out.status.success());
+
+    // reset: the serial is free again (history kept, old secrets retired, off the CRL); a new
+    // key enrolls and receives a new version, never the old binding's secret.
+    let v: DeviceView = tokio::task::block_in_place(|| op.json(&["device", "reset", "10"]));
+    assert_eq!(v.status, "reset");
+    assert_eq!(v.history.len(), 1);
+    assert_eq!(v.history[0].status, "revoked");
+    assert!(v.secrets.iter().all(|s| s.retired_at.is_some()));
+    let mut again = enroll(&ca, &server, &line, 10, KeyAlgorithm::P256)
+        .await
+        .unwrap();
+    let before = v.secrets.len() as u64;
+    match sync_secret(&server, &mut again).await {
+        SyncOutcome::Stored { .. } => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(again.secrets[0].version, before + 1);
+    assert!(
+        dev.secrets
+            .iter()
+            .all(|s| s.secret.as_ref() != again.secrets[0].secret.as_ref())
+    );
+    // The old key is still bound to serial 10 for ever: it cannot enroll another serial.
+    let token = line.token(12, &dev.key.spki_der());
+    let mut stolen = DeviceState::generate(
+        DeviceSerial::new(12).unwrap(),
+        KeyAlgorithm::Ed25519,
+        &SystemRandom::new(),
+    )
+    .unwrap();
+    stolen.key =
+        protocol_spec::KeyPair::from_pkcs8(dev.key.pkcs8_der(), &SystemRandom::new()).unwrap();
+    let req = build_request(&stolen, &token, ResponseForm::Compact, &SystemRandom::new())
+        .unwrap()
+        .to_cbor();
+    let coap = device_agent::coap::CoapClient::new(
+        CaUrl::parse(&format!("coap://{}", server.coap.unwrap())).unwrap(),
+    );
+    match coap.enroll_once(req).await {
+        Err(AgentError::Refused(p)) => assert_eq!(p.kind, ProblemType::DuplicateKey),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    let v: DeviceView = tokio::task::block_in_place(|| op.json(&["device", "show", "10"]));
+    assert_eq!(v.status, "active");
+    assert_eq!(v.history.len(), 1);
+    assert_eq!(v.binding.unwrap().key_algorithm, "p256");
+    let crl = tokio::task::block_in_place(|| {
+        Command::new("curl")
+            .args(["-sS", "--fail", "--cacert"])
+            .arg(ca.ca_pem_path())
+            .arg(format!("https://{https}/crl"))
+            .output()
+            .unwrap()
+    });
+    let (_, crl) = x509_parser::parse_x509_crl(&crl.stdout).unwrap();
+    assert_eq!(crl.iter_revoked_certificates().count(), 0);
+    let out = tokio::task::block_in_place(|| op.run(&["device", "show", "999"]));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no device 999"), "{}", stderr(&out));
+
+    // audit export: every kind of event, with who did it; audit verify: intact.
+    let export = tokio::task::block_in_place(|| op.ok(&["audit", "export"]));
+    let entries: Vec<AuditLine> = export
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=entries.len() as u64).collect::<Vec<_>>()
+    );
+    for (event, actor) in [
+        ("line-add", "test"),
+        ("enroll", "line-1"),
+        ("secret-deliver", "device"),
+        ("secret-ack", "device"),
+        ("secret-rotate", "operator:ops.bob"),
+        ("device-show", "operator:ops.bob"),
+        ("line-add", "operator:ops.bob"),
+        ("line-disable", "operator:ops.bob"),
+        ("line-enable", "operator:ops.bob"),
+        ("revoke", "operator:ops.bob"),
+        ("reset", "operator:ops.bob"),
+        ("audit-export", "operator:ops.bob"),
+    ] {
+        assert!(
+            entries.iter().any(|e| e.event == event && e.actor == actor),
+            "no {event} by {actor} in the audit log"
+        );
+    }
+    let verdict: AuditVerdict = tokio::task::block_in_place(|| op.json(&["audit", "verify"]));
+    assert!(verdict.ok(), "{verdict:?}");
+    assert!(verdict.entries >= entries.len() as u64);
+    let text = tokio::task::block_in_place(|| op.ok(&["audit", "verify"]));
+    assert!(text.contains("audit chain intact"), "{text}");
+
+    // Offline commands refuse to touch a store the server holds.
+    let out = run(&["line", "list", "--dir", ca.root().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("in use"), "{}", stderr(&out));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_prometheus_text() {
+    let (ca, line, server) = setup().await;
+    let op = tokio::task::block_in_place(|| Operator::add(&ca, &server, "carol"));
+    let mut dev = enroll(&ca, &server, &line, 20, KeyAlgorithm::Ed25519)
+        .await
+        .unwrap();
+    sync_secret(&server, &mut dev).await;
+    // A refusal, so that a problem type shows up as an outcome.
+    let _ = enroll(&ca, &server, &line, 5000, KeyAlgorithm::Ed25519).await;
+    let out = tokio::task::block_in_place(|| {
+        op.curl(&format!("https://{}/metrics", server.admin.unwrap()))
+    });
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
+    let value = |name: &str, labels: &[(&str, &str)]| -> Option<f64> {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                prometheus_parse::Value::Histogram(h) => {
+                    h.iter().map(|b| b.count).fold(0.0, f64::max)
+                }
+                prometheus_parse::Value::Summary(_) => f64::NAN,
+            })
+    };
+    assert_eq!(
+        value(
+            "imprint_enrollments_total",
+            &[("transport", "coap"), ("outcome", "issued")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            "imprint_enrollments_total",
+            &[("transport", "coap"), ("outcome", "serial-out-of-range")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            "imprint_secret_deliveries_total",
+            &[("outcome", "delivered")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value("imprint_secret_acks_total", &[("outcome", "confirmed")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            "imprint_enrollment_duration_seconds",
+            &[("transport", "coap")]
+        ),
+        Some(2.0),
+        "both enrollments observed in the latency histogram: {text}"
+    );
+    assert!(value("imprint_commit_batch_size", &[]).unwrap() >= 3.0);
+    assert!(value("imprint_store_size_bytes", &[]).unwrap() > 0.0);
+    assert_eq!(
+        value("imprint_line_enrolled_devices", &[("line", "line-1")]),
+        Some(1.0)
+    );
+    assert!(value("imprint_coap_events_total", &[("event", "processed")]).unwrap() >= 2.0);
+    assert!(scrape.docs.contains_key("imprint_enrollments_total"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_names_the_one_edited_entry() {
+    let (ca, line, server) = setup().await;
+    for serial in 1..=4 {
+        let mut dev = enroll(&ca, &server, &line, serial, KeyAlgorithm::Ed25519)
+            .await
+            .unwrap();
+        sync_secret(&server, &mut dev).await;
+    }
+    server.stop().await;
+    let ok = run(&["audit", "verify", "--dir", ca.root().to_str().unwrap()]);
+    assert!(ok.status.success(), "{}{}", stdout(&ok), stderr(&ok));
+    let entries = {
+        let db = open_sled(&ca.dir.store());
+        db.open_tree("audit").unwrap().len() as u64
+    };
+    assert!(entries >= 13, "line-add + 4 x (enroll, deliver, ack)");
+    // One byte changed anywhere in one entry (first, middle, last entry; first, middle, last
+    // byte): `audit verify` names that entry, and exits 1.
+    for seq in [1, entries / 2, entries] {
+        for position in [Position::First, Position::Middle, Position::Last] {
+            let copy = ca.tmp.path().join(format!("copy-{seq}-{position:?}"));
+            copy_dir(ca.root(), &copy);
+            {
+                let db = open_sled(&copy.join("store"));
+                let audit = db.open_tree("audit").unwrap();
+                let key = seq.to_be_bytes();
+                let mut value = audit.get(key).unwrap().unwrap().to_vec();
+                let i = match position {
+                    Position::First => 0,
+                    Position::Middle => value.len() / 2,
+                    Position::Last => value.len() - 1,
+                };
+                value[i] ^= 0x01;
+                audit.insert(key, value).unwrap();
+                db.flush().unwrap();
+            }
+            let out = run(&["audit", "verify", "--dir", copy.to_str().unwrap()]);
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{}{}",
+                stdout(&out),
+                stderr(&out)
+            );
+            assert!(
+                stdout(&out).contains(&format!("BROKEN at entry {seq}:")),
+                "edited entry {seq} ({position:?} byte): {}",
+                stdout(&out)
+            );
+            let out = run(&["audit", "verify", "--json", "--dir", copy.to_str().unwrap()]);
+            let v: AuditVerdict = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v.first_bad.unwrap().seq, seq);
+        }
+    }
+    // Removing an entry is named too.
+    let copy = ca.tmp.path().join("copy-removed");
+    copy_dir(ca.root(), &copy);
+    {
+        let db = open_sled(&copy.join("store"));
+        db.open_tree("audit")
+            .unwrap()
+            .remove(5u64.to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let out = run(&["audit", "verify", "--dir", copy.to_str().unwrap()]);
+    assert!(
+        stdout(&out).contains("BROKEN at entry 5:"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).contains("missing"), "{}", stdout(&out));
+    // And the export of the original has every entry, in order.
+    let out = run(&["audit", "export", "--dir", ca.root().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).lines().count() as u64, entries);
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Position {
+    First,
+    Middle,
+    Last,
+}
+
+/// Opens a sled folder, waiting for a lock the stopped server's threads may still hold.
+fn open_sled(path: &Path) -> sled::Db {
+    for _ in 0..150 {
+        if let Ok(db) = sled::open(path) {
+            return db;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    sled::open(path).unwrap()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
