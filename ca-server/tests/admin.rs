@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -26,7 +27,7 @@ use ring::rand::SystemRandom;
 /// Enrolls `serial` over CoAP with a fresh key; the state is ready for the secrets door.
 async fn enroll(
     ca: &TestCa,
-    server: &RunningServer,
+    coap: SocketAddr,
     line: &Line,
     serial: u64,
     alg: KeyAlgorithm,
@@ -37,9 +38,8 @@ async fn enroll(
     let req = build_request(&s, &token, ResponseForm::Compact, &rng)
         .unwrap()
         .to_cbor();
-    let client = device_agent::coap::CoapClient::new(
-        CaUrl::parse(&format!("coap://{}", server.coap.unwrap())).unwrap(),
-    );
+    let client =
+        device_agent::coap::CoapClient::new(CaUrl::parse(&format!("coap://{coap}")).unwrap());
     let resp = client.enroll_once(req).await?;
     let profile = CertProfile::from_ca_der(&ca.ca_der).unwrap();
     s.certificate = Some(accept_response(&s, &profile, &resp)?);
@@ -47,8 +47,8 @@ async fn enroll(
     Ok(s)
 }
 
-async fn sync_secret(server: &RunningServer, dev: &mut DeviceState) -> SyncOutcome {
-    let url = CaUrl::parse(&format!("https://{}", server.mtls.unwrap())).unwrap();
+async fn sync_secret(mtls: SocketAddr, dev: &mut DeviceState) -> SyncOutcome {
+    let url = CaUrl::parse(&format!("https://{mtls}")).unwrap();
     let client = mtls_client(url, dev).unwrap();
     sync(&client, dev, |_| Ok(())).await.unwrap()
 }
@@ -63,6 +63,10 @@ struct Operator {
 
 impl Operator {
     fn add(ca: &TestCa, server: &RunningServer, name: &str) -> Self {
+        Self::add_at(ca, server.admin.unwrap(), name)
+    }
+
+    fn add_at(ca: &TestCa, admin: SocketAddr, name: &str) -> Self {
         let out = run(&[
             "operator",
             "add",
@@ -83,7 +87,7 @@ impl Operator {
             cert,
             key,
             ca_cert: ca.ca_pem_path(),
-            admin: format!("https://{}", server.admin.unwrap()),
+            admin: format!("https://{admin}"),
         }
     }
 
@@ -167,7 +171,7 @@ async fn setup() -> (TestCa, Line, RunningServer) {
 async fn operator_and_device_certificates_stay_at_their_own_doors() {
     let (ca, line, server) = setup().await;
     let op = tokio::task::block_in_place(|| Operator::add(&ca, &server, "alice"));
-    let dev = enroll(&ca, &server, &line, 7, KeyAlgorithm::P256)
+    let dev = enroll(&ca, server.coap.unwrap(), &line, 7, KeyAlgorithm::P256)
         .await
         .unwrap();
     let (dev_cert, dev_key) = write_device_files(ca.tmp.path(), &dev);
@@ -241,17 +245,17 @@ async fn operator_and_device_certificates_stay_at_their_own_doors() {
 async fn every_subcommand_against_a_running_server() {
     let (ca, line, server) = setup().await;
     let op = tokio::task::block_in_place(|| Operator::add(&ca, &server, "ops.bob"));
-    let mut dev = enroll(&ca, &server, &line, 10, KeyAlgorithm::Ed25519)
+    let mut dev = enroll(&ca, server.coap.unwrap(), &line, 10, KeyAlgorithm::Ed25519)
         .await
         .unwrap();
-    let mut other = enroll(&ca, &server, &line, 11, KeyAlgorithm::P256)
+    let mut other = enroll(&ca, server.coap.unwrap(), &line, 11, KeyAlgorithm::P256)
         .await
         .unwrap();
     assert!(matches!(
-        sync_secret(&server, &mut dev).await,
+        sync_secret(server.mtls.unwrap(), &mut dev).await,
         SyncOutcome::Stored { .. }
     ));
-    sync_secret(&server, &mut other).await;
+    sync_secret(server.mtls.unwrap(), &mut other).await;
 
     // device show: the binding and version 1 delivered and confirmed.
     let v: DeviceView = tokio::task::block_in_place(|| op.json(&["device", "show", "10"]));
@@ -281,7 +285,7 @@ async fn every_subcommand_against_a_running_server() {
     assert_eq!(v.secrets.len(), 2);
     assert!(v.secrets[1].delivered_at.is_none(), "pending until fetched");
     assert!(matches!(
-        sync_secret(&server, &mut dev).await,
+        sync_secret(server.mtls.unwrap(), &mut dev).await,
         SyncOutcome::Stored { .. }
     ));
     let v: DeviceView = tokio::task::block_in_place(|| op.json(&["device", "show", "10"]));
@@ -353,9 +357,15 @@ async fn every_subcommand_against_a_running_server() {
     });
     assert!(!dup.status.success());
     assert!(stderr(&dup).contains("already exists"), "{}", stderr(&dup));
-    enroll(&ca, &server, &line2, 2000, KeyAlgorithm::Ed25519)
-        .await
-        .unwrap();
+    enroll(
+        &ca,
+        server.coap.unwrap(),
+        &line2,
+        2000,
+        KeyAlgorithm::Ed25519,
+    )
+    .await
+    .unwrap();
     let lines: Vec<LineView> = tokio::task::block_in_place(|| op.json(&["line", "list"]));
     assert_eq!(
         lines
@@ -371,15 +381,29 @@ async fn every_subcommand_against_a_running_server() {
     );
     let l: LineView = tokio::task::block_in_place(|| op.json(&["line", "disable", "line-2"]));
     assert!(!l.active);
-    match enroll(&ca, &server, &line2, 2001, KeyAlgorithm::Ed25519).await {
+    match enroll(
+        &ca,
+        server.coap.unwrap(),
+        &line2,
+        2001,
+        KeyAlgorithm::Ed25519,
+    )
+    .await
+    {
         Err(AgentError::Refused(p)) => assert_eq!(p.kind, ProblemType::LineUnknown),
         other => panic!("{:?}", other.map(|_| ())),
     }
     let l: LineView = tokio::task::block_in_place(|| op.json(&["line", "enable", "line-2"]));
     assert!(l.active);
-    enroll(&ca, &server, &line2, 2001, KeyAlgorithm::Ed25519)
-        .await
-        .unwrap();
+    enroll(
+        &ca,
+        server.coap.unwrap(),
+        &line2,
+        2001,
+        KeyAlgorithm::Ed25519,
+    )
+    .await
+    .unwrap();
 
     // revoke: the next handshake fails, and the serial is in the CRL, which openssl accepts.
     let https = server.https.unwrap();
@@ -446,11 +470,11 @@ async fn every_subcommand_against_a_running_server() {
     assert_eq!(v.history.len(), 1);
     assert_eq!(v.history[0].status, "revoked");
     assert!(v.secrets.iter().all(|s| s.retired_at.is_some()));
-    let mut again = enroll(&ca, &server, &line, 10, KeyAlgorithm::P256)
+    let mut again = enroll(&ca, server.coap.unwrap(), &line, 10, KeyAlgorithm::P256)
         .await
         .unwrap();
     let before = v.secrets.len() as u64;
-    match sync_secret(&server, &mut again).await {
+    match sync_secret(server.mtls.unwrap(), &mut again).await {
         SyncOutcome::Stored { .. } => {}
         other => panic!("{other:?}"),
     }
@@ -544,12 +568,19 @@ async fn every_subcommand_against_a_running_server() {
 async fn metrics_parse_as_prometheus_text() {
     let (ca, line, server) = setup().await;
     let op = tokio::task::block_in_place(|| Operator::add(&ca, &server, "carol"));
-    let mut dev = enroll(&ca, &server, &line, 20, KeyAlgorithm::Ed25519)
+    let mut dev = enroll(&ca, server.coap.unwrap(), &line, 20, KeyAlgorithm::Ed25519)
         .await
         .unwrap();
-    sync_secret(&server, &mut dev).await;
+    sync_secret(server.mtls.unwrap(), &mut dev).await;
     // A refusal, so that a problem type shows up as an outcome.
-    let _ = enroll(&ca, &server, &line, 5000, KeyAlgorithm::Ed25519).await;
+    let _ = enroll(
+        &ca,
+        server.coap.unwrap(),
+        &line,
+        5000,
+        KeyAlgorithm::Ed25519,
+    )
+    .await;
     let out = tokio::task::block_in_place(|| {
         op.curl(&format!("https://{}/metrics", server.admin.unwrap()))
     });
@@ -622,10 +653,16 @@ async fn metrics_parse_as_prometheus_text() {
 async fn audit_verify_names_the_one_edited_entry() {
     let (ca, line, server) = setup().await;
     for serial in 1..=4 {
-        let mut dev = enroll(&ca, &server, &line, serial, KeyAlgorithm::Ed25519)
-            .await
-            .unwrap();
-        sync_secret(&server, &mut dev).await;
+        let mut dev = enroll(
+            &ca,
+            server.coap.unwrap(),
+            &line,
+            serial,
+            KeyAlgorithm::Ed25519,
+        )
+        .await
+        .unwrap();
+        sync_secret(server.mtls.unwrap(), &mut dev).await;
     }
     server.stop().await;
     let ok = run(&["audit", "verify", "--dir", ca.root().to_str().unwrap()]);
@@ -695,6 +732,107 @@ async fn audit_verify_names_the_one_edited_entry() {
     let out = run(&["audit", "export", "--dir", ca.root().to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out).lines().count() as u64, entries);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_tell_what_happened_but_never_a_secret_or_a_key() {
+    let ca = TestCa::new(KeyAlgorithm::P256);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 1000, None);
+    let log = ca.tmp.path().join("server.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ca-server"))
+        .args(["serve", "--dir", ca.root().to_str().unwrap()])
+        .args(["--https", "127.0.0.1:0", "--coap", "127.0.0.1:0"])
+        .args(["--mtls", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env("IMPRINT_LOG", "trace")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let at = ca_server::server::parse_listening_line(&first).unwrap();
+    let op = tokio::task::block_in_place(|| Operator::add_at(&ca, at["admin"], "dana"));
+    let mut devices = Vec::new();
+    for (serial, alg) in [(1, KeyAlgorithm::Ed25519), (2, KeyAlgorithm::P256)] {
+        let mut dev = enroll(&ca, at["coap"], &line, serial, alg).await.unwrap();
+        sync_secret(at["mtls"], &mut dev).await;
+        devices.push(dev);
+    }
+    tokio::task::block_in_place(|| {
+        op.ok(&["device", "show", "1"]);
+        op.ok(&["secrets", "rotate", "--all"]);
+    });
+    for dev in &mut devices {
+        sync_secret(at["mtls"], dev).await;
+    }
+    tokio::task::block_in_place(|| op.ok(&["device", "revoke", "2"]));
+    let _ = device_agent::secrets::fetch(
+        &mtls_client(
+            CaUrl::parse(&format!("https://{}", at["mtls"])).unwrap(),
+            &devices[1],
+        )
+        .unwrap(),
+    )
+    .await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    // It does log what happened ...
+    for expected in ["admin request", "device revoked", "revoked device refused"] {
+        assert!(
+            text.contains(expected),
+            "no {expected:?} in the log:\n{text}"
+        );
+    }
+    // ... and nothing secret, in any encoding.
+    use base64::Engine;
+    let mut forbidden: Vec<(String, String)> = Vec::new();
+    for dev in &devices {
+        for s in &dev.secrets {
+            let b: &[u8] = s.secret.as_ref();
+            forbidden.push(("secret hex".into(), hex::encode(b)));
+            forbidden.push((
+                "secret base64".into(),
+                base64::engine::general_purpose::STANDARD_NO_PAD.encode(b),
+            ));
+            forbidden.push((
+                "secret base64url".into(),
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b),
+            ));
+            forbidden.push(("secret bytes".into(), format!("{b:?}")));
+        }
+        forbidden.push(("device key".into(), hex::encode(dev.key.pkcs8_der())));
+    }
+    forbidden.push((
+        "KEK".into(),
+        hex::encode(std::fs::read(ca.dir.kek()).unwrap()),
+    ));
+    for pem in [
+        ca.dir.ca_key(),
+        ca.dir.tls_key(),
+        ca.dir.operator_ca_key(),
+        op.key.clone(),
+    ] {
+        for l in std::fs::read_to_string(&pem).unwrap().lines() {
+            if !l.starts_with("-----") && l.len() > 16 {
+                forbidden.push((format!("{}", pem.display()), l.to_string()));
+            }
+        }
+    }
+    for (what, needle) in &forbidden {
+        assert!(
+            !text.contains(needle.as_str()),
+            "{what} appears in the server log"
+        );
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
