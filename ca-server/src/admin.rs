@@ -135,6 +135,9 @@ pub struct LineView {
     pub quota: u64,
     /// Devices enrolled so far.
     pub enrolled: u64,
+    /// Enrollments per second allowed (0: no limit).
+    #[serde(default)]
+    pub rate: u32,
     /// Whether its tokens are accepted.
     pub active: bool,
     /// `sha256:` and the hex SHA-256 of the line station's SubjectPublicKeyInfo.
@@ -156,6 +159,9 @@ pub struct AddLine {
     /// Quota (default: the size of the range).
     #[serde(default)]
     pub quota: Option<u64>,
+    /// Enrollments per second (0 or absent: no limit).
+    #[serde(default)]
+    pub rate: u32,
 }
 
 /// `POST /secrets/rotate`: exactly one of the three.
@@ -392,7 +398,7 @@ async fn route(
             let body: AddLine = read_json(req).await?;
             let range =
                 crate::lines::parse_range(&body.serials).map_err(AdminProblem::bad_request)?;
-            let line = crate::lines::new_line(
+            let mut line = crate::lines::new_line(
                 &body.id,
                 &body.public_key,
                 range,
@@ -400,6 +406,7 @@ async fn route(
                 service.now(),
             )
             .map_err(AdminProblem::bad_request)?;
+            line.rate = body.rate;
             if service
                 .store()
                 .line(&line.id)
@@ -689,6 +696,7 @@ pub fn line_view(l: &LineRecord) -> LineView {
         last_serial: l.last_serial,
         quota: l.quota,
         enrolled: l.enrolled,
+        rate: l.rate,
         active: l.active,
         key_fingerprint: fingerprint(&l.public_key),
         created_at: l.created_at,

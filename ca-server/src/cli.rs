@@ -238,6 +238,10 @@ enum LineCommand {
         /// Devices the line may enroll in all (default: the size of the range).
         #[arg(long)]
         quota: Option<u64>,
+        /// Enrollments per second the line may make (bursts up to one second's worth);
+        /// 0 = no limit. Faster requests get rate-limited (429, CoAP 4.29).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -457,6 +461,7 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
             public_key,
             serials,
             quota,
+            rate,
             admin,
         } => {
             let pem = std::fs::read_to_string(&public_key)
@@ -465,15 +470,10 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
             let line = match dir {
                 Some(dir) => {
                     let store = open_store(&dir)?;
-                    let rec = crate::lines::add_line(
-                        &store,
-                        &id,
-                        &pem,
-                        range,
-                        quota,
-                        SystemClock.now(),
-                        "cli",
-                    )?;
+                    let mut rec =
+                        crate::lines::new_line(&id, &pem, range, quota, SystemClock.now())?;
+                    rec.rate = rate;
+                    store.add_line(&rec, "cli").map_err(|e| e.to_string())?;
                     crate::admin::line_view(&rec)
                 }
                 None => {
@@ -482,6 +482,7 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
                         public_key: pem,
                         serials,
                         quota,
+                        rate,
                     })
                     .map_err(|e| e.to_string())?;
                     call(&admin, "POST", "/lines", Some(body))?.json::<LineView>()?
@@ -491,8 +492,12 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
                 print_json(&line)?;
             } else {
                 println!(
-                    "line {} registered: serials {}-{}, quota {}",
-                    line.id, line.first_serial, line.last_serial, line.quota
+                    "line {} registered: serials {}-{}, quota {}, {}",
+                    line.id,
+                    line.first_serial,
+                    line.last_serial,
+                    line.quota,
+                    rate_text(line.rate)
                 );
             }
             Ok(true)
@@ -511,16 +516,21 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
                 print_json(&lines)?;
             } else {
                 println!(
-                    "{:<16} {:>23} {:>10} {:>10}  state",
-                    "line", "serials", "quota", "enrolled"
+                    "{:<16} {:>23} {:>10} {:>10} {:>8}  state",
+                    "line", "serials", "quota", "enrolled", "rate/s"
                 );
                 for l in &lines {
                     println!(
-                        "{:<16} {:>23} {:>10} {:>10}  {}",
+                        "{:<16} {:>23} {:>10} {:>10} {:>8}  {}",
                         l.id,
                         format!("{}-{}", l.first_serial, l.last_serial),
                         l.quota,
                         l.enrolled,
+                        if l.rate == 0 {
+                            "-".to_string()
+                        } else {
+                            l.rate.to_string()
+                        },
                         if l.active { "active" } else { "disabled" }
                     );
                 }
@@ -529,6 +539,14 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
         }
         LineCommand::Disable { id, admin } => line_switch(&id, &admin, "disable"),
         LineCommand::Enable { id, admin } => line_switch(&id, &admin, "enable"),
+    }
+}
+
+fn rate_text(rate: u32) -> String {
+    if rate == 0 {
+        "no rate limit".into()
+    } else {
+        format!("at most {rate} enrollments/s")
     }
 }
 

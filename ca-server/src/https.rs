@@ -152,11 +152,17 @@ pub(crate) fn respond(
 pub(crate) fn problem(p: &Problem, cbor: bool) -> Response<Full<Bytes>> {
     let status =
         StatusCode::from_u16(p.kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    if cbor {
+    let mut r = if cbor {
         respond(status, PROBLEM_CBOR, p.to_cbor())
     } else {
         respond(status, PROBLEM_JSON, p.to_json())
+    };
+    if p.kind == protocol_spec::ProblemType::RateLimited {
+        // RFC 9110 section 10.2.3: when to come back (a line's bucket refills within a second).
+        r.headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
+    r
 }
 
 async fn handle(

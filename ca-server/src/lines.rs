@@ -78,6 +78,7 @@ pub fn new_line(
         first_serial: range.0,
         last_serial: range.1,
         quota,
+        rate: 0,
         enrolled: 0,
         active: true,
         created_at: now,

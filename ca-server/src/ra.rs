@@ -6,12 +6,13 @@
 //! takes nothing else.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
+use std::time::Instant;
 
 use protocol_spec::enroll::{self, RequestEncoding};
 use protocol_spec::messages::ResponseForm;
 use protocol_spec::token::{LineInfo, TokenPolicy};
-use protocol_spec::{DeviceSerial, Problem, PublicKey, spki};
+use protocol_spec::{DeviceSerial, Problem, ProblemType, PublicKey, spki};
 
 use crate::records::LineRecord;
 
@@ -57,7 +58,39 @@ impl VerifiedEnrollment {
 #[derive(Debug, Default)]
 pub struct RegistrationAuthority {
     lines: RwLock<HashMap<String, LineInfo>>,
+    /// Per-line rate limits: (enrollments per second, bucket).
+    rates: Mutex<HashMap<String, (u32, Bucket)>>,
     policy: TokenPolicy,
+}
+
+/// A token bucket: `rate` tokens a second, holding at most one second's worth.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(rate: u32) -> Self {
+        Bucket {
+            tokens: f64::from(rate.max(1)),
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes one token; `Err(seconds)` until the next one when there is none.
+    fn take(&mut self, rate: u32, now: Instant) -> Result<(), f64> {
+        let cap = f64::from(rate.max(1));
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * f64::from(rate)).min(cap);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((1.0 - self.tokens) / f64::from(rate.max(1)))
+        }
+    }
 }
 
 impl RegistrationAuthority {
@@ -65,6 +98,7 @@ impl RegistrationAuthority {
     pub fn new(policy: TokenPolicy, lines: &[LineRecord]) -> Self {
         let ra = RegistrationAuthority {
             lines: RwLock::new(HashMap::new()),
+            rates: Mutex::new(HashMap::new()),
             policy,
         };
         ra.set_lines(lines);
@@ -91,6 +125,35 @@ impl RegistrationAuthority {
         if let Ok(mut guard) = self.lines.write() {
             *guard = map;
         }
+        if let Ok(mut rates) = self.rates.lock() {
+            let old = std::mem::take(&mut *rates);
+            for l in lines.iter().filter(|l| l.rate > 0) {
+                // A bucket survives a reload unless the line's rate changed.
+                let bucket = match old.get(&l.id) {
+                    Some((r, b)) if *r == l.rate => *b,
+                    _ => Bucket::full(l.rate),
+                };
+                rates.insert(l.id.clone(), (l.rate, bucket));
+            }
+        }
+    }
+
+    /// The line's rate limit (SPEC.md section 3.3, check 18), applied to requests whose token
+    /// verified, so that forged tokens cannot use up a line's rate.
+    fn rate_check(&self, line: &str) -> Result<(), Problem> {
+        let mut rates = self.rates.lock().map_err(|_| Problem::internal())?;
+        let Some((rate, bucket)) = rates.get_mut(line) else {
+            return Ok(());
+        };
+        bucket.take(*rate, Instant::now()).map_err(|wait| {
+            Problem::new(
+                ProblemType::RateLimited,
+                format!(
+                    "line {line:?} may enroll {rate} devices per second; retry in {:.0} ms",
+                    (wait * 1000.0).ceil()
+                ),
+            )
+        })
     }
 
     /// Runs the stateless checks of SPEC.md section 3.3 (1 to 11).
@@ -105,6 +168,7 @@ impl RegistrationAuthority {
         let checked = enroll::check(body, encoding, &dir, now, self.policy)?;
         drop(guard);
         let claims = checked.token().claims();
+        self.rate_check(&claims.line)?;
         let spki_der = checked.csr().spki_der().to_vec();
         Ok(VerifiedEnrollment {
             serial: claims.serial,

@@ -59,6 +59,10 @@ pub struct LineRecord {
     /// How many devices the line may enroll in all.
     #[serde(rename = "q")]
     pub quota: u64,
+    /// Enrollments per second the line may make (0: no limit); bursts up to one second's
+    /// worth. A stolen line key enrolls at most this fast until the line is disabled.
+    #[serde(rename = "r", default, skip_serializing_if = "is_zero")]
+    pub rate: u32,
     /// How many it has enrolled.
     #[serde(rename = "n")]
     pub enrolled: u64,
@@ -68,6 +72,10 @@ pub struct LineRecord {
     /// Registration time, Unix seconds.
     #[serde(rename = "c")]
     pub created_at: u64,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// Which enrollment consumed a token id.

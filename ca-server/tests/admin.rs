@@ -337,11 +337,18 @@ async fn every_subcommand_against_a_running_server() {
             "2000-2999",
             "--quota",
             "10",
+            "--rate",
+            "50",
         ])
     });
     assert_eq!(
-        (added.first_serial, added.last_serial, added.quota),
-        (2000, 2999, 10)
+        (
+            added.first_serial,
+            added.last_serial,
+            added.quota,
+            added.rate
+        ),
+        (2000, 2999, 10, 50)
     );
     let dup = tokio::task::block_in_place(|| {
         op.run(&[

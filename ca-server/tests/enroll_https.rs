@@ -180,6 +180,15 @@ async fn every_reachable_problem_has_its_status_and_type_and_changes_nothing() {
     let rogue = Line::new("line-1", ED);
     ca.add_line(&line, 1, 1000, None);
     ca.add_line(&small, 5000, 5999, Some(1));
+    // A line limited to 1 enrollment per second.
+    let slow = Line::new("slow", ED);
+    {
+        let store = ca_server::store::SledStore::open(&ca.dir.store()).unwrap();
+        let pem = protocol_spec::PublicKey::from(&slow.key).to_pem();
+        let mut rec = ca_server::lines::new_line("slow", &pem, (7000, 7999), None, now()).unwrap();
+        rec.rate = 1;
+        ca_server::store::Store::add_line(&store, &rec, "test").unwrap();
+    }
     let server = ca.start().await;
     let addr = server.https.unwrap();
     let client = ca.client(addr);
@@ -348,5 +357,78 @@ async fn every_reachable_problem_has_its_status_and_type_and_changes_nothing() {
             "{want} changed the store"
         );
     }
+
+    // rate-limited: the slow line's second enrollment within a second, with Retry-After.
+    client
+        .enroll(Device::new(7000, ED).request(&slow, ResponseForm::Full))
+        .await
+        .unwrap();
+    let before = snapshot(server.service.store());
+    let a = client
+        .request(
+            "POST",
+            "/enroll",
+            Some("application/cbor"),
+            "application/cbor",
+            Device::new(7001, ED).request(&slow, ResponseForm::Full),
+        )
+        .await
+        .unwrap();
+    match device_agent::https::problem_of(&a) {
+        AgentError::Refused(p) => assert_eq!(p.kind.name(), "rate-limited"),
+        other => panic!("{other}"),
+    }
+    assert_eq!(a.status, 429);
+    // As a user sees it, with the Retry-After header.
+    let body = ca.tmp.path().join("slow.cbor");
+    std::fs::write(
+        &body,
+        Device::new(7002, ED).request(&slow, ResponseForm::Full),
+    )
+    .unwrap();
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-i",
+            "-H",
+            "Content-Type: application/cbor",
+            "--cacert",
+        ])
+        .arg(ca.ca_pem_path())
+        .arg("--data-binary")
+        .arg(format!("@{}", body.display()))
+        .arg(format!("https://{addr}/enroll"))
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 429"), "{head}");
+    assert!(head.contains("retry-after: 1"), "{head}");
+    assert_eq!(
+        snapshot(server.service.store()),
+        before,
+        "rate-limited changed the store"
+    );
+    // The bucket refills: a second later the line enrolls again.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    client
+        .enroll(Device::new(7001, ED).request(&slow, ResponseForm::Full))
+        .await
+        .unwrap();
+
+    // revoked: the device's own retry after an operator revoked it.
+    assert!(server.service.revoke(10, "test").await.unwrap().is_some());
+    let before = snapshot(server.service.store());
+    let retry = EnrollRequest {
+        token: line.token(10, &enrolled.key.spki_der()),
+        csr: enrolled.csr(),
+        form: ResponseForm::Full,
+    };
+    let (status, kind) = post(addr, &ca, retry.to_cbor(), false).await;
+    assert_eq!((status, kind.as_str()), (403, "revoked"));
+    assert_eq!(
+        snapshot(server.service.store()),
+        before,
+        "revoked changed the store"
+    );
     server.stop().await;
 }

@@ -263,8 +263,8 @@ impl Store for SledStore {
             None,
             actor,
             format!(
-                "line={} serials={}-{} quota={}",
-                line.id, line.first_serial, line.last_serial, line.quota
+                "line={} serials={}-{} quota={} rate={}",
+                line.id, line.first_serial, line.last_serial, line.quota, line.rate
             ),
         );
         let r = (&self.lines, &self.audit).transaction(|(lines, audit)| {
