@@ -1,6 +1,8 @@
 //! The crypto ceiling of this machine, measured at start-up: the per-device cost of the
 //! primitives a device's life needs, on one core, so that a run on any machine says how close to
-//! the limit it came.
+//! the limit it came. The TLS handshakes a device makes (server-authenticated for HTTPS
+//! enrollment, mutual for its secret) are counted too, measured in memory with the CA's own
+//! rustls configurations, both sides, no sockets.
 
 use std::time::Instant;
 
@@ -25,6 +27,10 @@ pub struct Ceiling {
     pub ca_issue_us: f64,
     /// Device: expand + verify the response.
     pub device_verify_us: f64,
+    /// One server-authenticated TLS 1.3 handshake, both sides (HTTPS enrollment only).
+    pub https_handshake_us: f64,
+    /// One mutual TLS 1.3 handshake, both sides (the secret phases; 0 with `--no-secrets`).
+    pub mtls_handshake_us: f64,
     /// Sum, one core.
     pub per_device_us: f64,
     /// Cores available.
@@ -33,8 +39,22 @@ pub struct Ceiling {
     pub devices_per_second: f64,
 }
 
+/// Which TLS handshakes a device's life includes.
+#[derive(Debug, Clone, Copy)]
+pub struct Handshakes {
+    /// Enrollment over HTTPS (a new connection per device).
+    pub https: bool,
+    /// Secret fetch + ack over mutual TLS (one connection).
+    pub mtls: bool,
+}
+
 /// Measures with `n` devices (a fraction of a second).
-pub fn measure(n: u32, device_alg: KeyAlgorithm, ca_alg: KeyAlgorithm) -> Result<Ceiling, String> {
+pub fn measure(
+    n: u32,
+    device_alg: KeyAlgorithm,
+    ca_alg: KeyAlgorithm,
+    handshakes: Handshakes,
+) -> Result<Ceiling, String> {
     let rng = SystemRandom::new();
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let ca_key = KeyPair::generate(ca_alg, &rng).map_err(|x| e(&x))?;
@@ -97,7 +117,10 @@ pub fn measure(n: u32, device_alg: KeyAlgorithm, ca_alg: KeyAlgorithm) -> Result
     }
     let n = f64::from(n.max(1));
     let per: Vec<f64> = t.iter().map(|x| x / n).collect();
-    let per_device_us: f64 = per.iter().sum();
+    let (https_us, mtls_us) = tls::measure(100, device_alg, ca_alg)?;
+    let https_handshake_us = if handshakes.https { https_us } else { 0.0 };
+    let mtls_handshake_us = if handshakes.mtls { mtls_us } else { 0.0 };
+    let per_device_us: f64 = per.iter().sum::<f64>() + https_handshake_us + mtls_handshake_us;
     let cores = std::thread::available_parallelism()
         .map(|c| c.get())
         .unwrap_or(1);
@@ -107,8 +130,127 @@ pub fn measure(n: u32, device_alg: KeyAlgorithm, ca_alg: KeyAlgorithm) -> Result
         ca_verify_us: per[2],
         ca_issue_us: per[3],
         device_verify_us: per[4],
+        https_handshake_us,
+        mtls_handshake_us,
         per_device_us,
         cores,
         devices_per_second: cores as f64 * 1e6 / per_device_us,
     })
+}
+
+/// TLS handshakes in memory with the CA's real rustls configurations.
+mod tls {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use ca_server::config::CaDir;
+    use ca_server::setup::{self, InitOptions};
+    use protocol_spec::profile::{self, CertProfile};
+    use protocol_spec::{DeviceSerial, KeyAlgorithm, KeyPair};
+    use ring::rand::SystemRandom;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
+
+    /// Microseconds per (HTTPS, mutual-TLS) handshake, both sides together, averaged over `n`.
+    pub fn measure(
+        n: u32,
+        device_alg: KeyAlgorithm,
+        ca_alg: KeyAlgorithm,
+    ) -> Result<(f64, f64), String> {
+        let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let dir = CaDir::new(tmp.path().join("ca"));
+        setup::init(
+            &dir,
+            &InitOptions {
+                algorithm: ca_alg,
+                name: "ceiling".into(),
+                tls_names: vec![],
+                now: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs().saturating_sub(3600))
+                    .unwrap_or(0),
+            },
+        )?;
+        let rng = SystemRandom::new();
+        let ca_pem = std::fs::read_to_string(dir.ca_cert()).map_err(|e| e.to_string())?;
+        let ca_der = profile::cert_from_pem(&ca_pem).ok_or("CA certificate")?;
+        let ca_key = KeyPair::from_pem(
+            &std::fs::read_to_string(dir.ca_key()).map_err(|e| e.to_string())?,
+            &rng,
+        )
+        .map_err(|e| e.to_string())?;
+        let device = KeyPair::generate(device_alg, &rng).map_err(|e| e.to_string())?;
+        let serial = DeviceSerial::new(1).ok_or("serial")?;
+        let cert = CertProfile::from_ca_der(&ca_der)
+            .and_then(|p| p.issue(serial, &device.spki_der(), &ca_key, &rng))
+            .map_err(|e| e.to_string())?
+            .der;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(ca_der.clone()))
+            .map_err(|e| e.to_string())?;
+        let plain = ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        let mutual = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![CertificateDer::from(cert)],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(device.pkcs8_der().to_vec())),
+            )
+            .map_err(|e| e.to_string())?;
+        let https = ca_server::tls::https_server_config(&dir.tls_cert(), &dir.tls_key())?;
+        let mtls = ca_server::tls::mtls_server_config(
+            &dir.ca_cert(),
+            &dir.tls_cert(),
+            &dir.tls_key(),
+            Arc::new(ca_server::revocation::Revocations::default()),
+        )?;
+        let time = |client: Arc<ClientConfig>, server: Arc<ServerConfig>| -> Result<f64, String> {
+            handshake(&client, &server)?; // warm-up
+            let start = Instant::now();
+            for _ in 0..n {
+                handshake(&client, &server)?;
+            }
+            Ok(start.elapsed().as_secs_f64() * 1e6 / f64::from(n.max(1)))
+        };
+        Ok((time(Arc::new(plain), https)?, time(Arc::new(mutual), mtls)?))
+    }
+
+    /// One full handshake, the flights passed between the two sides in memory.
+    fn handshake(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> Result<(), String> {
+        let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+        let mut c = ClientConnection::new(client.clone(), name).map_err(|e| e.to_string())?;
+        let mut s = ServerConnection::new(server.clone()).map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        for _ in 0..10 {
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+            buf.clear();
+            while c.wants_write() {
+                c.write_tls(&mut buf).map_err(|e| e.to_string())?;
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).map_err(|e| e.to_string())?;
+                s.process_new_packets().map_err(|e| e.to_string())?;
+            }
+            buf.clear();
+            while s.wants_write() {
+                s.write_tls(&mut buf).map_err(|e| e.to_string())?;
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).map_err(|e| e.to_string())?;
+                c.process_new_packets().map_err(|e| e.to_string())?;
+            }
+        }
+        Err("the in-memory TLS handshake did not finish".into())
+    }
 }

@@ -180,6 +180,20 @@ pub fn render(r: &Report) -> Result<String, String> {
             r.fraction_of_ceiling * 100.0
         ),
     );
+    let c = &r.ceiling;
+    row(
+        "crypto cost per device (one core)",
+        format!(
+            "keygen + CSR {:.0} us, token {:.0} us, CA verify {:.0} us, CA issue + lint {:.0} us, device check {:.0} us, HTTPS handshake {:.0} us, mutual-TLS handshake {:.0} us",
+            c.device_keygen_csr_us,
+            c.token_sign_us,
+            c.ca_verify_us,
+            c.ca_issue_us,
+            c.device_verify_us,
+            c.https_handshake_us,
+            c.mtls_handshake_us
+        ),
+    );
     row(
         "CA peak memory / CPU",
         format!("{} / {:.1} s", mb(r.ca.peak_memory_bytes), r.ca.cpu_seconds),

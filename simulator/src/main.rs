@@ -116,7 +116,15 @@ fn run(cli: Cli) -> Result<bool, String> {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     eprintln!("measuring this machine's crypto ceiling ...");
-    let ceiling = ceiling::measure(300, cli.algorithm, cli.ca_algorithm)?;
+    let ceiling = ceiling::measure(
+        300,
+        cli.algorithm,
+        cli.ca_algorithm,
+        ceiling::Handshakes {
+            https: cli.transport == Transport::Https,
+            mtls: !cli.no_secrets,
+        },
+    )?;
     eprintln!("starting the embedded CA ({}) ...", cli.ca_algorithm);
     let (ca, lines) = embedded::start(
         cli.devices,

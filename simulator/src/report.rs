@@ -115,6 +115,12 @@ impl Report {
             self.fraction_of_ceiling * 100.0,
             self.ceiling.devices_per_second
         );
+        s += &format!(
+            "  ceiling: {:.0} us of crypto per device on one core (TLS handshakes {:.0} us of it), {} cores\n",
+            self.ceiling.per_device_us,
+            self.ceiling.https_handshake_us + self.ceiling.mtls_handshake_us,
+            self.ceiling.cores
+        );
         for (name, p) in &self.phases {
             s += &format!(
                 "  {name:<8} p50 {:>7} us  p99 {:>7} us  max {:>8} us\n",
