@@ -425,9 +425,12 @@ fn duplicates<T: Ord + Copy>(
     n
 }
 
-/// The serial number of a DER certificate, if it fits in 64 bits: Certificate ::= SEQUENCE {
-/// tbsCertificate SEQUENCE { [0] EXPLICIT version OPTIONAL, serialNumber INTEGER, ... } ...}
-/// (RFC 5280 section 4.1).
+/// The serial number of a DER certificate, if it fits in 64 bits (RFC 5280 section 4.1):
+///
+/// ```text
+/// Certificate ::= SEQUENCE { tbsCertificate SEQUENCE {
+///     [0] EXPLICIT version OPTIONAL, serialNumber INTEGER, ... }, ... }
+/// ```
 pub fn certificate_serial(der: &[u8]) -> Option<u64> {
     let cert = inside(der, 0x30)?;
     let mut tbs = inside(cert, 0x30)?;
