@@ -13,18 +13,10 @@ use ca_server::store::SledStore;
 use protocol_spec::{KeyAlgorithm, KeyPair, PublicKey};
 use ring::rand::SystemRandom;
 
+use crate::line::{LineStation, Lines};
+
 /// Serials each registered line covers, as on a real floor.
 pub const SERIALS_PER_LINE: u64 = 100_000;
-
-/// A line station the simulator plays.
-pub struct LineStation {
-    /// Line id.
-    pub id: String,
-    /// Its key.
-    pub key: KeyPair,
-    /// First serial.
-    pub first: u64,
-}
 
 /// The CA child and its folder.
 pub struct EmbeddedCa {
@@ -52,7 +44,7 @@ pub fn start(
     ca_algorithm: KeyAlgorithm,
     verify_own_signatures: bool,
     now: u64,
-) -> Result<(EmbeddedCa, Vec<LineStation>), String> {
+) -> Result<(EmbeddedCa, Lines), String> {
     let tmp = tempfile::Builder::new()
         .prefix("imprint-sim-")
         .tempdir()
@@ -94,7 +86,12 @@ pub fn start(
                 now,
                 "simulator",
             )?;
-            lines.push(LineStation { id, key, first });
+            lines.push(LineStation {
+                id,
+                key,
+                first,
+                last,
+            });
             first = last + 1;
         }
     }
@@ -115,7 +112,7 @@ pub fn start(
             earlier_peak: 0,
             earlier_cpu: 0.0,
         },
-        lines,
+        Lines::new(lines),
     ))
 }
 

@@ -3,7 +3,7 @@
 
 use plotters::prelude::*;
 
-use crate::report::Report;
+use crate::report::{NOT_MEASURED, Report};
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -196,7 +196,10 @@ pub fn render(r: &Report) -> Result<String, String> {
     );
     row(
         "CA peak memory / CPU",
-        format!("{} / {:.1} s", mb(r.ca.peak_memory_bytes), r.ca.cpu_seconds),
+        match &r.ca {
+            Some(ca) => format!("{} / {:.1} s", mb(ca.peak_memory_bytes), ca.cpu_seconds),
+            None => NOT_MEASURED.to_string(),
+        },
     );
     row(
         "simulator peak memory / CPU",
@@ -206,14 +209,7 @@ pub fn render(r: &Report) -> Result<String, String> {
             r.simulator.cpu_seconds
         ),
     );
-    row(
-        "store on disk",
-        format!(
-            "{} ({:.0} bytes per device)",
-            mb(r.store_bytes),
-            r.store_bytes_per_device
-        ),
-    );
+    row("store on disk", r.store_text());
     row("CA restarts (SIGKILL)", r.ca_restarts.to_string());
     let mut errors = String::new();
     for (k, v) in &r.errors {
@@ -237,7 +233,7 @@ pub fn render(r: &Report) -> Result<String, String> {
         );
     }
     let v = &r.verification;
-    let verdict = if v.ok { "PASSED" } else { "FAILED" };
+    let verdict = if v.ok() { "PASSED" } else { "FAILED" };
     let verification = serde_json::to_string_pretty(v).map_err(|e| e.to_string())?;
     Ok(format!(
         r#"<!doctype html>
@@ -246,16 +242,17 @@ pub fn render(r: &Report) -> Result<String, String> {
 table{{border-collapse:collapse;margin:1em 0}}th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
 .ok{{color:#070}}.bad{{color:#a00}}pre{{background:#f6f6f6;padding:1em}}</style></head>
 <body><h1>Imprint simulation report</h1>
-<h2>Verification: <span class="{cls}">{verdict}</span></h2>
+<h2>Verification: <span class="{cls}">{verdict}</span> <small>({where_})</small></h2>
 <table>{rows}</table>
 {font_note}<h2>Throughput</h2>{throughput}
 <h2>Latency</h2>{latency}
 <table><tr><th>phase</th><th>count</th><th>mean us</th><th>p50</th><th>p90</th><th>p99</th><th>p99.9</th><th>max</th></tr>{phases}</table>
 <h2>Errors by type</h2><table>{errors}</table>
-<h2>Verification pass</h2><pre>{verification}</pre>
+<h2>Verification pass ({where_})</h2><pre>{verification}</pre>
 </body></html>
 "#,
-        cls = if v.ok { "ok" } else { "bad" },
+        cls = if v.ok() { "ok" } else { "bad" },
+        where_ = esc(v.label()),
         throughput = throughput_svg(r)?,
         latency = latency_svg(r)?,
         verification = esc(&verification),

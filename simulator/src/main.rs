@@ -3,13 +3,17 @@
 //! By default it starts an embedded CA (a child process running this same binary as
 //! `simulator ca-server serve`) on a sled store in a temporary folder, runs N virtual devices
 //! through keygen, factory token, enrollment and verification over real sockets, shows a live
-//! view, verifies the CA's store afterwards, and writes a report.
+//! view, verifies the CA's store afterwards, and writes a report. With `--ca URL...` it runs
+//! the devices against a CA that runs elsewhere, playing line stations registered there, and
+//! the verification pass is device-side.
 
 mod ceiling;
 mod devices;
 mod embedded;
 mod html;
+mod line;
 mod relay;
+mod remote;
 mod report;
 mod verify;
 
@@ -23,13 +27,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::{Parser, ValueEnum};
 use device_agent::coap::CoapClient;
 use device_agent::https::HttpsClient;
-use device_agent::url::CaUrl;
+use device_agent::url::{CaUrl, Scheme};
 use indicatif::{ProgressBar, ProgressStyle};
 use protocol_spec::KeyAlgorithm;
 use protocol_spec::profile::CertProfile;
 
-use crate::devices::{Fleet, PHASES, Progress};
+use crate::devices::{Enrollment, Fleet, PHASES, Progress};
+use crate::embedded::EmbeddedCa;
+use crate::remote::{RemoteArgs, RemoteCa};
 use crate::report::{PhaseLatency, Report, Usage};
+use crate::verify::Verification;
 
 /// Runs virtual devices end to end against a CA and reports.
 #[derive(Parser, Debug)]
@@ -38,30 +45,54 @@ struct Cli {
     /// Number of virtual devices.
     #[arg(long, default_value_t = 100_000)]
     devices: u64,
-    /// Enrollment transport.
-    #[arg(long, value_enum, default_value_t = Transport::Coap)]
-    transport: Transport,
+    /// Enrollment transport [default: coap; with --ca, the scheme of its URLs].
+    #[arg(long, value_enum)]
+    transport: Option<Transport>,
     /// Device key algorithm.
     #[arg(long, default_value = "ed25519", value_parser = parse_alg)]
     algorithm: KeyAlgorithm,
-    /// CA key algorithm of the embedded CA.
-    #[arg(long = "ca-algorithm", default_value = "ed25519", value_parser = parse_alg)]
-    ca_algorithm: KeyAlgorithm,
+    /// CA key algorithm of the embedded CA [default: ed25519].
+    #[arg(long = "ca-algorithm", value_parser = parse_alg)]
+    ca_algorithm: Option<KeyAlgorithm>,
     /// Tasks stepping devices (devices in flight at once).
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
     /// Whether the embedded CA verifies its own signature on every certificate (the lint's
-    /// fault guard; costs one verification per device).
-    #[arg(long = "ca-verify-own-signatures", default_value_t = true, action = clap::ArgAction::Set)]
-    ca_verify_own_signatures: bool,
+    /// fault guard; costs one verification per device) [default: true].
+    #[arg(long = "ca-verify-own-signatures", action = clap::ArgAction::Set)]
+    ca_verify_own_signatures: Option<bool>,
+    /// Run against a CA that runs elsewhere instead of an embedded one: the enrollment
+    /// endpoint of a CA node, coap://HOST:PORT or https://HOST:PORT (the scheme sets the
+    /// transport). Repeat it for several nodes: devices are spread over them round robin.
+    #[arg(long = "ca", value_name = "URL")]
+    ca: Vec<String>,
+    /// The remote CA's secrets door (`ca-server serve --mtls`), https://HOST:PORT; required
+    /// with --ca unless --no-secrets. Repeatable, round robin like --ca.
+    #[arg(long, value_name = "URL")]
+    mtls: Vec<String>,
+    /// The remote CA's certificate (ca.pem), which the devices pin; required with --ca.
+    #[arg(long = "ca-cert", value_name = "CA.pem")]
+    ca_cert: Option<PathBuf>,
+    /// A line station to play against the remote CA: its key, from `line-station keygen`.
+    /// Repeatable; the k-th --line-key goes with the k-th --line-id and --serials.
+    #[arg(long = "line-key", value_name = "LINE.key")]
+    line_key: Vec<PathBuf>,
+    /// The line's id, as registered on the remote CA with `ca-server line add --id`.
+    #[arg(long = "line-id", value_name = "ID")]
+    line_id: Vec<String>,
+    /// The line's serial range, as registered (`ca-server line add --serials`); devices take
+    /// these serials in order, so --devices must fit in them.
+    #[arg(long, value_name = "FIRST-LAST")]
+    serials: Vec<String>,
     /// Where to write the report.
     #[arg(long, default_value = "simulator-report")]
     report: PathBuf,
-    /// Drop this share of datagrams in each direction (CoAP only), e.g. 0.3.
+    /// Drop this share of datagrams in each direction (CoAP only), e.g. 0.3: a relay sits in
+    /// front of the CA's CoAP address (of each node, with --ca).
     #[arg(long, default_value_t = 0.0)]
     loss: f64,
-    /// Kill the CA with SIGKILL every SECONDS and restart it; devices retry, and the
-    /// verification pass must still find nothing lost and nothing duplicated.
+    /// Kill the embedded CA with SIGKILL every SECONDS and restart it; devices retry, and the
+    /// verification pass must still find nothing lost and nothing duplicated (not with --ca).
     #[arg(long = "kill-ca-every", value_name = "SECONDS")]
     kill_ca_every: Option<f64>,
     /// Skip the secret phases (mutual-TLS fetch and acknowledgement).
@@ -101,6 +132,88 @@ fn main() -> ExitCode {
     }
 }
 
+/// Where the CA is: started here, or running elsewhere.
+enum CaMode {
+    /// The embedded CA, with its key algorithm and whether it verifies its own signatures.
+    Embedded(KeyAlgorithm, bool),
+    /// A CA that runs elsewhere.
+    Remote(Box<RemoteCa>),
+}
+
+impl CaMode {
+    /// Reads the CA flags; flags of the other mode are refused by name.
+    fn from_cli(cli: &Cli) -> Result<Self, String> {
+        if cli.ca.is_empty() {
+            let remote_only = [
+                ("--mtls", !cli.mtls.is_empty()),
+                ("--ca-cert", cli.ca_cert.is_some()),
+                ("--line-key", !cli.line_key.is_empty()),
+                ("--line-id", !cli.line_id.is_empty()),
+                ("--serials", !cli.serials.is_empty()),
+            ];
+            if let Some((flag, _)) = remote_only.iter().find(|(_, given)| *given) {
+                return Err(format!(
+                    "{flag} describes a remote CA: use it with --ca URL (without --ca the \
+                     simulator starts its own CA)"
+                ));
+            }
+            return Ok(CaMode::Embedded(
+                cli.ca_algorithm.unwrap_or(KeyAlgorithm::Ed25519),
+                cli.ca_verify_own_signatures.unwrap_or(true),
+            ));
+        }
+        if cli.kill_ca_every.is_some() {
+            return Err(
+                "--kill-ca-every needs the embedded CA (the simulator kills and restarts a CA it \
+                 started, not one that runs elsewhere): drop --ca or --kill-ca-every"
+                    .into(),
+            );
+        }
+        if cli.ca_algorithm.is_some() {
+            return Err(
+                "--ca-algorithm applies to the embedded CA; with --ca the CA's algorithm is the \
+                 one of --ca-cert"
+                    .into(),
+            );
+        }
+        if cli.ca_verify_own_signatures.is_some() {
+            return Err(
+                "--ca-verify-own-signatures applies to the embedded CA; with --ca set \
+                 verify_own_signatures in that CA's config.toml"
+                    .into(),
+            );
+        }
+        let remote = RemoteCa::from_args(&RemoteArgs {
+            ca: &cli.ca,
+            mtls: &cli.mtls,
+            ca_cert: cli.ca_cert.as_deref(),
+            transport: cli.transport.map(|t| match t {
+                Transport::Https => Scheme::Https,
+                Transport::Coap => Scheme::Coap,
+            }),
+            secrets: !cli.no_secrets,
+            devices: cli.devices,
+            line_keys: &cli.line_key,
+            line_ids: &cli.line_id,
+            serials: &cli.serials,
+        })?;
+        Ok(CaMode::Remote(Box::new(remote)))
+    }
+}
+
+/// What the devices need from the CA side, and the embedded CA when there is one.
+struct Setup {
+    embedded: Option<EmbeddedCa>,
+    enrollment: Enrollment,
+    secrets: Vec<CaUrl>,
+    lines: line::Lines,
+    ca_der: Vec<u8>,
+    ca_algorithm: KeyAlgorithm,
+    spread_sources: bool,
+    /// The CA as the report's configuration names it.
+    ca_name: String,
+}
+
 fn run(cli: Cli) -> Result<bool, String> {
     if cli.devices == 0 {
         return Err("--devices must be at least 1".into());
@@ -108,54 +221,73 @@ fn run(cli: Cli) -> Result<bool, String> {
     if !(0.0..1.0).contains(&cli.loss) {
         return Err("--loss must be at least 0 and below 1".into());
     }
-    if cli.loss > 0.0 && cli.transport != Transport::Coap {
+    let mode = CaMode::from_cli(&cli)?;
+    let transport = match &mode {
+        CaMode::Remote(r) => match r.scheme {
+            Scheme::Https => Transport::Https,
+            Scheme::Coap => Transport::Coap,
+        },
+        CaMode::Embedded(..) => cli.transport.unwrap_or(Transport::Coap),
+    };
+    if cli.loss > 0.0 && transport != Transport::Coap {
         return Err("--loss applies to datagrams: use it with --transport coap".into());
     }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    eprintln!("measuring this machine's crypto ceiling ...");
-    let ceiling = ceiling::measure(
-        300,
-        cli.algorithm,
-        cli.ca_algorithm,
-        ceiling::Handshakes {
-            https: cli.transport == Transport::Https,
-            mtls: !cli.no_secrets,
-        },
-    )?;
-    eprintln!("starting the embedded CA ({}) ...", cli.ca_algorithm);
-    let (ca, lines) = embedded::start(
-        cli.devices,
-        cli.ca_algorithm,
-        cli.ca_verify_own_signatures,
-        now,
-    )?;
-    let profile = CertProfile::from_ca_der(&ca.ca_der).map_err(|e| e.to_string())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let url = CaUrl::parse(&format!("https://{}", ca.https)).map_err(|e| e.to_string())?;
-    let client = HttpsClient::new(url, &ca.ca_der).map_err(|e| e.to_string())?;
-    let coap_addr = if cli.loss > 0.0 {
-        rt.block_on(relay::start(ca.coap, cli.loss))?
-    } else {
-        ca.coap
+    let ca_algorithm = match &mode {
+        CaMode::Embedded(alg, _) => *alg,
+        CaMode::Remote(r) => r.profile.ca_public_key().algorithm,
     };
-    let coap_url = CaUrl::parse(&format!("coap://{coap_addr}")).map_err(|e| e.to_string())?;
-    let mtls_url = CaUrl::parse(&format!("https://{}", ca.mtls)).map_err(|e| e.to_string())?;
+    if let CaMode::Remote(remote) = &mode {
+        eprintln!("checking the remote CA ({}) ...", remote.name());
+        rt.block_on(remote.preflight())?;
+    }
+    eprintln!("measuring this machine's crypto ceiling ...");
+    let ceiling = ceiling::measure(
+        300,
+        cli.algorithm,
+        ca_algorithm,
+        ceiling::Handshakes {
+            https: transport == Transport::Https,
+            mtls: !cli.no_secrets,
+        },
+    )?;
+    let setup = match mode {
+        CaMode::Embedded(alg, verify_own) => {
+            eprintln!("starting the embedded CA ({alg}) ...");
+            embedded_setup(&cli, &rt, transport, alg, verify_own, now)?
+        }
+        CaMode::Remote(remote) => remote_setup(&cli, &rt, *remote)?,
+    };
+    let Setup {
+        embedded,
+        enrollment,
+        secrets,
+        lines,
+        ca_der,
+        ca_algorithm,
+        spread_sources,
+        ca_name,
+    } = setup;
+    let remote = embedded.is_none();
+    let profile = CertProfile::from_ca_der(&ca_der).map_err(|e| e.to_string())?;
     let fleet = Arc::new(Fleet {
         devices: cli.devices,
         algorithm: cli.algorithm,
         concurrency: cli.concurrency,
-        client,
-        coap: (cli.transport == Transport::Coap).then(|| CoapClient::new(coap_url)),
+        enrollment,
         profile,
-        ca_der: ca.ca_der.clone(),
-        secrets: (!cli.no_secrets).then_some(mtls_url),
+        ca_der: ca_der.clone(),
+        secrets,
         lines,
+        spread_sources,
+        device_checks: remote,
     });
     let progress = Arc::new(Progress::default());
     let bar = if cli.quiet {
@@ -170,8 +302,7 @@ fn run(cli: Cli) -> Result<bool, String> {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let (ca_store, ca_der) = (ca.dir.store(), ca.ca_der.clone());
-    let ca = Arc::new(std::sync::Mutex::new(ca));
+    let ca = embedded.map(|ca| Arc::new(std::sync::Mutex::new(ca)));
     let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
     let start = Instant::now();
     let outcome = rt.block_on(async {
@@ -194,8 +325,8 @@ fn run(cli: Cli) -> Result<bool, String> {
                 }
             }
         });
-        let killer = cli.kill_ca_every.map(|every| {
-            let (ca, bar) = (ca.clone(), bar.clone());
+        let killer = cli.kill_ca_every.zip(ca.clone()).map(|(every, ca)| {
+            let bar = bar.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs_f64(every.max(0.1)));
                 tick.tick().await;
@@ -225,22 +356,47 @@ fn run(cli: Cli) -> Result<bool, String> {
     });
     let wall = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let mut ca = match Arc::try_unwrap(ca) {
-        Ok(m) => m
-            .into_inner()
-            .map_err(|_| "CA handle poisoned".to_string())?,
-        Err(_) => return Err("the CA handle is still shared".into()),
-    };
-    let (ca_peak, ca_cpu) = ca.usage();
     // The simulator's own figures cover the device phases; the verification pass that follows
     // opens the whole store in this process and would dominate them.
+    // The stopped CA lives until the pass has read its store (dropping it removes the
+    // temporary folder).
+    let stopped = match ca {
+        Some(ca) => {
+            let mut ca = match Arc::try_unwrap(ca) {
+                Ok(m) => m
+                    .into_inner()
+                    .map_err(|_| "CA handle poisoned".to_string())?,
+                Err(_) => return Err("the CA handle is still shared".into()),
+            };
+            let (peak_memory_bytes, cpu_seconds) = ca.usage();
+            ca.stop()?;
+            Some((
+                Usage {
+                    peak_memory_bytes,
+                    cpu_seconds,
+                },
+                ca,
+            ))
+        }
+        None => None,
+    };
     let (sim_peak, sim_cpu) = embedded::process_usage(std::process::id());
-    let ca_restarts = ca.restarts;
-    ca.stop()?;
     let throughput =
         std::mem::take(&mut *samples.lock().map_err(|_| "samples poisoned".to_string())?);
-    let store_bytes = report::dir_size(&ca_store);
-    let verification = verify::verify(&ca_store, &ca_der, &outcome.received, !cli.no_secrets)?;
+    let (verification, store_bytes, store_bytes_per_device) = match &stopped {
+        Some((_, ca)) => {
+            let store = ca.dir.store();
+            let bytes = report::dir_size(&store);
+            let v = verify::verify_store(&store, &ca_der, &outcome.received, !cli.no_secrets)?;
+            let per_device = bytes as f64 / v.records.max(1) as f64;
+            (Verification::Store(v), Some(bytes), Some(per_device))
+        }
+        None => (
+            Verification::DeviceSide(verify::verify_devices(&outcome.evidence, !cli.no_secrets)),
+            None,
+            None,
+        ),
+    };
     let ok = progress.done.load(Ordering::Relaxed);
     let failed = progress.failed.load(Ordering::Relaxed);
     let rate = ok as f64 / wall.max(1e-9);
@@ -248,13 +404,14 @@ fn run(cli: Cli) -> Result<bool, String> {
     config.insert("devices".into(), cli.devices.to_string());
     config.insert(
         "transport".into(),
-        match cli.transport {
+        match transport {
             Transport::Https => "https".into(),
             Transport::Coap => "coap".into(),
         },
     );
+    config.insert("ca".into(), ca_name);
     config.insert("algorithm".into(), cli.algorithm.to_string());
-    config.insert("ca_algorithm".into(), cli.ca_algorithm.to_string());
+    config.insert("ca_algorithm".into(), ca_algorithm.to_string());
     config.insert("concurrency".into(), cli.concurrency.to_string());
     config.insert("secrets".into(), (!cli.no_secrets).to_string());
     config.insert("loss".into(), cli.loss.to_string());
@@ -266,7 +423,10 @@ fn run(cli: Cli) -> Result<bool, String> {
     );
     config.insert(
         "ca_verify_own_signatures".into(),
-        cli.ca_verify_own_signatures.to_string(),
+        match (remote, cli.ca_verify_own_signatures) {
+            (true, _) => "set by the remote CA".into(),
+            (false, v) => v.unwrap_or(true).to_string(),
+        },
     );
     let mut throughput = throughput;
     throughput.push((wall, ok));
@@ -290,17 +450,118 @@ fn run(cli: Cli) -> Result<bool, String> {
             peak_memory_bytes: sim_peak,
             cpu_seconds: sim_cpu,
         },
-        ca: Usage {
-            peak_memory_bytes: ca_peak,
-            cpu_seconds: ca_cpu,
-        },
+        ca_restarts: stopped.as_ref().map_or(0, |(_, ca)| ca.restarts),
+        ca: stopped.map(|(usage, _)| usage),
         store_bytes,
-        ca_restarts,
-        store_bytes_per_device: store_bytes as f64 / verification.records.max(1) as f64,
+        store_bytes_per_device,
         verification,
     };
     let path = report.write(&cli.report)?;
     print!("{}", report.summary());
+    if remote && report.errors.contains_key("serial-taken") {
+        println!(
+            "note: the remote CA had already enrolled some of these serials (an earlier run?): \
+             give --serials a range no run has used"
+        );
+    }
     println!("report: {} (and report.json beside it)", path.display());
-    Ok(report.verification.ok && failed == 0)
+    Ok(report.verification.ok() && failed == 0)
+}
+
+/// Starts the embedded CA and points the devices at it (through the loss relay, if any).
+fn embedded_setup(
+    cli: &Cli,
+    rt: &tokio::runtime::Runtime,
+    transport: Transport,
+    ca_algorithm: KeyAlgorithm,
+    verify_own_signatures: bool,
+    now: u64,
+) -> Result<Setup, String> {
+    let (ca, lines) = embedded::start(cli.devices, ca_algorithm, verify_own_signatures, now)?;
+    let enrollment = match transport {
+        Transport::Https => {
+            let url = CaUrl::parse(&format!("https://{}", ca.https)).map_err(|e| e.to_string())?;
+            Enrollment::Https(vec![
+                HttpsClient::new(url, &ca.ca_der).map_err(|e| e.to_string())?,
+            ])
+        }
+        Transport::Coap => {
+            let addr = if cli.loss > 0.0 {
+                rt.block_on(relay::start(ca.coap, cli.loss))?
+            } else {
+                ca.coap
+            };
+            let url = CaUrl::parse(&format!("coap://{addr}")).map_err(|e| e.to_string())?;
+            Enrollment::Coap(vec![CoapClient::new(url)])
+        }
+    };
+    let mtls = CaUrl::parse(&format!("https://{}", ca.mtls)).map_err(|e| e.to_string())?;
+    Ok(Setup {
+        enrollment,
+        secrets: if cli.no_secrets { vec![] } else { vec![mtls] },
+        lines,
+        ca_der: ca.ca_der.clone(),
+        ca_algorithm,
+        spread_sources: true,
+        ca_name: "embedded".into(),
+        embedded: Some(ca),
+    })
+}
+
+/// Points the devices at a remote CA (CoAP through one loss relay per node, if any).
+fn remote_setup(
+    cli: &Cli,
+    rt: &tokio::runtime::Runtime,
+    remote: RemoteCa,
+) -> Result<Setup, String> {
+    let ca_name = remote.name();
+    // The addresses devices open connections to, to know whether they may spread their
+    // source addresses over loopback.
+    let mut targets: Vec<std::net::SocketAddr> = remote.secrets.iter().map(|(_, a)| *a).collect();
+    let enrollment = match remote.scheme {
+        Scheme::Https => {
+            targets.extend(remote.enroll.iter().map(|(_, a)| *a));
+            Enrollment::Https(
+                remote
+                    .enroll
+                    .iter()
+                    .map(|(u, _)| HttpsClient::new(u.clone(), &remote.ca_der))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+        Scheme::Coap => {
+            let mut clients = Vec::new();
+            for (url, addr) in &remote.enroll {
+                if cli.loss > 0.0 {
+                    let front = rt.block_on(relay::start(*addr, cli.loss))?;
+                    targets.push(front);
+                    let url =
+                        CaUrl::parse(&format!("coap://{front}")).map_err(|e| e.to_string())?;
+                    clients.push(CoapClient::new(url));
+                } else {
+                    targets.push(*addr);
+                    clients.push(CoapClient::new(url.clone()));
+                }
+            }
+            Enrollment::Coap(clients)
+        }
+    };
+    let spread_sources = targets.iter().all(remote::on_loopback);
+    if !spread_sources {
+        eprintln!(
+            "note: the CA is not on 127.0.0.0/8, so devices connect from this machine's own \
+             address (its ephemeral ports bound the HTTPS and mutual-TLS connection rate)"
+        );
+    }
+    Ok(Setup {
+        embedded: None,
+        enrollment,
+        secrets: remote.secrets.into_iter().map(|(u, _)| u).collect(),
+        lines: remote.lines,
+        ca_algorithm: remote.profile.ca_public_key().algorithm,
+        ca_der: remote.ca_der,
+        spread_sources,
+        ca_name,
+    })
 }

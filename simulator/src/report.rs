@@ -77,14 +77,14 @@ pub struct Report {
     pub fraction_of_ceiling: f64,
     /// The simulator process.
     pub simulator: Usage,
-    /// The CA process.
-    pub ca: Usage,
-    /// Store size on disk, bytes.
-    pub store_bytes: u64,
+    /// The CA process (null: not measured, the CA runs elsewhere).
+    pub ca: Option<Usage>,
+    /// Store size on disk, bytes (null: not measured, the CA runs elsewhere).
+    pub store_bytes: Option<u64>,
     /// Times the CA was killed with SIGKILL and restarted during the run.
     pub ca_restarts: u64,
-    /// Store bytes per device record.
-    pub store_bytes_per_device: f64,
+    /// Store bytes per device record (null: not measured, the CA runs elsewhere).
+    pub store_bytes_per_device: Option<f64>,
     /// The verification pass.
     pub verification: Verification,
 }
@@ -130,10 +130,16 @@ impl Report {
         if !self.errors.is_empty() {
             s += &format!("errors: {:?}\n", self.errors);
         }
+        let ca = match &self.ca {
+            Some(ca) => format!(
+                "peak memory {:.1} MiB, CPU {:.1} s",
+                mb(ca.peak_memory_bytes),
+                ca.cpu_seconds
+            ),
+            None => NOT_MEASURED.to_string(),
+        };
         s += &format!(
-            "CA: peak memory {:.1} MiB, CPU {:.1} s; simulator: peak memory {:.1} MiB, CPU {:.1} s\n",
-            mb(self.ca.peak_memory_bytes),
-            self.ca.cpu_seconds,
+            "CA: {ca}; simulator: peak memory {:.1} MiB, CPU {:.1} s\n",
             mb(self.simulator.peak_memory_bytes),
             self.simulator.cpu_seconds
         );
@@ -143,29 +149,34 @@ impl Report {
                 self.ca_restarts
             );
         }
-        s += &format!(
-            "store: {:.1} MiB on disk, {:.0} bytes per device\n",
-            mb(self.store_bytes),
-            self.store_bytes_per_device
-        );
+        s += &format!("store: {}\n", self.store_text());
         let v = &self.verification;
         s += &format!(
-            "verification: {} — {} records, {} certificates valid, {}/{} device certificates match the store, {} confirmed secrets, {} shared keys, {} shared secrets, {} index mismatches, audit chain {}\n",
-            if v.ok { "PASSED" } else { "FAILED" },
-            v.records,
-            v.certificates_valid,
-            v.devices_matching_store,
-            v.devices_with_certificate,
-            v.devices_with_confirmed_secret,
-            v.shared_keys,
-            v.shared_secrets,
-            v.index_mismatches,
-            if v.audit_chain_ok { "intact" } else { "BROKEN" }
+            "verification: {} ({}) — {}\n",
+            if v.ok() { "PASSED" } else { "FAILED" },
+            v.label(),
+            v.figures()
         );
-        for p in &v.problems {
+        for p in v.problems() {
             s += &format!("  problem: {p}\n");
         }
         s
+    }
+}
+
+/// What the report says of a figure it could not measure.
+pub const NOT_MEASURED: &str = "not measured: remote CA";
+
+impl Report {
+    /// The store's size on disk, for people.
+    pub fn store_text(&self) -> String {
+        match (self.store_bytes, self.store_bytes_per_device) {
+            (Some(b), Some(per)) => format!(
+                "{:.1} MiB on disk, {per:.0} bytes per device",
+                b as f64 / (1024.0 * 1024.0)
+            ),
+            _ => NOT_MEASURED.to_string(),
+        }
     }
 }
 
