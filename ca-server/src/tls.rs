@@ -46,6 +46,10 @@ pub fn https_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>,
         .with_single_cert(chain, key)
         .map_err(|e| format!("TLS server certificate: {e}"))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // A device enrolls once: session tickets would cost a seal, two records and the device's
+    // work to store them, for a resumption that never comes.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }
 
