@@ -34,6 +34,7 @@ use crate::records::{
     DeviceRecord, DeviceStatus, LineRecord, ResetRecord, SecretRecord, from_cbor,
 };
 use crate::service::CaService;
+use crate::store::ResetOutcome;
 
 /// Largest admin request body.
 const MAX_BODY: usize = 64 * 1024;
@@ -372,13 +373,24 @@ async fn route(
         }
         ("POST", ["devices", serial, "reset"]) => {
             let serial = parse_serial(serial)?;
-            service
+            match service
                 .reset(serial, actor)
                 .await
                 .map_err(|p| AdminProblem::internal("reset", p.detail))?
-                .ok_or_else(|| AdminProblem::not_found(format!("no enrolled device {serial}")))?;
-            let _ = service.crl();
-            json(StatusCode::OK, &device_view(service, serial)?)
+            {
+                ResetOutcome::Reset(_) => json(StatusCode::OK, &device_view(service, serial)?),
+                ResetOutcome::Missing => Err(AdminProblem::not_found(format!(
+                    "no enrolled device {serial}"
+                ))),
+                ResetOutcome::Revoked => Err(AdminProblem::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "device {serial} is revoked: its certificate stays on the CRL, and a new \
+                         enrollment of serial {serial} would carry the same certificate serial; \
+                         enroll the replacement under a new serial"
+                    ),
+                )),
+            }
         }
         ("POST", ["secrets", "rotate"]) => {
             let body: RotateRequest = read_json(req).await?;

@@ -33,15 +33,15 @@ pub async fn handle(
     };
     // Checked on every request, so that a revocation takes effect at once, even on a
     // kept-alive connection.
-    let serial = match service.device_for_certificate(cert) {
-        Ok(s) => s,
+    let device = match service.device_for_certificate(cert) {
+        Ok(d) => d,
         Err(p) => {
             tracing::info!(problem = %p.kind, "mutual-TLS client refused");
             return problem(&p, !json);
         }
     };
     match (req.method(), path.as_str()) {
-        (&Method::GET, "/secret") => match service.fetch_secret(serial).await {
+        (&Method::GET, "/secret") => match service.fetch_secret(&device).await {
             Ok(d) => {
                 if json {
                     respond(StatusCode::OK, "application/json", d.to_json().to_vec())
@@ -73,7 +73,7 @@ pub async fn handle(
                 Ok(a) => a,
                 Err(p) => return problem(&p, !json),
             };
-            match service.ack_secret(serial, ack).await {
+            match service.ack_secret(&device, ack).await {
                 Ok(()) => {
                     let mut r = Response::new(Full::new(Bytes::new()));
                     *r.status_mut() = StatusCode::NO_CONTENT;

@@ -17,7 +17,7 @@ use crate::ra::RegistrationAuthority;
 use crate::records::{DeviceRecord, DeviceStatus, LineRecord, SecretRecord};
 use crate::revocation::{CRL_VALIDITY, Crl, Revocations};
 use crate::secrets::SecretKeys;
-use crate::store::{EnrollOutcome, NewEnrollment, SecretOp, SecretOutcome, Store};
+use crate::store::{EnrollOutcome, NewEnrollment, ResetOutcome, SecretOp, SecretOutcome, Store};
 use protocol_spec::messages::{SECRET_ALGORITHM, SecretAck, SecretDelivery};
 use zeroize::Zeroizing;
 
@@ -38,6 +38,17 @@ impl Clock for SystemClock {
             .map(|d| d.as_secs())
             .unwrap_or(0)
     }
+}
+
+/// A device as the mutual-TLS door authenticated it: its serial and the SHA-256 of the key
+/// its certificate holds. Every secrets write checks, in its transaction, that the serial is
+/// still bound to that key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceIdentity {
+    /// The serial.
+    pub serial: u64,
+    /// SHA-256 of the SPKI.
+    pub key_hash: [u8; 32],
 }
 
 /// A successful enrollment, ready to encode.
@@ -257,7 +268,7 @@ impl CaService {
     /// The device a mutual-TLS client certificate belongs to. The TLS layer has already checked
     /// the chain to the CA; here the record must exist, be active, and hold this very
     /// certificate.
-    pub fn device_for_certificate(&self, cert_der: &[u8]) -> Result<u64, Problem> {
+    pub fn device_for_certificate(&self, cert_der: &[u8]) -> Result<DeviceIdentity, Problem> {
         let unknown = |d: &str| Problem::new(ProblemType::UnknownDevice, d.to_string());
         let serial = crate::tls::certificate_serial(cert_der)
             .ok_or_else(|| unknown("the certificate's serial is not a device serial"))?;
@@ -277,7 +288,30 @@ impl CaService {
                 "this is not the certificate on record for serial {serial}"
             )));
         }
-        Ok(serial)
+        Ok(DeviceIdentity {
+            serial,
+            key_hash: protocol_spec::spki::sha256(&rec.spki),
+        })
+    }
+
+    /// Checks again that `id` is the serial's current, active binding (after reads that did
+    /// not go through a transaction which checks it).
+    fn still_bound(&self, id: &DeviceIdentity) -> Result<(), Problem> {
+        let rec = self
+            .store
+            .device(id.serial)
+            .map_err(|e| internal("store read", e))?;
+        match rec {
+            Some(r) if r.status == DeviceStatus::Revoked => Err(Problem::new(
+                ProblemType::Revoked,
+                format!("device {} is revoked", id.serial),
+            )),
+            Some(r) if protocol_spec::spki::sha256(&r.spki) == id.key_hash => Ok(()),
+            _ => Err(Problem::new(
+                ProblemType::UnknownDevice,
+                format!("serial {} is no longer bound to this key", id.serial),
+            )),
+        }
     }
 
     fn deliver(
@@ -304,15 +338,16 @@ impl CaService {
 
     /// The device's newest secret; version 1 is allocated on the first fetch (from the imported
     /// pool if it has keys, else from the CSPRNG). Delivery is durable before the answer.
-    pub async fn fetch_secret(&self, serial: u64) -> Result<SecretDelivery, Problem> {
+    pub async fn fetch_secret(&self, id: &DeviceIdentity) -> Result<SecretDelivery, Problem> {
         let started = Instant::now();
-        let r = self.fetch_secret_inner(serial).await;
+        let r = self.fetch_secret_inner(id).await;
         self.metrics
             .delivery(r.as_ref().map(|_| ()), started.elapsed());
         r
     }
 
-    async fn fetch_secret_inner(&self, serial: u64) -> Result<SecretDelivery, Problem> {
+    async fn fetch_secret_inner(&self, id: &DeviceIdentity) -> Result<SecretDelivery, Problem> {
+        let (serial, binding) = (id.serial, id.key_hash);
         for attempt in 0..8u64 {
             let now = self.clock.now();
             let versions = self
@@ -329,6 +364,7 @@ impl CaService {
                         serial,
                         version: latest.version,
                         at: now,
+                        binding,
                     };
                     match self
                         .committer
@@ -336,11 +372,15 @@ impl CaService {
                         .await
                         .map_err(|e| internal("commit", e))?
                     {
-                        SecretOutcome::Done(_) => {}
+                        SecretOutcome::Done(_) | SecretOutcome::Unchanged(_) => {}
                         SecretOutcome::Refused(p) => return Err(p),
                         _ => continue,
                     }
                 } else {
+                    // No transaction checked the binding on this path: the versions were read
+                    // first, so a reset (and a new binding's version) since the door's check
+                    // shows here.
+                    self.still_bound(id)?;
                     self.committer
                         .wait_durable()
                         .await
@@ -383,7 +423,11 @@ impl CaService {
                 .seal_version(serial, next_version, key_id, &secret, source, now)
                 .map_err(|e| internal("sealing", e))?;
             record.delivered_at = Some(now);
-            let op = SecretOp::Allocate { record, from_pool };
+            let op = SecretOp::Allocate {
+                record,
+                from_pool,
+                binding,
+            };
             match self
                 .committer
                 .run(move |s| s.apply_secret(&op))
@@ -407,20 +451,21 @@ impl CaService {
     }
 
     /// Records the device's acknowledgement (idempotent).
-    pub async fn ack_secret(&self, serial: u64, ack: SecretAck) -> Result<(), Problem> {
+    pub async fn ack_secret(&self, id: &DeviceIdentity, ack: SecretAck) -> Result<(), Problem> {
         let started = Instant::now();
-        let r = self.ack_secret_inner(serial, ack).await;
+        let r = self.ack_secret_inner(id, ack).await;
         self.metrics.ack(r.as_ref().map(|_| ()), started.elapsed());
         r
     }
 
-    async fn ack_secret_inner(&self, serial: u64, ack: SecretAck) -> Result<(), Problem> {
+    async fn ack_secret_inner(&self, id: &DeviceIdentity, ack: SecretAck) -> Result<(), Problem> {
         let op = SecretOp::Ack {
-            serial,
+            serial: id.serial,
             key_id: ack.key_id,
             version: ack.version,
             kcv: ack.kcv.to_vec(),
             at: self.clock.now(),
+            binding: id.key_hash,
         };
         match self
             .committer
@@ -428,9 +473,11 @@ impl CaService {
             .await
             .map_err(|e| internal("commit", e))?
         {
-            SecretOutcome::Done(_) => Ok(()),
+            SecretOutcome::Done(_) | SecretOutcome::Unchanged(_) => Ok(()),
             SecretOutcome::Refused(p) => Err(p),
-            other => Err(internal("ack", format!("{other:?}"))),
+            SecretOutcome::Existing(_) | SecretOutcome::Conflict => {
+                Err(internal("ack", "unexpected store outcome"))
+            }
         }
     }
 
@@ -498,19 +545,18 @@ impl CaService {
     }
 
     /// Frees a serial for re-enrollment, keeping its history (see [`Store::reset_device`]).
-    pub async fn reset(&self, serial: u64, actor: &str) -> Result<Option<DeviceRecord>, Problem> {
+    pub async fn reset(&self, serial: u64, actor: &str) -> Result<ResetOutcome, Problem> {
         let (at, actor) = (self.clock.now(), actor.to_string());
-        let rec = self
+        let outcome = self
             .committer
             .run(move |s| s.reset_device(serial, at, &actor))
             .await
             .map_err(|e| internal("commit", e))?;
-        if rec.is_some() {
-            self.revocations.set(serial, false);
+        if let ResetOutcome::Reset(_) = outcome {
             self.metrics.reset();
             tracing::info!(serial, "device reset");
         }
-        Ok(rec)
+        Ok(outcome)
     }
 
     /// The current CRL (signed again when something was revoked or it is a day old).

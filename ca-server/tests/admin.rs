@@ -470,16 +470,60 @@ async fn every_subcommand_against_a_running_server() {
     let out = tokio::task::block_in_place(|| op.run(&["secrets", "rotate", "--serial", "10"]));
     assert!(!out.status.success());
 
-    // reset: the serial is free again (history kept, old secrets retired, off the CRL); a new
-    // key enrolls and receives a new version, never the old binding's secret.
-    let v: DeviceView = tokio::task::block_in_place(|| op.json(&["device", "reset", "10"]));
+    // A revoked device is not reset: its certificate serial stays on the CRL.
+    let out = tokio::task::block_in_place(|| op.run(&["device", "reset", "10"]));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("409") && stderr(&out).contains("revoked"),
+        "{}",
+        stderr(&out)
+    );
+    // A revoked device's acknowledgement is refused by the store transaction itself, even when
+    // it passed the door before the revocation committed.
+    let revoked_id = ca_server::service::DeviceIdentity {
+        serial: 10,
+        key_hash: protocol_spec::spki::sha256(&dev.key.spki_der()),
+    };
+    let last = dev.secrets.last().unwrap();
+    let ack = protocol_spec::messages::SecretAck {
+        key_id: last.key_id.clone(),
+        version: last.version,
+        kcv: last.kcv,
+    };
+    let p = server
+        .service
+        .ack_secret(&revoked_id, ack)
+        .await
+        .unwrap_err();
+    assert_eq!(p.kind, ProblemType::Revoked);
+    let p = server.service.fetch_secret(&revoked_id).await.unwrap_err();
+    assert_eq!(p.kind, ProblemType::Revoked);
+
+    // reset: the serial is free again (history kept, old secrets retired, the line's count
+    // back down); a new key enrolls and receives a new version, never the old binding's
+    // secret, and the old binding can no longer fetch anything.
+    let enrolled_before = |op: &Operator| -> u64 {
+        let lines: Vec<LineView> = op.json(&["line", "list"]);
+        lines.iter().find(|l| l.id == "line-1").unwrap().enrolled
+    };
+    let count = tokio::task::block_in_place(|| enrolled_before(&op));
+    let v: DeviceView = tokio::task::block_in_place(|| op.json(&["device", "reset", "11"]));
     assert_eq!(v.status, "reset");
     assert_eq!(v.history.len(), 1);
-    assert_eq!(v.history[0].status, "revoked");
+    assert_eq!(v.history[0].status, "active");
     assert!(v.secrets.iter().all(|s| s.retired_at.is_some()));
-    let mut again = enroll(&ca, server.coap.unwrap(), &line, 10, KeyAlgorithm::P256)
+    assert_eq!(
+        tokio::task::block_in_place(|| enrolled_before(&op)),
+        count - 1
+    );
+    let old_id = ca_server::service::DeviceIdentity {
+        serial: 11,
+        key_hash: protocol_spec::spki::sha256(&other.key.spki_der()),
+    };
+    let mut again = enroll(&ca, server.coap.unwrap(), &line, 11, KeyAlgorithm::Ed25519)
         .await
         .unwrap();
+    assert_eq!(tokio::task::block_in_place(|| enrolled_before(&op)), count);
     let before = v.secrets.len() as u64;
     match sync_secret(server.mtls.unwrap(), &mut again).await {
         SyncOutcome::Stored { .. } => {}
@@ -487,20 +531,24 @@ async fn every_subcommand_against_a_running_server() {
     }
     assert_eq!(again.secrets[0].version, before + 1);
     assert!(
-        dev.secrets
+        other
+            .secrets
             .iter()
             .all(|s| s.secret.as_ref() != again.secrets[0].secret.as_ref())
     );
-    // The old key is still bound to serial 10 for ever: it cannot enroll another serial.
-    let token = line.token(12, &dev.key.spki_der());
+    // The old binding passed the door before the reset: it still gets nothing.
+    let p = server.service.fetch_secret(&old_id).await.unwrap_err();
+    assert_eq!(p.kind, ProblemType::UnknownDevice, "{p:?}");
+    // The old key is still bound to serial 11 for ever: it cannot enroll another serial.
+    let token = line.token(12, &other.key.spki_der());
     let mut stolen = DeviceState::generate(
         DeviceSerial::new(12).unwrap(),
-        KeyAlgorithm::Ed25519,
+        KeyAlgorithm::P256,
         &SystemRandom::new(),
     )
     .unwrap();
     stolen.key =
-        protocol_spec::KeyPair::from_pkcs8(dev.key.pkcs8_der(), &SystemRandom::new()).unwrap();
+        protocol_spec::KeyPair::from_pkcs8(other.key.pkcs8_der(), &SystemRandom::new()).unwrap();
     let req = build_request(&stolen, &token, ResponseForm::Compact, &SystemRandom::new())
         .unwrap()
         .to_cbor();
@@ -511,10 +559,11 @@ async fn every_subcommand_against_a_running_server() {
         Err(AgentError::Refused(p)) => assert_eq!(p.kind, ProblemType::DuplicateKey),
         other => panic!("{:?}", other.map(|_| ())),
     }
-    let v: DeviceView = tokio::task::block_in_place(|| op.json(&["device", "show", "10"]));
+    let v: DeviceView = tokio::task::block_in_place(|| op.json(&["device", "show", "11"]));
     assert_eq!(v.status, "active");
     assert_eq!(v.history.len(), 1);
-    assert_eq!(v.binding.unwrap().key_algorithm, "p256");
+    assert_eq!(v.binding.unwrap().key_algorithm, "ed25519");
+    // The CRL still lists the revoked serial 10.
     let crl = tokio::task::block_in_place(|| {
         Command::new("curl")
             .args(["-sS", "--fail", "--cacert"])
@@ -524,7 +573,7 @@ async fn every_subcommand_against_a_running_server() {
             .unwrap()
     });
     let (_, crl) = x509_parser::parse_x509_crl(&crl.stdout).unwrap();
-    assert_eq!(crl.iter_revoked_certificates().count(), 0);
+    assert_eq!(crl.iter_revoked_certificates().count(), 1);
     let out = tokio::task::block_in_place(|| op.run(&["device", "show", "999"]));
     assert!(!out.status.success());
     assert!(stderr(&out).contains("no device 999"), "{}", stderr(&out));

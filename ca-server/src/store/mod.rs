@@ -68,15 +68,28 @@ pub enum EnrollOutcome {
     Refused(Problem),
 }
 
+/// What a reset did.
+#[derive(Debug, Clone)]
+pub enum ResetOutcome {
+    /// Reset: the record as it was.
+    Reset(DeviceRecord),
+    /// No device with that serial.
+    Missing,
+    /// The device is revoked: nothing changed.
+    Revoked,
+}
+
 /// A write to the secrets tables.
 #[derive(Debug, Clone)]
 pub enum SecretOp {
     /// Give a device with no secret its version 1 (generated, or `from_pool`), delivered now.
     Allocate {
-        /// The sealed version 1.
+        /// The sealed new version (1, or the next after a reset's retired versions).
         record: SecretRecord,
         /// The pool entry it came from, removed in the same transaction.
         from_pool: Option<String>,
+        /// SHA-256 of the SPKI the device authenticated with: the record must still hold it.
+        binding: [u8; 32],
     },
     /// Add version n+1 (pending) to a device whose newest version is n.
     Rotate {
@@ -93,6 +106,8 @@ pub enum SecretOp {
         version: u64,
         /// Unix seconds.
         at: u64,
+        /// SHA-256 of the SPKI the device authenticated with.
+        binding: [u8; 32],
     },
     /// The device confirms what it stored.
     Ack {
@@ -106,6 +121,8 @@ pub enum SecretOp {
         kcv: Vec<u8>,
         /// Unix seconds.
         at: u64,
+        /// SHA-256 of the SPKI the device authenticated with.
+        binding: [u8; 32],
     },
     /// Add a batch of pre-generated keys to the pool: all of it or nothing.
     Import {
@@ -123,6 +140,8 @@ pub enum SecretOp {
 pub enum SecretOutcome {
     /// Written; the affected record.
     Done(Option<SecretRecord>),
+    /// Already so (a second delivery or acknowledgement); nothing written.
+    Unchanged(SecretRecord),
     /// The device already had a version (Allocate); its newest, unchanged.
     Existing(SecretRecord),
     /// The state moved under the caller (a pool entry taken, a version added): read again.
@@ -165,14 +184,9 @@ pub trait Store: Send + Sync + 'static {
         actor: &str,
     ) -> Result<Option<DeviceRecord>, StoreError>;
     /// Frees a serial for re-enrollment: the record moves to the device's history, its secret
-    /// versions are retired, it leaves the revocation list; the key stays bound to the serial.
-    /// Returns the record that was reset, `None` if there is no such device.
-    fn reset_device(
-        &self,
-        serial: u64,
-        at: u64,
-        actor: &str,
-    ) -> Result<Option<DeviceRecord>, StoreError>;
+    /// versions are retired, its line's count goes down by one; the key stays bound to the
+    /// serial. A revoked device is not reset (its certificate serial stays on the CRL).
+    fn reset_device(&self, serial: u64, at: u64, actor: &str) -> Result<ResetOutcome, StoreError>;
     /// Earlier bindings of a serial (resets), oldest first.
     fn history(&self, serial: u64) -> Result<Vec<ResetRecord>, StoreError>;
     /// Revoked devices: (serial, revocation time), in serial order.

@@ -4,12 +4,13 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use protocol_spec::{Problem, ProblemType};
+use protocol_spec::{Problem, ProblemType, spki};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
 use super::{
-    EnrollOutcome, NewEnrollment, RawAudit, RawRecord, SecretOp, SecretOutcome, Store, StoreError,
+    EnrollOutcome, NewEnrollment, RawAudit, RawRecord, ResetOutcome, SecretOp, SecretOutcome,
+    Store, StoreError,
 };
 use crate::records::{
     AuditEntry, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, SecretRecord,
@@ -413,7 +414,9 @@ impl Store for SledStore {
     fn apply_secret(&self, op: &SecretOp) -> Result<SecretOutcome, StoreError> {
         let mut head = self.head()?;
         let (event, serial, actor, detail, at) = match op {
-            SecretOp::Allocate { record, from_pool } => (
+            SecretOp::Allocate {
+                record, from_pool, ..
+            } => (
                 "secret-deliver",
                 Some(record.serial),
                 "device".to_string(),
@@ -440,6 +443,7 @@ impl Store for SledStore {
                 serial,
                 version,
                 at,
+                ..
             } => (
                 "secret-deliver",
                 Some(*serial),
@@ -491,7 +495,10 @@ impl Store for SledStore {
                     .map(u64::from_be_bytes)
                     .unwrap_or(0))
             };
-            let active = |serial: u64| -> TxResult<Option<SecretOutcome>> {
+            // The device must exist, be active and, when the request came from a device, still
+            // hold the key the request was authenticated with: a revoke or a reset committed
+            // between the door's check and this transaction must win.
+            let active = |serial: u64, binding: Option<&[u8; 32]>| -> TxResult<Option<SecretOutcome>> {
                 match tx_get::<DeviceRecord>(devices, &serial.to_be_bytes(), DEVICES)? {
                     None => Ok(Some(SecretOutcome::Refused(Problem::new(
                         ProblemType::UnknownDevice,
@@ -500,6 +507,12 @@ impl Store for SledStore {
                     Some(d) if d.status == DeviceStatus::Revoked => Ok(Some(SecretOutcome::Refused(
                         Problem::new(ProblemType::Revoked, format!("device {serial} is revoked")),
                     ))),
+                    Some(d) if binding.is_some_and(|b| spki::sha256(&d.spki) != *b) => {
+                        Ok(Some(SecretOutcome::Refused(Problem::new(
+                            ProblemType::UnknownDevice,
+                            format!("serial {serial} is now bound to another key"),
+                        ))))
+                    }
                     Some(_) => Ok(None),
                 }
             };
@@ -530,8 +543,8 @@ impl Store for SledStore {
             };
             let decide = || -> TxResult<SecretOutcome> {
                 Ok(match op {
-                SecretOp::Allocate { record, from_pool } => {
-                    if let Some(o) = active(record.serial)? {
+                SecretOp::Allocate { record, from_pool, binding } => {
+                    if let Some(o) = active(record.serial, Some(binding))? {
                         return Ok(o);
                     }
                     // The next version goes to a device with none, or whose newest belongs to a
@@ -550,16 +563,20 @@ impl Store for SledStore {
                         return Ok(SecretOutcome::Conflict);
                     }
                     if let Some(id) = from_pool
-                        && pool.remove(id.as_bytes())?.is_none() {
+                        && pool.get(id.as_bytes())?.is_none() {
                             return Ok(SecretOutcome::Conflict);
                         }
                     if let Some(o) = insert(record, from_pool.as_deref())? {
                         return Ok(o);
                     }
+                    // Only now, with the version written: a refusal above must keep the entry.
+                    if let Some(id) = from_pool {
+                        pool.remove(id.as_bytes())?;
+                    }
                     SecretOutcome::Done(Some(record.clone()))
                 }
                 SecretOp::Rotate { record, .. } => {
-                    if let Some(o) = active(record.serial)? {
+                    if let Some(o) = active(record.serial, None)? {
                         return Ok(o);
                     }
                     if head_of(record.serial)? + 1 != record.version {
@@ -570,22 +587,32 @@ impl Store for SledStore {
                     }
                     SecretOutcome::Done(Some(record.clone()))
                 }
-                SecretOp::Delivered { serial, version, at } => {
+                SecretOp::Delivered { serial, version, at, binding } => {
+                    if let Some(o) = active(*serial, Some(binding))? {
+                        return Ok(o);
+                    }
                     let key = ver_key(*serial, *version);
-                    let Some(mut rec) = tx_get::<SecretRecord>(secrets, &key, SECRETS)? else {
+                    let Some(mut rec) = tx_get::<SecretRecord>(secrets, &key, SECRETS)?
+                        .filter(|r| r.retired_at.is_none())
+                    else {
                         return Ok(SecretOutcome::Conflict);
                     };
                     if rec.delivered_at.is_some() {
-                        return Ok(SecretOutcome::Done(Some(rec)));
+                        return Ok(SecretOutcome::Unchanged(rec));
                     }
                     rec.delivered_at = Some(*at);
                     secrets.insert(key.as_slice(), to_cbor(&rec))?;
                     SecretOutcome::Done(Some(rec))
                 }
-                SecretOp::Ack { serial, key_id, version, kcv, at } => {
+                SecretOp::Ack { serial, key_id, version, kcv, at, binding } => {
+                    if let Some(o) = active(*serial, Some(binding))? {
+                        return Ok(o);
+                    }
                     let key = ver_key(*serial, *version);
                     let rec = tx_get::<SecretRecord>(secrets, &key, SECRETS)?;
-                    let Some(mut rec) = rec.filter(|r| r.key_id == *key_id && r.delivered_at.is_some()) else {
+                    let Some(mut rec) = rec.filter(|r| {
+                        r.key_id == *key_id && r.delivered_at.is_some() && r.retired_at.is_none()
+                    }) else {
                         return Ok(SecretOutcome::Refused(Problem::new(
                             ProblemType::AckMismatch,
                             format!("key {key_id} version {version} was not delivered to device {serial}"),
@@ -598,7 +625,7 @@ impl Store for SledStore {
                         )));
                     }
                     if rec.confirmed_at.is_some() {
-                        return Ok(SecretOutcome::Done(Some(rec)));
+                        return Ok(SecretOutcome::Unchanged(rec));
                     }
                     rec.confirmed_at = Some(*at);
                     secrets.insert(key.as_slice(), to_cbor(&rec))?;
@@ -631,13 +658,8 @@ impl Store for SledStore {
                 })
             };
             let outcome = decide()?;
-            // Only first deliveries and first acks are events worth an entry.
-            let log = match (&outcome, op) {
-                (SecretOutcome::Done(Some(r)), SecretOp::Delivered { at, .. }) => r.delivered_at == Some(*at),
-                (SecretOutcome::Done(Some(r)), SecretOp::Ack { at, .. }) => r.confirmed_at == Some(*at),
-                (SecretOutcome::Done(_), _) => true,
-                _ => false,
-            };
+            // Only changes are events worth an entry (a second delivery or ack is not).
+            let log = matches!(outcome, SecretOutcome::Done(_));
             if log {
                 audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
             }
@@ -689,43 +711,44 @@ impl Store for SledStore {
         Ok(rec)
     }
 
-    fn reset_device(
-        &self,
-        serial: u64,
-        at: u64,
-        actor: &str,
-    ) -> Result<Option<DeviceRecord>, StoreError> {
+    fn reset_device(&self, serial: u64, at: u64, actor: &str) -> Result<ResetOutcome, StoreError> {
         let mut head = self.head()?;
         let entry = Self::next_entry(&head, at, "reset", Some(serial), actor, String::new());
         let trees = (
             &self.devices,
-            &self.revoked,
+            &self.lines,
             &self.history,
             &self.secrets,
             &self.audit,
         );
-        let r = trees.transaction(|(devices, revoked, history, secrets, audit)| {
+        let r = trees.transaction(|(devices, lines, history, secrets, audit)| {
             let key = serial.to_be_bytes();
             let Some(rec) = tx_get::<DeviceRecord>(devices, &key, DEVICES)? else {
-                return Ok(None);
+                return Ok((ResetOutcome::Missing, None));
             };
-            let mut entry = entry.clone();
-            entry.detail = format!(
-                "key={} cti={} status={}",
-                hex::encode(ring::digest::digest(&ring::digest::SHA256, &rec.spki)),
-                hex::encode(&rec.token_id),
-                match rec.status {
-                    DeviceStatus::Active => "active",
-                    DeviceStatus::Revoked => "revoked",
-                }
-            );
+            if rec.status == DeviceStatus::Revoked {
+                // Its certificate stays on the CRL for ever; a new binding would carry the same
+                // certificate serial and be revoked with it.
+                return Ok((ResetOutcome::Revoked, None));
+            }
             let entry = AuditEntry {
                 hash: Vec::new(),
-                ..entry
+                detail: format!(
+                    "key={} cti={} line={}",
+                    hex::encode(ring::digest::digest(&ring::digest::SHA256, &rec.spki)),
+                    hex::encode(&rec.token_id),
+                    rec.line
+                ),
+                ..entry.clone()
             }
             .sealed();
             devices.remove(&key)?;
-            revoked.remove(&key)?;
+            // The line's count is of devices bound now: the serial's next enrollment counts
+            // again, so a repair does not use up the quota twice.
+            if let Some(mut line) = tx_get::<LineRecord>(lines, rec.line.as_bytes(), LINES)? {
+                line.enrolled = line.enrolled.saturating_sub(1);
+                lines.insert(rec.line.as_bytes(), to_cbor(&line))?;
+            }
             let mut hkey = key.to_vec();
             hkey.extend_from_slice(&entry.seq.to_be_bytes());
             let old = ResetRecord {
@@ -750,15 +773,13 @@ impl Store for SledStore {
                 v += 1;
             }
             audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
-            Ok(Some((rec, entry)))
+            Ok((ResetOutcome::Reset(rec), Some(entry)))
         });
-        Ok(match flatten(r)? {
-            Some((rec, entry)) => {
-                *head = (entry.seq, sealed_hash(&entry));
-                Some(rec)
-            }
-            None => None,
-        })
+        let (outcome, entry) = flatten(r)?;
+        if let Some(entry) = entry {
+            *head = (entry.seq, sealed_hash(&entry));
+        }
+        Ok(outcome)
     }
 
     fn history(&self, serial: u64) -> Result<Vec<ResetRecord>, StoreError> {
