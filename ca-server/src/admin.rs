@@ -255,7 +255,7 @@ type AdminResult = Result<Response<Full<Bytes>>, AdminProblem>;
 /// CA by the TLS layer; here it must also have the operator profile.
 pub async fn handle(
     req: Request<Incoming>,
-    service: &CaService,
+    service: &Arc<CaService>,
     ctx: &AdminContext,
     client_cert: Option<&Vec<u8>>,
 ) -> Response<Full<Bytes>> {
@@ -330,7 +330,7 @@ fn operation_name(method: &Method, path: &str) -> &'static str {
 
 async fn route(
     req: Request<Incoming>,
-    service: &CaService,
+    service: &Arc<CaService>,
     ctx: &AdminContext,
     actor: &str,
     path: &str,
@@ -368,7 +368,7 @@ async fn route(
                 .map_err(|p| AdminProblem::internal("revoke", p.detail))?
                 .ok_or_else(|| AdminProblem::not_found(format!("no enrolled device {serial}")))?;
             // Sign the new CRL now, so that it is ready before anyone asks.
-            let _ = service.crl();
+            let _ = blocking(service, |s| Ok(s.crl())).await;
             json(StatusCode::OK, &device_view(service, serial)?)
         }
         ("POST", ["devices", serial, "reset"]) => {
@@ -449,12 +449,25 @@ async fn route(
         }
         ("GET", ["audit"]) => audit_page(service, &query, actor).await,
         ("GET", ["audit", "verify"]) => {
+            let anchor = match query.split_once('=') {
+                None if query.is_empty() => None,
+                Some(("expect", v)) => Some(
+                    v.parse::<crate::audit::Anchor>()
+                        .map_err(|e| AdminProblem::bad_request(format!("expect: {e}")))?,
+                ),
+                _ => {
+                    return Err(AdminProblem::bad_request(format!(
+                        "unknown query {query:?} (only expect=SEQ:HASH)"
+                    )));
+                }
+            };
             let store = service.store().clone();
-            let verdict =
-                tokio::task::spawn_blocking(move || crate::audit::verify(store.audit_raw(0)))
-                    .await
-                    .map_err(|e| AdminProblem::internal("audit verify", e))?
-                    .map_err(|e| AdminProblem::internal("audit verify", e))?;
+            let verdict = tokio::task::spawn_blocking(move || {
+                crate::audit::verify(store.audit_raw(0), anchor)
+            })
+            .await
+            .map_err(|e| AdminProblem::internal("audit verify", e))?
+            .map_err(|e| AdminProblem::internal("audit verify", e))?;
             let detail = match &verdict.first_bad {
                 None => format!("ok entries={} head={}", verdict.entries, verdict.head),
                 Some(b) => format!("broken at entry {}: {}", b.seq, b.reason),
@@ -510,7 +523,7 @@ fn metrics(service: &CaService, ctx: &AdminContext) -> AdminResult {
     ))
 }
 
-async fn rotate(service: &CaService, body: RotateRequest, actor: &str) -> AdminResult {
+async fn rotate(service: &Arc<CaService>, body: RotateRequest, actor: &str) -> AdminResult {
     let serials: Vec<u64> = match (&body.serial, &body.line, body.all) {
         (Some(s), None, false) => vec![*s],
         (None, Some(line), false) => {
@@ -522,9 +535,10 @@ async fn rotate(service: &CaService, body: RotateRequest, actor: &str) -> AdminR
             {
                 return Err(AdminProblem::not_found(format!("no line {line:?}")));
             }
-            devices_where(service, |d| d.line == *line)?
+            let line = line.clone();
+            blocking(service, move |s| devices_where(s, |d| d.line == line)).await?
         }
-        (None, None, true) => devices_where(service, |_| true)?,
+        (None, None, true) => blocking(service, |s| devices_where(s, |_| true)).await?,
         _ => {
             return Err(AdminProblem::bad_request(
                 "give exactly one of \"serial\", \"line\" or \"all\": true",
@@ -532,8 +546,8 @@ async fn rotate(service: &CaService, body: RotateRequest, actor: &str) -> AdminR
         }
     };
     let requested = serials.len() as u64;
-    let (done, failed) = service
-        .rotate_many(serials, actor)
+    let (rotated, done, failed) = service
+        .rotate_many(serials, actor, 100)
         .await
         .map_err(|p| AdminProblem::internal("rotate", p.detail))?;
     if body.serial.is_some()
@@ -552,10 +566,9 @@ async fn rotate(service: &CaService, body: RotateRequest, actor: &str) -> AdminR
         StatusCode::OK,
         &RotateResult {
             requested,
-            rotated: done.len() as u64,
+            rotated,
             versions: done
                 .iter()
-                .take(100)
                 .map(|r| RotatedVersion {
                     serial: r.serial,
                     key_id: r.key_id.clone(),
@@ -588,7 +601,7 @@ fn devices_where(
     Ok(out)
 }
 
-async fn audit_page(service: &CaService, query: &str, actor: &str) -> AdminResult {
+async fn audit_page(service: &Arc<CaService>, query: &str, actor: &str) -> AdminResult {
     let mut after = 0u64;
     let mut limit = 1000usize;
     for kv in query.split('&').filter(|s| !s.is_empty()) {
@@ -617,15 +630,32 @@ async fn audit_page(service: &CaService, query: &str, actor: &str) -> AdminResul
             .await
             .map_err(|e| AdminProblem::internal("audit", e))?;
     }
-    let mut out = Vec::new();
-    for item in service.store().audit_raw(after).take(limit) {
-        let (_, v) = item.map_err(|e| AdminProblem::internal("store", e))?;
-        let e = from_cbor(&v).map_err(|e| AdminProblem::internal("audit entry", e))?;
-        serde_json::to_writer(&mut out, &AuditLine::from(&e))
-            .map_err(|e| AdminProblem::internal("json", e))?;
-        out.push(b'\n');
-    }
+    let out = blocking(service, move |s| {
+        let mut out = Vec::new();
+        for item in s.store().audit_raw(after).take(limit) {
+            let (_, v) = item.map_err(|e| AdminProblem::internal("store", e))?;
+            let e = from_cbor(&v).map_err(|e| AdminProblem::internal("audit entry", e))?;
+            serde_json::to_writer(&mut out, &AuditLine::from(&e))
+                .map_err(|e| AdminProblem::internal("json", e))?;
+            out.push(b'\n');
+        }
+        Ok(out)
+    })
+    .await?;
     Ok(respond(StatusCode::OK, "application/x-ndjson", out))
+}
+
+/// Runs store scans, decoding and signing off the async workers (a scan of a million devices
+/// must not stall enrollment).
+async fn blocking<T, F>(service: &Arc<CaService>, f: F) -> Result<T, AdminProblem>
+where
+    T: Send + 'static,
+    F: FnOnce(&CaService) -> Result<T, AdminProblem> + Send + 'static,
+{
+    let service = service.clone();
+    tokio::task::spawn_blocking(move || f(&service))
+        .await
+        .map_err(|e| AdminProblem::internal("blocking task", e))?
 }
 
 /// A device's full record as an operator sees it.

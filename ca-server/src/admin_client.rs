@@ -101,7 +101,7 @@ impl AdminClient {
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_client_auth_cert(load_chain(cert)?, load_key(key)?)
-            .map_err(|e| format!("{}: {e}", cert.display()))?;
+            .map_err(|e| format!("{} with {}: {e}", cert.display(), key.display()))?;
         let server_name =
             ServerName::try_from(host.clone()).map_err(|e| format!("--admin {url:?}: {e}"))?;
         Ok(AdminClient {

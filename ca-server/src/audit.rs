@@ -1,11 +1,16 @@
 //! The audit log's outside view: export as JSON lines, and verification of the hash chain.
 //!
 //! Every entry carries the SHA-256 of the previous entry (`prev_hash`) and its own (`hash`,
-//! computed with `hash` empty), so a changed entry is named by itself: its content no longer
-//! matches its hash; an entry rewritten with a fresh hash no longer matches its successor's
-//! `prev_hash`; a removed entry leaves a gap in the sequence numbers. Only the newest entry can
-//! be rewritten without a trace inside the log, so `audit verify` prints the head hash for the
-//! operator to record elsewhere (a later verification shows whether it is still in the chain).
+//! computed with `hash` empty), and is stored in exactly the encoding that is hashed. So a
+//! changed entry is named by itself: its bytes no longer decode, are no longer the canonical
+//! encoding, or no longer match its hash; an entry rewritten with a fresh hash no longer
+//! matches its successor's `prev_hash`; a removed entry leaves a gap in the sequence numbers.
+//!
+//! A hash chain has no secret: whoever can write the store can rewrite an entry *and every
+//! entry after it*, consistently. That is what the head hash is for: `audit verify` prints it,
+//! operators record it elsewhere (a ticket, a log server, paper), and `audit verify --expect
+//! SEQ:HASH` later proves that the recorded entry is still in the chain, unchanged, with
+//! everything before it.
 
 use serde::{Deserialize, Serialize};
 
@@ -81,9 +86,34 @@ impl AuditVerdict {
     }
 }
 
+/// A head recorded earlier (`SEQ:HASH`, as `audit verify` prints it): the entry `seq` must
+/// still have this hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Anchor {
+    /// Sequence number.
+    pub seq: u64,
+    /// Its hash.
+    pub hash: [u8; 32],
+}
+
+impl std::str::FromStr for Anchor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not SEQ:HASH (a sequence number, a colon, 64 hex digits)");
+        let (seq, hash) = s.split_once(':').ok_or_else(bad)?;
+        let seq = seq.parse().map_err(|_| bad())?;
+        let hash = hex::decode(hash)
+            .ok()
+            .and_then(|h| <[u8; 32]>::try_from(h).ok())
+            .ok_or_else(bad)?;
+        Ok(Anchor { seq, hash })
+    }
+}
+
 /// Recomputes the chain over `entries` (as stored, in key order, from the first) and names the
-/// first entry that does not match. A store read failure is an error, not a verdict.
-pub fn verify<I>(entries: I) -> Result<AuditVerdict, StoreError>
+/// first entry that does not match, checking `anchor` on the way. A store read failure is an
+/// error, not a verdict.
+pub fn verify<I>(entries: I, anchor: Option<Anchor>) -> Result<AuditVerdict, StoreError>
 where
     I: IntoIterator<Item = Result<RawAudit, StoreError>>,
 {
@@ -136,6 +166,16 @@ where
                 format!("entry {key_seq} claims sequence number {}", entry.seq),
             ));
         }
+        if crate::records::to_cbor(&entry) != value {
+            return Ok(bad(
+                key_seq,
+                count,
+                &prev,
+                format!(
+                    "entry {key_seq} is not stored as written (its bytes were changed or added to)"
+                ),
+            ));
+        }
         let computed = entry.compute_hash();
         if entry.hash != computed {
             return Ok(bad(
@@ -163,7 +203,35 @@ where
                 },
             ));
         }
+        if let Some(a) = anchor
+            && a.seq == key_seq
+            && a.hash != computed
+        {
+            return Ok(bad(
+                key_seq,
+                count,
+                &prev,
+                format!(
+                    "entry {key_seq} no longer has the hash recorded for it: the log was rewritten at or before entry {key_seq}"
+                ),
+            ));
+        }
         prev = computed;
+    }
+    if let Some(a) = anchor
+        && a.seq > count
+    {
+        return Ok(AuditVerdict {
+            entries: count,
+            head: hex::encode(prev),
+            first_bad: Some(BadEntry {
+                seq: a.seq,
+                reason: format!(
+                    "entry {} recorded earlier is gone: the log ends at entry {count}",
+                    a.seq
+                ),
+            }),
+        });
     }
     Ok(AuditVerdict {
         entries: count,

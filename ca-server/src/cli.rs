@@ -61,8 +61,11 @@ enum Command {
         mtls: Option<SocketAddr>,
         /// Admin API address, operators' mutual TLS (default from config.toml:
         /// 127.0.0.1:8445).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "no_admin")]
         admin: Option<SocketAddr>,
+        /// Do not serve the admin API (whatever config.toml says).
+        #[arg(long = "no-admin")]
+        no_admin: bool,
     },
     /// Operator certificates for the admin API.
     Operator {
@@ -176,12 +179,17 @@ enum AuditCommand {
         admin: AdminArgs,
     },
     /// Recompute the hash chain and name the first entry that does not match; exits 1 if one
-    /// does not.
+    /// does not. Prints the head (SEQ:HASH): record it elsewhere, and check it later with
+    /// --expect.
     Verify {
         /// Read the store of this CA folder directly (the server must be stopped; a copy of
         /// the folder works too).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// A head recorded earlier, SEQ:HASH: that entry must still be in the chain, unchanged
+        /// (a hash chain alone cannot show a rewrite of an entry and everything after it).
+        #[arg(long)]
+        expect: Option<crate::audit::Anchor>,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -291,12 +299,14 @@ where
         }
     };
     init_tracing();
+    // 0: done; 1: done, and the answer is no (a broken audit chain, devices not rotated);
+    // 2: could not do it (bad input, unreachable server, refused request).
     match run(cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("ca-server: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }
@@ -368,6 +378,7 @@ fn run(cli: Cli) -> Result<bool, String> {
             coap,
             mtls,
             admin,
+            no_admin,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -381,6 +392,7 @@ fn run(cli: Cli) -> Result<bool, String> {
                         coap,
                         mtls,
                         admin,
+                        no_admin,
                     },
                 )
                 .await?;
@@ -551,6 +563,7 @@ fn rate_text(rate: u32) -> String {
 }
 
 fn line_switch(id: &str, admin: &AdminArgs, action: &str) -> Result<bool, String> {
+    crate::lines::check_id(id)?;
     {
         {
             let line: LineView =
@@ -702,21 +715,33 @@ fn audit_command(command: AuditCommand) -> Result<bool, String> {
             out.flush().map_err(io)?;
             Ok(true)
         }
-        AuditCommand::Verify { dir, admin } => {
+        AuditCommand::Verify { dir, expect, admin } => {
             let verdict: AuditVerdict = match dir {
                 Some(dir) => {
                     let store = open_store(&dir)?;
-                    crate::audit::verify(store.audit_raw(0)).map_err(|e| e.to_string())?
+                    crate::audit::verify(store.audit_raw(0), expect).map_err(|e| e.to_string())?
                 }
-                None => call(&admin, "GET", "/audit/verify", None)?.json()?,
+                None => {
+                    let path = match expect {
+                        Some(a) => {
+                            format!("/audit/verify?expect={}:{}", a.seq, hex::encode(a.hash))
+                        }
+                        None => "/audit/verify".to_string(),
+                    };
+                    call(&admin, "GET", &path, None)?.json()?
+                }
             };
             if admin.json {
                 print_json(&verdict)?;
             } else {
                 match &verdict.first_bad {
                     None => println!(
-                        "audit chain intact: {} entries, head {}",
-                        verdict.entries, verdict.head
+                        "audit chain intact: {} entries, head {}:{}\n  (record the head elsewhere; `audit verify --expect {}:{}` checks it later)",
+                        verdict.entries,
+                        verdict.entries,
+                        verdict.head,
+                        verdict.entries,
+                        verdict.head
                     ),
                     Some(b) => println!(
                         "audit chain BROKEN at entry {}: {}\n  (entries before it verify; last good head {})",
@@ -795,23 +820,25 @@ fn rotate_offline(
     let store = SledStore::open(&ca.store()).map_err(|e| e.to_string())?;
     let active =
         |d: &crate::records::DeviceRecord| d.status == crate::records::DeviceStatus::Active;
-    let serials: Vec<u64> = match request {
+    let mut serials = Vec::new();
+    match request {
         RotateRequest {
             serial: Some(s), ..
-        } => vec![*s],
-        RotateRequest { line: Some(l), .. } => store
-            .devices()
-            .filter_map(|d| d.ok())
-            .filter(|d| d.line == *l && active(d))
-            .map(|d| d.serial)
-            .collect(),
-        _ => store
-            .devices()
-            .filter_map(|d| d.ok())
-            .filter(active)
-            .map(|d| d.serial)
-            .collect(),
-    };
+        } => serials.push(*s),
+        RotateRequest { line, .. } => {
+            if let Some(l) = line
+                && store.line(l).map_err(|e| e.to_string())?.is_none()
+            {
+                return Err(format!("--line {l:?}: no such line"));
+            }
+            for d in store.devices() {
+                let d = d.map_err(|e| e.to_string())?;
+                if active(&d) && line.as_ref().is_none_or(|l| d.line == *l) {
+                    serials.push(d.serial);
+                }
+            }
+        }
+    }
     let mut result = RotateResult {
         requested: serials.len() as u64,
         rotated: 0,

@@ -69,6 +69,8 @@ struct CoapLabel {
 /// Every metric of the CA.
 pub struct Metrics {
     registry: Registry,
+    /// Held while a scrape sets the gauges and encodes, so that two scrapes do not interleave.
+    scrape: std::sync::Mutex<()>,
     enrollments: Family<Outcome, Counter>,
     enroll_latency: Family<TransportLabel, Histogram>,
     deliveries: Family<OutcomeLabel, Counter>,
@@ -198,6 +200,7 @@ impl Metrics {
         registry.register("coap_events", "CoAP front-end events", coap.clone());
         Metrics {
             registry,
+            scrape: std::sync::Mutex::new(()),
             enrollments,
             enroll_latency,
             deliveries,
@@ -299,6 +302,7 @@ impl Metrics {
 
     /// Encodes every metric, after setting the gauges that describe the store from `snapshot`.
     pub fn encode(&self, snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
+        let _scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         self.store_bytes.set(clamp(snapshot.store_bytes));
         self.revoked.set(clamp(snapshot.revoked));
         for (line, enrolled, quota) in &snapshot.lines {

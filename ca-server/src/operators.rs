@@ -81,6 +81,19 @@ pub fn add_operator(
         return Err("--days must be at least 1".into());
     }
     ensure_operator_ca(dir, now)?;
+    let registry = dir.root().join("operators.issued");
+    let issued = match std::fs::read_to_string(&registry) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("{}: {e}", registry.display())),
+    };
+    if issued.lines().any(|l| l.split('\t').next() == Some(name)) {
+        return Err(format!(
+            "operator {name:?} was already issued (see {}); names are issued once, so that the \
+             audit log's operator:{name} means one person",
+            registry.display()
+        ));
+    }
     let rng = SystemRandom::new();
     let ca_key_pem = std::fs::read_to_string(dir.operator_ca_key())
         .map_err(|e| format!("{}: {e}", dir.operator_ca_key().display()))?;
@@ -105,7 +118,9 @@ pub fn add_operator(
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     p.use_authority_key_identifier_extension = true;
-    p.serial_number = Some(random_serial(&rng)?);
+    let serial = random_serial(&rng)?;
+    let serial_hex = hex::encode(serial.as_ref());
+    p.serial_number = Some(serial);
     let start = at(now.saturating_sub(300))?;
     p.not_before = start;
     p.not_after = start + ::time::Duration::days(i64::from(days));
@@ -126,6 +141,23 @@ pub fn add_operator(
             ));
         }
     }
+    // The name is taken before the files are written, so that a crash leaves it used, not
+    // issued twice.
+    let mut reg = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&registry)
+        .map_err(|e| format!("{}: {e}", registry.display()))?;
+    use std::io::Write;
+    writeln!(
+        reg,
+        "{name}\t{}\t{}\t{}",
+        serial_hex,
+        now.saturating_sub(300) + u64::from(days) * 86_400,
+        files.cert.display()
+    )
+    .and_then(|()| reg.sync_all())
+    .map_err(|e| format!("{}: {e}", registry.display()))?;
     write_new(&files.key, key.to_pem().as_bytes(), 0o600)?;
     write_new(&files.cert, cert.pem().as_bytes(), 0o600)?;
     Ok(files)

@@ -138,9 +138,10 @@ impl RegistrationAuthority {
         }
     }
 
-    /// The line's rate limit (SPEC.md section 3.3, check 18), applied to requests whose token
-    /// verified, so that forged tokens cannot use up a line's rate.
-    fn rate_check(&self, line: &str) -> Result<(), Problem> {
+    /// The line's rate limit (SPEC.md section 3.3, check 11a): called for a verified request
+    /// that would create a new binding, so that neither forged tokens nor retries of an
+    /// existing binding (a replayed datagram, a device that lost its answer) use up the rate.
+    pub fn rate_check(&self, line: &str) -> Result<(), Problem> {
         let mut rates = self.rates.lock().map_err(|_| Problem::internal())?;
         let Some((rate, bucket)) = rates.get_mut(line) else {
             return Ok(());
@@ -168,7 +169,6 @@ impl RegistrationAuthority {
         let checked = enroll::check(body, encoding, &dir, now, self.policy)?;
         drop(guard);
         let claims = checked.token().claims();
-        self.rate_check(&claims.line)?;
         let spki_der = checked.csr().spki_der().to_vec();
         Ok(VerifiedEnrollment {
             serial: claims.serial,

@@ -26,6 +26,8 @@ pub struct ListenOverrides {
     pub mtls: Option<SocketAddr>,
     /// `--admin`.
     pub admin: Option<SocketAddr>,
+    /// `--no-admin`: no admin listener, whatever the configuration says.
+    pub no_admin: bool,
 }
 
 /// A running server.
@@ -170,7 +172,11 @@ pub async fn start_with_clock(
         )));
     }
     let mut admin = None;
-    if let Some(addr) = overrides.admin.or(config.listen.admin) {
+    if let Some(addr) = overrides
+        .admin
+        .or(config.listen.admin)
+        .filter(|_| !overrides.no_admin)
+    {
         crate::operators::ensure_operator_ca(dir, service.now())?;
         let tls = crate::tls::admin_server_config(
             &dir.operator_ca_cert(),

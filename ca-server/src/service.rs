@@ -217,6 +217,7 @@ impl CaService {
             ));
         }
 
+        self.ra.rate_check(v.line())?;
         let issued = self.issuer.issue(&v).map_err(|e| internal("issuance", e))?;
         let outcome = self
             .committer
@@ -495,14 +496,16 @@ impl CaService {
         r
     }
 
-    /// Rotates many devices, a batch of them per group commit. Returns the new versions and
-    /// the devices that could not be rotated (revoked, gone) with why.
+    /// Rotates many devices, a batch of them per group commit. Returns how many were rotated,
+    /// the first `keep` new versions, and the devices that could not be rotated (revoked,
+    /// gone) with why.
     pub async fn rotate_many(
         &self,
         serials: Vec<u64>,
         actor: &str,
-    ) -> Result<(Vec<SecretRecord>, Vec<(u64, Problem)>), Problem> {
-        let (mut done, mut failed) = (Vec::new(), Vec::new());
+        keep: usize,
+    ) -> Result<(u64, Vec<SecretRecord>, Vec<(u64, Problem)>), Problem> {
+        let (mut rotated, mut done, mut failed) = (0u64, Vec::new(), Vec::new());
         for chunk in serials.chunks(512) {
             let (keys, at, actor) = (self.secrets.clone(), self.clock.now(), actor.to_string());
             let chunk = chunk.to_vec();
@@ -518,13 +521,18 @@ impl CaService {
                 .map_err(|e| internal("commit", e))?;
             for (serial, r) in results {
                 match r {
-                    Ok(rec) => done.push(rec),
+                    Ok(rec) => {
+                        rotated += 1;
+                        if done.len() < keep {
+                            done.push(rec);
+                        }
+                    }
                     Err(p) => failed.push((serial, p)),
                 }
             }
         }
-        self.metrics.rotated(done.len() as u64);
-        Ok((done, failed))
+        self.metrics.rotated(rotated);
+        Ok((rotated, done, failed))
     }
 
     /// Revokes a device: refused at the mutual-TLS door from its next handshake on, and listed

@@ -143,6 +143,90 @@ fn curl(url: &str, ca: &Path, client: Option<(&Path, &Path)>) -> Output {
     c.arg(url).output().unwrap()
 }
 
+/// curl failed in the TLS handshake (exit 35, or 56 when TLS 1.3 delivers the server's alert
+/// after the client's Finished), not with an HTTP error answer (22) from a handler.
+fn assert_tls_refused(out: &Output, what: &str) {
+    assert!(
+        matches!(out.status.code(), Some(35 | 56)),
+        "{what}: curl exit {:?}, {}",
+        out.status.code(),
+        stderr(out)
+    );
+    let e = stderr(out).to_ascii_lowercase();
+    assert!(e.contains("alert") || e.contains("ssl"), "{what}: {e}");
+}
+
+/// Checks every line of a scrape against the Prometheus text format 0.0.4 grammar (the parser
+/// crate skips lines it does not understand, so it alone cannot fail on a malformed one).
+fn check_exposition_format(text: &str) {
+    fn name_ok(n: &str) -> bool {
+        let mut c = n.chars();
+        c.next()
+            .is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
+            && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || x == ':')
+    }
+    let mut typed = std::collections::HashMap::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let (kind, name, tail) = (parts.next(), parts.next(), parts.next());
+            assert!(name.is_some_and(name_ok), "bad comment line {line:?}");
+            match kind {
+                Some("HELP") => assert!(tail.is_some(), "{line:?}"),
+                Some("TYPE") => {
+                    let t = tail.unwrap_or("");
+                    assert!(
+                        ["counter", "gauge", "histogram", "summary", "untyped"].contains(&t),
+                        "{line:?}"
+                    );
+                    typed.insert(name.unwrap().to_string(), t.to_string());
+                }
+                _ => panic!("unknown comment {line:?}"),
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("no value");
+        assert!(value.parse::<f64>().is_ok(), "bad value in {line:?}");
+        let (name, labels) = match series.split_once('{') {
+            None => (series, ""),
+            Some((n, l)) => (n, l.strip_suffix('}').expect("unclosed labels")),
+        };
+        assert!(name_ok(name), "bad metric name in {line:?}");
+        let family = ["_bucket", "_sum", "_count", "_total"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|b| typed.contains_key(*b)))
+            .unwrap_or(name);
+        assert!(
+            typed.contains_key(family),
+            "sample without a TYPE: {line:?}"
+        );
+        let mut rest = labels;
+        while !rest.is_empty() {
+            let (k, v) = rest.split_once("=\"").expect("label without =\"");
+            assert!(name_ok(k), "bad label name in {line:?}");
+            let end = v.find('"').expect("unterminated label value");
+            assert!(
+                !v[..end].contains('\\'),
+                "escapes not expected here: {line:?}"
+            );
+            rest = v[end + 1..].strip_prefix(',').unwrap_or(&v[end + 1..]);
+        }
+    }
+    for (name, t) in &typed {
+        if t == "histogram" {
+            assert!(
+                text.contains(&format!("{name}_bucket")),
+                "{name} has no buckets"
+            );
+            assert!(text.contains("le=\"+Inf\""), "{name} has no +Inf bucket");
+            assert!(
+                text.contains(&format!("{name}_count")),
+                "{name} has no count"
+            );
+        }
+    }
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -188,10 +272,10 @@ async fn operator_and_device_certificates_stay_at_their_own_doors() {
             &ca.ca_pem_path(),
             Some((&dev_cert, &dev_key)),
         );
-        assert!(!out.status.success(), "a device got into the admin API");
+        assert_tls_refused(&out, "a device certificate at the admin door");
         // No certificate at all: refused too.
         let out = curl(&format!("https://{admin}/health"), &ca.ca_pem_path(), None);
-        assert!(!out.status.success());
+        assert_tls_refused(&out, "no certificate at the admin door");
         // The CLI with a device's certificate as operator certificate: refused, and it says
         // so.
         let out = Command::new(env!("CARGO_BIN_EXE_ca-server"))
@@ -210,7 +294,7 @@ async fn operator_and_device_certificates_stay_at_their_own_doors() {
             &ca.ca_pem_path(),
             Some((&op.cert, &op.key)),
         );
-        assert!(!out.status.success(), "an operator got a secret");
+        assert_tls_refused(&out, "an operator certificate at the secrets door");
         // The device at its own door: in.
         let out = curl(
             &format!("https://{mtls}/secret"),
@@ -228,16 +312,21 @@ async fn operator_and_device_certificates_stay_at_their_own_doors() {
         ca_server::operators::operator_name(&op_der).unwrap(),
         "alice"
     );
-    // A second operator of the same name is refused: names are issued once.
+    // A second operator of the same name is refused, wherever its files would go: names are
+    // issued once.
+    let elsewhere = ca.tmp.path().join("elsewhere");
     let out = run(&[
         "operator",
         "add",
         "--dir",
         ca.root().to_str().unwrap(),
+        "--out",
+        elsewhere.to_str().unwrap(),
         "alice",
     ]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("exists"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("already issued"), "{}", stderr(&out));
+    assert!(!elsewhere.join("alice.pem").exists());
     server.stop().await;
 }
 
@@ -612,6 +701,14 @@ async fn every_subcommand_against_a_running_server() {
     assert!(verdict.entries >= entries.len() as u64);
     let text = tokio::task::block_in_place(|| op.ok(&["audit", "verify"]));
     assert!(text.contains("audit chain intact"), "{text}");
+    let anchor = format!("{}:{}", verdict.entries, verdict.head);
+    tokio::task::block_in_place(|| op.ok(&["audit", "verify", "--expect", &anchor]));
+    let wrong = format!("{}:{}", verdict.entries, "00".repeat(32));
+    let out = tokio::task::block_in_place(|| op.run(&["audit", "verify", "--expect", &wrong]));
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let out = tokio::task::block_in_place(|| op.run(&["audit", "verify", "--expect", "nonsense"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("SEQ:HASH"), "{}", stderr(&out));
 
     // Offline commands refuse to touch a store the server holds.
     let out = run(&["line", "list", "--dir", ca.root().to_str().unwrap()]);
@@ -642,6 +739,7 @@ async fn metrics_parse_as_prometheus_text() {
     });
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
+    check_exposition_format(&text);
     let lines = text.lines().map(|l| Ok(l.to_string()));
     let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
     let value = |name: &str, labels: &[(&str, &str)]| -> Option<f64> {
@@ -784,6 +882,91 @@ async fn audit_verify_names_the_one_edited_entry() {
         stdout(&out)
     );
     assert!(stdout(&out).contains("missing"), "{}", stdout(&out));
+    // A consistent rewrite of entry 3 and every entry after it passes a plain verification (a
+    // hash chain has no secret) but not one against the head recorded before.
+    let head: AuditVerdict = serde_json::from_slice(
+        &run(&[
+            "audit",
+            "verify",
+            "--json",
+            "--dir",
+            ca.root().to_str().unwrap(),
+        ])
+        .stdout,
+    )
+    .unwrap();
+    let anchor = format!("{}:{}", head.entries, head.head);
+    let copy = ca.tmp.path().join("copy-rewritten");
+    copy_dir(ca.root(), &copy);
+    {
+        use ca_server::records::{AuditEntry, from_cbor, to_cbor};
+        let db = open_sled(&copy.join("store"));
+        let audit = db.open_tree("audit").unwrap();
+        let mut prev = Vec::new();
+        for seq in 1..=entries {
+            let key = seq.to_be_bytes();
+            let mut e: AuditEntry = from_cbor(&audit.get(key).unwrap().unwrap()).unwrap();
+            if seq >= 3 {
+                if seq == 3 {
+                    e.detail = "forged".into();
+                }
+                e.prev_hash = prev.clone();
+                e = e.sealed();
+                audit.insert(key, to_cbor(&e)).unwrap();
+            }
+            prev = e.hash.clone();
+        }
+        db.flush().unwrap();
+    }
+    let out = run(&["audit", "verify", "--dir", copy.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let out = run(&[
+        "audit",
+        "verify",
+        "--dir",
+        copy.to_str().unwrap(),
+        "--expect",
+        &anchor,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(&format!("BROKEN at entry {entries}:"))
+            && stdout(&out).contains("rewritten"),
+        "{}",
+        stdout(&out)
+    );
+    let out = run(&[
+        "audit",
+        "verify",
+        "--dir",
+        ca.root().to_str().unwrap(),
+        "--expect",
+        &anchor,
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    // Bytes added to an entry (an unknown field) are named too.
+    let copy = ca.tmp.path().join("copy-extended");
+    copy_dir(ca.root(), &copy);
+    {
+        let db = open_sled(&copy.join("store"));
+        let audit = db.open_tree("audit").unwrap();
+        let key = 2u64.to_be_bytes();
+        let v = audit.get(key).unwrap().unwrap().to_vec();
+        let mut map: ciborium::Value = ciborium::from_reader(v.as_slice()).unwrap();
+        if let ciborium::Value::Map(m) = &mut map {
+            m.push(("x".into(), "extra".into()));
+        }
+        let mut out = Vec::new();
+        ciborium::into_writer(&map, &mut out).unwrap();
+        audit.insert(key, out).unwrap();
+        db.flush().unwrap();
+    }
+    let out = run(&["audit", "verify", "--dir", copy.to_str().unwrap()]);
+    assert!(
+        stdout(&out).contains("BROKEN at entry 2:"),
+        "{}",
+        stdout(&out)
+    );
     // And the export of the original has every entry, in order.
     let out = run(&["audit", "export", "--dir", ca.root().to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -359,10 +359,8 @@ async fn every_reachable_problem_has_its_status_and_type_and_changes_nothing() {
     }
 
     // rate-limited: the slow line's second enrollment within a second, with Retry-After.
-    client
-        .enroll(Device::new(7000, ED).request(&slow, ResponseForm::Full))
-        .await
-        .unwrap();
+    let first_slow = Device::new(7000, ED).request(&slow, ResponseForm::Full);
+    client.enroll(first_slow.clone()).await.unwrap();
     let before = snapshot(server.service.store());
     let a = client
         .request(
@@ -379,6 +377,8 @@ async fn every_reachable_problem_has_its_status_and_type_and_changes_nothing() {
         other => panic!("{other}"),
     }
     assert_eq!(a.status, 429);
+    // A retry of an existing binding (a device that lost its answer) is not rate-limited.
+    client.enroll(first_slow).await.unwrap();
     // As a user sees it, with the Retry-After header.
     let body = ca.tmp.path().join("slow.cbor");
     std::fs::write(

@@ -69,6 +69,7 @@ async fn ca_with_line(
             coap: Some(loopback),
             mtls: Some(loopback),
             admin: Some(loopback),
+            no_admin: false,
         },
     )
     .await

@@ -58,7 +58,7 @@ impl RemoteCa {
             .args(["ca-server", "serve", "--dir"])
             .arg(dir)
             .args(["--https", "127.0.0.1:0", "--coap", "127.0.0.1:0"])
-            .args(["--mtls", "127.0.0.1:0"])
+            .args(["--mtls", "127.0.0.1:0", "--no-admin"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

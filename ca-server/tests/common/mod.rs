@@ -136,6 +136,7 @@ impl TestCa {
                 coap: Some(loopback),
                 mtls: Some(loopback),
                 admin: Some(loopback),
+                no_admin: false,
             },
         )
         .await
