@@ -683,10 +683,7 @@ pub fn device_view(service: &CaService, serial: u64) -> Result<DeviceView, Admin
 }
 
 fn fingerprint(spki: &[u8]) -> String {
-    format!(
-        "sha256:{}",
-        hex::encode(ring::digest::digest(&ring::digest::SHA256, spki))
-    )
+    format!("sha256:{}", hex::encode(protocol_spec::spki::sha256(spki)))
 }
 
 fn binding_view(d: &DeviceRecord) -> BindingView {

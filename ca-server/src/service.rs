@@ -484,16 +484,12 @@ impl CaService {
 
     /// Creates a new pending version for a device; it is delivered on the device's next fetch.
     pub async fn rotate_secret(&self, serial: u64, actor: &str) -> Result<SecretRecord, Problem> {
-        let (keys, at, actor) = (self.secrets.clone(), self.clock.now(), actor.to_string());
-        let r = self
-            .committer
-            .run(move |s| rotate_in(s, &keys, serial, at, &actor))
-            .await
-            .map_err(|e| internal("commit", e))?;
-        if r.is_ok() {
-            self.metrics.rotated(1);
+        let (_, mut done, mut failed) = self.rotate_many(vec![serial], actor, 1).await?;
+        match (done.pop(), failed.pop()) {
+            (Some(rec), _) => Ok(rec),
+            (None, Some((_, p))) => Err(p),
+            (None, None) => Err(internal("rotation", "no outcome for the serial")),
         }
-        r
     }
 
     /// Rotates many devices, a batch of them per group commit. Returns how many were rotated,

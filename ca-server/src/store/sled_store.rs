@@ -737,7 +737,7 @@ impl Store for SledStore {
                 hash: Vec::new(),
                 detail: format!(
                     "key={} cti={} line={}",
-                    hex::encode(ring::digest::digest(&ring::digest::SHA256, &rec.spki)),
+                    hex::encode(spki::sha256(&rec.spki)),
                     hex::encode(&rec.token_id),
                     rec.line
                 ),
