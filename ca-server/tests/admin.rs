@@ -1081,15 +1081,15 @@ enum Position {
     Last,
 }
 
-/// Opens a sled folder, waiting for a lock the stopped server's threads may still hold.
+/// Opens a sled folder as the CA does (its own segment size and compression), waiting for a lock the stopped server's threads may still hold.
 fn open_sled(path: &Path) -> sled::Db {
     for _ in 0..150 {
-        if let Ok(db) = sled::open(path) {
+        if let Ok(db) = ca_server::store::sled_config(path).open() {
             return db;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    sled::open(path).unwrap()
+    ca_server::store::sled_config(path).open().unwrap()
 }
 
 fn copy_dir(from: &Path, to: &Path) {

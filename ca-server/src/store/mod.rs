@@ -3,7 +3,7 @@
 
 mod sled_store;
 
-pub use sled_store::SledStore;
+pub use sled_store::{SledStore, sled_config};
 
 use protocol_spec::Problem;
 

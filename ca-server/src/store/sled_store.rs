@@ -110,6 +110,52 @@ fn flatten<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreErro
     }
 }
 
+/// Segment size (and I/O buffer size) of a new store. sled cleans a segment once at most half of
+/// it is live; larger segments left much less garbage per device (with compression, 100,000
+/// devices: 512 KiB, sled's default, 3.6 kB per device; 2 MiB 2.6 kB; 8 MiB 2.0 kB), but with
+/// compression the store also opens more slowly (2,000 devices: 0.07 s, 0.12 s, 0.78 s; 4 MiB
+/// 0.34 s), which a restart after a crash waits for. Figures: BENCHMARKS.md, "Store size".
+const SEGMENT_SIZE: usize = 4 * 1024 * 1024;
+
+/// zstd level of a new store's pages (sled's `compression` feature).
+const COMPRESSION_LEVEL: i32 = 3;
+
+/// Page cache size: the most of the CA's memory that the store itself takes. 32 MiB: with a
+/// million devices the CA peaked at 457 MiB (64 MiB: 515-529 MiB, over the 512 MiB budget) and
+/// ran no slower (BENCHMARKS.md, the million).
+const CACHE_CAPACITY: u64 = 32 * 1024 * 1024;
+
+/// The sled configuration of the store in `path`. A new store gets compressed pages in
+/// [`SEGMENT_SIZE`] segments; an existing one keeps the segment size and compression it was
+/// created with (sled refuses to open a store with others; its `conf` file records them).
+pub fn sled_config(path: &Path) -> sled::Config {
+    let (segment_size, compression) = persisted_parameters(path).unwrap_or((SEGMENT_SIZE, true));
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(CACHE_CAPACITY)
+        .mode(sled::Mode::LowSpace)
+        .segment_size(segment_size)
+        .use_compression(compression)
+        .compression_factor(COMPRESSION_LEVEL)
+}
+
+/// (segment size, compression) from an existing store's `conf` file: lines `name: value`,
+/// then a binary checksum.
+fn persisted_parameters(path: &Path) -> Option<(usize, bool)> {
+    let bytes = std::fs::read(path.join("conf")).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    let field = |name: &str| {
+        text.lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim() == name)
+            .map(|(_, v)| v.trim().to_string())
+    };
+    Some((
+        field("segment_size")?.parse().ok()?,
+        field("use_compression")?.parse().ok()?,
+    ))
+}
+
 impl SledStore {
     /// Opens (or creates) the store in `path`. sled allows one process per store; a lock still
     /// held by a store this process just dropped (sled releases it from a background thread)
@@ -167,19 +213,12 @@ impl SledStore {
     }
 
     fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
-        sled::Config::new()
-            .path(path)
-            // 32 MiB: with a million devices the CA peaks at 457 MiB (64 MiB: 515-529 MiB,
-            // over the 512 MiB budget) and runs no slower (BENCHMARKS.md, the million).
-            .cache_capacity(32 * 1024 * 1024)
-            .mode(sled::Mode::LowSpace)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked(path.display().to_string())
-                }
-                other => backend(other),
-            })
+        sled_config(path).open().map_err(|e| match e {
+            sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                StoreError::Locked(path.display().to_string())
+            }
+            other => backend(other),
+        })
     }
 
     fn head(&self) -> Result<std::sync::MutexGuard<'_, (u64, [u8; 32])>, StoreError> {
@@ -910,5 +949,34 @@ impl Store for SledStore {
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         self.db.size_on_disk().map_err(backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_keeps_the_parameters_it_was_created_with() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A store made before the store got compressed pages in 4 MiB segments (sled's
+        // defaults, 512 KiB segments): sled refuses to open it with other parameters.
+        let old = tmp.path().join("old");
+        {
+            let db = sled::Config::new().path(&old).open().unwrap();
+            db.insert(b"k", b"v").unwrap();
+            db.flush().unwrap();
+        }
+        assert_eq!(persisted_parameters(&old), Some((512 * 1024, false)));
+        let store = SledStore::open(&old).unwrap();
+        store.sync().unwrap();
+        drop(store);
+        assert_eq!(persisted_parameters(&old), Some((512 * 1024, false)));
+        // A new store.
+        let new = tmp.path().join("new");
+        assert_eq!(persisted_parameters(&new), None);
+        let store = SledStore::open(&new).unwrap();
+        store.sync().unwrap();
+        assert_eq!(persisted_parameters(&new), Some((SEGMENT_SIZE, true)));
     }
 }
