@@ -24,6 +24,9 @@ const LINES: &str = "lines";
 const AUDIT: &str = "audit";
 const SECRETS: &str = "secrets";
 const SECRET_HEAD: &str = "secret_head";
+/// Acknowledgements: (serial, version) -> Unix seconds, 8 octets. An ack is a small entry of its
+/// own instead of a rewrite of the sealed version, whose old copy would stay in the log as garbage.
+const SECRET_ACKS: &str = "secret_acks";
 const SECRET_INDEX: &str = "secret_index";
 const KEY_IDS: &str = "key_ids";
 const POOL: &str = "secret_pool";
@@ -42,6 +45,7 @@ pub struct SledStore {
     audit: sled::Tree,
     secrets: sled::Tree,
     secret_head: sled::Tree,
+    secret_acks: sled::Tree,
     secret_index: sled::Tree,
     key_ids: sled::Tree,
     pool: sled::Tree,
@@ -200,6 +204,7 @@ impl SledStore {
             lines: tree(LINES)?,
             secrets: tree(SECRETS)?,
             secret_head: tree(SECRET_HEAD)?,
+            secret_acks: tree(SECRET_ACKS)?,
             secret_index: tree(SECRET_INDEX)?,
             key_ids: tree(KEY_IDS)?,
             pool: tree(POOL)?,
@@ -434,8 +439,17 @@ impl Store for SledStore {
         self.secrets
             .scan_prefix(serial.to_be_bytes())
             .map(|r| {
-                let (_, v) = r.map_err(backend)?;
-                from_cbor(&v).map_err(corrupt(SECRETS))
+                let (k, v) = r.map_err(backend)?;
+                let mut rec: SecretRecord = from_cbor(&v).map_err(corrupt(SECRETS))?;
+                if rec.confirmed_at.is_none()
+                    && let Some(at) = self.secret_acks.get(&k).map_err(backend)?
+                {
+                    rec.confirmed_at =
+                        Some(u64_of(&at).ok_or_else(|| {
+                            corrupt(SECRET_ACKS)("ack time is not 8 bytes".into())
+                        })?);
+                }
+                Ok(rec)
             })
             .collect()
     }
@@ -518,12 +532,13 @@ impl Store for SledStore {
             &self.devices,
             &self.secrets,
             &self.secret_head,
+            &self.secret_acks,
             &self.secret_index,
             &self.key_ids,
             &self.pool,
             &self.audit,
         );
-        let r = trees.transaction(|(devices, secrets, heads, index, key_ids, pool, audit)| {
+        let r = trees.transaction(|(devices, secrets, heads, acks, index, key_ids, pool, audit)| {
             let ver_key = |serial: u64, version: u64| {
                 let mut k = serial.to_be_bytes().to_vec();
                 k.extend_from_slice(&version.to_be_bytes());
@@ -665,11 +680,20 @@ impl Store for SledStore {
                             "the key check value does not match the delivered secret",
                         )));
                     }
+                    // Stores written before acks had their own tree hold the time in the record.
                     if rec.confirmed_at.is_some() {
                         return Ok(SecretOutcome::Unchanged(rec));
                     }
+                    if let Some(v) = acks.get(key.as_slice())? {
+                        rec.confirmed_at = Some(u64_of(&v).ok_or_else(|| {
+                            ConflictableTransactionError::Abort(corrupt(SECRET_ACKS)(
+                                "ack time is not 8 bytes".into(),
+                            ))
+                        })?);
+                        return Ok(SecretOutcome::Done(Some(rec)));
+                    }
+                    acks.insert(key.as_slice(), &at.to_be_bytes())?;
                     rec.confirmed_at = Some(*at);
-                    secrets.insert(key.as_slice(), to_cbor(&rec))?;
                     SecretOutcome::Done(Some(rec))
                 }
                 SecretOp::Import { entries, .. } => {
@@ -933,6 +957,7 @@ impl Store for SledStore {
             (AUDIT, &self.audit),
             (SECRETS, &self.secrets),
             (SECRET_HEAD, &self.secret_head),
+            (SECRET_ACKS, &self.secret_acks),
             (SECRET_INDEX, &self.secret_index),
             (KEY_IDS, &self.key_ids),
             (POOL, &self.pool),
