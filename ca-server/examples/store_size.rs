@@ -95,6 +95,7 @@ fn fill(path: &Path, devices: u64, batch: u64, no_secrets: bool) -> Result<(), S
     let mut serial = 1;
     while serial <= devices {
         let end = (serial + batch).min(devices + 1);
+        let mut hashes = Vec::new();
         for s in serial..end {
             let key = KeyPair::generate(KeyAlgorithm::Ed25519, &rng).map_err(|e| e.to_string())?;
             let spki = key.spki_der();
@@ -106,6 +107,7 @@ fn fill(path: &Path, devices: u64, batch: u64, no_secrets: bool) -> Result<(), S
             rng.fill(&mut cti).map_err(|_| "random")?;
             let mut key_hash = [0u8; 32];
             key_hash.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &spki).as_ref());
+            hashes.push(key_hash);
             store
                 .apply_enrollment(&NewEnrollment {
                     serial: s,
@@ -120,8 +122,9 @@ fn fill(path: &Path, devices: u64, batch: u64, no_secrets: bool) -> Result<(), S
         }
         store.sync().map_err(e)?;
         if !no_secrets {
-            let mut sealed: Vec<SecretRecord> = Vec::new();
+            let mut sealed: Vec<(SecretRecord, [u8; 32])> = Vec::new();
             for s in serial..end {
+                let binding = hashes[(s - serial) as usize];
                 let secret = keys.generate()?;
                 let mut record =
                     keys.seal_version(s, 1, keys.new_key_id()?, &secret, "csprng", now)?;
@@ -129,15 +132,17 @@ fn fill(path: &Path, devices: u64, batch: u64, no_secrets: bool) -> Result<(), S
                 let op = SecretOp::Allocate {
                     record,
                     from_pool: None,
+                    binding,
                 };
                 match store.apply_secret(&op).map_err(e)? {
-                    SecretOutcome::Done(Some(r)) => sealed.push(r),
+                    SecretOutcome::Done(Some(r)) => sealed.push((r, binding)),
                     other => return Err(format!("allocate {s}: {other:?}")),
                 }
             }
             store.sync().map_err(e)?;
-            for r in sealed {
+            for (r, binding) in sealed {
                 let op = SecretOp::Ack {
+                    binding,
                     serial: r.serial,
                     key_id: r.key_id.clone(),
                     version: r.version,
