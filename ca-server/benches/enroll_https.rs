@@ -8,6 +8,11 @@
 //!
 //! With `keep-alive`, each of the CONCURRENCY tasks is a line gateway relaying devices over one
 //! kept-alive connection (the design's 8,600/s row); the figure adds p50/p99 latency.
+//!
+//! The load generator shares this machine's cores with the CA, which real devices do not: each
+//! brings its own CPU. So the bench also reports the CPU time each process spent per
+//! enrollment (`/proc/PID/stat`, all threads) and what the CA's figure allows when the CA has
+//! every core to itself: the enrollments per second its CPU time per enrollment adds up to.
 // A benchmark aborts on failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -65,6 +70,8 @@ fn main() {
         .unwrap();
     let client = ca.client(addr);
     let next = Arc::new(AtomicUsize::new(0));
+    let ca_cpu_before = cpu_seconds(child.id());
+    let own_cpu_before = cpu_seconds(std::process::id());
     let start = Instant::now();
     let failures: usize = rt.block_on(async {
         let mut tasks = Vec::new();
@@ -131,6 +138,8 @@ fn main() {
         f
     });
     let secs = start.elapsed().as_secs_f64();
+    let ca_cpu = cpu_seconds(child.id()) - ca_cpu_before;
+    let own_cpu = cpu_seconds(std::process::id()) - own_cpu_before;
     let _ = child.kill();
     let _ = child.wait();
     println!(
@@ -143,5 +152,28 @@ fn main() {
         secs,
         devices as f64 / secs
     );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = |cpu: f64| cpu / devices as f64 * 1e6;
+    println!(
+        "CPU per enrollment: CA {:.0} us, load generator {:.0} us; the CA alone on {cores} cores: {:.0} enrollments/s",
+        per(ca_cpu),
+        per(own_cpu),
+        cores as f64 * devices as f64 / ca_cpu
+    );
     assert_eq!(failures, 0);
+}
+
+/// User + system CPU time of process `pid`, all its threads, in seconds (`/proc/PID/stat`
+/// fields 14 and 15, in clock ticks of 1/100 s on Linux).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name (field 2) may hold spaces; the fields after it are plain numbers.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
 }

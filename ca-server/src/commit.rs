@@ -18,7 +18,57 @@ const DURABLE_WAIT: Duration = Duration::from_secs(30);
 /// Called once the batch is synced, with the sync's result.
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 /// Applies one operation to the store (not yet durable) and returns how to answer it.
-type Job = Box<dyn FnOnce(&dyn Store) -> Reply + Send>;
+type Run = Box<dyn FnOnce(&dyn Store) -> Reply + Send>;
+/// Where an enrollment's outcome goes once its batch is durable.
+type EnrollReply = oneshot::Sender<Result<EnrollOutcome, String>>;
+
+/// One queued write.
+enum Job {
+    /// An enrollment: consecutive ones in a batch are applied as one store write
+    /// ([`Store::apply_enrollments`]).
+    Enroll(Box<NewEnrollment>, EnrollReply),
+    /// Any other write.
+    Run(Run),
+}
+
+/// Applies a batch's jobs in order: each run of consecutive enrollments as one store write (one
+/// sled transaction, whose fixed cost is two log-buffer writes), other jobs one by one.
+fn apply(store: &dyn Store, jobs: &mut Vec<Job>) -> Vec<Reply> {
+    let mut replies: Vec<Reply> = Vec::with_capacity(jobs.len());
+    let mut enrollments: Vec<NewEnrollment> = Vec::new();
+    let mut senders: Vec<EnrollReply> = Vec::new();
+    let mut jobs = jobs.drain(..).peekable();
+    while let Some(job) = jobs.next() {
+        match job {
+            Job::Run(run) => replies.push(run(store)),
+            Job::Enroll(e, reply) => {
+                enrollments.push(*e);
+                senders.push(reply);
+                if matches!(jobs.peek(), Some(Job::Enroll(..))) {
+                    continue;
+                }
+                let outcomes = store
+                    .apply_enrollments(&enrollments)
+                    .map_err(|e| e.to_string());
+                enrollments.clear();
+                let n = senders.len();
+                let mut outcomes = match outcomes {
+                    Ok(o) if o.len() == n => o.into_iter().map(Ok).collect::<Vec<_>>(),
+                    Ok(o) => vec![Err(format!("{} outcomes for {n} enrollments", o.len())); n],
+                    Err(e) => vec![Err(e); n],
+                };
+                for (reply, outcome) in senders.drain(..).zip(outcomes.drain(..)) {
+                    replies.push(Box::new(move |synced: Result<(), String>| {
+                        // The requester may have gone away; the write is durable and a retry
+                        // will find it.
+                        let _ = reply.send(synced.and(outcome));
+                    }));
+                }
+            }
+        }
+    }
+    replies
+}
 
 /// Statistics of the committer, for metrics and benchmarks.
 #[derive(Debug, Default)]
@@ -76,7 +126,7 @@ impl Committer {
                     }
                     epoch += 1;
                     s2.store(epoch, Ordering::SeqCst);
-                    let replies: Vec<Reply> = batch.drain(..).map(|job| job(store.as_ref())).collect();
+                    let replies = apply(store.as_ref(), &mut batch);
                     let sync_started = std::time::Instant::now();
                     let synced = store.sync();
                     metrics.commit(replies.len(), sync_started.elapsed());
@@ -105,7 +155,13 @@ impl Committer {
 
     /// Applies `e` and returns once it is durable.
     pub async fn commit(&self, e: NewEnrollment) -> Result<EnrollOutcome, String> {
-        self.run(move |store| store.apply_enrollment(&e)).await
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Enroll(Box::new(e), reply))
+            .await
+            .map_err(|_| "the group-commit thread has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the group-commit thread dropped the request".to_string())?
     }
 
     /// Runs `op` on the committer thread, inside a batch, and returns its result once the
@@ -116,7 +172,7 @@ impl Committer {
         F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, rx) = oneshot::channel::<Result<T, String>>();
-        let job: Job = Box::new(move |store: &dyn Store| {
+        let job: Run = Box::new(move |store: &dyn Store| {
             let result = op(store);
             Box::new(move |synced: Result<(), String>| {
                 let answer = match (synced, result) {
@@ -130,7 +186,7 @@ impl Committer {
             }) as Reply
         });
         self.tx
-            .send(job)
+            .send(Job::Run(job))
             .await
             .map_err(|_| "the group-commit thread has stopped".to_string())?;
         rx.await

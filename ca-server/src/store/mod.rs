@@ -166,6 +166,13 @@ pub trait Store: Send + Sync + 'static {
     /// Applies one enrollment atomically: checks the stateful rules (SPEC.md 3.3, 12 to 17) and
     /// writes device, key index, token use, line count and audit entry, or nothing.
     fn apply_enrollment(&self, e: &NewEnrollment) -> Result<EnrollOutcome, StoreError>;
+    /// Applies several enrollments, in order, as one atomic write: each outcome is what
+    /// [`Store::apply_enrollment`] would have given at its turn (a later enrollment sees the
+    /// earlier ones). An error applies none of them. The group commit applies a batch's
+    /// enrollments this way, because each sled transaction costs two log-buffer writes.
+    fn apply_enrollments(&self, batch: &[NewEnrollment]) -> Result<Vec<EnrollOutcome>, StoreError> {
+        batch.iter().map(|e| self.apply_enrollment(e)).collect()
+    }
     /// Makes everything applied so far durable (flush and fdatasync).
     fn sync(&self) -> Result<(), StoreError>;
     /// Every secret version of a device, oldest first.

@@ -85,6 +85,15 @@ fn token_key(line: &str, cti: &[u8]) -> Vec<u8> {
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
+/// The trees an enrollment writes, inside a transaction: devices, keys, tokens, lines, audit.
+type EnrollTrees = (
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+);
+
 fn abort<T>(e: StoreError) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(e))
 }
@@ -232,6 +241,105 @@ impl SledStore {
             .map_err(|_| StoreError::Backend("audit head lock poisoned".into()))
     }
 
+    /// The audit entry of enrollment `e` if it is created after `head`.
+    fn enrollment_entry(head: &(u64, [u8; 32]), e: &NewEnrollment) -> AuditEntry {
+        Self::next_entry(
+            head,
+            e.at,
+            "enroll",
+            Some(e.serial),
+            &e.line,
+            format!(
+                "key={} cti={}",
+                hex::encode(e.key_hash),
+                hex::encode(&e.token_id)
+            ),
+        )
+    }
+
+    /// One enrollment inside a transaction: the stateful checks (SPEC.md 3.3, 12 to 17), then
+    /// device, key index, token use, line count and `entry`, or nothing.
+    fn enroll_in(
+        (devices, keys, tokens, lines, audit): &EnrollTrees,
+        e: &NewEnrollment,
+        entry: &AuditEntry,
+    ) -> TxResult<EnrollOutcome> {
+        let serial_key = e.serial.to_be_bytes();
+        let tkey = token_key(&e.line, &e.token_id);
+        if let Some(rec) = tx_get::<DeviceRecord>(devices, &serial_key, DEVICES)? {
+            if rec.status == DeviceStatus::Revoked {
+                return refused(
+                    ProblemType::Revoked,
+                    format!("device {} is revoked", e.serial),
+                );
+            }
+            if rec.spki == e.spki {
+                return Ok(EnrollOutcome::Existing(rec));
+            }
+            return refused(
+                ProblemType::SerialTaken,
+                format!("serial {} is already bound to another key", e.serial),
+            );
+        }
+        // A key stays bound to its serial for ever, even after an operator reset the
+        // serial; only that serial may take it again.
+        if let Some(other) = keys
+            .get(e.key_hash)?
+            .map(|v| u64_of(&v).unwrap_or(0))
+            .filter(|other| *other != e.serial)
+        {
+            return refused(
+                ProblemType::DuplicateKey,
+                format!("this public key is already bound to serial {other}"),
+            );
+        }
+        if let Some(used) = tx_get::<TokenUse>(tokens, &tkey, TOKENS)? {
+            return refused(
+                ProblemType::TokenReplayed,
+                format!(
+                    "token {} was consumed by the enrollment of serial {}",
+                    hex::encode(&e.token_id),
+                    used.serial
+                ),
+            );
+        }
+        let Some(mut line) = tx_get::<LineRecord>(lines, e.line.as_bytes(), LINES)? else {
+            return refused(
+                ProblemType::LineUnknown,
+                format!("line {:?} is not registered", e.line),
+            );
+        };
+        if !line.active {
+            return refused(
+                ProblemType::LineUnknown,
+                format!("line {:?} is disabled", e.line),
+            );
+        }
+        if line.enrolled >= line.quota {
+            return refused(
+                ProblemType::QuotaExhausted,
+                format!("line {:?} has enrolled its quota of {}", e.line, line.quota),
+            );
+        }
+        line.enrolled += 1;
+        let rec = DeviceRecord {
+            serial: e.serial,
+            spki: e.spki.clone(),
+            certificate: e.certificate.clone(),
+            line: e.line.clone(),
+            token_id: e.token_id.clone(),
+            enrolled_at: e.at,
+            status: DeviceStatus::Active,
+            revoked_at: None,
+        };
+        devices.insert(&serial_key, to_cbor(&rec))?;
+        keys.insert(&e.key_hash, &serial_key)?;
+        tokens.insert(tkey.as_slice(), to_cbor(&TokenUse { serial: e.serial }))?;
+        lines.insert(e.line.as_bytes(), to_cbor(&line))?;
+        audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
+        Ok(EnrollOutcome::Created(rec))
+    }
+
     fn next_entry(
         head: &(u64, [u8; 32]),
         at: u64,
@@ -332,21 +440,15 @@ impl Store for SledStore {
     }
 
     fn apply_enrollment(&self, e: &NewEnrollment) -> Result<EnrollOutcome, StoreError> {
+        let mut outcomes = self.apply_enrollments(std::slice::from_ref(e))?;
+        outcomes
+            .pop()
+            .ok_or_else(|| StoreError::Backend("no outcome for the enrollment".into()))
+    }
+
+    fn apply_enrollments(&self, batch: &[NewEnrollment]) -> Result<Vec<EnrollOutcome>, StoreError> {
         let mut head = self.head()?;
-        let entry = Self::next_entry(
-            &head,
-            e.at,
-            "enroll",
-            Some(e.serial),
-            &e.line,
-            format!(
-                "key={} cti={}",
-                hex::encode(e.key_hash),
-                hex::encode(&e.token_id)
-            ),
-        );
-        let serial_key = e.serial.to_be_bytes();
-        let tkey = token_key(&e.line, &e.token_id);
+        let start = *head;
         let r = (
             &self.devices,
             &self.keys,
@@ -354,85 +456,24 @@ impl Store for SledStore {
             &self.lines,
             &self.audit,
         )
-            .transaction(|(devices, keys, tokens, lines, audit)| {
-                if let Some(rec) = tx_get::<DeviceRecord>(devices, &serial_key, DEVICES)? {
-                    if rec.status == DeviceStatus::Revoked {
-                        return refused(
-                            ProblemType::Revoked,
-                            format!("device {} is revoked", e.serial),
-                        );
+            .transaction(|trees| {
+                // sled may run this closure again after a conflict: start from the head as it
+                // was, chaining each created enrollment's entry to the one before it.
+                let mut chain = start;
+                let mut outcomes = Vec::with_capacity(batch.len());
+                for e in batch {
+                    let entry = Self::enrollment_entry(&chain, e);
+                    let outcome = Self::enroll_in(trees, e, &entry)?;
+                    if matches!(outcome, EnrollOutcome::Created(_)) {
+                        chain = (entry.seq, sealed_hash(&entry));
                     }
-                    if rec.spki == e.spki {
-                        return Ok(EnrollOutcome::Existing(rec));
-                    }
-                    return refused(
-                        ProblemType::SerialTaken,
-                        format!("serial {} is already bound to another key", e.serial),
-                    );
+                    outcomes.push(outcome);
                 }
-                // A key stays bound to its serial for ever, even after an operator reset the
-                // serial; only that serial may take it again.
-                if let Some(other) = keys
-                    .get(e.key_hash)?
-                    .map(|v| u64_of(&v).unwrap_or(0))
-                    .filter(|other| *other != e.serial)
-                {
-                    return refused(
-                        ProblemType::DuplicateKey,
-                        format!("this public key is already bound to serial {other}"),
-                    );
-                }
-                if let Some(used) = tx_get::<TokenUse>(tokens, &tkey, TOKENS)? {
-                    return refused(
-                        ProblemType::TokenReplayed,
-                        format!(
-                            "token {} was consumed by the enrollment of serial {}",
-                            hex::encode(&e.token_id),
-                            used.serial
-                        ),
-                    );
-                }
-                let Some(mut line) = tx_get::<LineRecord>(lines, e.line.as_bytes(), LINES)? else {
-                    return refused(
-                        ProblemType::LineUnknown,
-                        format!("line {:?} is not registered", e.line),
-                    );
-                };
-                if !line.active {
-                    return refused(
-                        ProblemType::LineUnknown,
-                        format!("line {:?} is disabled", e.line),
-                    );
-                }
-                if line.enrolled >= line.quota {
-                    return refused(
-                        ProblemType::QuotaExhausted,
-                        format!("line {:?} has enrolled its quota of {}", e.line, line.quota),
-                    );
-                }
-                line.enrolled += 1;
-                let rec = DeviceRecord {
-                    serial: e.serial,
-                    spki: e.spki.clone(),
-                    certificate: e.certificate.clone(),
-                    line: e.line.clone(),
-                    token_id: e.token_id.clone(),
-                    enrolled_at: e.at,
-                    status: DeviceStatus::Active,
-                    revoked_at: None,
-                };
-                devices.insert(&serial_key, to_cbor(&rec))?;
-                keys.insert(&e.key_hash, &serial_key)?;
-                tokens.insert(tkey.as_slice(), to_cbor(&TokenUse { serial: e.serial }))?;
-                lines.insert(e.line.as_bytes(), to_cbor(&line))?;
-                audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
-                Ok(EnrollOutcome::Created(rec))
+                Ok((outcomes, chain))
             });
-        let outcome = flatten(r)?;
-        if matches!(outcome, EnrollOutcome::Created(_)) {
-            *head = (entry.seq, sealed_hash(&entry));
-        }
-        Ok(outcome)
+        let (outcomes, chain) = flatten(r)?;
+        *head = chain;
+        Ok(outcomes)
     }
 
     fn secret_versions(&self, serial: u64) -> Result<Vec<SecretRecord>, StoreError> {
@@ -1003,5 +1044,145 @@ mod tests {
         let store = SledStore::open(&new).unwrap();
         store.sync().unwrap();
         assert_eq!(persisted_parameters(&new), Some((SEGMENT_SIZE, true)));
+    }
+
+    fn enrollment(serial: u64, key: u8, cti: u8) -> NewEnrollment {
+        let spki = vec![key; 44];
+        NewEnrollment {
+            serial,
+            key_hash: spki::sha256(&spki),
+            spki,
+            certificate: vec![serial as u8; 300],
+            line: "line-1".into(),
+            token_id: vec![cti; 16],
+            at: 1_000 + serial,
+        }
+    }
+
+    fn kind(o: &EnrollOutcome) -> String {
+        match o {
+            EnrollOutcome::Created(r) => format!("created {}", r.serial),
+            EnrollOutcome::Existing(r) => format!("existing {}", r.serial),
+            EnrollOutcome::Refused(p) => p.kind.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_batch_of_enrollments_sees_its_own_writes_and_chains_its_audit_entries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&tmp.path().join("store")).unwrap();
+        store
+            .add_line(
+                &LineRecord {
+                    id: "line-1".into(),
+                    public_key: vec![1; 44],
+                    first_serial: 1,
+                    last_serial: 100,
+                    quota: 4,
+                    rate: 0,
+                    enrolled: 0,
+                    active: true,
+                    created_at: 1,
+                },
+                "operator:test",
+            )
+            .unwrap();
+        let batch = [
+            enrollment(1, 0xa1, 1),
+            enrollment(1, 0xa2, 2), // the serial was taken earlier in this batch
+            enrollment(2, 0xa1, 3), // the key was bound earlier in this batch
+            enrollment(1, 0xa1, 4), // a retry: the stored record
+            enrollment(3, 0xa3, 1), // the token was used earlier in this batch
+            enrollment(4, 0xa4, 5),
+            enrollment(5, 0xa5, 6),
+            enrollment(6, 0xa6, 7),
+            enrollment(7, 0xa7, 8), // the line's quota of 4 is used up
+        ];
+        let outcomes: Vec<String> = store
+            .apply_enrollments(&batch)
+            .unwrap()
+            .iter()
+            .map(kind)
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                "created 1",
+                "serial-taken",
+                "duplicate-key",
+                "existing 1",
+                "token-replayed",
+                "created 4",
+                "created 5",
+                "created 6",
+                "quota-exhausted"
+            ]
+        );
+        assert_eq!(store.line("line-1").unwrap().unwrap().enrolled, 4);
+        // One enrollment after the batch continues the chain the batch left.
+        let single = store.apply_enrollment(&enrollment(8, 0xa8, 9)).unwrap();
+        assert_eq!(kind(&single), "quota-exhausted");
+        store.sync().unwrap();
+        let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
+        assert_eq!(verdict.first_bad, None);
+        assert_eq!(verdict.entries, 5, "line-add and four enrollments");
+        let events: Vec<(String, Option<u64>)> = store
+            .audit()
+            .map(|e| e.map(|e| (e.event, e.serial)))
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            events,
+            [
+                ("line-add".to_string(), None),
+                ("enroll".to_string(), Some(1)),
+                ("enroll".to_string(), Some(4)),
+                ("enroll".to_string(), Some(5)),
+                ("enroll".to_string(), Some(6)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_batch_that_cannot_be_applied_applies_none_of_its_enrollments() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&tmp.path().join("store")).unwrap();
+        store
+            .add_line(
+                &LineRecord {
+                    id: "line-1".into(),
+                    public_key: vec![1; 44],
+                    first_serial: 1,
+                    last_serial: 100,
+                    quota: 100,
+                    rate: 0,
+                    enrolled: 0,
+                    active: true,
+                    created_at: 1,
+                },
+                "operator:test",
+            )
+            .unwrap();
+        // A damaged device record makes the third enrollment fail inside the transaction.
+        store
+            .devices
+            .insert(3u64.to_be_bytes(), &b"not cbor"[..])
+            .unwrap();
+        let before = store.raw_records().unwrap();
+        let batch = [
+            enrollment(1, 0xb1, 1),
+            enrollment(2, 0xb2, 2),
+            enrollment(3, 0xb3, 3),
+        ];
+        let err = store.apply_enrollments(&batch).unwrap_err();
+        assert!(err.to_string().contains(DEVICES), "{err}");
+        assert_eq!(store.raw_records().unwrap(), before, "nothing written");
+        // The audit head did not move: the next enrollment chains to the line-add entry.
+        assert_eq!(
+            kind(&store.apply_enrollment(&batch[0]).unwrap()),
+            "created 1"
+        );
+        let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
+        assert_eq!((verdict.entries, verdict.first_bad), (2, None));
     }
 }
