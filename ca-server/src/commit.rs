@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::store::{EnrollOutcome, NewEnrollment, Store, StoreError};
+use crate::store::{
+    EnrollOutcome, NewEnrollment, SecretOp, SecretOutcome, Store, StoreError, Write, Written,
+};
 
 /// Largest batch applied before a flush.
 const MAX_BATCH: usize = 2048;
@@ -19,45 +21,43 @@ const DURABLE_WAIT: Duration = Duration::from_secs(30);
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 /// Applies one operation to the store (not yet durable) and returns how to answer it.
 type Run = Box<dyn FnOnce(&dyn Store) -> Reply + Send>;
-/// Where an enrollment's outcome goes once its batch is durable.
-type EnrollReply = oneshot::Sender<Result<EnrollOutcome, String>>;
+/// Where a write's outcome goes once its batch is durable.
+type WriteReply = oneshot::Sender<Result<Written, String>>;
 
 /// One queued write.
 enum Job {
-    /// An enrollment: consecutive ones in a batch are applied as one store write
-    /// ([`Store::apply_enrollments`]).
-    Enroll(Box<NewEnrollment>, EnrollReply),
+    /// An enrollment or a secrets write: consecutive ones in a batch are applied as one store
+    /// write ([`Store::apply_writes`]).
+    Write(Box<Write>, WriteReply),
     /// Any other write.
     Run(Run),
 }
 
-/// Applies a batch's jobs in order: each run of consecutive enrollments as one store write (one
-/// sled transaction, whose fixed cost is two log-buffer writes), other jobs one by one.
+/// Applies a batch's jobs in order: each run of consecutive enrollments and secrets writes as
+/// one store write (one sled transaction, whose fixed cost is two log-buffer writes), other
+/// jobs one by one.
 fn apply(store: &dyn Store, jobs: &mut Vec<Job>) -> Vec<Reply> {
     let mut replies: Vec<Reply> = Vec::with_capacity(jobs.len());
-    let mut enrollments: Vec<NewEnrollment> = Vec::new();
-    let mut senders: Vec<EnrollReply> = Vec::new();
+    let mut writes: Vec<Write> = Vec::new();
+    let mut senders: Vec<WriteReply> = Vec::new();
     let mut jobs = jobs.drain(..).peekable();
     while let Some(job) = jobs.next() {
         match job {
             Job::Run(run) => replies.push(run(store)),
-            Job::Enroll(e, reply) => {
-                enrollments.push(*e);
+            Job::Write(w, reply) => {
+                writes.push(*w);
                 senders.push(reply);
-                if matches!(jobs.peek(), Some(Job::Enroll(..))) {
+                if matches!(jobs.peek(), Some(Job::Write(..))) {
                     continue;
                 }
-                let outcomes = store
-                    .apply_enrollments(&enrollments)
-                    .map_err(|e| e.to_string());
-                enrollments.clear();
                 let n = senders.len();
-                let mut outcomes = match outcomes {
-                    Ok(o) if o.len() == n => o.into_iter().map(Ok).collect::<Vec<_>>(),
-                    Ok(o) => vec![Err(format!("{} outcomes for {n} enrollments", o.len())); n],
-                    Err(e) => vec![Err(e); n],
+                let outcomes: Vec<Result<Written, String>> = match store.apply_writes(&writes) {
+                    Ok(o) if o.len() == n => o.into_iter().map(Ok).collect(),
+                    Ok(o) => vec![Err(format!("{} outcomes for {n} writes", o.len())); n],
+                    Err(e) => vec![Err(e.to_string()); n],
                 };
-                for (reply, outcome) in senders.drain(..).zip(outcomes.drain(..)) {
+                writes.clear();
+                for (reply, outcome) in senders.drain(..).zip(outcomes) {
                     replies.push(Box::new(move |synced: Result<(), String>| {
                         // The requester may have gone away; the write is durable and a retry
                         // will find it.
@@ -153,11 +153,26 @@ impl Committer {
         })
     }
 
-    /// Applies `e` and returns once it is durable.
+    /// Applies enrollment `e` and returns once it is durable.
     pub async fn commit(&self, e: NewEnrollment) -> Result<EnrollOutcome, String> {
+        match self.write(Write::Enroll(e)).await? {
+            Written::Enroll(o) => Ok(o),
+            Written::Secret(_) => Err("a secrets outcome for an enrollment".into()),
+        }
+    }
+
+    /// Applies secrets write `op` and returns once it is durable.
+    pub async fn secret(&self, op: SecretOp) -> Result<SecretOutcome, String> {
+        match self.write(Write::Secret(op)).await? {
+            Written::Secret(o) => Ok(o),
+            Written::Enroll(_) => Err("an enrollment outcome for a secrets write".into()),
+        }
+    }
+
+    async fn write(&self, w: Write) -> Result<Written, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job::Enroll(Box::new(e), reply))
+            .send(Job::Write(Box::new(w), reply))
             .await
             .map_err(|_| "the group-commit thread has stopped".to_string())?;
         rx.await

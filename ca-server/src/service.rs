@@ -369,7 +369,7 @@ impl CaService {
                     };
                     match self
                         .committer
-                        .run(move |s| s.apply_secret(&op))
+                        .secret(op)
                         .await
                         .map_err(|e| internal("commit", e))?
                     {
@@ -431,7 +431,7 @@ impl CaService {
             };
             match self
                 .committer
-                .run(move |s| s.apply_secret(&op))
+                .secret(op)
                 .await
                 .map_err(|e| internal("commit", e))?
             {
@@ -470,7 +470,7 @@ impl CaService {
         };
         match self
             .committer
-            .run(move |s| s.apply_secret(&op))
+            .secret(op)
             .await
             .map_err(|e| internal("commit", e))?
         {

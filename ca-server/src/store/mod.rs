@@ -57,6 +57,24 @@ pub struct NewEnrollment {
     pub at: u64,
 }
 
+/// A write the group commit batches ([`Store::apply_writes`]).
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// An enrollment.
+    Enroll(NewEnrollment),
+    /// A secrets write.
+    Secret(SecretOp),
+}
+
+/// The outcome of a [`Write`].
+#[derive(Debug, Clone)]
+pub enum Written {
+    /// Of an enrollment.
+    Enroll(EnrollOutcome),
+    /// Of a secrets write.
+    Secret(SecretOutcome),
+}
+
 /// What applying an enrollment did.
 #[derive(Debug, Clone)]
 pub enum EnrollOutcome {
@@ -166,12 +184,19 @@ pub trait Store: Send + Sync + 'static {
     /// Applies one enrollment atomically: checks the stateful rules (SPEC.md 3.3, 12 to 17) and
     /// writes device, key index, token use, line count and audit entry, or nothing.
     fn apply_enrollment(&self, e: &NewEnrollment) -> Result<EnrollOutcome, StoreError>;
-    /// Applies several enrollments, in order, as one atomic write: each outcome is what
-    /// [`Store::apply_enrollment`] would have given at its turn (a later enrollment sees the
-    /// earlier ones). An error applies none of them. The group commit applies a batch's
-    /// enrollments this way, because each sled transaction costs two log-buffer writes.
-    fn apply_enrollments(&self, batch: &[NewEnrollment]) -> Result<Vec<EnrollOutcome>, StoreError> {
-        batch.iter().map(|e| self.apply_enrollment(e)).collect()
+    /// Applies several writes, in order, as one atomic write: each outcome is what
+    /// [`Store::apply_enrollment`] or [`Store::apply_secret`] would have given at its turn (a
+    /// later write sees the earlier ones). An error applies none of them. The group commit
+    /// applies a batch's writes this way, because each sled transaction costs two log-buffer
+    /// writes.
+    fn apply_writes(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
+        writes
+            .iter()
+            .map(|w| match w {
+                Write::Enroll(e) => self.apply_enrollment(e).map(Written::Enroll),
+                Write::Secret(op) => self.apply_secret(op).map(Written::Secret),
+            })
+            .collect()
     }
     /// Makes everything applied so far durable (flush and fdatasync).
     fn sync(&self) -> Result<(), StoreError>;

@@ -10,7 +10,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 
 use super::{
     EnrollOutcome, NewEnrollment, RawAudit, RawRecord, ResetOutcome, SecretOp, SecretOutcome,
-    Store, StoreError,
+    Store, StoreError, Write, Written,
 };
 use crate::records::{
     AuditEntry, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, SecretRecord,
@@ -86,12 +86,25 @@ fn token_key(line: &str, cti: &[u8]) -> Vec<u8> {
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
 /// The trees an enrollment writes, inside a transaction: devices, keys, tokens, lines, audit.
-type EnrollTrees = (
-    TransactionalTree,
-    TransactionalTree,
-    TransactionalTree,
-    TransactionalTree,
-    TransactionalTree,
+type EnrollTrees<'a> = (
+    &'a TransactionalTree,
+    &'a TransactionalTree,
+    &'a TransactionalTree,
+    &'a TransactionalTree,
+    &'a TransactionalTree,
+);
+
+/// The trees a secrets write uses, inside a transaction: devices, secrets, secret_head,
+/// secret_acks, secret_index, key_ids, pool, audit.
+type SecretTrees<'a> = (
+    &'a TransactionalTree,
+    &'a TransactionalTree,
+    &'a TransactionalTree,
+    &'a TransactionalTree,
+    &'a TransactionalTree,
+    &'a TransactionalTree,
+    &'a TransactionalTree,
+    &'a TransactionalTree,
 );
 
 fn abort<T>(e: StoreError) -> TxResult<T> {
@@ -260,7 +273,7 @@ impl SledStore {
     /// One enrollment inside a transaction: the stateful checks (SPEC.md 3.3, 12 to 17), then
     /// device, key index, token use, line count and `entry`, or nothing.
     fn enroll_in(
-        (devices, keys, tokens, lines, audit): &EnrollTrees,
+        (devices, keys, tokens, lines, audit): EnrollTrees<'_>,
         e: &NewEnrollment,
         entry: &AuditEntry,
     ) -> TxResult<EnrollOutcome> {
@@ -338,6 +351,292 @@ impl SledStore {
         lines.insert(e.line.as_bytes(), to_cbor(&line))?;
         audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
         Ok(EnrollOutcome::Created(rec))
+    }
+
+    /// The audit entry of secrets write `op` if it changes something after `head`.
+    fn secret_entry(head: &(u64, [u8; 32]), op: &SecretOp) -> AuditEntry {
+        let (event, serial, actor, detail, at) = match op {
+            SecretOp::Allocate {
+                record, from_pool, ..
+            } => (
+                "secret-deliver",
+                Some(record.serial),
+                "device".to_string(),
+                format!(
+                    "key_id={} version={} source={}{}",
+                    record.key_id,
+                    record.version,
+                    record.source,
+                    from_pool
+                        .as_ref()
+                        .map(|p| format!(" pool_id={p}"))
+                        .unwrap_or_default()
+                ),
+                record.created_at,
+            ),
+            SecretOp::Rotate { record, actor } => (
+                "secret-rotate",
+                Some(record.serial),
+                actor.clone(),
+                format!("key_id={} version={}", record.key_id, record.version),
+                record.created_at,
+            ),
+            SecretOp::Delivered {
+                serial,
+                version,
+                at,
+                ..
+            } => (
+                "secret-deliver",
+                Some(*serial),
+                "device".to_string(),
+                format!("version={version}"),
+                *at,
+            ),
+            SecretOp::Ack {
+                serial,
+                key_id,
+                version,
+                at,
+                ..
+            } => (
+                "secret-ack",
+                Some(*serial),
+                "device".to_string(),
+                format!("key_id={key_id} version={version}"),
+                *at,
+            ),
+            SecretOp::Import { entries, at, actor } => (
+                "secret-import",
+                None,
+                actor.clone(),
+                format!("{} keys", entries.len()),
+                *at,
+            ),
+        };
+        Self::next_entry(head, at, event, serial, &actor, detail)
+    }
+
+    /// One secrets write inside a transaction: the outcome, and whether it wrote `entry`
+    /// (only changes are events worth an entry: a second delivery or ack is not).
+    fn secret_in(
+        (devices, secrets, heads, acks, index, key_ids, pool, audit): SecretTrees<'_>,
+        op: &SecretOp,
+        entry: &AuditEntry,
+    ) -> TxResult<(SecretOutcome, bool)> {
+        let ver_key = |serial: u64, version: u64| {
+            let mut k = serial.to_be_bytes().to_vec();
+            k.extend_from_slice(&version.to_be_bytes());
+            k
+        };
+        let head_of = |serial: u64| -> TxResult<u64> {
+            Ok(heads
+                .get(serial.to_be_bytes())?
+                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0))
+        };
+        // The device must exist, be active and, when the request came from a device, still
+        // hold the key the request was authenticated with: a revoke or a reset committed
+        // between the door's check and this transaction must win.
+        let active = |serial: u64, binding: Option<&[u8; 32]>| -> TxResult<Option<SecretOutcome>> {
+            match tx_get::<DeviceRecord>(devices, &serial.to_be_bytes(), DEVICES)? {
+                None => Ok(Some(SecretOutcome::Refused(Problem::new(
+                    ProblemType::UnknownDevice,
+                    format!("no device {serial}"),
+                )))),
+                Some(d) if d.status == DeviceStatus::Revoked => Ok(Some(SecretOutcome::Refused(
+                    Problem::new(ProblemType::Revoked, format!("device {serial} is revoked")),
+                ))),
+                Some(d) if binding.is_some_and(|b| spki::sha256(&d.spki) != *b) => {
+                    Ok(Some(SecretOutcome::Refused(Problem::new(
+                        ProblemType::UnknownDevice,
+                        format!("serial {serial} is now bound to another key"),
+                    ))))
+                }
+                Some(_) => Ok(None),
+            }
+        };
+        // Inserts a new version after the uniqueness checks; None when written.
+        let insert =
+            |rec: &SecretRecord, pool_id: Option<&str>| -> TxResult<Option<SecretOutcome>> {
+                let key = ver_key(rec.serial, rec.version);
+                match index.get(&rec.index_tag)? {
+                    None => {}
+                    Some(v) if pool_id.is_some() && v.as_ref() == POOL_MARK => {}
+                    Some(_) => {
+                        // Two devices with one secret must be impossible.
+                        return Ok(Some(SecretOutcome::Refused(Problem::new(
+                            ProblemType::Internal,
+                            "secret already bound to another device",
+                        ))));
+                    }
+                }
+                match key_ids.get(rec.key_id.as_bytes())? {
+                    None => {}
+                    Some(v) if pool_id.is_some() && v.as_ref() == POOL_MARK => {}
+                    Some(_) => return Ok(Some(SecretOutcome::Conflict)),
+                }
+                index.insert(rec.index_tag.as_slice(), key.as_slice())?;
+                key_ids.insert(rec.key_id.as_bytes(), key.as_slice())?;
+                secrets.insert(key.as_slice(), to_cbor(rec))?;
+                heads.insert(&rec.serial.to_be_bytes(), &rec.version.to_be_bytes())?;
+                Ok(None)
+            };
+        let decide = || -> TxResult<SecretOutcome> {
+            Ok(match op {
+                SecretOp::Allocate {
+                    record,
+                    from_pool,
+                    binding,
+                } => {
+                    if let Some(o) = active(record.serial, Some(binding))? {
+                        return Ok(o);
+                    }
+                    // The next version goes to a device with none, or whose newest belongs to a
+                    // binding an operator reset (retired).
+                    let h = head_of(record.serial)?;
+                    if h > 0 {
+                        match tx_get::<SecretRecord>(secrets, &ver_key(record.serial, h), SECRETS)?
+                        {
+                            Some(latest) if latest.retired_at.is_none() => {
+                                return Ok(SecretOutcome::Existing(latest));
+                            }
+                            None => return Ok(SecretOutcome::Conflict),
+                            Some(_) => {}
+                        }
+                    }
+                    if record.version != h + 1 {
+                        return Ok(SecretOutcome::Conflict);
+                    }
+                    if let Some(id) = from_pool
+                        && pool.get(id.as_bytes())?.is_none()
+                    {
+                        return Ok(SecretOutcome::Conflict);
+                    }
+                    if let Some(o) = insert(record, from_pool.as_deref())? {
+                        return Ok(o);
+                    }
+                    // Only now, with the version written: a refusal above must keep the entry.
+                    if let Some(id) = from_pool {
+                        pool.remove(id.as_bytes())?;
+                    }
+                    SecretOutcome::Done(Some(record.clone()))
+                }
+                SecretOp::Rotate { record, .. } => {
+                    if let Some(o) = active(record.serial, None)? {
+                        return Ok(o);
+                    }
+                    if head_of(record.serial)? + 1 != record.version {
+                        return Ok(SecretOutcome::Conflict);
+                    }
+                    if let Some(o) = insert(record, None)? {
+                        return Ok(o);
+                    }
+                    SecretOutcome::Done(Some(record.clone()))
+                }
+                SecretOp::Delivered {
+                    serial,
+                    version,
+                    at,
+                    binding,
+                } => {
+                    if let Some(o) = active(*serial, Some(binding))? {
+                        return Ok(o);
+                    }
+                    let key = ver_key(*serial, *version);
+                    let Some(mut rec) = tx_get::<SecretRecord>(secrets, &key, SECRETS)?
+                        .filter(|r| r.retired_at.is_none())
+                    else {
+                        return Ok(SecretOutcome::Conflict);
+                    };
+                    if rec.delivered_at.is_some() {
+                        return Ok(SecretOutcome::Unchanged(rec));
+                    }
+                    rec.delivered_at = Some(*at);
+                    secrets.insert(key.as_slice(), to_cbor(&rec))?;
+                    SecretOutcome::Done(Some(rec))
+                }
+                SecretOp::Ack {
+                    serial,
+                    key_id,
+                    version,
+                    kcv,
+                    at,
+                    binding,
+                } => {
+                    if let Some(o) = active(*serial, Some(binding))? {
+                        return Ok(o);
+                    }
+                    let key = ver_key(*serial, *version);
+                    let rec = tx_get::<SecretRecord>(secrets, &key, SECRETS)?;
+                    let Some(mut rec) = rec.filter(|r| {
+                        r.key_id == *key_id && r.delivered_at.is_some() && r.retired_at.is_none()
+                    }) else {
+                        return Ok(SecretOutcome::Refused(Problem::new(
+                            ProblemType::AckMismatch,
+                            format!(
+                                "key {key_id} version {version} was not delivered to device {serial}"
+                            ),
+                        )));
+                    };
+                    if rec.kcv != *kcv {
+                        return Ok(SecretOutcome::Refused(Problem::new(
+                            ProblemType::AckMismatch,
+                            "the key check value does not match the delivered secret",
+                        )));
+                    }
+                    // Stores written before acks had their own tree hold the time in the record.
+                    if rec.confirmed_at.is_some() {
+                        return Ok(SecretOutcome::Unchanged(rec));
+                    }
+                    if let Some(v) = acks.get(key.as_slice())? {
+                        rec.confirmed_at = Some(u64_of(&v).ok_or_else(|| {
+                            ConflictableTransactionError::Abort(corrupt(SECRET_ACKS)(
+                                "ack time is not 8 bytes".into(),
+                            ))
+                        })?);
+                        return Ok(SecretOutcome::Done(Some(rec)));
+                    }
+                    acks.insert(key.as_slice(), &at.to_be_bytes())?;
+                    rec.confirmed_at = Some(*at);
+                    SecretOutcome::Done(Some(rec))
+                }
+                SecretOp::Import { entries, .. } => {
+                    let mut ids = std::collections::HashSet::new();
+                    let mut tags = std::collections::HashSet::new();
+                    for e in entries {
+                        if !ids.insert(e.key_id.as_str())
+                            || key_ids.get(e.key_id.as_bytes())?.is_some()
+                        {
+                            return Ok(SecretOutcome::Refused(Problem::malformed(format!(
+                                "key id {:?} is already known; nothing was imported",
+                                e.key_id
+                            ))));
+                        }
+                        if !tags.insert(e.index_tag.clone()) || index.get(&e.index_tag)?.is_some() {
+                            return Ok(SecretOutcome::Refused(Problem::malformed(format!(
+                                "the key of {:?} is already known; nothing was imported",
+                                e.key_id
+                            ))));
+                        }
+                    }
+                    for e in entries {
+                        index.insert(e.index_tag.as_slice(), POOL_MARK)?;
+                        key_ids.insert(e.key_id.as_bytes(), POOL_MARK)?;
+                        pool.insert(e.key_id.as_bytes(), to_cbor(e))?;
+                    }
+                    SecretOutcome::Done(None)
+                }
+            })
+        };
+        let outcome = decide()?;
+        // Only changes are events worth an entry (a second delivery or ack is not).
+        let log = matches!(outcome, SecretOutcome::Done(_));
+        if log {
+            audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
+        }
+        Ok((outcome, log))
     }
 
     fn next_entry(
@@ -440,37 +739,60 @@ impl Store for SledStore {
     }
 
     fn apply_enrollment(&self, e: &NewEnrollment) -> Result<EnrollOutcome, StoreError> {
-        let mut outcomes = self.apply_enrollments(std::slice::from_ref(e))?;
-        outcomes
-            .pop()
-            .ok_or_else(|| StoreError::Backend("no outcome for the enrollment".into()))
+        match self.apply_writes(&[Write::Enroll(e.clone())])?.pop() {
+            Some(Written::Enroll(o)) => Ok(o),
+            _ => Err(StoreError::Backend("no outcome for the enrollment".into())),
+        }
     }
 
-    fn apply_enrollments(&self, batch: &[NewEnrollment]) -> Result<Vec<EnrollOutcome>, StoreError> {
+    fn apply_writes(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
         let mut head = self.head()?;
         let start = *head;
-        let r = (
+        let trees = (
             &self.devices,
             &self.keys,
             &self.tokens,
             &self.lines,
             &self.audit,
-        )
-            .transaction(|trees| {
+            &self.secrets,
+            &self.secret_head,
+            &self.secret_acks,
+            &self.secret_index,
+            &self.key_ids,
+            &self.pool,
+        );
+        let r = trees.transaction(
+            |(devices, keys, tokens, lines, audit, secrets, heads, acks, index, key_ids, pool)| {
                 // sled may run this closure again after a conflict: start from the head as it
-                // was, chaining each created enrollment's entry to the one before it.
+                // was, chaining each write's entry to the one before it.
                 let mut chain = start;
-                let mut outcomes = Vec::with_capacity(batch.len());
-                for e in batch {
-                    let entry = Self::enrollment_entry(&chain, e);
-                    let outcome = Self::enroll_in(trees, e, &entry)?;
-                    if matches!(outcome, EnrollOutcome::Created(_)) {
-                        chain = (entry.seq, sealed_hash(&entry));
+                let mut outcomes = Vec::with_capacity(writes.len());
+                for w in writes {
+                    match w {
+                        Write::Enroll(e) => {
+                            let entry = Self::enrollment_entry(&chain, e);
+                            let trees = (devices, keys, tokens, lines, audit);
+                            let outcome = Self::enroll_in(trees, e, &entry)?;
+                            if matches!(outcome, EnrollOutcome::Created(_)) {
+                                chain = (entry.seq, sealed_hash(&entry));
+                            }
+                            outcomes.push(Written::Enroll(outcome));
+                        }
+                        Write::Secret(op) => {
+                            let entry = Self::secret_entry(&chain, op);
+                            let trees =
+                                (devices, secrets, heads, acks, index, key_ids, pool, audit);
+                            let (outcome, logged) = Self::secret_in(trees, op, &entry)?;
+                            if logged {
+                                chain = (entry.seq, sealed_hash(&entry));
+                            }
+                            outcomes.push(Written::Secret(outcome));
+                        }
                     }
-                    outcomes.push(outcome);
                 }
                 Ok((outcomes, chain))
-            });
+            },
+        );
         let (outcomes, chain) = flatten(r)?;
         *head = chain;
         Ok(outcomes)
@@ -508,274 +830,12 @@ impl Store for SledStore {
     }
 
     fn apply_secret(&self, op: &SecretOp) -> Result<SecretOutcome, StoreError> {
-        let mut head = self.head()?;
-        let (event, serial, actor, detail, at) = match op {
-            SecretOp::Allocate {
-                record, from_pool, ..
-            } => (
-                "secret-deliver",
-                Some(record.serial),
-                "device".to_string(),
-                format!(
-                    "key_id={} version={} source={}{}",
-                    record.key_id,
-                    record.version,
-                    record.source,
-                    from_pool
-                        .as_ref()
-                        .map(|p| format!(" pool_id={p}"))
-                        .unwrap_or_default()
-                ),
-                record.created_at,
-            ),
-            SecretOp::Rotate { record, actor } => (
-                "secret-rotate",
-                Some(record.serial),
-                actor.clone(),
-                format!("key_id={} version={}", record.key_id, record.version),
-                record.created_at,
-            ),
-            SecretOp::Delivered {
-                serial,
-                version,
-                at,
-                ..
-            } => (
-                "secret-deliver",
-                Some(*serial),
-                "device".to_string(),
-                format!("version={version}"),
-                *at,
-            ),
-            SecretOp::Ack {
-                serial,
-                key_id,
-                version,
-                at,
-                ..
-            } => (
-                "secret-ack",
-                Some(*serial),
-                "device".to_string(),
-                format!("key_id={key_id} version={version}"),
-                *at,
-            ),
-            SecretOp::Import { entries, at, actor } => (
-                "secret-import",
-                None,
-                actor.clone(),
-                format!("{} keys", entries.len()),
-                *at,
-            ),
-        };
-        let entry = Self::next_entry(&head, at, event, serial, &actor, detail);
-        let trees = (
-            &self.devices,
-            &self.secrets,
-            &self.secret_head,
-            &self.secret_acks,
-            &self.secret_index,
-            &self.key_ids,
-            &self.pool,
-            &self.audit,
-        );
-        let r = trees.transaction(|(devices, secrets, heads, acks, index, key_ids, pool, audit)| {
-            let ver_key = |serial: u64, version: u64| {
-                let mut k = serial.to_be_bytes().to_vec();
-                k.extend_from_slice(&version.to_be_bytes());
-                k
-            };
-            let head_of = |serial: u64| -> TxResult<u64> {
-                Ok(heads
-                    .get(serial.to_be_bytes())?
-                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                    .map(u64::from_be_bytes)
-                    .unwrap_or(0))
-            };
-            // The device must exist, be active and, when the request came from a device, still
-            // hold the key the request was authenticated with: a revoke or a reset committed
-            // between the door's check and this transaction must win.
-            let active = |serial: u64, binding: Option<&[u8; 32]>| -> TxResult<Option<SecretOutcome>> {
-                match tx_get::<DeviceRecord>(devices, &serial.to_be_bytes(), DEVICES)? {
-                    None => Ok(Some(SecretOutcome::Refused(Problem::new(
-                        ProblemType::UnknownDevice,
-                        format!("no device {serial}"),
-                    )))),
-                    Some(d) if d.status == DeviceStatus::Revoked => Ok(Some(SecretOutcome::Refused(
-                        Problem::new(ProblemType::Revoked, format!("device {serial} is revoked")),
-                    ))),
-                    Some(d) if binding.is_some_and(|b| spki::sha256(&d.spki) != *b) => {
-                        Ok(Some(SecretOutcome::Refused(Problem::new(
-                            ProblemType::UnknownDevice,
-                            format!("serial {serial} is now bound to another key"),
-                        ))))
-                    }
-                    Some(_) => Ok(None),
-                }
-            };
-            // Inserts a new version after the uniqueness checks; None when written.
-            let insert = |rec: &SecretRecord, pool_id: Option<&str>| -> TxResult<Option<SecretOutcome>> {
-                let key = ver_key(rec.serial, rec.version);
-                match index.get(&rec.index_tag)? {
-                    None => {}
-                    Some(v) if pool_id.is_some() && v.as_ref() == POOL_MARK => {}
-                    Some(_) => {
-                        // Two devices with one secret must be impossible.
-                        return Ok(Some(SecretOutcome::Refused(Problem::new(
-                            ProblemType::Internal,
-                            "secret already bound to another device",
-                        ))));
-                    }
-                }
-                match key_ids.get(rec.key_id.as_bytes())? {
-                    None => {}
-                    Some(v) if pool_id.is_some() && v.as_ref() == POOL_MARK => {}
-                    Some(_) => return Ok(Some(SecretOutcome::Conflict)),
-                }
-                index.insert(rec.index_tag.as_slice(), key.as_slice())?;
-                key_ids.insert(rec.key_id.as_bytes(), key.as_slice())?;
-                secrets.insert(key.as_slice(), to_cbor(rec))?;
-                heads.insert(&rec.serial.to_be_bytes(), &rec.version.to_be_bytes())?;
-                Ok(None)
-            };
-            let decide = || -> TxResult<SecretOutcome> {
-                Ok(match op {
-                SecretOp::Allocate { record, from_pool, binding } => {
-                    if let Some(o) = active(record.serial, Some(binding))? {
-                        return Ok(o);
-                    }
-                    // The next version goes to a device with none, or whose newest belongs to a
-                    // binding an operator reset (retired).
-                    let h = head_of(record.serial)?;
-                    if h > 0 {
-                        match tx_get::<SecretRecord>(secrets, &ver_key(record.serial, h), SECRETS)? {
-                            Some(latest) if latest.retired_at.is_none() => {
-                                return Ok(SecretOutcome::Existing(latest));
-                            }
-                            None => return Ok(SecretOutcome::Conflict),
-                            Some(_) => {}
-                        }
-                    }
-                    if record.version != h + 1 {
-                        return Ok(SecretOutcome::Conflict);
-                    }
-                    if let Some(id) = from_pool
-                        && pool.get(id.as_bytes())?.is_none() {
-                            return Ok(SecretOutcome::Conflict);
-                        }
-                    if let Some(o) = insert(record, from_pool.as_deref())? {
-                        return Ok(o);
-                    }
-                    // Only now, with the version written: a refusal above must keep the entry.
-                    if let Some(id) = from_pool {
-                        pool.remove(id.as_bytes())?;
-                    }
-                    SecretOutcome::Done(Some(record.clone()))
-                }
-                SecretOp::Rotate { record, .. } => {
-                    if let Some(o) = active(record.serial, None)? {
-                        return Ok(o);
-                    }
-                    if head_of(record.serial)? + 1 != record.version {
-                        return Ok(SecretOutcome::Conflict);
-                    }
-                    if let Some(o) = insert(record, None)? {
-                        return Ok(o);
-                    }
-                    SecretOutcome::Done(Some(record.clone()))
-                }
-                SecretOp::Delivered { serial, version, at, binding } => {
-                    if let Some(o) = active(*serial, Some(binding))? {
-                        return Ok(o);
-                    }
-                    let key = ver_key(*serial, *version);
-                    let Some(mut rec) = tx_get::<SecretRecord>(secrets, &key, SECRETS)?
-                        .filter(|r| r.retired_at.is_none())
-                    else {
-                        return Ok(SecretOutcome::Conflict);
-                    };
-                    if rec.delivered_at.is_some() {
-                        return Ok(SecretOutcome::Unchanged(rec));
-                    }
-                    rec.delivered_at = Some(*at);
-                    secrets.insert(key.as_slice(), to_cbor(&rec))?;
-                    SecretOutcome::Done(Some(rec))
-                }
-                SecretOp::Ack { serial, key_id, version, kcv, at, binding } => {
-                    if let Some(o) = active(*serial, Some(binding))? {
-                        return Ok(o);
-                    }
-                    let key = ver_key(*serial, *version);
-                    let rec = tx_get::<SecretRecord>(secrets, &key, SECRETS)?;
-                    let Some(mut rec) = rec.filter(|r| {
-                        r.key_id == *key_id && r.delivered_at.is_some() && r.retired_at.is_none()
-                    }) else {
-                        return Ok(SecretOutcome::Refused(Problem::new(
-                            ProblemType::AckMismatch,
-                            format!("key {key_id} version {version} was not delivered to device {serial}"),
-                        )));
-                    };
-                    if rec.kcv != *kcv {
-                        return Ok(SecretOutcome::Refused(Problem::new(
-                            ProblemType::AckMismatch,
-                            "the key check value does not match the delivered secret",
-                        )));
-                    }
-                    // Stores written before acks had their own tree hold the time in the record.
-                    if rec.confirmed_at.is_some() {
-                        return Ok(SecretOutcome::Unchanged(rec));
-                    }
-                    if let Some(v) = acks.get(key.as_slice())? {
-                        rec.confirmed_at = Some(u64_of(&v).ok_or_else(|| {
-                            ConflictableTransactionError::Abort(corrupt(SECRET_ACKS)(
-                                "ack time is not 8 bytes".into(),
-                            ))
-                        })?);
-                        return Ok(SecretOutcome::Done(Some(rec)));
-                    }
-                    acks.insert(key.as_slice(), &at.to_be_bytes())?;
-                    rec.confirmed_at = Some(*at);
-                    SecretOutcome::Done(Some(rec))
-                }
-                SecretOp::Import { entries, .. } => {
-                    let mut ids = std::collections::HashSet::new();
-                    let mut tags = std::collections::HashSet::new();
-                    for e in entries {
-                        if !ids.insert(e.key_id.as_str()) || key_ids.get(e.key_id.as_bytes())?.is_some() {
-                            return Ok(SecretOutcome::Refused(Problem::malformed(format!(
-                                "key id {:?} is already known; nothing was imported",
-                                e.key_id
-                            ))));
-                        }
-                        if !tags.insert(e.index_tag.clone()) || index.get(&e.index_tag)?.is_some() {
-                            return Ok(SecretOutcome::Refused(Problem::malformed(format!(
-                                "the key of {:?} is already known; nothing was imported",
-                                e.key_id
-                            ))));
-                        }
-                    }
-                    for e in entries {
-                        index.insert(e.index_tag.as_slice(), POOL_MARK)?;
-                        key_ids.insert(e.key_id.as_bytes(), POOL_MARK)?;
-                        pool.insert(e.key_id.as_bytes(), to_cbor(e))?;
-                    }
-                    SecretOutcome::Done(None)
-                }
-                })
-            };
-            let outcome = decide()?;
-            // Only changes are events worth an entry (a second delivery or ack is not).
-            let log = matches!(outcome, SecretOutcome::Done(_));
-            if log {
-                audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
-            }
-            Ok((outcome, log))
-        });
-        let (outcome, logged) = flatten(r)?;
-        if logged {
-            *head = (entry.seq, sealed_hash(&entry));
+        match self.apply_writes(&[Write::Secret(op.clone())])?.pop() {
+            Some(Written::Secret(o)) => Ok(o),
+            _ => Err(StoreError::Backend(
+                "no outcome for the secrets write".into(),
+            )),
         }
-        Ok(outcome)
     }
 
     fn set_status(
@@ -1059,6 +1119,21 @@ mod tests {
         }
     }
 
+    fn enroll_all(
+        store: &SledStore,
+        batch: &[NewEnrollment],
+    ) -> Result<Vec<EnrollOutcome>, StoreError> {
+        let writes: Vec<Write> = batch.iter().cloned().map(Write::Enroll).collect();
+        Ok(store
+            .apply_writes(&writes)?
+            .into_iter()
+            .filter_map(|w| match w {
+                Written::Enroll(o) => Some(o),
+                Written::Secret(_) => None,
+            })
+            .collect())
+    }
+
     fn kind(o: &EnrollOutcome) -> String {
         match o {
             EnrollOutcome::Created(r) => format!("created {}", r.serial),
@@ -1098,8 +1173,7 @@ mod tests {
             enrollment(6, 0xa6, 7),
             enrollment(7, 0xa7, 8), // the line's quota of 4 is used up
         ];
-        let outcomes: Vec<String> = store
-            .apply_enrollments(&batch)
+        let outcomes: Vec<String> = enroll_all(&store, &batch)
             .unwrap()
             .iter()
             .map(kind)
@@ -1174,7 +1248,7 @@ mod tests {
             enrollment(2, 0xb2, 2),
             enrollment(3, 0xb3, 3),
         ];
-        let err = store.apply_enrollments(&batch).unwrap_err();
+        let err = enroll_all(&store, &batch).unwrap_err();
         assert!(err.to_string().contains(DEVICES), "{err}");
         assert_eq!(store.raw_records().unwrap(), before, "nothing written");
         // The audit head did not move: the next enrollment chains to the line-add entry.
@@ -1184,5 +1258,99 @@ mod tests {
         );
         let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
         assert_eq!((verdict.entries, verdict.first_bad), (2, None));
+    }
+
+    #[test]
+    fn enrollments_and_secrets_writes_share_one_transaction_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&tmp.path().join("store")).unwrap();
+        store
+            .add_line(
+                &LineRecord {
+                    id: "line-1".into(),
+                    public_key: vec![1; 44],
+                    first_serial: 1,
+                    last_serial: 100,
+                    quota: 100,
+                    rate: 0,
+                    enrolled: 0,
+                    active: true,
+                    created_at: 1,
+                },
+                "operator:test",
+            )
+            .unwrap();
+        let keys = crate::secrets::SecretKeys::new(&[7u8; 32]).unwrap();
+        let secret = keys.generate().unwrap();
+        let mut record = keys
+            .seal_version(1, 1, keys.new_key_id().unwrap(), &secret, "csprng", 2_000)
+            .unwrap();
+        record.delivered_at = Some(2_000);
+        let e = enrollment(1, 0xc1, 1);
+        let binding = e.key_hash;
+        let writes = [
+            // Before the enrollment in the same batch: no such device yet.
+            Write::Secret(SecretOp::Allocate {
+                record: record.clone(),
+                from_pool: None,
+                binding,
+            }),
+            Write::Enroll(e),
+            Write::Secret(SecretOp::Allocate {
+                record: record.clone(),
+                from_pool: None,
+                binding,
+            }),
+            Write::Secret(SecretOp::Ack {
+                serial: 1,
+                key_id: record.key_id.clone(),
+                version: 1,
+                kcv: record.kcv.clone(),
+                at: 2_001,
+                binding,
+            }),
+            // A binding the device does not hold.
+            Write::Secret(SecretOp::Ack {
+                serial: 1,
+                key_id: record.key_id.clone(),
+                version: 1,
+                kcv: record.kcv.clone(),
+                at: 2_002,
+                binding: [9; 32],
+            }),
+        ];
+        let outcomes: Vec<String> = store
+            .apply_writes(&writes)
+            .unwrap()
+            .iter()
+            .map(|w| match w {
+                Written::Enroll(o) => kind(o),
+                Written::Secret(SecretOutcome::Refused(p)) => p.kind.to_string(),
+                Written::Secret(SecretOutcome::Done(Some(r))) => {
+                    format!("done {} confirmed {:?}", r.version, r.confirmed_at)
+                }
+                Written::Secret(o) => format!("{o:?}"),
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                "unknown-device",
+                "created 1",
+                "done 1 confirmed None",
+                "done 1 confirmed Some(2001)",
+                "unknown-device"
+            ]
+        );
+        let versions = store.secret_versions(1).unwrap();
+        assert_eq!(versions.len(), 1);
+        assert_eq!(versions[0].confirmed_at, Some(2_001));
+        let events: Vec<String> = store.audit().map(|e| e.unwrap().event).collect();
+        assert_eq!(
+            events,
+            ["line-add", "enroll", "secret-deliver", "secret-ack"]
+        );
+        let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
+        assert_eq!((verdict.entries, verdict.first_bad), (4, None));
     }
 }
