@@ -845,20 +845,26 @@ fn rotate_offline(
         versions: Vec::new(),
         failed: Vec::new(),
     };
-    for s in &serials {
-        match crate::service::rotate_in(&store, &keys, *s, now, "cli").map_err(|e| e.to_string())? {
+    let mut results = Vec::with_capacity(serials.len());
+    for chunk in serials.chunks(512) {
+        let batch = crate::service::rotate_batch(&store, &keys, chunk, now, "cli")
+            .map_err(|e| e.to_string())?;
+        results.extend(chunk.iter().copied().zip(batch));
+    }
+    for (s, r) in results {
+        match r {
             Ok(rec) => {
                 result.rotated += 1;
                 if result.versions.len() < 100 {
                     result.versions.push(RotatedVersion {
-                        serial: *s,
+                        serial: s,
                         key_id: rec.key_id,
                         version: rec.version,
                     });
                 }
             }
             Err(p) => result.failed.push(RotateFailure {
-                serial: *s,
+                serial: s,
                 problem: p.kind.to_string(),
                 detail: p.detail,
             }),

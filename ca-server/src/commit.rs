@@ -33,6 +33,31 @@ enum Job {
     Run(Run),
 }
 
+/// One outcome per write: all of them in one store write, or, when that fails (a damaged record
+/// that one of them reads aborts the whole transaction), each in a store write of its own, so
+/// that only the write that meets the damage fails and the rest of the batch goes on.
+fn apply_writes(store: &dyn Store, writes: &[Write]) -> Vec<Result<Written, String>> {
+    let one = |w: &Write| -> Result<Written, String> {
+        match store.apply_writes(std::slice::from_ref(w)) {
+            Ok(mut o) if o.len() == 1 => o.pop().ok_or_else(|| "no outcome".to_string()),
+            Ok(o) => Err(format!("{} outcomes for one write", o.len())),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    match store.apply_writes(writes) {
+        Ok(o) if o.len() == writes.len() => o.into_iter().map(Ok).collect(),
+        Ok(o) => {
+            let n = writes.len();
+            vec![Err(format!("{} outcomes for {n} writes", o.len())); n]
+        }
+        Err(e) if writes.len() > 1 => {
+            tracing::warn!(error = %e, writes = writes.len(), "batched store write failed; applying its writes one by one");
+            writes.iter().map(one).collect()
+        }
+        Err(e) => vec![Err(e.to_string())],
+    }
+}
+
 /// Applies a batch's jobs in order: each run of consecutive enrollments and secrets writes as
 /// one store write (one sled transaction, whose fixed cost is two log-buffer writes), other
 /// jobs one by one.
@@ -50,12 +75,7 @@ fn apply(store: &dyn Store, jobs: &mut Vec<Job>) -> Vec<Reply> {
                 if matches!(jobs.peek(), Some(Job::Write(..))) {
                     continue;
                 }
-                let n = senders.len();
-                let outcomes: Vec<Result<Written, String>> = match store.apply_writes(&writes) {
-                    Ok(o) if o.len() == n => o.into_iter().map(Ok).collect(),
-                    Ok(o) => vec![Err(format!("{} outcomes for {n} writes", o.len())); n],
-                    Err(e) => vec![Err(e.to_string()); n],
-                };
+                let outcomes = apply_writes(store, &writes);
                 writes.clear();
                 for (reply, outcome) in senders.drain(..).zip(outcomes) {
                     replies.push(Box::new(move |synced: Result<(), String>| {
@@ -224,5 +244,88 @@ impl Committer {
     /// Batch statistics.
     pub fn stats(&self) -> &CommitStats {
         &self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::records::LineRecord;
+    use crate::store::SledStore;
+
+    fn enrollment(serial: u64) -> NewEnrollment {
+        let spki = vec![serial as u8; 44];
+        NewEnrollment {
+            serial,
+            key_hash: protocol_spec::spki::sha256(&spki),
+            spki,
+            certificate: vec![1; 300],
+            line: "line-1".into(),
+            token_id: vec![serial as u8; 16],
+            at: 1_000,
+        }
+    }
+
+    #[test]
+    fn a_damaged_record_fails_only_the_write_that_reads_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&tmp.path().join("store")).unwrap();
+        store
+            .add_line(
+                &LineRecord {
+                    id: "line-1".into(),
+                    public_key: vec![1; 44],
+                    first_serial: 1,
+                    last_serial: 100,
+                    quota: 100,
+                    rate: 0,
+                    enrolled: 0,
+                    active: true,
+                    created_at: 1,
+                },
+                "operator:test",
+            )
+            .unwrap();
+        store.damage_device_record_for_test(3);
+        let mut receivers = Vec::new();
+        let mut jobs = Vec::new();
+        for serial in [1, 2, 3, 4] {
+            let (tx, rx) = oneshot::channel();
+            jobs.push(Job::Write(Box::new(Write::Enroll(enrollment(serial))), tx));
+            receivers.push(rx);
+        }
+        let replies = apply(&store, &mut jobs);
+        store.sync().unwrap();
+        for reply in replies {
+            reply(Ok(()));
+        }
+        let answers: Vec<String> = receivers
+            .into_iter()
+            .map(|mut rx| match rx.try_recv().unwrap() {
+                Ok(Written::Enroll(EnrollOutcome::Created(r))) => format!("created {}", r.serial),
+                Ok(other) => format!("{other:?}"),
+                Err(e) => format!("error: {}", e.split(':').next().unwrap_or("")),
+            })
+            .collect();
+        assert_eq!(answers[0], "created 1");
+        assert_eq!(answers[1], "created 2");
+        assert!(answers[2].starts_with("error"), "{answers:?}");
+        assert_eq!(answers[3], "created 4");
+        assert!(store.device(4).unwrap().is_some());
+    }
+
+    #[test]
+    fn every_answer_waits_for_the_sync_and_carries_its_failure() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&tmp.path().join("store")).unwrap();
+        let (tx, mut rx) = oneshot::channel();
+        let mut jobs = vec![Job::Write(Box::new(Write::Enroll(enrollment(1))), tx)];
+        let replies = apply(&store, &mut jobs);
+        assert!(rx.try_recv().is_err(), "no answer before the sync");
+        for reply in replies {
+            reply(Err("disk gone".into()));
+        }
+        assert_eq!(rx.try_recv().unwrap().unwrap_err(), "disk gone");
     }
 }

@@ -508,10 +508,8 @@ impl CaService {
             let results = self
                 .committer
                 .run(move |s| {
-                    chunk
-                        .into_iter()
-                        .map(|serial| Ok((serial, rotate_in(s, &keys, serial, at, &actor)?)))
-                        .collect::<Result<Vec<_>, crate::store::StoreError>>()
+                    let results = rotate_batch(s, &keys, &chunk, at, &actor)?;
+                    Ok(chunk.into_iter().zip(results).collect::<Vec<_>>())
                 })
                 .await
                 .map_err(|e| internal("commit", e))?;
@@ -646,6 +644,58 @@ pub fn import_batch(
         SecretOutcome::Refused(p) => Err(p.detail),
         other => Err(format!("import failed: {other:?}")),
     }
+}
+
+/// Adds version n+1 to each device of `serials` inside `store` (not yet synced), all in one
+/// store write ([`Store::apply_writes`]); a device whose write conflicted (a key id drawn twice,
+/// a duplicate serial in the list) is retried alone with [`rotate_in`]. One result per serial,
+/// in order; the outer error is the store's.
+pub fn rotate_batch(
+    store: &dyn Store,
+    keys: &SecretKeys,
+    serials: &[u64],
+    at: u64,
+    actor: &str,
+) -> Result<Vec<Result<SecretRecord, Problem>>, crate::store::StoreError> {
+    let fail = |e: String| crate::store::StoreError::Backend(e);
+    let mut writes = Vec::with_capacity(serials.len());
+    for &serial in serials {
+        let head = store
+            .secret_versions(serial)?
+            .last()
+            .map(|r| r.version)
+            .unwrap_or(0);
+        let secret = keys.generate().map_err(fail)?;
+        let key_id = keys.new_key_id().map_err(fail)?;
+        let record = keys
+            .seal_version(serial, head + 1, key_id, &secret, "csprng", at)
+            .map_err(fail)?;
+        writes.push(crate::store::Write::Secret(SecretOp::Rotate {
+            record,
+            actor: actor.to_string(),
+        }));
+    }
+    let outcomes = store.apply_writes(&writes)?;
+    if outcomes.len() != serials.len() {
+        return Err(fail(format!(
+            "{} outcomes for {} rotations",
+            outcomes.len(),
+            serials.len()
+        )));
+    }
+    serials
+        .iter()
+        .zip(outcomes)
+        .map(|(&serial, outcome)| match outcome {
+            crate::store::Written::Secret(SecretOutcome::Done(Some(rec))) => Ok(Ok(rec)),
+            crate::store::Written::Secret(SecretOutcome::Refused(p))
+                if p.kind != ProblemType::Internal =>
+            {
+                Ok(Err(p))
+            }
+            _ => rotate_in(store, keys, serial, at, actor),
+        })
+        .collect()
 }
 
 /// Adds version n+1 to a device's secrets inside `store` (not yet synced). The outer error is

@@ -189,15 +189,7 @@ pub trait Store: Send + Sync + 'static {
     /// later write sees the earlier ones). An error applies none of them. The group commit
     /// applies a batch's writes this way, because each sled transaction costs two log-buffer
     /// writes.
-    fn apply_writes(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
-        writes
-            .iter()
-            .map(|w| match w {
-                Write::Enroll(e) => self.apply_enrollment(e).map(Written::Enroll),
-                Write::Secret(op) => self.apply_secret(op).map(Written::Secret),
-            })
-            .collect()
-    }
+    fn apply_writes(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError>;
     /// Makes everything applied so far durable (flush and fdatasync).
     fn sync(&self) -> Result<(), StoreError>;
     /// Every secret version of a device, oldest first.

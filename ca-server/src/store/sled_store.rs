@@ -596,7 +596,8 @@ impl SledStore {
                                 "ack time is not 8 bytes".into(),
                             ))
                         })?);
-                        return Ok(SecretOutcome::Done(Some(rec)));
+                        // Confirmed before: nothing changes, so no audit entry.
+                        return Ok(SecretOutcome::Unchanged(rec));
                     }
                     acks.insert(key.as_slice(), &at.to_be_bytes())?;
                     rec.confirmed_at = Some(*at);
@@ -672,6 +673,14 @@ fn u64_of(v: &[u8]) -> Option<u64> {
 
 fn refused(kind: ProblemType, detail: String) -> TxResult<EnrollOutcome> {
     Ok(EnrollOutcome::Refused(Problem::new(kind, detail)))
+}
+
+impl SledStore {
+    /// Overwrites a device record with bytes that do not decode (tests of damaged stores).
+    #[cfg(test)]
+    pub(crate) fn damage_device_record_for_test(&self, serial: u64) {
+        let _ = self.devices.insert(serial.to_be_bytes(), &b"not cbor"[..]);
+    }
 }
 
 impl Store for SledStore {
@@ -1309,6 +1318,15 @@ mod tests {
                 at: 2_001,
                 binding,
             }),
+            // The same ack again: confirmed already, no second entry.
+            Write::Secret(SecretOp::Ack {
+                serial: 1,
+                key_id: record.key_id.clone(),
+                version: 1,
+                kcv: record.kcv.clone(),
+                at: 2_003,
+                binding,
+            }),
             // A binding the device does not hold.
             Write::Secret(SecretOp::Ack {
                 serial: 1,
@@ -1329,6 +1347,9 @@ mod tests {
                 Written::Secret(SecretOutcome::Done(Some(r))) => {
                     format!("done {} confirmed {:?}", r.version, r.confirmed_at)
                 }
+                Written::Secret(SecretOutcome::Unchanged(r)) => {
+                    format!("unchanged {} confirmed {:?}", r.version, r.confirmed_at)
+                }
                 Written::Secret(o) => format!("{o:?}"),
             })
             .collect();
@@ -1339,6 +1360,7 @@ mod tests {
                 "created 1",
                 "done 1 confirmed None",
                 "done 1 confirmed Some(2001)",
+                "unchanged 1 confirmed Some(2001)",
                 "unknown-device"
             ]
         );
