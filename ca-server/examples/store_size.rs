@@ -51,7 +51,7 @@ fn main() -> Result<(), String> {
     drop(store);
     // sled releases the store from a background thread; let it finish before measuring.
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let dir = dir_size(&path);
+    let dir = ca_server::store::dir_size(&path);
     println!(
         "size_on_disk {} B = {:.0} B/device; folder {} B = {:.0} B/device",
         on_disk,
@@ -196,18 +196,4 @@ fn print_trees(store: &SledStore, devices: u64) -> Result<(), String> {
         total as f64 / d
     );
     Ok(())
-}
-
-fn dir_size(dir: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => total += dir_size(&e.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
-            }
-        }
-    }
-    total
 }

@@ -251,42 +251,18 @@ impl Committer {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
-    use crate::records::LineRecord;
     use crate::store::SledStore;
+    use crate::store::test_support::{self, line};
 
     fn enrollment(serial: u64) -> NewEnrollment {
-        let spki = vec![serial as u8; 44];
-        NewEnrollment {
-            serial,
-            key_hash: protocol_spec::spki::sha256(&spki),
-            spki,
-            certificate: vec![1; 300],
-            line: "line-1".into(),
-            token_id: vec![serial as u8; 16],
-            at: 1_000,
-        }
+        test_support::enrollment(serial, serial as u8, serial as u8)
     }
 
     #[test]
     fn a_damaged_record_fails_only_the_write_that_reads_it() {
         let tmp = tempfile::tempdir().unwrap();
         let store = SledStore::open(&tmp.path().join("store")).unwrap();
-        store
-            .add_line(
-                &LineRecord {
-                    id: "line-1".into(),
-                    public_key: vec![1; 44],
-                    first_serial: 1,
-                    last_serial: 100,
-                    quota: 100,
-                    rate: 0,
-                    enrolled: 0,
-                    active: true,
-                    created_at: 1,
-                },
-                "operator:test",
-            )
-            .unwrap();
+        store.add_line(&line(100), "operator:test").unwrap();
         store.damage_device_record_for_test(3);
         let mut receivers = Vec::new();
         let mut jobs = Vec::new();

@@ -646,6 +646,31 @@ pub fn import_batch(
     }
 }
 
+/// A rotation of `serial` to the version after its newest: a new secret and key id, sealed.
+fn next_rotation(
+    store: &dyn Store,
+    keys: &SecretKeys,
+    serial: u64,
+    at: u64,
+    actor: &str,
+) -> Result<SecretOp, crate::store::StoreError> {
+    let fail = |e: String| crate::store::StoreError::Backend(e);
+    let head = store
+        .secret_versions(serial)?
+        .last()
+        .map(|r| r.version)
+        .unwrap_or(0);
+    let secret = keys.generate().map_err(fail)?;
+    let key_id = keys.new_key_id().map_err(fail)?;
+    let record = keys
+        .seal_version(serial, head + 1, key_id, &secret, "csprng", at)
+        .map_err(fail)?;
+    Ok(SecretOp::Rotate {
+        record,
+        actor: actor.to_string(),
+    })
+}
+
 /// Adds version n+1 to each device of `serials` inside `store` (not yet synced), all in one
 /// store write ([`Store::apply_writes`]); a device whose write conflicted (a key id drawn twice,
 /// a duplicate serial in the list) is retried alone with [`rotate_in`]. One result per serial,
@@ -660,20 +685,9 @@ pub fn rotate_batch(
     let fail = |e: String| crate::store::StoreError::Backend(e);
     let mut writes = Vec::with_capacity(serials.len());
     for &serial in serials {
-        let head = store
-            .secret_versions(serial)?
-            .last()
-            .map(|r| r.version)
-            .unwrap_or(0);
-        let secret = keys.generate().map_err(fail)?;
-        let key_id = keys.new_key_id().map_err(fail)?;
-        let record = keys
-            .seal_version(serial, head + 1, key_id, &secret, "csprng", at)
-            .map_err(fail)?;
-        writes.push(crate::store::Write::Secret(SecretOp::Rotate {
-            record,
-            actor: actor.to_string(),
-        }));
+        writes.push(crate::store::Write::Secret(next_rotation(
+            store, keys, serial, at, actor,
+        )?));
     }
     let outcomes = store.apply_writes(&writes)?;
     if outcomes.len() != serials.len() {
@@ -709,20 +723,7 @@ pub fn rotate_in(
 ) -> Result<Result<SecretRecord, Problem>, crate::store::StoreError> {
     let fail = |e: String| crate::store::StoreError::Backend(e);
     for _ in 0..8 {
-        let head = store
-            .secret_versions(serial)?
-            .last()
-            .map(|r| r.version)
-            .unwrap_or(0);
-        let secret = keys.generate().map_err(fail)?;
-        let key_id = keys.new_key_id().map_err(fail)?;
-        let record = keys
-            .seal_version(serial, head + 1, key_id, &secret, "csprng", at)
-            .map_err(fail)?;
-        let op = SecretOp::Rotate {
-            record,
-            actor: actor.to_string(),
-        };
+        let op = next_rotation(store, keys, serial, at, actor)?;
         match store.apply_secret(&op)? {
             SecretOutcome::Done(Some(rec)) => return Ok(Ok(rec)),
             SecretOutcome::Refused(p) if p.kind != ProblemType::Internal => return Ok(Err(p)),

@@ -5,6 +5,22 @@ mod sled_store;
 
 pub use sled_store::{SledStore, sled_config};
 
+/// Total size of the files under `dir` (a store folder's bytes on disk, as the simulator's
+/// report and the store_size example give them).
+pub fn dir_size(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += dir_size(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
 use protocol_spec::Problem;
 
 use crate::records::{AuditEntry, DeviceRecord, LineRecord, PoolEntry, ResetRecord, SecretRecord};
@@ -243,4 +259,41 @@ pub trait Store: Send + Sync + 'static {
     fn raw_records(&self) -> Result<Vec<RawRecord>, StoreError>;
     /// Bytes the store occupies on disk.
     fn size_on_disk(&self) -> Result<u64, StoreError>;
+}
+
+/// Fixtures for the store's and the group commit's unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::NewEnrollment;
+    use crate::records::LineRecord;
+
+    /// Line `line-1` for serials 1-100, active, with `quota`.
+    pub(crate) fn line(quota: u64) -> LineRecord {
+        LineRecord {
+            id: "line-1".into(),
+            public_key: vec![1; 44],
+            first_serial: 1,
+            last_serial: 100,
+            quota,
+            rate: 0,
+            enrolled: 0,
+            active: true,
+            created_at: 1,
+        }
+    }
+
+    /// An enrollment of `serial` on `line-1` with a key made of byte `key` and a token id made of
+    /// byte `cti`.
+    pub(crate) fn enrollment(serial: u64, key: u8, cti: u8) -> NewEnrollment {
+        let spki = vec![key; 44];
+        NewEnrollment {
+            serial,
+            key_hash: protocol_spec::spki::sha256(&spki),
+            spki,
+            certificate: vec![serial as u8; 300],
+            line: "line-1".into(),
+            token_id: vec![cti; 16],
+            at: 1_000 + serial,
+        }
+    }
 }

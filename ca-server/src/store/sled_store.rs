@@ -1090,6 +1090,7 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::test_support::{enrollment, line};
 
     #[test]
     fn a_store_keeps_the_parameters_it_was_created_with() {
@@ -1113,19 +1114,6 @@ mod tests {
         let store = SledStore::open(&new).unwrap();
         store.sync().unwrap();
         assert_eq!(persisted_parameters(&new), Some((SEGMENT_SIZE, true)));
-    }
-
-    fn enrollment(serial: u64, key: u8, cti: u8) -> NewEnrollment {
-        let spki = vec![key; 44];
-        NewEnrollment {
-            serial,
-            key_hash: spki::sha256(&spki),
-            spki,
-            certificate: vec![serial as u8; 300],
-            line: "line-1".into(),
-            token_id: vec![cti; 16],
-            at: 1_000 + serial,
-        }
     }
 
     fn enroll_all(
@@ -1155,22 +1143,7 @@ mod tests {
     fn a_batch_of_enrollments_sees_its_own_writes_and_chains_its_audit_entries() {
         let tmp = tempfile::tempdir().unwrap();
         let store = SledStore::open(&tmp.path().join("store")).unwrap();
-        store
-            .add_line(
-                &LineRecord {
-                    id: "line-1".into(),
-                    public_key: vec![1; 44],
-                    first_serial: 1,
-                    last_serial: 100,
-                    quota: 4,
-                    rate: 0,
-                    enrolled: 0,
-                    active: true,
-                    created_at: 1,
-                },
-                "operator:test",
-            )
-            .unwrap();
+        store.add_line(&line(4), "operator:test").unwrap();
         let batch = [
             enrollment(1, 0xa1, 1),
             enrollment(1, 0xa2, 2), // the serial was taken earlier in this batch
@@ -1230,27 +1203,9 @@ mod tests {
     fn a_batch_that_cannot_be_applied_applies_none_of_its_enrollments() {
         let tmp = tempfile::tempdir().unwrap();
         let store = SledStore::open(&tmp.path().join("store")).unwrap();
-        store
-            .add_line(
-                &LineRecord {
-                    id: "line-1".into(),
-                    public_key: vec![1; 44],
-                    first_serial: 1,
-                    last_serial: 100,
-                    quota: 100,
-                    rate: 0,
-                    enrolled: 0,
-                    active: true,
-                    created_at: 1,
-                },
-                "operator:test",
-            )
-            .unwrap();
+        store.add_line(&line(100), "operator:test").unwrap();
         // A damaged device record makes the third enrollment fail inside the transaction.
-        store
-            .devices
-            .insert(3u64.to_be_bytes(), &b"not cbor"[..])
-            .unwrap();
+        store.damage_device_record_for_test(3);
         let before = store.raw_records().unwrap();
         let batch = [
             enrollment(1, 0xb1, 1),
@@ -1273,22 +1228,7 @@ mod tests {
     fn enrollments_and_secrets_writes_share_one_transaction_in_order() {
         let tmp = tempfile::tempdir().unwrap();
         let store = SledStore::open(&tmp.path().join("store")).unwrap();
-        store
-            .add_line(
-                &LineRecord {
-                    id: "line-1".into(),
-                    public_key: vec![1; 44],
-                    first_serial: 1,
-                    last_serial: 100,
-                    quota: 100,
-                    rate: 0,
-                    enrolled: 0,
-                    active: true,
-                    created_at: 1,
-                },
-                "operator:test",
-            )
-            .unwrap();
+        store.add_line(&line(100), "operator:test").unwrap();
         let keys = crate::secrets::SecretKeys::new(&[7u8; 32]).unwrap();
         let secret = keys.generate().unwrap();
         let mut record = keys
