@@ -19,7 +19,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use protocol_spec::PublicKey;
@@ -297,11 +297,16 @@ pub async fn handle(
 fn finish(service: &CaService, operation: &str, r: AdminResult) -> Response<Full<Bytes>> {
     let resp = r.unwrap_or_else(|p| {
         let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        respond(
+        let r = respond(
             status,
             "application/problem+json",
             serde_json::to_vec(&p).unwrap_or_default(),
-        )
+        );
+        if status == StatusCode::REQUEST_TIMEOUT {
+            crate::https::closing(r)
+        } else {
+            r
+        }
     });
     service.metrics().admin(operation, resp.status().as_u16());
     resp
@@ -430,12 +435,11 @@ async fn route(
                     format!("line {:?} already exists", line.id),
                 ));
             }
-            let line = service.add_line(line, actor).await.map_err(|e| {
-                if e.contains("already exists") {
-                    AdminProblem::new(StatusCode::CONFLICT, e)
-                } else {
-                    AdminProblem::internal("line add", e)
+            let line = service.add_line(line, actor).await.map_err(|e| match e {
+                crate::store::StoreError::LineExists(_) => {
+                    AdminProblem::new(StatusCode::CONFLICT, e.to_string())
                 }
+                e => AdminProblem::internal("line add", e),
             })?;
             json(StatusCode::CREATED, &line_view(&line))
         }
@@ -510,6 +514,10 @@ fn metrics(service: &CaService, ctx: &AdminContext) -> AdminResult {
             ("dropped_busy", c.dropped_busy.load(Relaxed)),
             ("malformed", c.malformed.load(Relaxed)),
             ("resets", c.resets.load(Relaxed)),
+            (
+                "amplification_refused",
+                c.amplification_refused.load(Relaxed),
+            ),
         ],
     };
     let text = service
@@ -757,16 +765,21 @@ fn json<T: Serialize>(status: StatusCode, v: &T) -> AdminResult {
 async fn read_json<T: for<'de> Deserialize<'de>>(
     req: Request<Incoming>,
 ) -> Result<T, AdminProblem> {
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
+    let body = crate::https::read_body(req, MAX_BODY)
         .await
-        .map_err(|_| {
-            AdminProblem::new(
+        .map_err(|e| match e {
+            crate::https::BodyError::TooLarge => AdminProblem::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body over {MAX_BODY} bytes, or unreadable"),
-            )
-        })?
-        .to_bytes();
+                format!("request body over {MAX_BODY} bytes"),
+            ),
+            crate::https::BodyError::TimedOut(t) => AdminProblem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("request body not received within {} s", t.as_secs()),
+            ),
+            crate::https::BodyError::Unreadable(e) => {
+                AdminProblem::bad_request(format!("request body unreadable: {e}"))
+            }
+        })?;
     serde_json::from_slice(&body)
         .map_err(|e| AdminProblem::bad_request(format!("request body: {e}")))
 }

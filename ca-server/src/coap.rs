@@ -79,6 +79,9 @@ pub struct CoapStats {
     pub malformed: AtomicU64,
     /// Resets sent.
     pub resets: AtomicU64,
+    /// Answers not sent, or cut down to their code, because they would have been more than
+    /// three times the datagram that asked (RFC 7252 section 11.3).
+    pub amplification_refused: AtomicU64,
 }
 
 /// A remembered exchange, with the token of its request: a retransmission repeats the token,
@@ -336,6 +339,17 @@ impl CoapFrontEnd {
             let token = packet.get_token();
             match d.map.get(&key) {
                 Some(Exchange::Done(t, bytes)) if t.as_slice() == token => {
+                    // RFC 7252 section 11.3 holds for every datagram sent, a repeated answer
+                    // too: a true retransmission is as large as the request that built the
+                    // answer (which was cut to three times its size); a smaller datagram that
+                    // names the same exchange would turn the cache into a reflector.
+                    if bytes.len() > data.len() * AMPLIFICATION_FACTOR {
+                        drop(d);
+                        self.stats
+                            .amplification_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
                     let bytes = bytes.clone();
                     drop(d);
                     self.stats
@@ -610,13 +624,39 @@ impl CoapFrontEnd {
         body: Arc<Vec<u8>>,
         block1: Option<BlockValue>,
     ) {
-        let bytes = self.encode(req, req_len, peer, c, content_format, &body, block1);
+        let mut bytes = self.encode(req, req_len, peer, c, content_format, &body, block1);
+        if bytes.len() > req_len * AMPLIFICATION_FACTOR {
+            // Not even the smallest block fits three times this request: the code alone.
+            self.stats
+                .amplification_refused
+                .fetch_add(1, Ordering::Relaxed);
+            bytes = self.bare(req, c);
+        }
         let key = (peer, req.header.message_id);
         let bytes = Arc::new(bytes);
         if let Some(e) = lock(&self.dedup).map.get_mut(&key) {
             *e = Exchange::Done(req.get_token().to_vec(), bytes.clone());
         }
         self.send(&bytes, peer);
+    }
+
+    /// The answer to `req` with its response code alone (no option, no payload): never larger
+    /// than the request (same token). A success code becomes 4.00, since there is no room for
+    /// what succeeded.
+    fn bare(&self, req: &Packet, c: u8) -> Vec<u8> {
+        let mut p = Packet::new();
+        p.header.set_version(1);
+        if req.header.get_type() == MessageType::Confirmable {
+            p.header.set_type(MessageType::Acknowledgement);
+            p.header.message_id = req.header.message_id;
+        } else {
+            p.header.set_type(MessageType::NonConfirmable);
+            p.header.message_id = self.next_mid.fetch_add(1, Ordering::Relaxed);
+        }
+        p.set_token(req.get_token().to_vec());
+        let c = if c >> 5 == 2 { code(4, 0) } else { c };
+        p.header.code = MessageClass::from(c);
+        p.to_bytes().unwrap_or_default()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -644,6 +684,11 @@ impl CoapFrontEnd {
         if let Some(cf) = content_format {
             p.add_option(CoapOption::ContentFormat, uint_option(u32::from(cf)));
         }
+        if c == code(5, 3) {
+            // RFC 7252 section 5.9.3.4: Max-Age says when to retry a 5.03.
+            let secs = crate::https::UNAVAILABLE_RETRY_AFTER.parse().unwrap_or(2);
+            p.add_option(CoapOption::MaxAge, uint_option(secs));
+        }
         if let Some(b1) = block1 {
             p.add_option_as(CoapOption::Block1, b1);
         }
@@ -664,8 +709,15 @@ impl CoapFrontEnd {
         if offset == 0 && body.len() <= preferred && base + 1 + body.len() <= limit {
             p.payload = body.to_vec();
         } else {
-            // Room for the Block2 option (up to 4 bytes), ETag (9) and Size2 (3).
-            let room = limit.saturating_sub(base + 1 + 4 + 9 + 3);
+            // Room for the Block2 option (up to 4 bytes), ETag (9) and Size2 (3); when a small
+            // request leaves no room for a 16-byte block with them, the piece goes without
+            // ETag and Size2 (both elective, RFC 7959 section 2.4) rather than beyond three
+            // times the request.
+            let fixed = base + 1 + 4;
+            let (room, tags) = match limit.checked_sub(fixed + 9 + 3) {
+                Some(r) if r >= 16 => (r, true),
+                _ => (limit.saturating_sub(fixed), false),
+            };
             let mut size = 16;
             while size * 2 <= room.min(preferred) {
                 size *= 2;
@@ -688,13 +740,19 @@ impl CoapFrontEnd {
             if let Ok(b2) = BlockValue::new(num, more, size) {
                 p.add_option_as(CoapOption::Block2, b2);
             }
-            let etag = ring::digest::digest(&ring::digest::SHA256, body);
-            p.add_option(CoapOption::ETag, etag.as_ref()[..8].to_vec());
-            if num == 0 {
-                p.add_option(CoapOption::Size2, uint_option(body.len() as u32));
+            if tags {
+                let etag = ring::digest::digest(&ring::digest::SHA256, body);
+                p.add_option(CoapOption::ETag, etag.as_ref()[..8].to_vec());
+                if num == 0 {
+                    p.add_option(CoapOption::Size2, uint_option(body.len() as u32));
+                }
             }
             p.payload = body[start..end].to_vec();
+            let bytes = p.to_bytes_with_limit(MAX_DATAGRAM).unwrap_or_default();
+            // The representation is kept for the next pieces only when this piece is sent
+            // (an answer cut down to its code leaves nothing to continue).
             if (more || num > 0)
+                && bytes.len() <= limit
                 && let Some(path) = [PATH_ENROLL, PATH_CA]
                     .into_iter()
                     .find(|x| *x == uri_path(req))
@@ -709,6 +767,7 @@ impl CoapFrontEnd {
                     },
                 );
             }
+            return bytes;
         }
         p.to_bytes_with_limit(MAX_DATAGRAM).unwrap_or_default()
     }

@@ -18,11 +18,11 @@ const MAX_BATCH: usize = 2048;
 const DURABLE_WAIT: Duration = Duration::from_secs(30);
 
 /// Called once the batch is synced, with the sync's result.
-type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 /// Applies one operation to the store (not yet durable) and returns how to answer it.
 type Run = Box<dyn FnOnce(&dyn Store) -> Reply + Send>;
 /// Where a write's outcome goes once its batch is durable.
-type WriteReply = oneshot::Sender<Result<Written, String>>;
+type WriteReply = oneshot::Sender<Result<Written, StoreError>>;
 
 /// One queued write.
 enum Job {
@@ -36,25 +36,36 @@ enum Job {
 /// One outcome per write: all of them in one store write, or, when that fails (a damaged record
 /// that one of them reads aborts the whole transaction), each in a store write of its own, so
 /// that only the write that meets the damage fails and the rest of the batch goes on.
-fn apply_writes(store: &dyn Store, writes: &[Write]) -> Vec<Result<Written, String>> {
-    let one = |w: &Write| -> Result<Written, String> {
+fn apply_writes(store: &dyn Store, writes: &[Write]) -> Vec<Result<Written, StoreError>> {
+    let one = |w: &Write| -> Result<Written, StoreError> {
         match store.apply_writes(std::slice::from_ref(w)) {
-            Ok(mut o) if o.len() == 1 => o.pop().ok_or_else(|| "no outcome".to_string()),
-            Ok(o) => Err(format!("{} outcomes for one write", o.len())),
-            Err(e) => Err(e.to_string()),
+            Ok(mut o) if o.len() == 1 => o
+                .pop()
+                .ok_or_else(|| StoreError::Backend("no outcome".into())),
+            Ok(o) => Err(StoreError::Backend(format!(
+                "{} outcomes for one write",
+                o.len()
+            ))),
+            Err(e) => Err(e),
         }
     };
     match store.apply_writes(writes) {
         Ok(o) if o.len() == writes.len() => o.into_iter().map(Ok).collect(),
         Ok(o) => {
             let n = writes.len();
-            vec![Err(format!("{} outcomes for {n} writes", o.len())); n]
+            vec![
+                Err(StoreError::Backend(format!(
+                    "{} outcomes for {n} writes",
+                    o.len()
+                )));
+                n
+            ]
         }
         Err(e) if writes.len() > 1 => {
             tracing::warn!(error = %e, writes = writes.len(), "batched store write failed; applying its writes one by one");
             writes.iter().map(one).collect()
         }
-        Err(e) => vec![Err(e.to_string())],
+        Err(e) => vec![Err(e)],
     }
 }
 
@@ -78,7 +89,7 @@ fn apply(store: &dyn Store, jobs: &mut Vec<Job>) -> Vec<Reply> {
                 let outcomes = apply_writes(store, &writes);
                 writes.clear();
                 for (reply, outcome) in senders.drain(..).zip(outcomes) {
-                    replies.push(Box::new(move |synced: Result<(), String>| {
+                    replies.push(Box::new(move |synced: Result<(), StoreError>| {
                         // The requester may have gone away; the write is durable and a retry
                         // will find it.
                         let _ = reply.send(synced.and(outcome));
@@ -158,7 +169,6 @@ impl Committer {
                     st2.batches.fetch_add(1, Ordering::Relaxed);
                     st2.applied.fetch_add(replies.len() as u64, Ordering::Relaxed);
                     st2.max_batch.fetch_max(replies.len() as u64, Ordering::Relaxed);
-                    let synced = synced.map_err(|e| e.to_string());
                     for reply in replies {
                         reply(synced.clone());
                     }
@@ -174,46 +184,51 @@ impl Committer {
     }
 
     /// Applies enrollment `e` and returns once it is durable.
-    pub async fn commit(&self, e: NewEnrollment) -> Result<EnrollOutcome, String> {
+    pub async fn commit(&self, e: NewEnrollment) -> Result<EnrollOutcome, StoreError> {
         match self.write(Write::Enroll(e)).await? {
             Written::Enroll(o) => Ok(o),
-            Written::Secret(_) => Err("a secrets outcome for an enrollment".into()),
+            Written::Secret(_) => Err(StoreError::Backend(
+                "a secrets outcome for an enrollment".into(),
+            )),
         }
     }
 
     /// Applies secrets write `op` and returns once it is durable.
-    pub async fn secret(&self, op: SecretOp) -> Result<SecretOutcome, String> {
+    pub async fn secret(&self, op: SecretOp) -> Result<SecretOutcome, StoreError> {
         match self.write(Write::Secret(op)).await? {
             Written::Secret(o) => Ok(o),
-            Written::Enroll(_) => Err("an enrollment outcome for a secrets write".into()),
+            Written::Enroll(_) => Err(StoreError::Backend(
+                "an enrollment outcome for a secrets write".into(),
+            )),
         }
     }
 
-    async fn write(&self, w: Write) -> Result<Written, String> {
+    async fn write(&self, w: Write) -> Result<Written, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Job::Write(Box::new(w), reply))
             .await
-            .map_err(|_| "the group-commit thread has stopped".to_string())?;
-        rx.await
-            .map_err(|_| "the group-commit thread dropped the request".to_string())?
+            .map_err(|_| StoreError::Backend("the group-commit thread has stopped".into()))?;
+        rx.await.map_err(|_| {
+            StoreError::Backend("the group-commit thread dropped the request".into())
+        })?
     }
 
     /// Runs `op` on the committer thread, inside a batch, and returns its result once the
     /// batch is durable. Every write that must be on disk before an answer goes through here.
-    pub async fn run<T, F>(&self, op: F) -> Result<T, String>
+    pub async fn run<T, F>(&self, op: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     {
-        let (reply, rx) = oneshot::channel::<Result<T, String>>();
+        let (reply, rx) = oneshot::channel::<Result<T, StoreError>>();
         let job: Run = Box::new(move |store: &dyn Store| {
             let result = op(store);
-            Box::new(move |synced: Result<(), String>| {
+            Box::new(move |synced: Result<(), StoreError>| {
                 let answer = match (synced, result) {
                     (Ok(()), Ok(v)) => Ok(v),
                     (Err(e), _) => Err(e),
-                    (_, Err(e)) => Err(e.to_string()),
+                    (_, Err(e)) => Err(e),
                 };
                 // The requester may have gone away (connection closed); that is fine, the
                 // write is durable and a retry will find it.
@@ -223,9 +238,10 @@ impl Committer {
         self.tx
             .send(Job::Run(job))
             .await
-            .map_err(|_| "the group-commit thread has stopped".to_string())?;
-        rx.await
-            .map_err(|_| "the group-commit thread dropped the request".to_string())?
+            .map_err(|_| StoreError::Backend("the group-commit thread has stopped".into()))?;
+        rx.await.map_err(|_| {
+            StoreError::Backend("the group-commit thread dropped the request".into())
+        })?
     }
 
     /// Waits until everything applied before this call is durable: a reader that found a record
@@ -281,7 +297,7 @@ mod tests {
             .map(|mut rx| match rx.try_recv().unwrap() {
                 Ok(Written::Enroll(EnrollOutcome::Created(r))) => format!("created {}", r.serial),
                 Ok(other) => format!("{other:?}"),
-                Err(e) => format!("error: {}", e.split(':').next().unwrap_or("")),
+                Err(e) => format!("error: {e}"),
             })
             .collect();
         assert_eq!(answers[0], "created 1");
@@ -300,8 +316,11 @@ mod tests {
         let replies = apply(&store, &mut jobs);
         assert!(rx.try_recv().is_err(), "no answer before the sync");
         for reply in replies {
-            reply(Err("disk gone".into()));
+            reply(Err(StoreError::Backend("disk gone".into())));
         }
-        assert_eq!(rx.try_recv().unwrap().unwrap_err(), "disk gone");
+        assert_eq!(
+            rx.try_recv().unwrap().unwrap_err().to_string(),
+            "store: disk gone"
+        );
     }
 }

@@ -28,6 +28,9 @@ const JSON: &str = "application/json";
 const PEM_CHAIN: &str = "application/pem-certificate-chain";
 const PROBLEM_JSON: &str = "application/problem+json";
 const PROBLEM_CBOR: &str = "application/concise-problem-details+cbor";
+/// Seconds a client is told to wait when the store is unavailable (Retry-After, and CoAP's
+/// Max-Age on 5.03).
+pub(crate) const UNAVAILABLE_RETRY_AFTER: &str = "2";
 
 /// Which listener a connection came in on.
 #[derive(Debug, Clone)]
@@ -93,9 +96,14 @@ pub async fn serve(
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .map(|c| Arc::new(c.to_vec()));
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |mut req: Request<Incoming>| {
                 let (service, client_cert, door) =
                     (service.clone(), client_cert.clone(), door.clone());
+                // The body must be in within the time limit, counted from the moment the
+                // headers are: a client that announces a body and sends nothing gives its
+                // connection slot back (read by `read_body`).
+                req.extensions_mut()
+                    .insert(BodyDeadline(tokio::time::Instant::now() + timeout));
                 async move {
                     let resp = match &door {
                         Door::Enrollment => handle(req, &service, peer).await,
@@ -118,6 +126,71 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// When a request's body must have arrived whole; set by [`serve`] as each request's headers
+/// are read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyDeadline(tokio::time::Instant);
+
+/// Why a request body could not be read.
+#[derive(Debug)]
+pub(crate) enum BodyError {
+    /// Longer than the door's limit.
+    TooLarge,
+    /// Not all there by the deadline: the client announced a body and stopped sending.
+    TimedOut(Duration),
+    /// The connection failed while reading.
+    Unreadable(String),
+}
+
+impl BodyError {
+    /// The problem a device door answers with (`limit` and `what` name the door's rule).
+    pub(crate) fn problem(&self, what: &str, limit: usize) -> Problem {
+        match self {
+            BodyError::TooLarge => Problem::new(
+                protocol_spec::ProblemType::TooLarge,
+                format!("{what} exceeds {limit} bytes"),
+            ),
+            BodyError::TimedOut(t) => Problem::new(
+                protocol_spec::ProblemType::RequestTimeout,
+                format!("{what} not received within {} s", t.as_secs()),
+            ),
+            BodyError::Unreadable(e) => {
+                Problem::malformed(format!("could not read the {what}: {e}"))
+            }
+        }
+    }
+}
+
+/// Reads the whole body of `req`, at most `limit` bytes, by the deadline [`serve`] set (a
+/// request that reached a handler without one gets the default request timeout).
+pub(crate) async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, BodyError> {
+    let deadline = req
+        .extensions()
+        .get::<BodyDeadline>()
+        .map(|d| d.0)
+        .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(10));
+    let allowed = deadline.saturating_duration_since(tokio::time::Instant::now());
+    match tokio::time::timeout_at(deadline, Limited::new(req.into_body(), limit).collect()).await {
+        Err(_) => Err(BodyError::TimedOut(allowed)),
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(BodyError::TooLarge)
+        }
+        Ok(Err(e)) => Err(BodyError::Unreadable(e.to_string())),
+    }
+}
+
+/// Marks a response as the last on its connection (RFC 9110 section 7.6.1), as a 408 must be:
+/// the rest of the unread body would otherwise be taken for the next request.
+pub(crate) fn closing(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    r.headers_mut()
+        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 pub(crate) fn header(req: &Request<Incoming>, name: hyper::header::HeaderName) -> &str {
@@ -157,10 +230,16 @@ pub(crate) fn problem(p: &Problem, cbor: bool) -> Response<Full<Bytes>> {
     } else {
         respond(status, PROBLEM_JSON, p.to_json())
     };
-    if p.kind == protocol_spec::ProblemType::RateLimited {
-        // RFC 9110 section 10.2.3: when to come back (a line's bucket refills within a second).
+    // RFC 9110 section 10.2.3: when to come back (a line's bucket refills within a second; a
+    // database comes back, or fails over, within seconds).
+    let retry_after = match p.kind {
+        protocol_spec::ProblemType::RateLimited => Some("1"),
+        protocol_spec::ProblemType::Unavailable => Some(UNAVAILABLE_RETRY_AFTER),
+        _ => None,
+    };
+    if let Some(secs) = retry_after {
         r.headers_mut()
-            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static(secs));
     }
     r
 }
@@ -232,24 +311,12 @@ async fn enroll(
     };
     let cbor_problems = encoding == RequestEncoding::Cbor && !accept.contains("json");
     // Read one byte past the limit so that an oversize body is reported as too-large.
-    let body = match Limited::new(req.into_body(), MAX_ENROLL_REQUEST_JSON + 1)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
+    let body = match read_body(req, MAX_ENROLL_REQUEST_JSON + 1).await {
+        Ok(b) => b,
         Err(e) => {
-            let p = if e
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                Problem::new(
-                    protocol_spec::ProblemType::TooLarge,
-                    format!("request body exceeds {MAX_ENROLL_REQUEST_JSON} bytes"),
-                )
-            } else {
-                Problem::malformed(format!("could not read the request body: {e}"))
-            };
-            return problem(&p, cbor_problems);
+            let p = e.problem("request body", MAX_ENROLL_REQUEST_JSON);
+            tracing::info!(%peer, problem = %p.kind, "enrollment request not read");
+            return closing(problem(&p, cbor_problems));
         }
     };
     match service

@@ -2,7 +2,7 @@
 //! certificate they enrolled with.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{ACCEPT, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -52,16 +52,10 @@ pub async fn handle(
             Err(p) => problem(&p, !json),
         },
         (&Method::POST, "/secret/ack") => {
-            let body = match Limited::new(req.into_body(), MAX_ACK + 1).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(_) => {
-                    return problem(
-                        &Problem::new(
-                            ProblemType::TooLarge,
-                            format!("ack exceeds {MAX_ACK} bytes"),
-                        ),
-                        !json,
-                    );
+            let body = match crate::https::read_body(req, MAX_ACK + 1).await {
+                Ok(b) => b,
+                Err(e) => {
+                    return crate::https::closing(problem(&e.problem("ack", MAX_ACK), !json));
                 }
             };
             let ack = if json {

@@ -13,11 +13,13 @@ use protocol_spec::{Problem, ProblemType};
 use crate::commit::Committer;
 use crate::issuer::Issuer;
 use crate::metrics::{Metrics, Transport};
-use crate::ra::RegistrationAuthority;
+use crate::ra::{RegistrationAuthority, rules};
 use crate::records::{DeviceRecord, DeviceStatus, LineRecord, SecretRecord};
 use crate::revocation::{CRL_VALIDITY, Crl, Revocations};
 use crate::secrets::SecretKeys;
-use crate::store::{EnrollOutcome, NewEnrollment, ResetOutcome, SecretOp, SecretOutcome, Store};
+use crate::store::{
+    EnrollOutcome, NewEnrollment, ResetOutcome, SecretOp, SecretOutcome, Store, StoreError,
+};
 use protocol_spec::messages::{SECRET_ALGORITHM, SecretAck, SecretDelivery};
 use zeroize::Zeroizing;
 
@@ -79,6 +81,21 @@ impl std::fmt::Debug for CaService {
         f.debug_struct("CaService")
             .field("issuer", &self.issuer)
             .finish_non_exhaustive()
+    }
+}
+
+/// What a client is told of a store failure: `unavailable` when the database cannot be reached
+/// (nothing was written; retry), else `internal`.
+fn store_failure(context: &str, e: StoreError) -> Problem {
+    match e {
+        StoreError::Unavailable(why) => {
+            tracing::warn!(error = %why, "{context}: store unavailable");
+            Problem::new(
+                ProblemType::Unavailable,
+                "the CA's database cannot be reached; nothing was written; retry",
+            )
+        }
+        e => internal(context, e),
     }
 }
 
@@ -174,25 +191,24 @@ impl CaService {
         let v = self.ra.verify(body, encoding, now)?;
         let serial = v.serial().get();
 
-        // Fast path for retries and obvious conflicts, before spending a signature. The
-        // transaction below re-checks all of it authoritatively.
+        // Fast path for retries and obvious conflicts, before spending a signature: the same
+        // rule the transaction below applies authoritatively, over what is stored now.
         let existing = self
             .store
             .device(serial)
-            .map_err(|e| internal("store read", e))?;
-        if let Some(rec) = existing {
-            if rec.status == DeviceStatus::Revoked {
-                return Err(Problem::new(
-                    ProblemType::Revoked,
-                    format!("device {serial} is revoked"),
-                ));
-            }
-            if rec.spki != v.spki() {
-                return Err(Problem::new(
-                    ProblemType::SerialTaken,
-                    format!("serial {serial} is already bound to another key"),
-                ));
-            }
+            .map_err(|e| store_failure("store read", e))?;
+        // The key may be bound to this very serial between the two reads (a concurrent
+        // identical request): then the transaction below returns the stored certificate.
+        let key_holder = match existing {
+            Some(_) => None,
+            None => self
+                .store
+                .serial_for_key(v.key_hash())
+                .map_err(|e| store_failure("store read", e))?,
+        };
+        if let Some(rec) = rules::binding(existing.as_ref(), key_holder, serial, v.spki())
+            .map_err(|r| r.problem())?
+        {
             self.committer
                 .wait_durable()
                 .await
@@ -202,19 +218,6 @@ impl CaService {
                 form: v.form(),
                 created: false,
             });
-        }
-        // The key may have been bound to this very serial between the two reads (a concurrent
-        // identical request): then the transaction below returns the stored certificate.
-        if let Some(other) = self
-            .store
-            .serial_for_key(v.key_hash())
-            .map_err(|e| internal("store read", e))?
-            && other != serial
-        {
-            return Err(Problem::new(
-                ProblemType::DuplicateKey,
-                format!("this public key is already bound to serial {other}"),
-            ));
         }
 
         self.ra.rate_check(v.line())?;
@@ -231,7 +234,7 @@ impl CaService {
                 at: now,
             })
             .await
-            .map_err(|e| internal("commit", e))?;
+            .map_err(|e| store_failure("commit", e))?;
         match outcome {
             EnrollOutcome::Created(rec) => {
                 tracing::debug!(serial, line = v.line(), "enrolled");
@@ -246,7 +249,7 @@ impl CaService {
                 form: v.form(),
                 created: false,
             }),
-            EnrollOutcome::Refused(p) => Err(p),
+            EnrollOutcome::Refused(r) => Err(r.problem()),
         }
     }
 
@@ -270,25 +273,20 @@ impl CaService {
     /// the chain to the CA; here the record must exist, be active, and hold this very
     /// certificate.
     pub fn device_for_certificate(&self, cert_der: &[u8]) -> Result<DeviceIdentity, Problem> {
-        let unknown = |d: &str| Problem::new(ProblemType::UnknownDevice, d.to_string());
-        let serial = crate::tls::certificate_serial(cert_der)
-            .ok_or_else(|| unknown("the certificate's serial is not a device serial"))?;
+        let serial = crate::tls::certificate_serial(cert_der).ok_or_else(|| {
+            Problem::new(
+                ProblemType::UnknownDevice,
+                "the certificate's serial is not a device serial",
+            )
+        })?;
         let rec = self
             .store
             .device(serial)
-            .map_err(|e| internal("store read", e))?
-            .ok_or_else(|| unknown(&format!("no enrollment record for serial {serial}")))?;
-        if rec.status == DeviceStatus::Revoked {
-            return Err(Problem::new(
-                ProblemType::Revoked,
-                format!("device {serial} is revoked"),
-            ));
-        }
-        if rec.certificate != cert_der {
-            return Err(unknown(&format!(
-                "this is not the certificate on record for serial {serial}"
-            )));
-        }
+            .map_err(|e| store_failure("store read", e))?;
+        rules::admit(rec.as_ref(), serial, cert_der).map_err(|r| r.problem())?;
+        let Some(rec) = rec else {
+            return Err(rules::Refusal::UnknownDevice { serial }.problem());
+        };
         Ok(DeviceIdentity {
             serial,
             key_hash: protocol_spec::spki::sha256(&rec.spki),
@@ -301,18 +299,8 @@ impl CaService {
         let rec = self
             .store
             .device(id.serial)
-            .map_err(|e| internal("store read", e))?;
-        match rec {
-            Some(r) if r.status == DeviceStatus::Revoked => Err(Problem::new(
-                ProblemType::Revoked,
-                format!("device {} is revoked", id.serial),
-            )),
-            Some(r) if protocol_spec::spki::sha256(&r.spki) == id.key_hash => Ok(()),
-            _ => Err(Problem::new(
-                ProblemType::UnknownDevice,
-                format!("serial {} is no longer bound to this key", id.serial),
-            )),
-        }
+            .map_err(|e| store_failure("store read", e))?;
+        rules::active_binding(rec.as_ref(), id.serial, Some(&id.key_hash)).map_err(|r| r.problem())
     }
 
     fn deliver(
@@ -354,7 +342,7 @@ impl CaService {
             let versions = self
                 .store
                 .secret_versions(serial)
-                .map_err(|e| internal("store read", e))?;
+                .map_err(|e| store_failure("store read", e))?;
             // The newest version of the current binding; versions of a binding an operator
             // reset are retired, and the new binding gets the next version.
             let current = versions.last().filter(|l| l.retired_at.is_none());
@@ -371,10 +359,10 @@ impl CaService {
                         .committer
                         .secret(op)
                         .await
-                        .map_err(|e| internal("commit", e))?
+                        .map_err(|e| store_failure("commit", e))?
                     {
                         SecretOutcome::Done(_) | SecretOutcome::Unchanged(_) => {}
-                        SecretOutcome::Refused(p) => return Err(p),
+                        SecretOutcome::Refused(r) => return Err(r.problem()),
                         _ => continue,
                     }
                 } else {
@@ -392,13 +380,13 @@ impl CaService {
             let pool = self
                 .store
                 .pool(((serial + attempt) % 32) as usize, 1)
-                .map_err(|e| internal("store read", e))?;
+                .map_err(|e| store_failure("store read", e))?;
             let pool = match pool.into_iter().next() {
                 Some(p) => Some(p),
                 None => self
                     .store
                     .pool(0, 1)
-                    .map_err(|e| internal("store read", e))?
+                    .map_err(|e| store_failure("store read", e))?
                     .into_iter()
                     .next(),
             };
@@ -433,13 +421,13 @@ impl CaService {
                 .committer
                 .secret(op)
                 .await
-                .map_err(|e| internal("commit", e))?
+                .map_err(|e| store_failure("commit", e))?
             {
                 SecretOutcome::Done(Some(rec)) => {
                     tracing::debug!(serial, version = rec.version, "secret allocated");
                     return self.deliver(&rec, Some(secret));
                 }
-                SecretOutcome::Refused(p) if p.kind != ProblemType::Internal => return Err(p),
+                SecretOutcome::Refused(r) if !r.is_retryable() => return Err(r.problem()),
                 // Another fetch won the race, a pool entry was taken, or (with a broken random
                 // generator) the secret was not unique: read again.
                 _ => continue,
@@ -472,10 +460,10 @@ impl CaService {
             .committer
             .secret(op)
             .await
-            .map_err(|e| internal("commit", e))?
+            .map_err(|e| store_failure("commit", e))?
         {
             SecretOutcome::Done(_) | SecretOutcome::Unchanged(_) => Ok(()),
-            SecretOutcome::Refused(p) => Err(p),
+            SecretOutcome::Refused(r) => Err(r.problem()),
             SecretOutcome::Existing(_) | SecretOutcome::Conflict => {
                 Err(internal("ack", "unexpected store outcome"))
             }
@@ -512,7 +500,7 @@ impl CaService {
                     Ok(chunk.into_iter().zip(results).collect::<Vec<_>>())
                 })
                 .await
-                .map_err(|e| internal("commit", e))?;
+                .map_err(|e| store_failure("commit", e))?;
             for (serial, r) in results {
                 match r {
                     Ok(rec) => {
@@ -537,7 +525,7 @@ impl CaService {
             .committer
             .run(move |s| s.set_status(serial, DeviceStatus::Revoked, at, &actor))
             .await
-            .map_err(|e| internal("commit", e))?;
+            .map_err(|e| store_failure("commit", e))?;
         if rec.is_some() {
             self.revocations.set(serial, true);
             self.metrics.revoked();
@@ -553,7 +541,7 @@ impl CaService {
             .committer
             .run(move |s| s.reset_device(serial, at, &actor))
             .await
-            .map_err(|e| internal("commit", e))?;
+            .map_err(|e| store_failure("commit", e))?;
         if let ResetOutcome::Reset(_) = outcome {
             self.metrics.reset();
             tracing::info!(serial, "device reset");
@@ -573,11 +561,11 @@ impl CaService {
     }
 
     /// Registers a line (durable on return) and starts accepting its tokens.
-    pub async fn add_line(&self, line: LineRecord, actor: &str) -> Result<LineRecord, String> {
+    pub async fn add_line(&self, line: LineRecord, actor: &str) -> Result<LineRecord, StoreError> {
         let actor = actor.to_string();
         let l = line.clone();
         self.committer.run(move |s| s.add_line(&l, &actor)).await?;
-        self.reload_lines()?;
+        self.reload_lines().map_err(StoreError::Backend)?;
         Ok(line)
     }
 
@@ -592,7 +580,8 @@ impl CaService {
         let line = self
             .committer
             .run(move |s| s.set_line_active(&id, active, at, &actor))
-            .await?;
+            .await
+            .map_err(|e| e.to_string())?;
         self.reload_lines()?;
         Ok(line)
     }
@@ -609,6 +598,7 @@ impl CaService {
         self.committer
             .run(move |s| s.record_event(event, serial, &actor, detail, at))
             .await
+            .map_err(|e| e.to_string())
     }
 
     /// The secret keys (for imports).
@@ -641,7 +631,7 @@ pub fn import_batch(
             store.sync().map_err(|e| e.to_string())?;
             Ok(n)
         }
-        SecretOutcome::Refused(p) => Err(p.detail),
+        SecretOutcome::Refused(r) => Err(r.to_string()),
         other => Err(format!("import failed: {other:?}")),
     }
 }
@@ -702,10 +692,8 @@ pub fn rotate_batch(
         .zip(outcomes)
         .map(|(&serial, outcome)| match outcome {
             crate::store::Written::Secret(SecretOutcome::Done(Some(rec))) => Ok(Ok(rec)),
-            crate::store::Written::Secret(SecretOutcome::Refused(p))
-                if p.kind != ProblemType::Internal =>
-            {
-                Ok(Err(p))
+            crate::store::Written::Secret(SecretOutcome::Refused(r)) if !r.is_retryable() => {
+                Ok(Err(r.problem()))
             }
             _ => rotate_in(store, keys, serial, at, actor),
         })
@@ -726,7 +714,7 @@ pub fn rotate_in(
         let op = next_rotation(store, keys, serial, at, actor)?;
         match store.apply_secret(&op)? {
             SecretOutcome::Done(Some(rec)) => return Ok(Ok(rec)),
-            SecretOutcome::Refused(p) if p.kind != ProblemType::Internal => return Ok(Err(p)),
+            SecretOutcome::Refused(r) if !r.is_retryable() => return Ok(Err(r.problem())),
             _ => continue,
         }
     }

@@ -1104,3 +1104,28 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Finding 1 of the hardening issue, at the admin door: a request body that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_body_that_never_comes_gets_408_and_the_connection_is_closed() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    ca.set_request_timeout(1);
+    let server = ca.start().await;
+    let op = Operator::add(&ca, &server, "alice");
+    let addr = server.admin.unwrap();
+    let r = tokio::task::spawn_blocking(move || {
+        common::stalled_body(
+            addr,
+            &op.ca_cert,
+            Some((&op.cert, &op.key)),
+            "/lines",
+            "application/json",
+            std::time::Duration::from_secs(8),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(r.closed, "connection still open after {:?}", r.after);
+    assert!(r.answer.starts_with("HTTP/1.1 408"), "{}", r.answer);
+    server.stop().await;
+}

@@ -403,8 +403,11 @@ async fn a_reused_message_id_with_another_token_is_a_new_exchange_not_a_duplicat
     let server = ca.start().await;
     let addr = server.coap.unwrap();
     let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // An 8-byte token: a request large enough for a 16-byte block within three times its size.
     let get_ca = |token: u8| {
-        let mut p = vec![0x41, 0x01, 0x77, 0x01, token, 0xb2];
+        let mut p = vec![0x48, 0x01, 0x77, 0x01];
+        p.extend_from_slice(&[token; 8]);
+        p.push(0xb2);
         p.extend_from_slice(b"ca");
         p
     };
@@ -417,17 +420,108 @@ async fn a_reused_message_id_with_another_token_is_a_new_exchange_not_a_duplicat
             .unwrap()
             .unwrap();
         assert_eq!(
-            (buf[0] & 0x0f, buf[4]),
-            (1, token),
+            (buf[0] & 0x0f, &buf[4..12]),
+            (8, &[token; 8][..]),
             "the answer carries the request's token"
         );
         assert_eq!(&buf[2..4], &[0x77, 0x01]);
-        assert!(n > 5);
+        assert_eq!(buf[1], 0x45, "2.05 Content");
+        assert!(n > 12 && n <= 45, "{n} bytes for a 15-byte request");
         let dups = server
             .coap_stats
             .duplicates_answered
             .load(Ordering::Relaxed);
         assert_eq!(dups, dups_so_far, "token {token:#x}");
     }
+    server.stop().await;
+}
+
+/// Sends `bytes` from `s` and returns the answer, if one comes within 300 ms.
+async fn exchange(s: &UdpSocket, addr: SocketAddr, bytes: &[u8]) -> Option<Vec<u8>> {
+    s.send_to(bytes, addr).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    match tokio::time::timeout(Duration::from_millis(300), s.recv_from(&mut buf)).await {
+        Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
+        _ => None,
+    }
+}
+
+/// Finding 2 of the hardening issue: one large request primed the duplicate cache, then every
+/// 4-byte datagram naming the same (peer, Message ID, token) got the whole cached answer back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_duplicate_cache_answers_no_datagram_smaller_than_a_third_of_the_answer() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    let server = ca.start().await;
+    let addr = server.coap.unwrap();
+    let device = Device::new(7, KeyAlgorithm::Ed25519);
+    // A confirmable POST /enroll with no token, full form: the answer is large.
+    let mut req = vec![0x40, 0x02, 0x42, 0x42, 0xb6];
+    req.extend_from_slice(b"enroll");
+    req.extend_from_slice(&[0x11, 60]); // Content-Format 60 (option 12, delta 1 after 11)
+    req.push(0xff);
+    req.extend_from_slice(&device.request(&line, ResponseForm::Full));
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut first = None;
+    for _ in 0..20 {
+        first = exchange(&s, addr, &req).await;
+        if first.is_some() {
+            break;
+        }
+    }
+    let first = first.expect("the enrollment is answered");
+    assert_eq!(first[1], 0x44, "2.04 Changed");
+    assert!(first.len() <= req.len() * 3);
+    // A true retransmission gets the same bytes from the cache.
+    assert_eq!(exchange(&s, addr, &req).await.as_deref(), Some(&first[..]));
+    let refused_before = server
+        .coap_stats
+        .amplification_refused
+        .load(Ordering::Relaxed);
+    // A 4-byte datagram with the same Message ID and (empty) token gets nothing.
+    for _ in 0..3 {
+        assert_eq!(exchange(&s, addr, &[0x40, 0x02, 0x42, 0x42]).await, None);
+    }
+    // Nor does any datagram under a third of the cached answer.
+    let short = &req[..first.len().div_ceil(3) - 1];
+    assert_eq!(exchange(&s, addr, short).await, None);
+    assert_eq!(
+        server
+            .coap_stats
+            .amplification_refused
+            .load(Ordering::Relaxed),
+        refused_before + 4
+    );
+    server.stop().await;
+}
+
+/// Finding 8: blocks never went below 16 bytes, so a 7-byte GET /ca got 37 bytes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_answer_is_more_than_three_times_the_datagram_that_asked() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let server = ca.start().await;
+    let addr = server.coap.unwrap();
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // GET /ca with no token: 7 bytes; even a 16-byte block does not fit in 21.
+    let tiny = [0x40, 0x01, 0x10, 0x01, 0xb2, b'c', b'a'];
+    let ans = exchange(&s, addr, &tiny).await.unwrap();
+    assert!(ans.len() <= 21, "{} bytes for a 7-byte request", ans.len());
+    assert_eq!(
+        (ans[0] >> 4 & 3, ans[1], &ans[2..4]),
+        (2, 0x80, &[0x10, 0x01][..]),
+        "a bare 4.00 piggybacked on the ACK"
+    );
+    // Unknown resource, 8 bytes: the 4.04 without its problem body.
+    let nf = [0x40, 0x01, 0x10, 0x02, 0xb3, b'x', b'y', b'z'];
+    let ans = exchange(&s, addr, &nf).await.unwrap();
+    assert!(ans.len() <= 24);
+    assert_eq!(ans[1], 0x84);
+    // With a token and a larger request the certificate comes in blocks, each within 3x.
+    let mut get = vec![0x48, 0x01, 0x10, 0x03, 1, 2, 3, 4, 5, 6, 7, 8, 0xb2];
+    get.extend_from_slice(b"ca");
+    let ans = exchange(&s, addr, &get).await.unwrap();
+    assert_eq!(ans[1], 0x45, "2.05 Content");
+    assert!(ans.len() <= get.len() * 3);
     server.stop().await;
 }

@@ -432,3 +432,36 @@ async fn every_reachable_problem_has_its_status_and_type_and_changes_nothing() {
     );
     server.stop().await;
 }
+
+/// Finding 1 of the hardening issue: a client that sent headers announcing a body and then
+/// nothing kept its connection slot for good; 2048 of them locked the door.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_comes_gets_408_and_the_connection_is_closed() {
+    let ca = TestCa::new(ED);
+    ca.set_request_timeout(1);
+    let server = ca.start().await;
+    let addr = server.https.unwrap();
+    let before = snapshot(server.service.store());
+    let ca_pem = ca.ca_pem_path();
+    let r = tokio::task::spawn_blocking(move || {
+        common::stalled_body(
+            addr,
+            &ca_pem,
+            None,
+            "/enroll",
+            "application/json",
+            std::time::Duration::from_secs(8),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(r.closed, "connection still open after {:?}", r.after);
+    assert!(r.answer.starts_with("HTTP/1.1 408"), "{}", r.answer);
+    assert!(
+        r.answer.contains("urn:imprint:problem:request-timeout"),
+        "{}",
+        r.answer
+    );
+    assert_eq!(snapshot(server.service.store()), before, "nothing stored");
+    server.stop().await;
+}

@@ -370,3 +370,43 @@ async fn ten_thousand_devices_get_distinct_secrets_and_no_plaintext_reaches_the_
         }
     }
 }
+
+/// Finding 1 of the hardening issue, at the secrets door: an ack whose body never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_body_that_never_comes_gets_408_and_the_connection_is_closed() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    ca.set_request_timeout(1);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    let server = ca.start().await;
+    let dev = enrolled(&ca, &server, &line, 21, KeyAlgorithm::P256).await;
+    let dir = ca.tmp.path().to_path_buf();
+    std::fs::write(
+        dir.join("dev.pem"),
+        protocol_spec::profile::cert_pem(dev.certificate.as_ref().unwrap()),
+    )
+    .unwrap();
+    std::fs::write(dir.join("dev.key"), dev.key.to_pem().as_bytes()).unwrap();
+    let addr: SocketAddr = server.mtls.unwrap();
+    let ca_pem = ca.ca_pem_path();
+    let r = tokio::task::spawn_blocking(move || {
+        common::stalled_body(
+            addr,
+            &ca_pem,
+            Some((&dir.join("dev.pem"), &dir.join("dev.key"))),
+            "/secret/ack",
+            "application/json",
+            std::time::Duration::from_secs(8),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(r.closed, "connection still open after {:?}", r.after);
+    assert!(r.answer.starts_with("HTTP/1.1 408"), "{}", r.answer);
+    assert!(
+        r.answer.contains("urn:imprint:problem:request-timeout"),
+        "{}",
+        r.answer
+    );
+    server.stop().await;
+}

@@ -51,14 +51,20 @@ pub enum ProblemType {
     UnknownDevice,
     /// An acknowledgement names a key id, version or KCV that is not the one delivered.
     AckMismatch,
+    /// The request did not arrive whole within the server's time limit (a body announced and
+    /// not sent, or Block1 pieces that stopped coming).
+    RequestTimeout,
     /// The server failed; detail stays on the server.
     Internal,
+    /// The server cannot reach what it needs to answer (its database, its key token) and wrote
+    /// nothing; retry after the time the response names.
+    Unavailable,
     /// A type this implementation does not know (from a newer peer).
     Unknown(String),
 }
 
 /// Every known problem type, in the order SPEC.md lists them.
-pub const ALL_PROBLEM_TYPES: [ProblemType; 18] = [
+pub const ALL_PROBLEM_TYPES: [ProblemType; 20] = [
     ProblemType::TokenExpired,
     ProblemType::TokenSignature,
     ProblemType::TokenReplayed,
@@ -76,7 +82,9 @@ pub const ALL_PROBLEM_TYPES: [ProblemType; 18] = [
     ProblemType::TooLarge,
     ProblemType::UnknownDevice,
     ProblemType::AckMismatch,
+    ProblemType::RequestTimeout,
     ProblemType::Internal,
+    ProblemType::Unavailable,
 ];
 
 impl ProblemType {
@@ -100,7 +108,9 @@ impl ProblemType {
             ProblemType::TooLarge => "too-large",
             ProblemType::UnknownDevice => "unknown-device",
             ProblemType::AckMismatch => "ack-mismatch",
+            ProblemType::RequestTimeout => "request-timeout",
             ProblemType::Internal => "internal",
+            ProblemType::Unavailable => "unavailable",
             ProblemType::Unknown(s) => s,
         }
     }
@@ -139,7 +149,9 @@ impl ProblemType {
             ProblemType::TooLarge => "message too large",
             ProblemType::UnknownDevice => "not an enrolled device",
             ProblemType::AckMismatch => "acknowledgement does not match the delivered secret",
+            ProblemType::RequestTimeout => "request not received in time",
             ProblemType::Internal => "internal error",
+            ProblemType::Unavailable => "service unavailable",
             ProblemType::Unknown(_) => "unknown problem",
         }
     }
@@ -161,8 +173,10 @@ impl ProblemType {
             | ProblemType::CsrSignature
             | ProblemType::KeyAlgorithm
             | ProblemType::Malformed => 400,
+            ProblemType::RequestTimeout => 408,
             ProblemType::TooLarge => 413,
             ProblemType::RateLimited => 429,
+            ProblemType::Unavailable => 503,
             ProblemType::Internal | ProblemType::Unknown(_) => 500,
         }
     }
@@ -174,16 +188,24 @@ impl ProblemType {
             400 => (4, 0),
             401 => (4, 1),
             403 => (4, 3),
+            408 => (4, 8),
             409 => (4, 9),
             413 => (4, 13),
             429 => (4, 29),
+            503 => (5, 3),
             _ => (5, 0),
         }
     }
 
     /// Whether a client may retry the same request later and expect a different answer.
     pub fn is_transient(&self) -> bool {
-        matches!(self, ProblemType::RateLimited | ProblemType::Internal)
+        matches!(
+            self,
+            ProblemType::RateLimited
+                | ProblemType::Internal
+                | ProblemType::RequestTimeout
+                | ProblemType::Unavailable
+        )
     }
 }
 

@@ -1,8 +1,10 @@
 //! The store: the only shared state of the CA. The trait is what the CA needs, nothing more;
 //! [`SledStore`] is the embedded default.
 
+pub mod postgres;
 mod sled_store;
 
+pub use postgres::{PgConfig, PgStore};
 pub use sled_store::{SledStore, sled_config};
 
 /// Total size of the files under `dir` (a store folder's bytes on disk, as the simulator's
@@ -21,8 +23,9 @@ pub fn dir_size(dir: &std::path::Path) -> u64 {
     total
 }
 
-use protocol_spec::Problem;
-
+pub use crate::ra::rules::{
+    EnrollOutcome, NewEnrollment, Refusal, ResetOutcome, SecretOp, SecretOutcome,
+};
 use crate::records::{AuditEntry, DeviceRecord, LineRecord, PoolEntry, ResetRecord, SecretRecord};
 
 /// One stored record: (table, key, value).
@@ -30,8 +33,9 @@ pub type RawRecord = (String, Vec<u8>, Vec<u8>);
 /// One audit entry as stored: (key, value), undecoded, for verification.
 pub type RawAudit = (Vec<u8>, Vec<u8>);
 
-/// A store failure (I/O, corruption). Never shown to clients beyond `internal`.
-#[derive(Debug, thiserror::Error)]
+/// A store failure (I/O, corruption, an unreachable database). Never shown to clients beyond
+/// `internal`, or `unavailable` for [`StoreError::Unavailable`].
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The underlying database failed.
     #[error("store: {0}")]
@@ -49,28 +53,21 @@ pub enum StoreError {
         "the store at {0} is in use by another process (a running ca-server?); stop it, or use the admin API"
     )]
     Locked(String),
-    /// Asked to change something that does not exist, or refused by a rule.
+    /// A line with this id is already registered.
+    #[error("line {0:?} already exists")]
+    LineExists(String),
+    /// The database cannot be reached (or lost its connection mid-write, which it rolled back):
+    /// nothing was written; retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Two writers met on the same record (a unique violation, a serialization failure or a
+    /// deadlock) and this write was rolled back; read again and retry.
+    #[error("store conflict: {0}")]
+    Conflict(String),
+    /// The database's schema is missing, older or newer than this build's; the message says
+    /// what to run.
     #[error("{0}")]
-    Refused(String),
-}
-
-/// A certificate ready to be bound: everything the enrollment transaction writes.
-#[derive(Debug, Clone)]
-pub struct NewEnrollment {
-    /// Device serial.
-    pub serial: u64,
-    /// DER SPKI.
-    pub spki: Vec<u8>,
-    /// SHA-256 of `spki`.
-    pub key_hash: [u8; 32],
-    /// The issued certificate.
-    pub certificate: Vec<u8>,
-    /// Line id.
-    pub line: String,
-    /// Token id consumed.
-    pub token_id: Vec<u8>,
-    /// Unix seconds.
-    pub at: u64,
+    Schema(String),
 }
 
 /// A write the group commit batches ([`Store::apply_writes`]).
@@ -89,99 +86,6 @@ pub enum Written {
     Enroll(EnrollOutcome),
     /// Of a secrets write.
     Secret(SecretOutcome),
-}
-
-/// What applying an enrollment did.
-#[derive(Debug, Clone)]
-pub enum EnrollOutcome {
-    /// A new binding was recorded.
-    Created(DeviceRecord),
-    /// (serial, key) was already bound: the stored record, unchanged.
-    Existing(DeviceRecord),
-    /// A rule refused it; nothing was written.
-    Refused(Problem),
-}
-
-/// What a reset did.
-#[derive(Debug, Clone)]
-pub enum ResetOutcome {
-    /// Reset: the record as it was.
-    Reset(DeviceRecord),
-    /// No device with that serial.
-    Missing,
-    /// The device is revoked: nothing changed.
-    Revoked,
-}
-
-/// A write to the secrets tables.
-#[derive(Debug, Clone)]
-pub enum SecretOp {
-    /// Give a device with no secret its version 1 (generated, or `from_pool`), delivered now.
-    Allocate {
-        /// The sealed new version (1, or the next after a reset's retired versions).
-        record: SecretRecord,
-        /// The pool entry it came from, removed in the same transaction.
-        from_pool: Option<String>,
-        /// SHA-256 of the SPKI the device authenticated with: the record must still hold it.
-        binding: [u8; 32],
-    },
-    /// Add version n+1 (pending) to a device whose newest version is n.
-    Rotate {
-        /// The sealed new version.
-        record: SecretRecord,
-        /// Who asked.
-        actor: String,
-    },
-    /// Mark a version delivered (first delivery only).
-    Delivered {
-        /// Device.
-        serial: u64,
-        /// Version.
-        version: u64,
-        /// Unix seconds.
-        at: u64,
-        /// SHA-256 of the SPKI the device authenticated with.
-        binding: [u8; 32],
-    },
-    /// The device confirms what it stored.
-    Ack {
-        /// Device.
-        serial: u64,
-        /// Key id acknowledged.
-        key_id: String,
-        /// Version acknowledged.
-        version: u64,
-        /// KCV the device computed.
-        kcv: Vec<u8>,
-        /// Unix seconds.
-        at: u64,
-        /// SHA-256 of the SPKI the device authenticated with.
-        binding: [u8; 32],
-    },
-    /// Add a batch of pre-generated keys to the pool: all of it or nothing.
-    Import {
-        /// Sealed entries.
-        entries: Vec<PoolEntry>,
-        /// Unix seconds.
-        at: u64,
-        /// Who imported.
-        actor: String,
-    },
-}
-
-/// What a secrets write did.
-#[derive(Debug, Clone)]
-pub enum SecretOutcome {
-    /// Written; the affected record.
-    Done(Option<SecretRecord>),
-    /// Already so (a second delivery or acknowledgement); nothing written.
-    Unchanged(SecretRecord),
-    /// The device already had a version (Allocate); its newest, unchanged.
-    Existing(SecretRecord),
-    /// The state moved under the caller (a pool entry taken, a version added): read again.
-    Conflict,
-    /// Refused by a rule; nothing written.
-    Refused(Problem),
 }
 
 /// Storage for the CA. Writes are atomic; [`Store::apply_enrollment`] is not durable until the

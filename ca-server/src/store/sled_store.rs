@@ -4,17 +4,17 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use protocol_spec::{Problem, ProblemType, spki};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
-use super::{
-    EnrollOutcome, NewEnrollment, RawAudit, RawRecord, ResetOutcome, SecretOp, SecretOutcome,
-    Store, StoreError, Write, Written,
+use super::{RawAudit, RawRecord, Store, StoreError, Write, Written};
+use crate::ra::rules::{
+    self, AuditEvent, EnrollOutcome, EnrollView, Holder, NewEnrollment, ResetOutcome, SecretOp,
+    SecretOutcome, SecretView, SecretWrite,
 };
 use crate::records::{
     AuditEntry, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, SecretRecord,
-    TokenUse, from_cbor, to_cbor,
+    from_cbor, to_cbor,
 };
 
 const DEVICES: &str = "devices";
@@ -254,412 +254,172 @@ impl SledStore {
             .map_err(|_| StoreError::Backend("audit head lock poisoned".into()))
     }
 
-    /// The audit entry of enrollment `e` if it is created after `head`.
-    fn enrollment_entry(head: &(u64, [u8; 32]), e: &NewEnrollment) -> AuditEntry {
-        Self::next_entry(
-            head,
-            e.at,
-            "enroll",
-            Some(e.serial),
-            &e.line,
-            format!(
-                "key={} cti={}",
-                hex::encode(e.key_hash),
-                hex::encode(&e.token_id)
-            ),
-        )
-    }
-
-    /// One enrollment inside a transaction: the stateful checks (SPEC.md 3.3, 12 to 17), then
-    /// device, key index, token use, line count and `entry`, or nothing.
+    /// One enrollment inside a transaction: reads the records it touches, asks the rule
+    /// ([`rules::enroll`]) and applies its writes, with the audit entry chained after `chain`.
     fn enroll_in(
         (devices, keys, tokens, lines, audit): EnrollTrees<'_>,
         e: &NewEnrollment,
-        entry: &AuditEntry,
-    ) -> TxResult<EnrollOutcome> {
+        chain: &(u64, [u8; 32]),
+    ) -> TxResult<(EnrollOutcome, Option<AuditEntry>)> {
         let serial_key = e.serial.to_be_bytes();
         let tkey = token_key(&e.line, &e.token_id);
-        if let Some(rec) = tx_get::<DeviceRecord>(devices, &serial_key, DEVICES)? {
-            if rec.status == DeviceStatus::Revoked {
-                return refused(
-                    ProblemType::Revoked,
-                    format!("device {} is revoked", e.serial),
-                );
-            }
-            if rec.spki == e.spki {
-                return Ok(EnrollOutcome::Existing(rec));
-            }
-            return refused(
-                ProblemType::SerialTaken,
-                format!("serial {} is already bound to another key", e.serial),
-            );
-        }
-        // A key stays bound to its serial for ever, even after an operator reset the
-        // serial; only that serial may take it again.
-        if let Some(other) = keys
-            .get(e.key_hash)?
-            .map(|v| u64_of(&v).unwrap_or(0))
-            .filter(|other| *other != e.serial)
-        {
-            return refused(
-                ProblemType::DuplicateKey,
-                format!("this public key is already bound to serial {other}"),
-            );
-        }
-        if let Some(used) = tx_get::<TokenUse>(tokens, &tkey, TOKENS)? {
-            return refused(
-                ProblemType::TokenReplayed,
-                format!(
-                    "token {} was consumed by the enrollment of serial {}",
-                    hex::encode(&e.token_id),
-                    used.serial
-                ),
-            );
-        }
-        let Some(mut line) = tx_get::<LineRecord>(lines, e.line.as_bytes(), LINES)? else {
-            return refused(
-                ProblemType::LineUnknown,
-                format!("line {:?} is not registered", e.line),
-            );
+        let key_holder = match keys.get(e.key_hash)? {
+            None => None,
+            Some(v) => match u64_of(&v) {
+                Some(s) => Some(s),
+                None => return abort(corrupt(KEYS)("key index value is not 8 bytes".into())),
+            },
         };
-        if !line.active {
-            return refused(
-                ProblemType::LineUnknown,
-                format!("line {:?} is disabled", e.line),
-            );
-        }
-        if line.enrolled >= line.quota {
-            return refused(
-                ProblemType::QuotaExhausted,
-                format!("line {:?} has enrolled its quota of {}", e.line, line.quota),
-            );
-        }
-        line.enrolled += 1;
-        let rec = DeviceRecord {
-            serial: e.serial,
-            spki: e.spki.clone(),
-            certificate: e.certificate.clone(),
-            line: e.line.clone(),
-            token_id: e.token_id.clone(),
-            enrolled_at: e.at,
-            status: DeviceStatus::Active,
-            revoked_at: None,
+        let view = EnrollView {
+            device: tx_get(devices, &serial_key, DEVICES)?,
+            key_holder,
+            token_use: tx_get(tokens, &tkey, TOKENS)?,
+            line: tx_get(lines, e.line.as_bytes(), LINES)?,
         };
-        devices.insert(&serial_key, to_cbor(&rec))?;
+        let (outcome, writes) = rules::enroll(&view, e);
+        let Some(w) = writes else {
+            return Ok((outcome, None));
+        };
+        let entry = Self::next_entry(chain, &w.event);
+        devices.insert(&serial_key, to_cbor(&w.device))?;
         keys.insert(&e.key_hash, &serial_key)?;
-        tokens.insert(tkey.as_slice(), to_cbor(&TokenUse { serial: e.serial }))?;
-        lines.insert(e.line.as_bytes(), to_cbor(&line))?;
+        tokens.insert(tkey.as_slice(), to_cbor(&w.token_use))?;
+        lines.insert(e.line.as_bytes(), to_cbor(&w.line))?;
         audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
-        Ok(EnrollOutcome::Created(rec))
+        Ok((outcome, Some(entry)))
     }
 
-    /// The audit entry of secrets write `op` if it changes something after `head`.
-    fn secret_entry(head: &(u64, [u8; 32]), op: &SecretOp) -> AuditEntry {
-        let (event, serial, actor, detail, at) = match op {
-            SecretOp::Allocate {
-                record, from_pool, ..
-            } => (
-                "secret-deliver",
-                Some(record.serial),
-                "device".to_string(),
-                format!(
-                    "key_id={} version={} source={}{}",
-                    record.key_id,
-                    record.version,
-                    record.source,
-                    from_pool
-                        .as_ref()
-                        .map(|p| format!(" pool_id={p}"))
-                        .unwrap_or_default()
-                ),
-                record.created_at,
-            ),
-            SecretOp::Rotate { record, actor } => (
-                "secret-rotate",
-                Some(record.serial),
-                actor.clone(),
-                format!("key_id={} version={}", record.key_id, record.version),
-                record.created_at,
-            ),
-            SecretOp::Delivered {
-                serial,
-                version,
-                at,
-                ..
-            } => (
-                "secret-deliver",
-                Some(*serial),
-                "device".to_string(),
-                format!("version={version}"),
-                *at,
-            ),
-            SecretOp::Ack {
-                serial,
-                key_id,
-                version,
-                at,
-                ..
-            } => (
-                "secret-ack",
-                Some(*serial),
-                "device".to_string(),
-                format!("key_id={key_id} version={version}"),
-                *at,
-            ),
-            SecretOp::Import { entries, at, actor } => (
-                "secret-import",
-                None,
-                actor.clone(),
-                format!("{} keys", entries.len()),
-                *at,
-            ),
-        };
-        Self::next_entry(head, at, event, serial, &actor, detail)
-    }
-
-    /// One secrets write inside a transaction: the outcome, and whether it wrote `entry`
-    /// (only changes are events worth an entry: a second delivery or ack is not).
+    /// One secrets write inside a transaction: reads the records it touches, asks the rule
+    /// ([`rules::secret`]) and applies its writes, with the audit entry (when it changed
+    /// something) chained after `chain`.
     fn secret_in(
         (devices, secrets, heads, acks, index, key_ids, pool, audit): SecretTrees<'_>,
         op: &SecretOp,
-        entry: &AuditEntry,
-    ) -> TxResult<(SecretOutcome, bool)> {
-        let ver_key = |serial: u64, version: u64| {
-            let mut k = serial.to_be_bytes().to_vec();
-            k.extend_from_slice(&version.to_be_bytes());
-            k
-        };
-        let head_of = |serial: u64| -> TxResult<u64> {
-            Ok(heads
-                .get(serial.to_be_bytes())?
-                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0))
-        };
-        // The device must exist, be active and, when the request came from a device, still
-        // hold the key the request was authenticated with: a revoke or a reset committed
-        // between the door's check and this transaction must win.
-        let active = |serial: u64, binding: Option<&[u8; 32]>| -> TxResult<Option<SecretOutcome>> {
-            match tx_get::<DeviceRecord>(devices, &serial.to_be_bytes(), DEVICES)? {
-                None => Ok(Some(SecretOutcome::Refused(Problem::new(
-                    ProblemType::UnknownDevice,
-                    format!("no device {serial}"),
-                )))),
-                Some(d) if d.status == DeviceStatus::Revoked => Ok(Some(SecretOutcome::Refused(
-                    Problem::new(ProblemType::Revoked, format!("device {serial} is revoked")),
-                ))),
-                Some(d) if binding.is_some_and(|b| spki::sha256(&d.spki) != *b) => {
-                    Ok(Some(SecretOutcome::Refused(Problem::new(
-                        ProblemType::UnknownDevice,
-                        format!("serial {serial} is now bound to another key"),
-                    ))))
-                }
-                Some(_) => Ok(None),
-            }
-        };
-        // Inserts a new version after the uniqueness checks; None when written.
-        let insert =
-            |rec: &SecretRecord, pool_id: Option<&str>| -> TxResult<Option<SecretOutcome>> {
-                let key = ver_key(rec.serial, rec.version);
-                match index.get(&rec.index_tag)? {
-                    None => {}
-                    Some(v) if pool_id.is_some() && v.as_ref() == POOL_MARK => {}
-                    Some(_) => {
-                        // Two devices with one secret must be impossible.
-                        return Ok(Some(SecretOutcome::Refused(Problem::new(
-                            ProblemType::Internal,
-                            "secret already bound to another device",
-                        ))));
+        chain: &(u64, [u8; 32]),
+    ) -> TxResult<(SecretOutcome, Option<AuditEntry>)> {
+        let holder = |v: Option<sled::IVec>| {
+            v.map(|v| {
+                if v.as_ref() == POOL_MARK {
+                    Holder::Pool
+                } else {
+                    Holder::Version {
+                        serial: v.get(..8).and_then(u64_of).unwrap_or(0),
+                        version: v.get(8..).and_then(u64_of).unwrap_or(0),
                     }
-                }
-                match key_ids.get(rec.key_id.as_bytes())? {
-                    None => {}
-                    Some(v) if pool_id.is_some() && v.as_ref() == POOL_MARK => {}
-                    Some(_) => return Ok(Some(SecretOutcome::Conflict)),
-                }
-                index.insert(rec.index_tag.as_slice(), key.as_slice())?;
-                key_ids.insert(rec.key_id.as_bytes(), key.as_slice())?;
-                secrets.insert(key.as_slice(), to_cbor(rec))?;
-                heads.insert(&rec.serial.to_be_bytes(), &rec.version.to_be_bytes())?;
-                Ok(None)
-            };
-        let decide = || -> TxResult<SecretOutcome> {
-            Ok(match op {
-                SecretOp::Allocate {
-                    record,
-                    from_pool,
-                    binding,
-                } => {
-                    if let Some(o) = active(record.serial, Some(binding))? {
-                        return Ok(o);
-                    }
-                    // The next version goes to a device with none, or whose newest belongs to a
-                    // binding an operator reset (retired).
-                    let h = head_of(record.serial)?;
-                    if h > 0 {
-                        match tx_get::<SecretRecord>(secrets, &ver_key(record.serial, h), SECRETS)?
-                        {
-                            Some(latest) if latest.retired_at.is_none() => {
-                                return Ok(SecretOutcome::Existing(latest));
-                            }
-                            None => return Ok(SecretOutcome::Conflict),
-                            Some(_) => {}
-                        }
-                    }
-                    if record.version != h + 1 {
-                        return Ok(SecretOutcome::Conflict);
-                    }
-                    if let Some(id) = from_pool
-                        && pool.get(id.as_bytes())?.is_none()
-                    {
-                        return Ok(SecretOutcome::Conflict);
-                    }
-                    if let Some(o) = insert(record, from_pool.as_deref())? {
-                        return Ok(o);
-                    }
-                    // Only now, with the version written: a refusal above must keep the entry.
-                    if let Some(id) = from_pool {
-                        pool.remove(id.as_bytes())?;
-                    }
-                    SecretOutcome::Done(Some(record.clone()))
-                }
-                SecretOp::Rotate { record, .. } => {
-                    if let Some(o) = active(record.serial, None)? {
-                        return Ok(o);
-                    }
-                    if head_of(record.serial)? + 1 != record.version {
-                        return Ok(SecretOutcome::Conflict);
-                    }
-                    if let Some(o) = insert(record, None)? {
-                        return Ok(o);
-                    }
-                    SecretOutcome::Done(Some(record.clone()))
-                }
-                SecretOp::Delivered {
-                    serial,
-                    version,
-                    at,
-                    binding,
-                } => {
-                    if let Some(o) = active(*serial, Some(binding))? {
-                        return Ok(o);
-                    }
-                    let key = ver_key(*serial, *version);
-                    let Some(mut rec) = tx_get::<SecretRecord>(secrets, &key, SECRETS)?
-                        .filter(|r| r.retired_at.is_none())
-                    else {
-                        return Ok(SecretOutcome::Conflict);
-                    };
-                    if rec.delivered_at.is_some() {
-                        return Ok(SecretOutcome::Unchanged(rec));
-                    }
-                    rec.delivered_at = Some(*at);
-                    secrets.insert(key.as_slice(), to_cbor(&rec))?;
-                    SecretOutcome::Done(Some(rec))
-                }
-                SecretOp::Ack {
-                    serial,
-                    key_id,
-                    version,
-                    kcv,
-                    at,
-                    binding,
-                } => {
-                    if let Some(o) = active(*serial, Some(binding))? {
-                        return Ok(o);
-                    }
-                    let key = ver_key(*serial, *version);
-                    let rec = tx_get::<SecretRecord>(secrets, &key, SECRETS)?;
-                    let Some(mut rec) = rec.filter(|r| {
-                        r.key_id == *key_id && r.delivered_at.is_some() && r.retired_at.is_none()
-                    }) else {
-                        return Ok(SecretOutcome::Refused(Problem::new(
-                            ProblemType::AckMismatch,
-                            format!(
-                                "key {key_id} version {version} was not delivered to device {serial}"
-                            ),
-                        )));
-                    };
-                    if rec.kcv != *kcv {
-                        return Ok(SecretOutcome::Refused(Problem::new(
-                            ProblemType::AckMismatch,
-                            "the key check value does not match the delivered secret",
-                        )));
-                    }
-                    // Stores written before acks had their own tree hold the time in the record.
-                    if rec.confirmed_at.is_some() {
-                        return Ok(SecretOutcome::Unchanged(rec));
-                    }
-                    if let Some(v) = acks.get(key.as_slice())? {
-                        rec.confirmed_at = Some(u64_of(&v).ok_or_else(|| {
-                            ConflictableTransactionError::Abort(corrupt(SECRET_ACKS)(
-                                "ack time is not 8 bytes".into(),
-                            ))
-                        })?);
-                        // Confirmed before: nothing changes, so no audit entry.
-                        return Ok(SecretOutcome::Unchanged(rec));
-                    }
-                    acks.insert(key.as_slice(), &at.to_be_bytes())?;
-                    rec.confirmed_at = Some(*at);
-                    SecretOutcome::Done(Some(rec))
-                }
-                SecretOp::Import { entries, .. } => {
-                    let mut ids = std::collections::HashSet::new();
-                    let mut tags = std::collections::HashSet::new();
-                    for e in entries {
-                        if !ids.insert(e.key_id.as_str())
-                            || key_ids.get(e.key_id.as_bytes())?.is_some()
-                        {
-                            return Ok(SecretOutcome::Refused(Problem::malformed(format!(
-                                "key id {:?} is already known; nothing was imported",
-                                e.key_id
-                            ))));
-                        }
-                        if !tags.insert(e.index_tag.clone()) || index.get(&e.index_tag)?.is_some() {
-                            return Ok(SecretOutcome::Refused(Problem::malformed(format!(
-                                "the key of {:?} is already known; nothing was imported",
-                                e.key_id
-                            ))));
-                        }
-                    }
-                    for e in entries {
-                        index.insert(e.index_tag.as_slice(), POOL_MARK)?;
-                        key_ids.insert(e.key_id.as_bytes(), POOL_MARK)?;
-                        pool.insert(e.key_id.as_bytes(), to_cbor(e))?;
-                    }
-                    SecretOutcome::Done(None)
                 }
             })
         };
-        let outcome = decide()?;
-        // Only changes are events worth an entry (a second delivery or ack is not).
-        let log = matches!(outcome, SecretOutcome::Done(_));
-        if log {
-            audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
+        let mut view = SecretView::default();
+        if let Some(serial) = op.serial() {
+            view.device = tx_get(devices, &serial.to_be_bytes(), DEVICES)?;
+            if op.new_version().is_some() {
+                view.head = match heads.get(serial.to_be_bytes())? {
+                    None => 0,
+                    Some(v) => match u64_of(&v) {
+                        Some(h) => h,
+                        None => return abort(corrupt(SECRET_HEAD)("head is not 8 bytes".into())),
+                    },
+                };
+                if view.head > 0 {
+                    view.newest = tx_get(secrets, &ver_key(serial, view.head), SECRETS)?;
+                }
+            }
+            if let Some(version) = op.names_version() {
+                let key = ver_key(serial, version);
+                view.named = match tx_get::<SecretRecord>(secrets, &key, SECRETS)? {
+                    // Stores written before acks had their own tree hold the time in the record.
+                    Some(mut rec) if rec.confirmed_at.is_none() => {
+                        if let Some(at) = acks.get(key.as_slice())? {
+                            let Some(at) = u64_of(&at) else {
+                                return abort(corrupt(SECRET_ACKS)(
+                                    "ack time is not 8 bytes".into(),
+                                ));
+                            };
+                            rec.confirmed_at = Some(at);
+                        }
+                        Some(rec)
+                    }
+                    other => other,
+                };
+            }
         }
-        Ok((outcome, log))
+        if let Some(rec) = op.new_version() {
+            view.tag_holder = holder(index.get(&rec.index_tag)?);
+            view.key_id_holder = holder(key_ids.get(rec.key_id.as_bytes())?);
+        }
+        match op {
+            SecretOp::Allocate {
+                from_pool: Some(id),
+                ..
+            } => view.pool_entry_present = pool.get(id.as_bytes())?.is_some(),
+            SecretOp::Import { entries, .. } => {
+                for e in entries {
+                    view.import_known.push((
+                        key_ids.get(e.key_id.as_bytes())?.is_some(),
+                        index.get(&e.index_tag)?.is_some(),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        let (outcome, writes, event) = rules::secret(&view, op);
+        for w in writes {
+            match w {
+                SecretWrite::NewVersion(rec) => {
+                    let key = ver_key(rec.serial, rec.version);
+                    index.insert(rec.index_tag.as_slice(), key.as_slice())?;
+                    key_ids.insert(rec.key_id.as_bytes(), key.as_slice())?;
+                    secrets.insert(key.as_slice(), to_cbor(&rec))?;
+                    heads.insert(&rec.serial.to_be_bytes(), &rec.version.to_be_bytes())?;
+                }
+                SecretWrite::TakeFromPool(id) => {
+                    pool.remove(id.as_bytes())?;
+                }
+                SecretWrite::UpdateVersion(rec) => {
+                    secrets.insert(ver_key(rec.serial, rec.version), to_cbor(&rec))?;
+                }
+                SecretWrite::Ack {
+                    serial,
+                    version,
+                    at,
+                } => {
+                    acks.insert(ver_key(serial, version), &at.to_be_bytes())?;
+                }
+                SecretWrite::PoolEntry(e) => {
+                    index.insert(e.index_tag.as_slice(), POOL_MARK)?;
+                    key_ids.insert(e.key_id.as_bytes(), POOL_MARK)?;
+                    pool.insert(e.key_id.as_bytes(), to_cbor(&e))?;
+                }
+            }
+        }
+        let entry = event.map(|ev| Self::next_entry(chain, &ev));
+        if let Some(entry) = &entry {
+            audit.insert(&entry.seq.to_be_bytes(), to_cbor(entry))?;
+        }
+        Ok((outcome, entry))
     }
 
-    fn next_entry(
-        head: &(u64, [u8; 32]),
-        at: u64,
-        event: &str,
-        serial: Option<u64>,
-        actor: &str,
-        detail: String,
-    ) -> AuditEntry {
+    /// The entry that records `event` after `head`, sealed.
+    fn next_entry(head: &(u64, [u8; 32]), event: &AuditEvent) -> AuditEntry {
         AuditEntry {
             seq: head.0 + 1,
-            at,
-            event: event.to_string(),
-            serial,
-            actor: actor.to_string(),
-            detail,
+            at: event.at,
+            event: event.event.clone(),
+            serial: event.serial,
+            actor: event.actor.clone(),
+            detail: event.detail.clone(),
             prev_hash: head.1.to_vec(),
             hash: Vec::new(),
         }
         .sealed()
     }
+}
+
+/// The key of a secret version: serial, then version, big-endian.
+fn ver_key(serial: u64, version: u64) -> Vec<u8> {
+    let mut k = serial.to_be_bytes().to_vec();
+    k.extend_from_slice(&version.to_be_bytes());
+    k
 }
 
 /// The hash a sealed entry carries.
@@ -669,10 +429,6 @@ fn sealed_hash(e: &AuditEntry) -> [u8; 32] {
 
 fn u64_of(v: &[u8]) -> Option<u64> {
     <[u8; 8]>::try_from(v).ok().map(u64::from_be_bytes)
-}
-
-fn refused(kind: ProblemType, detail: String) -> TxResult<EnrollOutcome> {
-    Ok(EnrollOutcome::Refused(Problem::new(kind, detail)))
 }
 
 impl SledStore {
@@ -719,29 +475,19 @@ impl Store for SledStore {
 
     fn add_line(&self, line: &LineRecord, actor: &str) -> Result<(), StoreError> {
         let mut head = self.head()?;
-        let entry = Self::next_entry(
-            &head,
-            line.created_at,
-            "line-add",
-            None,
-            actor,
-            format!(
-                "line={} serials={}-{} quota={} rate={}",
-                line.id, line.first_serial, line.last_serial, line.quota, line.rate
-            ),
-        );
+        let chain = *head;
         let r = (&self.lines, &self.audit).transaction(|(lines, audit)| {
-            if lines.get(line.id.as_bytes())?.is_some() {
-                return abort(StoreError::Refused(format!(
-                    "line {:?} already exists",
-                    line.id
-                )));
-            }
+            let existing = tx_get::<LineRecord>(lines, line.id.as_bytes(), LINES)?;
+            let event = match rules::add_line(existing.as_ref(), line, actor) {
+                Ok(ev) => ev,
+                Err(id) => return abort(StoreError::LineExists(id)),
+            };
+            let entry = Self::next_entry(&chain, &event);
             lines.insert(line.id.as_bytes(), to_cbor(line))?;
             audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
-            Ok(())
+            Ok(entry)
         });
-        flatten(r)?;
+        let entry = flatten(r)?;
         *head = (entry.seq, sealed_hash(&entry));
         drop(head);
         self.sync()
@@ -777,26 +523,23 @@ impl Store for SledStore {
                 let mut chain = start;
                 let mut outcomes = Vec::with_capacity(writes.len());
                 for w in writes {
-                    match w {
+                    let entry = match w {
                         Write::Enroll(e) => {
-                            let entry = Self::enrollment_entry(&chain, e);
                             let trees = (devices, keys, tokens, lines, audit);
-                            let outcome = Self::enroll_in(trees, e, &entry)?;
-                            if matches!(outcome, EnrollOutcome::Created(_)) {
-                                chain = (entry.seq, sealed_hash(&entry));
-                            }
+                            let (outcome, entry) = Self::enroll_in(trees, e, &chain)?;
                             outcomes.push(Written::Enroll(outcome));
+                            entry
                         }
                         Write::Secret(op) => {
-                            let entry = Self::secret_entry(&chain, op);
                             let trees =
                                 (devices, secrets, heads, acks, index, key_ids, pool, audit);
-                            let (outcome, logged) = Self::secret_in(trees, op, &entry)?;
-                            if logged {
-                                chain = (entry.seq, sealed_hash(&entry));
-                            }
+                            let (outcome, entry) = Self::secret_in(trees, op, &chain)?;
                             outcomes.push(Written::Secret(outcome));
+                            entry
                         }
+                    };
+                    if let Some(entry) = entry {
+                        chain = (entry.seq, sealed_hash(&entry));
                     }
                 }
                 Ok((outcomes, chain))
@@ -855,32 +598,28 @@ impl Store for SledStore {
         actor: &str,
     ) -> Result<Option<DeviceRecord>, StoreError> {
         let mut head = self.head()?;
-        let event = match status {
-            DeviceStatus::Revoked => "revoke",
-            DeviceStatus::Active => "reinstate",
-        };
-        let entry = Self::next_entry(&head, at, event, Some(serial), actor, String::new());
+        let chain = *head;
         let r =
             (&self.devices, &self.revoked, &self.audit).transaction(|(devices, revoked, audit)| {
                 let key = serial.to_be_bytes();
-                let Some(mut rec) = tx_get::<DeviceRecord>(devices, &key, DEVICES)? else {
-                    return Ok((None, false));
+                let rec = tx_get::<DeviceRecord>(devices, &key, DEVICES)?;
+                let Some((rec, event)) = rules::set_status(rec.as_ref(), status, at, actor) else {
+                    return Ok((None, None));
                 };
-                if rec.status == status {
-                    return Ok((Some(rec), false));
-                }
-                rec.status = status;
-                rec.revoked_at = (status == DeviceStatus::Revoked).then_some(at);
+                let Some(event) = event else {
+                    return Ok((Some(rec), None));
+                };
+                let entry = Self::next_entry(&chain, &event);
                 devices.insert(&key, to_cbor(&rec))?;
                 match status {
                     DeviceStatus::Revoked => revoked.insert(&key, &at.to_be_bytes())?,
                     DeviceStatus::Active => revoked.remove(&key)?,
                 };
                 audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
-                Ok((Some(rec), true))
+                Ok((Some(rec), Some(entry)))
             });
-        let (rec, changed) = flatten(r)?;
-        if changed {
+        let (rec, entry) = flatten(r)?;
+        if let Some(entry) = entry {
             *head = (entry.seq, sealed_hash(&entry));
         }
         Ok(rec)
@@ -888,7 +627,7 @@ impl Store for SledStore {
 
     fn reset_device(&self, serial: u64, at: u64, actor: &str) -> Result<ResetOutcome, StoreError> {
         let mut head = self.head()?;
-        let entry = Self::next_entry(&head, at, "reset", Some(serial), actor, String::new());
+        let chain = *head;
         let trees = (
             &self.devices,
             &self.lines,
@@ -898,57 +637,37 @@ impl Store for SledStore {
         );
         let r = trees.transaction(|(devices, lines, history, secrets, audit)| {
             let key = serial.to_be_bytes();
-            let Some(rec) = tx_get::<DeviceRecord>(devices, &key, DEVICES)? else {
-                return Ok((ResetOutcome::Missing, None));
+            let rec = tx_get::<DeviceRecord>(devices, &key, DEVICES)?;
+            let line = match &rec {
+                Some(r) => tx_get::<LineRecord>(lines, r.line.as_bytes(), LINES)?,
+                None => None,
             };
-            if rec.status == DeviceStatus::Revoked {
-                // Its certificate stays on the CRL for ever; a new binding would carry the same
-                // certificate serial and be revoked with it.
-                return Ok((ResetOutcome::Revoked, None));
+            let mut versions = Vec::new();
+            if rec.is_some() {
+                let mut v = 1u64;
+                while let Some(sr) = tx_get::<SecretRecord>(secrets, &ver_key(serial, v), SECRETS)?
+                {
+                    versions.push(sr);
+                    v += 1;
+                }
             }
-            let entry = AuditEntry {
-                hash: Vec::new(),
-                detail: format!(
-                    "key={} cti={} line={}",
-                    hex::encode(spki::sha256(&rec.spki)),
-                    hex::encode(&rec.token_id),
-                    rec.line
-                ),
-                ..entry.clone()
-            }
-            .sealed();
+            let (outcome, writes) = rules::reset(rec.as_ref(), line.as_ref(), &versions, at, actor);
+            let Some(w) = writes else {
+                return Ok((outcome, None));
+            };
+            let entry = Self::next_entry(&chain, &w.event);
             devices.remove(&key)?;
-            // The line's count is of devices bound now: the serial's next enrollment counts
-            // again, so a repair does not use up the quota twice.
-            if let Some(mut line) = tx_get::<LineRecord>(lines, rec.line.as_bytes(), LINES)? {
-                line.enrolled = line.enrolled.saturating_sub(1);
-                lines.insert(rec.line.as_bytes(), to_cbor(&line))?;
+            if let Some(line) = &w.line {
+                lines.insert(line.id.as_bytes(), to_cbor(line))?;
             }
             let mut hkey = key.to_vec();
             hkey.extend_from_slice(&entry.seq.to_be_bytes());
-            let old = ResetRecord {
-                device: rec.clone(),
-                reset_at: at,
-                actor: actor.to_string(),
-            };
-            history.insert(hkey, to_cbor(&old))?;
-            // The secrets of the old binding stay in the record but are never delivered again:
-            // the next fetch of a new enrollment gets a new version.
-            let mut v = 1u64;
-            loop {
-                let mut vkey = key.to_vec();
-                vkey.extend_from_slice(&v.to_be_bytes());
-                let Some(mut sr) = tx_get::<SecretRecord>(secrets, &vkey, SECRETS)? else {
-                    break;
-                };
-                if sr.retired_at.is_none() {
-                    sr.retired_at = Some(at);
-                    secrets.insert(vkey, to_cbor(&sr))?;
-                }
-                v += 1;
+            history.insert(hkey, to_cbor(&w.history))?;
+            for sr in &w.retired {
+                secrets.insert(ver_key(sr.serial, sr.version), to_cbor(sr))?;
             }
             audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
-            Ok((ResetOutcome::Reset(rec), Some(entry)))
+            Ok((outcome, Some(entry)))
         });
         let (outcome, entry) = flatten(r)?;
         if let Some(entry) = entry {
@@ -988,26 +707,23 @@ impl Store for SledStore {
         actor: &str,
     ) -> Result<Option<LineRecord>, StoreError> {
         let mut head = self.head()?;
-        let event = if active {
-            "line-enable"
-        } else {
-            "line-disable"
-        };
-        let entry = Self::next_entry(&head, at, event, None, actor, format!("line={id}"));
+        let chain = *head;
         let r = (&self.lines, &self.audit).transaction(|(lines, audit)| {
-            let Some(mut line) = tx_get::<LineRecord>(lines, id.as_bytes(), LINES)? else {
-                return Ok((None, false));
+            let line = tx_get::<LineRecord>(lines, id.as_bytes(), LINES)?;
+            let Some((line, event)) = rules::set_line_active(line.as_ref(), active, at, actor)
+            else {
+                return Ok((None, None));
             };
-            if line.active == active {
-                return Ok((Some(line), false));
-            }
-            line.active = active;
+            let Some(event) = event else {
+                return Ok((Some(line), None));
+            };
+            let entry = Self::next_entry(&chain, &event);
             lines.insert(id.as_bytes(), to_cbor(&line))?;
             audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
-            Ok((Some(line), true))
+            Ok((Some(line), Some(entry)))
         });
-        let (line, changed) = flatten(r)?;
-        if changed {
+        let (line, entry) = flatten(r)?;
+        if let Some(entry) = entry {
             *head = (entry.seq, sealed_hash(&entry));
         }
         Ok(line)
@@ -1022,7 +738,16 @@ impl Store for SledStore {
         at: u64,
     ) -> Result<(), StoreError> {
         let mut head = self.head()?;
-        let entry = Self::next_entry(&head, at, event, serial, actor, detail);
+        let entry = Self::next_entry(
+            &head,
+            &AuditEvent {
+                at,
+                event: event.to_string(),
+                serial,
+                actor: actor.to_string(),
+                detail,
+            },
+        );
         self.audit
             .insert(entry.seq.to_be_bytes(), to_cbor(&entry))
             .map_err(backend)?;
@@ -1135,7 +860,7 @@ mod tests {
         match o {
             EnrollOutcome::Created(r) => format!("created {}", r.serial),
             EnrollOutcome::Existing(r) => format!("existing {}", r.serial),
-            EnrollOutcome::Refused(p) => p.kind.to_string(),
+            EnrollOutcome::Refused(r) => r.problem().kind.to_string(),
         }
     }
 
@@ -1283,7 +1008,7 @@ mod tests {
             .iter()
             .map(|w| match w {
                 Written::Enroll(o) => kind(o),
-                Written::Secret(SecretOutcome::Refused(p)) => p.kind.to_string(),
+                Written::Secret(SecretOutcome::Refused(r)) => r.problem().kind.to_string(),
                 Written::Secret(SecretOutcome::Done(Some(r))) => {
                     format!("done {} confirmed {:?}", r.version, r.confirmed_at)
                 }

@@ -164,3 +164,83 @@ impl TestCa {
 pub fn snapshot(store: &Arc<dyn Store>) -> Vec<ca_server::store::RawRecord> {
     store.raw_records().unwrap()
 }
+
+impl TestCa {
+    /// Sets `[limits] request_timeout_secs` in config.toml (before `start`).
+    pub fn set_request_timeout(&self, secs: u64) {
+        let mut config = self.dir.load_config().unwrap();
+        config.limits.request_timeout_secs = secs;
+        std::fs::write(self.dir.config(), toml::to_string(&config).unwrap()).unwrap();
+    }
+}
+
+/// What a server did with a request whose body never came.
+#[derive(Debug)]
+pub struct StalledBody {
+    /// Everything the server sent.
+    pub answer: String,
+    /// Whether it closed the connection within the wait.
+    pub closed: bool,
+    /// How long until it closed (or the wait).
+    pub after: std::time::Duration,
+}
+
+/// Opens TLS to `addr` with `openssl s_client` (trusting `ca_pem`, presenting `client` as
+/// (certificate, key) files when given), sends `POST path` with `Content-Length: 100` and no
+/// body, keeps its side open, and waits up to `wait` for the server to answer and close.
+pub fn stalled_body(
+    addr: SocketAddr,
+    ca_pem: &Path,
+    client: Option<(&Path, &Path)>,
+    path: &str,
+    content_type: &str,
+    wait: std::time::Duration,
+) -> StalledBody {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "s_client",
+        "-quiet",
+        "-connect",
+        &addr.to_string(),
+        "-CAfile",
+    ])
+    .arg(ca_pem);
+    if let Some((cert, key)) = client {
+        cmd.arg("-cert").arg(cert).arg("-key").arg(key);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl s_client runs (Debian package openssl)");
+    let mut stdin = child.stdin.take().unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: 100\r\n\r\n"
+    );
+    stdin.write_all(head.as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let started = std::time::Instant::now();
+    std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = stdout.read_to_end(&mut all);
+        let _ = tx.send(all);
+    });
+    let (answer, closed) = match rx.recv_timeout(wait) {
+        Ok(all) => (String::from_utf8_lossy(&all).into_owned(), true),
+        Err(_) => (String::new(), false),
+    };
+    let after = started.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(stdin);
+    StalledBody {
+        answer,
+        closed,
+        after,
+    }
+}

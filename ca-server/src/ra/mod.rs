@@ -5,6 +5,8 @@
 //! the store transaction. Only this module can make a [`VerifiedEnrollment`], and the issuer
 //! takes nothing else.
 
+pub mod rules;
+
 use std::collections::HashMap;
 use std::sync::{Mutex, RwLock};
 use std::time::Instant;

@@ -1,0 +1,1556 @@
+//! The PostgreSQL store: several CA processes can share one database.
+//!
+//! A thin adapter, as the sled one is: each write reads the records it touches inside its
+//! transaction, asks the registration authority's rule ([`crate::ra::rules`]), and applies the
+//! writes the rule returns. The invariants are the database's own (unique constraints, a check
+//! on the line count, conditional updates; see [`schema`]), so they hold with any number of
+//! writers; the rules only decide which refusal a device is told. Every writing transaction
+//! first locks the audit head row, so audit entries chain in commit order across processes.
+//!
+//! The [`Store`] trait is synchronous (sled is); this store runs tokio-postgres on a small
+//! runtime of its own and waits for each call's answer on the calling thread.
+
+pub mod schema;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::runtime::{Handle, Runtime};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls, Row, Transaction};
+use zeroize::Zeroizing;
+
+use super::{RawAudit, RawRecord, Store, StoreError, Write, Written};
+use crate::ra::rules::{
+    self, AuditEvent, EnrollOutcome, EnrollView, Holder, NewEnrollment, ResetOutcome, SecretOp,
+    SecretOutcome, SecretView, SecretWrite,
+};
+use crate::records::{
+    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, SecretRecord,
+    TokenUse, to_cbor,
+};
+
+/// One query parameter.
+type P<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+
+/// How long one call may wait for the database before it is `unavailable`.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections per store (the committer uses one; readers share the rest).
+const MAX_CONNECTIONS: usize = 8;
+/// Attempts of a write that met another writer (unique violation, serialization failure,
+/// deadlock) before the conflict is reported.
+const CONFLICT_ATTEMPTS: usize = 5;
+/// Rows per page when a whole table is walked.
+const PAGE: i64 = 2000;
+
+/// Where the database is and how to reach it.
+#[derive(Clone)]
+pub struct PgConfig {
+    /// `postgresql://USER@HOST:PORT/DB?sslmode=...` or the key=value form; no password.
+    pub url: String,
+    /// The password (from a file or the environment; never from config.toml).
+    pub password: Option<Zeroizing<String>>,
+    /// PEM file of the CA that issued the server's certificate: with it, TLS is used and the
+    /// server verified (host name and chain); without it, no TLS.
+    pub ca_file: Option<PathBuf>,
+    /// The schema that holds Imprint's tables (created by `init`).
+    pub schema: String,
+}
+
+impl std::fmt::Debug for PgConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgConfig")
+            .field("url", &self.url)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("ca_file", &self.ca_file)
+            .field("schema", &self.schema)
+            .finish()
+    }
+}
+
+impl PgConfig {
+    /// Checks the URL (it must carry no password) and the schema name; builds the driver's
+    /// configuration.
+    fn driver_config(&self) -> Result<tokio_postgres::Config, StoreError> {
+        let mut c: tokio_postgres::Config = self
+            .url
+            .parse()
+            .map_err(|e| StoreError::Backend(format!("store url {:?}: {e}", redact(&self.url))))?;
+        if c.get_password().is_some() {
+            return Err(StoreError::Backend(
+                "the store url must not carry a password: put it in a file named by [store] password_file, or in IMPRINT_STORE_PASSWORD".into(),
+            ));
+        }
+        if let Some(p) = &self.password {
+            c.password(p.as_bytes());
+        }
+        if c.get_connect_timeout().is_none() {
+            c.connect_timeout(CONNECT_TIMEOUT);
+        }
+        c.application_name("imprint-ca");
+        if c.get_ssl_mode() == tokio_postgres::config::SslMode::Require && self.ca_file.is_none() {
+            return Err(StoreError::Backend(
+                "sslmode=require needs [store] ca_file: the CA that issued the database's certificate".into(),
+            ));
+        }
+        check_schema_name(&self.schema)?;
+        Ok(c)
+    }
+}
+
+/// The URL without anything after a colon in its user part (a password).
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let user = &url[s + 3..at];
+            let user = user.split(':').next().unwrap_or("");
+            format!("{}{user}{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn check_schema_name(name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit();
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Backend(format!(
+            "store schema {name:?} must be 1 to 63 characters of a-z 0-9 _, not starting with a digit"
+        )))
+    }
+}
+
+/// PostgreSQL-backed [`Store`].
+pub struct PgStore {
+    rt: Option<Runtime>,
+    handle: Handle,
+    pool: Arc<Pool>,
+    target: String,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks; a store may be dropped on an async worker.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl PgStore {
+    /// Connects and checks that the schema is the one this build knows.
+    pub fn open(config: &PgConfig) -> Result<Self, StoreError> {
+        let store = Self::connect(config)?;
+        let found = store.run(|pool| async move { schema_version(&pool).await })?;
+        match found {
+            Some(v) if v == schema::SCHEMA_VERSION => Ok(store),
+            None => Err(StoreError::Schema(format!(
+                "the database at {} has no Imprint schema {:?}: run `ca-server init --store URL` (a new CA) or `ca-server store migrate --dir DIR`",
+                store.target, config.schema
+            ))),
+            Some(v) if v < schema::SCHEMA_VERSION => Err(StoreError::Schema(format!(
+                "the schema {:?} at {} is version {v}, older than this build's {}: run `ca-server store migrate --dir DIR`",
+                config.schema,
+                store.target,
+                schema::SCHEMA_VERSION
+            ))),
+            Some(v) => Err(StoreError::Schema(format!(
+                "the schema {:?} at {} is version {v}, newer than this build's {}: run a ca-server that knows it",
+                config.schema,
+                store.target,
+                schema::SCHEMA_VERSION
+            ))),
+        }
+    }
+
+    /// Creates the schema if needed and applies the migrations it lacks. Returns the version it
+    /// found (0: none).
+    pub fn migrate(config: &PgConfig) -> Result<i32, StoreError> {
+        let store = Self::connect(config)?;
+        let name = config.schema.clone();
+        store.run(move |pool| async move { migrate(&pool, &name).await })
+    }
+
+    /// Removes the schema and everything in it (the simulator's and the tests' own schemas).
+    pub fn drop_schema(config: &PgConfig) -> Result<(), StoreError> {
+        let store = Self::connect(config)?;
+        let name = config.schema.clone();
+        store.run(move |pool| async move {
+            let conn = pool.get().await?;
+            conn.client()?
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                .await
+                .map_err(pg)
+        })
+    }
+
+    /// Where the store is, for messages (no password).
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    fn connect(config: &PgConfig) -> Result<Self, StoreError> {
+        let driver = config.driver_config()?;
+        let tls = match &config.ca_file {
+            None => None,
+            Some(path) => Some(tls_connector(path)?),
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("postgres")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Backend(format!("cannot start the database runtime: {e}")))?;
+        let handle = rt.handle().clone();
+        let target = redact(&config.url);
+        let pool = Arc::new(Pool {
+            config: driver,
+            tls,
+            schema: config.schema.clone(),
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        });
+        let store = PgStore {
+            rt: Some(rt),
+            handle,
+            pool,
+            target,
+        };
+        // Fail now, naming the database, rather than at the first request.
+        store.run(|pool| async move { pool.get().await.map(|_| ()) })?;
+        Ok(store)
+    }
+
+    /// Runs `f` on the store's runtime and waits for its answer on this thread.
+    fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Arc<Pool>) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let fut = f(self.pool.clone());
+        self.handle.spawn(async move {
+            let r = match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::Unavailable(format!(
+                    "no answer from the database within {} s",
+                    CALL_TIMEOUT.as_secs()
+                ))),
+            };
+            let _ = tx.send(r);
+        });
+        rx.recv()
+            .map_err(|_| StoreError::Backend("the database task ended without an answer".into()))?
+    }
+
+    /// Runs a writing transaction again while it meets another writer.
+    fn write<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(Arc<Pool>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.run(move |pool| async move {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match f(pool.clone()).await {
+                    Err(StoreError::Conflict(why)) if attempt < CONFLICT_ATTEMPTS => {
+                        tracing::debug!(attempt, error = %why, "write met another writer; again");
+                    }
+                    other => return other,
+                }
+            }
+        })
+    }
+}
+
+fn tls_connector(
+    path: &std::path::Path,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    let pem = std::fs::read(path)
+        .map_err(|e| StoreError::Backend(format!("store ca_file {}: {e}", path.display())))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let mut n = 0;
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
+        let cert: rustls::pki_types::CertificateDer<'static> = cert
+            .map_err(|e| StoreError::Backend(format!("store ca_file {}: {e}", path.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| StoreError::Backend(format!("store ca_file {}: {e}", path.display())))?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(StoreError::Backend(format!(
+            "store ca_file {}: no certificate in it",
+            path.display()
+        )));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StoreError::Backend(format!("TLS: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// What a driver error means for the caller.
+fn pg(e: tokio_postgres::Error) -> StoreError {
+    match e.code() {
+        Some(c)
+            if *c == SqlState::UNIQUE_VIOLATION
+                || *c == SqlState::T_R_SERIALIZATION_FAILURE
+                || *c == SqlState::T_R_DEADLOCK_DETECTED =>
+        {
+            StoreError::Conflict(e.to_string())
+        }
+        Some(c)
+            if *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+                || *c == SqlState::READ_ONLY_SQL_TRANSACTION
+                || *c == SqlState::TOO_MANY_CONNECTIONS
+                || c.code().starts_with("08") =>
+        {
+            StoreError::Unavailable(e.to_string())
+        }
+        Some(_) => StoreError::Backend(e.to_string()),
+        // No SQLSTATE: the connection failed or closed (refused, reset, timed out).
+        None => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+/// A small connection pool: idle clients are reused; a closed one is dropped and a new one made.
+struct Pool {
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    schema: String,
+    idle: Mutex<Vec<Client>>,
+    permits: Arc<Semaphore>,
+}
+
+struct Conn {
+    client: Option<Client>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take()
+            && !c.is_closed()
+            && let Ok(mut idle) = self.pool.idle.lock()
+        {
+            idle.push(c);
+        }
+    }
+}
+
+impl Conn {
+    fn client(&self) -> Result<&Client, StoreError> {
+        self.client
+            .as_ref()
+            .ok_or_else(|| StoreError::Backend("connection already returned".into()))
+    }
+
+    async fn transaction(&mut self) -> Result<Transaction<'_>, StoreError> {
+        let c = self
+            .client
+            .as_mut()
+            .ok_or_else(|| StoreError::Backend("connection already returned".into()))?;
+        c.transaction().await.map_err(pg)
+    }
+}
+
+impl Pool {
+    async fn get(self: &Arc<Self>) -> Result<Conn, StoreError> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Backend("the connection pool is closed".into()))?;
+        loop {
+            let c = match self.idle.lock() {
+                Ok(mut idle) => idle.pop(),
+                Err(_) => None,
+            };
+            match c {
+                Some(c) if !c.is_closed() => {
+                    return Ok(Conn {
+                        client: Some(c),
+                        pool: self.clone(),
+                        _permit: permit,
+                    });
+                }
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        let client = match &self.tls {
+            Some(tls) => {
+                let (client, conn) = self.config.connect(tls.clone()).await.map_err(pg)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::warn!(error = %e, "database connection ended");
+                    }
+                });
+                client
+            }
+            None => {
+                let (client, conn) = self.config.connect(NoTls).await.map_err(pg)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::warn!(error = %e, "database connection ended");
+                    }
+                });
+                client
+            }
+        };
+        // The schema name was checked to be a plain identifier.
+        client
+            .batch_execute(&format!(
+                "SET search_path TO {}; SET synchronous_commit TO on",
+                self.schema
+            ))
+            .await
+            .map_err(pg)?;
+        Ok(Conn {
+            client: Some(client),
+            pool: self.clone(),
+            _permit: permit,
+        })
+    }
+}
+
+async fn schema_version(pool: &Arc<Pool>) -> Result<Option<i32>, StoreError> {
+    let conn = pool.get().await?;
+    let c = conn.client()?;
+    let exists: bool = c
+        .query_one("SELECT to_regclass('imprint_schema') IS NOT NULL", &[])
+        .await
+        .map_err(pg)?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let v: Option<i32> = c
+        .query_one("SELECT max(version) FROM imprint_schema", &[])
+        .await
+        .map_err(pg)?
+        .get(0);
+    Ok(Some(v.unwrap_or(0)))
+}
+
+async fn migrate(pool: &Arc<Pool>, name: &str) -> Result<i32, StoreError> {
+    {
+        let conn = pool.get().await?;
+        conn.client()?
+            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {name}"))
+            .await
+            .map_err(pg)?;
+    }
+    let found = schema_version(pool).await?.unwrap_or(0);
+    if found > schema::SCHEMA_VERSION {
+        return Err(StoreError::Schema(format!(
+            "the schema {name:?} is version {found}, newer than this build's {}",
+            schema::SCHEMA_VERSION
+        )));
+    }
+    let mut conn = pool.get().await?;
+    for (version, sql) in schema::MIGRATIONS {
+        if *version <= found {
+            continue;
+        }
+        let tx = conn.transaction().await?;
+        tx.batch_execute(sql).await.map_err(pg)?;
+        tx.execute(
+            "INSERT INTO imprint_schema (version) VALUES ($1)",
+            &[version],
+        )
+        .await
+        .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+    }
+    Ok(found)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows
+
+/// A u64 as the bigint that holds it, bit for bit.
+fn i(v: u64) -> i64 {
+    v as i64
+}
+
+/// The u64 a bigint holds.
+fn u(v: i64) -> u64 {
+    v as u64
+}
+
+fn ou(v: Option<i64>) -> Option<u64> {
+    v.map(u)
+}
+
+fn oi(v: Option<u64>) -> Option<i64> {
+    v.map(i)
+}
+
+const DEVICE_COLUMNS: &str =
+    "serial, spki, certificate, line, token_id, enrolled_at, status, revoked_at";
+
+fn device_of(r: &Row) -> Result<DeviceRecord, StoreError> {
+    let status: String = r.try_get(6).map_err(pg)?;
+    Ok(DeviceRecord {
+        serial: u(r.try_get(0).map_err(pg)?),
+        spki: r.try_get(1).map_err(pg)?,
+        certificate: r.try_get(2).map_err(pg)?,
+        line: r.try_get(3).map_err(pg)?,
+        token_id: r.try_get(4).map_err(pg)?,
+        enrolled_at: u(r.try_get(5).map_err(pg)?),
+        status: match status.as_str() {
+            "revoked" => DeviceStatus::Revoked,
+            "active" => DeviceStatus::Active,
+            other => {
+                return Err(StoreError::Corrupt {
+                    tree: "devices",
+                    reason: format!("status {other:?}"),
+                });
+            }
+        },
+        revoked_at: ou(r.try_get(7).map_err(pg)?),
+    })
+}
+
+fn status_name(s: DeviceStatus) -> &'static str {
+    match s {
+        DeviceStatus::Active => "active",
+        DeviceStatus::Revoked => "revoked",
+    }
+}
+
+const LINE_COLUMNS: &str =
+    "id, public_key, first_serial, last_serial, quota, rate, enrolled, active, created_at";
+
+fn line_of(r: &Row) -> Result<LineRecord, StoreError> {
+    let rate: i32 = r.try_get(5).map_err(pg)?;
+    Ok(LineRecord {
+        id: r.try_get(0).map_err(pg)?,
+        public_key: r.try_get(1).map_err(pg)?,
+        first_serial: u(r.try_get(2).map_err(pg)?),
+        last_serial: u(r.try_get(3).map_err(pg)?),
+        quota: u(r.try_get(4).map_err(pg)?),
+        rate: u32::try_from(rate).unwrap_or(0),
+        enrolled: u(r.try_get(6).map_err(pg)?),
+        active: r.try_get(7).map_err(pg)?,
+        created_at: u(r.try_get(8).map_err(pg)?),
+    })
+}
+
+const SECRET_COLUMNS: &str = "serial, version, key_id, ciphertext, nonce, kcv, index_tag, source, created_at, delivered_at, confirmed_at, retired_at";
+
+fn secret_of(r: &Row) -> Result<SecretRecord, StoreError> {
+    Ok(SecretRecord {
+        serial: u(r.try_get(0).map_err(pg)?),
+        version: u(r.try_get(1).map_err(pg)?),
+        key_id: r.try_get(2).map_err(pg)?,
+        ciphertext: r.try_get(3).map_err(pg)?,
+        nonce: r.try_get(4).map_err(pg)?,
+        kcv: r.try_get(5).map_err(pg)?,
+        index_tag: r.try_get(6).map_err(pg)?,
+        source: r.try_get(7).map_err(pg)?,
+        created_at: u(r.try_get(8).map_err(pg)?),
+        delivered_at: ou(r.try_get(9).map_err(pg)?),
+        confirmed_at: ou(r.try_get(10).map_err(pg)?),
+        retired_at: ou(r.try_get(11).map_err(pg)?),
+    })
+}
+
+const POOL_COLUMNS: &str = "key_id, ciphertext, nonce, kcv, index_tag, imported_at";
+
+fn pool_of(r: &Row) -> Result<PoolEntry, StoreError> {
+    Ok(PoolEntry {
+        key_id: r.try_get(0).map_err(pg)?,
+        ciphertext: r.try_get(1).map_err(pg)?,
+        nonce: r.try_get(2).map_err(pg)?,
+        kcv: r.try_get(3).map_err(pg)?,
+        index_tag: r.try_get(4).map_err(pg)?,
+        imported_at: u(r.try_get(5).map_err(pg)?),
+    })
+}
+
+fn audit_of(r: &Row) -> Result<AuditEntry, StoreError> {
+    Ok(AuditEntry {
+        seq: u(r.try_get(0).map_err(pg)?),
+        at: u(r.try_get(1).map_err(pg)?),
+        event: r.try_get(2).map_err(pg)?,
+        serial: ou(r.try_get(3).map_err(pg)?),
+        actor: r.try_get(4).map_err(pg)?,
+        detail: r.try_get(5).map_err(pg)?,
+        prev_hash: r.try_get(6).map_err(pg)?,
+        hash: r.try_get(7).map_err(pg)?,
+    })
+}
+
+fn holder_of(r: Option<Row>) -> Result<Option<Holder>, StoreError> {
+    let Some(r) = r else { return Ok(None) };
+    let serial: Option<i64> = r.try_get(0).map_err(pg)?;
+    let version: Option<i64> = r.try_get(1).map_err(pg)?;
+    Ok(Some(match (serial, version) {
+        (Some(s), Some(v)) => Holder::Version {
+            serial: u(s),
+            version: u(v),
+        },
+        _ => Holder::Pool,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing transactions
+
+/// The audit chain's head, locked for the transaction.
+type Chain = (u64, [u8; 32]);
+
+async fn lock_head(tx: &Transaction<'_>) -> Result<Chain, StoreError> {
+    let r = tx
+        .query_one(
+            "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(pg)?;
+    let hash: Vec<u8> = r.try_get(1).map_err(pg)?;
+    let hash = <[u8; 32]>::try_from(hash.as_slice()).map_err(|_| StoreError::Corrupt {
+        tree: "audit_head",
+        reason: "hash is not 32 bytes".into(),
+    })?;
+    Ok((u(r.try_get(0).map_err(pg)?), hash))
+}
+
+async fn set_head(tx: &Transaction<'_>, chain: &Chain) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1",
+        &[&i(chain.0), &chain.1.as_slice()],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(())
+}
+
+/// Appends the entry for `event` after `chain` and moves `chain` to it.
+async fn append(
+    tx: &Transaction<'_>,
+    chain: &mut Chain,
+    event: &AuditEvent,
+) -> Result<AuditEntry, StoreError> {
+    let entry = AuditEntry {
+        seq: chain.0 + 1,
+        at: event.at,
+        event: event.event.clone(),
+        serial: event.serial,
+        actor: event.actor.clone(),
+        detail: event.detail.clone(),
+        prev_hash: chain.1.to_vec(),
+        hash: Vec::new(),
+    }
+    .sealed();
+    tx.execute(
+        "INSERT INTO audit (seq, at, event, serial, actor, detail, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        &[
+            &i(entry.seq),
+            &i(entry.at),
+            &entry.event,
+            &oi(entry.serial),
+            &entry.actor,
+            &entry.detail,
+            &entry.prev_hash,
+            &entry.hash,
+        ],
+    )
+    .await
+    .map_err(pg)?;
+    *chain = (entry.seq, entry.compute_hash());
+    Ok(entry)
+}
+
+/// A conditional update that must touch exactly one row: anything else means another writer
+/// changed the row since the view was read.
+fn exactly_one(n: u64, what: &str) -> Result<(), StoreError> {
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict(format!("{what}: {n} rows changed")))
+    }
+}
+
+async fn enroll_in(
+    tx: &Transaction<'_>,
+    e: &NewEnrollment,
+    chain: &mut Chain,
+) -> Result<EnrollOutcome, StoreError> {
+    let serial = i(e.serial);
+    let key_hash = e.key_hash.as_slice();
+    let dq = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE serial = $1");
+    let lq = format!("SELECT {LINE_COLUMNS} FROM lines WHERE id = $1");
+    let p_serial: [P<'_>; 1] = [&serial];
+    let p_key: [P<'_>; 1] = [&key_hash];
+    let p_token: [P<'_>; 2] = [&e.line, &e.token_id];
+    let p_line: [P<'_>; 1] = [&e.line];
+    let (device, holder, token, line) = tokio::try_join!(
+        tx.query_opt(dq.as_str(), &p_serial),
+        tx.query_opt("SELECT serial FROM keys WHERE key_hash = $1", &p_key),
+        tx.query_opt(
+            "SELECT serial FROM tokens WHERE line = $1 AND token_id = $2",
+            &p_token
+        ),
+        tx.query_opt(lq.as_str(), &p_line),
+    )
+    .map_err(pg)?;
+    let view = EnrollView {
+        device: device.as_ref().map(device_of).transpose()?,
+        key_holder: holder
+            .map(|r| r.try_get::<_, i64>(0).map(u))
+            .transpose()
+            .map_err(pg)?,
+        token_use: token
+            .map(|r| r.try_get::<_, i64>(0).map(|s| TokenUse { serial: u(s) }))
+            .transpose()
+            .map_err(pg)?,
+        line: line.as_ref().map(line_of).transpose()?,
+    };
+    let (outcome, writes) = rules::enroll(&view, e);
+    let Some(w) = writes else {
+        return Ok(outcome);
+    };
+    let d = &w.device;
+    tx.execute(
+        "INSERT INTO devices (serial, spki, key_hash, certificate, line, token_id, enrolled_at, status, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL)",
+        &[
+            &serial,
+            &d.spki,
+            &key_hash,
+            &d.certificate,
+            &d.line,
+            &d.token_id,
+            &i(d.enrolled_at),
+            &status_name(d.status),
+        ],
+    )
+    .await
+    .map_err(pg)?;
+    if view.key_holder.is_none() {
+        tx.execute(
+            "INSERT INTO keys (key_hash, serial) VALUES ($1, $2)",
+            &[&key_hash, &serial],
+        )
+        .await
+        .map_err(pg)?;
+    }
+    tx.execute(
+        "INSERT INTO tokens (line, token_id, serial) VALUES ($1, $2, $3)",
+        &[&e.line, &e.token_id, &i(w.token_use.serial)],
+    )
+    .await
+    .map_err(pg)?;
+    // The quota held by the database: the count rises only while it is below the quota.
+    let n = tx
+        .execute(
+            "UPDATE lines SET enrolled = enrolled + 1 WHERE id = $1 AND active AND enrolled < quota",
+            &[&e.line],
+        )
+        .await
+        .map_err(pg)?;
+    exactly_one(n, "line count")?;
+    append(tx, chain, &w.event).await?;
+    Ok(outcome)
+}
+
+async fn secret_in(
+    tx: &Transaction<'_>,
+    op: &SecretOp,
+    chain: &mut Chain,
+) -> Result<SecretOutcome, StoreError> {
+    let mut view = SecretView::default();
+    if let Some(serial) = op.serial() {
+        let dq = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE serial = $1");
+        view.device = tx
+            .query_opt(dq.as_str(), &[&i(serial)])
+            .await
+            .map_err(pg)?
+            .as_ref()
+            .map(device_of)
+            .transpose()?;
+        if op.new_version().is_some() {
+            let sq = format!(
+                "SELECT {SECRET_COLUMNS} FROM secret_versions WHERE serial = $1 ORDER BY version DESC LIMIT 1"
+            );
+            view.newest = tx
+                .query_opt(sq.as_str(), &[&i(serial)])
+                .await
+                .map_err(pg)?
+                .as_ref()
+                .map(secret_of)
+                .transpose()?;
+            view.head = view.newest.as_ref().map_or(0, |r| r.version);
+        }
+        if let Some(version) = op.names_version() {
+            let sq = format!(
+                "SELECT {SECRET_COLUMNS} FROM secret_versions WHERE serial = $1 AND version = $2"
+            );
+            view.named = tx
+                .query_opt(sq.as_str(), &[&i(serial), &i(version)])
+                .await
+                .map_err(pg)?
+                .as_ref()
+                .map(secret_of)
+                .transpose()?;
+        }
+    }
+    if let Some(rec) = op.new_version() {
+        let p_tag: [P<'_>; 1] = [&rec.index_tag];
+        let p_id: [P<'_>; 1] = [&rec.key_id];
+        let (tag, id) = tokio::try_join!(
+            tx.query_opt(
+                "SELECT serial, version FROM secret_keys WHERE index_tag = $1",
+                &p_tag
+            ),
+            tx.query_opt(
+                "SELECT serial, version FROM secret_keys WHERE key_id = $1",
+                &p_id
+            ),
+        )
+        .map_err(pg)?;
+        view.tag_holder = holder_of(tag)?;
+        view.key_id_holder = holder_of(id)?;
+    }
+    match op {
+        SecretOp::Allocate {
+            from_pool: Some(id),
+            ..
+        } => {
+            view.pool_entry_present = tx
+                .query_opt("SELECT 1 FROM secret_pool WHERE key_id = $1", &[id])
+                .await
+                .map_err(pg)?
+                .is_some();
+        }
+        SecretOp::Import { entries, .. } => {
+            for e in entries {
+                let p_id: [P<'_>; 1] = [&e.key_id];
+                let p_tag: [P<'_>; 1] = [&e.index_tag];
+                let (id, tag) = tokio::try_join!(
+                    tx.query_opt("SELECT 1 FROM secret_keys WHERE key_id = $1", &p_id),
+                    tx.query_opt("SELECT 1 FROM secret_keys WHERE index_tag = $1", &p_tag),
+                )
+                .map_err(pg)?;
+                view.import_known.push((id.is_some(), tag.is_some()));
+            }
+        }
+        _ => {}
+    }
+    let (outcome, writes, event) = rules::secret(&view, op);
+    let from_pool = writes
+        .iter()
+        .any(|w| matches!(w, SecretWrite::TakeFromPool(_)));
+    for w in writes {
+        match w {
+            SecretWrite::NewVersion(rec) => {
+                let (serial, version) = (i(rec.serial), i(rec.version));
+                if from_pool {
+                    // The imported key's row gets its holder, once: only while it has none.
+                    let n = tx
+                        .execute(
+                            "UPDATE secret_keys SET serial = $2, version = $3 WHERE index_tag = $1 AND serial IS NULL",
+                            &[&rec.index_tag, &serial, &version],
+                        )
+                        .await
+                        .map_err(pg)?;
+                    exactly_one(n, "pool key")?;
+                } else {
+                    tx.execute(
+                        "INSERT INTO secret_keys (index_tag, key_id, serial, version) VALUES ($1, $2, $3, $4)",
+                        &[&rec.index_tag, &rec.key_id, &serial, &version],
+                    )
+                    .await
+                    .map_err(pg)?;
+                }
+                tx.execute(
+                    "INSERT INTO secret_versions (serial, version, key_id, ciphertext, nonce, kcv, index_tag, source, created_at, delivered_at, confirmed_at, retired_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                    &[
+                        &serial,
+                        &version,
+                        &rec.key_id,
+                        &rec.ciphertext,
+                        &rec.nonce,
+                        &rec.kcv,
+                        &rec.index_tag,
+                        &rec.source,
+                        &i(rec.created_at),
+                        &oi(rec.delivered_at),
+                        &oi(rec.confirmed_at),
+                        &oi(rec.retired_at),
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+            }
+            SecretWrite::TakeFromPool(id) => {
+                let n = tx
+                    .execute("DELETE FROM secret_pool WHERE key_id = $1", &[&id])
+                    .await
+                    .map_err(pg)?;
+                exactly_one(n, "pool entry")?;
+            }
+            SecretWrite::UpdateVersion(rec) => {
+                let n = tx
+                    .execute(
+                        "UPDATE secret_versions SET delivered_at = $3 WHERE serial = $1 AND version = $2 AND delivered_at IS NULL AND retired_at IS NULL",
+                        &[&i(rec.serial), &i(rec.version), &oi(rec.delivered_at)],
+                    )
+                    .await
+                    .map_err(pg)?;
+                exactly_one(n, "delivery")?;
+            }
+            SecretWrite::Ack {
+                serial,
+                version,
+                at,
+            } => {
+                let n = tx
+                    .execute(
+                        "UPDATE secret_versions SET confirmed_at = $3 WHERE serial = $1 AND version = $2 AND confirmed_at IS NULL",
+                        &[&i(serial), &i(version), &i(at)],
+                    )
+                    .await
+                    .map_err(pg)?;
+                exactly_one(n, "acknowledgement")?;
+            }
+            SecretWrite::PoolEntry(e) => {
+                tx.execute(
+                    "INSERT INTO secret_keys (index_tag, key_id, serial, version) VALUES ($1, $2, NULL, NULL)",
+                    &[&e.index_tag, &e.key_id],
+                )
+                .await
+                .map_err(pg)?;
+                tx.execute(
+                    "INSERT INTO secret_pool (key_id, ciphertext, nonce, kcv, index_tag, imported_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[
+                        &e.key_id,
+                        &e.ciphertext,
+                        &e.nonce,
+                        &e.kcv,
+                        &e.index_tag,
+                        &i(e.imported_at),
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+            }
+        }
+    }
+    if let Some(event) = event {
+        append(tx, chain, &event).await?;
+    }
+    Ok(outcome)
+}
+
+async fn apply_batch(pool: Arc<Pool>, writes: Arc<Vec<Write>>) -> Result<Vec<Written>, StoreError> {
+    let mut conn = pool.get().await?;
+    let tx = conn.transaction().await?;
+    let mut chain = lock_head(&tx).await?;
+    let mut outcomes = Vec::with_capacity(writes.len());
+    for w in writes.iter() {
+        outcomes.push(match w {
+            Write::Enroll(e) => Written::Enroll(enroll_in(&tx, e, &mut chain).await?),
+            Write::Secret(op) => Written::Secret(secret_in(&tx, op, &mut chain).await?),
+        });
+    }
+    set_head(&tx, &chain).await?;
+    tx.commit().await.map_err(pg)?;
+    Ok(outcomes)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trait
+
+impl PgStore {
+    fn query_rows<T, F>(&self, sql: String, params: Vec<i64>, f: F) -> Result<Vec<T>, StoreError>
+    where
+        F: Fn(&Row) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.run(move |pool| async move {
+            let conn = pool.get().await?;
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                .iter()
+                .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            let rows = conn
+                .client()?
+                .query(sql.as_str(), &refs)
+                .await
+                .map_err(pg)?;
+            rows.iter().map(&f).collect()
+        })
+    }
+}
+
+/// Walks a table in key order, a page at a time.
+struct Pages<'a, T> {
+    store: &'a PgStore,
+    sql: &'static str,
+    key: fn(&T) -> i64,
+    decode: fn(&Row) -> Result<T, StoreError>,
+    after: Option<i64>,
+    buf: std::collections::VecDeque<T>,
+    done: bool,
+}
+
+impl<T: Send + 'static> Iterator for Pages<'_, T> {
+    type Item = Result<T, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.buf.is_empty() && !self.done {
+            let after = self.after.unwrap_or(i64::MIN);
+            let first = self.after.is_none();
+            let (sql, decode) = (self.sql, self.decode);
+            let page = self.store.run(move |pool| async move {
+                let conn = pool.get().await?;
+                let rows = conn
+                    .client()?
+                    .query(sql, &[&after, &first, &PAGE])
+                    .await
+                    .map_err(pg)?;
+                rows.iter().map(decode).collect::<Result<Vec<T>, _>>()
+            });
+            match page {
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+                Ok(rows) => {
+                    if (rows.len() as i64) < PAGE {
+                        self.done = true;
+                    }
+                    if let Some(last) = rows.last() {
+                        self.after = Some((self.key)(last));
+                    }
+                    self.buf.extend(rows);
+                }
+            }
+        }
+        self.buf.pop_front().map(Ok)
+    }
+}
+
+impl Store for PgStore {
+    fn device(&self, serial: u64) -> Result<Option<DeviceRecord>, StoreError> {
+        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE serial = $1");
+        Ok(self.query_rows(sql, vec![i(serial)], device_of)?.pop())
+    }
+
+    fn serial_for_key(&self, key_hash: &[u8; 32]) -> Result<Option<u64>, StoreError> {
+        let key = key_hash.to_vec();
+        self.run(move |pool| async move {
+            let conn = pool.get().await?;
+            let r = conn
+                .client()?
+                .query_opt("SELECT serial FROM keys WHERE key_hash = $1", &[&key])
+                .await
+                .map_err(pg)?;
+            r.map(|r| r.try_get::<_, i64>(0).map(u))
+                .transpose()
+                .map_err(pg)
+        })
+    }
+
+    fn line(&self, id: &str) -> Result<Option<LineRecord>, StoreError> {
+        let id = id.to_string();
+        self.run(move |pool| async move {
+            let conn = pool.get().await?;
+            let sql = format!("SELECT {LINE_COLUMNS} FROM lines WHERE id = $1");
+            let r = conn
+                .client()?
+                .query_opt(sql.as_str(), &[&id])
+                .await
+                .map_err(pg)?;
+            r.as_ref().map(line_of).transpose()
+        })
+    }
+
+    fn lines(&self) -> Result<Vec<LineRecord>, StoreError> {
+        self.query_rows(
+            format!("SELECT {LINE_COLUMNS} FROM lines ORDER BY id"),
+            vec![],
+            line_of,
+        )
+    }
+
+    fn add_line(&self, line: &LineRecord, actor: &str) -> Result<(), StoreError> {
+        let (line, actor) = (line.clone(), actor.to_string());
+        self.write(move |pool| {
+            let (line, actor) = (line.clone(), actor.clone());
+            async move {
+                let mut conn = pool.get().await?;
+                let tx = conn.transaction().await?;
+                let mut chain = lock_head(&tx).await?;
+                let lq = format!("SELECT {LINE_COLUMNS} FROM lines WHERE id = $1");
+                let existing = tx
+                    .query_opt(lq.as_str(), &[&line.id])
+                    .await
+                    .map_err(pg)?
+                    .as_ref()
+                    .map(line_of)
+                    .transpose()?;
+                let event = rules::add_line(existing.as_ref(), &line, &actor)
+                    .map_err(StoreError::LineExists)?;
+                tx.execute(
+                    "INSERT INTO lines (id, public_key, first_serial, last_serial, quota, rate, enrolled, active, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    &[
+                        &line.id,
+                        &line.public_key,
+                        &i(line.first_serial),
+                        &i(line.last_serial),
+                        &i(line.quota),
+                        &i32::try_from(line.rate).unwrap_or(i32::MAX),
+                        &i(line.enrolled),
+                        &line.active,
+                        &i(line.created_at),
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+                append(&tx, &mut chain, &event).await?;
+                set_head(&tx, &chain).await?;
+                tx.commit().await.map_err(pg)
+            }
+        })
+    }
+
+    fn apply_enrollment(&self, e: &NewEnrollment) -> Result<EnrollOutcome, StoreError> {
+        match self.apply_writes(&[Write::Enroll(e.clone())])?.pop() {
+            Some(Written::Enroll(o)) => Ok(o),
+            _ => Err(StoreError::Backend("no outcome for the enrollment".into())),
+        }
+    }
+
+    fn apply_writes(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
+        let writes = Arc::new(writes.to_vec());
+        if writes.len() == 1 {
+            return self.write(move |pool| apply_batch(pool, writes.clone()));
+        }
+        // A batch that meets another writer is not retried whole: the caller (the group
+        // commit) applies its writes one by one, each retried alone.
+        self.run(move |pool| apply_batch(pool, writes))
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        // Every write committed in its own transaction, durable (synchronous_commit = on) when
+        // the commit returned.
+        Ok(())
+    }
+
+    fn secret_versions(&self, serial: u64) -> Result<Vec<SecretRecord>, StoreError> {
+        self.query_rows(
+            format!(
+                "SELECT {SECRET_COLUMNS} FROM secret_versions WHERE serial = $1 ORDER BY version"
+            ),
+            vec![i(serial)],
+            secret_of,
+        )
+    }
+
+    fn pool(&self, skip: usize, n: usize) -> Result<Vec<PoolEntry>, StoreError> {
+        self.query_rows(
+            format!("SELECT {POOL_COLUMNS} FROM secret_pool ORDER BY key_id OFFSET $1 LIMIT $2"),
+            vec![skip as i64, n as i64],
+            pool_of,
+        )
+    }
+
+    fn apply_secret(&self, op: &SecretOp) -> Result<SecretOutcome, StoreError> {
+        match self.apply_writes(&[Write::Secret(op.clone())])?.pop() {
+            Some(Written::Secret(o)) => Ok(o),
+            _ => Err(StoreError::Backend(
+                "no outcome for the secrets write".into(),
+            )),
+        }
+    }
+
+    fn set_status(
+        &self,
+        serial: u64,
+        status: DeviceStatus,
+        at: u64,
+        actor: &str,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        let actor = actor.to_string();
+        self.write(move |pool| {
+            let actor = actor.clone();
+            async move {
+                let mut conn = pool.get().await?;
+                let tx = conn.transaction().await?;
+                let mut chain = lock_head(&tx).await?;
+                let dq =
+                    format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE serial = $1 FOR UPDATE");
+                let rec = tx
+                    .query_opt(dq.as_str(), &[&i(serial)])
+                    .await
+                    .map_err(pg)?
+                    .as_ref()
+                    .map(device_of)
+                    .transpose()?;
+                let Some((rec, event)) = rules::set_status(rec.as_ref(), status, at, &actor) else {
+                    return Ok(None);
+                };
+                if let Some(event) = event {
+                    tx.execute(
+                        "UPDATE devices SET status = $2, revoked_at = $3 WHERE serial = $1",
+                        &[&i(serial), &status_name(rec.status), &oi(rec.revoked_at)],
+                    )
+                    .await
+                    .map_err(pg)?;
+                    append(&tx, &mut chain, &event).await?;
+                    set_head(&tx, &chain).await?;
+                }
+                tx.commit().await.map_err(pg)?;
+                Ok(Some(rec))
+            }
+        })
+    }
+
+    fn reset_device(&self, serial: u64, at: u64, actor: &str) -> Result<ResetOutcome, StoreError> {
+        let actor = actor.to_string();
+        self.write(move |pool| {
+            let actor = actor.clone();
+            async move {
+                let mut conn = pool.get().await?;
+                let tx = conn.transaction().await?;
+                let mut chain = lock_head(&tx).await?;
+                let dq = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE serial = $1 FOR UPDATE");
+                let rec = tx
+                    .query_opt(dq.as_str(), &[&i(serial)])
+                    .await
+                    .map_err(pg)?
+                    .as_ref()
+                    .map(device_of)
+                    .transpose()?;
+                let (line, versions) = match &rec {
+                    None => (None, Vec::new()),
+                    Some(r) => {
+                        let lq = format!("SELECT {LINE_COLUMNS} FROM lines WHERE id = $1");
+                        let sq = format!(
+                            "SELECT {SECRET_COLUMNS} FROM secret_versions WHERE serial = $1 ORDER BY version"
+                        );
+                        let s = i(serial);
+                        let p_line: [P<'_>; 1] = [&r.line];
+                        let p_serial: [P<'_>; 1] = [&s];
+                        let (line, versions) = tokio::try_join!(
+                            tx.query_opt(lq.as_str(), &p_line),
+                            tx.query(sq.as_str(), &p_serial),
+                        )
+                        .map_err(pg)?;
+                        (
+                            line.as_ref().map(line_of).transpose()?,
+                            versions.iter().map(secret_of).collect::<Result<Vec<_>, _>>()?,
+                        )
+                    }
+                };
+                let (outcome, writes) =
+                    rules::reset(rec.as_ref(), line.as_ref(), &versions, at, &actor);
+                let Some(w) = writes else {
+                    return Ok(outcome);
+                };
+                let entry = append(&tx, &mut chain, &w.event).await?;
+                let old = &w.history.device;
+                tx.execute("DELETE FROM devices WHERE serial = $1", &[&i(serial)])
+                    .await
+                    .map_err(pg)?;
+                if w.line.is_some() {
+                    tx.execute(
+                        "UPDATE lines SET enrolled = enrolled - 1 WHERE id = $1 AND enrolled > 0",
+                        &[&old.line],
+                    )
+                    .await
+                    .map_err(pg)?;
+                }
+                tx.execute(
+                    "INSERT INTO device_resets (serial, seq, spki, certificate, line, token_id, enrolled_at, reset_at, actor) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    &[
+                        &i(serial),
+                        &i(entry.seq),
+                        &old.spki,
+                        &old.certificate,
+                        &old.line,
+                        &old.token_id,
+                        &i(old.enrolled_at),
+                        &i(w.history.reset_at),
+                        &w.history.actor,
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+                tx.execute(
+                    "UPDATE secret_versions SET retired_at = $2 WHERE serial = $1 AND retired_at IS NULL",
+                    &[&i(serial), &i(at)],
+                )
+                .await
+                .map_err(pg)?;
+                set_head(&tx, &chain).await?;
+                tx.commit().await.map_err(pg)?;
+                Ok(outcome)
+            }
+        })
+    }
+
+    fn history(&self, serial: u64) -> Result<Vec<ResetRecord>, StoreError> {
+        self.query_rows(
+            "SELECT serial, spki, certificate, line, token_id, enrolled_at, reset_at, actor FROM device_resets WHERE serial = $1 ORDER BY seq".into(),
+            vec![i(serial)],
+            |r| {
+                Ok(ResetRecord {
+                    device: DeviceRecord {
+                        serial: u(r.try_get(0).map_err(pg)?),
+                        spki: r.try_get(1).map_err(pg)?,
+                        certificate: r.try_get(2).map_err(pg)?,
+                        line: r.try_get(3).map_err(pg)?,
+                        token_id: r.try_get(4).map_err(pg)?,
+                        enrolled_at: u(r.try_get(5).map_err(pg)?),
+                        status: DeviceStatus::Active,
+                        revoked_at: None,
+                    },
+                    reset_at: u(r.try_get(6).map_err(pg)?),
+                    actor: r.try_get(7).map_err(pg)?,
+                })
+            },
+        )
+    }
+
+    fn revoked(&self) -> Result<Vec<(u64, u64)>, StoreError> {
+        self.query_rows(
+            "SELECT serial, revoked_at FROM devices WHERE status = 'revoked' ORDER BY serial"
+                .into(),
+            vec![],
+            |r| {
+                let at: Option<i64> = r.try_get(1).map_err(pg)?;
+                Ok((u(r.try_get(0).map_err(pg)?), u(at.unwrap_or(0))))
+            },
+        )
+    }
+
+    fn set_line_active(
+        &self,
+        id: &str,
+        active: bool,
+        at: u64,
+        actor: &str,
+    ) -> Result<Option<LineRecord>, StoreError> {
+        let (id, actor) = (id.to_string(), actor.to_string());
+        self.write(move |pool| {
+            let (id, actor) = (id.clone(), actor.clone());
+            async move {
+                let mut conn = pool.get().await?;
+                let tx = conn.transaction().await?;
+                let mut chain = lock_head(&tx).await?;
+                let lq = format!("SELECT {LINE_COLUMNS} FROM lines WHERE id = $1 FOR UPDATE");
+                let line = tx
+                    .query_opt(lq.as_str(), &[&id])
+                    .await
+                    .map_err(pg)?
+                    .as_ref()
+                    .map(line_of)
+                    .transpose()?;
+                let Some((line, event)) = rules::set_line_active(line.as_ref(), active, at, &actor)
+                else {
+                    return Ok(None);
+                };
+                if let Some(event) = event {
+                    tx.execute(
+                        "UPDATE lines SET active = $2 WHERE id = $1",
+                        &[&id, &active],
+                    )
+                    .await
+                    .map_err(pg)?;
+                    append(&tx, &mut chain, &event).await?;
+                    set_head(&tx, &chain).await?;
+                }
+                tx.commit().await.map_err(pg)?;
+                Ok(Some(line))
+            }
+        })
+    }
+
+    fn record_event(
+        &self,
+        event: &str,
+        serial: Option<u64>,
+        actor: &str,
+        detail: String,
+        at: u64,
+    ) -> Result<(), StoreError> {
+        let ev = AuditEvent {
+            at,
+            event: event.to_string(),
+            serial,
+            actor: actor.to_string(),
+            detail,
+        };
+        self.write(move |pool| {
+            let ev = ev.clone();
+            async move {
+                let mut conn = pool.get().await?;
+                let tx = conn.transaction().await?;
+                let mut chain = lock_head(&tx).await?;
+                append(&tx, &mut chain, &ev).await?;
+                set_head(&tx, &chain).await?;
+                tx.commit().await.map_err(pg)
+            }
+        })
+    }
+
+    fn audit_raw(&self, after: u64) -> Box<dyn Iterator<Item = Result<RawAudit, StoreError>> + '_> {
+        // The entry as stored, in the CBOR form the sled store keeps, so that one verifier
+        // reads both: a changed column changes the bytes and fails the entry's own hash.
+        Box::new(self.audit_from(after).map(|r| {
+            r.map(|e| {
+                let key = e.seq.to_be_bytes().to_vec();
+                (key, to_cbor(&e))
+            })
+        }))
+    }
+
+    fn devices(&self) -> Box<dyn Iterator<Item = Result<DeviceRecord, StoreError>> + '_> {
+        Box::new(Pages {
+            store: self,
+            sql: "SELECT serial, spki, certificate, line, token_id, enrolled_at, status, revoked_at FROM devices WHERE (serial > $1 OR $2) ORDER BY serial LIMIT $3",
+            key: |d: &DeviceRecord| i(d.serial),
+            decode: device_of,
+            after: None,
+            buf: Default::default(),
+            done: false,
+        })
+    }
+
+    fn audit(&self) -> Box<dyn Iterator<Item = Result<AuditEntry, StoreError>> + '_> {
+        Box::new(self.audit_from(0))
+    }
+
+    fn raw_records(&self) -> Result<Vec<RawRecord>, StoreError> {
+        // Every row of every table as JSON text, by table and primary key: for before/after
+        // comparisons.
+        const TABLES: [(&str, &str); 10] = [
+            ("lines", "id"),
+            ("devices", "serial"),
+            ("keys", "key_hash"),
+            ("tokens", "line, token_id"),
+            ("secret_keys", "index_tag"),
+            ("secret_versions", "serial, version"),
+            ("secret_pool", "key_id"),
+            ("device_resets", "serial, seq"),
+            ("audit", "seq"),
+            ("audit_head", "id"),
+        ];
+        self.run(|pool| async move {
+            let conn = pool.get().await?;
+            let c = conn.client()?;
+            let mut out = Vec::new();
+            for (table, key) in TABLES {
+                let sql = format!("SELECT row_to_json(t)::text FROM {table} t ORDER BY {key}");
+                for r in c.query(sql.as_str(), &[]).await.map_err(pg)? {
+                    let row: String = r.try_get(0).map_err(pg)?;
+                    out.push((table.to_string(), Vec::new(), row.into_bytes()));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.run(|pool| async move {
+            let conn = pool.get().await?;
+            let r = conn
+                .client()?
+                .query_one(
+                    "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema() AND c.relkind = 'r'",
+                    &[],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(u(r.try_get(0).map_err(pg)?))
+        })
+    }
+}
+
+impl PgStore {
+    fn audit_from(&self, after: u64) -> Pages<'_, AuditEntry> {
+        Pages {
+            store: self,
+            sql: "SELECT seq, at, event, serial, actor, detail, prev_hash, hash FROM audit WHERE (seq > $1 OR $2) ORDER BY seq LIMIT $3",
+            key: |e: &AuditEntry| i(e.seq),
+            decode: audit_of,
+            after: (after > 0).then_some(i(after)),
+            buf: Default::default(),
+            done: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_never_shows_in_the_target() {
+        assert_eq!(
+            redact("postgresql://imprint:hunter2@db.example:5432/ca"),
+            "postgresql://imprint@db.example:5432/ca"
+        );
+        assert_eq!(
+            redact("postgresql://imprint@db.example/ca"),
+            "postgresql://imprint@db.example/ca"
+        );
+        let c = PgConfig {
+            url: "postgresql://imprint:hunter2@127.0.0.1/ca".into(),
+            password: None,
+            ca_file: None,
+            schema: "imprint".into(),
+        };
+        let e = c.driver_config().unwrap_err().to_string();
+        assert!(
+            e.contains("must not carry a password") && !e.contains("hunter2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        for ok in ["imprint", "t_1", "a"] {
+            assert!(check_schema_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "1a", "Imprint", "a;drop", "a b", &"x".repeat(64)] {
+            assert!(check_schema_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The PostgreSQL schema, as numbered migrations. `ca-server init` applies them all; `serve`
+//! refuses a schema whose version is not [`SCHEMA_VERSION`].
+//!
+//! Every invariant lives in the database itself, so that it holds with any number of CA
+//! processes writing at once: one device per serial (primary key), one serial per public key
+//! (primary key of `keys`, never deleted: a key stays bound to its serial even after a reset),
+//! one enrollment per (line, token id), one holder per secret keyed hash and per key id
+//! (`secret_keys`), a pool entry taken once (deleted in the transaction that binds it, and its
+//! `secret_keys` row updated only while it has no holder), and a line's count never above its
+//! quota (a check constraint, and the count raised by a conditional update).
+//!
+//! Serials are unsigned 64-bit numbers stored in `bigint` columns bit for bit: serials up to
+//! 9,223,372,036,854,775,807 read as themselves; larger ones read as negative numbers (the
+//! serial minus 2^64).
+
+/// The schema version this build reads and writes.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// (version, SQL). Each runs in one transaction with the row that records it.
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
+
+const V1: &str = r#"
+CREATE TABLE imprint_schema (
+    version     integer PRIMARY KEY,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE lines (
+    id            text PRIMARY KEY,
+    public_key    bytea NOT NULL,
+    first_serial  bigint NOT NULL,
+    last_serial   bigint NOT NULL,
+    quota         bigint NOT NULL CHECK (quota >= 1),
+    rate          integer NOT NULL DEFAULT 0 CHECK (rate >= 0),
+    enrolled      bigint NOT NULL DEFAULT 0 CHECK (enrolled >= 0 AND enrolled <= quota),
+    active        boolean NOT NULL,
+    created_at    bigint NOT NULL
+);
+
+-- serial -> key -> certificate: the binding.
+CREATE TABLE devices (
+    serial       bigint PRIMARY KEY,
+    spki         bytea NOT NULL,
+    key_hash     bytea NOT NULL CHECK (length(key_hash) = 32),
+    certificate  bytea NOT NULL,
+    line         text NOT NULL REFERENCES lines (id),
+    token_id     bytea NOT NULL,
+    enrolled_at  bigint NOT NULL,
+    status       text NOT NULL CHECK (status IN ('active', 'revoked')),
+    revoked_at   bigint,
+    CHECK ((status = 'revoked') = (revoked_at IS NOT NULL))
+);
+CREATE INDEX devices_line_enrolled_at ON devices (line, enrolled_at);
+CREATE INDEX devices_revoked ON devices (serial) WHERE status = 'revoked';
+
+-- A public key is bound to one serial for ever (a reset frees the serial, not the key).
+CREATE TABLE keys (
+    key_hash  bytea PRIMARY KEY CHECK (length(key_hash) = 32),
+    serial    bigint NOT NULL
+);
+
+-- A token id is consumed by one enrollment of its line.
+CREATE TABLE tokens (
+    line      text NOT NULL,
+    token_id  bytea NOT NULL,
+    serial    bigint NOT NULL,
+    PRIMARY KEY (line, token_id)
+);
+
+-- Every secret ever generated or imported: its keyed hash and key id, held by a device's
+-- version, or by the pool while (serial, version) are null.
+CREATE TABLE secret_keys (
+    index_tag  bytea PRIMARY KEY,
+    key_id     text NOT NULL UNIQUE,
+    serial     bigint,
+    version    bigint,
+    CHECK ((serial IS NULL) = (version IS NULL))
+);
+CREATE UNIQUE INDEX secret_keys_holder ON secret_keys (serial, version) WHERE serial IS NOT NULL;
+
+CREATE TABLE secret_versions (
+    serial        bigint NOT NULL,
+    version       bigint NOT NULL CHECK (version >= 1),
+    key_id        text NOT NULL UNIQUE,
+    ciphertext    bytea NOT NULL,
+    nonce         bytea NOT NULL,
+    kcv           bytea NOT NULL,
+    index_tag     bytea NOT NULL UNIQUE REFERENCES secret_keys (index_tag),
+    source        text NOT NULL,
+    created_at    bigint NOT NULL,
+    delivered_at  bigint,
+    confirmed_at  bigint,
+    retired_at    bigint,
+    PRIMARY KEY (serial, version)
+);
+
+CREATE TABLE secret_pool (
+    key_id       text PRIMARY KEY,
+    ciphertext   bytea NOT NULL,
+    nonce        bytea NOT NULL,
+    kcv          bytea NOT NULL,
+    index_tag    bytea NOT NULL UNIQUE REFERENCES secret_keys (index_tag),
+    imported_at  bigint NOT NULL
+);
+
+-- Earlier bindings of a serial, moved here by a reset (seq: the reset's audit entry).
+CREATE TABLE device_resets (
+    serial       bigint NOT NULL,
+    seq          bigint NOT NULL,
+    spki         bytea NOT NULL,
+    certificate  bytea NOT NULL,
+    line         text NOT NULL,
+    token_id     bytea NOT NULL,
+    enrolled_at  bigint NOT NULL,
+    reset_at     bigint NOT NULL,
+    actor        text NOT NULL,
+    PRIMARY KEY (serial, seq)
+);
+
+-- The append-only, hash-chained audit log, and its head: every writing transaction locks the
+-- head row first, so entries chain in commit order whatever the number of writers.
+CREATE TABLE audit (
+    seq        bigint PRIMARY KEY CHECK (seq >= 1),
+    at         bigint NOT NULL,
+    event      text NOT NULL,
+    serial     bigint,
+    actor      text NOT NULL,
+    detail     text NOT NULL,
+    prev_hash  bytea NOT NULL,
+    hash       bytea NOT NULL
+);
+CREATE INDEX audit_serial ON audit (serial) WHERE serial IS NOT NULL;
+
+CREATE TABLE audit_head (
+    id    integer PRIMARY KEY CHECK (id = 1),
+    seq   bigint NOT NULL,
+    hash  bytea NOT NULL
+);
+INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '\x0000000000000000000000000000000000000000000000000000000000000000');
+"#;
