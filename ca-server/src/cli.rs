@@ -14,7 +14,7 @@ use crate::config::CaDir;
 use crate::server::{self, ListenOverrides};
 use crate::service::{Clock, SystemClock};
 use crate::setup::{self, InitOptions};
-use crate::store::{SledStore, Store};
+use crate::store::Store;
 use clap::{Parser, Subcommand};
 use protocol_spec::KeyAlgorithm;
 
@@ -44,6 +44,26 @@ enum Command {
         /// 127.0.0.1 and ::1 are always included.
         #[arg(long = "tls-name")]
         tls_names: Vec<String>,
+        /// Keep the records in this PostgreSQL database (`postgresql://USER@HOST:PORT/DB`, no
+        /// password; the database must exist): init creates the schema. Default: a sled store
+        /// in DIR/store.
+        #[arg(long = "store")]
+        store_url: Option<String>,
+        /// File with the database password (mode 0600); or set IMPRINT_STORE_PASSWORD.
+        #[arg(long = "store-password-file", requires = "store_url")]
+        store_password_file: Option<PathBuf>,
+        /// PEM of the CA that issued the database's certificate: TLS to the database, server
+        /// verified.
+        #[arg(long = "store-ca-file", requires = "store_url")]
+        store_ca_file: Option<PathBuf>,
+        /// Schema for Imprint's tables (default imprint).
+        #[arg(long = "store-schema", requires = "store_url")]
+        store_schema: Option<String>,
+    },
+    /// The store: schema migrations.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
     },
     /// Serve until interrupted (SIGINT or SIGTERM).
     Serve {
@@ -116,6 +136,17 @@ struct AdminArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCommand {
+    /// Bring the PostgreSQL schema named in DIR/config.toml to this build's version (run it
+    /// with every CA process stopped, or before starting new ones).
+    Migrate {
+        /// The CA folder.
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -327,8 +358,13 @@ fn run(cli: Cli) -> Result<bool, String> {
             algorithm,
             name,
             tls_names,
+            store_url,
+            store_password_file,
+            store_ca_file,
+            store_schema,
         } => {
             let ca = CaDir::new(&dir);
+            let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
             setup::init(
                 &ca,
                 &InitOptions {
@@ -336,6 +372,12 @@ fn run(cli: Cli) -> Result<bool, String> {
                     name,
                     tls_names,
                     now: SystemClock.now(),
+                    store: crate::config::StoreSettings {
+                        url: store_url,
+                        password_file: store_password_file.map(absolute),
+                        ca_file: store_ca_file.map(absolute),
+                        schema: store_schema,
+                    },
                 },
             )?;
             println!("created CA in {} ({algorithm})", dir.display());
@@ -345,6 +387,30 @@ fn run(cli: Cli) -> Result<bool, String> {
                 "  next: ca-server line add --dir {} --id LINE --public-key LINE.pub.pem --serials FIRST-LAST",
                 dir.display()
             );
+            Ok(true)
+        }
+        Command::Store {
+            command: StoreCommand::Migrate { dir },
+        } => {
+            let ca = CaDir::new(&dir);
+            let config = ca.load_config()?;
+            let Some(pg) = crate::store::pg_config(&ca, &config.store)? else {
+                return Err(format!(
+                    "{} keeps its records in sled ({}), which needs no migration",
+                    dir.display(),
+                    ca.store().display()
+                ));
+            };
+            let found = crate::store::PgStore::migrate(&pg).map_err(|e| e.to_string())?;
+            let now = crate::store::postgres::schema::SCHEMA_VERSION;
+            if found == now {
+                println!("schema {:?} is at version {now}; nothing to do", pg.schema);
+            } else {
+                println!(
+                    "schema {:?} migrated from version {found} to {now}",
+                    pg.schema
+                );
+            }
             Ok(true)
         }
         Command::Operator {
@@ -461,8 +527,19 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<(), String> {
     Ok(())
 }
 
-fn open_store(dir: &std::path::Path) -> Result<SledStore, String> {
-    SledStore::open(&CaDir::new(dir).store()).map_err(|e| e.to_string())
+/// The store of the CA folder `dir` (sled in the folder, or the database its config names).
+fn open_store(dir: &std::path::Path) -> Result<std::sync::Arc<dyn Store>, String> {
+    let ca = CaDir::new(dir);
+    if !ca.ca_cert().exists() {
+        return Err(format!(
+            "{} is not a CA folder ({} is missing; `ca-server init --dir {}` makes one)",
+            dir.display(),
+            ca.ca_cert().display(),
+            dir.display()
+        ));
+    }
+    let config = ca.load_config()?;
+    crate::store::open(&ca, &config.store)
 }
 
 fn line_command(command: LineCommand) -> Result<bool, String> {
@@ -765,8 +842,8 @@ fn secrets_command(command: SecretsCommand) -> Result<bool, String> {
             let batch = crate::secrets::parse_import(&text)
                 .map_err(|e| format!("{}: {e}", file.display()))?;
             let keys = crate::secrets::SecretKeys::load(&ca.kek())?;
-            let store = SledStore::open(&ca.store()).map_err(|e| e.to_string())?;
-            let n = crate::service::import_batch(&store, &keys, batch, now, "cli")
+            let store = open_store(&dir)?;
+            let n = crate::service::import_batch(store.as_ref(), &keys, batch, now, "cli")
                 .map_err(|e| format!("{}: {e}", file.display()))?;
             println!("imported {n} keys from {}", file.display());
             Ok(true)
@@ -817,7 +894,8 @@ fn rotate_offline(
 ) -> Result<RotateResult, String> {
     let ca = CaDir::new(dir);
     let keys = crate::secrets::SecretKeys::load(&ca.kek())?;
-    let store = SledStore::open(&ca.store()).map_err(|e| e.to_string())?;
+    let store = open_store(dir)?;
+    let store = store.as_ref();
     let active =
         |d: &crate::records::DeviceRecord| d.status == crate::records::DeviceStatus::Active;
     let mut serials = Vec::new();
@@ -847,7 +925,7 @@ fn rotate_offline(
     };
     let mut results = Vec::with_capacity(serials.len());
     for chunk in serials.chunks(512) {
-        let batch = crate::service::rotate_batch(&store, &keys, chunk, now, "cli")
+        let batch = crate::service::rotate_batch(store, &keys, chunk, now, "cli")
             .map_err(|e| e.to_string())?;
         results.extend(chunk.iter().copied().zip(batch));
     }

@@ -17,6 +17,31 @@ pub struct Config {
     pub limits: Limits,
     /// Issuance.
     pub issuer: IssuerRules,
+    /// Where the records are kept.
+    pub store: StoreSettings,
+}
+
+/// `[store]`: the sled store in the CA folder (no `url`), or a PostgreSQL database that
+/// several CA processes may share.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// `postgresql://USER@HOST:PORT/DB` (libpq URL or key=value form, `sslmode` and
+    /// `target_session_attrs` included), never with a password in it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// File holding the database password, mode 0600 (relative to the CA folder);
+    /// `IMPRINT_STORE_PASSWORD` in the environment takes precedence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// PEM file of the CA that issued the database server's certificate (relative to the CA
+    /// folder): with it the connection uses TLS and verifies the server; `sslmode=require`
+    /// needs it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// The schema holding Imprint's tables (default `imprint`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
 }
 
 /// Issuance settings.

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::config::{CaDir, Config};
 use crate::issuer::Issuer;
 use crate::service::{CaService, Clock, SystemClock};
-use crate::store::{SledStore, Store};
+use crate::store::Store;
 
 /// Listener overrides from the command line.
 #[derive(Debug, Clone, Default)]
@@ -105,7 +105,7 @@ pub async fn start_with_clock(
         .ok_or_else(|| format!("{}: no CERTIFICATE", dir.ca_cert().display()))?;
     let issuer =
         Issuer::new(ca_key, &ca_der).map_err(|e| format!("{}: {e}", dir.ca_key().display()))?;
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.store()).map_err(|e| e.to_string())?);
+    let store: Arc<dyn Store> = crate::store::open(dir, &config.store)?;
     let policy = TokenPolicy {
         max_clock_skew: config.token.max_clock_skew,
         max_lifetime: config.token.max_lifetime,

@@ -10,7 +10,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
 use crate::config::{CaDir, Config};
-use crate::store::SledStore;
+use crate::store::{PgStore, SledStore};
 
 /// What `init` needs to know.
 #[derive(Debug, Clone)]
@@ -24,6 +24,8 @@ pub struct InitOptions {
     pub tls_names: Vec<String>,
     /// The CA's notBefore (and every device certificate's), Unix seconds.
     pub now: u64,
+    /// `[store]`: where the records go (the sled store in the folder when it has no url).
+    pub store: crate::config::StoreSettings,
 }
 
 /// Writes `bytes` to a new file with `mode`, refusing to overwrite.
@@ -54,6 +56,27 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
         .mode(0o700)
         .create(dir.root())
         .map_err(|e| format!("{}: {e}", dir.root().display()))?;
+    // A database is checked before anything is written: reachable, and holding no other CA.
+    let pg = crate::store::pg_config(dir, &opts.store)?;
+    if let Some(c) = &pg {
+        match PgStore::installed_version(c) {
+            Ok(None) => {}
+            Ok(Some(v)) => {
+                return Err(format!(
+                    "schema {:?} at {} already holds an Imprint store (version {v}); give another --store-schema, or drop that one",
+                    c.schema,
+                    crate::store::postgres::redact(&c.url)
+                ));
+            }
+            Err(crate::store::StoreError::Unavailable(why)) => {
+                return Err(format!(
+                    "cannot reach the database at {}: {why}",
+                    crate::store::postgres::redact(&c.url)
+                ));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
     let rng = SystemRandom::new();
     let ca_key = KeyPair::generate(opts.algorithm, &rng).map_err(|e| e.to_string())?;
     let not_before = i64::try_from(opts.now).map_err(|_| "time out of range".to_string())?;
@@ -69,12 +92,23 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
         server_certificate(&ca_der, &ca_key, &opts.tls_names, opts.now, &rng)?;
     write_new(&dir.tls_key(), tls_key.as_bytes(), 0o600)?;
     write_new(&dir.tls_cert(), tls_cert.as_bytes(), 0o644)?;
-    let config = toml::to_string_pretty(&Config::default()).map_err(|e| e.to_string())?;
+    let config = Config {
+        store: opts.store.clone(),
+        ..Config::default()
+    };
+    let config = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
     let header =
         "# Imprint CA configuration. Every field may be left out; these are the defaults.\n";
     write_new(&dir.config(), format!("{header}{config}").as_bytes(), 0o644)?;
     crate::operators::ensure_operator_ca(dir, opts.now)?;
-    SledStore::open(&dir.store()).map_err(|e| e.to_string())?;
+    match &pg {
+        None => {
+            SledStore::open(&dir.store()).map_err(|e| e.to_string())?;
+        }
+        Some(c) => {
+            PgStore::migrate(c).map_err(|e| e.to_string())?;
+        }
+    }
     Ok(())
 }
 

@@ -12,6 +12,7 @@ use std::process::{Command, Output};
 
 use ca_server::admin::{DeviceView, LineView, RotateResult};
 use ca_server::audit::{AuditLine, AuditVerdict};
+use ca_server::config::StoreSettings;
 use ca_server::server::RunningServer;
 use common::{Line, TestCa};
 use device_agent::AgentError;
@@ -710,10 +711,16 @@ async fn every_subcommand_against_a_running_server() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("SEQ:HASH"), "{}", stderr(&out));
 
-    // Offline commands refuse to touch a store the server holds.
+    // With sled, offline commands refuse to touch a store the server holds; with PostgreSQL
+    // they work beside it.
     let out = run(&["line", "list", "--dir", ca.root().to_str().unwrap()]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("in use"), "{}", stderr(&out));
+    if ca.on_postgres() {
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stdout(&out).contains("line-2"), "{}", stdout(&out));
+    } else {
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("in use"), "{}", stderr(&out));
+    }
     server.stop().await;
 }
 
@@ -805,7 +812,11 @@ async fn metrics_parse_as_prometheus_text() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_verify_names_the_one_edited_entry() {
-    let (ca, line, server) = setup().await;
+    // Edits the bytes sled keeps; the same on PostgreSQL's rows is the next test.
+    let ca = TestCa::with_store(KeyAlgorithm::Ed25519, StoreSettings::default());
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 1000, None);
+    let server = ca.start().await;
     for serial in 1..=4 {
         let mut dev = enroll(
             &ca,
@@ -1128,4 +1139,97 @@ async fn an_admin_body_that_never_comes_gets_408_and_the_connection_is_closed() 
     assert!(r.closed, "connection still open after {:?}", r.after);
     assert!(r.answer.starts_with("HTTP/1.1 408"), "{}", r.answer);
     server.stop().await;
+}
+
+/// Runs `sql` with psql against the test database (the schema of `ca`).
+fn psql(ca: &TestCa, sql: &str) -> String {
+    let config = ca.dir.load_config().unwrap();
+    let url = config.store.url.unwrap();
+    let schema = config.store.schema.unwrap();
+    let out = Command::new("psql")
+        .arg(&url)
+        .args(["-qtA", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .env("PGOPTIONS", format!("-c search_path={schema}"))
+        .env(
+            "PGPASSWORD",
+            std::env::var("IMPRINT_STORE_PASSWORD").unwrap_or_default(),
+        )
+        .output()
+        .expect("psql (Debian package postgresql-client-15)");
+    assert!(out.status.success(), "{sql}: {}", stderr(&out));
+    stdout(&out)
+}
+
+/// The same tamper checks on PostgreSQL's rows: an edited column, an edited hash, a removed
+/// row; each is named by `audit verify`, which exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_names_the_edited_row_on_postgres() {
+    let ca = TestCa::with_store(KeyAlgorithm::Ed25519, common::pg_store());
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 1000, None);
+    let server = ca.start().await;
+    for serial in 1..=2 {
+        let mut dev = enroll(
+            &ca,
+            server.coap.unwrap(),
+            &line,
+            serial,
+            KeyAlgorithm::Ed25519,
+        )
+        .await
+        .unwrap();
+        sync_secret(server.mtls.unwrap(), &mut dev).await;
+    }
+    server.stop().await;
+    let dir = ca.root().to_str().unwrap().to_string();
+    let verify = || run(&["audit", "verify", "--dir", &dir]);
+    assert!(verify().status.success(), "{}", stdout(&verify()));
+    let entries: u64 = psql(&ca, "SELECT count(*) FROM audit")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        entries >= 7,
+        "line-add + 2 x (enroll, deliver, ack): {entries}"
+    );
+    let broken = |seq: u64, what: &str| {
+        let out = verify();
+        assert_eq!(out.status.code(), Some(1), "{what}: {}", stdout(&out));
+        assert!(
+            stdout(&out).contains(&format!("BROKEN at entry {seq}:")),
+            "{what}: {}",
+            stdout(&out)
+        );
+    };
+    psql(
+        &ca,
+        "UPDATE audit SET detail = detail || ' forged' WHERE seq = 3",
+    );
+    broken(3, "edited detail");
+    psql(
+        &ca,
+        "UPDATE audit SET detail = left(detail, length(detail) - 7) WHERE seq = 3",
+    );
+    assert!(verify().status.success(), "restored");
+    psql(
+        &ca,
+        &format!(
+            "UPDATE audit SET hash = set_byte(hash, 0, get_byte(hash, 0) # 1) WHERE seq = {entries}"
+        ),
+    );
+    broken(entries, "edited hash");
+    psql(
+        &ca,
+        &format!(
+            "UPDATE audit SET hash = set_byte(hash, 0, get_byte(hash, 0) # 1) WHERE seq = {entries}"
+        ),
+    );
+    assert!(verify().status.success(), "restored");
+    psql(&ca, "DELETE FROM audit WHERE seq = 5");
+    broken(5, "removed row");
+    assert!(
+        stdout(&verify()).contains("missing"),
+        "{}",
+        stdout(&verify())
+    );
 }

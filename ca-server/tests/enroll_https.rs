@@ -183,11 +183,11 @@ async fn every_reachable_problem_has_its_status_and_type_and_changes_nothing() {
     // A line limited to 1 enrollment per second.
     let slow = Line::new("slow", ED);
     {
-        let store = ca_server::store::SledStore::open(&ca.dir.store()).unwrap();
+        let store = ca.store();
         let pem = protocol_spec::PublicKey::from(&slow.key).to_pem();
         let mut rec = ca_server::lines::new_line("slow", &pem, (7000, 7999), None, now()).unwrap();
         rec.rate = 1;
-        ca_server::store::Store::add_line(&store, &rec, "test").unwrap();
+        store.add_line(&rec, "test").unwrap();
     }
     let server = ca.start().await;
     let addr = server.https.unwrap();

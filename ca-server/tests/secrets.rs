@@ -339,9 +339,19 @@ async fn ten_thousand_devices_get_distinct_secrets_and_no_plaintext_reaches_the_
         );
     }
     store.sync().unwrap();
-    // Every byte of the sled folder: no plaintext secret anywhere.
+    // Every byte of the store's files (the sled folder, or the PostgreSQL cluster's data folder
+    // with its write-ahead log): no plaintext secret anywhere.
     let mut files = Vec::new();
-    let mut stack = vec![ca.dir.store()];
+    let root = if ca.on_postgres() {
+        std::path::PathBuf::from(
+            std::env::var("IMPRINT_TEST_PG_DIR")
+                .expect("IMPRINT_TEST_PG_DIR: the data folder of the test database"),
+        )
+        .join("data")
+    } else {
+        ca.dir.store()
+    };
+    let mut stack = vec![root];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).unwrap() {
             let e = e.unwrap();

@@ -51,6 +51,7 @@ async fn ca_with_line(
             name: "CLI Test CA".into(),
             tls_names: vec![],
             now: now() - 60,
+            store: Default::default(),
         },
     )
     .unwrap();

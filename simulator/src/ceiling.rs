@@ -218,6 +218,7 @@ mod tls {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs().saturating_sub(3600))
                     .unwrap_or(0),
+                store: Default::default(),
             },
         )?;
         let rng = SystemRandom::new();

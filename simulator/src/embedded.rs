@@ -57,6 +57,7 @@ pub fn start(
             name: "Imprint Simulator CA".into(),
             tls_names: vec![],
             now: now.saturating_sub(3600),
+            store: Default::default(),
         },
     )?;
     if !verify_own_signatures {

@@ -7,6 +7,73 @@ mod sled_store;
 pub use postgres::{PgConfig, PgStore};
 pub use sled_store::{SledStore, sled_config};
 
+/// The environment variable that holds the database password (before `[store] password_file`).
+pub const PASSWORD_ENV: &str = "IMPRINT_STORE_PASSWORD";
+
+/// The PostgreSQL settings of a CA folder's `[store]`, password read; `None` for the sled
+/// store.
+pub fn pg_config(
+    dir: &crate::config::CaDir,
+    s: &crate::config::StoreSettings,
+) -> Result<Option<PgConfig>, String> {
+    let Some(url) = &s.url else {
+        return Ok(None);
+    };
+    let under = |p: &std::path::PathBuf| dir.root().join(p);
+    let password = match std::env::var(PASSWORD_ENV) {
+        Ok(p) if !p.is_empty() => Some(zeroize::Zeroizing::new(p)),
+        _ => match &s.password_file {
+            None => None,
+            Some(f) => Some(read_password(&under(f))?),
+        },
+    };
+    Ok(Some(PgConfig {
+        url: url.clone(),
+        password,
+        ca_file: s.ca_file.as_ref().map(under),
+        schema: s.schema.clone().unwrap_or_else(|| "imprint".into()),
+    }))
+}
+
+/// A password file: its first line, which only its owner may read.
+fn read_password(path: &std::path::Path) -> Result<zeroize::Zeroizing<String>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "{}: a password file must be readable by its owner only (chmod 600)",
+            path.display()
+        ));
+    }
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
+    );
+    Ok(zeroize::Zeroizing::new(
+        text.lines().next().unwrap_or("").to_string(),
+    ))
+}
+
+/// Opens the store a CA folder's configuration names: PostgreSQL when `[store] url` is set
+/// (its schema must be the one this build knows), else the sled store in the folder.
+pub fn open(
+    dir: &crate::config::CaDir,
+    s: &crate::config::StoreSettings,
+) -> Result<std::sync::Arc<dyn Store>, String> {
+    match pg_config(dir, s)? {
+        None => Ok(std::sync::Arc::new(
+            SledStore::open(&dir.store()).map_err(|e| e.to_string())?,
+        )),
+        Some(c) => match PgStore::open(&c) {
+            Ok(store) => Ok(std::sync::Arc::new(store)),
+            Err(StoreError::Unavailable(why)) => Err(format!(
+                "cannot reach the database at {}: {why}",
+                postgres::redact(&c.url)
+            )),
+            Err(e) => Err(e.to_string()),
+        },
+    }
+}
+
 /// Total size of the files under `dir` (a store folder's bytes on disk, as the simulator's
 /// report and the store_size example give them).
 pub fn dir_size(dir: &std::path::Path) -> u64 {

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ca_server::config::CaDir;
+use ca_server::config::StoreSettings;
 use ca_server::server::{self, ListenOverrides, RunningServer};
 use ca_server::setup::{self, InitOptions};
-use ca_server::store::{SledStore, Store};
+use ca_server::store::Store;
 use device_agent::https::HttpsClient;
 use device_agent::url::CaUrl;
 use protocol_spec::messages::{EnrollRequest, ResponseForm};
@@ -101,7 +102,13 @@ pub struct TestCa {
 }
 
 impl TestCa {
+    /// A CA on the suite's store ([`test_store`]).
     pub fn new(alg: KeyAlgorithm) -> Self {
+        Self::with_store(alg, test_store())
+    }
+
+    /// A CA whose records go where `store` says.
+    pub fn with_store(alg: KeyAlgorithm, store: StoreSettings) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let dir = CaDir::new(tmp.path().join("ca"));
         setup::init(
@@ -111,6 +118,7 @@ impl TestCa {
                 name: "Test CA".into(),
                 tls_names: vec![],
                 now: now() - 60,
+                store,
             },
         )
         .unwrap();
@@ -119,12 +127,31 @@ impl TestCa {
         TestCa { tmp, dir, ca_der }
     }
 
+    /// The CA's store, opened as `ca-server` opens it (for sled: only while no server runs).
+    pub fn store(&self) -> Arc<dyn Store> {
+        let config = self.dir.load_config().unwrap();
+        ca_server::store::open(&self.dir, &config.store).unwrap()
+    }
+
+    /// Whether the records are in PostgreSQL.
+    pub fn on_postgres(&self) -> bool {
+        self.dir.load_config().unwrap().store.url.is_some()
+    }
+
     /// Registers `line` for serials `first..=last` (store opened offline).
     pub fn add_line(&self, line: &Line, first: u64, last: u64, quota: Option<u64>) {
-        let store = SledStore::open(&self.dir.store()).unwrap();
+        let store = self.store();
         let pem = PublicKey::from(&line.key).to_pem();
-        ca_server::lines::add_line(&store, &line.id, &pem, (first, last), quota, now(), "test")
-            .unwrap();
+        ca_server::lines::add_line(
+            store.as_ref(),
+            &line.id,
+            &pem,
+            (first, last),
+            quota,
+            now(),
+            "test",
+        )
+        .unwrap();
     }
 
     pub async fn start(&self) -> RunningServer {
@@ -157,6 +184,47 @@ impl TestCa {
 
     pub fn ca_pem_path(&self) -> PathBuf {
         self.dir.ca_cert()
+    }
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
+        // A test's own schema goes with it (best effort: the database may be gone).
+        if let Ok(config) = self.dir.load_config()
+            && let Ok(Some(pg)) = ca_server::store::pg_config(&self.dir, &config.store)
+        {
+            let _ = ca_server::store::PgStore::drop_schema(&pg);
+        }
+    }
+}
+
+/// The store the suite runs on, from the environment: `IMPRINT_TEST_STORE=postgres` puts each
+/// test CA in a schema of its own in the database at `IMPRINT_TEST_PG_URL` (TLS verified with
+/// `IMPRINT_TEST_PG_CA`, password in `IMPRINT_STORE_PASSWORD`; `.ci/run` starts one, and so does
+/// `eval "$(ca-server/scripts/test-postgres.sh start)"`); unset or `sled`: the sled store.
+pub fn test_store() -> StoreSettings {
+    match std::env::var("IMPRINT_TEST_STORE").as_deref() {
+        Ok("postgres") => pg_store(),
+        Ok("sled") | Err(_) => StoreSettings::default(),
+        Ok(other) => panic!("IMPRINT_TEST_STORE={other:?}: use sled or postgres"),
+    }
+}
+
+/// Settings for a new schema in the test database (which must be reachable: a test that needs
+/// it fails, saying how to start one, rather than skip).
+pub fn pg_store() -> StoreSettings {
+    let url = std::env::var("IMPRINT_TEST_PG_URL").unwrap_or_else(|_| {
+        panic!(
+            "this test needs PostgreSQL: set IMPRINT_TEST_PG_URL, IMPRINT_TEST_PG_CA and IMPRINT_STORE_PASSWORD, e.g. with `eval \"$(ca-server/scripts/test-postgres.sh start)\"` (.ci/run does)"
+        )
+    });
+    let mut tag = [0u8; 8];
+    SystemRandom::new().fill(&mut tag).unwrap();
+    StoreSettings {
+        url: Some(url),
+        password_file: None,
+        ca_file: std::env::var("IMPRINT_TEST_PG_CA").ok().map(PathBuf::from),
+        schema: Some(format!("t_{}", hex::encode(tag))),
     }
 }
 

@@ -190,6 +190,12 @@ impl PgStore {
         store.run(move |pool| async move { migrate(&pool, &name).await })
     }
 
+    /// The version of the schema in the database (`None`: no Imprint schema there).
+    pub fn installed_version(config: &PgConfig) -> Result<Option<i32>, StoreError> {
+        let store = Self::connect(config)?;
+        store.run(|pool| async move { schema_version(&pool).await })
+    }
+
     /// Removes the schema and everything in it (the simulator's and the tests' own schemas).
     pub fn drop_schema(config: &PgConfig) -> Result<(), StoreError> {
         let store = Self::connect(config)?;
@@ -659,13 +665,11 @@ async fn set_head(tx: &Transaction<'_>, chain: &Chain) -> Result<(), StoreError>
     Ok(())
 }
 
-/// Appends the entry for `event` after `chain` and moves `chain` to it.
-async fn append(
-    tx: &Transaction<'_>,
-    chain: &mut Chain,
-    event: &AuditEvent,
-) -> Result<AuditEntry, StoreError> {
-    let entry = AuditEntry {
+const INSERT_AUDIT: &str = "INSERT INTO audit (seq, at, event, serial, actor, detail, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+
+/// The sealed entry that records `event` after `chain`.
+fn seal_next(chain: &Chain, event: &AuditEvent) -> AuditEntry {
+    AuditEntry {
         seq: chain.0 + 1,
         at: event.at,
         event: event.event.clone(),
@@ -675,22 +679,50 @@ async fn append(
         prev_hash: chain.1.to_vec(),
         hash: Vec::new(),
     }
-    .sealed();
-    tx.execute(
-        "INSERT INTO audit (seq, at, event, serial, actor, detail, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        &[
-            &i(entry.seq),
-            &i(entry.at),
-            &entry.event,
-            &oi(entry.serial),
-            &entry.actor,
-            &entry.detail,
-            &entry.prev_hash,
-            &entry.hash,
-        ],
-    )
-    .await
-    .map_err(pg)?;
+    .sealed()
+}
+
+/// An audit entry's column values.
+struct AuditRow<'a> {
+    seq: i64,
+    at: i64,
+    serial: Option<i64>,
+    e: &'a AuditEntry,
+}
+
+impl<'a> AuditRow<'a> {
+    fn of(e: &'a AuditEntry) -> Self {
+        AuditRow {
+            seq: i(e.seq),
+            at: i(e.at),
+            serial: oi(e.serial),
+            e,
+        }
+    }
+
+    fn params(&self) -> [P<'_>; 8] {
+        [
+            &self.seq,
+            &self.at,
+            &self.e.event,
+            &self.serial,
+            &self.e.actor,
+            &self.e.detail,
+            &self.e.prev_hash,
+            &self.e.hash,
+        ]
+    }
+}
+
+/// Appends the entry for `event` after `chain` and moves `chain` to it.
+async fn append(
+    tx: &Transaction<'_>,
+    chain: &mut Chain,
+    event: &AuditEvent,
+) -> Result<AuditEntry, StoreError> {
+    let entry = seal_next(chain, event);
+    let row = AuditRow::of(&entry);
+    tx.execute(INSERT_AUDIT, &row.params()).await.map_err(pg)?;
     *chain = (entry.seq, entry.compute_hash());
     Ok(entry)
 }
@@ -745,45 +777,55 @@ async fn enroll_in(
         return Ok(outcome);
     };
     let d = &w.device;
-    tx.execute(
-        "INSERT INTO devices (serial, spki, key_hash, certificate, line, token_id, enrolled_at, status, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL)",
-        &[
-            &serial,
-            &d.spki,
-            &key_hash,
-            &d.certificate,
-            &d.line,
-            &d.token_id,
-            &i(d.enrolled_at),
-            &status_name(d.status),
-        ],
-    )
-    .await
-    .map_err(pg)?;
-    if view.key_holder.is_none() {
+    let entry = seal_next(chain, &w.event);
+    let (enrolled_at, status, by) = (
+        i(d.enrolled_at),
+        status_name(d.status),
+        i(w.token_use.serial),
+    );
+    let p_device: [P<'_>; 8] = [
+        &serial,
+        &d.spki,
+        &key_hash,
+        &d.certificate,
+        &d.line,
+        &d.token_id,
+        &enrolled_at,
+        &status,
+    ];
+    let p_key: [P<'_>; 2] = [&key_hash, &serial];
+    let p_token: [P<'_>; 3] = [&e.line, &e.token_id, &by];
+    let p_line: [P<'_>; 1] = [&e.line];
+    let audit = AuditRow::of(&entry);
+    let p_audit = audit.params();
+    // One round trip: the statements go out in this order on the transaction's connection.
+    let (_, _, _, counted, _) = tokio::try_join!(
         tx.execute(
-            "INSERT INTO keys (key_hash, serial) VALUES ($1, $2)",
-            &[&key_hash, &serial],
-        )
-        .await
-        .map_err(pg)?;
-    }
-    tx.execute(
-        "INSERT INTO tokens (line, token_id, serial) VALUES ($1, $2, $3)",
-        &[&e.line, &e.token_id, &i(w.token_use.serial)],
-    )
-    .await
-    .map_err(pg)?;
-    // The quota held by the database: the count rises only while it is below the quota.
-    let n = tx
-        .execute(
+            "INSERT INTO devices (serial, spki, key_hash, certificate, line, token_id, enrolled_at, status, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL)",
+            &p_device,
+        ),
+        async {
+            if view.key_holder.is_none() {
+                tx.execute("INSERT INTO keys (key_hash, serial) VALUES ($1, $2)", &p_key)
+                    .await
+            } else {
+                Ok(0)
+            }
+        },
+        tx.execute(
+            "INSERT INTO tokens (line, token_id, serial) VALUES ($1, $2, $3)",
+            &p_token,
+        ),
+        // The quota held by the database: the count rises only while it is below the quota.
+        tx.execute(
             "UPDATE lines SET enrolled = enrolled + 1 WHERE id = $1 AND active AND enrolled < quota",
-            &[&e.line],
-        )
-        .await
-        .map_err(pg)?;
-    exactly_one(n, "line count")?;
-    append(tx, chain, &w.event).await?;
+            &p_line,
+        ),
+        tx.execute(INSERT_AUDIT, &p_audit),
+    )
+    .map_err(pg)?;
+    exactly_one(counted, "line count")?;
+    *chain = (entry.seq, entry.compute_hash());
     Ok(outcome)
 }
 

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# A throwaway PostgreSQL 15 (Debian's postgresql-15) for the test suite and for trying the
+# PostgreSQL store by hand: a new cluster in a temporary folder, on a free loopback port, with
+# TLS (a test CA and a server certificate for 127.0.0.1), scram-sha-256 passwords, a role and a
+# database named imprint. Prints the environment the tests read:
+#
+#   eval "$(ca-server/scripts/test-postgres.sh start)"     # start; exports IMPRINT_TEST_PG_*
+#   ca-server/scripts/test-postgres.sh stop "$IMPRINT_TEST_PG_DIR"
+#   ca-server/scripts/test-postgres.sh pause DIR    # stop the server, keep the cluster
+#   ca-server/scripts/test-postgres.sh resume DIR   # start it again, same port and settings
+#
+# The role's password is IMPRINT_STORE_PASSWORD when that is set, else a new random one.
+# PostgreSQL refuses to run as root: as root the server runs as the postgres user.
+set -euo pipefail
+
+bin=/usr/lib/postgresql/15/bin
+[ -x "$bin/initdb" ] || { echo "test-postgres: $bin/initdb not found (apt-get install postgresql-15)" >&2; exit 2; }
+
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+case "${1:-start}" in
+start)
+  dir=$(mktemp -d /tmp/imprint-pg.XXXXXX)
+  chmod 755 "$dir"
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  password=${IMPRINT_STORE_PASSWORD:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}
+  superpw=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  (
+    cd "$dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem \
+      -days 7 -subj /CN=imprint-test-database-ca 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server.key -out server.csr \
+      -subj /CN=127.0.0.1 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n' > server.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.crt \
+      -days 7 -extfile server.ext 2>/dev/null
+    printf '%s\n' "$superpw" > superpw
+    chmod 600 server.key ca.key superpw
+  )
+  if [ "$(id -u)" = 0 ]; then chown postgres "$dir/server.key" "$dir/server.crt" "$dir/superpw"; mkdir "$dir/data"; chown postgres "$dir/data" "$dir"; fi
+  as_pg "$bin/initdb" -D "$dir/data" -U postgres --auth=scram-sha-256 --pwfile="$dir/superpw" >"$dir/initdb.log" 2>&1
+  echo "-p $port -k $dir -c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key -c max_connections=300 -c fsync=on -c synchronous_commit=on" > "$dir/options"
+  as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -o "$(cat "$dir/options")" start >/dev/null
+  PGPASSWORD=$superpw "$bin/psql" -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -v ON_ERROR_STOP=1 \
+    -c "CREATE ROLE imprint LOGIN PASSWORD '$password'" -c "CREATE DATABASE imprint OWNER imprint" >/dev/null
+  echo "export IMPRINT_TEST_PG_DIR=$dir"
+  echo "export IMPRINT_TEST_PG_URL='postgresql://imprint@127.0.0.1:$port/imprint?sslmode=require'"
+  echo "export IMPRINT_TEST_PG_CA=$dir/ca.pem"
+  echo "export IMPRINT_STORE_PASSWORD=$password"
+  ;;
+pause)
+  dir=${2:?usage: test-postgres.sh pause DIR}
+  as_pg "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null
+  ;;
+resume)
+  dir=${2:?usage: test-postgres.sh resume DIR}
+  as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -o "$(cat "$dir/options")" start >/dev/null
+  ;;
+stop)
+  dir=${2:?usage: test-postgres.sh stop DIR}
+  as_pg "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$dir"
+  ;;
+*)
+  echo "usage: test-postgres.sh start | pause DIR | resume DIR | stop DIR" >&2
+  exit 2
+  ;;
+esac
