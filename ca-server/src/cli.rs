@@ -140,6 +140,28 @@ struct AdminArgs {
 
 #[derive(Subcommand, Debug)]
 enum StoreCommand {
+    /// Copy a CA's sled store (server stopped) into an empty PostgreSQL schema, then verify
+    /// there the audit chain (against the sled head) and every record.
+    Copy {
+        /// The CA folder (its store must be sled).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The database (`postgresql://USER@HOST:PORT/DB`, no password).
+        #[arg(long)]
+        to: String,
+        /// File with the database password (mode 0600); or set IMPRINT_STORE_PASSWORD.
+        #[arg(long = "password-file")]
+        password_file: Option<PathBuf>,
+        /// PEM of the CA that issued the database's certificate (TLS, server verified).
+        #[arg(long = "ca-file")]
+        ca_file: Option<PathBuf>,
+        /// Schema to create and fill (default imprint).
+        #[arg(long)]
+        schema: Option<String>,
+        /// Once verified, point DIR/config.toml's [store] at the copy.
+        #[arg(long)]
+        switch: bool,
+    },
     /// Bring the PostgreSQL schema named in DIR/config.toml to this build's version (run it
     /// with every CA process stopped, or before starting new ones).
     Migrate {
@@ -387,6 +409,41 @@ fn run(cli: Cli) -> Result<bool, String> {
                 "  next: ca-server line add --dir {} --id LINE --public-key LINE.pub.pem --serials FIRST-LAST",
                 dir.display()
             );
+            Ok(true)
+        }
+        Command::Store {
+            command:
+                StoreCommand::Copy {
+                    dir,
+                    to,
+                    password_file,
+                    ca_file,
+                    schema,
+                    switch,
+                },
+        } => {
+            let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+            let target = crate::config::StoreSettings {
+                url: Some(to),
+                password_file: password_file.map(absolute),
+                ca_file: ca_file.map(absolute),
+                schema,
+            };
+            let report = crate::store::copy::sled_to_postgres(&CaDir::new(&dir), &target)?;
+            println!("{report}");
+            if switch {
+                let ca = CaDir::new(&dir);
+                let mut config = ca.load_config()?;
+                config.store = target;
+                let text = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
+                std::fs::write(ca.config(), text)
+                    .map_err(|e| format!("{}: {e}", ca.config().display()))?;
+                println!(
+                    "{} now names the database; the sled store in {} is no longer read",
+                    ca.config().display(),
+                    ca.store().display()
+                );
+            }
             Ok(true)
         }
         Command::Store {

@@ -1,6 +1,7 @@
 //! The store: the only shared state of the CA. The trait is what the CA needs, nothing more;
 //! [`SledStore`] is the embedded default.
 
+pub mod copy;
 pub mod postgres;
 mod sled_store;
 
@@ -135,6 +136,45 @@ pub enum StoreError {
     /// what to run.
     #[error("{0}")]
     Schema(String),
+}
+
+/// One record of a store, as `ca-server store copy` moves it ([`SledStore::export`],
+/// [`PgStore::import`]).
+#[derive(Debug, Clone)]
+pub enum Exported {
+    /// A line.
+    Line(LineRecord),
+    /// A device's current binding.
+    Device(DeviceRecord),
+    /// A key bound to a serial (for ever, reset or not).
+    Key {
+        /// SHA-256 of the SPKI.
+        hash: [u8; 32],
+        /// Its serial.
+        serial: u64,
+    },
+    /// A token id consumed by a line's enrollment.
+    Token {
+        /// Line.
+        line: String,
+        /// Token id.
+        token_id: Vec<u8>,
+        /// The serial that consumed it.
+        serial: u64,
+    },
+    /// A secret version.
+    Version(SecretRecord),
+    /// An imported key not yet given out.
+    Pool(PoolEntry),
+    /// An earlier binding of a reset serial, with the reset's audit sequence number.
+    Reset {
+        /// Audit sequence number of the reset.
+        seq: u64,
+        /// The binding as it was.
+        record: ResetRecord,
+    },
+    /// An audit entry, exactly as recorded.
+    Audit(AuditEntry),
 }
 
 /// A write the group commit batches ([`Store::apply_writes`]).

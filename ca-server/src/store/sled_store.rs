@@ -14,7 +14,7 @@ use crate::ra::rules::{
 };
 use crate::records::{
     AuditEntry, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, SecretRecord,
-    from_cbor, to_cbor,
+    TokenUse, from_cbor, to_cbor,
 };
 
 const DEVICES: &str = "devices";
@@ -436,6 +436,93 @@ impl SledStore {
     #[cfg(test)]
     pub(crate) fn damage_device_record_for_test(&self, serial: u64) {
         let _ = self.devices.insert(serial.to_be_bytes(), &b"not cbor"[..]);
+    }
+}
+
+impl SledStore {
+    /// Every record, for a copy into another store (`ca-server store copy`), in an order that
+    /// a store with foreign keys can take: lines, devices, key index, token uses, secret
+    /// versions (acknowledgement times merged), pool, history, audit. Returns how many
+    /// entries the secret index holds (one per version and pool entry in a sound store).
+    pub fn export(
+        &self,
+        sink: &mut dyn FnMut(super::Exported) -> Result<(), StoreError>,
+    ) -> Result<u64, StoreError> {
+        use super::Exported;
+        for r in self.lines.iter() {
+            let (_, v) = r.map_err(backend)?;
+            sink(Exported::Line(from_cbor(&v).map_err(corrupt(LINES))?))?;
+        }
+        for d in self.devices() {
+            sink(Exported::Device(d?))?;
+        }
+        for r in self.keys.iter() {
+            let (k, v) = r.map_err(backend)?;
+            let hash = <[u8; 32]>::try_from(k.as_ref())
+                .map_err(|_| corrupt(KEYS)("key hash is not 32 bytes".into()))?;
+            let serial = u64_of(&v).ok_or_else(|| corrupt(KEYS)("serial is not 8 bytes".into()))?;
+            sink(Exported::Key { hash, serial })?;
+        }
+        for r in self.tokens.iter() {
+            let (k, v) = r.map_err(backend)?;
+            let zero = k
+                .iter()
+                .position(|b| *b == 0)
+                .ok_or_else(|| corrupt(TOKENS)("token key has no separator".into()))?;
+            let line = String::from_utf8(k[..zero].to_vec())
+                .map_err(|_| corrupt(TOKENS)("line id is not UTF-8".into()))?;
+            let used: TokenUse = from_cbor(&v).map_err(corrupt(TOKENS))?;
+            sink(Exported::Token {
+                line,
+                token_id: k[zero + 1..].to_vec(),
+                serial: used.serial,
+            })?;
+        }
+        for r in self.secrets.iter() {
+            let (k, v) = r.map_err(backend)?;
+            let mut rec: SecretRecord = from_cbor(&v).map_err(corrupt(SECRETS))?;
+            if rec.confirmed_at.is_none()
+                && let Some(at) = self.secret_acks.get(&k).map_err(backend)?
+            {
+                rec.confirmed_at = Some(
+                    u64_of(&at)
+                        .ok_or_else(|| corrupt(SECRET_ACKS)("ack time is not 8 bytes".into()))?,
+                );
+            }
+            sink(Exported::Version(rec))?;
+        }
+        for r in self.pool.iter() {
+            let (_, v) = r.map_err(backend)?;
+            sink(Exported::Pool(from_cbor(&v).map_err(corrupt(POOL))?))?;
+        }
+        for r in self.history.iter() {
+            let (k, v) = r.map_err(backend)?;
+            let seq = k
+                .get(8..16)
+                .and_then(u64_of)
+                .ok_or_else(|| corrupt(HISTORY)("key is not serial and sequence".into()))?;
+            sink(Exported::Reset {
+                seq,
+                record: from_cbor(&v).map_err(corrupt(HISTORY))?,
+            })?;
+        }
+        for e in self.audit() {
+            sink(Exported::Audit(e?))?;
+        }
+        Ok(self.secret_index.len() as u64)
+    }
+
+    /// The serials with a reset history.
+    pub fn export_history_serials(&self) -> Result<Vec<u64>, StoreError> {
+        let mut out = Vec::new();
+        for r in self.history.iter() {
+            let (k, _) = r.map_err(backend)?;
+            if let Some(s) = k.get(..8).and_then(u64_of) {
+                out.push(s);
+            }
+        }
+        out.dedup();
+        Ok(out)
     }
 }
 

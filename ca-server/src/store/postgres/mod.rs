@@ -1545,6 +1545,311 @@ impl Store for PgStore {
     }
 }
 
+/// Loads records copied from another store into an empty schema ([`PgStore::importer`]), a
+/// few thousand rows per statement, in the order the tables' references need.
+pub struct Importer<'a> {
+    store: &'a PgStore,
+    buf: Vec<super::Exported>,
+    last_audit: Option<(u64, [u8; 32])>,
+    /// Rows loaded.
+    pub rows: u64,
+}
+
+impl std::fmt::Debug for Importer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Importer")
+            .field("rows", &self.rows)
+            .finish()
+    }
+}
+
+const IMPORT_CHUNK: usize = 2000;
+
+impl PgStore {
+    /// Rows in one of the store's tables.
+    pub fn row_count(&self, table: &'static str) -> Result<u64, StoreError> {
+        const TABLES: [&str; 10] = [
+            "lines",
+            "devices",
+            "keys",
+            "tokens",
+            "secret_keys",
+            "secret_versions",
+            "secret_pool",
+            "device_resets",
+            "audit",
+            "audit_head",
+        ];
+        if !TABLES.contains(&table) {
+            return Err(StoreError::Backend(format!("no table {table}")));
+        }
+        self.run(move |pool| async move {
+            let conn = pool.get().await?;
+            let r = conn
+                .client()?
+                .query_one(format!("SELECT count(*) FROM {table}").as_str(), &[])
+                .await
+                .map_err(pg)?;
+            Ok(u(r.try_get(0).map_err(pg)?))
+        })
+    }
+
+    /// An importer into this store, which must hold no record yet.
+    pub fn importer(&self) -> Result<Importer<'_>, StoreError> {
+        let empty = self.run(|pool| async move {
+            let conn = pool.get().await?;
+            let r = conn
+                .client()?
+                .query_one(
+                    "SELECT (SELECT count(*) FROM lines) + (SELECT count(*) FROM audit)",
+                    &[],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(r.try_get::<_, i64>(0).map_err(pg)? == 0)
+        })?;
+        if !empty {
+            return Err(StoreError::Backend(format!(
+                "the schema at {} already holds records; copy into an empty one",
+                self.target
+            )));
+        }
+        Ok(Importer {
+            store: self,
+            buf: Vec::new(),
+            last_audit: None,
+            rows: 0,
+        })
+    }
+}
+
+fn kind(e: &super::Exported) -> u8 {
+    use super::Exported as X;
+    match e {
+        X::Line(_) => 0,
+        X::Device(_) => 1,
+        X::Key { .. } => 2,
+        X::Token { .. } => 3,
+        X::Version(_) => 4,
+        X::Pool(_) => 5,
+        X::Reset { .. } => 6,
+        X::Audit(_) => 7,
+    }
+}
+
+impl Importer<'_> {
+    /// Adds one record (records of one kind arrive together, kinds in export order).
+    pub fn push(&mut self, e: super::Exported) -> Result<(), StoreError> {
+        if let super::Exported::Audit(a) = &e {
+            self.last_audit = Some((a.seq, a.compute_hash()));
+        }
+        if self.buf.first().is_some_and(|f| kind(f) != kind(&e)) || self.buf.len() >= IMPORT_CHUNK {
+            self.flush()?;
+        }
+        self.buf.push(e);
+        Ok(())
+    }
+
+    /// Loads what is buffered and sets the audit head to the last entry loaded.
+    pub fn finish(mut self) -> Result<u64, StoreError> {
+        self.flush()?;
+        if let Some((seq, hash)) = self.last_audit {
+            self.store.run(move |pool| async move {
+                let conn = pool.get().await?;
+                conn.client()?
+                    .execute(
+                        "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1",
+                        &[&i(seq), &hash.as_slice()],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(())
+            })?;
+        }
+        Ok(self.rows)
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.buf);
+        self.rows += batch.len() as u64;
+        self.store.run(move |pool| async move {
+            let mut conn = pool.get().await?;
+            let tx = conn.transaction().await?;
+            load(&tx, batch).await?;
+            tx.commit().await.map_err(pg)
+        })
+    }
+}
+
+/// Inserts one batch of records of one kind.
+async fn load(tx: &Transaction<'_>, batch: Vec<super::Exported>) -> Result<(), StoreError> {
+    use super::Exported as X;
+    macro_rules! col {
+        ($batch:expr, $pat:pat => $val:expr) => {
+            $batch
+                .iter()
+                .filter_map(|e| match e {
+                    $pat => Some($val),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+    }
+    let exec = |sql: &'static str,
+                params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>| async move {
+        let refs: Vec<P<'_>> = params.iter().map(|p| p.as_ref() as P<'_>).collect();
+        tx.execute(sql, &refs).await.map_err(pg)
+    };
+    type B = Box<dyn tokio_postgres::types::ToSql + Sync + Send>;
+    match batch.first().map(kind) {
+        Some(0) => {
+            exec(
+                "INSERT INTO lines (id, public_key, first_serial, last_serial, quota, rate, enrolled, active, created_at) SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[], $7::bigint[], $8::bool[], $9::bigint[])",
+                vec![
+                    Box::new(col!(batch, X::Line(l) => l.id.clone())) as B,
+                    Box::new(col!(batch, X::Line(l) => l.public_key.clone())),
+                    Box::new(col!(batch, X::Line(l) => i(l.first_serial))),
+                    Box::new(col!(batch, X::Line(l) => i(l.last_serial))),
+                    Box::new(col!(batch, X::Line(l) => i(l.quota))),
+                    Box::new(col!(batch, X::Line(l) => i32::try_from(l.rate).unwrap_or(i32::MAX))),
+                    Box::new(col!(batch, X::Line(l) => i(l.enrolled))),
+                    Box::new(col!(batch, X::Line(l) => l.active)),
+                    Box::new(col!(batch, X::Line(l) => i(l.created_at))),
+                ],
+            )
+            .await?;
+        }
+        Some(1) => {
+            exec(
+                "INSERT INTO devices (serial, spki, key_hash, certificate, line, token_id, enrolled_at, status, revoked_at) SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::bytea[], $4::bytea[], $5::text[], $6::bytea[], $7::bigint[], $8::text[], $9::bigint[])",
+                vec![
+                    Box::new(col!(batch, X::Device(d) => i(d.serial))) as B,
+                    Box::new(col!(batch, X::Device(d) => d.spki.clone())),
+                    Box::new(col!(batch, X::Device(d) => protocol_spec::spki::sha256(&d.spki).to_vec())),
+                    Box::new(col!(batch, X::Device(d) => d.certificate.clone())),
+                    Box::new(col!(batch, X::Device(d) => d.line.clone())),
+                    Box::new(col!(batch, X::Device(d) => d.token_id.clone())),
+                    Box::new(col!(batch, X::Device(d) => i(d.enrolled_at))),
+                    Box::new(col!(batch, X::Device(d) => status_name(d.status).to_string())),
+                    Box::new(col!(batch, X::Device(d) => oi(d.revoked_at))),
+                ],
+            )
+            .await?;
+        }
+        Some(2) => {
+            exec(
+                "INSERT INTO keys (key_hash, serial) SELECT * FROM unnest($1::bytea[], $2::bigint[])",
+                vec![
+                    Box::new(col!(batch, X::Key { hash, .. } => hash.to_vec())) as B,
+                    Box::new(col!(batch, X::Key { serial, .. } => i(*serial))),
+                ],
+            )
+            .await?;
+        }
+        Some(3) => {
+            exec(
+                "INSERT INTO tokens (line, token_id, serial) SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[])",
+                vec![
+                    Box::new(col!(batch, X::Token { line, .. } => line.clone())) as B,
+                    Box::new(col!(batch, X::Token { token_id, .. } => token_id.clone())),
+                    Box::new(col!(batch, X::Token { serial, .. } => i(*serial))),
+                ],
+            )
+            .await?;
+        }
+        Some(4) => {
+            exec(
+                "INSERT INTO secret_keys (index_tag, key_id, serial, version) SELECT * FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::bigint[])",
+                vec![
+                    Box::new(col!(batch, X::Version(v) => v.index_tag.clone())) as B,
+                    Box::new(col!(batch, X::Version(v) => v.key_id.clone())),
+                    Box::new(col!(batch, X::Version(v) => i(v.serial))),
+                    Box::new(col!(batch, X::Version(v) => i(v.version))),
+                ],
+            )
+            .await?;
+            exec(
+                "INSERT INTO secret_versions (serial, version, key_id, ciphertext, nonce, kcv, index_tag, source, created_at, delivered_at, confirmed_at, retired_at) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bytea[], $5::bytea[], $6::bytea[], $7::bytea[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[])",
+                vec![
+                    Box::new(col!(batch, X::Version(v) => i(v.serial))) as B,
+                    Box::new(col!(batch, X::Version(v) => i(v.version))),
+                    Box::new(col!(batch, X::Version(v) => v.key_id.clone())),
+                    Box::new(col!(batch, X::Version(v) => v.ciphertext.clone())),
+                    Box::new(col!(batch, X::Version(v) => v.nonce.clone())),
+                    Box::new(col!(batch, X::Version(v) => v.kcv.clone())),
+                    Box::new(col!(batch, X::Version(v) => v.index_tag.clone())),
+                    Box::new(col!(batch, X::Version(v) => v.source.clone())),
+                    Box::new(col!(batch, X::Version(v) => i(v.created_at))),
+                    Box::new(col!(batch, X::Version(v) => oi(v.delivered_at))),
+                    Box::new(col!(batch, X::Version(v) => oi(v.confirmed_at))),
+                    Box::new(col!(batch, X::Version(v) => oi(v.retired_at))),
+                ],
+            )
+            .await?;
+        }
+        Some(5) => {
+            exec(
+                "INSERT INTO secret_keys (index_tag, key_id, serial, version) SELECT t, k, NULL, NULL FROM unnest($1::bytea[], $2::text[]) AS u(t, k)",
+                vec![
+                    Box::new(col!(batch, X::Pool(p) => p.index_tag.clone())) as B,
+                    Box::new(col!(batch, X::Pool(p) => p.key_id.clone())),
+                ],
+            )
+            .await?;
+            exec(
+                "INSERT INTO secret_pool (key_id, ciphertext, nonce, kcv, index_tag, imported_at) SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::bytea[], $5::bytea[], $6::bigint[])",
+                vec![
+                    Box::new(col!(batch, X::Pool(p) => p.key_id.clone())) as B,
+                    Box::new(col!(batch, X::Pool(p) => p.ciphertext.clone())),
+                    Box::new(col!(batch, X::Pool(p) => p.nonce.clone())),
+                    Box::new(col!(batch, X::Pool(p) => p.kcv.clone())),
+                    Box::new(col!(batch, X::Pool(p) => p.index_tag.clone())),
+                    Box::new(col!(batch, X::Pool(p) => i(p.imported_at))),
+                ],
+            )
+            .await?;
+        }
+        Some(6) => {
+            exec(
+                "INSERT INTO device_resets (serial, seq, spki, certificate, line, token_id, enrolled_at, reset_at, actor) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[], $5::text[], $6::bytea[], $7::bigint[], $8::bigint[], $9::text[])",
+                vec![
+                    Box::new(col!(batch, X::Reset { record, .. } => i(record.device.serial))) as B,
+                    Box::new(col!(batch, X::Reset { seq, .. } => i(*seq))),
+                    Box::new(col!(batch, X::Reset { record, .. } => record.device.spki.clone())),
+                    Box::new(col!(batch, X::Reset { record, .. } => record.device.certificate.clone())),
+                    Box::new(col!(batch, X::Reset { record, .. } => record.device.line.clone())),
+                    Box::new(col!(batch, X::Reset { record, .. } => record.device.token_id.clone())),
+                    Box::new(col!(batch, X::Reset { record, .. } => i(record.device.enrolled_at))),
+                    Box::new(col!(batch, X::Reset { record, .. } => i(record.reset_at))),
+                    Box::new(col!(batch, X::Reset { record, .. } => record.actor.clone())),
+                ],
+            )
+            .await?;
+        }
+        Some(7) => {
+            exec(
+                "INSERT INTO audit (seq, at, event, serial, actor, detail, prev_hash, hash) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::bytea[], $8::bytea[])",
+                vec![
+                    Box::new(col!(batch, X::Audit(a) => i(a.seq))) as B,
+                    Box::new(col!(batch, X::Audit(a) => i(a.at))),
+                    Box::new(col!(batch, X::Audit(a) => a.event.clone())),
+                    Box::new(col!(batch, X::Audit(a) => oi(a.serial))),
+                    Box::new(col!(batch, X::Audit(a) => a.actor.clone())),
+                    Box::new(col!(batch, X::Audit(a) => a.detail.clone())),
+                    Box::new(col!(batch, X::Audit(a) => a.prev_hash.clone())),
+                    Box::new(col!(batch, X::Audit(a) => a.hash.clone())),
+                ],
+            )
+            .await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 impl PgStore {
     fn audit_from(&self, after: u64) -> Pages<'_, AuditEntry> {
         Pages {
