@@ -1,0 +1,128 @@
+//! Two `ca-server serve` processes on one PostgreSQL schema, raced against each other: the
+//! invariants are the database's, not the one commit thread's. Twenty keys for one serial bind
+//! exactly one; one key for two serials binds one; the same (serial, key) through both
+//! processes gets identical bytes and one record.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+use common::{Device, Line, TestCa};
+use device_agent::AgentError;
+use protocol_spec::KeyAlgorithm;
+use protocol_spec::messages::{EnrollRequest, EnrollResponse, ResponseForm};
+
+struct Node(Child);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn node(ca: &TestCa) -> (Node, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ca-server"))
+        .args(["serve", "--https", "127.0.0.1:0", "--no-admin", "--dir"])
+        .arg(ca.root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addrs = ca_server::server::parse_listening_line(&line)
+        .unwrap_or_else(|| panic!("unexpected: {line}"));
+    (Node(child), addrs["https"])
+}
+
+fn outcome(r: Result<EnrollResponse, AgentError>) -> String {
+    match r {
+        Ok(EnrollResponse::Full { certificate }) => format!("ok {}", hex::encode(certificate)),
+        Ok(other) => format!("{other:?}"),
+        Err(AgentError::Refused(p)) => p.kind.name().to_string(),
+        Err(e) => format!("error {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_database_keep_every_binding_unique() {
+    let ca = TestCa::with_store(KeyAlgorithm::Ed25519, common::pg_store());
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 1000, None);
+    let (_a, addr_a) = node(&ca);
+    let (_b, addr_b) = node(&ca);
+    let clients = std::sync::Arc::new([ca.client(addr_a), ca.client(addr_b)]);
+
+    // Twenty keys race for serial 77, alternating between the processes.
+    let requests: Vec<Vec<u8>> = (0..20)
+        .map(|_| Device::new(77, KeyAlgorithm::Ed25519).request(&line, ResponseForm::Full))
+        .collect();
+    let handles: Vec<_> = requests
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let c = clients.clone();
+            tokio::spawn(async move { outcome(c[i % 2].enroll(r).await) })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for h in handles {
+        answers.push(h.await.unwrap());
+    }
+    let ok = answers.iter().filter(|a| a.starts_with("ok")).count();
+    let taken = answers.iter().filter(|a| *a == "serial-taken").count();
+    assert_eq!((ok, taken), (1, 19), "{answers:?}");
+
+    // One key for serials 80 and 81, one through each process.
+    let key = Device::new(80, KeyAlgorithm::Ed25519);
+    let other = common::Device {
+        serial: protocol_spec::DeviceSerial::new(81).unwrap(),
+        key: protocol_spec::KeyPair::from_pem(&key.key.to_pem(), &ring::rand::SystemRandom::new())
+            .unwrap(),
+    };
+    let r80 = key.request(&line, ResponseForm::Full);
+    let r81 = other.request(&line, ResponseForm::Full);
+    let (x, y) = tokio::join!(clients[0].enroll(r80), clients[1].enroll(r81));
+    let mut both = [outcome(x), outcome(y)];
+    both.sort();
+    assert!(
+        both[0] == "duplicate-key" && both[1].starts_with("ok"),
+        "{both:?}"
+    );
+
+    // The same (serial, key), the same token, through both at once: identical bytes.
+    let same = Device::new(90, KeyAlgorithm::Ed25519);
+    let request = EnrollRequest {
+        token: line.token(90, &same.key.spki_der()),
+        csr: same.csr(),
+        form: ResponseForm::Full,
+    }
+    .to_cbor();
+    let (x, y) = tokio::join!(
+        clients[0].enroll(request.clone()),
+        clients[1].enroll(request.clone())
+    );
+    let (x, y) = (outcome(x), outcome(y));
+    assert!(x.starts_with("ok") && x == y, "{x} / {y}");
+
+    let store = ca.store();
+    let devices: Vec<_> = store.devices().map(|d| d.unwrap()).collect();
+    assert_eq!(devices.len(), 3, "serials 77, 80 or 81, and 90");
+    assert_eq!(store.line("line-1").unwrap().unwrap().enrolled, 3);
+    let out = Command::new(env!("CARGO_BIN_EXE_ca-server"))
+        .args(["audit", "verify", "--dir", ca.root().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
