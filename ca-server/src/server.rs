@@ -103,8 +103,15 @@ pub async fn start_with_clock(
         .map_err(|e| format!("{}: {e}", dir.ca_cert().display()))?;
     let ca_der = protocol_spec::profile::cert_from_pem(&ca_pem)
         .ok_or_else(|| format!("{}: no CERTIFICATE", dir.ca_cert().display()))?;
-    let issuer =
-        Issuer::new(ca_key, &ca_der).map_err(|e| format!("{}: {e}", dir.ca_key().display()))?;
+    let issuer = Issuer::new(ca_key, &ca_der)
+        .map_err(|e| format!("{}: {e}", dir.ca_key().display()))?
+        .with_signature_check(config.issuer.verify_own_signatures);
+    if !config.issuer.verify_own_signatures {
+        tracing::warn!(
+            "[issuer] verify_own_signatures = false: certificates are linted without checking \
+             the CA's own signature (no guard against a faulty signer)"
+        );
+    }
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.store()).map_err(|e| e.to_string())?);
     let policy = TokenPolicy {
         max_clock_skew: config.token.max_clock_skew,
@@ -221,4 +228,50 @@ pub fn parse_listening_line(line: &str) -> Option<std::collections::BTreeMap<Str
             Some((k.to_string(), v.parse().ok()?))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::setup::{self, InitOptions};
+    use protocol_spec::KeyAlgorithm;
+
+    /// `[issuer] verify_own_signatures` in config.toml reaches the issuer the server runs, both
+    /// ways (what the issuer then does with it: `issuer::tests`).
+    #[tokio::test]
+    async fn the_issuer_runs_with_the_configured_signature_check() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CaDir::new(tmp.path().join("ca"));
+        setup::init(
+            &dir,
+            &InitOptions {
+                algorithm: KeyAlgorithm::Ed25519,
+                name: "t".into(),
+                tls_names: vec![],
+                now: 1_700_000_000,
+            },
+        )
+        .unwrap();
+        let quiet = ListenOverrides {
+            no_admin: true,
+            ..ListenOverrides::default()
+        };
+        for (config, want) in [
+            ("", true),
+            ("[issuer]\nverify_own_signatures = true\n", true),
+            ("[issuer]\nverify_own_signatures = false\n", false),
+        ] {
+            // Only the listeners the test needs: no HTTPS on the default port.
+            let text = format!("[listen]\nhttps = \"127.0.0.1:0\"\n{config}");
+            std::fs::write(dir.config(), text).unwrap();
+            let server = start(&dir, &quiet).await.unwrap();
+            assert_eq!(
+                server.service.issuer().verifies_own_signatures(),
+                want,
+                "{config:?}"
+            );
+            server.stop().await;
+        }
+    }
 }
