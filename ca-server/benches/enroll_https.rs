@@ -73,7 +73,7 @@ fn main() {
     let ca_cpu_before = cpu_seconds(child.id());
     let own_cpu_before = cpu_seconds(std::process::id());
     let start = Instant::now();
-    let failures: usize = rt.block_on(async {
+    let (failures, latencies): (usize, Vec<f64>) = rt.block_on(async {
         let mut tasks = Vec::new();
         for _ in 0..concurrency {
             let (client, next, requests) = (client.clone(), next.clone(), requests.clone());
@@ -128,20 +128,22 @@ fn main() {
             all.extend(lat);
         }
         all.sort_by(|a, b| a.total_cmp(b));
-        if !all.is_empty() {
-            println!(
-                "keep-alive latency: p50 {:.1} ms, p99 {:.1} ms",
-                all[all.len() / 2],
-                all[all.len() * 99 / 100]
-            );
-        }
-        f
+        (f, all)
     });
     let secs = start.elapsed().as_secs_f64();
     let ca_cpu = cpu_seconds(child.id()) - ca_cpu_before;
     let own_cpu = cpu_seconds(std::process::id()) - own_cpu_before;
     let _ = child.kill();
     let _ = child.wait();
+    // A rate over failed enrollments is no rate: refuse before printing one.
+    assert_eq!(failures, 0, "{failures} of {devices} enrollments failed");
+    if !latencies.is_empty() {
+        println!(
+            "keep-alive latency: p50 {:.1} ms, p99 {:.1} ms",
+            latencies[latencies.len() / 2],
+            latencies[latencies.len() * 99 / 100]
+        );
+    }
     println!(
         "https enroll{}: {devices} devices, concurrency {concurrency}: {:.2} s, {:.0} enrollments/s, {failures} failures",
         if keep_alive {
@@ -160,7 +162,6 @@ fn main() {
         per(own_cpu),
         cores as f64 * devices as f64 / ca_cpu
     );
-    assert_eq!(failures, 0);
 }
 
 /// User + system CPU time of process `pid`, all its threads, in seconds (`/proc/PID/stat`
