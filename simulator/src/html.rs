@@ -233,7 +233,14 @@ pub fn render(r: &Report) -> Result<String, String> {
         );
     }
     let v = &r.verification;
-    let verdict = if v.ok() { "PASSED" } else { "FAILED" };
+    let verdict = esc(&r.verification_word());
+    let result = r.verdict.word();
+    let reasons: String = r
+        .verdict
+        .reasons
+        .iter()
+        .map(|x| format!("<li>{}</li>", esc(x)))
+        .collect();
     let verification = serde_json::to_string_pretty(v).map_err(|e| e.to_string())?;
     Ok(format!(
         r#"<!doctype html>
@@ -242,6 +249,8 @@ pub fn render(r: &Report) -> Result<String, String> {
 table{{border-collapse:collapse;margin:1em 0}}th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
 .ok{{color:#070}}.bad{{color:#a00}}pre{{background:#f6f6f6;padding:1em}}</style></head>
 <body><h1>Imprint simulation report</h1>
+<h2>Result: <span class="{result_cls}">{result}</span></h2>
+<ul>{reasons}</ul>
 <h2>Verification: <span class="{cls}">{verdict}</span> <small>({where_})</small></h2>
 <table>{rows}</table>
 {font_note}<h2>Throughput</h2>{throughput}
@@ -251,7 +260,12 @@ table{{border-collapse:collapse;margin:1em 0}}th,td{{border:1px solid #ccc;paddi
 <h2>Verification pass ({where_})</h2><pre>{verification}</pre>
 </body></html>
 "#,
-        cls = if v.ok() { "ok" } else { "bad" },
+        cls = if v.ok() && r.verdict.passed {
+            "ok"
+        } else {
+            "bad"
+        },
+        result_cls = if r.verdict.passed { "ok" } else { "bad" },
         where_ = esc(v.label()),
         throughput = throughput_svg(r)?,
         latency = latency_svg(r)?,

@@ -35,7 +35,7 @@ use protocol_spec::profile::CertProfile;
 use crate::devices::{Enrollment, Fleet, PHASES, Progress};
 use crate::embedded::EmbeddedCa;
 use crate::remote::{RemoteArgs, RemoteCa};
-use crate::report::{PhaseLatency, Report, Usage};
+use crate::report::{PhaseLatency, Report, Usage, Verdict};
 use crate::verify::Verification;
 
 /// Runs virtual devices end to end against a CA and reports.
@@ -399,6 +399,13 @@ fn run(cli: Cli) -> Result<bool, String> {
     };
     let ok = progress.done.load(Ordering::Relaxed);
     let failed = progress.failed.load(Ordering::Relaxed);
+    let verdict = Verdict::of(
+        cli.devices,
+        ok,
+        &outcome.errors,
+        &outcome.worker_faults,
+        &verification,
+    );
     let rate = ok as f64 / wall.max(1e-9);
     let mut config = BTreeMap::new();
     config.insert("devices".into(), cli.devices.to_string());
@@ -455,6 +462,8 @@ fn run(cli: Cli) -> Result<bool, String> {
         store_bytes,
         store_bytes_per_device,
         verification,
+        worker_faults: outcome.worker_faults,
+        verdict,
     };
     let path = report.write(&cli.report)?;
     print!("{}", report.summary());
@@ -465,7 +474,7 @@ fn run(cli: Cli) -> Result<bool, String> {
         );
     }
     println!("report: {} (and report.json beside it)", path.display());
-    Ok(report.verification.ok() && failed == 0)
+    Ok(report.verdict.passed)
 }
 
 /// Starts the embedded CA and points the devices at it (through the loss relay, if any).

@@ -87,6 +87,62 @@ pub struct Report {
     pub store_bytes_per_device: Option<f64>,
     /// The verification pass.
     pub verification: Verification,
+    /// Workers that stopped before the devices ran out (no socket, a panic).
+    pub worker_faults: Vec<String>,
+    /// Whether the run did what it was asked; the exit status follows it.
+    pub verdict: Verdict,
+}
+
+/// Whether a run did what it was asked: every one of `--devices` through every phase, no
+/// worker lost, and the verification pass passed. The simulator exits 0 only then.
+#[derive(Debug, Serialize)]
+pub struct Verdict {
+    /// All of the above held.
+    pub passed: bool,
+    /// What did not hold, for people (empty when passed).
+    pub reasons: Vec<String>,
+}
+
+impl Verdict {
+    /// The verdict on a run of `devices` of which `done` went through every phase.
+    pub fn of(
+        devices: u64,
+        done: u64,
+        errors: &BTreeMap<String, u64>,
+        worker_faults: &[String],
+        verification: &Verification,
+    ) -> Self {
+        let mut reasons = Vec::new();
+        if done != devices {
+            let kinds: Vec<String> = errors.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            reasons.push(format!(
+                "{done} of {devices} devices completed (failures: {})",
+                if kinds.is_empty() {
+                    "none recorded".to_string()
+                } else {
+                    kinds.join(", ")
+                }
+            ));
+        }
+        if let Some(first) = worker_faults.first() {
+            reasons.push(format!(
+                "{} worker(s) stopped early, first: {first}",
+                worker_faults.len()
+            ));
+        }
+        if !verification.ok() {
+            reasons.push("the verification pass found problems".to_string());
+        }
+        Verdict {
+            passed: reasons.is_empty(),
+            reasons,
+        }
+    }
+
+    /// `PASSED` or `FAILED`.
+    pub fn word(&self) -> &'static str {
+        if self.passed { "PASSED" } else { "FAILED" }
+    }
 }
 
 impl Report {
@@ -143,6 +199,7 @@ impl Report {
             mb(self.simulator.peak_memory_bytes),
             self.simulator.cpu_seconds
         );
+
         if self.ca_restarts > 0 {
             s += &format!(
                 "CA killed with SIGKILL and restarted {} times\n",
@@ -153,14 +210,40 @@ impl Report {
         let v = &self.verification;
         s += &format!(
             "verification: {} ({}) — {}\n",
-            if v.ok() { "PASSED" } else { "FAILED" },
+            self.verification_word(),
             v.label(),
             v.figures()
         );
         for p in v.problems() {
             s += &format!("  problem: {p}\n");
         }
+        for f in &self.worker_faults {
+            s += &format!("  worker fault: {f}\n");
+        }
+        s += &format!("result: {}", self.verdict.word());
+        if self.verdict.passed {
+            s += &format!(
+                ": all {} devices completed and the verification pass passed\n",
+                self.devices_ok
+            );
+        } else {
+            s += &format!(": {}\n", self.verdict.reasons.join("; "));
+        }
         s
+    }
+
+    /// The verification pass's verdict in words that cannot be read as the run's: `PASSED`
+    /// only when the whole run passed; a pass over a run that failed only "checked" what
+    /// completed.
+    pub fn verification_word(&self) -> String {
+        match (self.verification.ok(), self.verdict.passed) {
+            (false, _) => "FAILED".into(),
+            (true, true) => "PASSED".into(),
+            (true, false) => format!(
+                "no problem found in the {} devices that completed, but the run FAILED",
+                self.devices_ok
+            ),
+        }
     }
 }
 

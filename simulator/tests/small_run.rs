@@ -23,6 +23,12 @@ fn simulate(transport: &str, devices: u32, extra: &[&str]) -> serde_json::Value 
     );
     assert!(stdout.contains("verification: PASSED"), "{stdout}");
     assert!(
+        stdout.contains(&format!(
+            "result: PASSED: all {devices} devices completed and the verification pass passed"
+        )),
+        "{stdout}"
+    );
+    assert!(
         stdout.contains("report: "),
         "the simulator says where the report is"
     );
@@ -31,6 +37,7 @@ fn simulate(transport: &str, devices: u32, extra: &[&str]) -> serde_json::Value 
         html.contains("Verification: <span class=\"ok\">PASSED</span>"),
         "the HTML report states the verdict"
     );
+    assert!(html.contains("Result: <span class=\"ok\">PASSED</span>"));
     assert_eq!(html.matches("<svg").count(), 2, "two charts, inline");
     serde_json::from_slice(&std::fs::read(tmp.path().join("report.json")).unwrap()).unwrap()
 }
