@@ -164,6 +164,13 @@ fn spawn(
     }
 }
 
+/// Resets this process's peak resident memory (VmHWM) to its current size (Linux 4.0 and
+/// later, `/proc/self/clear_refs`), so that a later reading is the peak of what ran since.
+/// False when the kernel did not allow it: a later reading is then the whole process's peak.
+pub fn reset_peak_memory() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// Peak resident memory (VmHWM) and CPU seconds (user + system) of a process, from /proc.
 pub fn process_usage(pid: u32) -> (u64, f64) {
     let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))

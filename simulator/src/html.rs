@@ -202,13 +202,14 @@ pub fn render(r: &Report) -> Result<String, String> {
         },
     );
     row(
-        "simulator peak memory / CPU",
+        "simulator peak memory / CPU (device phases)",
         format!(
             "{} / {:.1} s",
             mb(r.simulator.peak_memory_bytes),
             r.simulator.cpu_seconds
         ),
     );
+    row("verification pass: time, peak memory", r.pass_text());
     row("store on disk", r.store_text());
     row("CA restarts (SIGKILL)", r.ca_restarts.to_string());
     let mut errors = String::new();

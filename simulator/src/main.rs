@@ -35,7 +35,7 @@ use protocol_spec::profile::CertProfile;
 use crate::devices::{Enrollment, Fleet, PHASES, Progress};
 use crate::embedded::EmbeddedCa;
 use crate::remote::{RemoteArgs, RemoteCa};
-use crate::report::{PhaseLatency, Report, Usage, Verdict};
+use crate::report::{PassUsage, PhaseLatency, Report, Usage, Verdict};
 use crate::verify::Verification;
 
 /// Runs virtual devices end to end against a CA and reports.
@@ -383,11 +383,17 @@ fn run(cli: Cli) -> Result<bool, String> {
     let (sim_peak, sim_cpu) = embedded::process_usage(std::process::id());
     let throughput =
         std::mem::take(&mut *samples.lock().map_err(|_| "samples poisoned".to_string())?);
+    // The pass's own peak: the kernel's high-water mark is reset to the current size first
+    // (the device phases' peak was read just above).
+    let pass_start = Instant::now();
+    let peak_of_pass_alone = embedded::reset_peak_memory();
     let (verification, store_bytes, store_bytes_per_device) = match &stopped {
         Some((_, ca)) => {
             let store = ca.dir.store();
             let bytes = report::dir_size(&store);
-            let v = verify::verify_store(&store, &ca_der, &outcome.received, !cli.no_secrets)?;
+            let kek = ca_server::secrets::SecretKeys::load(&ca.dir.kek())?;
+            let v =
+                verify::verify_store(&store, &ca_der, &kek, &outcome.received, !cli.no_secrets)?;
             let per_device = bytes as f64 / v.records.max(1) as f64;
             (Verification::Store(v), Some(bytes), Some(per_device))
         }
@@ -396,6 +402,11 @@ fn run(cli: Cli) -> Result<bool, String> {
             None,
             None,
         ),
+    };
+    let verification_pass = PassUsage {
+        seconds: pass_start.elapsed().as_secs_f64(),
+        peak_memory_bytes: embedded::process_usage(std::process::id()).0,
+        peak_of_pass_alone,
     };
     let ok = progress.done.load(Ordering::Relaxed);
     let failed = progress.failed.load(Ordering::Relaxed);
@@ -462,6 +473,7 @@ fn run(cli: Cli) -> Result<bool, String> {
         store_bytes,
         store_bytes_per_device,
         verification,
+        verification_pass,
         worker_faults: outcome.worker_faults,
         verdict,
     };

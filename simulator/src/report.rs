@@ -52,6 +52,18 @@ pub struct Usage {
     pub cpu_seconds: f64,
 }
 
+/// Time and memory of the verification pass (in the simulator process).
+#[derive(Debug, Serialize)]
+pub struct PassUsage {
+    /// Wall time, seconds.
+    pub seconds: f64,
+    /// Peak resident set (VmHWM) while it ran, bytes.
+    pub peak_memory_bytes: u64,
+    /// Whether that peak is the pass's alone (the kernel's peak was reset before it) or, when
+    /// the kernel did not allow the reset, the whole process's.
+    pub peak_of_pass_alone: bool,
+}
+
 /// The whole report.
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -75,7 +87,7 @@ pub struct Report {
     pub ceiling: Ceiling,
     /// devices_per_second / ceiling.devices_per_second.
     pub fraction_of_ceiling: f64,
-    /// The simulator process.
+    /// The simulator process during the device phases (before the verification pass).
     pub simulator: Usage,
     /// The CA process (null: not measured, the CA runs elsewhere).
     pub ca: Option<Usage>,
@@ -87,6 +99,8 @@ pub struct Report {
     pub store_bytes_per_device: Option<f64>,
     /// The verification pass.
     pub verification: Verification,
+    /// Time and memory of the verification pass.
+    pub verification_pass: PassUsage,
     /// Workers that stopped before the devices ran out (no socket, a panic).
     pub worker_faults: Vec<String>,
     /// Whether the run did what it was asked; the exit status follows it.
@@ -195,11 +209,11 @@ impl Report {
             None => NOT_MEASURED.to_string(),
         };
         s += &format!(
-            "CA: {ca}; simulator: peak memory {:.1} MiB, CPU {:.1} s\n",
+            "CA: {ca}; simulator (device phases): peak memory {:.1} MiB, CPU {:.1} s\n",
             mb(self.simulator.peak_memory_bytes),
             self.simulator.cpu_seconds
         );
-
+        s += &format!("verification pass: {}\n", self.pass_text());
         if self.ca_restarts > 0 {
             s += &format!(
                 "CA killed with SIGKILL and restarted {} times\n",
@@ -251,6 +265,21 @@ impl Report {
 pub const NOT_MEASURED: &str = "not measured: remote CA";
 
 impl Report {
+    /// The verification pass's time and memory, for people.
+    pub fn pass_text(&self) -> String {
+        let p = &self.verification_pass;
+        format!(
+            "{:.1} s, peak memory {:.1} MiB ({})",
+            p.seconds,
+            p.peak_memory_bytes as f64 / (1024.0 * 1024.0),
+            if p.peak_of_pass_alone {
+                "the pass alone"
+            } else {
+                "the whole simulator process: its peak could not be reset before the pass"
+            }
+        )
+    }
+
     /// The store's size on disk, for people.
     pub fn store_text(&self) -> String {
         match (self.store_bytes, self.store_bytes_per_device) {

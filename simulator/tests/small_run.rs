@@ -64,6 +64,16 @@ fn small_simulations_survive_a_ca_kill_and_verify_the_store() {
         assert_eq!(v["shared_keys"], 0);
         assert_eq!(v["index_mismatches"], 0);
         assert_eq!(v["audit_chain_ok"], true);
+        assert_eq!(v["devices_run"], 2000);
+        assert_eq!(v["secrets_unsealed"], 2000);
+        assert_eq!(v["shared_key_ids"], 0);
+        assert_eq!(v["devices_missing_audit_entries"], 0);
+        // A line-add entry, then enroll, secret-deliver and secret-ack per device.
+        assert_eq!(v["audit_entries"], 1 + 3 * 2000);
+        let pass = &r["verification_pass"];
+        assert!(pass["seconds"].as_f64().unwrap() > 0.0);
+        assert!(pass["peak_memory_bytes"].as_u64().unwrap() > 0);
+        assert_eq!(pass["peak_of_pass_alone"], true);
         assert!(r["ca"]["peak_memory_bytes"].as_u64().unwrap() > 0);
         assert!(r["ceiling"]["devices_per_second"].as_f64().unwrap() > 0.0);
         assert_eq!(r["config"]["transport"], transport);
