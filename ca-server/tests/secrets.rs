@@ -119,17 +119,30 @@ async fn fetch_ack_rotate_for_both_key_types() {
     server.stop().await;
 }
 
+/// The request failed in the TLS handshake, with the server's alert `alert` (rustls names it,
+/// e.g. "received fatal alert: CertificateRequired"), not in any later step.
+fn assert_tls_refused<T: std::fmt::Debug>(r: Result<T, AgentError>, alert: &str, what: &str) {
+    match r {
+        Err(AgentError::Transport(msg)) => {
+            let m = msg.to_ascii_lowercase();
+            assert!(m.contains("alert") && m.contains(alert), "{what}: {msg}");
+        }
+        other => panic!("{what}: want a handshake refusal with {alert}, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_are_refused_at_the_door() {
     let (ca, line, server) = setup().await;
     let url = mtls_url(&server);
     let dev = enrolled(&ca, &server, &line, 10, KeyAlgorithm::Ed25519).await;
-    // No client certificate: the handshake fails.
+    // No client certificate: the handshake fails with TLS 1.3's certificate_required alert.
     let anon = device_agent::https::HttpsClient::new(url.clone(), &ca.ca_der).unwrap();
-    assert!(
+    assert_tls_refused(
         anon.request("GET", "/secret", None, "application/cbor", vec![])
-            .await
-            .is_err()
+            .await,
+        "certificaterequired",
+        "no client certificate",
     );
     // A certificate from another CA (same serial, same key): the handshake fails.
     let other = TestCa::new(KeyAlgorithm::Ed25519);
@@ -154,7 +167,13 @@ async fn strangers_are_refused_at_the_door() {
     impostor.certificate = Some(forged.der);
     impostor.ca_certificate = Some(ca.ca_der.clone());
     let c = mtls_client(url.clone(), &impostor).unwrap();
-    assert!(device_agent::secrets::fetch(&c).await.is_err());
+    // Its issuer name is the real CA's ("Test CA"), so the server checks it under the real CA
+    // key, where its signature fails: rustls answers a bad signature with decrypt_error.
+    assert_tls_refused(
+        device_agent::secrets::fetch(&c).await,
+        "decrypterror",
+        "a certificate from another CA",
+    );
     assert!(
         server
             .service
@@ -246,9 +265,17 @@ async fn an_imported_batch_goes_one_key_per_device_and_a_duplicate_import_change
         ("batch-9".to_string(), key(9)),
         ("batch-1".to_string(), key(10)),
     ];
-    assert!(ca_server::service::import_batch(store.as_ref(), keys, again, 2, "test").is_err());
+    let e = ca_server::service::import_batch(store.as_ref(), keys, again, 2, "test").unwrap_err();
+    assert!(
+        e.contains("key id \"batch-1\" is already known; nothing was imported"),
+        "{e}"
+    );
     let dup_key: Vec<_> = vec![("fresh".to_string(), key(2))];
-    assert!(ca_server::service::import_batch(store.as_ref(), keys, dup_key, 2, "test").is_err());
+    let e = ca_server::service::import_batch(store.as_ref(), keys, dup_key, 2, "test").unwrap_err();
+    assert!(
+        e.contains("the key of \"fresh\" is already known; nothing was imported"),
+        "{e}"
+    );
     assert_eq!(snapshot(&store), before, "a refused import changes nothing");
     let mut got = HashSet::new();
     for serial in 100..104 {
