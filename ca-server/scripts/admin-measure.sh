@@ -1,8 +1,11 @@
 #!/bin/bash
-# Admin operations against a running CA holding 20,000 devices enrolled by the simulator
-# (BENCHMARKS.md, "Admin operations"). Release binaries from $B (default: the workspace's
-# target/release, after `cargo build --release --workspace`).
+# Admin operations against a running CA holding 20,000 devices ($DEVICES) enrolled by the
+# simulator (BENCHMARKS.md, "Operator surface"). Release binaries from $B (default: the
+# workspace's target/release, after `cargo build --release --workspace`).
 set -euo pipefail
+DEVICES=${DEVICES:-20000}
+SHOW=${SHOW:-12345}     # the device looked up, and the one revoked: serials of the run
+REVOKE=${REVOKE:-777}
 B=${B:-$(cd "$(dirname "$0")/../.." && pwd)/target/release}
 W=$(mktemp -d /tmp/admin-measure.XXXX)
 SRV=
@@ -30,16 +33,16 @@ COAP=$(echo "$L" | grep -o 'coap=[^ ]*' | cut -d= -f2)
 MTLS=$(echo "$L" | grep -o 'mtls=[^ ]*' | cut -d= -f2)
 ADMIN=$(echo "$L" | grep -o 'admin=[^ ]*' | cut -d= -f2)
 # pipefail: a simulator run that fails stops the script here.
-"$B/simulator" --ca "coap://$COAP" --mtls "https://$MTLS" --ca-cert ca/ca.pem --line-key line/line-m.key --line-id line-m --serials 1-100000 --devices 20000 --quiet --report rep | grep -E 'devices:|verification|result'
+"$B/simulator" --ca "coap://$COAP" --mtls "https://$MTLS" --ca-cert ca/ca.pem --line-key line/line-m.key --line-id line-m --serials 1-100000 --devices "$DEVICES" --quiet --report rep | grep -E 'devices:|verification|result'
 "$B/ca-server" operator add --dir ca ops >/dev/null
 export IMPRINT_ADMIN=https://$ADMIN IMPRINT_OPERATOR_CERT=ca/operators/ops.pem IMPRINT_OPERATOR_KEY=ca/operators/ops.key.pem IMPRINT_CA_CERT=ca/ca.pem
 t() { local s e; s=$(date +%s.%N); "$@" > "$W/out.txt"; e=$(date +%s.%N); echo "$(echo "$e - $s" | bc) s: $*"; }
-t "$B/ca-server" device show 12345
+t "$B/ca-server" device show "$SHOW"
 t "$B/ca-server" secrets rotate --all
 t "$B/ca-server" audit verify
 t "$B/ca-server" audit export
 echo "audit lines: $(wc -l < "$W/out.txt")"
-t "$B/ca-server" device revoke 777
+t "$B/ca-server" device revoke "$REVOKE"
 t curl -sf --cacert ca/ca.pem --cert ca/operators/ops.pem --key ca/operators/ops.key.pem "https://$ADMIN/metrics"
 kill -TERM "$SRV"
 wait "$SRV"

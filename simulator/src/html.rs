@@ -173,10 +173,11 @@ pub fn render(r: &Report) -> Result<String, String> {
     row(
         "crypto ceiling (this machine)",
         format!(
-            "{:.0} devices/s ({:.0} us per device on one core, {} cores); achieved {:.0}%",
+            "{:.0} devices/s ({:.0} us per device on one core, {} cores, timed in {}); achieved {:.0}%",
             r.ceiling.devices_per_second,
             r.ceiling.per_device_us,
             r.ceiling.cores,
+            r.ceiling.clock.describe(),
             r.fraction_of_ceiling * 100.0
         ),
     );

@@ -186,10 +186,11 @@ impl Report {
             self.ceiling.devices_per_second
         );
         s += &format!(
-            "  ceiling: {:.0} us of crypto per device on one core (TLS handshakes {:.0} us of it), {} cores\n",
+            "  ceiling: {:.0} us of crypto per device on one core (TLS handshakes {:.0} us of it), {} cores; timed in {}\n",
             self.ceiling.per_device_us,
             self.ceiling.https_handshake_us + self.ceiling.mtls_handshake_us,
-            self.ceiling.cores
+            self.ceiling.cores,
+            self.ceiling.clock.describe()
         );
         for (name, p) in &self.phases {
             s += &format!(

@@ -76,6 +76,10 @@ fn small_simulations_survive_a_ca_kill_and_verify_the_store() {
         assert_eq!(pass["peak_of_pass_alone"], true);
         assert!(r["ca"]["peak_memory_bytes"].as_u64().unwrap() > 0);
         assert!(r["ceiling"]["devices_per_second"].as_f64().unwrap() > 0.0);
+        assert_eq!(
+            r["ceiling"]["clock"], "thread-cpu",
+            "the report names its clock"
+        );
         assert_eq!(r["config"]["transport"], transport);
     }
 }
