@@ -274,4 +274,57 @@ mod tests {
             server.stop().await;
         }
     }
+
+    /// Revoking a revoked device again changes nothing, and counts nothing.
+    #[tokio::test]
+    async fn a_second_revocation_of_a_device_is_not_counted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CaDir::new(tmp.path().join("ca"));
+        setup::init(
+            &dir,
+            &InitOptions {
+                algorithm: KeyAlgorithm::Ed25519,
+                name: "t".into(),
+                tls_names: vec![],
+                now: 1_700_000_000,
+            },
+        )
+        .unwrap();
+        {
+            let store = SledStore::open(&dir.store()).unwrap();
+            store
+                .add_line(&crate::store::test_support::line(10), "test")
+                .unwrap();
+            store
+                .apply_enrollment(&crate::store::test_support::enrollment(1, 1, 1))
+                .unwrap();
+            store.sync().unwrap();
+        }
+        std::fs::write(dir.config(), "[listen]\nhttps = \"127.0.0.1:0\"\n").unwrap();
+        let quiet = ListenOverrides {
+            no_admin: true,
+            ..ListenOverrides::default()
+        };
+        let server = start(&dir, &quiet).await.unwrap();
+        let revocations = |server: &RunningServer| {
+            let text = server
+                .service
+                .metrics()
+                .encode(&crate::metrics::Snapshot::default())
+                .unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix("imprint_revocations_total "))
+                .map(str::to_string)
+        };
+        assert_eq!(revocations(&server).as_deref(), Some("0"));
+        for _ in 0..2 {
+            let rec = server.service.revoke(1, "test").await.unwrap().unwrap();
+            assert_eq!(rec.status, crate::records::DeviceStatus::Revoked);
+        }
+        assert_eq!(revocations(&server).as_deref(), Some("1"));
+        // No such device: nothing counted either.
+        assert!(server.service.revoke(2, "test").await.unwrap().is_none());
+        assert_eq!(revocations(&server).as_deref(), Some("1"));
+        server.stop().await;
+    }
 }
