@@ -1,7 +1,8 @@
 //! The README's command blocks, run as written, in order, in one bash session: every line of
-//! every ```sh block either runs verbatim or is named below with the reason it does not (a
-//! load run of minutes, the CI script itself). A line added to the README that this file does
-//! not know fails the test, so the README's commands stay true.
+//! every ```sh block runs verbatim unless it is named below with the reason it does not (a
+//! load run of minutes, the CI script itself). A line added to the README runs too, so a
+//! command that does not work as written fails the test. Test-only steps around some lines
+//! set the stage the README gives in words and check that a line did what the README says.
 //!
 //! The commands are the real binaries: `device-agent` and `line-station` of this package, and
 //! `ca-server`, played by this test binary itself (a link named `ca-server` to it runs
