@@ -91,3 +91,30 @@ fn coap_devices_enroll_through_datagram_loss() {
     assert_eq!(r["verification"]["ok"], true);
     assert_eq!(r["config"]["loss"], "0.2");
 }
+
+#[test]
+fn the_embedded_ca_applies_ca_verify_own_signatures_both_ways() {
+    // The CA child warns on stderr (the simulator passes it through) when it runs without the
+    // check: the setting reached the process that issues.
+    for (value, warned) in [("false", true), ("true", false)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_simulator"))
+            .args(["--devices", "20", "--concurrency", "4", "--quiet"])
+            .args(["--no-secrets", "--ca-verify-own-signatures", value])
+            .arg("--report")
+            .arg(tmp.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{value}: {stderr}");
+        assert_eq!(
+            stderr.contains("verify_own_signatures = false"),
+            warned,
+            "{value}: {stderr}"
+        );
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(tmp.path().join("report.json")).unwrap())
+                .unwrap();
+        assert_eq!(r["config"]["ca_verify_own_signatures"], value);
+    }
+}
