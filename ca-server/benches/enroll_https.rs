@@ -13,6 +13,10 @@
 //! brings its own CPU. So the bench also reports the CPU time each process spent per
 //! enrollment (`/proc/PID/stat`, all threads) and what the CA's figure allows when the CA has
 //! every core to itself: the enrollments per second its CPU time per enrollment adds up to.
+//!
+//! With `IMPRINT_TEST_STORE=postgres` (and the test database's environment, see the README),
+//! the CA keeps its records in PostgreSQL; the bench then also reports the CPU time of the
+//! database's processes per enrollment, and the bytes per device the store takes on disk.
 // A benchmark aborts on failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -71,9 +75,10 @@ fn main() {
     let client = ca.client(addr);
     let next = Arc::new(AtomicUsize::new(0));
     let ca_cpu_before = cpu_seconds(child.id());
+    let db_cpu_before = ca.on_postgres().then(database_cpu_seconds);
     let own_cpu_before = cpu_seconds(std::process::id());
     let start = Instant::now();
-    let failures: usize = rt.block_on(async {
+    let (failures, latencies): (usize, Vec<f64>) = rt.block_on(async {
         let mut tasks = Vec::new();
         for _ in 0..concurrency {
             let (client, next, requests) = (client.clone(), next.clone(), requests.clone());
@@ -128,20 +133,24 @@ fn main() {
             all.extend(lat);
         }
         all.sort_by(|a, b| a.total_cmp(b));
-        if !all.is_empty() {
-            println!(
-                "keep-alive latency: p50 {:.1} ms, p99 {:.1} ms",
-                all[all.len() / 2],
-                all[all.len() * 99 / 100]
-            );
-        }
-        f
+        (f, all)
     });
     let secs = start.elapsed().as_secs_f64();
     let ca_cpu = cpu_seconds(child.id()) - ca_cpu_before;
+    let db_cpu = db_cpu_before.map(|b| database_cpu_seconds() - b);
     let own_cpu = cpu_seconds(std::process::id()) - own_cpu_before;
     let _ = child.kill();
     let _ = child.wait();
+    let bytes = ca.store().size_on_disk().unwrap_or(0);
+    // A rate over failed enrollments is no rate: refuse before printing one.
+    assert_eq!(failures, 0, "{failures} of {devices} enrollments failed");
+    if !latencies.is_empty() {
+        println!(
+            "keep-alive latency: p50 {:.1} ms, p99 {:.1} ms",
+            latencies[latencies.len() / 2],
+            latencies[latencies.len() * 99 / 100]
+        );
+    }
     println!(
         "https enroll{}: {devices} devices, concurrency {concurrency}: {:.2} s, {:.0} enrollments/s, {failures} failures",
         if keep_alive {
@@ -160,13 +169,57 @@ fn main() {
         per(own_cpu),
         cores as f64 * devices as f64 / ca_cpu
     );
-    assert_eq!(failures, 0);
+    if let Some(db) = db_cpu {
+        println!(
+            "PostgreSQL processes: {:.0} us of CPU per enrollment; CA + database alone on {cores} cores: {:.0} enrollments/s",
+            per(db),
+            cores as f64 * devices as f64 / (ca_cpu + db)
+        );
+    }
+    println!(
+        "store: {bytes} bytes on disk, {:.0} bytes per device ({})",
+        bytes as f64 / devices as f64,
+        if ca.on_postgres() {
+            "PostgreSQL: pg_total_relation_size over the schema's tables"
+        } else {
+            "sled"
+        }
+    );
+}
+
+/// CPU seconds of the test database's processes (the postmaster and every backend and
+/// helper it started), from its data folder's postmaster.pid.
+fn database_cpu_seconds() -> f64 {
+    let dir = std::env::var("IMPRINT_TEST_PG_DIR").expect("IMPRINT_TEST_PG_DIR");
+    let pid_file = std::fs::read_to_string(format!("{dir}/data/postmaster.pid")).unwrap();
+    let postmaster: u32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+    let mut total = cpu_seconds(postmaster);
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(postmaster) {
+            total += stat_cpu_seconds(&stat);
+        }
+    }
+    total
 }
 
 /// User + system CPU time of process `pid`, all its threads, in seconds (`/proc/PID/stat`
 /// fields 14 and 15, in clock ticks of 1/100 s on Linux).
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap())
+}
+
+/// User + system CPU seconds from the text of a `/proc/PID/stat`.
+fn stat_cpu_seconds(stat: &str) -> f64 {
     // The command name (field 2) may hold spaces; the fields after it are plain numbers.
     let fields: Vec<&str> = stat
         .rsplit_once(')')

@@ -365,11 +365,14 @@ where
 }
 
 fn init_tracing() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("IMPRINT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never into a log file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
@@ -555,14 +558,29 @@ fn block_on<T>(f: impl std::future::Future<Output = Result<T, String>>) -> Resul
 }
 
 fn client(a: &AdminArgs) -> Result<AdminClient, String> {
-    let need = |v: &Option<PathBuf>, flag: &str, env: &str| {
-        v.clone().ok_or_else(|| {
-            format!("the admin API needs --{flag} (or {env}); `ca-server operator add` makes one")
-        })
+    let need = |v: &Option<PathBuf>, flag: &str, env: &str, hint: &str| {
+        v.clone()
+            .ok_or_else(|| format!("the admin API needs --{flag} (or {env}): {hint}"))
     };
-    let cert = need(&a.operator_cert, "operator-cert", "IMPRINT_OPERATOR_CERT")?;
-    let key = need(&a.operator_key, "operator-key", "IMPRINT_OPERATOR_KEY")?;
-    let ca = need(&a.ca_cert, "ca-cert", "IMPRINT_CA_CERT")?;
+    let operator = "`ca-server operator add --dir CA NAME` makes it, in CA/operators/";
+    let cert = need(
+        &a.operator_cert,
+        "operator-cert",
+        "IMPRINT_OPERATOR_CERT",
+        operator,
+    )?;
+    let key = need(
+        &a.operator_key,
+        "operator-key",
+        "IMPRINT_OPERATOR_KEY",
+        operator,
+    )?;
+    let ca = need(
+        &a.ca_cert,
+        "ca-cert",
+        "IMPRINT_CA_CERT",
+        "the CA certificate, ca.pem in the CA folder (`ca-server init` made it)",
+    )?;
     AdminClient::new(&a.admin_url, &ca, &cert, &key)
 }
 
@@ -850,6 +868,7 @@ fn audit_command(command: AuditCommand) -> Result<bool, String> {
             Ok(true)
         }
         AuditCommand::Verify { dir, expect, admin } => {
+            let online = dir.is_none();
             let verdict: AuditVerdict = match dir {
                 Some(dir) => {
                     let store = open_store(&dir)?;
@@ -866,16 +885,35 @@ fn audit_command(command: AuditCommand) -> Result<bool, String> {
                 }
             };
             if admin.json {
-                print_json(&verdict)?;
+                /// The verdict, and its head in the form `--expect` takes.
+                #[derive(serde::Serialize)]
+                struct Out<'a> {
+                    #[serde(flatten)]
+                    verdict: &'a AuditVerdict,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    expect: Option<String>,
+                }
+                print_json(&Out {
+                    verdict: &verdict,
+                    expect: verdict
+                        .ok()
+                        .then(|| format!("{}:{}", verdict.entries, verdict.head)),
+                })?;
             } else {
                 match &verdict.first_bad {
                     None => println!(
-                        "audit chain intact: {} entries, head {}:{}\n  (record the head elsewhere; `audit verify --expect {}:{}` checks it later)",
+                        "audit chain intact: {} entries, head {}:{}\n  (record the head elsewhere; `audit verify --expect {}:{}` checks it later{})",
                         verdict.entries,
                         verdict.entries,
                         verdict.head,
                         verdict.entries,
-                        verdict.head
+                        verdict.head,
+                        if online {
+                            "; through the admin API each verify and export is an audit entry \
+                             of its own, so the head moves with every call"
+                        } else {
+                            ""
+                        }
                     ),
                     Some(b) => println!(
                         "audit chain BROKEN at entry {}: {}\n  (entries before it verify; last good head {})",

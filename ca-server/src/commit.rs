@@ -307,20 +307,159 @@ mod tests {
         assert!(store.device(4).unwrap().is_some());
     }
 
-    #[test]
-    fn every_answer_waits_for_the_sync_and_carries_its_failure() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = SledStore::open(&tmp.path().join("store")).unwrap();
-        let (tx, mut rx) = oneshot::channel();
-        let mut jobs = vec![Job::Write(Box::new(Write::Enroll(enrollment(1))), tx)];
-        let replies = apply(&store, &mut jobs);
-        assert!(rx.try_recv().is_err(), "no answer before the sync");
-        for reply in replies {
-            reply(Err(StoreError::Backend("disk gone".into())));
+    /// A real sled store whose sync fails while `fail` is set, as a disk that returns EIO on
+    /// fdatasync would (a real one cannot be made to fail on demand); everything else is the
+    /// store's own.
+    struct FailingSync {
+        inner: SledStore,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl Store for FailingSync {
+        fn sync(&self) -> Result<(), StoreError> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(StoreError::Backend("fdatasync: Input/output error".into()));
+            }
+            self.inner.sync()
         }
-        assert_eq!(
-            rx.try_recv().unwrap().unwrap_err().to_string(),
-            "store: disk gone"
-        );
+        fn device(&self, serial: u64) -> Result<Option<crate::records::DeviceRecord>, StoreError> {
+            self.inner.device(serial)
+        }
+        fn serial_for_key(&self, key_hash: &[u8; 32]) -> Result<Option<u64>, StoreError> {
+            self.inner.serial_for_key(key_hash)
+        }
+        fn line(&self, id: &str) -> Result<Option<crate::records::LineRecord>, StoreError> {
+            self.inner.line(id)
+        }
+        fn lines(&self) -> Result<Vec<crate::records::LineRecord>, StoreError> {
+            self.inner.lines()
+        }
+        fn add_line(&self, l: &crate::records::LineRecord, actor: &str) -> Result<(), StoreError> {
+            self.inner.add_line(l, actor)
+        }
+        fn apply_enrollment(&self, e: &NewEnrollment) -> Result<EnrollOutcome, StoreError> {
+            self.inner.apply_enrollment(e)
+        }
+        fn apply_writes(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
+            self.inner.apply_writes(writes)
+        }
+        fn secret_versions(
+            &self,
+            serial: u64,
+        ) -> Result<Vec<crate::records::SecretRecord>, StoreError> {
+            self.inner.secret_versions(serial)
+        }
+        fn pool(
+            &self,
+            skip: usize,
+            n: usize,
+        ) -> Result<Vec<crate::records::PoolEntry>, StoreError> {
+            self.inner.pool(skip, n)
+        }
+        fn apply_secret(&self, op: &SecretOp) -> Result<SecretOutcome, StoreError> {
+            self.inner.apply_secret(op)
+        }
+        fn set_status(
+            &self,
+            serial: u64,
+            status: crate::records::DeviceStatus,
+            at: u64,
+            actor: &str,
+        ) -> Result<Option<crate::records::DeviceRecord>, StoreError> {
+            self.inner.set_status(serial, status, at, actor)
+        }
+        fn reset_device(
+            &self,
+            serial: u64,
+            at: u64,
+            actor: &str,
+        ) -> Result<crate::store::ResetOutcome, StoreError> {
+            self.inner.reset_device(serial, at, actor)
+        }
+        fn history(&self, serial: u64) -> Result<Vec<crate::records::ResetRecord>, StoreError> {
+            self.inner.history(serial)
+        }
+        fn revoked(&self) -> Result<Vec<(u64, u64)>, StoreError> {
+            self.inner.revoked()
+        }
+        fn set_line_active(
+            &self,
+            id: &str,
+            active: bool,
+            at: u64,
+            actor: &str,
+        ) -> Result<Option<crate::records::LineRecord>, StoreError> {
+            self.inner.set_line_active(id, active, at, actor)
+        }
+        fn record_event(
+            &self,
+            event: &str,
+            serial: Option<u64>,
+            actor: &str,
+            detail: String,
+            at: u64,
+        ) -> Result<(), StoreError> {
+            self.inner.record_event(event, serial, actor, detail, at)
+        }
+        fn audit_raw(
+            &self,
+            after: u64,
+        ) -> Box<dyn Iterator<Item = Result<crate::store::RawAudit, StoreError>> + '_> {
+            self.inner.audit_raw(after)
+        }
+        fn devices(
+            &self,
+        ) -> Box<dyn Iterator<Item = Result<crate::records::DeviceRecord, StoreError>> + '_>
+        {
+            self.inner.devices()
+        }
+        fn audit(
+            &self,
+        ) -> Box<dyn Iterator<Item = Result<crate::records::AuditEntry, StoreError>> + '_> {
+            self.inner.audit()
+        }
+        fn raw_records(&self) -> Result<Vec<crate::store::RawRecord>, StoreError> {
+            self.inner.raw_records()
+        }
+        fn size_on_disk(&self) -> Result<u64, StoreError> {
+            self.inner.size_on_disk()
+        }
+    }
+
+    #[tokio::test]
+    async fn every_answer_waits_for_the_sync_and_carries_its_failure() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(FailingSync {
+            inner: SledStore::open(&tmp.path().join("store")).unwrap(),
+            fail: std::sync::atomic::AtomicBool::new(true),
+        });
+        store.add_line(&line(100), "operator:test").unwrap();
+        let committer =
+            Committer::start(store.clone(), Arc::new(crate::metrics::Metrics::new())).unwrap();
+        // The committer applies the enrollment, its sync fails: the answer is the failure,
+        // never the outcome of a write that may not be on disk.
+        let e = committer
+            .commit(enrollment(1))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Input/output error"), "{e}");
+        let e = committer
+            .run(|s| s.record_event("lookup", Some(1), "test", String::new(), 1))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Input/output error"), "{e}");
+        // Once the disk syncs again, the device's retry finds its enrollment applied.
+        store.fail.store(false, Ordering::SeqCst);
+        match committer.commit(enrollment(1)).await.unwrap() {
+            EnrollOutcome::Existing(r) => assert_eq!(r.serial, 1),
+            other => panic!("{other:?}"),
+        }
+        match committer.commit(enrollment(2)).await.unwrap() {
+            EnrollOutcome::Created(r) => assert_eq!(r.serial, 2),
+            other => panic!("{other:?}"),
+        }
+        committer.wait_durable().await.unwrap();
     }
 }

@@ -50,10 +50,16 @@ impl Issuer {
         })
     }
 
-    /// Whether the lint also verifies the CA's own signature (default: yes).
+    /// Whether the lint also verifies the CA's own signature (default: yes; `[issuer]
+    /// verify_own_signatures` in config.toml).
     pub fn with_signature_check(mut self, on: bool) -> Self {
         self.verify_signatures = on;
         self
+    }
+
+    /// Whether the lint verifies the CA's own signature on every certificate it issues.
+    pub fn verifies_own_signatures(&self) -> bool {
+        self.verify_signatures
     }
 
     /// The profile (CA certificate, key id) for the front ends.
@@ -73,7 +79,8 @@ impl Issuer {
             .profile
             .issue(serial, v.spki(), &self.key, &self.rng)
             .map_err(|e| fail(e.to_string()))?;
-        self.lint(&issued.der, serial, v.spki()).map_err(fail)?;
+        self.check_issued(&issued.der, serial, v.spki())
+            .map_err(fail)?;
         Ok(issued)
     }
 
@@ -125,9 +132,60 @@ impl Issuer {
         Ok(crl.der().to_vec())
     }
 
-    fn lint(&self, der: &[u8], serial: DeviceSerial, spki: &[u8]) -> Result<(), String> {
+    /// The pre-issuance lint [`Issuer::issue`] runs on what it just signed: every field of the
+    /// profile and, when [`Issuer::verifies_own_signatures`], the signature under the CA key.
+    fn check_issued(&self, der: &[u8], serial: DeviceSerial, spki: &[u8]) -> Result<(), String> {
         self.profile
-            .lint(der, serial, spki)
+            .lint_with(der, serial, spki, self.verify_signatures)
             .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use protocol_spec::KeyAlgorithm;
+    use protocol_spec::profile::new_ca_certificate;
+
+    /// A certificate as a faulty signer would leave it: issued, then one bit of its signature
+    /// flipped (the signature is the last bytes of the DER).
+    fn with_bad_signature(issuer: &Issuer, serial: DeviceSerial, spki: &[u8]) -> Vec<u8> {
+        let rng = SystemRandom::new();
+        let mut der = issuer
+            .profile
+            .issue(serial, spki, &issuer.key, &rng)
+            .unwrap()
+            .der;
+        assert!(issuer.check_issued(&der, serial, spki).is_ok());
+        let last = der.len() - 1;
+        der[last] ^= 0x01;
+        der
+    }
+
+    #[test]
+    fn the_signature_check_is_applied_only_when_on() {
+        for alg in [KeyAlgorithm::Ed25519, KeyAlgorithm::P256] {
+            let rng = SystemRandom::new();
+            let ca_key = KeyPair::generate(alg, &rng).unwrap();
+            let ca_der = new_ca_certificate("t", &ca_key, 0, &rng).unwrap();
+            let device = KeyPair::generate(KeyAlgorithm::Ed25519, &rng).unwrap();
+            let spki = device.spki_der();
+            let serial = DeviceSerial::new(42).unwrap();
+
+            let on = Issuer::new(ca_key, &ca_der).unwrap();
+            assert!(on.verifies_own_signatures(), "on by default");
+            let bad = with_bad_signature(&on, serial, &spki);
+            let refused = on.check_issued(&bad, serial, &spki).unwrap_err();
+            assert!(refused.contains("signature"), "{alg}: {refused}");
+
+            let off = on.with_signature_check(false);
+            assert!(!off.verifies_own_signatures());
+            // Off, the lint still checks every field but not the signature: the same bytes pass.
+            off.check_issued(&bad, serial, &spki).unwrap();
+            // ... and a field the profile does not allow is still refused.
+            let other = DeviceSerial::new(43).unwrap();
+            assert!(off.check_issued(&bad, other, &spki).is_err());
+        }
     }
 }

@@ -56,17 +56,18 @@ impl Revocations {
     }
 
     /// Records a change and drops the current CRL, so that the next request signs a new one.
-    pub fn set(&self, serial: u64, revoked: bool) {
-        if let Ok(mut s) = self.revoked.write() {
-            if revoked {
-                s.insert(serial);
-            } else {
-                s.remove(&serial);
-            }
-        }
+    /// Returns whether it was a change (false: `serial` already was in that state).
+    pub fn set(&self, serial: u64, revoked: bool) -> bool {
+        let changed = match self.revoked.write() {
+            Ok(mut s) if revoked => s.insert(serial),
+            Ok(mut s) => s.remove(&serial),
+            // A poisoned set: count it as a change, so that the CRL is signed again.
+            Err(_) => true,
+        };
         if let Ok(mut c) = self.crl.lock() {
             c.current = None;
         }
+        changed
     }
 
     /// The current CRL, or a new one from `sign(number)` when there is none or it is older

@@ -103,8 +103,15 @@ pub async fn start_with_clock(
         .map_err(|e| format!("{}: {e}", dir.ca_cert().display()))?;
     let ca_der = protocol_spec::profile::cert_from_pem(&ca_pem)
         .ok_or_else(|| format!("{}: no CERTIFICATE", dir.ca_cert().display()))?;
-    let issuer =
-        Issuer::new(ca_key, &ca_der).map_err(|e| format!("{}: {e}", dir.ca_key().display()))?;
+    let issuer = Issuer::new(ca_key, &ca_der)
+        .map_err(|e| format!("{}: {e}", dir.ca_key().display()))?
+        .with_signature_check(config.issuer.verify_own_signatures);
+    if !config.issuer.verify_own_signatures {
+        tracing::warn!(
+            "[issuer] verify_own_signatures = false: certificates are linted without checking \
+             the CA's own signature (no guard against a faulty signer)"
+        );
+    }
     let store: Arc<dyn Store> = crate::store::open(dir, &config.store)?;
     let policy = TokenPolicy {
         max_clock_skew: config.token.max_clock_skew,
@@ -221,4 +228,105 @@ pub fn parse_listening_line(line: &str) -> Option<std::collections::BTreeMap<Str
             Some((k.to_string(), v.parse().ok()?))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::setup::{self, InitOptions};
+    use protocol_spec::KeyAlgorithm;
+
+    /// `[issuer] verify_own_signatures` in config.toml reaches the issuer the server runs, both
+    /// ways (what the issuer then does with it: `issuer::tests`).
+    #[tokio::test]
+    async fn the_issuer_runs_with_the_configured_signature_check() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CaDir::new(tmp.path().join("ca"));
+        setup::init(
+            &dir,
+            &InitOptions {
+                algorithm: KeyAlgorithm::Ed25519,
+                name: "t".into(),
+                tls_names: vec![],
+                now: 1_700_000_000,
+                store: Default::default(),
+            },
+        )
+        .unwrap();
+        let quiet = ListenOverrides {
+            no_admin: true,
+            ..ListenOverrides::default()
+        };
+        for (config, want) in [
+            ("", true),
+            ("[issuer]\nverify_own_signatures = true\n", true),
+            ("[issuer]\nverify_own_signatures = false\n", false),
+        ] {
+            // Only the listeners the test needs: no HTTPS on the default port.
+            let text = format!("[listen]\nhttps = \"127.0.0.1:0\"\n{config}");
+            std::fs::write(dir.config(), text).unwrap();
+            let server = start(&dir, &quiet).await.unwrap();
+            assert_eq!(
+                server.service.issuer().verifies_own_signatures(),
+                want,
+                "{config:?}"
+            );
+            server.stop().await;
+        }
+    }
+
+    /// Revoking a revoked device again changes nothing, and counts nothing.
+    #[tokio::test]
+    async fn a_second_revocation_of_a_device_is_not_counted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CaDir::new(tmp.path().join("ca"));
+        setup::init(
+            &dir,
+            &InitOptions {
+                algorithm: KeyAlgorithm::Ed25519,
+                name: "t".into(),
+                tls_names: vec![],
+                now: 1_700_000_000,
+                store: Default::default(),
+            },
+        )
+        .unwrap();
+        {
+            let store = crate::store::SledStore::open(&dir.store()).unwrap();
+            store
+                .add_line(&crate::store::test_support::line(10), "test")
+                .unwrap();
+            store
+                .apply_enrollment(&crate::store::test_support::enrollment(1, 1, 1))
+                .unwrap();
+            store.sync().unwrap();
+        }
+        std::fs::write(dir.config(), "[listen]\nhttps = \"127.0.0.1:0\"\n").unwrap();
+        let quiet = ListenOverrides {
+            no_admin: true,
+            ..ListenOverrides::default()
+        };
+        let server = start(&dir, &quiet).await.unwrap();
+        let revocations = |server: &RunningServer| {
+            let text = server
+                .service
+                .metrics()
+                .encode(&crate::metrics::Snapshot::default())
+                .unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix("imprint_revocations_total "))
+                .map(str::to_string)
+        };
+        assert_eq!(revocations(&server).as_deref(), Some("0"));
+        for _ in 0..2 {
+            let rec = server.service.revoke(1, "test").await.unwrap().unwrap();
+            assert_eq!(rec.status, crate::records::DeviceStatus::Revoked);
+        }
+        assert_eq!(revocations(&server).as_deref(), Some("1"));
+        // No such device: nothing counted either.
+        assert!(server.service.revoke(2, "test").await.unwrap().is_none());
+        assert_eq!(revocations(&server).as_deref(), Some("1"));
+        server.stop().await;
+    }
 }

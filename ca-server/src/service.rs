@@ -237,7 +237,7 @@ impl CaService {
             .map_err(|e| store_failure("commit", e))?;
         match outcome {
             EnrollOutcome::Created(rec) => {
-                tracing::debug!(serial, line = v.line(), "enrolled");
+                tracing::info!(serial, line = v.line(), "enrolled");
                 Ok(Enrolled {
                     certificate: rec.certificate,
                     form: v.form(),
@@ -526,8 +526,8 @@ impl CaService {
             .run(move |s| s.set_status(serial, DeviceStatus::Revoked, at, &actor))
             .await
             .map_err(|e| store_failure("commit", e))?;
-        if rec.is_some() {
-            self.revocations.set(serial, true);
+        // Revoking a revoked device changes nothing: no count, no log line.
+        if rec.is_some() && self.revocations.set(serial, true) {
             self.metrics.revoked();
             tracing::info!(serial, "device revoked");
         }

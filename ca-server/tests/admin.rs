@@ -1233,3 +1233,27 @@ async fn audit_verify_names_the_edited_row_on_postgres() {
         stdout(&verify())
     );
 }
+
+/// Hardening finding 10: `audit verify --dir` on a folder that is no CA made an empty store
+/// there and said "intact", exit 0.
+#[test]
+fn a_folder_that_is_no_ca_is_refused_and_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nonexistent");
+    for args in [
+        vec!["audit", "verify", "--dir"],
+        vec!["line", "list", "--dir"],
+        vec!["audit", "export", "--dir"],
+    ] {
+        let mut args = args.clone();
+        args.push(missing.to_str().unwrap());
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stdout(&out));
+        assert!(
+            stderr(&out).contains("is not a CA folder"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert!(!missing.exists(), "{args:?} made {}", missing.display());
+    }
+}

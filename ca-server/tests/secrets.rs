@@ -119,17 +119,63 @@ async fn fetch_ack_rotate_for_both_key_types() {
     server.stop().await;
 }
 
+/// A TLS client of the secrets door trusting the CA, with a client certificate and its key
+/// (PKCS#8) or none.
+fn client_config(ca_der: &[u8], client: Option<(Vec<u8>, Vec<u8>)>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_der.to_vec().into()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots);
+    Arc::new(match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![cert.into()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()),
+            )
+            .unwrap(),
+    })
+}
+
+/// What the secrets door says to a TLS handshake with `config`, read before the client sends
+/// anything: in TLS 1.3 the server judges the client certificate after the client's Finished,
+/// so a refusal is the server's alert, as rustls names it ("received fatal alert: ..."). (A
+/// client that sent a request first could find the connection reset before it reads the
+/// alert.)
+async fn door_answer(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> String {
+    use tokio::io::AsyncReadExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    match tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+    {
+        Err(e) => e.to_string(),
+        Ok(mut tls) => {
+            let mut byte = [0u8; 1];
+            match tls.read(&mut byte).await {
+                Err(e) => e.to_string(),
+                Ok(n) => panic!("the door accepted the handshake and sent {n} bytes"),
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_are_refused_at_the_door() {
     let (ca, line, server) = setup().await;
     let url = mtls_url(&server);
     let dev = enrolled(&ca, &server, &line, 10, KeyAlgorithm::Ed25519).await;
-    // No client certificate: the handshake fails.
-    let anon = device_agent::https::HttpsClient::new(url.clone(), &ca.ca_der).unwrap();
+    let mtls = server.mtls.unwrap();
+    // No client certificate: the handshake fails with TLS 1.3's certificate_required alert.
+    let alert = door_answer(mtls, client_config(&ca.ca_der, None)).await;
     assert!(
-        anon.request("GET", "/secret", None, "application/cbor", vec![])
-            .await
-            .is_err()
+        alert.contains("received fatal alert: CertificateRequired"),
+        "no client certificate: {alert}"
     );
     // A certificate from another CA (same serial, same key): the handshake fails.
     let other = TestCa::new(KeyAlgorithm::Ed25519);
@@ -153,8 +199,24 @@ async fn strangers_are_refused_at_the_door() {
         protocol_spec::KeyPair::from_pkcs8(dev.key.pkcs8_der(), &SystemRandom::new()).unwrap();
     impostor.certificate = Some(forged.der);
     impostor.ca_certificate = Some(ca.ca_der.clone());
+    // Its issuer name is the real CA's ("Test CA"), so the server checks it under the real CA
+    // key, where its signature fails: rustls answers a bad signature with decrypt_error.
+    let forged_der = impostor.certificate.clone().unwrap();
+    let alert = door_answer(
+        mtls,
+        client_config(&ca.ca_der, Some((forged_der, dev.key.pkcs8_der().to_vec()))),
+    )
+    .await;
+    assert!(
+        alert.contains("received fatal alert: DecryptError"),
+        "a certificate from another CA: {alert}"
+    );
+    // The device agent, too, fails there.
     let c = mtls_client(url.clone(), &impostor).unwrap();
-    assert!(device_agent::secrets::fetch(&c).await.is_err());
+    assert!(matches!(
+        device_agent::secrets::fetch(&c).await,
+        Err(AgentError::Transport(_))
+    ));
     assert!(
         server
             .service
@@ -246,9 +308,17 @@ async fn an_imported_batch_goes_one_key_per_device_and_a_duplicate_import_change
         ("batch-9".to_string(), key(9)),
         ("batch-1".to_string(), key(10)),
     ];
-    assert!(ca_server::service::import_batch(store.as_ref(), keys, again, 2, "test").is_err());
+    let e = ca_server::service::import_batch(store.as_ref(), keys, again, 2, "test").unwrap_err();
+    assert!(
+        e.contains("key id \"batch-1\" is already known; nothing was imported"),
+        "{e}"
+    );
     let dup_key: Vec<_> = vec![("fresh".to_string(), key(2))];
-    assert!(ca_server::service::import_batch(store.as_ref(), keys, dup_key, 2, "test").is_err());
+    let e = ca_server::service::import_batch(store.as_ref(), keys, dup_key, 2, "test").unwrap_err();
+    assert!(
+        e.contains("the key of \"fresh\" is already known; nothing was imported"),
+        "{e}"
+    );
     assert_eq!(snapshot(&store), before, "a refused import changes nothing");
     let mut got = HashSet::new();
     for serial in 100..104 {

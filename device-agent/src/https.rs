@@ -161,6 +161,11 @@ impl HttpsClient {
                     t(&e)
                 }
             })?;
+        let io_error = Arc::new(std::sync::Mutex::new(None));
+        let tls = Remembering {
+            inner: tls,
+            error: io_error.clone(),
+        };
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| t(&e))?;
@@ -169,6 +174,7 @@ impl HttpsClient {
             sender,
             authority,
             conn: Some(conn),
+            io_error,
         })
     }
 
@@ -224,6 +230,70 @@ pub struct HttpsSession {
     /// The connection task: when a request fails, its error says why (in TLS 1.3 a server's
     /// refusal of the client certificate, such as `certificate_revoked`, arrives only there).
     conn: Option<tokio::task::JoinHandle<Result<(), String>>>,
+    /// The connection's first I/O error, as [`Remembering`] kept it.
+    io_error: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// A stream that keeps its first I/O error. hyper drops a read error met while no request is
+/// in flight, and a request queued then fails with "operation was canceled" alone; in TLS 1.3
+/// that is how a refused client certificate arrives (the server's alert comes after the
+/// client's Finished, as the client sends its request), so this keeps the alert's name.
+struct Remembering<S> {
+    inner: S,
+    error: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl<S> Remembering<S> {
+    fn keep<T>(
+        &self,
+        r: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        if let std::task::Poll::Ready(Err(e)) = &r
+            && let Ok(mut slot) = self.error.lock()
+            && slot.is_none()
+        {
+            *slot = Some(e.to_string());
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Remembering<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.keep(r)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Remembering<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.keep(r)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.keep(r)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.keep(r)
+    }
 }
 
 /// A connection error with its causes (hyper's own message is only the outermost one).
@@ -306,9 +376,53 @@ impl HttpsSession {
         let Some(conn) = self.conn.take() else {
             return msg;
         };
+        let kept = || self.io_error.lock().ok().and_then(|e| e.clone());
         match tokio::time::timeout(std::time::Duration::from_secs(1), conn).await {
             Ok(Ok(Err(e))) => format!("{msg} ({e})"),
-            _ => msg,
+            // hyper ended the connection without an error of its own: the stream's.
+            _ => match kept() {
+                Some(e) => format!("{msg} ({e})"),
+                None => msg,
+            },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A stream whose reads fail as a TLS stream does on the server's alert.
+    struct Alerted;
+
+    impl tokio::io::AsyncRead for Alerted {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "received fatal alert: CertificateRevoked",
+            )))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_stream_keeps_its_first_error_for_the_answer() {
+        let error = Arc::new(std::sync::Mutex::new(None));
+        let mut s = Remembering {
+            inner: Alerted,
+            error: error.clone(),
+        };
+        let mut buf = [0u8; 4];
+        assert!(s.read(&mut buf).await.is_err());
+        let kept = error.lock().unwrap().clone();
+        assert_eq!(
+            kept.as_deref(),
+            Some("received fatal alert: CertificateRevoked")
+        );
     }
 }

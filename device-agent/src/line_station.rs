@@ -37,25 +37,32 @@ pub fn attest(
 /// The device SPKI from a CSR (PEM or DER), after checking its proof of possession: a line
 /// station vouches only for a key the device demonstrably holds.
 pub fn spki_from_csr(bytes: &[u8]) -> Result<Vec<u8>, AgentError> {
-    let der = match std::str::from_utf8(bytes)
-        .ok()
-        .and_then(|t| pem::parse(t).ok())
-    {
-        Some(p) if p.tag() == "CERTIFICATE REQUEST" || p.tag() == "NEW CERTIFICATE REQUEST" => {
-            p.into_contents()
-        }
-        Some(p) => {
-            return Err(AgentError::Invalid(format!(
-                "CSR: PEM label is {:?}, not CERTIFICATE REQUEST",
-                p.tag()
-            )));
-        }
-        None => bytes.to_vec(),
-    };
+    let der = csr_der(bytes)?;
     let csr = ParsedCsr::parse(&der)
         .and_then(ParsedCsr::verify)
         .map_err(|p| AgentError::Invalid(format!("CSR: {}", p.detail)))?;
     Ok(csr.spki_der().to_vec())
+}
+
+/// A CSR's DER from PEM (`CERTIFICATE REQUEST`) or DER bytes (returned as they are).
+pub fn csr_der(bytes: &[u8]) -> Result<Vec<u8>, AgentError> {
+    Ok(
+        match std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|t| pem::parse(t).ok())
+        {
+            Some(p) if p.tag() == "CERTIFICATE REQUEST" || p.tag() == "NEW CERTIFICATE REQUEST" => {
+                p.into_contents()
+            }
+            Some(p) => {
+                return Err(AgentError::Invalid(format!(
+                    "CSR: PEM label is {:?}, not CERTIFICATE REQUEST",
+                    p.tag()
+                )));
+            }
+            None => bytes.to_vec(),
+        },
+    )
 }
 
 /// The device SPKI from a public key PEM.

@@ -313,3 +313,65 @@ async fn enrollment_by_hand_with_openssl_and_curl() {
     );
     server.stop().await;
 }
+
+#[test]
+fn show_ends_quietly_when_its_reader_goes_away_and_each_tool_describes_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("dev.state");
+    run(agent()
+        .args(["keygen", "--serial", "9", "--state"])
+        .arg(&state));
+    // `device-agent show | head`: the reader is gone before show writes a byte.
+    for extra in [&[][..], &["--key-pem"][..]] {
+        let mut child = agent()
+            .args(["show", "--state"])
+            .arg(&state)
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let help = |cmd: &mut Command| String::from_utf8(run(cmd.arg("--help")).stdout).unwrap();
+    let station_help = help(&mut station());
+    assert!(
+        station_help.starts_with("Imprint line station: line keys and factory-attestation tokens"),
+        "{station_help}"
+    );
+    assert!(!station_help.contains("device agent"), "{station_help}");
+    assert!(help(&mut agent()).starts_with("Imprint device agent"));
+}
+
+#[test]
+fn the_key_pem_is_one_openssl_reads_for_both_key_types() {
+    let tmp = tempfile::tempdir().unwrap();
+    for alg in ["ed25519", "p256"] {
+        let state = tmp.path().join(format!("{alg}.state"));
+        let public = run(agent()
+            .args(["keygen", "--serial", "9", "--algorithm", alg, "--state"])
+            .arg(&state))
+        .stdout;
+        let key = tmp.path().join(format!("{alg}.key"));
+        let pem = run(agent().args(["show", "--key-pem", "--state"]).arg(&state)).stdout;
+        std::fs::write(&key, pem).unwrap();
+        let derived = run(Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&key))
+        .stdout;
+        let norm = |b: &[u8]| String::from_utf8_lossy(b).replace('\r', "");
+        assert_eq!(norm(&derived), norm(&public), "{alg}");
+    }
+}

@@ -37,6 +37,8 @@ pub struct Ceiling {
     pub cores: usize,
     /// Devices per second if every core did nothing but this crypto.
     pub devices_per_second: f64,
+    /// The clock that timed it.
+    pub clock: ClockKind,
 }
 
 /// Which TLS handshakes a device's life includes.
@@ -71,7 +73,8 @@ pub fn measure(
     };
     let dir = |_: &str| Some(info.clone());
     // Each primitive runs as its own batch over all `n` devices, timed by this thread's CPU
-    // time: a time slice lost to another process on a shared machine is not crypto.
+    // time: a time slice lost to another process on a shared machine is not crypto. Where
+    // that cannot be read, wall time, and the ceiling says so (`clock`).
     let mut per = Vec::new();
     let mut clock = CpuClock::start();
     let devices = (1..=u64::from(n))
@@ -136,7 +139,7 @@ pub fn measure(
             .map_err(|x| e(&x))?;
     }
     per.push(clock.lap(n));
-    let (https_us, mtls_us) = tls::measure(100, device_alg, ca_alg)?;
+    let (https_us, mtls_us, tls_clock) = tls::measure(100, device_alg, ca_alg)?;
     let https_handshake_us = if handshakes.https { https_us } else { 0.0 };
     let mtls_handshake_us = if handshakes.mtls { mtls_us } else { 0.0 };
     let per_device_us: f64 = per.iter().sum::<f64>() + https_handshake_us + mtls_handshake_us;
@@ -154,37 +157,87 @@ pub fn measure(
         per_device_us,
         cores,
         devices_per_second: cores as f64 * 1e6 / per_device_us,
+        clock: clock.kind.and(tls_clock),
     })
 }
 
-/// This thread's CPU time (Linux `/proc/thread-self/schedstat`, nanoseconds on a CPU), or the
-/// wall clock where that is not available.
+/// Which clock timed the ceiling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClockKind {
+    /// The measuring thread's CPU time (`/proc/thread-self/schedstat`): time slices lost to
+    /// other processes are not counted.
+    ThreadCpu,
+    /// Wall time, because this thread's CPU time could not be read: a busy machine makes the
+    /// primitives look slower and the ceiling lower.
+    Wall,
+}
+
+impl ClockKind {
+    /// For people.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ClockKind::ThreadCpu => "thread CPU time",
+            ClockKind::Wall => {
+                "wall time (thread CPU time unreadable: a busy machine lowers the ceiling)"
+            }
+        }
+    }
+
+    /// Wall if either is.
+    fn and(self, other: ClockKind) -> ClockKind {
+        if self == ClockKind::Wall || other == ClockKind::Wall {
+            ClockKind::Wall
+        } else {
+            ClockKind::ThreadCpu
+        }
+    }
+}
+
+/// Times laps in this thread's CPU time (Linux `/proc/thread-self/schedstat`, nanoseconds on a
+/// CPU) or, from the first lap where that cannot be read, in wall time, and remembers which.
 struct CpuClock {
-    last: f64,
+    kind: ClockKind,
+    last_cpu_us: Option<f64>,
+    last_wall: Instant,
 }
 
 impl CpuClock {
-    fn now() -> f64 {
+    fn thread_cpu_us() -> Option<f64> {
         std::fs::read_to_string("/proc/thread-self/schedstat")
             .ok()
             .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
             .map(|ns| ns / 1000.0)
-            .unwrap_or_else(|| {
-                static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-                START.get_or_init(Instant::now).elapsed().as_secs_f64() * 1e6
-            })
     }
 
     fn start() -> Self {
-        CpuClock { last: Self::now() }
+        let last_cpu_us = Self::thread_cpu_us();
+        CpuClock {
+            kind: if last_cpu_us.is_some() {
+                ClockKind::ThreadCpu
+            } else {
+                ClockKind::Wall
+            },
+            last_cpu_us,
+            last_wall: Instant::now(),
+        }
     }
 
     /// Microseconds per item since the last lap, for `n` items.
     fn lap(&mut self, n: u32) -> f64 {
-        let now = Self::now();
-        let per = (now - self.last) / f64::from(n.max(1));
-        self.last = now;
-        per
+        let wall = Instant::now();
+        let wall_us = (wall - self.last_wall).as_secs_f64() * 1e6;
+        self.last_wall = wall;
+        let cpu = Self::thread_cpu_us();
+        let elapsed = match (self.kind, self.last_cpu_us, cpu) {
+            (ClockKind::ThreadCpu, Some(before), Some(now)) => now - before,
+            _ => {
+                self.kind = ClockKind::Wall;
+                wall_us
+            }
+        };
+        self.last_cpu_us = cpu;
+        elapsed / f64::from(n.max(1))
     }
 }
 
@@ -205,7 +258,7 @@ mod tls {
         n: u32,
         device_alg: KeyAlgorithm,
         ca_alg: KeyAlgorithm,
-    ) -> Result<(f64, f64), String> {
+    ) -> Result<(f64, f64, super::ClockKind), String> {
         let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
         let dir = CaDir::new(tmp.path().join("ca"));
         setup::init(
@@ -261,15 +314,19 @@ mod tls {
             &dir.tls_key(),
             Arc::new(ca_server::revocation::Revocations::default()),
         )?;
-        let time = |client: Arc<ClientConfig>, server: Arc<ServerConfig>| -> Result<f64, String> {
+        let time = |client: Arc<ClientConfig>,
+                    server: Arc<ServerConfig>|
+         -> Result<(f64, super::ClockKind), String> {
             handshake(&client, &server)?; // warm-up
             let mut clock = super::CpuClock::start();
             for _ in 0..n {
                 handshake(&client, &server)?;
             }
-            Ok(clock.lap(n))
+            Ok((clock.lap(n), clock.kind))
         };
-        Ok((time(Arc::new(plain), https)?, time(Arc::new(mutual), mtls)?))
+        let (https_us, a) = time(Arc::new(plain), https)?;
+        let (mtls_us, b) = time(Arc::new(mutual), mtls)?;
+        Ok((https_us, mtls_us, a.and(b)))
     }
 
     /// One full handshake, the flights passed between the two sides in memory.
@@ -302,5 +359,39 @@ mod tls {
             }
         }
         Err("the in-memory TLS handshake did not finish".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn the_clock_says_which_time_it_measured() {
+        // Sleeping costs no CPU: thread CPU time barely moves, wall time moves by the sleep.
+        let mut cpu = CpuClock::start();
+        assert_eq!(cpu.kind, ClockKind::ThreadCpu, "Linux has schedstat");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(cpu.lap(1) < 50_000.0);
+        let mut wall = CpuClock {
+            kind: ClockKind::Wall,
+            last_cpu_us: None,
+            last_wall: Instant::now(),
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(wall.lap(1) >= 100_000.0);
+        assert_eq!(ClockKind::ThreadCpu.and(ClockKind::Wall), ClockKind::Wall);
+        let c = measure(
+            20,
+            KeyAlgorithm::Ed25519,
+            KeyAlgorithm::Ed25519,
+            Handshakes {
+                https: false,
+                mtls: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(c.clock, ClockKind::ThreadCpu);
     }
 }

@@ -46,7 +46,14 @@ pub struct Outcome {
     pub received: Vec<[u8; 32]>,
     /// What each device saw, by device index, when [`Fleet::device_checks`] is on (else empty).
     pub evidence: Vec<Evidence>,
+    /// Workers that stopped before the devices ran out: no socket, or a panic. Their devices
+    /// count as failed (`not-run`), never as done.
+    pub worker_faults: Vec<String>,
 }
+
+/// The failure kind of a device no worker finished: never taken (every worker had stopped), or
+/// taken by a worker that panicked while stepping it.
+pub const NOT_RUN: &str = "not-run";
 
 /// How devices reach the CA for enrollment: one client per CA node, devices spread over the
 /// nodes round robin (device index modulo the number of nodes).
@@ -142,14 +149,11 @@ pub async fn run(fleet: Arc<Fleet>, progress: Arc<Progress>) -> Outcome {
             worker(&fleet, &progress, &received, &evidence, &hist).await
         }));
     }
-    let mut errors = BTreeMap::new();
+    let mut results = Vec::with_capacity(tasks.len());
     for t in tasks {
-        if let Ok(e) = t.await {
-            for (k, v) in e {
-                *errors.entry(k).or_insert(0) += v;
-            }
-        }
+        results.push(t.await);
     }
+    let (errors, worker_faults) = tally(results, fleet.devices, &progress);
     let phases = std::mem::take(&mut *hist.lock().unwrap_or_else(|p| p.into_inner()));
     let received = std::mem::take(&mut *received.lock().unwrap_or_else(|p| p.into_inner()));
     let evidence = std::mem::take(&mut *evidence.lock().unwrap_or_else(|p| p.into_inner()));
@@ -158,7 +162,42 @@ pub async fn run(fleet: Arc<Fleet>, progress: Arc<Progress>) -> Outcome {
         errors,
         received,
         evidence,
+        worker_faults,
     }
+}
+
+/// What one worker reports: its devices' failures by kind, or why it stopped early.
+type WorkerReport = (BTreeMap<String, u64>, Option<String>);
+
+/// Adds up the workers' reports. Every device of `devices` ends up counted once in
+/// `progress`: done, failed, or (when no worker finished it) failed as [`NOT_RUN`].
+fn tally(
+    results: Vec<Result<WorkerReport, tokio::task::JoinError>>,
+    devices: u64,
+    progress: &Progress,
+) -> (BTreeMap<String, u64>, Vec<String>) {
+    let mut errors = BTreeMap::new();
+    let mut faults = Vec::new();
+    for (n, r) in results.into_iter().enumerate() {
+        match r {
+            Ok((e, fault)) => {
+                for (k, v) in e {
+                    *errors.entry(k).or_insert(0) += v;
+                }
+                faults.extend(fault.map(|f| format!("worker {n}: {f}")));
+            }
+            Err(e) if e.is_panic() => faults.push(format!("worker {n} panicked")),
+            Err(e) => faults.push(format!("worker {n} did not finish: {e}")),
+        }
+    }
+    let done = progress.done.load(Ordering::Relaxed);
+    let failed = progress.failed.load(Ordering::Relaxed);
+    let lost = devices.saturating_sub(done.saturating_add(failed));
+    if lost > 0 {
+        *errors.entry(NOT_RUN.to_string()).or_insert(0) += lost;
+        progress.failed.fetch_add(lost, Ordering::Relaxed);
+    }
+    (errors, faults)
 }
 
 fn histogram() -> Histogram<u64> {
@@ -173,7 +212,7 @@ async fn worker(
     received: &Mutex<Vec<[u8; 32]>>,
     evidence: &Mutex<Vec<Evidence>>,
     hist: &Mutex<Vec<Histogram<u64>>>,
-) -> BTreeMap<String, u64> {
+) -> WorkerReport {
     let rng = SystemRandom::new();
     let mut errors = BTreeMap::new();
     // Over CoAP each worker keeps one socket per CA node (from its own loopback address) for
@@ -188,10 +227,9 @@ async fn worker(
             };
             match coap.socket().await {
                 Ok(s) => socks.push(s),
-                Err(e) => {
-                    *errors.entry(error_kind(&e)).or_insert(0) += 1;
-                    return errors;
-                }
+                // The devices this worker would have stepped go to the others, or count as
+                // not run when every worker stopped.
+                Err(e) => return (errors, Some(format!("no CoAP socket: {e}"))),
             }
         }
     }
@@ -228,7 +266,7 @@ async fn worker(
             }
         }
     }
-    errors
+    (errors, None)
 }
 
 fn record(slot: &mut u64, since: Instant) -> Instant {
@@ -378,4 +416,97 @@ fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::line::LineStation;
+    use device_agent::url::CaUrl;
+    use protocol_spec::KeyPair;
+    use protocol_spec::profile::new_ca_certificate;
+
+    /// A fleet of `devices` over CoAP whose workers send from `source`.
+    fn fleet(devices: u64, concurrency: usize, source: IpAddr) -> Fleet {
+        let rng = SystemRandom::new();
+        let ca_key = KeyPair::generate(KeyAlgorithm::Ed25519, &rng).unwrap();
+        let ca_der = new_ca_certificate("t", &ca_key, 0, &rng).unwrap();
+        let url = CaUrl::parse("coap://127.0.0.1:9").unwrap();
+        Fleet {
+            devices,
+            algorithm: KeyAlgorithm::Ed25519,
+            concurrency,
+            enrollment: Enrollment::Coap(vec![CoapClient::new(url).with_source(source)]),
+            profile: CertProfile::from_ca_der(&ca_der).unwrap(),
+            ca_der,
+            secrets: vec![],
+            lines: Lines::new(vec![LineStation {
+                id: "line-1".into(),
+                key: KeyPair::generate(KeyAlgorithm::Ed25519, &rng).unwrap(),
+                first: 1,
+                last: devices,
+            }]),
+            spread_sources: false,
+            device_checks: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn devices_of_workers_without_a_socket_count_as_failed() {
+        // 192.0.2.1 (TEST-NET-1) is no address of this machine: binding to it fails, so every
+        // worker stops before its first device.
+        let fleet = Arc::new(fleet(40, 4, IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))));
+        let progress = Arc::new(Progress::default());
+        let outcome = run(fleet, progress.clone()).await;
+        assert_eq!(progress.done.load(Ordering::Relaxed), 0);
+        assert_eq!(progress.failed.load(Ordering::Relaxed), 40);
+        assert_eq!(
+            outcome.errors.get(NOT_RUN),
+            Some(&40),
+            "{:?}",
+            outcome.errors
+        );
+        assert_eq!(
+            outcome.worker_faults.len(),
+            4,
+            "{:?}",
+            outcome.worker_faults
+        );
+        assert!(
+            outcome
+                .worker_faults
+                .iter()
+                .all(|f| f.contains("no CoAP socket")),
+            "{:?}",
+            outcome.worker_faults
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panicked_worker_is_a_fault_and_its_device_a_failure() {
+        let progress = Progress::default();
+        // Of 5 devices, 3 done, 1 failed, and the one a worker was stepping when it panicked.
+        progress.done.store(3, Ordering::Relaxed);
+        progress.failed.store(1, Ordering::Relaxed);
+        let fine =
+            tokio::spawn(async { (BTreeMap::from([("transport".to_string(), 1u64)]), None) });
+        let panicked = tokio::spawn(async {
+            if progress_is_poisoned() {
+                panic!("a worker's bug");
+            }
+            (BTreeMap::new(), None)
+        });
+        let results = vec![fine.await, panicked.await];
+        let (errors, faults) = tally(results, 5, &progress);
+        assert_eq!(faults, vec!["worker 1 panicked".to_string()]);
+        assert_eq!(errors.get("transport"), Some(&1));
+        assert_eq!(errors.get(NOT_RUN), Some(&1));
+        assert_eq!(progress.failed.load(Ordering::Relaxed), 2);
+    }
+
+    /// Always true: keeps the panic in the task above from making its tail unreachable.
+    fn progress_is_poisoned() -> bool {
+        std::hint::black_box(true)
+    }
 }

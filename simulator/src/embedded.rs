@@ -60,13 +60,7 @@ pub fn start(
             store: Default::default(),
         },
     )?;
-    if !verify_own_signatures {
-        let mut config = dir.load_config()?;
-        config.issuer.verify_own_signatures = false;
-        let text = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
-        std::fs::write(dir.config(), text)
-            .map_err(|e| format!("{}: {e}", dir.config().display()))?;
-    }
+    set_signature_check(&dir, verify_own_signatures)?;
     let rng = SystemRandom::new();
     let mut lines = Vec::new();
     {
@@ -117,6 +111,15 @@ pub fn start(
     ))
 }
 
+/// Writes `[issuer] verify_own_signatures` into the CA folder's config.toml, which the CA child
+/// applies when it starts (`ca_server::server`).
+fn set_signature_check(dir: &CaDir, verify_own_signatures: bool) -> Result<(), String> {
+    let mut config = dir.load_config()?;
+    config.issuer.verify_own_signatures = verify_own_signatures;
+    let text = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
+    std::fs::write(dir.config(), text).map_err(|e| format!("{}: {e}", dir.config().display()))
+}
+
 fn spawn(
     dir: &Path,
     at: [SocketAddr; 3],
@@ -160,6 +163,13 @@ fn spawn(
             ))
         }
     }
+}
+
+/// Resets this process's peak resident memory (VmHWM) to its current size (Linux 4.0 and
+/// later, `/proc/self/clear_refs`), so that a later reading is the peak of what ran since.
+/// False when the kernel did not allow it: a later reading is then the whole process's peak.
+pub fn reset_peak_memory() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// Peak resident memory (VmHWM) and CPU seconds (user + system) of a process, from /proc.
@@ -235,5 +245,34 @@ impl Drop for EmbeddedCa {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    /// `--ca-verify-own-signatures` reaches the CA folder's config.toml both ways (the server
+    /// applies what that file says: `ca_server::server::tests`).
+    #[test]
+    fn the_signature_check_flag_reaches_the_ca_config() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CaDir::new(tmp.path().join("ca"));
+        setup::init(
+            &dir,
+            &InitOptions {
+                algorithm: KeyAlgorithm::Ed25519,
+                name: "t".into(),
+                tls_names: vec![],
+                now: 1_700_000_000,
+                store: Default::default(),
+            },
+        )
+        .unwrap();
+        for on in [false, true, false] {
+            set_signature_check(&dir, on).unwrap();
+            assert_eq!(dir.load_config().unwrap().issuer.verify_own_signatures, on);
+        }
     }
 }

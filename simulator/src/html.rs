@@ -173,10 +173,11 @@ pub fn render(r: &Report) -> Result<String, String> {
     row(
         "crypto ceiling (this machine)",
         format!(
-            "{:.0} devices/s ({:.0} us per device on one core, {} cores); achieved {:.0}%",
+            "{:.0} devices/s ({:.0} us per device on one core, {} cores, timed in {}); achieved {:.0}%",
             r.ceiling.devices_per_second,
             r.ceiling.per_device_us,
             r.ceiling.cores,
+            r.ceiling.clock.describe(),
             r.fraction_of_ceiling * 100.0
         ),
     );
@@ -202,13 +203,14 @@ pub fn render(r: &Report) -> Result<String, String> {
         },
     );
     row(
-        "simulator peak memory / CPU",
+        "simulator peak memory / CPU (device phases)",
         format!(
             "{} / {:.1} s",
             mb(r.simulator.peak_memory_bytes),
             r.simulator.cpu_seconds
         ),
     );
+    row("verification pass: time, peak memory", r.pass_text());
     row("store on disk", r.store_text());
     row("CA restarts (SIGKILL)", r.ca_restarts.to_string());
     let mut errors = String::new();
@@ -233,7 +235,14 @@ pub fn render(r: &Report) -> Result<String, String> {
         );
     }
     let v = &r.verification;
-    let verdict = if v.ok() { "PASSED" } else { "FAILED" };
+    let verdict = esc(&r.verification_word());
+    let result = r.verdict.word();
+    let reasons: String = r
+        .verdict
+        .reasons
+        .iter()
+        .map(|x| format!("<li>{}</li>", esc(x)))
+        .collect();
     let verification = serde_json::to_string_pretty(v).map_err(|e| e.to_string())?;
     Ok(format!(
         r#"<!doctype html>
@@ -242,6 +251,8 @@ pub fn render(r: &Report) -> Result<String, String> {
 table{{border-collapse:collapse;margin:1em 0}}th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
 .ok{{color:#070}}.bad{{color:#a00}}pre{{background:#f6f6f6;padding:1em}}</style></head>
 <body><h1>Imprint simulation report</h1>
+<h2>Result: <span class="{result_cls}">{result}</span></h2>
+<ul>{reasons}</ul>
 <h2>Verification: <span class="{cls}">{verdict}</span> <small>({where_})</small></h2>
 <table>{rows}</table>
 {font_note}<h2>Throughput</h2>{throughput}
@@ -251,7 +262,12 @@ table{{border-collapse:collapse;margin:1em 0}}th,td{{border:1px solid #ccc;paddi
 <h2>Verification pass ({where_})</h2><pre>{verification}</pre>
 </body></html>
 "#,
-        cls = if v.ok() { "ok" } else { "bad" },
+        cls = if v.ok() && r.verdict.passed {
+            "ok"
+        } else {
+            "bad"
+        },
+        result_cls = if r.verdict.passed { "ok" } else { "bad" },
         where_ = esc(v.label()),
         throughput = throughput_svg(r)?,
         latency = latency_svg(r)?,

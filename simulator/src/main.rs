@@ -35,7 +35,7 @@ use protocol_spec::profile::CertProfile;
 use crate::devices::{Enrollment, Fleet, PHASES, Progress};
 use crate::embedded::EmbeddedCa;
 use crate::remote::{RemoteArgs, RemoteCa};
-use crate::report::{PhaseLatency, Report, Usage};
+use crate::report::{PassUsage, PhaseLatency, Report, Usage, Verdict};
 use crate::verify::Verification;
 
 /// Runs virtual devices end to end against a CA and reports.
@@ -383,11 +383,17 @@ fn run(cli: Cli) -> Result<bool, String> {
     let (sim_peak, sim_cpu) = embedded::process_usage(std::process::id());
     let throughput =
         std::mem::take(&mut *samples.lock().map_err(|_| "samples poisoned".to_string())?);
+    // The pass's own peak: the kernel's high-water mark is reset to the current size first
+    // (the device phases' peak was read just above).
+    let pass_start = Instant::now();
+    let peak_of_pass_alone = embedded::reset_peak_memory();
     let (verification, store_bytes, store_bytes_per_device) = match &stopped {
         Some((_, ca)) => {
             let store = ca.dir.store();
             let bytes = report::dir_size(&store);
-            let v = verify::verify_store(&store, &ca_der, &outcome.received, !cli.no_secrets)?;
+            let kek = ca_server::secrets::SecretKeys::load(&ca.dir.kek())?;
+            let v =
+                verify::verify_store(&store, &ca_der, &kek, &outcome.received, !cli.no_secrets)?;
             let per_device = bytes as f64 / v.records.max(1) as f64;
             (Verification::Store(v), Some(bytes), Some(per_device))
         }
@@ -397,8 +403,20 @@ fn run(cli: Cli) -> Result<bool, String> {
             None,
         ),
     };
+    let verification_pass = PassUsage {
+        seconds: pass_start.elapsed().as_secs_f64(),
+        peak_memory_bytes: embedded::process_usage(std::process::id()).0,
+        peak_of_pass_alone,
+    };
     let ok = progress.done.load(Ordering::Relaxed);
     let failed = progress.failed.load(Ordering::Relaxed);
+    let verdict = Verdict::of(
+        cli.devices,
+        ok,
+        &outcome.errors,
+        &outcome.worker_faults,
+        &verification,
+    );
     let rate = ok as f64 / wall.max(1e-9);
     let mut config = BTreeMap::new();
     config.insert("devices".into(), cli.devices.to_string());
@@ -455,6 +473,9 @@ fn run(cli: Cli) -> Result<bool, String> {
         store_bytes,
         store_bytes_per_device,
         verification,
+        verification_pass,
+        worker_faults: outcome.worker_faults,
+        verdict,
     };
     let path = report.write(&cli.report)?;
     print!("{}", report.summary());
@@ -465,7 +486,7 @@ fn run(cli: Cli) -> Result<bool, String> {
         );
     }
     println!("report: {} (and report.json beside it)", path.display());
-    Ok(report.verification.ok() && failed == 0)
+    Ok(report.verdict.passed)
 }
 
 /// Starts the embedded CA and points the devices at it (through the loss relay, if any).

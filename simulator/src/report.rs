@@ -52,6 +52,18 @@ pub struct Usage {
     pub cpu_seconds: f64,
 }
 
+/// Time and memory of the verification pass (in the simulator process).
+#[derive(Debug, Serialize)]
+pub struct PassUsage {
+    /// Wall time, seconds.
+    pub seconds: f64,
+    /// Peak resident set (VmHWM) while it ran, bytes.
+    pub peak_memory_bytes: u64,
+    /// Whether that peak is the pass's alone (the kernel's peak was reset before it) or, when
+    /// the kernel did not allow the reset, the whole process's.
+    pub peak_of_pass_alone: bool,
+}
+
 /// The whole report.
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -75,7 +87,7 @@ pub struct Report {
     pub ceiling: Ceiling,
     /// devices_per_second / ceiling.devices_per_second.
     pub fraction_of_ceiling: f64,
-    /// The simulator process.
+    /// The simulator process during the device phases (before the verification pass).
     pub simulator: Usage,
     /// The CA process (null: not measured, the CA runs elsewhere).
     pub ca: Option<Usage>,
@@ -87,6 +99,64 @@ pub struct Report {
     pub store_bytes_per_device: Option<f64>,
     /// The verification pass.
     pub verification: Verification,
+    /// Time and memory of the verification pass.
+    pub verification_pass: PassUsage,
+    /// Workers that stopped before the devices ran out (no socket, a panic).
+    pub worker_faults: Vec<String>,
+    /// Whether the run did what it was asked; the exit status follows it.
+    pub verdict: Verdict,
+}
+
+/// Whether a run did what it was asked: every one of `--devices` through every phase, no
+/// worker lost, and the verification pass passed. The simulator exits 0 only then.
+#[derive(Debug, Serialize)]
+pub struct Verdict {
+    /// All of the above held.
+    pub passed: bool,
+    /// What did not hold, for people (empty when passed).
+    pub reasons: Vec<String>,
+}
+
+impl Verdict {
+    /// The verdict on a run of `devices` of which `done` went through every phase.
+    pub fn of(
+        devices: u64,
+        done: u64,
+        errors: &BTreeMap<String, u64>,
+        worker_faults: &[String],
+        verification: &Verification,
+    ) -> Self {
+        let mut reasons = Vec::new();
+        if done != devices {
+            let kinds: Vec<String> = errors.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            reasons.push(format!(
+                "{done} of {devices} devices completed (failures: {})",
+                if kinds.is_empty() {
+                    "none recorded".to_string()
+                } else {
+                    kinds.join(", ")
+                }
+            ));
+        }
+        if let Some(first) = worker_faults.first() {
+            reasons.push(format!(
+                "{} worker(s) stopped early, first: {first}",
+                worker_faults.len()
+            ));
+        }
+        if !verification.ok() {
+            reasons.push("the verification pass found problems".to_string());
+        }
+        Verdict {
+            passed: reasons.is_empty(),
+            reasons,
+        }
+    }
+
+    /// `PASSED` or `FAILED`.
+    pub fn word(&self) -> &'static str {
+        if self.passed { "PASSED" } else { "FAILED" }
+    }
 }
 
 impl Report {
@@ -116,10 +186,11 @@ impl Report {
             self.ceiling.devices_per_second
         );
         s += &format!(
-            "  ceiling: {:.0} us of crypto per device on one core (TLS handshakes {:.0} us of it), {} cores\n",
+            "  ceiling: {:.0} us of crypto per device on one core (TLS handshakes {:.0} us of it), {} cores; timed in {}\n",
             self.ceiling.per_device_us,
             self.ceiling.https_handshake_us + self.ceiling.mtls_handshake_us,
-            self.ceiling.cores
+            self.ceiling.cores,
+            self.ceiling.clock.describe()
         );
         for (name, p) in &self.phases {
             s += &format!(
@@ -139,10 +210,11 @@ impl Report {
             None => NOT_MEASURED.to_string(),
         };
         s += &format!(
-            "CA: {ca}; simulator: peak memory {:.1} MiB, CPU {:.1} s\n",
+            "CA: {ca}; simulator (device phases): peak memory {:.1} MiB, CPU {:.1} s\n",
             mb(self.simulator.peak_memory_bytes),
             self.simulator.cpu_seconds
         );
+        s += &format!("verification pass: {}\n", self.pass_text());
         if self.ca_restarts > 0 {
             s += &format!(
                 "CA killed with SIGKILL and restarted {} times\n",
@@ -153,14 +225,40 @@ impl Report {
         let v = &self.verification;
         s += &format!(
             "verification: {} ({}) — {}\n",
-            if v.ok() { "PASSED" } else { "FAILED" },
+            self.verification_word(),
             v.label(),
             v.figures()
         );
         for p in v.problems() {
             s += &format!("  problem: {p}\n");
         }
+        for f in &self.worker_faults {
+            s += &format!("  worker fault: {f}\n");
+        }
+        s += &format!("result: {}", self.verdict.word());
+        if self.verdict.passed {
+            s += &format!(
+                ": all {} devices completed and the verification pass passed\n",
+                self.devices_ok
+            );
+        } else {
+            s += &format!(": {}\n", self.verdict.reasons.join("; "));
+        }
         s
+    }
+
+    /// The verification pass's verdict in words that cannot be read as the run's: `PASSED`
+    /// only when the whole run passed; a pass over a run that failed only "checked" what
+    /// completed.
+    pub fn verification_word(&self) -> String {
+        match (self.verification.ok(), self.verdict.passed) {
+            (false, _) => "FAILED".into(),
+            (true, true) => "PASSED".into(),
+            (true, false) => format!(
+                "no problem found in the {} devices that completed, but the run FAILED",
+                self.devices_ok
+            ),
+        }
     }
 }
 
@@ -168,6 +266,21 @@ impl Report {
 pub const NOT_MEASURED: &str = "not measured: remote CA";
 
 impl Report {
+    /// The verification pass's time and memory, for people.
+    pub fn pass_text(&self) -> String {
+        let p = &self.verification_pass;
+        format!(
+            "{:.1} s, peak memory {:.1} MiB ({})",
+            p.seconds,
+            p.peak_memory_bytes as f64 / (1024.0 * 1024.0),
+            if p.peak_of_pass_alone {
+                "the pass alone"
+            } else {
+                "the whole simulator process: its peak could not be reset before the pass"
+            }
+        )
+    }
+
     /// The store's size on disk, for people.
     pub fn store_text(&self) -> String {
         match (self.store_bytes, self.store_bytes_per_device) {

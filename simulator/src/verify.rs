@@ -1,14 +1,18 @@
-//! The verification pass after the run. With the embedded CA it reads the CA's store: every
-//! certificate chains to the CA and matches its device's key, no key belongs to two devices,
-//! indices agree, the audit chain is intact, and every certificate a device stored is the one on
-//! record. A remote CA's store cannot be read, so the pass is device-side instead: from what
-//! each device saw ([`Evidence`]), every certificate chains to the pinned CA and matches its
-//! device's serial and key, no public key, certificate serial, secret or key id belongs to two
-//! devices, and every device acknowledged a secret version.
+//! The verification pass after the run. With the embedded CA it reads the CA's store, one
+//! record at a time: there is one record per device run; every certificate chains to the CA
+//! and matches its device's key; every certificate a device stored is the one on record; no
+//! public key, secret (each version unsealed with the key-encryption key the simulator made)
+//! or key id belongs to two devices; the key, token, secret and key-id indices agree with the
+//! records both ways; the audit log verifies as `ca-server audit verify` verifies it, and holds
+//! each device's enroll, secret-deliver and secret-ack entries. A remote CA's store cannot be
+//! read, so the pass is device-side instead: from what each device saw ([`Evidence`]), every
+//! certificate chains to the pinned CA and matches its device's serial and key, no public key,
+//! certificate serial, secret or key id belongs to two devices, and every device acknowledged a
+//! secret version.
 
-use std::collections::HashSet;
-
-use ca_server::records::from_cbor;
+use ca_server::audit;
+use ca_server::records::{AuditEntry, TokenUse, from_cbor};
+use ca_server::secrets::SecretKeys;
 use ca_server::store::{SledStore, Store};
 use protocol_spec::profile::CertProfile;
 use protocol_spec::{DeviceSerial, spki};
@@ -53,15 +57,20 @@ impl Verification {
     pub fn figures(&self) -> String {
         match self {
             Verification::Store(v) => format!(
-                "{} records, {} certificates valid, {}/{} device certificates match the store, {} confirmed secrets, {} shared keys, {} shared secrets, {} index mismatches, audit chain {}",
+                "{} records for {} devices, {} certificates valid, {}/{} device certificates match the store, {} confirmed secrets, {} secrets unsealed, {} shared keys, {} shared secrets, {} shared key ids, {} index mismatches, {} devices missing audit entries, audit log of {} entries {}",
                 v.records,
+                v.devices_run,
                 v.certificates_valid,
                 v.devices_matching_store,
                 v.devices_with_certificate,
                 v.devices_with_confirmed_secret,
+                v.secrets_unsealed,
                 v.shared_keys,
                 v.shared_secrets,
+                v.shared_key_ids,
                 v.index_mismatches,
+                v.devices_missing_audit_entries,
+                v.audit_entries,
                 if v.audit_chain_ok { "intact" } else { "BROKEN" }
             ),
             Verification::DeviceSide(v) => format!(
@@ -81,6 +90,8 @@ impl Verification {
 /// What the pass against the embedded CA's store found.
 #[derive(Debug, Default, Serialize)]
 pub struct StoreVerification {
+    /// Devices the run asked for (each must have exactly one record).
+    pub devices_run: u64,
     /// Device records in the store.
     pub records: u64,
     /// Records whose certificate passed the profile lint (chain, key, serial, fields).
@@ -93,15 +104,24 @@ pub struct StoreVerification {
     pub devices_missing_from_store: u64,
     /// Public keys bound to more than one serial (must be 0).
     pub shared_keys: u64,
-    /// Key-index or token-index entries that disagree with the device records (must be 0).
+    /// Index entries (key, token, secret, key id) that disagree with the records, checked
+    /// from the records to the index and from the index to the records (must be 0).
     pub index_mismatches: u64,
     /// Devices with a secret delivered and confirmed (serial -> key -> key id -> version).
     pub devices_with_confirmed_secret: u64,
-    /// Secrets held by more than one device (must be 0), by the keyed-hash index.
+    /// Secret versions unsealed with the key-encryption key.
+    pub secrets_unsealed: u64,
+    /// Secrets held by more than one device (must be 0), found by unsealing every version.
     pub shared_secrets: u64,
+    /// Key ids held by more than one secret version (must be 0).
+    pub shared_key_ids: u64,
+    /// Devices missing one of the audit entries of their life: enroll and, with secrets,
+    /// secret-deliver and secret-ack (must be 0).
+    pub devices_missing_audit_entries: u64,
     /// Audit entries, and whether the hash chain verified.
     pub audit_entries: u64,
-    /// Whether the audit hash chain verified from the first entry to the last.
+    /// Whether the audit log verified from the first entry to the last (each entry's own hash,
+    /// its link to the one before, its encoding: the CA's own `audit verify`).
     pub audit_chain_ok: bool,
     /// Every check passed.
     pub ok: bool,
@@ -122,25 +142,86 @@ impl StoreVerification {
     fn problem(&mut self, p: String) {
         note(&mut self.problems, p);
     }
+
+    fn mismatch(&mut self, p: String) {
+        self.index_mismatches += 1;
+        self.problem(p);
+    }
+}
+
+/// Audit events each device of a run must have (bits of [`AuditSeen`]).
+const SEEN_ENROLL: u8 = 1;
+const SEEN_DELIVER: u8 = 2;
+const SEEN_ACK: u8 = 4;
+
+/// Which audit events each device of the run has, by device index (one byte per device).
+struct AuditSeen(Vec<u8>);
+
+impl AuditSeen {
+    fn mark(&mut self, value: &[u8]) {
+        let Ok(e) = from_cbor::<AuditEntry>(value) else {
+            return; // `audit::verify` names the entry that does not decode.
+        };
+        let bit = match e.event.as_str() {
+            "enroll" => SEEN_ENROLL,
+            "secret-deliver" => SEEN_DELIVER,
+            "secret-ack" => SEEN_ACK,
+            _ => return,
+        };
+        if let Some(slot) = e
+            .serial
+            .and_then(|s| s.checked_sub(1))
+            .and_then(|i| self.0.get_mut(usize::try_from(i).ok()?))
+        {
+            *slot |= bit;
+        }
+    }
 }
 
 /// Runs the pass over the store at `path` (the CA must be stopped: sled allows one process).
-/// `received[i]` is the SHA-256 of the certificate device `i` stored (serial `i + 1`).
+/// `received[i]` is the SHA-256 of the certificate device `i` stored (serial `i + 1`; zeros:
+/// none); `kek` unseals the secrets. The store is read one record at a time; what is kept is a
+/// few bytes per device (digests sorted to find what two devices share).
 pub fn verify_store(
     path: &std::path::Path,
     ca_der: &[u8],
+    kek: &SecretKeys,
     received: &[[u8; 32]],
     secrets: bool,
 ) -> Result<StoreVerification, String> {
     let store = SledStore::open(path).map_err(|e| e.to_string())?;
     let profile = CertProfile::from_ca_der(ca_der).map_err(|e| e.to_string())?;
-    let mut v = StoreVerification::default();
-    let mut keys = HashSet::new();
-    let mut tokens = HashSet::new();
-    let mut on_record = vec![None::<[u8; 32]>; received.len()];
-    let mut secret_tags = HashSet::new();
+    let err = |e: ca_server::store::StoreError| e.to_string();
+    let mut v = StoreVerification {
+        devices_run: received.len() as u64,
+        ..StoreVerification::default()
+    };
+
+    // The audit log: the CA's own verification, and on the way which events each device has.
+    let mut seen = AuditSeen(vec![0u8; received.len()]);
+    let verdict = audit::verify(
+        store.audit_raw(0).inspect(|r| {
+            if let Ok((_, value)) = r {
+                seen.mark(value);
+            }
+        }),
+        None,
+    )
+    .map_err(err)?;
+    v.audit_entries = verdict.entries;
+    v.audit_chain_ok = verdict.ok();
+    if let Some(bad) = &verdict.first_bad {
+        v.problem(format!("audit log: {}", bad.reason));
+    }
+
+    // Device records, and from each record to its index entries.
+    let mut keys: Vec<([u8; 16], u64)> = Vec::with_capacity(received.len());
+    let mut plaintexts: Vec<([u8; 16], u64)> = Vec::new();
+    let mut key_ids: Vec<([u8; 16], u64)> = Vec::new();
+    let mut on_record = vec![false; received.len()];
+    let mut versions = 0u64;
     for rec in store.devices() {
-        let rec = rec.map_err(|e| e.to_string())?;
+        let rec = rec.map_err(err)?;
         v.records += 1;
         let Some(serial) = DeviceSerial::new(rec.serial) else {
             v.problem("record with serial 0".to_string());
@@ -150,90 +231,190 @@ pub fn verify_store(
             Ok(()) => v.certificates_valid += 1,
             Err(e) => v.problem(format!("serial {}: {e}", rec.serial)),
         }
-        let h = spki::sha256(&rec.spki);
-        if !keys.insert(h) {
-            v.shared_keys += 1;
-            v.problem(format!(
-                "serial {}: key already bound to another serial",
+        let index = (rec.serial - 1) as usize;
+        match (received.get(index), on_record.get_mut(index)) {
+            (Some(got), Some(slot)) => {
+                *slot = true;
+                let d = ring::digest::digest(&ring::digest::SHA256, &rec.certificate);
+                if *got != [0u8; 32] && got.as_slice() != d.as_ref() {
+                    v.problem(format!(
+                        "serial {}: device holds another certificate than the store",
+                        rec.serial
+                    ));
+                } else if *got != [0u8; 32] {
+                    v.devices_matching_store += 1;
+                }
+                let events = seen.0.get(index).copied().unwrap_or(0);
+                let want = if secrets {
+                    SEEN_ENROLL | SEEN_DELIVER | SEEN_ACK
+                } else {
+                    SEEN_ENROLL
+                };
+                if events & want != want {
+                    v.devices_missing_audit_entries += 1;
+                    v.problem(format!(
+                        "serial {}: audit log lacks its {}",
+                        rec.serial,
+                        [
+                            (SEEN_ENROLL, "enroll"),
+                            (SEEN_DELIVER, "secret-deliver"),
+                            (SEEN_ACK, "secret-ack"),
+                        ]
+                        .iter()
+                        .filter(|(bit, _)| want & bit != 0 && events & bit == 0)
+                        .map(|(_, name)| *name)
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                    ));
+                }
+            }
+            _ => v.problem(format!(
+                "serial {}: a record for a serial no device of this run has",
+                rec.serial
+            )),
+        }
+        let key_hash = spki::sha256(&rec.spki);
+        keys.push((digest16(&rec.spki), rec.serial));
+        if store.serial_for_key(&key_hash).map_err(err)? != Some(rec.serial) {
+            v.mismatch(format!(
+                "serial {}: the key index does not name it for its key",
                 rec.serial
             ));
         }
-        if store.serial_for_key(&h).map_err(|e| e.to_string())? != Some(rec.serial) {
-            v.index_mismatches += 1;
-            v.problem(format!("serial {}: key index disagrees", rec.serial));
-        }
-        for sv in store
-            .secret_versions(rec.serial)
-            .map_err(|e| e.to_string())?
+        let token = SledStore::token_index_key(&rec.line, &rec.token_id);
+        let token_use = store.raw_get("tokens", &token).map_err(err)?;
+        if token_use
+            .and_then(|t| from_cbor::<TokenUse>(&t).ok())
+            .is_none_or(|t| t.serial != rec.serial)
         {
-            if !secret_tags.insert(sv.index_tag.clone()) {
-                v.shared_secrets += 1;
-                v.problem(format!(
-                    "serial {}: secret {} shared with another device",
-                    rec.serial, sv.key_id
-                ));
+            v.mismatch(format!(
+                "serial {}: the token index does not name it for its token",
+                rec.serial
+            ));
+        }
+        for sv in store.secret_versions(rec.serial).map_err(err)? {
+            versions += 1;
+            let at = SledStore::secret_version_key(rec.serial, sv.version);
+            match kek.open_version(&sv) {
+                Ok(secret) => {
+                    v.secrets_unsealed += 1;
+                    plaintexts.push((digest16(secret.as_slice()), rec.serial));
+                    if kek.index_tag(&secret) != sv.index_tag {
+                        v.mismatch(format!(
+                            "serial {} version {}: the index tag is not the sealed secret's",
+                            rec.serial, sv.version
+                        ));
+                    }
+                }
+                Err(e) => v.problem(format!("serial {} version {}: {e}", rec.serial, sv.version)),
+            }
+            key_ids.push((digest16(sv.key_id.as_bytes()), rec.serial));
+            for (tree, key) in [
+                ("secret_index", sv.index_tag.as_slice()),
+                ("key_ids", sv.key_id.as_bytes()),
+            ] {
+                if store.raw_get(tree, key).map_err(err)?.as_deref() != Some(at.as_slice()) {
+                    v.mismatch(format!(
+                        "serial {} version {}: no {tree} entry names it",
+                        rec.serial, sv.version
+                    ));
+                }
             }
             if sv.version == 1 && sv.delivered_at.is_some() && sv.confirmed_at.is_some() {
                 v.devices_with_confirmed_secret += 1;
             }
         }
-        if !tokens.insert((rec.line.clone(), rec.token_id.clone())) {
-            v.index_mismatches += 1;
-            v.problem(format!("serial {}: token used twice", rec.serial));
-        }
-        if let Some(slot) = on_record.get_mut((rec.serial as usize).wrapping_sub(1)) {
-            let d = ring::digest::digest(&ring::digest::SHA256, &rec.certificate);
-            let mut out = [0u8; 32];
-            out.copy_from_slice(d.as_ref());
-            *slot = Some(out);
+    }
+
+    // From each index entry back to the records: with the checks above and equal counts,
+    // each index is one to one with the records.
+    let keys_entries = count_back(&store, "keys", &mut v, |store, key, value| {
+        let serial = <[u8; 8]>::try_from(value).ok().map(u64::from_be_bytes);
+        let rec = match serial {
+            Some(s) => store.device(s).map_err(err)?,
+            None => None,
+        };
+        Ok(Some(
+            rec.is_some_and(|r| spki::sha256(&r.spki).as_slice() == key),
+        ))
+    })?;
+    if keys_entries != v.records {
+        v.mismatch(format!(
+            "{keys_entries} key index entries for {} records",
+            v.records
+        ));
+    }
+    let token_entries = count_back(&store, "tokens", &mut v, |store, key, value| {
+        let Ok(t) = from_cbor::<TokenUse>(value) else {
+            return Ok(Some(false));
+        };
+        Ok(Some(store.device(t.serial).map_err(err)?.is_some_and(
+            |r| SledStore::token_index_key(&r.line, &r.token_id) == key,
+        )))
+    })?;
+    if token_entries != v.records {
+        v.mismatch(format!(
+            "{token_entries} token index entries for {} records",
+            v.records
+        ));
+    }
+    for tree in ["secret_index", "key_ids"] {
+        let entries = count_back(&store, tree, &mut v, |store, _, value| {
+            // A version key: serial, version (8 octets each); an imported key still in the
+            // pool is no device's and not counted.
+            if value == SledStore::POOL_MARK {
+                return Ok(None);
+            }
+            let (Some(serial), Some(version)) = (
+                value
+                    .get(..8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes),
+                value
+                    .get(8..)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes),
+            ) else {
+                return Ok(Some(false));
+            };
+            Ok(Some(
+                store
+                    .secret_versions(serial)
+                    .map_err(err)?
+                    .iter()
+                    .any(|sv| sv.version == version),
+            ))
+        })?;
+        if entries != versions {
+            v.mismatch(format!(
+                "{entries} {tree} entries for {versions} secret versions"
+            ));
         }
     }
+
+    // What two devices share.
+    v.shared_keys = shared(&mut keys, "the same public key", &mut v.problems);
+    v.shared_secrets = shared(&mut plaintexts, "the same secret", &mut v.problems);
+    v.shared_key_ids = shared(&mut key_ids, "secrets with one key id", &mut v.problems);
+
     for (i, got) in received.iter().enumerate() {
         if *got == [0u8; 32] {
             continue;
         }
         v.devices_with_certificate += 1;
-        match on_record[i] {
-            Some(r) if r == *got => v.devices_matching_store += 1,
-            Some(_) => v.problem(format!(
-                "serial {}: device holds another certificate than the store",
+        if !on_record.get(i).copied().unwrap_or(false) {
+            v.devices_missing_from_store += 1;
+            v.problem(format!(
+                "serial {}: device holds a certificate the store has no record of",
                 i + 1
-            )),
-            None => {
-                v.devices_missing_from_store += 1;
-                v.problem(format!(
-                    "serial {}: device holds a certificate the store has no record of",
-                    i + 1
-                ));
-            }
+            ));
         }
     }
-    let token_entries = store
-        .raw_records()
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .filter(|(t, _, _)| t == "tokens")
-        .filter(|(_, _, val)| from_cbor::<ca_server::records::TokenUse>(val).is_ok())
-        .count() as u64;
-    if token_entries != v.records {
-        v.index_mismatches += 1;
+    if v.records != v.devices_run {
         v.problem(format!(
-            "{token_entries} token entries for {} devices",
-            v.records
+            "{} device records for {} devices run",
+            v.records, v.devices_run
         ));
-    }
-    let mut prev = [0u8; 32];
-    v.audit_chain_ok = true;
-    for (i, e) in store.audit().enumerate() {
-        let e = e.map_err(|e| e.to_string())?;
-        v.audit_entries += 1;
-        if e.seq != i as u64 + 1 || e.prev_hash != prev {
-            if v.audit_chain_ok {
-                v.problem(format!("audit chain breaks at entry {}", e.seq));
-            }
-            v.audit_chain_ok = false;
-        }
-        prev = e.compute_hash();
     }
     if secrets && v.devices_with_confirmed_secret != v.devices_with_certificate {
         v.problem(format!(
@@ -244,8 +425,55 @@ pub fn verify_store(
     v.ok = v.problems.is_empty()
         && v.certificates_valid == v.records
         && v.devices_matching_store == v.devices_with_certificate
+        && v.shared_keys == 0
+        && v.shared_secrets == 0
+        && v.shared_key_ids == 0
+        && v.index_mismatches == 0
+        && v.devices_missing_audit_entries == 0
         && v.audit_chain_ok;
     Ok(v)
+}
+
+/// Reads every entry of index `tree`, checks it against the records with `names_a_record`
+/// (None: an entry of no device, not counted), notes those that name none; returns how many
+/// device entries it read.
+fn count_back(
+    store: &SledStore,
+    tree: &str,
+    v: &mut StoreVerification,
+    names_a_record: impl Fn(&SledStore, &[u8], &[u8]) -> Result<Option<bool>, String>,
+) -> Result<u64, String> {
+    let mut n = 0;
+    for entry in store.raw_tree(tree).map_err(|e| e.to_string())? {
+        let (key, value) = entry.map_err(|e| e.to_string())?;
+        let Some(names) = names_a_record(store, &key, &value)? else {
+            continue;
+        };
+        n += 1;
+        if !names {
+            v.mismatch(format!(
+                "{tree} entry {} names no record that holds it",
+                hex::encode(&key)
+            ));
+        }
+    }
+    Ok(n)
+}
+
+/// Values held by more than one serial in `items` (value, serial): sorted in place, each
+/// repeat counted once and noted.
+fn shared(items: &mut [([u8; 16], u64)], what: &str, problems: &mut Vec<String>) -> u64 {
+    items.sort_unstable();
+    let mut n = 0;
+    for pair in items.windows(2) {
+        if let [(a, i), (b, j)] = pair
+            && a == b
+        {
+            n += 1;
+            note(problems, format!("serials {i} and {j} hold {what}"));
+        }
+    }
+    n
 }
 
 /// What one device saw, kept for the device-side pass. Digests are SHA-256 cut to 128 bits:
@@ -545,5 +773,391 @@ mod tests {
         let v = verify_devices(&[seen(1, 1, 1), wrong], true);
         assert_eq!(v.shared_certificate_serials, 1);
         assert!(!v.ok);
+    }
+
+    /// A real store of `n` devices as a run leaves it: each enrolled on line-1 with a
+    /// certificate of the CA, its secret version 1 allocated, delivered and acknowledged.
+    struct Fixture {
+        tmp: tempfile::TempDir,
+        ca_key: KeyPair,
+        ca_der: Vec<u8>,
+        kek: SecretKeys,
+        /// The SHA-256 of the certificate each device holds.
+        received: Vec<[u8; 32]>,
+        /// Each device's key and secret.
+        devices: Vec<(KeyPair, [u8; 32])>,
+    }
+
+    fn sha256(b: &[u8]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, b).as_ref());
+        out
+    }
+
+    impl Fixture {
+        fn new(n: u64) -> Self {
+            use ca_server::store::{NewEnrollment, SecretOp, SecretOutcome};
+            let rng = SystemRandom::new();
+            let tmp = tempfile::tempdir().unwrap();
+            let ca_key = KeyPair::generate(KeyAlgorithm::Ed25519, &rng).unwrap();
+            let ca_der = profile::new_ca_certificate("t", &ca_key, 0, &rng).unwrap();
+            let ca = CertProfile::from_ca_der(&ca_der).unwrap();
+            let kek = SecretKeys::new(&[7u8; 32]).unwrap();
+            let store = SledStore::open(&tmp.path().join("store")).unwrap();
+            let line = KeyPair::generate(KeyAlgorithm::Ed25519, &rng).unwrap();
+            let pem = protocol_spec::PublicKey::from(&line).to_pem();
+            ca_server::lines::add_line(&store, "line-1", &pem, (1, n), None, 1000, "t").unwrap();
+            let (mut received, mut devices) = (Vec::new(), Vec::new());
+            for serial in 1..=n {
+                let key = KeyPair::generate(KeyAlgorithm::Ed25519, &rng).unwrap();
+                let spki = key.spki_der();
+                let sn = DeviceSerial::new(serial).unwrap();
+                let cert = ca.issue(sn, &spki, &ca_key, &rng).unwrap().der;
+                let binding = spki::sha256(&spki);
+                let created = store
+                    .apply_enrollment(&NewEnrollment {
+                        serial,
+                        spki,
+                        key_hash: binding,
+                        certificate: cert.clone(),
+                        line: "line-1".into(),
+                        token_id: serial.to_be_bytes().to_vec(),
+                        at: 1000,
+                    })
+                    .unwrap();
+                assert!(matches!(
+                    created,
+                    ca_server::store::EnrollOutcome::Created(_)
+                ));
+                let secret = kek.generate().unwrap();
+                let key_id = kek.new_key_id().unwrap();
+                let mut record = kek
+                    .seal_version(serial, 1, key_id.clone(), &secret, "csprng", 1001)
+                    .unwrap();
+                record.delivered_at = Some(1001);
+                let kcv = record.kcv.clone();
+                let ops = [
+                    SecretOp::Allocate {
+                        record,
+                        from_pool: None,
+                        binding,
+                    },
+                    SecretOp::Ack {
+                        serial,
+                        key_id,
+                        version: 1,
+                        kcv,
+                        at: 1002,
+                        binding,
+                    },
+                ];
+                for op in ops {
+                    let o = store.apply_secret(&op).unwrap();
+                    assert!(matches!(o, SecretOutcome::Done(_)), "{o:?}");
+                }
+                received.push(sha256(&cert));
+                devices.push((key, *secret));
+            }
+            store.sync().unwrap();
+            Fixture {
+                tmp,
+                ca_key,
+                ca_der,
+                kek,
+                received,
+                devices,
+            }
+        }
+
+        fn path(&self) -> std::path::PathBuf {
+            self.tmp.path().join("store")
+        }
+
+        fn verify(&self) -> StoreVerification {
+            verify_store(&self.path(), &self.ca_der, &self.kek, &self.received, true).unwrap()
+        }
+
+        /// Changes the store behind the CA's back, with sled itself.
+        fn tamper(&self, f: impl FnOnce(&sled::Db)) {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            let db = loop {
+                // The pass's store may still hold sled's lock for a moment after it is dropped.
+                match ca_server::store::sled_config(&self.path()).open() {
+                    Ok(db) => break db,
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            };
+            f(&db);
+            db.flush().unwrap();
+        }
+
+        fn device(&self, db: &sled::Db, serial: u64) -> ca_server::records::DeviceRecord {
+            let v = db
+                .open_tree("devices")
+                .unwrap()
+                .get(serial.to_be_bytes())
+                .unwrap()
+                .unwrap();
+            from_cbor(&v).unwrap()
+        }
+
+        fn put_device(&self, db: &sled::Db, rec: &ca_server::records::DeviceRecord) {
+            let bytes = ca_server::records::to_cbor(rec);
+            let devices = db.open_tree("devices").unwrap();
+            devices.insert(rec.serial.to_be_bytes(), bytes).unwrap();
+        }
+
+        fn secret(&self, db: &sled::Db, serial: u64) -> ca_server::records::SecretRecord {
+            let key = SledStore::secret_version_key(serial, 1);
+            let v = db.open_tree("secrets").unwrap().get(key).unwrap().unwrap();
+            from_cbor(&v).unwrap()
+        }
+
+        fn put_secret(&self, db: &sled::Db, rec: &ca_server::records::SecretRecord) {
+            let key = SledStore::secret_version_key(rec.serial, rec.version);
+            let secrets = db.open_tree("secrets").unwrap();
+            secrets
+                .insert(key, ca_server::records::to_cbor(rec))
+                .unwrap();
+        }
+    }
+
+    fn fails_with(v: &StoreVerification, words: &str) {
+        assert!(!v.ok, "the pass must fail: {v:?}");
+        assert!(
+            v.problems.iter().any(|p| p.contains(words)),
+            "want a problem with {words:?}: {:?}",
+            v.problems
+        );
+    }
+
+    #[test]
+    fn the_store_pass_passes_a_store_as_a_run_leaves_it() {
+        let f = Fixture::new(4);
+        let v = f.verify();
+        assert!(v.ok, "{:?}", v.problems);
+        assert_eq!((v.devices_run, v.records, v.certificates_valid), (4, 4, 4));
+        assert_eq!(v.devices_matching_store, 4);
+        assert_eq!(v.devices_with_confirmed_secret, 4);
+        assert_eq!(v.secrets_unsealed, 4);
+        // line-add, then enroll, secret-deliver and secret-ack per device.
+        assert_eq!(v.audit_entries, 1 + 4 * 3);
+        assert!(v.audit_chain_ok);
+        // Without secrets, the same store passes too.
+        let v = verify_store(&f.path(), &f.ca_der, &f.kek, &f.received, false).unwrap();
+        assert!(v.ok, "{:?}", v.problems);
+    }
+
+    #[test]
+    fn the_store_pass_fails_a_forged_certificate() {
+        let rng = SystemRandom::new();
+        let forger = KeyPair::generate(KeyAlgorithm::Ed25519, &rng).unwrap();
+        let other_ca = profile::new_ca_certificate("t", &forger, 0, &rng).unwrap();
+        let other_ca = CertProfile::from_ca_der(&other_ca).unwrap();
+        for how in ["signature changed", "signed by another CA"] {
+            let mut f = Fixture::new(3);
+            let serial = DeviceSerial::new(2).unwrap();
+            let spki = f.devices[1].0.spki_der();
+            let forged = match how {
+                "signature changed" => {
+                    let ca = CertProfile::from_ca_der(&f.ca_der).unwrap();
+                    let mut der = ca.issue(serial, &spki, &f.ca_key, &rng).unwrap().der;
+                    let last = der.len() - 1;
+                    der[last] ^= 1;
+                    der
+                }
+                _ => other_ca.issue(serial, &spki, &forger, &rng).unwrap().der,
+            };
+            f.tamper(|db| {
+                let mut rec = f.device(db, 2);
+                rec.certificate = forged.clone();
+                f.put_device(db, &rec);
+            });
+            // The device holds the forged certificate too: only the lint can tell.
+            f.received[1] = sha256(&forged);
+            let v = f.verify();
+            assert_eq!(v.certificates_valid, 2, "{how}");
+            assert_eq!(v.devices_matching_store, 3, "{how}");
+            fails_with(&v, "serial 2:");
+        }
+    }
+
+    #[test]
+    fn the_store_pass_fails_a_shared_key() {
+        let mut f = Fixture::new(3);
+        let rng = SystemRandom::new();
+        // Serial 2 rebound to serial 1's key, with a certificate the CA really signed for it.
+        let spki = f.devices[0].0.spki_der();
+        let ca = CertProfile::from_ca_der(&f.ca_der).unwrap();
+        let cert = ca
+            .issue(DeviceSerial::new(2).unwrap(), &spki, &f.ca_key, &rng)
+            .unwrap()
+            .der;
+        f.tamper(|db| {
+            let mut rec = f.device(db, 2);
+            rec.spki = spki.clone();
+            rec.certificate = cert.clone();
+            f.put_device(db, &rec);
+        });
+        f.received[1] = sha256(&cert);
+        let v = f.verify();
+        assert_eq!(v.certificates_valid, 3, "{:?}", v.problems);
+        assert_eq!(v.shared_keys, 1);
+        fails_with(&v, "serials 1 and 2 hold the same public key");
+    }
+
+    #[test]
+    fn the_store_pass_unseals_and_fails_a_shared_secret() {
+        let f = Fixture::new(3);
+        // Serial 2's version sealed over serial 1's secret, its index tag left as it was: only
+        // unsealing shows that two devices hold one secret.
+        f.tamper(|db| {
+            let old = f.secret(db, 2);
+            let mut rec = f
+                .kek
+                .seal_version(2, 1, old.key_id.clone(), &f.devices[0].1, "csprng", 1001)
+                .unwrap();
+            rec.index_tag = old.index_tag;
+            rec.delivered_at = old.delivered_at;
+            f.put_secret(db, &rec);
+        });
+        let v = f.verify();
+        assert_eq!(v.shared_secrets, 1, "{:?}", v.problems);
+        fails_with(&v, "serials 1 and 2 hold the same secret");
+        fails_with(&v, "the index tag is not the sealed secret's");
+    }
+
+    #[test]
+    fn the_store_pass_fails_a_shared_key_id() {
+        let f = Fixture::new(3);
+        f.tamper(|db| {
+            let one = f.secret(db, 1);
+            let old = f.secret(db, 2);
+            let mut rec = f
+                .kek
+                .seal_version(2, 1, one.key_id, &f.devices[1].1, "csprng", 1001)
+                .unwrap();
+            rec.delivered_at = old.delivered_at;
+            f.put_secret(db, &rec);
+        });
+        let v = f.verify();
+        assert_eq!(v.shared_key_ids, 1, "{:?}", v.problems);
+        fails_with(&v, "serials 1 and 2 hold secrets with one key id");
+    }
+
+    #[test]
+    fn the_store_pass_fails_a_broken_audit_chain() {
+        // The last entry changed in place: no successor's prev_hash shows it, its own hash does.
+        let f = Fixture::new(2);
+        f.tamper(|db| {
+            let audit = db.open_tree("audit").unwrap();
+            let (k, v) = audit.last().unwrap().unwrap();
+            let mut e: AuditEntry = from_cbor(&v).unwrap();
+            e.detail = format!("{} (edited)", e.detail);
+            audit.insert(k, ca_server::records::to_cbor(&e)).unwrap();
+        });
+        let v = f.verify();
+        assert!(!v.audit_chain_ok);
+        fails_with(&v, "audit log: entry 7's content does not match its hash");
+
+        // An entry removed from the middle.
+        let f = Fixture::new(2);
+        f.tamper(|db| {
+            let audit = db.open_tree("audit").unwrap();
+            audit.remove(3u64.to_be_bytes()).unwrap();
+        });
+        let v = f.verify();
+        assert!(!v.audit_chain_ok);
+        fails_with(&v, "entry 3 is missing");
+    }
+
+    #[test]
+    fn the_store_pass_fails_a_device_without_its_audit_entries() {
+        // The newest entry (the last device's ack) removed: the chain that is left verifies.
+        let f = Fixture::new(2);
+        f.tamper(|db| {
+            let audit = db.open_tree("audit").unwrap();
+            let (k, _) = audit.last().unwrap().unwrap();
+            audit.remove(k).unwrap();
+        });
+        let v = f.verify();
+        assert!(v.audit_chain_ok, "{:?}", v.problems);
+        assert_eq!(v.devices_missing_audit_entries, 1);
+        fails_with(&v, "serial 2: audit log lacks its secret-ack");
+    }
+
+    #[test]
+    fn the_store_pass_fails_a_missing_index_entry() {
+        for (tree, words) in [
+            ("keys", "the key index does not name it"),
+            ("tokens", "the token index does not name it"),
+            ("secret_index", "no secret_index entry names it"),
+            ("key_ids", "no key_ids entry names it"),
+        ] {
+            let f = Fixture::new(3);
+            f.tamper(|db| {
+                let rec = f.device(db, 3);
+                let secret = f.secret(db, 3);
+                let key = match tree {
+                    "keys" => spki::sha256(&rec.spki).to_vec(),
+                    "tokens" => SledStore::token_index_key(&rec.line, &rec.token_id),
+                    "secret_index" => secret.index_tag.clone(),
+                    _ => secret.key_id.as_bytes().to_vec(),
+                };
+                let removed = db.open_tree(tree).unwrap().remove(key).unwrap();
+                assert!(removed.is_some(), "{tree}");
+            });
+            let v = f.verify();
+            assert!(v.index_mismatches >= 1, "{tree}");
+            fails_with(&v, words);
+            // ... and the index holds one entry fewer than there are records.
+            fails_with(&v, "entries for 3");
+        }
+    }
+
+    #[test]
+    fn the_store_pass_fails_an_index_entry_that_names_no_record() {
+        // The key index checked from the index side: an extra entry for a key no device holds.
+        let f = Fixture::new(2);
+        f.tamper(|db| {
+            let keys = db.open_tree("keys").unwrap();
+            keys.insert([9u8; 32], &1u64.to_be_bytes()).unwrap();
+        });
+        let v = f.verify();
+        fails_with(
+            &v,
+            &format!("keys entry {} names no record", hex::encode([9u8; 32])),
+        );
+        fails_with(&v, "3 key index entries for 2 records");
+    }
+
+    #[test]
+    fn the_store_pass_fails_when_records_and_devices_run_differ() {
+        let mut f = Fixture::new(2);
+        // A third device ran but holds nothing and has no record.
+        f.received.push([0u8; 32]);
+        let v = f.verify();
+        fails_with(&v, "2 device records for 3 devices run");
+    }
+
+    #[test]
+    fn the_store_pass_counts_no_imported_pool_key_as_a_device_s() {
+        let f = Fixture::new(2);
+        {
+            let store = SledStore::open(&f.path()).unwrap();
+            let entry = f.kek.seal_pool("pool-1".into(), &[42u8; 32], 1003).unwrap();
+            let op = ca_server::store::SecretOp::Import {
+                entries: vec![entry],
+                at: 1003,
+                actor: "t".into(),
+            };
+            store.apply_secret(&op).unwrap();
+            store.sync().unwrap();
+        }
+        let v = f.verify();
+        assert!(v.ok, "{:?}", v.problems);
     }
 }

@@ -223,6 +223,15 @@ fn a_run_against_a_remote_ca_passes_the_device_side_verification() {
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("serial-taken"), "{stdout}");
     assert!(stdout.contains("give --serials a range no run has used"));
+    // The words match the exit status: no device completed, so nothing PASSED.
+    assert!(!stdout.contains("PASSED"), "{stdout}");
+    assert!(
+        stdout.contains("result: FAILED: 0 of 5 devices completed (failures: serial-taken 5)"),
+        "{stdout}"
+    );
+    let html = std::fs::read_to_string(tmp.path().join("report-again/report.html")).unwrap();
+    assert!(html.contains("Result: <span class=\"bad\">FAILED</span>"));
+    assert!(!html.contains("PASSED"));
 
     // Another CA's certificate is caught before any device runs.
     let other = tmp.path().join("other");

@@ -23,6 +23,12 @@ fn simulate(transport: &str, devices: u32, extra: &[&str]) -> serde_json::Value 
     );
     assert!(stdout.contains("verification: PASSED"), "{stdout}");
     assert!(
+        stdout.contains(&format!(
+            "result: PASSED: all {devices} devices completed and the verification pass passed"
+        )),
+        "{stdout}"
+    );
+    assert!(
         stdout.contains("report: "),
         "the simulator says where the report is"
     );
@@ -31,6 +37,7 @@ fn simulate(transport: &str, devices: u32, extra: &[&str]) -> serde_json::Value 
         html.contains("Verification: <span class=\"ok\">PASSED</span>"),
         "the HTML report states the verdict"
     );
+    assert!(html.contains("Result: <span class=\"ok\">PASSED</span>"));
     assert_eq!(html.matches("<svg").count(), 2, "two charts, inline");
     serde_json::from_slice(&std::fs::read(tmp.path().join("report.json")).unwrap()).unwrap()
 }
@@ -57,8 +64,22 @@ fn small_simulations_survive_a_ca_kill_and_verify_the_store() {
         assert_eq!(v["shared_keys"], 0);
         assert_eq!(v["index_mismatches"], 0);
         assert_eq!(v["audit_chain_ok"], true);
+        assert_eq!(v["devices_run"], 2000);
+        assert_eq!(v["secrets_unsealed"], 2000);
+        assert_eq!(v["shared_key_ids"], 0);
+        assert_eq!(v["devices_missing_audit_entries"], 0);
+        // A line-add entry, then enroll, secret-deliver and secret-ack per device.
+        assert_eq!(v["audit_entries"], 1 + 3 * 2000);
+        let pass = &r["verification_pass"];
+        assert!(pass["seconds"].as_f64().unwrap() > 0.0);
+        assert!(pass["peak_memory_bytes"].as_u64().unwrap() > 0);
+        assert_eq!(pass["peak_of_pass_alone"], true);
         assert!(r["ca"]["peak_memory_bytes"].as_u64().unwrap() > 0);
         assert!(r["ceiling"]["devices_per_second"].as_f64().unwrap() > 0.0);
+        assert_eq!(
+            r["ceiling"]["clock"], "thread-cpu",
+            "the report names its clock"
+        );
         assert_eq!(r["config"]["transport"], transport);
     }
 }
@@ -69,4 +90,31 @@ fn coap_devices_enroll_through_datagram_loss() {
     assert_eq!(r["devices_ok"], 300);
     assert_eq!(r["verification"]["ok"], true);
     assert_eq!(r["config"]["loss"], "0.2");
+}
+
+#[test]
+fn the_embedded_ca_applies_ca_verify_own_signatures_both_ways() {
+    // The CA child warns on stderr (the simulator passes it through) when it runs without the
+    // check: the setting reached the process that issues.
+    for (value, warned) in [("false", true), ("true", false)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_simulator"))
+            .args(["--devices", "20", "--concurrency", "4", "--quiet"])
+            .args(["--no-secrets", "--ca-verify-own-signatures", value])
+            .arg("--report")
+            .arg(tmp.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{value}: {stderr}");
+        assert_eq!(
+            stderr.contains("verify_own_signatures = false"),
+            warned,
+            "{value}: {stderr}"
+        );
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(tmp.path().join("report.json")).unwrap())
+                .unwrap();
+        assert_eq!(r["config"]["ca_verify_own_signatures"], value);
+    }
 }

@@ -17,6 +17,8 @@ use crate::records::{
     TokenUse, from_cbor, to_cbor,
 };
 
+mod raw;
+
 const DEVICES: &str = "devices";
 const KEYS: &str = "keys";
 const TOKENS: &str = "tokens";

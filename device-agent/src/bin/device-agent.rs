@@ -16,10 +16,26 @@ use protocol_spec::messages::ResponseForm;
 use protocol_spec::profile::{CertProfile, cert_from_pem, cert_pem};
 use protocol_spec::{DeviceSerial, KeyAlgorithm};
 use ring::rand::SystemRandom;
+use zeroize::Zeroizing;
 
-/// The Imprint device agent.
+/// Prints a line, and ends the command quietly when the reader went away (`| head`), as Unix
+/// tools do, instead of panicking on the broken pipe.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        out(&format!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
+/// [`say`] without the newline.
+macro_rules! say_raw {
+    ($($arg:tt)*) => {
+        out(&format!($($arg)*))?
+    };
+}
+
+/// Imprint device agent: a device's key, enrollment, certificate and secret.
 #[derive(Parser, Debug)]
-#[command(name = "device-agent", version, about)]
+#[command(name = "device-agent", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -89,15 +105,84 @@ enum Command {
         #[arg(long)]
         url: String,
     },
-    /// Show what the device holds (never the private key or a secret).
+    /// Show what the device holds (never a secret, and the private key only when asked with
+    /// --key-pem).
     Show {
         /// The state file.
         #[arg(long)]
         state: PathBuf,
         /// Print the certificate as PEM only.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "key_pem")]
         pem: bool,
+        /// Print the device's private key as PKCS#8 PEM only, for tools that take a key file
+        /// (`curl --key`). It is the device's identity: keep the output as private as the
+        /// state file (mode 0600).
+        #[arg(long = "key-pem")]
+        key_pem: bool,
     },
+    /// Build an enrollment request (CBOR, as CoAP carries it) from a factory token and a CSR
+    /// made elsewhere (e.g. by openssl), for enrolling by hand with a generic CoAP client.
+    Request {
+        /// The factory token (raw COSE_Sign1 bytes from `line-station attest`).
+        #[arg(long)]
+        token: PathBuf,
+        /// The device's CSR (PEM or DER).
+        #[arg(long)]
+        csr: PathBuf,
+        /// Response form to ask for.
+        #[arg(long, value_enum, default_value = "full")]
+        form: Form,
+        /// Where to write the request.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// The device key as PKCS#8 PEM that OpenSSL (and so curl) reads. An Ed25519 key is given as
+/// a version 1 document (RFC 8410 section 7: the seed only): ring keeps a version 2 document
+/// whose public key field OpenSSL 3 refuses.
+fn interoperable_key_pem(key: &protocol_spec::KeyPair) -> Result<Zeroizing<String>, AgentError> {
+    /// RFC 8410 OneAsymmetricKey, version 2, Ed25519, up to the 32-byte seed.
+    const V2_PREFIX: [u8; 16] = [
+        0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    /// The same, version 1 (no public key): 48 bytes in all.
+    const V1_PREFIX: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    if key.algorithm() != KeyAlgorithm::Ed25519 {
+        return Ok(key.to_pem());
+    }
+    let der = key.pkcs8_der();
+    let seed = der
+        .strip_prefix(&V2_PREFIX[..])
+        .and_then(|rest| rest.get(..32))
+        .ok_or_else(|| {
+            AgentError::Invalid("the Ed25519 key is not in ring's PKCS#8 form".into())
+        })?;
+    let mut v1 = Zeroizing::new(Vec::with_capacity(48));
+    v1.extend_from_slice(&V1_PREFIX);
+    v1.extend_from_slice(seed);
+    Ok(Zeroizing::new(pem::encode(&pem::Pem::new(
+        "PRIVATE KEY",
+        v1.to_vec(),
+    ))))
+}
+
+/// Writes `text` to stdout; a reader that went away ends the process with status 0.
+fn out(text: &str) -> Result<(), AgentError> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(AgentError::Invalid(format!("standard output: {e}"))),
+    }
 }
 
 fn parse_alg(s: &str) -> Result<KeyAlgorithm, String> {
@@ -136,7 +221,7 @@ fn run(cli: Cli) -> Result<(), AgentError> {
         } => {
             let s = DeviceState::generate(serial, algorithm, &rng)?;
             s.create(&state)?;
-            print!("{}", s.public_key().to_pem());
+            say_raw!("{}", s.public_key().to_pem());
             Ok(())
         }
         Command::Enroll {
@@ -160,7 +245,7 @@ fn run(cli: Cli) -> Result<(), AgentError> {
                     certificate: cert.clone(),
                 };
                 accept_response(&s, &ca, &again)?;
-                println!(
+                say!(
                     "serial {} is already enrolled with this CA; nothing to do",
                     s.serial
                 );
@@ -196,7 +281,7 @@ fn run(cli: Cli) -> Result<(), AgentError> {
             s.ca_certificate = Some(ca_der);
             s.enrolled_at = Some(now());
             s.save(&state)?;
-            println!(
+            say!(
                 "serial {} enrolled; certificate stored in {}",
                 s.serial,
                 state.display()
@@ -233,43 +318,70 @@ fn run(cli: Cli) -> Result<(), AgentError> {
             })?;
             match outcome {
                 device_agent::secrets::SyncOutcome::Stored { key_id, version } => {
-                    println!("stored and acknowledged secret {key_id} version {version}")
+                    say!("stored and acknowledged secret {key_id} version {version}")
                 }
                 device_agent::secrets::SyncOutcome::UpToDate { version } => {
-                    println!("up to date: version {version}")
+                    say!("up to date: version {version}")
                 }
             }
             Ok(())
         }
-        Command::Show { state, pem } => {
+        Command::Request {
+            token,
+            csr,
+            form,
+            out: path,
+        } => {
+            let request = protocol_spec::messages::EnrollRequest {
+                token: read(&token)?,
+                csr: device_agent::line_station::csr_der(&read(&csr)?)?,
+                form: match form {
+                    Form::Full => ResponseForm::Full,
+                    Form::Compact => ResponseForm::Compact,
+                },
+            };
+            std::fs::write(&path, request.to_cbor()).map_err(|e| AgentError::io(&path, e))?;
+            say!("enrollment request written to {}", path.display());
+            Ok(())
+        }
+        Command::Show {
+            state,
+            pem,
+            key_pem,
+        } => {
             let s = DeviceState::load(&state, &rng)?;
+            if key_pem {
+                // Straight from a zeroized buffer, not through a formatted copy.
+                out(interoperable_key_pem(&s.key)?.as_str())?;
+                return Ok(());
+            }
             if pem {
                 let cert = s.certificate.as_ref().ok_or_else(|| {
                     AgentError::Invalid(format!("serial {} is not enrolled yet", s.serial))
                 })?;
-                print!("{}", cert_pem(cert));
+                say_raw!("{}", cert_pem(cert));
                 return Ok(());
             }
-            println!("serial:      {}", s.serial);
-            println!("algorithm:   {}", s.key.algorithm());
-            println!("key sha256:  {}", hex::encode(s.key_hash()));
+            say!("serial:      {}", s.serial);
+            say!("algorithm:   {}", s.key.algorithm());
+            say!("key sha256:  {}", hex::encode(s.key_hash()));
             match (&s.certificate, s.enrolled_at) {
                 (Some(cert), at) => {
-                    println!(
+                    say!(
                         "enrolled:    yes (at {})",
                         at.map(|t| t.to_string()).unwrap_or_default()
                     );
                     if let Ok((_, c)) = x509_parser::parse_x509_certificate(cert) {
-                        println!("issuer:      {}", c.issuer());
-                        println!("subject:     {}", c.subject());
-                        println!("not before:  {}", c.validity().not_before);
+                        say!("issuer:      {}", c.issuer());
+                        say!("subject:     {}", c.subject());
+                        say!("not before:  {}", c.validity().not_before);
                     }
-                    print!("{}", cert_pem(cert));
+                    say_raw!("{}", cert_pem(cert));
                 }
-                (None, _) => println!("enrolled:    no"),
+                (None, _) => say!("enrolled:    no"),
             }
             for sec in &s.secrets {
-                println!(
+                say!(
                     "secret:      {} version {} {} kcv {} {}",
                     sec.key_id,
                     sec.version,

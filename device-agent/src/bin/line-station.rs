@@ -15,7 +15,7 @@ use ring::rand::SystemRandom;
 
 /// Imprint line station: line keys and factory-attestation tokens.
 #[derive(Parser, Debug)]
-#[command(name = "line-station", version, about)]
+#[command(name = "line-station", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
