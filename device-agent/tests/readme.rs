@@ -49,7 +49,8 @@ const BEFORE: &[(&str, &str)] = &[
 
 /// Test-only checks, run after the README line that starts with the key: that the line did
 /// what the README says (a `curl` without `--fail` exits 0 on a refusal, so each is asked
-/// again with `--fail`).
+/// again with `--fail`). Output is kept in a variable before `grep -q` reads it: with
+/// pipefail, a writer cut off by `grep -q` quitting early would fail the script at random.
 const AFTER: &[(&str, &str)] = &[
     (
         "ca-server secrets import --dir ca keys.jsonl",
@@ -68,9 +69,10 @@ const AFTER: &[(&str, &str)] = &[
     ),
     (
         "curl --cacert ca/ca.pem -H 'Content-Type: application/json'",
-        "curl -sSf --cacert ca/ca.pem -H 'Content-Type: application/json' \
+        "subject=$(curl -sSf --cacert ca/ca.pem -H 'Content-Type: application/json' \
          -H 'Accept: application/pem-certificate-chain' --data-binary @req.json \
-         https://127.0.0.1:8443/enroll | openssl x509 -noout -subject | grep -q 700002",
+         https://127.0.0.1:8443/enroll | openssl x509 -noout -subject)\n\
+         grep -q 700002 <<<\"$subject\"",
     ),
     (
         "coap-client-notls -m post",
@@ -98,8 +100,9 @@ const AFTER: &[(&str, &str)] = &[
         "ca-server device revoke 700001",
         // A second revocation changes nothing and counts nothing.
         "ca-server device revoke 700001 >/dev/null\n\
-         curl -sSf --cacert ca/ca.pem --cert ca/operators/alice.pem --key ca/operators/alice.key.pem \
-         https://127.0.0.1:8445/metrics | grep -qx 'imprint_revocations_total 1'",
+         metrics=$(curl -sSf --cacert ca/ca.pem --cert ca/operators/alice.pem \
+         --key ca/operators/alice.key.pem https://127.0.0.1:8445/metrics)\n\
+         grep -qx 'imprint_revocations_total 1' <<<\"$metrics\"",
     ),
 ];
 
