@@ -294,3 +294,44 @@ impl Report {
 }
 
 pub use ca_server::store::dir_size;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::verify::{DeviceSideVerification, Verification};
+
+    fn pass(ok: bool) -> Verification {
+        Verification::DeviceSide(DeviceSideVerification {
+            ok,
+            ..DeviceSideVerification::default()
+        })
+    }
+
+    #[test]
+    fn the_verdict_passes_only_a_whole_run() {
+        let none = BTreeMap::new();
+        assert!(Verdict::of(10, 10, &none, &[], &pass(true)).passed);
+        // A lost worker fails the run even when its devices were taken by the others.
+        let v = Verdict::of(10, 10, &none, &["worker 3 panicked".into()], &pass(true));
+        assert!(!v.passed);
+        assert_eq!(
+            v.reasons,
+            vec!["1 worker(s) stopped early, first: worker 3 panicked".to_string()]
+        );
+        // Devices that did not complete fail it, with their kinds.
+        let errors = BTreeMap::from([("not-run".to_string(), 4u64)]);
+        let v = Verdict::of(10, 6, &errors, &[], &pass(true));
+        assert_eq!(
+            v.reasons,
+            vec!["6 of 10 devices completed (failures: not-run 4)".to_string()]
+        );
+        assert_eq!(v.word(), "FAILED");
+        // And so does the pass.
+        let v = Verdict::of(10, 10, &none, &[], &pass(false));
+        assert_eq!(
+            v.reasons,
+            vec!["the verification pass found problems".to_string()]
+        );
+    }
+}
