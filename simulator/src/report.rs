@@ -57,11 +57,13 @@ pub struct Usage {
 pub struct PassUsage {
     /// Wall time, seconds.
     pub seconds: f64,
-    /// Peak resident set (VmHWM) while it ran, bytes.
+    /// The simulator process's peak resident set (VmHWM) while the pass ran, bytes: what the
+    /// process held when the pass began (the devices' certificate digests among it) and what
+    /// the pass added.
     pub peak_memory_bytes: u64,
-    /// Whether that peak is the pass's alone (the kernel's peak was reset before it) or, when
-    /// the kernel did not allow the reset, the whole process's.
-    pub peak_of_pass_alone: bool,
+    /// Whether the kernel's peak was reset just before the pass; when it could not be, the
+    /// figure is the whole process's peak, device phases included.
+    pub peak_reset_before_pass: bool,
 }
 
 /// The whole report.
@@ -273,8 +275,8 @@ impl Report {
             "{:.1} s, peak memory {:.1} MiB ({})",
             p.seconds,
             p.peak_memory_bytes as f64 / (1024.0 * 1024.0),
-            if p.peak_of_pass_alone {
-                "the pass alone"
+            if p.peak_reset_before_pass {
+                "the simulator process's peak while the pass ran"
             } else {
                 "the whole simulator process: its peak could not be reset before the pass"
             }
