@@ -244,6 +244,12 @@ pub(crate) fn problem(p: &Problem, cbor: bool) -> Response<Full<Bytes>> {
     r
 }
 
+/// A JSON problem sent with another status than its type's (405, 415), the body's `status`
+/// saying the same.
+fn problem_with_status(p: &Problem, status: StatusCode) -> Response<Full<Bytes>> {
+    respond(status, PROBLEM_JSON, p.to_json_with_status(status.as_u16()))
+}
+
 async fn handle(
     req: Request<Incoming>,
     service: &CaService,
@@ -276,14 +282,10 @@ async fn handle(
             Err(p) => problem(&p, false),
         },
         (&Method::POST, "/enroll") => enroll(req, service, peer).await,
-        (_, "/enroll" | "/ca" | "/crl" | "/health") => {
-            let mut r = problem(
-                &Problem::malformed(format!("method {} not allowed on {path}", req.method())),
-                false,
-            );
-            *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-            r
-        }
+        (_, "/enroll" | "/ca" | "/crl" | "/health") => problem_with_status(
+            &Problem::malformed(format!("method {} not allowed on {path}", req.method())),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -304,9 +306,7 @@ async fn enroll(
         JSON => RequestEncoding::Json,
         other => {
             let p = Problem::malformed(format!("content type {other:?} is not {CBOR} or {JSON}"));
-            let mut r = problem(&p, false);
-            *r.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
-            return r;
+            return problem_with_status(&p, StatusCode::UNSUPPORTED_MEDIA_TYPE);
         }
     };
     let cbor_problems = encoding == RequestEncoding::Cbor && !accept.contains("json");

@@ -77,6 +77,18 @@ impl SecretKeys {
 
     /// Loads `kek.bin`.
     pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{}: the key-encryption key must be readable by its owner only (mode {:o}; chmod 600)",
+                path.display(),
+                mode & 0o777
+            ));
+        }
         let bytes =
             Zeroizing::new(std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?);
         Self::new(&bytes).map_err(|e| format!("{}: {e}", path.display()))
@@ -249,4 +261,24 @@ pub fn parse_import(text: &str) -> Result<Vec<ImportedKey>, String> {
         out.push((id, Zeroizing::new(key)));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod kek_file_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Hardening finding 12: the key-encryption key's file mode was not checked when loaded.
+    #[test]
+    fn a_key_encryption_key_others_can_read_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("kek.bin");
+        std::fs::write(&path, [7u8; 32]).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = SecretKeys::load(&path).unwrap_err();
+        assert!(e.contains("chmod 600") && e.contains("644"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(SecretKeys::load(&path).is_ok());
+    }
 }

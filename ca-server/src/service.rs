@@ -379,7 +379,7 @@ impl CaService {
             }
             let pool = self
                 .store
-                .pool(((serial + attempt) % 32) as usize, 1)
+                .pool((serial.wrapping_add(attempt) % 32) as usize, 1)
                 .map_err(|e| store_failure("store read", e))?;
             let pool = match pool.into_iter().next() {
                 Some(p) => Some(p),

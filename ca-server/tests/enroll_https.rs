@@ -465,3 +465,27 @@ async fn a_body_that_never_comes_gets_408_and_the_connection_is_closed() {
     assert_eq!(snapshot(server.service.store()), before, "nothing stored");
     server.stop().await;
 }
+
+/// Hardening finding 12: the 415 and 405 problem bodies said `"status":400`; RFC 9457 section
+/// 3.1.4: the member is the status the server sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_problem_sent_with_its_own_status_says_that_status() {
+    let ca = TestCa::new(ED);
+    let server = ca.start().await;
+    let client = ca.client(server.https.unwrap());
+    for (method, path, ctype, want) in [
+        ("POST", "/enroll", Some("text/plain"), 415),
+        ("PUT", "/ca", None, 405),
+        ("GET", "/enroll", None, 405),
+    ] {
+        let a = client
+            .request(method, path, ctype, "application/json", b"x".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(a.status, want, "{method} {path}");
+        let body: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(body["status"], want, "{method} {path}: {body}");
+        assert_eq!(body["type"], "urn:imprint:problem:malformed");
+    }
+    server.stop().await;
+}

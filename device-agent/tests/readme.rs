@@ -6,15 +6,19 @@
 //!
 //! The commands are the real binaries: `device-agent` and `line-station` of this package, and
 //! `ca-server`, played by this test binary itself (a link named `ca-server` to it runs
-//! `ca_server::cli`, the CA's whole command line, as the simulator does). The walkthrough uses
-//! the README's fixed loopback ports (8443-8445, 5683, 9443, 9444, 9683), and needs openssl,
-//! curl, jq and coap-client-notls (`.ci/run` installs them).
+//! `ca_server::cli`, the CA's whole command line, as the simulator does). The README's loopback
+//! ports (8443-8445, 5683, 9443, 9444, 9683) are the one thing changed: each is mapped to a
+//! free port, the same in every line. It needs openssl, curl, jq and coap-client-notls (`.ci/run`
+//! installs them).
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::ffi::OsString;
 use std::path::Path;
 use std::process::{Command, ExitCode};
+
+/// The whole walkthrough takes a few seconds; past this, something hangs.
+const WALKTHROUGH_LIMIT_SECS: u32 = 240;
 
 /// README lines that do not run here, by prefix, and why.
 const NOT_RUN: &[(&str, &str)] = &[
@@ -72,7 +76,8 @@ const BEFORE: &[(&str, &str)] = &[
 
 /// Test-only checks, run after the README line that starts with the key: that the line did
 /// what the README says (a `curl` without `--fail` exits 0 on a refusal, so each is asked
-/// again with `--fail`).
+/// again with `--fail`). Output is kept in a variable before `grep -q` reads it: with
+/// pipefail, a writer cut off by `grep -q` quitting early would fail the script at random.
 const AFTER: &[(&str, &str)] = &[
     (
         "ca-server secrets import --dir ca keys.jsonl",
@@ -91,9 +96,10 @@ const AFTER: &[(&str, &str)] = &[
     ),
     (
         "curl --cacert ca/ca.pem -H 'Content-Type: application/json'",
-        "curl -sSf --cacert ca/ca.pem -H 'Content-Type: application/json' \
+        "subject=$(curl -sSf --cacert ca/ca.pem -H 'Content-Type: application/json' \
          -H 'Accept: application/pem-certificate-chain' --data-binary @req.json \
-         https://127.0.0.1:8443/enroll | openssl x509 -noout -subject | grep -q 700002",
+         https://127.0.0.1:8443/enroll | openssl x509 -noout -subject)\n\
+         grep -q 700002 <<<\"$subject\"",
     ),
     (
         "coap-client-notls -m post",
@@ -121,8 +127,9 @@ const AFTER: &[(&str, &str)] = &[
         "ca-server device revoke 700001",
         // A second revocation changes nothing and counts nothing.
         "ca-server device revoke 700001 >/dev/null\n\
-         curl -sSf --cacert ca/ca.pem --cert ca/operators/alice.pem --key ca/operators/alice.key.pem \
-         https://127.0.0.1:8445/metrics | grep -qx 'imprint_revocations_total 1'",
+         metrics=$(curl -sSf --cacert ca/ca.pem --cert ca/operators/alice.pem \
+         --key ca/operators/alice.key.pem https://127.0.0.1:8445/metrics)\n\
+         grep -qx 'imprint_revocations_total 1' <<<\"$metrics\"",
     ),
 ];
 
@@ -165,16 +172,33 @@ fn walkthrough() {
     let work = tmp.path().join("work");
     std::fs::create_dir(&work).unwrap();
 
+    // The README's loopback ports, each mapped to a free one, so that the walkthrough does not
+    // collide with a CA the user (or another run of this test) has on them.
+    let ports: Vec<(String, String)> = README_PORTS
+        .iter()
+        .map(|p| {
+            (
+                format!("127.0.0.1:{p}"),
+                format!("127.0.0.1:{}", free_port()),
+            )
+        })
+        .collect();
+    let local = |text: &str| {
+        ports
+            .iter()
+            .fold(text.to_string(), |t, (from, to)| t.replace(from, to))
+    };
     let mut script = String::from(PRELUDE);
     let mut ran = 0;
-    for line in sh_lines(&text) {
-        if let Some((_, why)) = NOT_RUN.iter().find(|(p, _)| line.starts_with(p)) {
+    for readme_line in sh_lines(&text) {
+        let line = local(&readme_line);
+        if let Some((_, why)) = NOT_RUN.iter().find(|(p, _)| readme_line.starts_with(p)) {
             script += &format!("# not run ({why}): {line}\n");
             continue;
         }
         for (p, step) in BEFORE {
-            if line.starts_with(p) {
-                script += &format!("{step}\n");
+            if readme_line.starts_with(p) {
+                script += &format!("{}\n", local(step));
             }
         }
         script += &format!("readme_line {}\n", shell_quote(&line));
@@ -184,8 +208,8 @@ fn walkthrough() {
             script += &format!("{line}\n");
         }
         for (p, step) in AFTER {
-            if line.starts_with(p) && !step.is_empty() {
-                script += &format!("{step}\n");
+            if readme_line.starts_with(p) {
+                script += &format!("{}\n", local(step));
             }
         }
         ran += 1;
@@ -195,7 +219,10 @@ fn walkthrough() {
         "only {ran} README lines found: is the README parsed?"
     );
     std::fs::write(tmp.path().join("readme.sh"), &script).unwrap();
-    let out = Command::new("bash")
+    // A command that hangs (a CoAP client waits 90 s for an answer) must not hang the suite:
+    // `timeout` stops the whole walkthrough, its process group included.
+    let out = Command::new("timeout")
+        .args(["-k", "5", &WALKTHROUGH_LIMIT_SECS.to_string(), "bash"])
         .arg(tmp.path().join("readme.sh"))
         .current_dir(&work)
         .env(
@@ -213,9 +240,15 @@ fn walkthrough() {
         .output()
         .unwrap();
     if !out.status.success() {
+        let last = std::fs::read_to_string(work.join(".readme-line")).unwrap_or_default();
         panic!(
-            "the README walkthrough failed (exit {:?}):\n--- stdout\n{}\n--- stderr\n{}\n--- script\n{script}",
+            "the README walkthrough failed (exit {:?}{}) at README line: {last}\n--- stdout\n{}\n--- stderr\n{}\n--- script\n{script}",
             out.status.code(),
+            if out.status.code() == Some(124) {
+                format!(", stopped after {WALKTHROUGH_LIMIT_SECS} s")
+            } else {
+                String::new()
+            },
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
         );
@@ -227,7 +260,7 @@ fn walkthrough() {
 const PRELUDE: &str = r#"set -euo pipefail
 SERVE_LINE=
 SERVE_PID=
-readme_line() { CURRENT="$1"; }
+readme_line() { CURRENT="$1"; printf '%s\n' "$1" > .readme-line; }
 trap 'echo "README line failed: $CURRENT" >&2; [ -f serve.log ] && tail -20 serve.log >&2' ERR
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 start_serve() {
@@ -248,6 +281,20 @@ stop_serve() {
     wait "$SERVE_PID"
 }
 "#;
+
+/// The loopback ports the README names (TCP for HTTPS, mutual TLS and admin; UDP for CoAP).
+const README_PORTS: [u16; 7] = [8443, 8444, 8445, 5683, 9443, 9444, 9683];
+
+/// A port free on loopback for both TCP and UDP just now.
+fn free_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() && !README_PORTS.contains(&port) {
+            return port;
+        }
+    }
+}
 
 /// `ca-server serve ...` as the "Serve" section gives it: in the foreground (no `&`).
 fn is_foreground_serve(line: &str) -> bool {

@@ -257,10 +257,17 @@ impl Problem {
 
     /// RFC 9457 `application/problem+json` body.
     pub fn to_json(&self) -> Vec<u8> {
+        self.to_json_with_status(self.kind.http_status())
+    }
+
+    /// The RFC 9457 body of a response whose HTTP status is not the type's own (405 and 415
+    /// carry a `malformed` problem): RFC 9457 section 3.1.4 says `status` must be the one the
+    /// server sent.
+    pub fn to_json_with_status(&self, status: u16) -> Vec<u8> {
         let body = ProblemJson {
             kind: self.kind.uri(),
             title: self.kind.title().to_string(),
-            status: self.kind.http_status(),
+            status,
             detail: self.detail.clone(),
         };
         serde_json::to_vec(&body).unwrap_or_default()

@@ -386,7 +386,7 @@ fn run(cli: Cli) -> Result<bool, String> {
     // The pass's own peak: the kernel's high-water mark is reset to the current size first
     // (the device phases' peak was read just above).
     let pass_start = Instant::now();
-    let peak_of_pass_alone = embedded::reset_peak_memory();
+    let peak_reset_before_pass = embedded::reset_peak_memory();
     let (verification, store_bytes, store_bytes_per_device) = match &stopped {
         Some((_, ca)) => {
             let store = ca.dir.store();
@@ -406,7 +406,7 @@ fn run(cli: Cli) -> Result<bool, String> {
     let verification_pass = PassUsage {
         seconds: pass_start.elapsed().as_secs_f64(),
         peak_memory_bytes: embedded::process_usage(std::process::id()).0,
-        peak_of_pass_alone,
+        peak_reset_before_pass,
     };
     let ok = progress.done.load(Ordering::Relaxed);
     let failed = progress.failed.load(Ordering::Relaxed);

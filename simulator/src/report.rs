@@ -57,11 +57,13 @@ pub struct Usage {
 pub struct PassUsage {
     /// Wall time, seconds.
     pub seconds: f64,
-    /// Peak resident set (VmHWM) while it ran, bytes.
+    /// The simulator process's peak resident set (VmHWM) while the pass ran, bytes: what the
+    /// process held when the pass began (the devices' certificate digests among it) and what
+    /// the pass added.
     pub peak_memory_bytes: u64,
-    /// Whether that peak is the pass's alone (the kernel's peak was reset before it) or, when
-    /// the kernel did not allow the reset, the whole process's.
-    pub peak_of_pass_alone: bool,
+    /// Whether the kernel's peak was reset just before the pass; when it could not be, the
+    /// figure is the whole process's peak, device phases included.
+    pub peak_reset_before_pass: bool,
 }
 
 /// The whole report.
@@ -273,8 +275,8 @@ impl Report {
             "{:.1} s, peak memory {:.1} MiB ({})",
             p.seconds,
             p.peak_memory_bytes as f64 / (1024.0 * 1024.0),
-            if p.peak_of_pass_alone {
-                "the pass alone"
+            if p.peak_reset_before_pass {
+                "the simulator process's peak while the pass ran"
             } else {
                 "the whole simulator process: its peak could not be reset before the pass"
             }
@@ -294,3 +296,44 @@ impl Report {
 }
 
 pub use ca_server::store::dir_size;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::verify::{DeviceSideVerification, Verification};
+
+    fn pass(ok: bool) -> Verification {
+        Verification::DeviceSide(DeviceSideVerification {
+            ok,
+            ..DeviceSideVerification::default()
+        })
+    }
+
+    #[test]
+    fn the_verdict_passes_only_a_whole_run() {
+        let none = BTreeMap::new();
+        assert!(Verdict::of(10, 10, &none, &[], &pass(true)).passed);
+        // A lost worker fails the run even when its devices were taken by the others.
+        let v = Verdict::of(10, 10, &none, &["worker 3 panicked".into()], &pass(true));
+        assert!(!v.passed);
+        assert_eq!(
+            v.reasons,
+            vec!["1 worker(s) stopped early, first: worker 3 panicked".to_string()]
+        );
+        // Devices that did not complete fail it, with their kinds.
+        let errors = BTreeMap::from([("not-run".to_string(), 4u64)]);
+        let v = Verdict::of(10, 6, &errors, &[], &pass(true));
+        assert_eq!(
+            v.reasons,
+            vec!["6 of 10 devices completed (failures: not-run 4)".to_string()]
+        );
+        assert_eq!(v.word(), "FAILED");
+        // And so does the pass.
+        let v = Verdict::of(10, 10, &none, &[], &pass(false));
+        assert_eq!(
+            v.reasons,
+            vec!["the verification pass found problems".to_string()]
+        );
+    }
+}

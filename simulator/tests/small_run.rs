@@ -73,7 +73,7 @@ fn small_simulations_survive_a_ca_kill_and_verify_the_store() {
         let pass = &r["verification_pass"];
         assert!(pass["seconds"].as_f64().unwrap() > 0.0);
         assert!(pass["peak_memory_bytes"].as_u64().unwrap() > 0);
-        assert_eq!(pass["peak_of_pass_alone"], true);
+        assert_eq!(pass["peak_reset_before_pass"], true);
         assert!(r["ca"]["peak_memory_bytes"].as_u64().unwrap() > 0);
         assert!(r["ceiling"]["devices_per_second"].as_f64().unwrap() > 0.0);
         assert_eq!(
