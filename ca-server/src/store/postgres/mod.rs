@@ -353,14 +353,84 @@ struct Pool {
     config: tokio_postgres::Config,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     schema: String,
-    idle: Mutex<Vec<Client>>,
+    idle: Mutex<Vec<(Client, Stmts)>>,
     permits: Arc<Semaphore>,
 }
 
+/// A connection's prepared statements, by SQL text: each statement is parsed and planned once
+/// per connection instead of once per call.
+type Stmts = Arc<Mutex<std::collections::HashMap<String, tokio_postgres::Statement>>>;
+
 struct Conn {
     client: Option<Client>,
+    stmts: Stmts,
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
+}
+
+/// Where a statement runs (a transaction, or the connection itself), with the connection's
+/// statement cache.
+enum On<'a> {
+    Tx(&'a Transaction<'a>),
+    Client(&'a Client),
+}
+
+struct Db<'a> {
+    on: On<'a>,
+    stmts: &'a Stmts,
+}
+
+impl Db<'_> {
+    async fn stmt(&self, sql: &str) -> Result<tokio_postgres::Statement, StoreError> {
+        if let Some(s) = self.stmts.lock().ok().and_then(|m| m.get(sql).cloned()) {
+            return Ok(s);
+        }
+        let s = match &self.on {
+            On::Tx(t) => t.prepare(sql).await,
+            On::Client(c) => c.prepare(sql).await,
+        }
+        .map_err(pg)?;
+        if let Ok(mut m) = self.stmts.lock() {
+            m.insert(sql.to_string(), s.clone());
+        }
+        Ok(s)
+    }
+
+    async fn opt(&self, sql: &str, params: &[P<'_>]) -> Result<Option<Row>, StoreError> {
+        let s = self.stmt(sql).await?;
+        match &self.on {
+            On::Tx(t) => t.query_opt(&s, params).await,
+            On::Client(c) => c.query_opt(&s, params).await,
+        }
+        .map_err(pg)
+    }
+
+    async fn all(&self, sql: &str, params: &[P<'_>]) -> Result<Vec<Row>, StoreError> {
+        let s = self.stmt(sql).await?;
+        match &self.on {
+            On::Tx(t) => t.query(&s, params).await,
+            On::Client(c) => c.query(&s, params).await,
+        }
+        .map_err(pg)
+    }
+
+    async fn one(&self, sql: &str, params: &[P<'_>]) -> Result<Row, StoreError> {
+        let s = self.stmt(sql).await?;
+        match &self.on {
+            On::Tx(t) => t.query_one(&s, params).await,
+            On::Client(c) => c.query_one(&s, params).await,
+        }
+        .map_err(pg)
+    }
+
+    async fn exec(&self, sql: &str, params: &[P<'_>]) -> Result<u64, StoreError> {
+        let s = self.stmt(sql).await?;
+        match &self.on {
+            On::Tx(t) => t.execute(&s, params).await,
+            On::Client(c) => c.execute(&s, params).await,
+        }
+        .map_err(pg)
+    }
 }
 
 impl Drop for Conn {
@@ -369,7 +439,7 @@ impl Drop for Conn {
             && !c.is_closed()
             && let Ok(mut idle) = self.pool.idle.lock()
         {
-            idle.push(c);
+            idle.push((c, self.stmts.clone()));
         }
     }
 }
@@ -388,6 +458,20 @@ impl Conn {
             .ok_or_else(|| StoreError::Backend("connection already returned".into()))?;
         c.transaction().await.map_err(pg)
     }
+
+    /// A transaction, and the connection's statement cache for it.
+    async fn transaction_db(&mut self) -> Result<(Transaction<'_>, Stmts), StoreError> {
+        let stmts = self.stmts.clone();
+        Ok((self.transaction().await?, stmts))
+    }
+
+    /// Statements on the connection itself, through its cache.
+    fn db(&self) -> Result<Db<'_>, StoreError> {
+        Ok(Db {
+            on: On::Client(self.client()?),
+            stmts: &self.stmts,
+        })
+    }
 }
 
 impl Pool {
@@ -404,9 +488,10 @@ impl Pool {
                 Err(_) => None,
             };
             match c {
-                Some(c) if !c.is_closed() => {
+                Some((c, stmts)) if !c.is_closed() => {
                     return Ok(Conn {
                         client: Some(c),
+                        stmts,
                         pool: self.clone(),
                         _permit: permit,
                     });
@@ -445,6 +530,7 @@ impl Pool {
             .map_err(pg)?;
         Ok(Conn {
             client: Some(client),
+            stmts: Arc::default(),
             pool: self.clone(),
             _permit: permit,
         })
@@ -639,14 +725,13 @@ fn holder_of(r: Option<Row>) -> Result<Option<Holder>, StoreError> {
 /// The audit chain's head, locked for the transaction.
 type Chain = (u64, [u8; 32]);
 
-async fn lock_head(tx: &Transaction<'_>) -> Result<Chain, StoreError> {
-    let r = tx
-        .query_one(
+async fn lock_head(db: &Db<'_>) -> Result<Chain, StoreError> {
+    let r = db
+        .one(
             "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
             &[],
         )
-        .await
-        .map_err(pg)?;
+        .await?;
     let hash: Vec<u8> = r.try_get(1).map_err(pg)?;
     let hash = <[u8; 32]>::try_from(hash.as_slice()).map_err(|_| StoreError::Corrupt {
         tree: "audit_head",
@@ -655,13 +740,12 @@ async fn lock_head(tx: &Transaction<'_>) -> Result<Chain, StoreError> {
     Ok((u(r.try_get(0).map_err(pg)?), hash))
 }
 
-async fn set_head(tx: &Transaction<'_>, chain: &Chain) -> Result<(), StoreError> {
-    tx.execute(
+async fn set_head(db: &Db<'_>, chain: &Chain) -> Result<(), StoreError> {
+    db.exec(
         "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1",
         &[&i(chain.0), &chain.1.as_slice()],
     )
-    .await
-    .map_err(pg)?;
+    .await?;
     Ok(())
 }
 
@@ -716,13 +800,13 @@ impl<'a> AuditRow<'a> {
 
 /// Appends the entry for `event` after `chain` and moves `chain` to it.
 async fn append(
-    tx: &Transaction<'_>,
+    db: &Db<'_>,
     chain: &mut Chain,
     event: &AuditEvent,
 ) -> Result<AuditEntry, StoreError> {
     let entry = seal_next(chain, event);
     let row = AuditRow::of(&entry);
-    tx.execute(INSERT_AUDIT, &row.params()).await.map_err(pg)?;
+    db.exec(INSERT_AUDIT, &row.params()).await?;
     *chain = (entry.seq, entry.compute_hash());
     Ok(entry)
 }
@@ -738,7 +822,7 @@ fn exactly_one(n: u64, what: &str) -> Result<(), StoreError> {
 }
 
 async fn enroll_in(
-    tx: &Transaction<'_>,
+    db: &Db<'_>,
     e: &NewEnrollment,
     chain: &mut Chain,
 ) -> Result<EnrollOutcome, StoreError> {
@@ -751,15 +835,14 @@ async fn enroll_in(
     let p_token: [P<'_>; 2] = [&e.line, &e.token_id];
     let p_line: [P<'_>; 1] = [&e.line];
     let (device, holder, token, line) = tokio::try_join!(
-        tx.query_opt(dq.as_str(), &p_serial),
-        tx.query_opt("SELECT serial FROM keys WHERE key_hash = $1", &p_key),
-        tx.query_opt(
+        db.opt(dq.as_str(), &p_serial),
+        db.opt("SELECT serial FROM keys WHERE key_hash = $1", &p_key),
+        db.opt(
             "SELECT serial FROM tokens WHERE line = $1 AND token_id = $2",
             &p_token
         ),
-        tx.query_opt(lq.as_str(), &p_line),
-    )
-    .map_err(pg)?;
+        db.opt(lq.as_str(), &p_line),
+    )?;
     let view = EnrollView {
         device: device.as_ref().map(device_of).transpose()?,
         key_holder: holder
@@ -800,47 +883,45 @@ async fn enroll_in(
     let p_audit = audit.params();
     // One round trip: the statements go out in this order on the transaction's connection.
     let (_, _, _, counted, _) = tokio::try_join!(
-        tx.execute(
+        db.exec(
             "INSERT INTO devices (serial, spki, key_hash, certificate, line, token_id, enrolled_at, status, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL)",
             &p_device,
         ),
         async {
             if view.key_holder.is_none() {
-                tx.execute("INSERT INTO keys (key_hash, serial) VALUES ($1, $2)", &p_key)
+                db.exec("INSERT INTO keys (key_hash, serial) VALUES ($1, $2)", &p_key)
                     .await
             } else {
                 Ok(0)
             }
         },
-        tx.execute(
+        db.exec(
             "INSERT INTO tokens (line, token_id, serial) VALUES ($1, $2, $3)",
             &p_token,
         ),
         // The quota held by the database: the count rises only while it is below the quota.
-        tx.execute(
+        db.exec(
             "UPDATE lines SET enrolled = enrolled + 1 WHERE id = $1 AND active AND enrolled < quota",
             &p_line,
         ),
-        tx.execute(INSERT_AUDIT, &p_audit),
-    )
-    .map_err(pg)?;
+        db.exec(INSERT_AUDIT, &p_audit),
+    )?;
     exactly_one(counted, "line count")?;
     *chain = (entry.seq, entry.compute_hash());
     Ok(outcome)
 }
 
 async fn secret_in(
-    tx: &Transaction<'_>,
+    db: &Db<'_>,
     op: &SecretOp,
     chain: &mut Chain,
 ) -> Result<SecretOutcome, StoreError> {
     let mut view = SecretView::default();
     if let Some(serial) = op.serial() {
         let dq = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE serial = $1");
-        view.device = tx
-            .query_opt(dq.as_str(), &[&i(serial)])
-            .await
-            .map_err(pg)?
+        view.device = db
+            .opt(dq.as_str(), &[&i(serial)])
+            .await?
             .as_ref()
             .map(device_of)
             .transpose()?;
@@ -848,10 +929,9 @@ async fn secret_in(
             let sq = format!(
                 "SELECT {SECRET_COLUMNS} FROM secret_versions WHERE serial = $1 ORDER BY version DESC LIMIT 1"
             );
-            view.newest = tx
-                .query_opt(sq.as_str(), &[&i(serial)])
-                .await
-                .map_err(pg)?
+            view.newest = db
+                .opt(sq.as_str(), &[&i(serial)])
+                .await?
                 .as_ref()
                 .map(secret_of)
                 .transpose()?;
@@ -861,10 +941,9 @@ async fn secret_in(
             let sq = format!(
                 "SELECT {SECRET_COLUMNS} FROM secret_versions WHERE serial = $1 AND version = $2"
             );
-            view.named = tx
-                .query_opt(sq.as_str(), &[&i(serial), &i(version)])
-                .await
-                .map_err(pg)?
+            view.named = db
+                .opt(sq.as_str(), &[&i(serial), &i(version)])
+                .await?
                 .as_ref()
                 .map(secret_of)
                 .transpose()?;
@@ -874,16 +953,15 @@ async fn secret_in(
         let p_tag: [P<'_>; 1] = [&rec.index_tag];
         let p_id: [P<'_>; 1] = [&rec.key_id];
         let (tag, id) = tokio::try_join!(
-            tx.query_opt(
+            db.opt(
                 "SELECT serial, version FROM secret_keys WHERE index_tag = $1",
                 &p_tag
             ),
-            tx.query_opt(
+            db.opt(
                 "SELECT serial, version FROM secret_keys WHERE key_id = $1",
                 &p_id
             ),
-        )
-        .map_err(pg)?;
+        )?;
         view.tag_holder = holder_of(tag)?;
         view.key_id_holder = holder_of(id)?;
     }
@@ -892,10 +970,9 @@ async fn secret_in(
             from_pool: Some(id),
             ..
         } => {
-            view.pool_entry_present = tx
-                .query_opt("SELECT 1 FROM secret_pool WHERE key_id = $1", &[id])
-                .await
-                .map_err(pg)?
+            view.pool_entry_present = db
+                .opt("SELECT 1 FROM secret_pool WHERE key_id = $1", &[id])
+                .await?
                 .is_some();
         }
         SecretOp::Import { entries, .. } => {
@@ -903,10 +980,9 @@ async fn secret_in(
                 let p_id: [P<'_>; 1] = [&e.key_id];
                 let p_tag: [P<'_>; 1] = [&e.index_tag];
                 let (id, tag) = tokio::try_join!(
-                    tx.query_opt("SELECT 1 FROM secret_keys WHERE key_id = $1", &p_id),
-                    tx.query_opt("SELECT 1 FROM secret_keys WHERE index_tag = $1", &p_tag),
-                )
-                .map_err(pg)?;
+                    db.opt("SELECT 1 FROM secret_keys WHERE key_id = $1", &p_id),
+                    db.opt("SELECT 1 FROM secret_keys WHERE index_tag = $1", &p_tag),
+                )?;
                 view.import_known.push((id.is_some(), tag.is_some()));
             }
         }
@@ -922,23 +998,21 @@ async fn secret_in(
                 let (serial, version) = (i(rec.serial), i(rec.version));
                 if from_pool {
                     // The imported key's row gets its holder, once: only while it has none.
-                    let n = tx
-                        .execute(
+                    let n = db
+                        .exec(
                             "UPDATE secret_keys SET serial = $2, version = $3 WHERE index_tag = $1 AND serial IS NULL",
                             &[&rec.index_tag, &serial, &version],
                         )
-                        .await
-                        .map_err(pg)?;
+                        .await?;
                     exactly_one(n, "pool key")?;
                 } else {
-                    tx.execute(
+                    db.exec(
                         "INSERT INTO secret_keys (index_tag, key_id, serial, version) VALUES ($1, $2, $3, $4)",
                         &[&rec.index_tag, &rec.key_id, &serial, &version],
                     )
-                    .await
-                    .map_err(pg)?;
+                    .await?;
                 }
-                tx.execute(
+                db.exec(
                     "INSERT INTO secret_versions (serial, version, key_id, ciphertext, nonce, kcv, index_tag, source, created_at, delivered_at, confirmed_at, retired_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                     &[
                         &serial,
@@ -955,24 +1029,21 @@ async fn secret_in(
                         &oi(rec.retired_at),
                     ],
                 )
-                .await
-                .map_err(pg)?;
+                .await?;
             }
             SecretWrite::TakeFromPool(id) => {
-                let n = tx
-                    .execute("DELETE FROM secret_pool WHERE key_id = $1", &[&id])
-                    .await
-                    .map_err(pg)?;
+                let n = db
+                    .exec("DELETE FROM secret_pool WHERE key_id = $1", &[&id])
+                    .await?;
                 exactly_one(n, "pool entry")?;
             }
             SecretWrite::UpdateVersion(rec) => {
-                let n = tx
-                    .execute(
+                let n = db
+                    .exec(
                         "UPDATE secret_versions SET delivered_at = $3 WHERE serial = $1 AND version = $2 AND delivered_at IS NULL AND retired_at IS NULL",
                         &[&i(rec.serial), &i(rec.version), &oi(rec.delivered_at)],
                     )
-                    .await
-                    .map_err(pg)?;
+                    .await?;
                 exactly_one(n, "delivery")?;
             }
             SecretWrite::Ack {
@@ -980,23 +1051,21 @@ async fn secret_in(
                 version,
                 at,
             } => {
-                let n = tx
-                    .execute(
+                let n = db
+                    .exec(
                         "UPDATE secret_versions SET confirmed_at = $3 WHERE serial = $1 AND version = $2 AND confirmed_at IS NULL",
                         &[&i(serial), &i(version), &i(at)],
                     )
-                    .await
-                    .map_err(pg)?;
+                    .await?;
                 exactly_one(n, "acknowledgement")?;
             }
             SecretWrite::PoolEntry(e) => {
-                tx.execute(
+                db.exec(
                     "INSERT INTO secret_keys (index_tag, key_id, serial, version) VALUES ($1, $2, NULL, NULL)",
                     &[&e.index_tag, &e.key_id],
                 )
-                .await
-                .map_err(pg)?;
-                tx.execute(
+                .await?;
+                db.exec(
                     "INSERT INTO secret_pool (key_id, ciphertext, nonce, kcv, index_tag, imported_at) VALUES ($1, $2, $3, $4, $5, $6)",
                     &[
                         &e.key_id,
@@ -1007,29 +1076,32 @@ async fn secret_in(
                         &i(e.imported_at),
                     ],
                 )
-                .await
-                .map_err(pg)?;
+                .await?;
             }
         }
     }
     if let Some(event) = event {
-        append(tx, chain, &event).await?;
+        append(db, chain, &event).await?;
     }
     Ok(outcome)
 }
 
 async fn apply_batch(pool: Arc<Pool>, writes: Arc<Vec<Write>>) -> Result<Vec<Written>, StoreError> {
     let mut conn = pool.get().await?;
-    let tx = conn.transaction().await?;
-    let mut chain = lock_head(&tx).await?;
+    let (tx, stmts) = conn.transaction_db().await?;
+    let db = Db {
+        on: On::Tx(&tx),
+        stmts: &stmts,
+    };
+    let mut chain = lock_head(&db).await?;
     let mut outcomes = Vec::with_capacity(writes.len());
     for w in writes.iter() {
         outcomes.push(match w {
-            Write::Enroll(e) => Written::Enroll(enroll_in(&tx, e, &mut chain).await?),
-            Write::Secret(op) => Written::Secret(secret_in(&tx, op, &mut chain).await?),
+            Write::Enroll(e) => Written::Enroll(enroll_in(&db, e, &mut chain).await?),
+            Write::Secret(op) => Written::Secret(secret_in(&db, op, &mut chain).await?),
         });
     }
-    set_head(&tx, &chain).await?;
+    set_head(&db, &chain).await?;
     tx.commit().await.map_err(pg)?;
     Ok(outcomes)
 }
@@ -1049,11 +1121,7 @@ impl PgStore {
                 .iter()
                 .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
                 .collect();
-            let rows = conn
-                .client()?
-                .query(sql.as_str(), &refs)
-                .await
-                .map_err(pg)?;
+            let rows = conn.db()?.all(sql.as_str(), &refs).await?;
             rows.iter().map(&f).collect()
         })
     }
@@ -1118,10 +1186,9 @@ impl Store for PgStore {
         self.run(move |pool| async move {
             let conn = pool.get().await?;
             let r = conn
-                .client()?
-                .query_opt("SELECT serial FROM keys WHERE key_hash = $1", &[&key])
-                .await
-                .map_err(pg)?;
+                .db()?
+                .opt("SELECT serial FROM keys WHERE key_hash = $1", &[&key])
+                .await?;
             r.map(|r| r.try_get::<_, i64>(0).map(u))
                 .transpose()
                 .map_err(pg)
@@ -1156,8 +1223,12 @@ impl Store for PgStore {
             let (line, actor) = (line.clone(), actor.clone());
             async move {
                 let mut conn = pool.get().await?;
-                let tx = conn.transaction().await?;
-                let mut chain = lock_head(&tx).await?;
+                let (tx, stmts) = conn.transaction_db().await?;
+                let db = Db {
+                    on: On::Tx(&tx),
+                    stmts: &stmts,
+                };
+                let mut chain = lock_head(&db).await?;
                 let lq = format!("SELECT {LINE_COLUMNS} FROM lines WHERE id = $1");
                 let existing = tx
                     .query_opt(lq.as_str(), &[&line.id])
@@ -1184,8 +1255,8 @@ impl Store for PgStore {
                 )
                 .await
                 .map_err(pg)?;
-                append(&tx, &mut chain, &event).await?;
-                set_head(&tx, &chain).await?;
+                append(&db, &mut chain, &event).await?;
+                set_head(&db, &chain).await?;
                 tx.commit().await.map_err(pg)
             }
         })
@@ -1253,8 +1324,12 @@ impl Store for PgStore {
             let actor = actor.clone();
             async move {
                 let mut conn = pool.get().await?;
-                let tx = conn.transaction().await?;
-                let mut chain = lock_head(&tx).await?;
+                let (tx, stmts) = conn.transaction_db().await?;
+                let db = Db {
+                    on: On::Tx(&tx),
+                    stmts: &stmts,
+                };
+                let mut chain = lock_head(&db).await?;
                 let dq =
                     format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE serial = $1 FOR UPDATE");
                 let rec = tx
@@ -1274,8 +1349,8 @@ impl Store for PgStore {
                     )
                     .await
                     .map_err(pg)?;
-                    append(&tx, &mut chain, &event).await?;
-                    set_head(&tx, &chain).await?;
+                    append(&db, &mut chain, &event).await?;
+                    set_head(&db, &chain).await?;
                 }
                 tx.commit().await.map_err(pg)?;
                 Ok(Some(rec))
@@ -1289,8 +1364,12 @@ impl Store for PgStore {
             let actor = actor.clone();
             async move {
                 let mut conn = pool.get().await?;
-                let tx = conn.transaction().await?;
-                let mut chain = lock_head(&tx).await?;
+                let (tx, stmts) = conn.transaction_db().await?;
+                let db = Db {
+                    on: On::Tx(&tx),
+                    stmts: &stmts,
+                };
+                let mut chain = lock_head(&db).await?;
                 let dq = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE serial = $1 FOR UPDATE");
                 let rec = tx
                     .query_opt(dq.as_str(), &[&i(serial)])
@@ -1325,7 +1404,7 @@ impl Store for PgStore {
                 let Some(w) = writes else {
                     return Ok(outcome);
                 };
-                let entry = append(&tx, &mut chain, &w.event).await?;
+                let entry = append(&db, &mut chain, &w.event).await?;
                 let old = &w.history.device;
                 tx.execute("DELETE FROM devices WHERE serial = $1", &[&i(serial)])
                     .await
@@ -1360,7 +1439,7 @@ impl Store for PgStore {
                 )
                 .await
                 .map_err(pg)?;
-                set_head(&tx, &chain).await?;
+                set_head(&db, &chain).await?;
                 tx.commit().await.map_err(pg)?;
                 Ok(outcome)
             }
@@ -1414,8 +1493,12 @@ impl Store for PgStore {
             let (id, actor) = (id.clone(), actor.clone());
             async move {
                 let mut conn = pool.get().await?;
-                let tx = conn.transaction().await?;
-                let mut chain = lock_head(&tx).await?;
+                let (tx, stmts) = conn.transaction_db().await?;
+                let db = Db {
+                    on: On::Tx(&tx),
+                    stmts: &stmts,
+                };
+                let mut chain = lock_head(&db).await?;
                 let lq = format!("SELECT {LINE_COLUMNS} FROM lines WHERE id = $1 FOR UPDATE");
                 let line = tx
                     .query_opt(lq.as_str(), &[&id])
@@ -1435,8 +1518,8 @@ impl Store for PgStore {
                     )
                     .await
                     .map_err(pg)?;
-                    append(&tx, &mut chain, &event).await?;
-                    set_head(&tx, &chain).await?;
+                    append(&db, &mut chain, &event).await?;
+                    set_head(&db, &chain).await?;
                 }
                 tx.commit().await.map_err(pg)?;
                 Ok(Some(line))
@@ -1463,10 +1546,14 @@ impl Store for PgStore {
             let ev = ev.clone();
             async move {
                 let mut conn = pool.get().await?;
-                let tx = conn.transaction().await?;
-                let mut chain = lock_head(&tx).await?;
-                append(&tx, &mut chain, &ev).await?;
-                set_head(&tx, &chain).await?;
+                let (tx, stmts) = conn.transaction_db().await?;
+                let db = Db {
+                    on: On::Tx(&tx),
+                    stmts: &stmts,
+                };
+                let mut chain = lock_head(&db).await?;
+                append(&db, &mut chain, &ev).await?;
+                set_head(&db, &chain).await?;
                 tx.commit().await.map_err(pg)
             }
         })
