@@ -337,9 +337,6 @@ mod tests {
         fn add_line(&self, l: &crate::records::LineRecord, actor: &str) -> Result<(), StoreError> {
             self.inner.add_line(l, actor)
         }
-        fn apply_enrollment(&self, e: &NewEnrollment) -> Result<EnrollOutcome, StoreError> {
-            self.inner.apply_enrollment(e)
-        }
         fn apply_writes(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
             self.inner.apply_writes(writes)
         }
@@ -355,9 +352,6 @@ mod tests {
             n: usize,
         ) -> Result<Vec<crate::records::PoolEntry>, StoreError> {
             self.inner.pool(skip, n)
-        }
-        fn apply_secret(&self, op: &SecretOp) -> Result<SecretOutcome, StoreError> {
-            self.inner.apply_secret(op)
         }
         fn set_status(
             &self,

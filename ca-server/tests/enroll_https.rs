@@ -442,26 +442,9 @@ async fn a_body_that_never_comes_gets_408_and_the_connection_is_closed() {
     let server = ca.start().await;
     let addr = server.https.unwrap();
     let before = snapshot(server.service.store());
-    let ca_pem = ca.ca_pem_path();
-    let r = tokio::task::spawn_blocking(move || {
-        common::stalled_body(
-            addr,
-            &ca_pem,
-            None,
-            "/enroll",
-            "application/json",
-            std::time::Duration::from_secs(8),
-        )
-    })
-    .await
-    .unwrap();
-    assert!(r.closed, "connection still open after {:?}", r.after);
-    assert!(r.answer.starts_with("HTTP/1.1 408"), "{}", r.answer);
-    assert!(
-        r.answer.contains("urn:imprint:problem:request-timeout"),
-        "{}",
-        r.answer
-    );
+    common::stalled_body(addr, ca.ca_pem_path(), None, "/enroll")
+        .await
+        .assert_timed_out(true);
     assert_eq!(snapshot(server.service.store()), before, "nothing stored");
     server.stop().await;
 }

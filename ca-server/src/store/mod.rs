@@ -210,7 +210,12 @@ pub trait Store: Send + Sync + 'static {
     fn add_line(&self, line: &LineRecord, actor: &str) -> Result<(), StoreError>;
     /// Applies one enrollment atomically: checks the stateful rules (SPEC.md 3.3, 12 to 17) and
     /// writes device, key index, token use, line count and audit entry, or nothing.
-    fn apply_enrollment(&self, e: &NewEnrollment) -> Result<EnrollOutcome, StoreError>;
+    fn apply_enrollment(&self, e: &NewEnrollment) -> Result<EnrollOutcome, StoreError> {
+        match self.apply_writes(&[Write::Enroll(e.clone())])?.pop() {
+            Some(Written::Enroll(o)) => Ok(o),
+            _ => Err(StoreError::Backend("no outcome for the enrollment".into())),
+        }
+    }
     /// Applies several writes, in order, as one atomic write: each outcome is what
     /// [`Store::apply_enrollment`] or [`Store::apply_secret`] would have given at its turn (a
     /// later write sees the earlier ones). An error applies none of them. The group commit
@@ -224,7 +229,14 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `n` pool entries, starting at the `skip`-th.
     fn pool(&self, skip: usize, n: usize) -> Result<Vec<PoolEntry>, StoreError>;
     /// Applies one secrets write atomically (durable at the next [`Store::sync`]).
-    fn apply_secret(&self, op: &SecretOp) -> Result<SecretOutcome, StoreError>;
+    fn apply_secret(&self, op: &SecretOp) -> Result<SecretOutcome, StoreError> {
+        match self.apply_writes(&[Write::Secret(op.clone())])?.pop() {
+            Some(Written::Secret(o)) => Ok(o),
+            _ => Err(StoreError::Backend(
+                "no outcome for the secrets write".into(),
+            )),
+        }
+    }
     /// Sets a device's status (revoke), with an audit entry when it changes. Returns the
     /// record as it is now, `None` if there is no such device. Durable at the next sync.
     fn set_status(

@@ -582,13 +582,6 @@ impl Store for SledStore {
         self.sync()
     }
 
-    fn apply_enrollment(&self, e: &NewEnrollment) -> Result<EnrollOutcome, StoreError> {
-        match self.apply_writes(&[Write::Enroll(e.clone())])?.pop() {
-            Some(Written::Enroll(o)) => Ok(o),
-            _ => Err(StoreError::Backend("no outcome for the enrollment".into())),
-        }
-    }
-
     fn apply_writes(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
         let mut head = self.head()?;
         let start = *head;
@@ -668,15 +661,6 @@ impl Store for SledStore {
                 from_cbor(&v).map_err(corrupt(POOL))
             })
             .collect()
-    }
-
-    fn apply_secret(&self, op: &SecretOp) -> Result<SecretOutcome, StoreError> {
-        match self.apply_writes(&[Write::Secret(op.clone())])?.pop() {
-            Some(Written::Secret(o)) => Ok(o),
-            _ => Err(StoreError::Backend(
-                "no outcome for the secrets write".into(),
-            )),
-        }
     }
 
     fn set_status(

@@ -255,17 +255,40 @@ pub struct StalledBody {
 
 /// Opens TLS to `addr` with `openssl s_client` (trusting `ca_pem`, presenting `client` as
 /// (certificate, key) files when given), sends `POST path` with `Content-Length: 100` and no
-/// body, keeps its side open, and waits up to `wait` for the server to answer and close.
-pub fn stalled_body(
+/// body, keeps its side open, and waits up to 8 s for the server to answer and close.
+pub async fn stalled_body(
+    addr: SocketAddr,
+    ca_pem: PathBuf,
+    client: Option<(PathBuf, PathBuf)>,
+    path: &'static str,
+) -> StalledBody {
+    tokio::task::spawn_blocking(move || stalled_body_blocking(addr, &ca_pem, client, path))
+        .await
+        .unwrap()
+}
+
+impl StalledBody {
+    /// The server answered 408 (with the `request-timeout` problem when `problem`) and closed.
+    pub fn assert_timed_out(&self, problem: bool) {
+        assert!(self.closed, "connection still open after {:?}", self.after);
+        assert!(self.answer.starts_with("HTTP/1.1 408"), "{}", self.answer);
+        assert!(
+            !problem || self.answer.contains("urn:imprint:problem:request-timeout"),
+            "{}",
+            self.answer
+        );
+    }
+}
+
+fn stalled_body_blocking(
     addr: SocketAddr,
     ca_pem: &Path,
-    client: Option<(&Path, &Path)>,
+    client: Option<(PathBuf, PathBuf)>,
     path: &str,
-    content_type: &str,
-    wait: std::time::Duration,
 ) -> StalledBody {
     use std::io::{Read, Write};
     use std::process::{Command, Stdio};
+    let wait = std::time::Duration::from_secs(8);
     let mut cmd = Command::new("openssl");
     cmd.args([
         "s_client",
@@ -286,7 +309,7 @@ pub fn stalled_body(
         .expect("openssl s_client runs (Debian package openssl)");
     let mut stdin = child.stdin.take().unwrap();
     let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: 100\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
     );
     stdin.write_all(head.as_bytes()).unwrap();
     stdin.flush().unwrap();

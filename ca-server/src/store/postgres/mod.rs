@@ -380,16 +380,23 @@ struct Db<'a> {
     stmts: &'a Stmts,
 }
 
+/// Runs the driver method `$m` where `$db` runs its statements.
+macro_rules! on_either {
+    ($db:ident, $m:ident, $($arg:expr),*) => {
+        match &$db.on {
+            On::Tx(t) => t.$m($($arg),*).await,
+            On::Client(c) => c.$m($($arg),*).await,
+        }
+        .map_err(pg)
+    };
+}
+
 impl Db<'_> {
     async fn stmt(&self, sql: &str) -> Result<tokio_postgres::Statement, StoreError> {
         if let Some(s) = self.stmts.lock().ok().and_then(|m| m.get(sql).cloned()) {
             return Ok(s);
         }
-        let s = match &self.on {
-            On::Tx(t) => t.prepare(sql).await,
-            On::Client(c) => c.prepare(sql).await,
-        }
-        .map_err(pg)?;
+        let s = on_either!(self, prepare, sql)?;
         if let Ok(mut m) = self.stmts.lock() {
             m.insert(sql.to_string(), s.clone());
         }
@@ -398,38 +405,22 @@ impl Db<'_> {
 
     async fn opt(&self, sql: &str, params: &[P<'_>]) -> Result<Option<Row>, StoreError> {
         let s = self.stmt(sql).await?;
-        match &self.on {
-            On::Tx(t) => t.query_opt(&s, params).await,
-            On::Client(c) => c.query_opt(&s, params).await,
-        }
-        .map_err(pg)
+        on_either!(self, query_opt, &s, params)
     }
 
     async fn all(&self, sql: &str, params: &[P<'_>]) -> Result<Vec<Row>, StoreError> {
         let s = self.stmt(sql).await?;
-        match &self.on {
-            On::Tx(t) => t.query(&s, params).await,
-            On::Client(c) => c.query(&s, params).await,
-        }
-        .map_err(pg)
+        on_either!(self, query, &s, params)
     }
 
     async fn one(&self, sql: &str, params: &[P<'_>]) -> Result<Row, StoreError> {
         let s = self.stmt(sql).await?;
-        match &self.on {
-            On::Tx(t) => t.query_one(&s, params).await,
-            On::Client(c) => c.query_one(&s, params).await,
-        }
-        .map_err(pg)
+        on_either!(self, query_one, &s, params)
     }
 
     async fn exec(&self, sql: &str, params: &[P<'_>]) -> Result<u64, StoreError> {
         let s = self.stmt(sql).await?;
-        match &self.on {
-            On::Tx(t) => t.execute(&s, params).await,
-            On::Client(c) => c.execute(&s, params).await,
-        }
-        .map_err(pg)
+        on_either!(self, execute, &s, params)
     }
 }
 
@@ -1262,13 +1253,6 @@ impl Store for PgStore {
         })
     }
 
-    fn apply_enrollment(&self, e: &NewEnrollment) -> Result<EnrollOutcome, StoreError> {
-        match self.apply_writes(&[Write::Enroll(e.clone())])?.pop() {
-            Some(Written::Enroll(o)) => Ok(o),
-            _ => Err(StoreError::Backend("no outcome for the enrollment".into())),
-        }
-    }
-
     fn apply_writes(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
         let writes = Arc::new(writes.to_vec());
         if writes.len() == 1 {
@@ -1301,15 +1285,6 @@ impl Store for PgStore {
             vec![skip as i64, n as i64],
             pool_of,
         )
-    }
-
-    fn apply_secret(&self, op: &SecretOp) -> Result<SecretOutcome, StoreError> {
-        match self.apply_writes(&[Write::Secret(op.clone())])?.pop() {
-            Some(Written::Secret(o)) => Ok(o),
-            _ => Err(StoreError::Backend(
-                "no outcome for the secrets write".into(),
-            )),
-        }
     }
 
     fn set_status(
