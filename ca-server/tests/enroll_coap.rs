@@ -248,15 +248,10 @@ async fn a_thousand_devices_enroll_through_30_percent_loss_each_way_processed_on
     server.stop().await;
 }
 
-/// Sends raw bytes and returns the answer, if one comes within 300 ms.
+/// Sends raw bytes from a new socket and returns the answer, if one comes within 300 ms.
 async fn raw(addr: SocketAddr, bytes: &[u8]) -> Option<Vec<u8>> {
     let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    s.send_to(bytes, addr).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    match tokio::time::timeout(Duration::from_millis(300), s.recv_from(&mut buf)).await {
-        Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
-        _ => None,
-    }
+    exchange(&s, addr, bytes).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
