@@ -640,10 +640,9 @@ impl CoapFrontEnd {
         self.send(&bytes, peer);
     }
 
-    /// The answer to `req` with its response code alone (no option, no payload): never larger
-    /// than the request (same token). A success code becomes 4.00, since there is no room for
-    /// what succeeded.
-    fn bare(&self, req: &Packet, c: u8) -> Vec<u8> {
+    /// An answer's header to `req`: piggybacked on the ACK of a confirmable request, else a
+    /// non-confirmable message with a new Message ID; the request's token.
+    fn reply_to(&self, req: &Packet) -> Packet {
         let mut p = Packet::new();
         p.header.set_version(1);
         if req.header.get_type() == MessageType::Confirmable {
@@ -654,6 +653,14 @@ impl CoapFrontEnd {
             p.header.message_id = self.next_mid.fetch_add(1, Ordering::Relaxed);
         }
         p.set_token(req.get_token().to_vec());
+        p
+    }
+
+    /// The answer to `req` with its response code alone (no option, no payload): never larger
+    /// than the request (same token). A success code becomes 4.00, since there is no room for
+    /// what succeeded.
+    fn bare(&self, req: &Packet, c: u8) -> Vec<u8> {
+        let mut p = self.reply_to(req);
         let c = if c >> 5 == 2 { code(4, 0) } else { c };
         p.header.code = MessageClass::from(c);
         p.to_bytes().unwrap_or_default()
@@ -670,24 +677,17 @@ impl CoapFrontEnd {
         body: &Arc<Vec<u8>>,
         block1: Option<BlockValue>,
     ) -> Vec<u8> {
-        let mut p = Packet::new();
-        p.header.set_version(1);
-        if req.header.get_type() == MessageType::Confirmable {
-            p.header.set_type(MessageType::Acknowledgement);
-            p.header.message_id = req.header.message_id;
-        } else {
-            p.header.set_type(MessageType::NonConfirmable);
-            p.header.message_id = self.next_mid.fetch_add(1, Ordering::Relaxed);
-        }
-        p.set_token(req.get_token().to_vec());
+        let mut p = self.reply_to(req);
         p.header.code = MessageClass::from(c);
         if let Some(cf) = content_format {
             p.add_option(CoapOption::ContentFormat, uint_option(u32::from(cf)));
         }
         if c == code(5, 3) {
             // RFC 7252 section 5.9.3.4: Max-Age says when to retry a 5.03.
-            let secs = crate::https::UNAVAILABLE_RETRY_AFTER.parse().unwrap_or(2);
-            p.add_option(CoapOption::MaxAge, uint_option(secs));
+            p.add_option(
+                CoapOption::MaxAge,
+                uint_option(crate::https::UNAVAILABLE_RETRY_SECS),
+            );
         }
         if let Some(b1) = block1 {
             p.add_option_as(CoapOption::Block1, b1);

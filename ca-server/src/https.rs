@@ -30,7 +30,7 @@ const PROBLEM_JSON: &str = "application/problem+json";
 const PROBLEM_CBOR: &str = "application/concise-problem-details+cbor";
 /// Seconds a client is told to wait when the store is unavailable (Retry-After, and CoAP's
 /// Max-Age on 5.03).
-pub(crate) const UNAVAILABLE_RETRY_AFTER: &str = "2";
+pub(crate) const UNAVAILABLE_RETRY_SECS: u32 = 2;
 
 /// Which listener a connection came in on.
 #[derive(Debug, Clone)]
@@ -233,13 +233,13 @@ pub(crate) fn problem(p: &Problem, cbor: bool) -> Response<Full<Bytes>> {
     // RFC 9110 section 10.2.3: when to come back (a line's bucket refills within a second; a
     // database comes back, or fails over, within seconds).
     let retry_after = match p.kind {
-        protocol_spec::ProblemType::RateLimited => Some("1"),
-        protocol_spec::ProblemType::Unavailable => Some(UNAVAILABLE_RETRY_AFTER),
+        protocol_spec::ProblemType::RateLimited => Some(1u32),
+        protocol_spec::ProblemType::Unavailable => Some(UNAVAILABLE_RETRY_SECS),
         _ => None,
     };
     if let Some(secs) = retry_after {
         r.headers_mut()
-            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static(secs));
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from(secs));
     }
     r
 }

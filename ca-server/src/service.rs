@@ -283,10 +283,7 @@ impl CaService {
             .store
             .device(serial)
             .map_err(|e| store_failure("store read", e))?;
-        rules::admit(rec.as_ref(), serial, cert_der).map_err(|r| r.problem())?;
-        let Some(rec) = rec else {
-            return Err(rules::Refusal::UnknownDevice { serial }.problem());
-        };
+        let rec = rules::admit(rec.as_ref(), serial, cert_der).map_err(|r| r.problem())?;
         Ok(DeviceIdentity {
             serial,
             key_hash: protocol_spec::spki::sha256(&rec.spki),

@@ -6,9 +6,8 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -19,27 +18,7 @@ use protocol_spec::messages::{EnrollResponse, ResponseForm};
 use protocol_spec::{KeyAlgorithm, spki};
 
 fn spawn_server(ca: &TestCa) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ca-server"))
-        .args([
-            "serve",
-            "--https",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--dir",
-        ])
-        .arg(ca.root())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addrs = ca_server::server::parse_listening_line(&line)
-        .unwrap_or_else(|| panic!("unexpected: {line}"));
-    (child, addrs["https"])
+    common::serve_process(ca, &["--admin", "127.0.0.1:0"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,9 +7,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use common::{Device, Line, TestCa};
 use device_agent::AgentError;
@@ -26,20 +25,8 @@ impl Drop for Node {
 }
 
 fn node(ca: &TestCa) -> (Node, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ca-server"))
-        .args(["serve", "--https", "127.0.0.1:0", "--no-admin", "--dir"])
-        .arg(ca.root())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addrs = ca_server::server::parse_listening_line(&line)
-        .unwrap_or_else(|| panic!("unexpected: {line}"));
-    (Node(child), addrs["https"])
+    let (child, addr) = common::serve_process(ca, &["--no-admin"]);
+    (Node(child), addr)
 }
 
 fn outcome(r: Result<EnrollResponse, AgentError>) -> String {

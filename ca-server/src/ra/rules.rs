@@ -373,11 +373,15 @@ pub fn active_binding(
 }
 
 /// The door's rule for a mutual-TLS client of `serial` presenting `certificate`: the record
-/// exists, is active, and holds this very certificate.
-pub fn admit(rec: Option<&DeviceRecord>, serial: u64, certificate: &[u8]) -> Result<(), Refusal> {
+/// exists, is active, and holds this very certificate. Returns that record.
+pub fn admit<'a>(
+    rec: Option<&'a DeviceRecord>,
+    serial: u64,
+    certificate: &[u8],
+) -> Result<&'a DeviceRecord, Refusal> {
     active_binding(rec, serial, None)?;
     match rec {
-        Some(d) if d.certificate == certificate => Ok(()),
+        Some(d) if d.certificate == certificate => Ok(d),
         _ => Err(Refusal::NotTheCertificate { serial }),
     }
 }

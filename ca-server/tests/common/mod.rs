@@ -242,6 +242,29 @@ impl TestCa {
     }
 }
 
+/// Starts `ca-server serve --dir CA --https 127.0.0.1:0 EXTRA...` as a process of its own and
+/// returns it with its HTTPS address, read from its listening line.
+pub fn serve_process(ca: &TestCa, extra: &[&str]) -> (std::process::Child, SocketAddr) {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ca-server"))
+        .args(["serve", "--https", "127.0.0.1:0"])
+        .args(extra)
+        .arg("--dir")
+        .arg(ca.root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addrs = ca_server::server::parse_listening_line(&line)
+        .unwrap_or_else(|| panic!("unexpected: {line}"));
+    (child, addrs["https"])
+}
+
 /// What a server did with a request whose body never came.
 #[derive(Debug)]
 pub struct StalledBody {

@@ -33,6 +33,20 @@ use crate::records::{
     TokenUse, to_cbor,
 };
 
+/// Every table of the schema, with its primary key (for ordered walks and counts).
+const TABLES: [(&str, &str); 10] = [
+    ("lines", "id"),
+    ("devices", "serial"),
+    ("keys", "key_hash"),
+    ("tokens", "line, token_id"),
+    ("secret_keys", "index_tag"),
+    ("secret_versions", "serial, version"),
+    ("secret_pool", "key_id"),
+    ("device_resets", "serial, seq"),
+    ("audit", "seq"),
+    ("audit_head", "id"),
+];
+
 /// One query parameter.
 type P<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
 
@@ -1564,18 +1578,6 @@ impl Store for PgStore {
     fn raw_records(&self) -> Result<Vec<RawRecord>, StoreError> {
         // Every row of every table as JSON text, by table and primary key: for before/after
         // comparisons.
-        const TABLES: [(&str, &str); 10] = [
-            ("lines", "id"),
-            ("devices", "serial"),
-            ("keys", "key_hash"),
-            ("tokens", "line, token_id"),
-            ("secret_keys", "index_tag"),
-            ("secret_versions", "serial, version"),
-            ("secret_pool", "key_id"),
-            ("device_resets", "serial, seq"),
-            ("audit", "seq"),
-            ("audit_head", "id"),
-        ];
         self.run(|pool| async move {
             let conn = pool.get().await?;
             let c = conn.client()?;
@@ -1630,19 +1632,7 @@ const IMPORT_CHUNK: usize = 2000;
 impl PgStore {
     /// Rows in one of the store's tables.
     pub fn row_count(&self, table: &'static str) -> Result<u64, StoreError> {
-        const TABLES: [&str; 10] = [
-            "lines",
-            "devices",
-            "keys",
-            "tokens",
-            "secret_keys",
-            "secret_versions",
-            "secret_pool",
-            "device_resets",
-            "audit",
-            "audit_head",
-        ];
-        if !TABLES.contains(&table) {
+        if !TABLES.iter().any(|(t, _)| *t == table) {
             return Err(StoreError::Backend(format!("no table {table}")));
         }
         self.run(move |pool| async move {
