@@ -407,6 +407,18 @@ mod tests {
         {
             self.inner.devices()
         }
+        fn secrets(
+            &self,
+        ) -> Box<dyn Iterator<Item = Result<crate::records::SecretRecord, StoreError>> + '_>
+        {
+            self.inner.secrets()
+        }
+        fn index(
+            &self,
+            index: crate::store::Index,
+        ) -> Box<dyn Iterator<Item = Result<crate::store::IndexEntry, StoreError>> + '_> {
+            self.inner.index(index)
+        }
         fn audit(
             &self,
         ) -> Box<dyn Iterator<Item = Result<crate::records::AuditEntry, StoreError>> + '_> {

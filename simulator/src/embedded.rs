@@ -1,15 +1,16 @@
 //! The embedded CA: a child process (this same binary, `simulator ca-server ...`) on a sled
-//! store in a temporary folder, so that its memory and CPU are measured apart and it can be
-//! killed and restarted.
+//! store in a temporary folder, or on a PostgreSQL database in a schema of its own made for the
+//! run and dropped after it, so that its memory and CPU are measured apart and it can be killed
+//! and restarted.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use ca_server::config::CaDir;
+use ca_server::config::{CaDir, StoreSettings};
 use ca_server::setup::{self, InitOptions};
-use ca_server::store::SledStore;
+use ca_server::store::{PgConfig, PgStore, Store};
 use protocol_spec::{KeyAlgorithm, KeyPair, PublicKey};
 use ring::rand::SystemRandom;
 
@@ -32,6 +33,8 @@ pub struct EmbeddedCa {
     /// Mutual-TLS secrets address.
     pub mtls: SocketAddr,
     child: Child,
+    /// The run's own PostgreSQL schema, dropped with the CA.
+    pg: Option<PgConfig>,
     /// Times the CA was killed and restarted.
     pub restarts: u64,
     earlier_peak: u64,
@@ -39,17 +42,34 @@ pub struct EmbeddedCa {
 }
 
 /// Creates the CA folder, registers one line per [`SERIALS_PER_LINE`] serials, starts the child.
+/// With `store` (`[store]` settings with a url), the records go to that PostgreSQL database, in
+/// a new schema named for this run (its `schema` setting is ignored).
 pub fn start(
     devices: u64,
     ca_algorithm: KeyAlgorithm,
     verify_own_signatures: bool,
     now: u64,
+    store: Option<StoreSettings>,
 ) -> Result<(EmbeddedCa, Lines), String> {
     let tmp = tempfile::Builder::new()
         .prefix("imprint-sim-")
         .tempdir()
         .map_err(|e| format!("temporary folder: {e}"))?;
     let dir = CaDir::new(tmp.path().join("ca"));
+    let rng = SystemRandom::new();
+    let store = match store {
+        Some(mut s) => {
+            let mut tag = [0u8; 4];
+            ring::rand::SecureRandom::fill(&rng, &mut tag).map_err(|_| "no random bytes")?;
+            s.schema = Some(format!(
+                "imprint_sim_{}_{}",
+                std::process::id(),
+                hex::encode(tag)
+            ));
+            s
+        }
+        None => StoreSettings::default(),
+    };
     setup::init(
         &dir,
         &InitOptions {
@@ -57,14 +77,15 @@ pub fn start(
             name: "Imprint Simulator CA".into(),
             tls_names: vec![],
             now: now.saturating_sub(3600),
-            store: Default::default(),
+            store: store.clone(),
         },
     )?;
+    let pg = ca_server::store::pg_config(&dir, &store)?;
     set_signature_check(&dir, verify_own_signatures)?;
-    let rng = SystemRandom::new();
     let mut lines = Vec::new();
     {
-        let store = SledStore::open(&dir.store()).map_err(|e| e.to_string())?;
+        let store = ca_server::store::open(&dir, &store)?;
+        let store: &dyn Store = &*store;
         let mut first = 1;
         let mut n = 0;
         while first <= devices.max(1) {
@@ -73,7 +94,7 @@ pub fn start(
             let id = format!("line-{n:03}");
             let last = first + SERIALS_PER_LINE - 1;
             ca_server::lines::add_line(
-                &store,
+                store,
                 &id,
                 &PublicKey::from(&key).to_pem(),
                 (first, last),
@@ -103,6 +124,7 @@ pub fn start(
             coap,
             mtls,
             child,
+            pg,
             restarts: 0,
             earlier_peak: 0,
             earlier_cpu: 0.0,
@@ -231,6 +253,32 @@ impl EmbeddedCa {
         }
     }
 
+    /// Opens the CA's store (stopped CA: sled allows one process), to verify it.
+    pub fn open_store(&self) -> Result<std::sync::Arc<dyn Store>, String> {
+        let config = self.dir.load_config()?;
+        ca_server::store::open(&self.dir, &config.store)
+    }
+
+    /// Where the records are, for the report: "sled" or the database and schema.
+    pub fn store_name(&self) -> String {
+        match &self.pg {
+            None => "sled".into(),
+            Some(c) => format!(
+                "PostgreSQL {} schema {}",
+                ca_server::store::postgres::redact(&c.url),
+                c.schema
+            ),
+        }
+    }
+
+    /// Bytes the store takes: the sled folder's files, or the run's tables with their indexes.
+    pub fn store_bytes(&self, store: &dyn Store) -> Result<u64, String> {
+        match &self.pg {
+            None => Ok(ca_server::store::dir_size(&self.dir.store())),
+            Some(_) => store.size_on_disk().map_err(|e| e.to_string()),
+        }
+    }
+
     /// Stops the CA with SIGTERM and waits for it.
     pub fn stop(&mut self) -> Result<(), String> {
         let _ = Command::new("kill")
@@ -245,6 +293,11 @@ impl Drop for EmbeddedCa {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(c) = &self.pg
+            && let Err(e) = PgStore::drop_schema(c)
+        {
+            eprintln!("simulator: dropping the run's schema {}: {e}", c.schema);
+        }
     }
 }
 

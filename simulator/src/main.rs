@@ -61,6 +61,17 @@ struct Cli {
     /// fault guard; costs one verification per device) [default: true].
     #[arg(long = "ca-verify-own-signatures", action = clap::ArgAction::Set)]
     ca_verify_own_signatures: Option<bool>,
+    /// Put the embedded CA's records in this PostgreSQL database instead of a sled folder:
+    /// postgresql://USER@HOST:PORT/DB (no password in it: IMPRINT_STORE_PASSWORD or
+    /// --store-password-file). The run makes a schema of its own there and drops it at the end.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// With --store: a file holding the database password (mode 0600).
+    #[arg(long = "store-password-file", value_name = "FILE")]
+    store_password_file: Option<PathBuf>,
+    /// With --store: the PEM CA certificate of the database server (TLS, server verified).
+    #[arg(long = "store-ca-file", value_name = "CA.pem")]
+    store_ca_file: Option<PathBuf>,
     /// Run against a CA that runs elsewhere instead of an embedded one: the enrollment
     /// endpoint of a CA node, coap://HOST:PORT or https://HOST:PORT (the scheme sets the
     /// transport). Repeat it for several nodes: devices are spread over them round robin.
@@ -151,6 +162,17 @@ impl CaMode {
                 ("--line-id", !cli.line_id.is_empty()),
                 ("--serials", !cli.serials.is_empty()),
             ];
+            if cli.store.is_none()
+                && let Some(flag) = [
+                    ("--store-password-file", cli.store_password_file.is_some()),
+                    ("--store-ca-file", cli.store_ca_file.is_some()),
+                ]
+                .iter()
+                .find(|(_, given)| *given)
+                .map(|(f, _)| f)
+            {
+                return Err(format!("{flag} goes with --store URL"));
+            }
             if let Some((flag, _)) = remote_only.iter().find(|(_, given)| *given) {
                 return Err(format!(
                     "{flag} describes a remote CA: use it with --ca URL (without --ca the \
@@ -161,6 +183,13 @@ impl CaMode {
                 cli.ca_algorithm.unwrap_or(KeyAlgorithm::Ed25519),
                 cli.ca_verify_own_signatures.unwrap_or(true),
             ));
+        }
+        if cli.store.is_some() {
+            return Err(
+                "--store sets the embedded CA's database; a CA that runs elsewhere has its own \
+                 (its config.toml [store]): drop --ca or --store"
+                    .into(),
+            );
         }
         if cli.kill_ca_every.is_some() {
             return Err(
@@ -389,11 +418,11 @@ fn run(cli: Cli) -> Result<bool, String> {
     let peak_reset_before_pass = embedded::reset_peak_memory();
     let (verification, store_bytes, store_bytes_per_device) = match &stopped {
         Some((_, ca)) => {
-            let store = ca.dir.store();
-            let bytes = report::dir_size(&store);
+            let store = ca.open_store()?;
+            let bytes = ca.store_bytes(&*store)?;
             let kek = ca_server::secrets::SecretKeys::load(&ca.dir.kek())?;
             let v =
-                verify::verify_store(&store, &ca_der, &kek, &outcome.received, !cli.no_secrets)?;
+                verify::verify_store(&*store, &ca_der, &kek, &outcome.received, !cli.no_secrets)?;
             let per_device = bytes as f64 / v.records.max(1) as f64;
             (Verification::Store(v), Some(bytes), Some(per_device))
         }
@@ -498,7 +527,17 @@ fn embedded_setup(
     verify_own_signatures: bool,
     now: u64,
 ) -> Result<Setup, String> {
-    let (ca, lines) = embedded::start(cli.devices, ca_algorithm, verify_own_signatures, now)?;
+    let store = cli.store.as_ref().map(|url| {
+        let absolute = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+        ca_server::config::StoreSettings {
+            url: Some(url.clone()),
+            password_file: cli.store_password_file.as_ref().map(absolute),
+            ca_file: cli.store_ca_file.as_ref().map(absolute),
+            schema: None,
+        }
+    });
+    let (ca, lines) =
+        embedded::start(cli.devices, ca_algorithm, verify_own_signatures, now, store)?;
     let enrollment = match transport {
         Transport::Https => {
             let url = CaUrl::parse(&format!("https://{}", ca.https)).map_err(|e| e.to_string())?;
@@ -524,7 +563,7 @@ fn embedded_setup(
         ca_der: ca.ca_der.clone(),
         ca_algorithm,
         spread_sources: true,
-        ca_name: "embedded".into(),
+        ca_name: format!("embedded, records in {}", ca.store_name()),
         embedded: Some(ca),
     })
 }

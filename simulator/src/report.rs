@@ -295,8 +295,6 @@ impl Report {
     }
 }
 
-pub use ca_server::store::dir_size;
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

@@ -11,9 +11,9 @@
 //! secret version.
 
 use ca_server::audit;
-use ca_server::records::{AuditEntry, TokenUse, from_cbor};
+use ca_server::records::{AuditEntry, from_cbor};
 use ca_server::secrets::SecretKeys;
-use ca_server::store::{SledStore, Store};
+use ca_server::store::{Index, IndexEntry, Store, token_index_key};
 use protocol_spec::profile::CertProfile;
 use protocol_spec::{DeviceSerial, spki};
 use serde::Serialize;
@@ -107,6 +107,8 @@ pub struct StoreVerification {
     /// Index entries (key, token, secret, key id) that disagree with the records, checked
     /// from the records to the index and from the index to the records (must be 0).
     pub index_mismatches: u64,
+    /// Secret versions in the store.
+    pub secret_versions: u64,
     /// Devices with a secret delivered and confirmed (serial -> key -> key id -> version).
     pub devices_with_confirmed_secret: u64,
     /// Secret versions unsealed with the key-encryption key.
@@ -178,18 +180,20 @@ impl AuditSeen {
     }
 }
 
-/// Runs the pass over the store at `path` (the CA must be stopped: sled allows one process).
-/// `received[i]` is the SHA-256 of the certificate device `i` stored (serial `i + 1`; zeros:
-/// none); `kek` unseals the secrets. The store is read one record at a time; what is kept is a
-/// few bytes per device (digests sorted to find what two devices share).
+/// Runs the pass over a stopped CA's store (sled or PostgreSQL). `received[i]` is the SHA-256
+/// of the certificate device `i` stored (serial `i + 1`; zeros: none); `kek` unseals the
+/// secrets. The store is read one record at a time; what is kept is a few bytes per device
+/// (digests sorted to find what two devices share). Each index is checked against the records
+/// as a multiset: a sum of one digest per entry, which equals the sum over what the records
+/// say the index must hold exactly when both hold the same entries; only when they differ is
+/// the index read again to name the entries at fault.
 pub fn verify_store(
-    path: &std::path::Path,
+    store: &dyn Store,
     ca_der: &[u8],
     kek: &SecretKeys,
     received: &[[u8; 32]],
     secrets: bool,
 ) -> Result<StoreVerification, String> {
-    let store = SledStore::open(path).map_err(|e| e.to_string())?;
     let profile = CertProfile::from_ca_der(ca_der).map_err(|e| e.to_string())?;
     let err = |e: ca_server::store::StoreError| e.to_string();
     let mut v = StoreVerification {
@@ -214,12 +218,12 @@ pub fn verify_store(
         v.problem(format!("audit log: {}", bad.reason));
     }
 
-    // Device records, and from each record to its index entries.
+    // Device records, and the index entries each one must have.
+    let mut expected = IndexSums::default();
     let mut keys: Vec<([u8; 16], u64)> = Vec::with_capacity(received.len());
     let mut plaintexts: Vec<([u8; 16], u64)> = Vec::new();
     let mut key_ids: Vec<([u8; 16], u64)> = Vec::new();
     let mut on_record = vec![false; received.len()];
-    let mut versions = 0u64;
     for rec in store.devices() {
         let rec = rec.map_err(err)?;
         v.records += 1;
@@ -273,122 +277,70 @@ pub fn verify_store(
                 rec.serial
             )),
         }
-        let key_hash = spki::sha256(&rec.spki);
         keys.push((digest16(&rec.spki), rec.serial));
-        if store.serial_for_key(&key_hash).map_err(err)? != Some(rec.serial) {
-            v.mismatch(format!(
-                "serial {}: the key index does not name it for its key",
-                rec.serial
-            ));
-        }
-        let token = SledStore::token_index_key(&rec.line, &rec.token_id);
-        let token_use = store.raw_get("tokens", &token).map_err(err)?;
-        if token_use
-            .and_then(|t| from_cbor::<TokenUse>(&t).ok())
-            .is_none_or(|t| t.serial != rec.serial)
-        {
-            v.mismatch(format!(
-                "serial {}: the token index does not name it for its token",
-                rec.serial
-            ));
-        }
-        for sv in store.secret_versions(rec.serial).map_err(err)? {
-            versions += 1;
-            let at = SledStore::secret_version_key(rec.serial, sv.version);
-            match kek.open_version(&sv) {
-                Ok(secret) => {
-                    v.secrets_unsealed += 1;
-                    plaintexts.push((digest16(secret.as_slice()), rec.serial));
-                    if kek.index_tag(&secret) != sv.index_tag {
-                        v.mismatch(format!(
-                            "serial {} version {}: the index tag is not the sealed secret's",
-                            rec.serial, sv.version
-                        ));
-                    }
-                }
-                Err(e) => v.problem(format!("serial {} version {}: {e}", rec.serial, sv.version)),
-            }
-            key_ids.push((digest16(sv.key_id.as_bytes()), rec.serial));
-            for (tree, key) in [
-                ("secret_index", sv.index_tag.as_slice()),
-                ("key_ids", sv.key_id.as_bytes()),
-            ] {
-                if store.raw_get(tree, key).map_err(err)?.as_deref() != Some(at.as_slice()) {
-                    v.mismatch(format!(
-                        "serial {} version {}: no {tree} entry names it",
-                        rec.serial, sv.version
-                    ));
-                }
-            }
-            if sv.version == 1 && sv.delivered_at.is_some() && sv.confirmed_at.is_some() {
-                v.devices_with_confirmed_secret += 1;
-            }
+        for (index, key) in expected_of_device(&rec) {
+            expected.add(index, &key, (rec.serial, 0));
         }
     }
 
-    // From each index entry back to the records: with the checks above and equal counts,
-    // each index is one to one with the records.
-    let keys_entries = count_back(&store, "keys", &mut v, |store, key, value| {
-        let serial = <[u8; 8]>::try_from(value).ok().map(u64::from_be_bytes);
-        let rec = match serial {
-            Some(s) => store.device(s).map_err(err)?,
-            None => None,
-        };
-        Ok(Some(
-            rec.is_some_and(|r| spki::sha256(&r.spki).as_slice() == key),
-        ))
-    })?;
-    if keys_entries != v.records {
-        v.mismatch(format!(
-            "{keys_entries} key index entries for {} records",
-            v.records
-        ));
-    }
-    let token_entries = count_back(&store, "tokens", &mut v, |store, key, value| {
-        let Ok(t) = from_cbor::<TokenUse>(value) else {
-            return Ok(Some(false));
-        };
-        Ok(Some(store.device(t.serial).map_err(err)?.is_some_and(
-            |r| SledStore::token_index_key(&r.line, &r.token_id) == key,
-        )))
-    })?;
-    if token_entries != v.records {
-        v.mismatch(format!(
-            "{token_entries} token index entries for {} records",
-            v.records
-        ));
-    }
-    for tree in ["secret_index", "key_ids"] {
-        let entries = count_back(&store, tree, &mut v, |store, _, value| {
-            // A version key: serial, version (8 octets each); an imported key still in the
-            // pool is no device's and not counted.
-            if value == SledStore::POOL_MARK {
-                return Ok(None);
-            }
-            let (Some(serial), Some(version)) = (
-                value
-                    .get(..8)
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(u64::from_be_bytes),
-                value
-                    .get(8..)
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(u64::from_be_bytes),
-            ) else {
-                return Ok(Some(false));
-            };
-            Ok(Some(
-                store
-                    .secret_versions(serial)
-                    .map_err(err)?
-                    .iter()
-                    .any(|sv| sv.version == version),
-            ))
-        })?;
-        if entries != versions {
-            v.mismatch(format!(
-                "{entries} {tree} entries for {versions} secret versions"
+    // Secret versions: each a version of a device on record, unsealed with the KEK.
+    for sv in store.secrets() {
+        let sv = sv.map_err(err)?;
+        v.secret_versions += 1;
+        let known = sv
+            .serial
+            .checked_sub(1)
+            .and_then(|i| on_record.get(usize::try_from(i).ok()?))
+            .copied()
+            .unwrap_or(false);
+        if !known {
+            v.problem(format!(
+                "serial {} version {}: a secret version of a serial with no device record",
+                sv.serial, sv.version
             ));
+        }
+        match kek.open_version(&sv) {
+            Ok(secret) => {
+                v.secrets_unsealed += 1;
+                plaintexts.push((digest16(secret.as_slice()), sv.serial));
+                if kek.index_tag(&secret) != sv.index_tag {
+                    v.mismatch(format!(
+                        "serial {} version {}: the index tag is not the sealed secret's",
+                        sv.serial, sv.version
+                    ));
+                }
+            }
+            Err(e) => v.problem(format!("serial {} version {}: {e}", sv.serial, sv.version)),
+        }
+        key_ids.push((digest16(sv.key_id.as_bytes()), sv.serial));
+        for (index, key) in expected_of_version(&sv) {
+            expected.add(index, &key, (sv.serial, sv.version));
+        }
+        if known && sv.version == 1 && sv.delivered_at.is_some() && sv.confirmed_at.is_some() {
+            v.devices_with_confirmed_secret += 1;
+        }
+    }
+
+    // Each index against the records, both ways at once (equal multisets).
+    for index in Index::ALL {
+        let mut actual = IndexSums::default();
+        let mut unreadable = false;
+        for entry in store.index(index) {
+            match entry {
+                Ok(IndexEntry {
+                    key,
+                    holder: Some(holder),
+                }) => actual.add(index, &key, holder),
+                // An imported key still in the pool: no device's.
+                Ok(IndexEntry { holder: None, .. }) => {}
+                Err(e) => {
+                    unreadable = true;
+                    v.mismatch(format!("{} index: {e}", index.name()));
+                }
+            }
+        }
+        if actual.get(index) != expected.get(index) && !unreadable {
+            name_index_differences(store, index, &mut v)?;
         }
     }
 
@@ -434,30 +386,155 @@ pub fn verify_store(
     Ok(v)
 }
 
-/// Reads every entry of index `tree`, checks it against the records with `names_a_record`
-/// (None: an entry of no device, not counted), notes those that name none; returns how many
-/// device entries it read.
-fn count_back(
-    store: &SledStore,
-    tree: &str,
+/// The key and token index entries a device record must have.
+fn expected_of_device(rec: &ca_server::records::DeviceRecord) -> [(Index, Vec<u8>); 2] {
+    [
+        (Index::Keys, spki::sha256(&rec.spki).to_vec()),
+        (Index::Tokens, token_index_key(&rec.line, &rec.token_id)),
+    ]
+}
+
+/// The secret-index and key-id entries a secret version must have.
+fn expected_of_version(sv: &ca_server::records::SecretRecord) -> [(Index, Vec<u8>); 2] {
+    [
+        (Index::SecretTags, sv.index_tag.clone()),
+        (Index::KeyIds, sv.key_id.as_bytes().to_vec()),
+    ]
+}
+
+/// The digest of one index entry (index, value, holder), 128 bits.
+fn entry_digest(index: Index, key: &[u8], (serial, version): (u64, u64)) -> u128 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(index.name().as_bytes());
+    ctx.update(&(key.len() as u64).to_be_bytes());
+    ctx.update(key);
+    ctx.update(&serial.to_be_bytes());
+    ctx.update(&version.to_be_bytes());
+    let d = ctx.finish();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d.as_ref()[..16]);
+    u128::from_be_bytes(b)
+}
+
+/// Per index: how many entries, and the sum (mod 2^128) of their digests. Two multisets of
+/// entries with equal counts and sums are equal but with negligible chance.
+#[derive(Default)]
+struct IndexSums([(u64, u128); 4]);
+
+impl IndexSums {
+    fn slot(index: Index) -> usize {
+        match index {
+            Index::Keys => 0,
+            Index::Tokens => 1,
+            Index::SecretTags => 2,
+            Index::KeyIds => 3,
+        }
+    }
+
+    fn add(&mut self, index: Index, key: &[u8], holder: (u64, u64)) {
+        let s = &mut self.0[Self::slot(index)];
+        s.0 += 1;
+        s.1 = s.1.wrapping_add(entry_digest(index, key, holder));
+    }
+
+    fn get(&self, index: Index) -> (u64, u128) {
+        self.0[Self::slot(index)]
+    }
+}
+
+/// An index that differs from the records: reads both again, holding their digests this time,
+/// and names the entries on one side only.
+fn name_index_differences(
+    store: &dyn Store,
+    index: Index,
     v: &mut StoreVerification,
-    names_a_record: impl Fn(&SledStore, &[u8], &[u8]) -> Result<Option<bool>, String>,
-) -> Result<u64, String> {
-    let mut n = 0;
-    for entry in store.raw_tree(tree).map_err(|e| e.to_string())? {
-        let (key, value) = entry.map_err(|e| e.to_string())?;
-        let Some(names) = names_a_record(store, &key, &value)? else {
-            continue;
-        };
-        n += 1;
-        if !names {
-            v.mismatch(format!(
-                "{tree} entry {} names no record that holds it",
-                hex::encode(&key)
+) -> Result<(), String> {
+    let err = |e: ca_server::store::StoreError| e.to_string();
+    let mut want: Vec<(u128, u64, u64)> = Vec::new();
+    match index {
+        Index::Keys | Index::Tokens => {
+            for rec in store.devices() {
+                let rec = rec.map_err(err)?;
+                for (i, key) in expected_of_device(&rec) {
+                    if i == index {
+                        want.push((entry_digest(index, &key, (rec.serial, 0)), rec.serial, 0));
+                    }
+                }
+            }
+        }
+        Index::SecretTags | Index::KeyIds => {
+            for sv in store.secrets() {
+                let sv = sv.map_err(err)?;
+                for (i, key) in expected_of_version(&sv) {
+                    if i == index {
+                        let h = (sv.serial, sv.version);
+                        want.push((entry_digest(index, &key, h), sv.serial, sv.version));
+                    }
+                }
+            }
+        }
+    }
+    let mut have: Vec<(u128, u64, u64, Vec<u8>)> = Vec::new();
+    for e in store.index(index) {
+        let e = e.map_err(err)?;
+        if let Some((serial, version)) = e.holder {
+            have.push((
+                entry_digest(index, &e.key, (serial, version)),
+                serial,
+                version,
+                e.key,
             ));
         }
     }
-    Ok(n)
+    want.sort_unstable();
+    have.sort_unstable();
+    let before = v.index_mismatches;
+    if want.len() != have.len() {
+        v.mismatch(format!(
+            "the {} index holds {} entries for {} the records call for",
+            index.name(),
+            have.len(),
+            want.len()
+        ));
+    }
+    let who = |serial: u64, version: u64| match index {
+        Index::Keys | Index::Tokens => format!("serial {serial}"),
+        Index::SecretTags | Index::KeyIds => format!("serial {serial} version {version}"),
+    };
+    let (mut i, mut j) = (0, 0);
+    while i < want.len() || j < have.len() {
+        match (want.get(i), have.get(j)) {
+            (Some(w), Some(h)) if w.0 == h.0 => {
+                i += 1;
+                j += 1;
+            }
+            (Some(w), h) if h.is_none_or(|h| w.0 < h.0) => {
+                v.mismatch(format!(
+                    "{}: no {} index entry names it",
+                    who(w.1, w.2),
+                    index.name()
+                ));
+                i += 1;
+            }
+            (_, Some(h)) => {
+                v.mismatch(format!(
+                    "{} index entry {} names {}, whose record does not hold it",
+                    index.name(),
+                    hex::encode(&h.3),
+                    who(h.1, h.2)
+                ));
+                j += 1;
+            }
+            (_, None) => i += 1,
+        }
+    }
+    if v.index_mismatches == before {
+        v.mismatch(format!(
+            "the {} index differs from the records",
+            index.name()
+        ));
+    }
+    Ok(())
 }
 
 /// Values held by more than one serial in `items` (value, serial): sorted in place, each
@@ -709,6 +786,7 @@ fn tlv_header(der: &[u8]) -> Option<(usize, usize)> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+    use ca_server::store::SledStore;
     use protocol_spec::{KeyAlgorithm, KeyPair, profile};
     use ring::rand::SystemRandom;
 
@@ -796,17 +874,22 @@ mod tests {
 
     impl Fixture {
         fn new(n: u64) -> Self {
+            let tmp = tempfile::tempdir().unwrap();
+            let store = SledStore::open(&tmp.path().join("store")).unwrap();
+            Self::fill(&store, n, tmp)
+        }
+
+        /// `n` devices enrolled, each with a delivered and acknowledged secret, in `store`.
+        fn fill(store: &dyn Store, n: u64, tmp: tempfile::TempDir) -> Self {
             use ca_server::store::{NewEnrollment, SecretOp, SecretOutcome};
             let rng = SystemRandom::new();
-            let tmp = tempfile::tempdir().unwrap();
             let ca_key = KeyPair::generate(KeyAlgorithm::Ed25519, &rng).unwrap();
             let ca_der = profile::new_ca_certificate("t", &ca_key, 0, &rng).unwrap();
             let ca = CertProfile::from_ca_der(&ca_der).unwrap();
             let kek = SecretKeys::new(&[7u8; 32]).unwrap();
-            let store = SledStore::open(&tmp.path().join("store")).unwrap();
             let line = KeyPair::generate(KeyAlgorithm::Ed25519, &rng).unwrap();
             let pem = protocol_spec::PublicKey::from(&line).to_pem();
-            ca_server::lines::add_line(&store, "line-1", &pem, (1, n), None, 1000, "t").unwrap();
+            ca_server::lines::add_line(store, "line-1", &pem, (1, n), None, 1000, "t").unwrap();
             let (mut received, mut devices) = (Vec::new(), Vec::new());
             for serial in 1..=n {
                 let key = KeyPair::generate(KeyAlgorithm::Ed25519, &rng).unwrap();
@@ -874,7 +957,11 @@ mod tests {
         }
 
         fn verify(&self) -> StoreVerification {
-            verify_store(&self.path(), &self.ca_der, &self.kek, &self.received, true).unwrap()
+            self.verify_in(&SledStore::open(&self.path()).unwrap())
+        }
+
+        fn verify_in(&self, store: &dyn Store) -> StoreVerification {
+            verify_store(store, &self.ca_der, &self.kek, &self.received, true).unwrap()
         }
 
         /// Changes the store behind the CA's back, with sled itself.
@@ -947,7 +1034,14 @@ mod tests {
         assert_eq!(v.audit_entries, 1 + 4 * 3);
         assert!(v.audit_chain_ok);
         // Without secrets, the same store passes too.
-        let v = verify_store(&f.path(), &f.ca_der, &f.kek, &f.received, false).unwrap();
+        let v = verify_store(
+            &SledStore::open(&f.path()).unwrap(),
+            &f.ca_der,
+            &f.kek,
+            &f.received,
+            false,
+        )
+        .unwrap();
         assert!(v.ok, "{:?}", v.problems);
     }
 
@@ -1092,10 +1186,16 @@ mod tests {
     #[test]
     fn the_store_pass_fails_a_missing_index_entry() {
         for (tree, words) in [
-            ("keys", "the key index does not name it"),
-            ("tokens", "the token index does not name it"),
-            ("secret_index", "no secret_index entry names it"),
-            ("key_ids", "no key_ids entry names it"),
+            ("keys", "serial 3: no key index entry names it"),
+            ("tokens", "serial 3: no token index entry names it"),
+            (
+                "secret_index",
+                "serial 3 version 1: no secret tag index entry names it",
+            ),
+            (
+                "key_ids",
+                "serial 3 version 1: no key id index entry names it",
+            ),
         ] {
             let f = Fixture::new(3);
             f.tamper(|db| {
@@ -1114,7 +1214,7 @@ mod tests {
             assert!(v.index_mismatches >= 1, "{tree}");
             fails_with(&v, words);
             // ... and the index holds one entry fewer than there are records.
-            fails_with(&v, "entries for 3");
+            fails_with(&v, "holds 2 entries for 3 the records call for");
         }
     }
 
@@ -1129,9 +1229,15 @@ mod tests {
         let v = f.verify();
         fails_with(
             &v,
-            &format!("keys entry {} names no record", hex::encode([9u8; 32])),
+            &format!(
+                "key index entry {} names serial 1, whose record does not hold it",
+                hex::encode([9u8; 32])
+            ),
         );
-        fails_with(&v, "3 key index entries for 2 records");
+        fails_with(
+            &v,
+            "the key index holds 3 entries for 2 the records call for",
+        );
     }
 
     #[test]
@@ -1159,5 +1265,86 @@ mod tests {
         }
         let v = f.verify();
         assert!(v.ok, "{:?}", v.problems);
+    }
+
+    /// The pass reads PostgreSQL as it reads sled, and fails on a changed row there too. The
+    /// test database: `.ci/run` starts one, as does
+    /// `eval "$(ca-server/scripts/test-postgres.sh start)"`.
+    #[test]
+    fn the_store_pass_reads_postgresql_and_fails_its_changed_rows() {
+        use ca_server::store::{PgConfig, PgStore};
+        let need = |v: &str| {
+            std::env::var(v).unwrap_or_else(|_| {
+                panic!(
+                    "this test needs PostgreSQL: set IMPRINT_TEST_PG_URL, IMPRINT_TEST_PG_CA and IMPRINT_STORE_PASSWORD, e.g. with `eval \"$(ca-server/scripts/test-postgres.sh start)\"` (.ci/run does)"
+                )
+            })
+        };
+        let (url, ca, password) = (
+            need("IMPRINT_TEST_PG_URL"),
+            need("IMPRINT_TEST_PG_CA"),
+            need("IMPRINT_STORE_PASSWORD"),
+        );
+        let mut tag = [0u8; 6];
+        ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut tag).unwrap();
+        let config = PgConfig {
+            url: url.clone(),
+            password: Some(zeroize::Zeroizing::new(password.clone())),
+            ca_file: Some(ca.clone().into()),
+            schema: format!("t_verify_{}", hex::encode(tag)),
+        };
+        PgStore::migrate(&config).unwrap();
+        struct Dropped(PgConfig);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                let _ = PgStore::drop_schema(&self.0);
+            }
+        }
+        let _dropped = Dropped(config.clone());
+        let store = PgStore::open(&config).unwrap();
+        let f = Fixture::fill(&store, 3, tempfile::tempdir().unwrap());
+        let v = f.verify_in(&store);
+        assert!(v.ok, "{:?}", v.problems);
+        assert_eq!(
+            (v.records, v.secret_versions, v.secrets_unsealed),
+            (3, 3, 3)
+        );
+        assert_eq!(v.audit_entries, 1 + 3 * 3);
+        let sql = |q: &str| {
+            let out = std::process::Command::new("psql")
+                .arg(&url)
+                .args(["-v", "ON_ERROR_STOP=1", "-c", q])
+                .env("PGPASSWORD", &password)
+                .env("PGSSLROOTCERT", &ca)
+                .env("PGOPTIONS", format!("-c search_path={}", config.schema))
+                .output()
+                .expect("psql (apt-get install postgresql-client-15)");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        sql("DELETE FROM tokens WHERE serial = 3");
+        sql("INSERT INTO keys (key_hash, serial) VALUES (decode(repeat('09', 32), 'hex'), 1)");
+        let v = f.verify_in(&store);
+        fails_with(&v, "serial 3: no token index entry names it");
+        fails_with(
+            &v,
+            &format!(
+                "key index entry {} names serial 1, whose record does not hold it",
+                hex::encode([9u8; 32])
+            ),
+        );
+        // Serial 1's sealed secret copied onto serial 2: the pass unseals every version and
+        // finds it sealed for another (the serial and version are bound into the seal).
+        sql(
+            "UPDATE secret_versions SET ciphertext = (SELECT ciphertext FROM secret_versions WHERE serial = 1), nonce = (SELECT nonce FROM secret_versions WHERE serial = 1) WHERE serial = 2",
+        );
+        let v = f.verify_in(&store);
+        fails_with(
+            &v,
+            "serial 2 version 1: a stored secret failed authentication",
+        );
     }
 }

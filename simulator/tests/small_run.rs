@@ -118,3 +118,81 @@ fn the_embedded_ca_applies_ca_verify_own_signatures_both_ways() {
         assert_eq!(r["config"]["ca_verify_own_signatures"], value);
     }
 }
+
+/// The test database (`.ci/run` starts one; so does
+/// `eval "$(ca-server/scripts/test-postgres.sh start)"`): URL and server CA.
+fn test_database() -> (String, String) {
+    let need = |v: &str| {
+        std::env::var(v).unwrap_or_else(|_| {
+            panic!(
+                "this test needs PostgreSQL: set IMPRINT_TEST_PG_URL, IMPRINT_TEST_PG_CA and IMPRINT_STORE_PASSWORD, e.g. with `eval \"$(ca-server/scripts/test-postgres.sh start)\"` (.ci/run does)"
+            )
+        })
+    };
+    need("IMPRINT_STORE_PASSWORD");
+    (need("IMPRINT_TEST_PG_URL"), need("IMPRINT_TEST_PG_CA"))
+}
+
+/// What `sql` returns from the test database, through psql.
+fn psql(url: &str, ca: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .arg(url)
+        .args(["-tAc", sql])
+        .env(
+            "PGPASSWORD",
+            std::env::var("IMPRINT_STORE_PASSWORD").unwrap(),
+        )
+        .env("PGSSLROOTCERT", ca)
+        .output()
+        .expect("psql (apt-get install postgresql-client-15)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn small_simulations_on_postgresql_survive_a_ca_kill_and_verify_the_database() {
+    let (url, ca) = test_database();
+    for transport in ["coap", "https"] {
+        let r = simulate(
+            transport,
+            1000,
+            &[
+                "--store",
+                &url,
+                "--store-ca-file",
+                &ca,
+                "--kill-ca-every",
+                "1",
+            ],
+        );
+        assert_eq!(r["devices_ok"], 1000, "{transport}");
+        assert!(r["ca_restarts"].as_u64().unwrap() >= 1, "{transport}");
+        let v = &r["verification"];
+        assert_eq!(v["records"], 1000);
+        assert_eq!(v["devices_matching_store"], 1000);
+        assert_eq!(v["devices_with_confirmed_secret"], 1000);
+        assert_eq!(v["secret_versions"], 1000);
+        assert_eq!(v["index_mismatches"], 0);
+        assert_eq!(v["audit_entries"], 1 + 3 * 1000);
+        assert!(r["store_bytes"].as_u64().unwrap() > 0);
+        // The report names the database and the run's own schema, which is gone afterwards.
+        let name = r["config"]["ca"].as_str().unwrap().to_string();
+        assert!(name.contains("PostgreSQL"), "{name}");
+        assert!(!name.contains(&std::env::var("IMPRINT_STORE_PASSWORD").unwrap()));
+        let schema = name.rsplit(' ').next().unwrap();
+        assert!(schema.starts_with("imprint_sim_"), "{name}");
+        assert_eq!(
+            psql(
+                &url,
+                &ca,
+                &format!("SELECT count(*) FROM pg_namespace WHERE nspname = '{schema}'")
+            ),
+            "0",
+            "{transport}: the run's schema {schema} was dropped"
+        );
+    }
+}

@@ -177,6 +177,54 @@ pub enum Exported {
     Audit(AuditEntry),
 }
 
+/// One of the store's indexes: each binds a value to the one record that holds it. The
+/// verification pass reads them back ([`Store::index`]) and checks them against the records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Index {
+    /// SHA-256 of a public key (SPKI) -> serial.
+    Keys,
+    /// A line's token id ([`token_index_key`]) -> the serial that consumed it.
+    Tokens,
+    /// A secret's keyed-hash index tag -> (serial, version).
+    SecretTags,
+    /// A secret's key id -> (serial, version).
+    KeyIds,
+}
+
+impl Index {
+    /// Every index.
+    pub const ALL: [Index; 4] = [Index::Keys, Index::Tokens, Index::SecretTags, Index::KeyIds];
+
+    /// Its name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Index::Keys => "key",
+            Index::Tokens => "token",
+            Index::SecretTags => "secret tag",
+            Index::KeyIds => "key id",
+        }
+    }
+}
+
+/// One entry of an [`Index`]: the value indexed and what holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// The value (a key hash, a [`token_index_key`], an index tag, a key id's bytes).
+    pub key: Vec<u8>,
+    /// (serial, secret version; 0 for the key and token indexes), or `None` for an imported
+    /// key still in the pool (no device's yet).
+    pub holder: Option<(u64, u64)>,
+}
+
+/// The value the token index keys a token use by: the line id, a zero byte, the token id.
+pub fn token_index_key(line: &str, cti: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(line.len() + 1 + cti.len());
+    k.extend_from_slice(line.as_bytes());
+    k.push(0);
+    k.extend_from_slice(cti);
+    k
+}
+
 /// A write the group commit batches ([`Store::apply_writes`]).
 #[derive(Debug, Clone)]
 pub enum Write {
@@ -275,6 +323,10 @@ pub trait Store: Send + Sync + 'static {
     fn audit_raw(&self, after: u64) -> Box<dyn Iterator<Item = Result<RawAudit, StoreError>> + '_>;
     /// Every device record, in serial order.
     fn devices(&self) -> Box<dyn Iterator<Item = Result<DeviceRecord, StoreError>> + '_>;
+    /// Every secret version of every device, by serial then version.
+    fn secrets(&self) -> Box<dyn Iterator<Item = Result<SecretRecord, StoreError>> + '_>;
+    /// Every entry of one index, read as iterated.
+    fn index(&self, index: Index) -> Box<dyn Iterator<Item = Result<IndexEntry, StoreError>> + '_>;
     /// Every audit entry, in order.
     fn audit(&self) -> Box<dyn Iterator<Item = Result<AuditEntry, StoreError>> + '_>;
     /// Every record of every table as (table, key, value), in a stable order: for consistency

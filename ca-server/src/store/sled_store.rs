@@ -77,13 +77,7 @@ fn corrupt(tree: &'static str) -> impl Fn(String) -> StoreError {
 }
 
 /// The token index key: line id, a zero byte, then the cti (token ids are unique per line).
-fn token_key(line: &str, cti: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(line.len() + 1 + cti.len());
-    k.extend_from_slice(line.as_bytes());
-    k.push(0);
-    k.extend_from_slice(cti);
-    k
-}
+use super::token_index_key as token_key;
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
@@ -528,6 +522,26 @@ impl SledStore {
     }
 }
 
+impl SledStore {
+    /// A stored secret version with its acknowledgement time.
+    fn secret_of(
+        &self,
+        r: sled::Result<(sled::IVec, sled::IVec)>,
+    ) -> Result<SecretRecord, StoreError> {
+        let (k, v) = r.map_err(backend)?;
+        let mut rec: SecretRecord = from_cbor(&v).map_err(corrupt(SECRETS))?;
+        if rec.confirmed_at.is_none()
+            && let Some(at) = self.secret_acks.get(&k).map_err(backend)?
+        {
+            rec.confirmed_at = Some(
+                u64_of(&at)
+                    .ok_or_else(|| corrupt(SECRET_ACKS)("ack time is not 8 bytes".into()))?,
+            );
+        }
+        Ok(rec)
+    }
+}
+
 impl Store for SledStore {
     fn device(&self, serial: u64) -> Result<Option<DeviceRecord>, StoreError> {
         match self.devices.get(serial.to_be_bytes()).map_err(backend)? {
@@ -635,20 +649,52 @@ impl Store for SledStore {
     fn secret_versions(&self, serial: u64) -> Result<Vec<SecretRecord>, StoreError> {
         self.secrets
             .scan_prefix(serial.to_be_bytes())
-            .map(|r| {
-                let (k, v) = r.map_err(backend)?;
-                let mut rec: SecretRecord = from_cbor(&v).map_err(corrupt(SECRETS))?;
-                if rec.confirmed_at.is_none()
-                    && let Some(at) = self.secret_acks.get(&k).map_err(backend)?
-                {
-                    rec.confirmed_at =
-                        Some(u64_of(&at).ok_or_else(|| {
-                            corrupt(SECRET_ACKS)("ack time is not 8 bytes".into())
-                        })?);
-                }
-                Ok(rec)
-            })
+            .map(|r| self.secret_of(r))
             .collect()
+    }
+
+    fn secrets(&self) -> Box<dyn Iterator<Item = Result<SecretRecord, StoreError>> + '_> {
+        Box::new(self.secrets.iter().map(|r| self.secret_of(r)))
+    }
+
+    fn index(
+        &self,
+        index: super::Index,
+    ) -> Box<dyn Iterator<Item = Result<super::IndexEntry, StoreError>> + '_> {
+        use super::{Index, IndexEntry};
+        let (tree, name) = match index {
+            Index::Keys => (&self.keys, KEYS),
+            Index::Tokens => (&self.tokens, TOKENS),
+            Index::SecretTags => (&self.secret_index, SECRET_INDEX),
+            Index::KeyIds => (&self.key_ids, KEY_IDS),
+        };
+        Box::new(tree.iter().map(move |r| {
+            let (k, v) = r.map_err(backend)?;
+            let holder = match index {
+                Index::Keys => Some((
+                    u64_of(&v).ok_or_else(|| corrupt(name)("serial is not 8 bytes".into()))?,
+                    0,
+                )),
+                Index::Tokens => {
+                    let t: TokenUse = from_cbor(&v).map_err(corrupt(name))?;
+                    Some((t.serial, 0))
+                }
+                Index::SecretTags | Index::KeyIds if v.as_ref() == POOL_MARK => None,
+                Index::SecretTags | Index::KeyIds => {
+                    let (s, ver) = v
+                        .split_at_checked(8)
+                        .ok_or_else(|| corrupt(name)("version key is not 16 bytes".into()))?;
+                    match (u64_of(s), u64_of(ver)) {
+                        (Some(s), Some(ver)) => Some((s, ver)),
+                        _ => return Err(corrupt(name)("version key is not 16 bytes".into())),
+                    }
+                }
+            };
+            Ok(IndexEntry {
+                key: k.to_vec(),
+                holder,
+            })
+        }))
     }
 
     fn pool(&self, skip: usize, n: usize) -> Result<Vec<PoolEntry>, StoreError> {

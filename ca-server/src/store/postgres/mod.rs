@@ -23,7 +23,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Row, Transaction};
 use zeroize::Zeroizing;
 
-use super::{RawAudit, RawRecord, Store, StoreError, Write, Written};
+use super::{Index, IndexEntry, RawAudit, RawRecord, Store, StoreError, Write, Written};
 use crate::ra::rules::{
     self, AuditEvent, EnrollOutcome, EnrollView, Holder, NewEnrollment, ResetOutcome, SecretOp,
     SecretOutcome, SecretView, SecretWrite,
@@ -450,6 +450,12 @@ impl Drop for Conn {
 }
 
 impl Conn {
+    /// Closes the connection instead of returning it to the pool (it is inside a transaction
+    /// that is not finished).
+    fn discard(mut self) {
+        self.client.take();
+    }
+
     fn client(&self) -> Result<&Client, StoreError> {
         self.client
             .as_ref()
@@ -1132,52 +1138,113 @@ impl PgStore {
     }
 }
 
-/// Walks a table in key order, a page at a time.
-struct Pages<'a, T> {
+/// Walks the rows of a query with a server-side cursor, a page at a time, in one read-only
+/// snapshot (REPEATABLE READ): for whole-table reads that must not hold every row in memory
+/// and must see one consistent state.
+struct Cursor<'a, T> {
     store: &'a PgStore,
-    sql: &'static str,
-    key: fn(&T) -> i64,
+    sql: String,
     decode: fn(&Row) -> Result<T, StoreError>,
-    after: Option<i64>,
+    /// The connection holding the open transaction, between pages.
+    conn: Option<Conn>,
     buf: std::collections::VecDeque<T>,
     done: bool,
 }
 
-impl<T: Send + 'static> Iterator for Pages<'_, T> {
+impl<'a, T> Cursor<'a, T> {
+    fn new(store: &'a PgStore, sql: String, decode: fn(&Row) -> Result<T, StoreError>) -> Self {
+        Cursor {
+            store,
+            sql,
+            decode,
+            conn: None,
+            buf: Default::default(),
+            done: false,
+        }
+    }
+}
+
+impl<T: Send + 'static> Iterator for Cursor<'_, T> {
     type Item = Result<T, StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.buf.is_empty() && !self.done {
-            let after = self.after.unwrap_or(i64::MIN);
-            let first = self.after.is_none();
-            let (sql, decode) = (self.sql, self.decode);
+            let conn = self.conn.take();
+            let sql = self.sql.clone();
+            let decode = self.decode;
             let page = self.store.run(move |pool| async move {
-                let conn = pool.get().await?;
-                let rows = conn
-                    .client()?
-                    .query(sql, &[&after, &first, &PAGE])
-                    .await
-                    .map_err(pg)?;
-                rows.iter().map(decode).collect::<Result<Vec<T>, _>>()
+                let conn = match conn {
+                    Some(c) => c,
+                    None => {
+                        let c = pool.get().await?;
+                        let begin = format!(
+                            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; DECLARE imprint_rows NO SCROLL CURSOR FOR {sql}"
+                        );
+                        if let Err(e) = c.client()?.batch_execute(&begin).await {
+                            c.discard();
+                            return Err(pg(e));
+                        }
+                        c
+                    }
+                };
+                let fetch = format!("FETCH {PAGE} FROM imprint_rows");
+                let rows = match conn.client()?.query(fetch.as_str(), &[]).await {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        conn.discard();
+                        return Err(pg(e));
+                    }
+                };
+                let items = match rows.iter().map(decode).collect::<Result<Vec<T>, _>>() {
+                    Ok(items) => items,
+                    Err(e) => {
+                        conn.discard();
+                        return Err(e);
+                    }
+                };
+                if (items.len() as i64) < PAGE {
+                    // The end: finish the transaction; the connection goes back to the pool.
+                    if let Err(e) = conn.client()?.batch_execute("COMMIT").await {
+                        conn.discard();
+                        return Err(pg(e));
+                    }
+                    return Ok((None, items));
+                }
+                Ok((Some(conn), items))
             });
             match page {
                 Err(e) => {
                     self.done = true;
                     return Some(Err(e));
                 }
-                Ok(rows) => {
-                    if (rows.len() as i64) < PAGE {
-                        self.done = true;
-                    }
-                    if let Some(last) = rows.last() {
-                        self.after = Some((self.key)(last));
-                    }
-                    self.buf.extend(rows);
+                Ok((conn, items)) => {
+                    self.done = conn.is_none();
+                    self.conn = conn;
+                    self.buf.extend(items);
                 }
             }
         }
         self.buf.pop_front().map(Ok)
     }
+}
+
+impl<T> Drop for Cursor<'_, T> {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            c.discard();
+        }
+    }
+}
+
+/// An index row: (key, serial or NULL, version or NULL).
+fn index_entry(r: &Row) -> Result<IndexEntry, StoreError> {
+    let key: Vec<u8> = r.try_get(0).map_err(pg)?;
+    let serial: Option<i64> = r.try_get(1).map_err(pg)?;
+    let version: Option<i64> = r.try_get(2).map_err(pg)?;
+    Ok(IndexEntry {
+        key,
+        holder: serial.map(|s| (u(s), version.map_or(0, u))),
+    })
 }
 
 impl Store for PgStore {
@@ -1560,15 +1627,32 @@ impl Store for PgStore {
     }
 
     fn devices(&self) -> Box<dyn Iterator<Item = Result<DeviceRecord, StoreError>> + '_> {
-        Box::new(Pages {
-            store: self,
-            sql: "SELECT serial, spki, certificate, line, token_id, enrolled_at, status, revoked_at FROM devices WHERE (serial > $1 OR $2) ORDER BY serial LIMIT $3",
-            key: |d: &DeviceRecord| i(d.serial),
-            decode: device_of,
-            after: None,
-            buf: Default::default(),
-            done: false,
-        })
+        Box::new(Cursor::new(
+            self,
+            format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY serial"),
+            device_of,
+        ))
+    }
+
+    fn secrets(&self) -> Box<dyn Iterator<Item = Result<SecretRecord, StoreError>> + '_> {
+        Box::new(Cursor::new(
+            self,
+            format!("SELECT {SECRET_COLUMNS} FROM secret_versions ORDER BY serial, version"),
+            secret_of,
+        ))
+    }
+
+    fn index(&self, index: Index) -> Box<dyn Iterator<Item = Result<IndexEntry, StoreError>> + '_> {
+        let sql = match index {
+            Index::Keys => "SELECT key_hash, serial, NULL::bigint FROM keys",
+            // The same bytes as token_index_key: line, a zero byte, token id.
+            Index::Tokens => {
+                "SELECT convert_to(line, 'UTF8') || '\\x00'::bytea || token_id, serial, NULL::bigint FROM tokens"
+            }
+            Index::SecretTags => "SELECT index_tag, serial, version FROM secret_keys",
+            Index::KeyIds => "SELECT convert_to(key_id, 'UTF8'), serial, version FROM secret_keys",
+        };
+        Box::new(Cursor::new(self, sql.to_string(), index_entry))
     }
 
     fn audit(&self) -> Box<dyn Iterator<Item = Result<AuditEntry, StoreError>> + '_> {
@@ -1903,16 +1987,15 @@ async fn load(tx: &Transaction<'_>, batch: Vec<super::Exported>) -> Result<(), S
 }
 
 impl PgStore {
-    fn audit_from(&self, after: u64) -> Pages<'_, AuditEntry> {
-        Pages {
-            store: self,
-            sql: "SELECT seq, at, event, serial, actor, detail, prev_hash, hash FROM audit WHERE (seq > $1 OR $2) ORDER BY seq LIMIT $3",
-            key: |e: &AuditEntry| i(e.seq),
-            decode: audit_of,
-            after: (after > 0).then_some(i(after)),
-            buf: Default::default(),
-            done: false,
-        }
+    fn audit_from(&self, after: u64) -> Cursor<'_, AuditEntry> {
+        Cursor::new(
+            self,
+            format!(
+                "SELECT seq, at, event, serial, actor, detail, prev_hash, hash FROM audit WHERE seq > {} ORDER BY seq",
+                i(after)
+            ),
+            audit_of,
+        )
     }
 }
 
