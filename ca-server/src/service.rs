@@ -193,19 +193,12 @@ impl CaService {
 
         // Fast path for retries and obvious conflicts, before spending a signature: the same
         // rule the transaction below applies authoritatively, over what is stored now.
-        let existing = self
-            .store
-            .device(serial)
-            .map_err(|e| store_failure("store read", e))?;
         // The key may be bound to this very serial between the two reads (a concurrent
         // identical request): then the transaction below returns the stored certificate.
-        let key_holder = match existing {
-            Some(_) => None,
-            None => self
-                .store
-                .serial_for_key(v.key_hash())
-                .map_err(|e| store_failure("store read", e))?,
-        };
+        let (existing, key_holder) = self
+            .store
+            .binding_of(serial, v.key_hash())
+            .map_err(|e| store_failure("store read", e))?;
         if let Some(rec) = rules::binding(existing.as_ref(), key_holder, serial, v.spki())
             .map_err(|r| r.problem())?
         {

@@ -250,6 +250,19 @@ pub trait Store: Send + Sync + 'static {
     fn device(&self, serial: u64) -> Result<Option<DeviceRecord>, StoreError>;
     /// Which serial holds the key with this SPKI hash.
     fn serial_for_key(&self, key_hash: &[u8; 32]) -> Result<Option<u64>, StoreError>;
+    /// What the service's fast path reads before it spends a signature: the record of
+    /// `serial` and, when there is none, which serial holds the key with this SPKI hash. A
+    /// store whose reads are round trips answers both in one.
+    fn binding_of(
+        &self,
+        serial: u64,
+        key_hash: &[u8; 32],
+    ) -> Result<(Option<DeviceRecord>, Option<u64>), StoreError> {
+        match self.device(serial)? {
+            Some(rec) => Ok((Some(rec), None)),
+            None => Ok((None, self.serial_for_key(key_hash)?)),
+        }
+    }
     /// A registered line.
     fn line(&self, id: &str) -> Result<Option<LineRecord>, StoreError>;
     /// All registered lines.
@@ -339,8 +352,12 @@ pub trait Store: Send + Sync + 'static {
 /// Fixtures for the store's and the group commit's unit tests.
 #[cfg(test)]
 pub(crate) mod test_support {
-    use super::NewEnrollment;
-    use crate::records::LineRecord;
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::{
+        EnrollOutcome, Index, IndexEntry, NewEnrollment, SecretOp, SecretOutcome, Store,
+        StoreError, Write, Written,
+    };
+    use crate::records::{LineRecord, SecretRecord};
 
     /// Line `line-1` for serials 1-100, active, with `quota`.
     pub(crate) fn line(quota: u64) -> LineRecord {
@@ -370,5 +387,237 @@ pub(crate) mod test_support {
             token_id: vec![cti; 16],
             at: 1_000 + serial,
         }
+    }
+
+    pub(crate) fn enroll_all(
+        store: &dyn Store,
+        batch: &[NewEnrollment],
+    ) -> Result<Vec<EnrollOutcome>, StoreError> {
+        let writes: Vec<Write> = batch.iter().cloned().map(Write::Enroll).collect();
+        Ok(store
+            .apply_writes(&writes)?
+            .into_iter()
+            .filter_map(|w| match w {
+                Written::Enroll(o) => Some(o),
+                Written::Secret(_) => None,
+            })
+            .collect())
+    }
+
+    pub(crate) fn kind(o: &EnrollOutcome) -> String {
+        match o {
+            EnrollOutcome::Created(r) => format!("created {}", r.serial),
+            EnrollOutcome::Existing(r) => format!("existing {}", r.serial),
+            EnrollOutcome::Refused(r) => r.problem().kind.to_string(),
+        }
+    }
+
+    /// A batch of enrollments sees its own writes (serial, key, token, quota) and chains its
+    /// audit entries.
+    pub(crate) fn batch_sees_its_own_writes(store: &dyn Store) {
+        store.add_line(&line(4), "operator:test").unwrap();
+        let batch = [
+            enrollment(1, 0xa1, 1),
+            enrollment(1, 0xa2, 2), // the serial was taken earlier in this batch
+            enrollment(2, 0xa1, 3), // the key was bound earlier in this batch
+            enrollment(1, 0xa1, 4), // a retry: the stored record
+            enrollment(3, 0xa3, 1), // the token was used earlier in this batch
+            enrollment(4, 0xa4, 5),
+            enrollment(5, 0xa5, 6),
+            enrollment(6, 0xa6, 7),
+            enrollment(7, 0xa7, 8), // the line's quota of 4 is used up
+        ];
+        let outcomes: Vec<String> = enroll_all(store, &batch)
+            .unwrap()
+            .iter()
+            .map(kind)
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                "created 1",
+                "serial-taken",
+                "duplicate-key",
+                "existing 1",
+                "token-replayed",
+                "created 4",
+                "created 5",
+                "created 6",
+                "quota-exhausted"
+            ]
+        );
+        assert_eq!(store.line("line-1").unwrap().unwrap().enrolled, 4);
+        // One enrollment after the batch continues the chain the batch left.
+        let single = store.apply_enrollment(&enrollment(8, 0xa8, 9)).unwrap();
+        assert_eq!(kind(&single), "quota-exhausted");
+        store.sync().unwrap();
+        let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
+        assert_eq!(verdict.first_bad, None);
+        assert_eq!(verdict.entries, 5, "line-add and four enrollments");
+        let events: Vec<(String, Option<u64>)> = store
+            .audit()
+            .map(|e| e.map(|e| (e.event, e.serial)))
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            events,
+            [
+                ("line-add".to_string(), None),
+                ("enroll".to_string(), Some(1)),
+                ("enroll".to_string(), Some(4)),
+                ("enroll".to_string(), Some(5)),
+                ("enroll".to_string(), Some(6)),
+            ]
+        );
+    }
+
+    /// Enrollments and secrets writes share one batch, in order.
+    pub(crate) fn enrollments_and_secrets_share_a_batch(store: &dyn Store) {
+        store.add_line(&line(100), "operator:test").unwrap();
+        let keys = crate::secrets::SecretKeys::new(&[7u8; 32]).unwrap();
+        let secret = keys.generate().unwrap();
+        let mut record = keys
+            .seal_version(1, 1, keys.new_key_id().unwrap(), &secret, "csprng", 2_000)
+            .unwrap();
+        record.delivered_at = Some(2_000);
+        let e = enrollment(1, 0xc1, 1);
+        let binding = e.key_hash;
+        let writes = [
+            // Before the enrollment in the same batch: no such device yet.
+            Write::Secret(SecretOp::Allocate {
+                record: record.clone(),
+                from_pool: None,
+                binding,
+            }),
+            Write::Enroll(e),
+            Write::Secret(SecretOp::Allocate {
+                record: record.clone(),
+                from_pool: None,
+                binding,
+            }),
+            Write::Secret(SecretOp::Ack {
+                serial: 1,
+                key_id: record.key_id.clone(),
+                version: 1,
+                kcv: record.kcv.clone(),
+                at: 2_001,
+                binding,
+            }),
+            // The same ack again: confirmed already, no second entry.
+            Write::Secret(SecretOp::Ack {
+                serial: 1,
+                key_id: record.key_id.clone(),
+                version: 1,
+                kcv: record.kcv.clone(),
+                at: 2_003,
+                binding,
+            }),
+            // A binding the device does not hold.
+            Write::Secret(SecretOp::Ack {
+                serial: 1,
+                key_id: record.key_id.clone(),
+                version: 1,
+                kcv: record.kcv.clone(),
+                at: 2_002,
+                binding: [9; 32],
+            }),
+        ];
+        let outcomes: Vec<String> = store
+            .apply_writes(&writes)
+            .unwrap()
+            .iter()
+            .map(|w| match w {
+                Written::Enroll(o) => kind(o),
+                Written::Secret(SecretOutcome::Refused(r)) => r.problem().kind.to_string(),
+                Written::Secret(SecretOutcome::Done(Some(r))) => {
+                    format!("done {} confirmed {:?}", r.version, r.confirmed_at)
+                }
+                Written::Secret(SecretOutcome::Unchanged(r)) => {
+                    format!("unchanged {} confirmed {:?}", r.version, r.confirmed_at)
+                }
+                Written::Secret(o) => format!("{o:?}"),
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                "unknown-device",
+                "created 1",
+                "done 1 confirmed None",
+                "done 1 confirmed Some(2001)",
+                "unchanged 1 confirmed Some(2001)",
+                "unknown-device"
+            ]
+        );
+        let versions = store.secret_versions(1).unwrap();
+        assert_eq!(versions.len(), 1);
+        assert_eq!(versions[0].confirmed_at, Some(2_001));
+        let events: Vec<String> = store.audit().map(|e| e.unwrap().event).collect();
+        assert_eq!(
+            events,
+            ["line-add", "enroll", "secret-deliver", "secret-ack"]
+        );
+        let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
+        assert_eq!((verdict.entries, verdict.first_bad), (4, None));
+    }
+
+    /// An import and an allocation from the pool entry it brought, in one batch: the key goes
+    /// to the device once, the pool is empty after, and a second allocation of the same entry
+    /// in the batch is refused.
+    pub(crate) fn pool_key_imported_and_given_out_in_one_batch(store: &dyn Store) {
+        store.add_line(&line(100), "operator:test").unwrap();
+        let e = enrollment(1, 0xd1, 1);
+        let binding = e.key_hash;
+        assert!(matches!(
+            store.apply_enrollment(&e).unwrap(),
+            EnrollOutcome::Created(_)
+        ));
+        let keys = crate::secrets::SecretKeys::new(&[7u8; 32]).unwrap();
+        let pooled = keys.seal_pool("pool-1".into(), &[42u8; 32], 1_500).unwrap();
+        let secret = keys.open_pool(&pooled).unwrap();
+        let mut record = keys
+            .seal_version(1, 1, "pool-1".into(), &secret, "import", 2_000)
+            .unwrap();
+        record.delivered_at = Some(2_000);
+        let allocate = |record: SecretRecord| {
+            Write::Secret(SecretOp::Allocate {
+                record,
+                from_pool: Some("pool-1".into()),
+                binding,
+            })
+        };
+        let writes = [
+            Write::Secret(SecretOp::Import {
+                entries: vec![pooled.clone()],
+                at: 1_500,
+                actor: "operator:test".into(),
+            }),
+            allocate(record.clone()),
+            allocate(record),
+        ];
+        let outcomes: Vec<String> = store
+            .apply_writes(&writes)
+            .unwrap()
+            .iter()
+            .map(|w| match w {
+                Written::Secret(SecretOutcome::Done(Some(r))) => format!("done {}", r.version),
+                Written::Secret(SecretOutcome::Done(None)) => "imported".into(),
+                Written::Secret(SecretOutcome::Existing(r)) => format!("existing {}", r.version),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(outcomes, ["imported", "done 1", "existing 1"]);
+        assert!(store.pool(0, 10).unwrap().is_empty(), "the entry was taken");
+        let versions = store.secret_versions(1).unwrap();
+        assert_eq!(versions.len(), 1);
+        assert_eq!(versions[0].key_id, "pool-1");
+        let holders: Vec<IndexEntry> = store
+            .index(Index::KeyIds)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(holders.len(), 1);
+        assert_eq!(holders[0].holder, Some((1, 1)));
+        let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
+        assert_eq!(verdict.first_bad, None);
     }
 }

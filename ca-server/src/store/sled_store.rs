@@ -934,7 +934,7 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::test_support::{enrollment, line};
+    use crate::store::test_support::{enroll_all, enrollment, kind, line};
 
     #[test]
     fn a_store_keeps_the_parameters_it_was_created_with() {
@@ -958,89 +958,6 @@ mod tests {
         let store = SledStore::open(&new).unwrap();
         store.sync().unwrap();
         assert_eq!(persisted_parameters(&new), Some((SEGMENT_SIZE, true)));
-    }
-
-    fn enroll_all(
-        store: &SledStore,
-        batch: &[NewEnrollment],
-    ) -> Result<Vec<EnrollOutcome>, StoreError> {
-        let writes: Vec<Write> = batch.iter().cloned().map(Write::Enroll).collect();
-        Ok(store
-            .apply_writes(&writes)?
-            .into_iter()
-            .filter_map(|w| match w {
-                Written::Enroll(o) => Some(o),
-                Written::Secret(_) => None,
-            })
-            .collect())
-    }
-
-    fn kind(o: &EnrollOutcome) -> String {
-        match o {
-            EnrollOutcome::Created(r) => format!("created {}", r.serial),
-            EnrollOutcome::Existing(r) => format!("existing {}", r.serial),
-            EnrollOutcome::Refused(r) => r.problem().kind.to_string(),
-        }
-    }
-
-    #[test]
-    fn a_batch_of_enrollments_sees_its_own_writes_and_chains_its_audit_entries() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = SledStore::open(&tmp.path().join("store")).unwrap();
-        store.add_line(&line(4), "operator:test").unwrap();
-        let batch = [
-            enrollment(1, 0xa1, 1),
-            enrollment(1, 0xa2, 2), // the serial was taken earlier in this batch
-            enrollment(2, 0xa1, 3), // the key was bound earlier in this batch
-            enrollment(1, 0xa1, 4), // a retry: the stored record
-            enrollment(3, 0xa3, 1), // the token was used earlier in this batch
-            enrollment(4, 0xa4, 5),
-            enrollment(5, 0xa5, 6),
-            enrollment(6, 0xa6, 7),
-            enrollment(7, 0xa7, 8), // the line's quota of 4 is used up
-        ];
-        let outcomes: Vec<String> = enroll_all(&store, &batch)
-            .unwrap()
-            .iter()
-            .map(kind)
-            .collect();
-        assert_eq!(
-            outcomes,
-            [
-                "created 1",
-                "serial-taken",
-                "duplicate-key",
-                "existing 1",
-                "token-replayed",
-                "created 4",
-                "created 5",
-                "created 6",
-                "quota-exhausted"
-            ]
-        );
-        assert_eq!(store.line("line-1").unwrap().unwrap().enrolled, 4);
-        // One enrollment after the batch continues the chain the batch left.
-        let single = store.apply_enrollment(&enrollment(8, 0xa8, 9)).unwrap();
-        assert_eq!(kind(&single), "quota-exhausted");
-        store.sync().unwrap();
-        let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
-        assert_eq!(verdict.first_bad, None);
-        assert_eq!(verdict.entries, 5, "line-add and four enrollments");
-        let events: Vec<(String, Option<u64>)> = store
-            .audit()
-            .map(|e| e.map(|e| (e.event, e.serial)))
-            .collect::<Result<_, _>>()
-            .unwrap();
-        assert_eq!(
-            events,
-            [
-                ("line-add".to_string(), None),
-                ("enroll".to_string(), Some(1)),
-                ("enroll".to_string(), Some(4)),
-                ("enroll".to_string(), Some(5)),
-                ("enroll".to_string(), Some(6)),
-            ]
-        );
     }
 
     #[test]
@@ -1069,94 +986,23 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_of_enrollments_sees_its_own_writes_and_chains_its_audit_entries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&tmp.path().join("store")).unwrap();
+        crate::store::test_support::batch_sees_its_own_writes(&store);
+    }
+
+    #[test]
     fn enrollments_and_secrets_writes_share_one_transaction_in_order() {
         let tmp = tempfile::tempdir().unwrap();
         let store = SledStore::open(&tmp.path().join("store")).unwrap();
-        store.add_line(&line(100), "operator:test").unwrap();
-        let keys = crate::secrets::SecretKeys::new(&[7u8; 32]).unwrap();
-        let secret = keys.generate().unwrap();
-        let mut record = keys
-            .seal_version(1, 1, keys.new_key_id().unwrap(), &secret, "csprng", 2_000)
-            .unwrap();
-        record.delivered_at = Some(2_000);
-        let e = enrollment(1, 0xc1, 1);
-        let binding = e.key_hash;
-        let writes = [
-            // Before the enrollment in the same batch: no such device yet.
-            Write::Secret(SecretOp::Allocate {
-                record: record.clone(),
-                from_pool: None,
-                binding,
-            }),
-            Write::Enroll(e),
-            Write::Secret(SecretOp::Allocate {
-                record: record.clone(),
-                from_pool: None,
-                binding,
-            }),
-            Write::Secret(SecretOp::Ack {
-                serial: 1,
-                key_id: record.key_id.clone(),
-                version: 1,
-                kcv: record.kcv.clone(),
-                at: 2_001,
-                binding,
-            }),
-            // The same ack again: confirmed already, no second entry.
-            Write::Secret(SecretOp::Ack {
-                serial: 1,
-                key_id: record.key_id.clone(),
-                version: 1,
-                kcv: record.kcv.clone(),
-                at: 2_003,
-                binding,
-            }),
-            // A binding the device does not hold.
-            Write::Secret(SecretOp::Ack {
-                serial: 1,
-                key_id: record.key_id.clone(),
-                version: 1,
-                kcv: record.kcv.clone(),
-                at: 2_002,
-                binding: [9; 32],
-            }),
-        ];
-        let outcomes: Vec<String> = store
-            .apply_writes(&writes)
-            .unwrap()
-            .iter()
-            .map(|w| match w {
-                Written::Enroll(o) => kind(o),
-                Written::Secret(SecretOutcome::Refused(r)) => r.problem().kind.to_string(),
-                Written::Secret(SecretOutcome::Done(Some(r))) => {
-                    format!("done {} confirmed {:?}", r.version, r.confirmed_at)
-                }
-                Written::Secret(SecretOutcome::Unchanged(r)) => {
-                    format!("unchanged {} confirmed {:?}", r.version, r.confirmed_at)
-                }
-                Written::Secret(o) => format!("{o:?}"),
-            })
-            .collect();
-        assert_eq!(
-            outcomes,
-            [
-                "unknown-device",
-                "created 1",
-                "done 1 confirmed None",
-                "done 1 confirmed Some(2001)",
-                "unchanged 1 confirmed Some(2001)",
-                "unknown-device"
-            ]
-        );
-        let versions = store.secret_versions(1).unwrap();
-        assert_eq!(versions.len(), 1);
-        assert_eq!(versions[0].confirmed_at, Some(2_001));
-        let events: Vec<String> = store.audit().map(|e| e.unwrap().event).collect();
-        assert_eq!(
-            events,
-            ["line-add", "enroll", "secret-deliver", "secret-ack"]
-        );
-        let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
-        assert_eq!((verdict.entries, verdict.first_bad), (4, None));
+        crate::store::test_support::enrollments_and_secrets_share_a_batch(&store);
+    }
+
+    #[test]
+    fn a_pool_key_imported_and_given_out_in_one_batch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&tmp.path().join("store")).unwrap();
+        crate::store::test_support::pool_key_imported_and_given_out_in_one_batch(&store);
     }
 }
