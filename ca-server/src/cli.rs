@@ -402,6 +402,7 @@ fn run(cli: Cli) -> Result<bool, String> {
                         password_file: store_password_file.map(absolute),
                         ca_file: store_ca_file.map(absolute),
                         schema: store_schema,
+                        refresh_ms: None,
                     },
                 },
             )?;
@@ -431,6 +432,7 @@ fn run(cli: Cli) -> Result<bool, String> {
                 password_file: password_file.map(absolute),
                 ca_file: ca_file.map(absolute),
                 schema,
+                refresh_ms: None,
             };
             let report = crate::store::copy::sled_to_postgres(&CaDir::new(&dir), &target)?;
             println!("{report}");

@@ -42,6 +42,11 @@ pub struct StoreSettings {
     /// The schema holding Imprint's tables (default `imprint`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub schema: Option<String>,
+    /// How often, in milliseconds, a node on a shared store (PostgreSQL) reads again what
+    /// other nodes may have changed: the revoked serials (its mutual-TLS door and its CRL) and
+    /// the lines (default 500; SPEC.md 3.4 states the bound it gives).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_ms: Option<u64>,
 }
 
 /// Issuance settings.

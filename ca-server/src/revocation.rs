@@ -70,6 +70,24 @@ impl Revocations {
         changed
     }
 
+    /// Takes the store's whole list (another CA node may have revoked since): returns whether
+    /// the set changed, and if so drops the current CRL, so that the next request signs a new one.
+    pub fn replace(&self, revoked: impl IntoIterator<Item = u64>) -> bool {
+        let new: HashSet<u64> = revoked.into_iter().collect();
+        let changed = match self.revoked.write() {
+            Ok(mut s) if *s != new => {
+                *s = new;
+                true
+            }
+            Ok(_) => false,
+            Err(_) => true,
+        };
+        if changed && let Ok(mut c) = self.crl.lock() {
+            c.current = None;
+        }
+        changed
+    }
+
     /// The current CRL, or a new one from `sign(number)` when there is none or it is older
     /// than [`CRL_REFRESH`]. CRL numbers only grow: the signing time in seconds, or one more
     /// than the last when two CRLs are signed within a second.

@@ -207,6 +207,14 @@ pub async fn start_with_clock(
             rx.clone(),
         )));
     }
+    if service.store().shared() {
+        let every = Duration::from_millis(config.store.refresh_ms.unwrap_or(500).max(10));
+        tasks.push(tokio::spawn(refresh_shared_state(
+            service.clone(),
+            every,
+            rx.clone(),
+        )));
+    }
     Ok(RunningServer {
         https,
         coap,
@@ -217,6 +225,46 @@ pub async fn start_with_clock(
         shutdown,
         tasks,
     })
+}
+
+/// Every `every`, reads again the state other nodes on the shared store may have changed
+/// ([`CaService::refresh_shared_state`]), until shutdown. A failure is logged once until a read
+/// succeeds again; the node keeps serving on what it last read (its doors read the store for
+/// each device anyway).
+async fn refresh_shared_state(
+    service: Arc<CaService>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let s = service.clone();
+        match tokio::task::spawn_blocking(move || s.refresh_shared_state()).await {
+            Ok(Ok(changed)) => {
+                if changed {
+                    tracing::info!(
+                        "revocations changed on the shared store; CRL to be signed again"
+                    );
+                }
+                if failing {
+                    tracing::info!("shared state read again");
+                    failing = false;
+                }
+            }
+            Ok(Err(e)) if !failing => {
+                tracing::warn!(error = %e, "reading the shared state failed; retrying");
+                failing = true;
+            }
+            Ok(Err(_)) => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// Parses [`RunningServer::listening_line`]: the address of each listener by name.

@@ -167,6 +167,18 @@ impl CaService {
         Ok(())
     }
 
+    /// Reads again what other CA nodes on a shared store may have changed: the revoked serials
+    /// (the mutual-TLS door refuses them from the next handshake; the CRL is signed again) and
+    /// the lines. Returns whether the revoked set changed.
+    pub fn refresh_shared_state(&self) -> Result<bool, String> {
+        let revoked = self.store.revoked().map_err(|e| e.to_string())?;
+        let changed = self
+            .revocations
+            .replace(revoked.into_iter().map(|(s, _)| s));
+        self.reload_lines()?;
+        Ok(changed)
+    }
+
     /// Enrolls: checks, issues, commits durably, and returns the certificate. Counted in the
     /// metrics under `transport`.
     pub async fn enroll(

@@ -59,6 +59,7 @@ fn own_cluster() -> (PathBuf, StoreSettings) {
         password_file: Some(password_file),
         ca_file: Some(PathBuf::from(var("IMPRINT_TEST_PG_CA"))),
         schema: Some("imprint".into()),
+        refresh_ms: None,
     };
     (dir, settings)
 }

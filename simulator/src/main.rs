@@ -534,6 +534,7 @@ fn embedded_setup(
             password_file: cli.store_password_file.as_ref().map(absolute),
             ca_file: cli.store_ca_file.as_ref().map(absolute),
             schema: None,
+            refresh_ms: None,
         }
     });
     let (ca, lines) =

@@ -347,6 +347,12 @@ pub trait Store: Send + Sync + 'static {
     fn raw_records(&self) -> Result<Vec<RawRecord>, StoreError>;
     /// Bytes the store occupies on disk.
     fn size_on_disk(&self) -> Result<u64, StoreError>;
+    /// Whether other processes may write to this store while this one runs (several CA
+    /// nodes on one database): a node then reads the fleet-wide state (revocations, lines)
+    /// again every `[store] refresh_ms`.
+    fn shared(&self) -> bool {
+        false
+    }
 }
 
 /// Fixtures for the store's and the group commit's unit tests.

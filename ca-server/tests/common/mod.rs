@@ -225,6 +225,7 @@ pub fn pg_store() -> StoreSettings {
         password_file: None,
         ca_file: std::env::var("IMPRINT_TEST_PG_CA").ok().map(PathBuf::from),
         schema: Some(format!("t_{}", hex::encode(tag))),
+        refresh_ms: None,
     }
 }
 
@@ -245,6 +246,18 @@ impl TestCa {
 /// Starts `ca-server serve --dir CA --https 127.0.0.1:0 EXTRA...` as a process of its own and
 /// returns it with its HTTPS address, read from its listening line.
 pub fn serve_process(ca: &TestCa, extra: &[&str]) -> (std::process::Child, SocketAddr) {
+    let (child, addrs) = serve_process_addrs(ca, extra);
+    (child, addrs["https"])
+}
+
+/// [`serve_process`], with the address of every listener by name (`https`, `mtls`, ...).
+pub fn serve_process_addrs(
+    ca: &TestCa,
+    extra: &[&str],
+) -> (
+    std::process::Child,
+    std::collections::BTreeMap<String, SocketAddr>,
+) {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_ca-server"))
@@ -262,7 +275,7 @@ pub fn serve_process(ca: &TestCa, extra: &[&str]) -> (std::process::Child, Socke
         .unwrap();
     let addrs = ca_server::server::parse_listening_line(&line)
         .unwrap_or_else(|| panic!("unexpected: {line}"));
-    (child, addrs["https"])
+    (child, addrs)
 }
 
 /// What a server did with a request whose body never came.

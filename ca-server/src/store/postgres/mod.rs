@@ -969,6 +969,10 @@ fn index_entry(r: &Row) -> Result<IndexEntry, StoreError> {
 }
 
 impl Store for PgStore {
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn device(&self, serial: u64) -> Result<Option<DeviceRecord>, StoreError> {
         let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE serial = $1");
         Ok(self.query_rows(sql, vec![i(serial)], device_of)?.pop())
