@@ -518,7 +518,9 @@ fn metrics(service: &CaService, ctx: &AdminContext) -> AdminResult {
                 "amplification_refused",
                 c.amplification_refused.load(Relaxed),
             ),
+            ("block1_evicted", c.block1_evicted.load(Relaxed)),
         ],
+        coap_state: vec![("block1", c.block1_held.load(Relaxed))],
     };
     let text = service
         .metrics()

@@ -25,6 +25,7 @@ use protocol_spec::{Problem, ProblemType};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
+use crate::limits::PerSource;
 use crate::service::CaService;
 
 /// Largest datagram the server sends (fits the IPv6 minimum MTU with room for headers).
@@ -43,6 +44,11 @@ pub struct CoapConfig {
     /// Most exchanges remembered at once; past it the oldest are forgotten (a retransmission
     /// older than that is processed again, which for enrollment returns the stored answer).
     pub max_remembered: usize,
+    /// Request bodies being received in Block1 pieces, at most, from one source address;
+    /// past it that source's oldest is forgotten (its next piece gets 4.08).
+    pub max_assemblies_per_source: usize,
+    /// Request bodies being received in Block1 pieces, at most, from all sources.
+    pub max_assemblies: usize,
     /// Enrollment workers.
     pub workers: usize,
     /// Enrollments queued for the workers before new ones are dropped.
@@ -56,6 +62,8 @@ impl Default for CoapConfig {
                 protocol_spec::coap::TransmissionParams::default().exchange_lifetime_ms(),
             ),
             max_remembered: 200_000,
+            max_assemblies_per_source: 256,
+            max_assemblies: 4096,
             workers: 64,
             queue: 8192,
         }
@@ -79,6 +87,10 @@ pub struct CoapStats {
     pub malformed: AtomicU64,
     /// Resets sent.
     pub resets: AtomicU64,
+    /// Block1 bodies in reassembly now.
+    pub block1_held: AtomicU64,
+    /// Block1 bodies forgotten before their last piece to make room (cap per source or total).
+    pub block1_evicted: AtomicU64,
     /// Answers not sent, or cut down to their code, because they would have been more than
     /// three times the datagram that asked (RFC 7252 section 11.3).
     pub amplification_refused: AtomicU64,
@@ -128,8 +140,10 @@ struct Representation {
 struct Assembly {
     bytes: Vec<u8>,
     block_size: usize,
-    at: Instant,
 }
+
+/// How long a Block1 body waits for its next piece.
+const ASSEMBLY_LIFETIME: Duration = Duration::from_secs(60);
 
 struct Job {
     request: Packet,
@@ -146,7 +160,7 @@ pub struct CoapFrontEnd {
     config: CoapConfig,
     dedup: Mutex<Dedup>,
     blocks: Mutex<HashMap<(SocketAddr, &'static str), Representation>>,
-    assemblies: Mutex<HashMap<(SocketAddr, Vec<u8>), Assembly>>,
+    assemblies: Mutex<PerSource<(SocketAddr, Vec<u8>), Assembly>>,
     next_mid: AtomicU16,
     /// Counters.
     pub stats: Arc<CoapStats>,
@@ -188,7 +202,10 @@ pub async fn serve(
             max: config.max_remembered,
         }),
         blocks: Mutex::new(HashMap::new()),
-        assemblies: Mutex::new(HashMap::new()),
+        assemblies: Mutex::new(PerSource::new(
+            config.max_assemblies_per_source,
+            config.max_assemblies,
+        )),
         next_mid: AtomicU16::new(std::process::id() as u16),
         stats,
         config,
@@ -241,7 +258,11 @@ impl CoapFrontEnd {
         lock(&self.dedup).expire(now);
         let life = self.config.exchange_lifetime;
         lock(&self.blocks).retain(|_, r| now.duration_since(r.at) < life);
-        lock(&self.assemblies).retain(|_, a| now.duration_since(a.at) < Duration::from_secs(60));
+        let mut assemblies = lock(&self.assemblies);
+        assemblies.expire(now, ASSEMBLY_LIFETIME);
+        self.stats
+            .block1_held
+            .store(assemblies.len() as u64, Ordering::Relaxed);
     }
 
     fn send(&self, bytes: &[u8], peer: SocketAddr) {
@@ -524,16 +545,38 @@ impl CoapFrontEnd {
             return Err((code(4, 13), p));
         }
         let mut all = lock(&self.assemblies);
+        let result = self.add_piece(&mut all, key, packet, b1);
+        self.stats
+            .block1_held
+            .store(all.len() as u64, Ordering::Relaxed);
+        result
+    }
+
+    /// [`assemble`](Self::assemble) on the locked assemblies.
+    fn add_piece(
+        &self,
+        all: &mut PerSource<(SocketAddr, Vec<u8>), Assembly>,
+        key: (SocketAddr, Vec<u8>),
+        packet: &Packet,
+        b1: &BlockValue,
+    ) -> Result<Option<Vec<u8>>, (u8, Problem)> {
         let size = b1.size();
+        let now = Instant::now();
         if b1.num == 0 {
-            all.insert(
+            // Bounded per source and in total, oldest first out (DESIGN.md section 7; hardening
+            // finding 3): a peer's many first pieces push out its own oldest bodies, not
+            // another source's.
+            let evicted = all.insert(
                 key.clone(),
                 Assembly {
                     bytes: Vec::new(),
                     block_size: size,
-                    at: Instant::now(),
                 },
+                now,
             );
+            self.stats
+                .block1_evicted
+                .fetch_add(evicted as u64, Ordering::Relaxed);
         }
         let Some(a) = all.get_mut(&key) else {
             let p = Problem::malformed("Block1 piece without its first piece");
@@ -551,8 +594,9 @@ impl CoapFrontEnd {
             ));
         }
         a.bytes.extend_from_slice(&packet.payload);
-        a.at = Instant::now();
-        if a.bytes.len() > MAX_ENROLL_REQUEST {
+        let too_large = a.bytes.len() > MAX_ENROLL_REQUEST;
+        all.touch(&key, now);
+        if too_large {
             all.remove(&key);
             let p = Problem::new(
                 ProblemType::TooLarge,

@@ -113,6 +113,11 @@ pub struct Limits {
     pub max_connections: usize,
     /// Seconds a client may take for the TLS handshake and its request.
     pub request_timeout_secs: u64,
+    /// CoAP request bodies in Block1 reassembly from one source address; past it that
+    /// source's oldest is forgotten.
+    pub coap_assemblies_per_source: usize,
+    /// CoAP request bodies in Block1 reassembly from all sources.
+    pub coap_assemblies: usize,
 }
 
 impl Default for Limits {
@@ -120,6 +125,19 @@ impl Default for Limits {
         Limits {
             max_connections: 2048,
             request_timeout_secs: 10,
+            coap_assemblies_per_source: 256,
+            coap_assemblies: 4096,
+        }
+    }
+}
+
+impl Limits {
+    /// The CoAP front end's limits.
+    pub fn coap(&self) -> crate::coap::CoapConfig {
+        crate::coap::CoapConfig {
+            max_assemblies_per_source: self.coap_assemblies_per_source,
+            max_assemblies: self.coap_assemblies,
+            ..crate::coap::CoapConfig::default()
         }
     }
 }

@@ -66,6 +66,11 @@ struct CoapLabel {
     event: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CoapStateLabel {
+    kind: String,
+}
+
 /// Every metric of the CA.
 pub struct Metrics {
     registry: Registry,
@@ -87,6 +92,7 @@ pub struct Metrics {
     line_enrolled: Family<LineLabel, Gauge<i64, AtomicI64>>,
     line_quota: Family<LineLabel, Gauge<i64, AtomicI64>>,
     coap: Family<CoapLabel, Counter<u64, AtomicU64>>,
+    coap_state: Family<CoapStateLabel, Gauge<i64, AtomicI64>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -198,6 +204,12 @@ impl Metrics {
         registry.register("line_quota_devices", "Quota per line", line_quota.clone());
         let coap = Family::<CoapLabel, Counter<u64, AtomicU64>>::default();
         registry.register("coap_events", "CoAP front-end events", coap.clone());
+        let coap_state = Family::<CoapStateLabel, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "coap_state",
+            "Entries the CoAP front end holds now, by kind (bounded per source and in total)",
+            coap_state.clone(),
+        );
         Metrics {
             registry,
             scrape: std::sync::Mutex::new(()),
@@ -217,6 +229,7 @@ impl Metrics {
             line_enrolled,
             line_quota,
             coap,
+            coap_state,
         }
     }
 
@@ -320,6 +333,13 @@ impl Metrics {
                 c.inc_by(*value - now);
             }
         }
+        for (kind, value) in &snapshot.coap_state {
+            self.coap_state
+                .get_or_create(&CoapStateLabel {
+                    kind: (*kind).to_string(),
+                })
+                .set(clamp(*value));
+        }
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)?;
         Ok(out)
@@ -341,4 +361,6 @@ pub struct Snapshot {
     pub lines: Vec<(String, u64, u64)>,
     /// CoAP counters by event name.
     pub coap: Vec<(&'static str, u64)>,
+    /// Entries the CoAP front end holds, by kind.
+    pub coap_state: Vec<(&'static str, u64)>,
 }

@@ -151,7 +151,7 @@ pub async fn start_with_clock(
         tasks.push(tokio::spawn(crate::coap::serve(
             socket,
             service.clone(),
-            crate::coap::CoapConfig::default(),
+            config.limits.coap(),
             coap_stats.clone(),
             rx.clone(),
         )));
