@@ -519,8 +519,12 @@ fn metrics(service: &CaService, ctx: &AdminContext) -> AdminResult {
                 c.amplification_refused.load(Relaxed),
             ),
             ("block1_evicted", c.block1_evicted.load(Relaxed)),
+            ("block2_evicted", c.block2_evicted.load(Relaxed)),
         ],
-        coap_state: vec![("block1", c.block1_held.load(Relaxed))],
+        coap_state: vec![
+            ("block1", c.block1_held.load(Relaxed)),
+            ("block2", c.block2_held.load(Relaxed)),
+        ],
     };
     let text = service
         .metrics()

@@ -49,6 +49,11 @@ pub struct CoapConfig {
     pub max_assemblies_per_source: usize,
     /// Request bodies being received in Block1 pieces, at most, from all sources.
     pub max_assemblies: usize,
+    /// Enrollment answers being sent in Block2 pieces, at most, to one source address; past it
+    /// that source's oldest is forgotten (a request for its next piece gets 4.08).
+    pub max_representations_per_source: usize,
+    /// Enrollment answers being sent in Block2 pieces, at most, to all sources.
+    pub max_representations: usize,
     /// Enrollment workers.
     pub workers: usize,
     /// Enrollments queued for the workers before new ones are dropped.
@@ -64,6 +69,8 @@ impl Default for CoapConfig {
             max_remembered: 200_000,
             max_assemblies_per_source: 256,
             max_assemblies: 4096,
+            max_representations_per_source: 256,
+            max_representations: 16_384,
             workers: 64,
             queue: 8192,
         }
@@ -91,6 +98,10 @@ pub struct CoapStats {
     pub block1_held: AtomicU64,
     /// Block1 bodies forgotten before their last piece to make room (cap per source or total).
     pub block1_evicted: AtomicU64,
+    /// Enrollment answers held for their next Block2 pieces now.
+    pub block2_held: AtomicU64,
+    /// Enrollment answers forgotten before their last piece was asked for, to make room.
+    pub block2_evicted: AtomicU64,
     /// Answers not sent, or cut down to their code, because they would have been more than
     /// three times the datagram that asked (RFC 7252 section 11.3).
     pub amplification_refused: AtomicU64,
@@ -128,12 +139,13 @@ impl Dedup {
     }
 }
 
-/// A representation being sent in Block2 pieces, kept for the follow-up requests.
+/// An enrollment answer being sent in Block2 pieces, kept for the follow-up requests (which
+/// carry no payload, so the answer cannot be made again from them). `GET /ca` keeps nothing:
+/// its pieces are cut from the issuer's certificate each time.
 struct Representation {
     code: u8,
     content_format: u16,
     body: Arc<Vec<u8>>,
-    at: Instant,
 }
 
 /// Request payloads arriving in Block1 pieces.
@@ -159,7 +171,7 @@ pub struct CoapFrontEnd {
     service: Arc<CaService>,
     config: CoapConfig,
     dedup: Mutex<Dedup>,
-    blocks: Mutex<HashMap<(SocketAddr, &'static str), Representation>>,
+    blocks: Mutex<PerSource<SocketAddr, Representation>>,
     assemblies: Mutex<PerSource<(SocketAddr, Vec<u8>), Assembly>>,
     next_mid: AtomicU16,
     /// Counters.
@@ -201,7 +213,10 @@ pub async fn serve(
             lifetime: config.exchange_lifetime,
             max: config.max_remembered,
         }),
-        blocks: Mutex::new(HashMap::new()),
+        blocks: Mutex::new(PerSource::new(
+            config.max_representations_per_source,
+            config.max_representations,
+        )),
         assemblies: Mutex::new(PerSource::new(
             config.max_assemblies_per_source,
             config.max_assemblies,
@@ -257,7 +272,12 @@ impl CoapFrontEnd {
     fn sweep(&self, now: Instant) {
         lock(&self.dedup).expire(now);
         let life = self.config.exchange_lifetime;
-        lock(&self.blocks).retain(|_, r| now.duration_since(r.at) < life);
+        let mut blocks = lock(&self.blocks);
+        blocks.expire(now, life);
+        self.stats
+            .block2_held
+            .store(blocks.len() as u64, Ordering::Relaxed);
+        drop(blocks);
         let mut assemblies = lock(&self.assemblies);
         assemblies.expire(now, ASSEMBLY_LIFETIME);
         self.stats
@@ -452,9 +472,13 @@ impl CoapFrontEnd {
         if let Some(b2) = block_option(&packet, CoapOption::Block2)
             && b2.num > 0
         {
-            let repr = lock(&self.blocks)
-                .get(&(peer, PATH_ENROLL))
-                .map(|r| (r.code, r.content_format, r.body.clone()));
+            let repr = {
+                let mut blocks = lock(&self.blocks);
+                blocks.touch(&peer, Instant::now());
+                blocks
+                    .get(&peer)
+                    .map(|r| (r.code, r.content_format, r.body.clone()))
+            };
             match repr {
                 Some((c, cf, body)) => {
                     return self.finish(&packet, len, peer, c, Some(cf), body, None);
@@ -793,23 +817,30 @@ impl CoapFrontEnd {
             }
             p.payload = body[start..end].to_vec();
             let bytes = p.to_bytes_with_limit(MAX_DATAGRAM).unwrap_or_default();
-            // The representation is kept for the next pieces only when this piece is sent
-            // (an answer cut down to its code leaves nothing to continue).
-            if (more || num > 0)
-                && bytes.len() <= limit
-                && let Some(path) = [PATH_ENROLL, PATH_CA]
-                    .into_iter()
-                    .find(|x| *x == uri_path(req))
-            {
-                lock(&self.blocks).insert(
-                    (peer, path),
-                    Representation {
-                        code: c,
-                        content_format: content_format.unwrap_or(0),
-                        body: body.clone(),
-                        at: Instant::now(),
-                    },
-                );
+            // An enrollment answer is kept for the next pieces only while pieces remain and
+            // this one is sent (an answer cut down to its code leaves nothing to continue),
+            // bounded per source and in total, oldest out first (hardening finding 4).
+            if uri_path(req) == PATH_ENROLL {
+                let mut blocks = lock(&self.blocks);
+                if more && bytes.len() <= limit {
+                    let evicted = blocks.insert(
+                        peer,
+                        Representation {
+                            code: c,
+                            content_format: content_format.unwrap_or(0),
+                            body: body.clone(),
+                        },
+                        Instant::now(),
+                    );
+                    self.stats
+                        .block2_evicted
+                        .fetch_add(evicted as u64, Ordering::Relaxed);
+                } else if !more {
+                    blocks.remove(&peer);
+                }
+                self.stats
+                    .block2_held
+                    .store(blocks.len() as u64, Ordering::Relaxed);
             }
             return bytes;
         }

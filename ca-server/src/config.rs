@@ -118,6 +118,11 @@ pub struct Limits {
     pub coap_assemblies_per_source: usize,
     /// CoAP request bodies in Block1 reassembly from all sources.
     pub coap_assemblies: usize,
+    /// CoAP enrollment answers held for their next Block2 pieces, for one source address;
+    /// past it that source's oldest is forgotten.
+    pub coap_block2_per_source: usize,
+    /// CoAP enrollment answers held for their next Block2 pieces, for all sources.
+    pub coap_block2: usize,
 }
 
 impl Default for Limits {
@@ -127,6 +132,8 @@ impl Default for Limits {
             request_timeout_secs: 10,
             coap_assemblies_per_source: 256,
             coap_assemblies: 4096,
+            coap_block2_per_source: 256,
+            coap_block2: 16_384,
         }
     }
 }
@@ -137,6 +144,8 @@ impl Limits {
         crate::coap::CoapConfig {
             max_assemblies_per_source: self.coap_assemblies_per_source,
             max_assemblies: self.coap_assemblies,
+            max_representations_per_source: self.coap_block2_per_source,
+            max_representations: self.coap_block2,
             ..crate::coap::CoapConfig::default()
         }
     }

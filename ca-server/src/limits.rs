@@ -22,6 +22,12 @@ impl Sourced for IpAddr {
     }
 }
 
+impl Sourced for SocketAddr {
+    fn source(&self) -> IpAddr {
+        self.ip()
+    }
+}
+
 impl<T: Clone + Eq + Hash> Sourced for (SocketAddr, T) {
     fn source(&self) -> IpAddr {
         self.0.ip()

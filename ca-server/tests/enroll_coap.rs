@@ -602,3 +602,106 @@ async fn block1_state_is_bounded_per_source_and_in_total_and_others_still_enroll
     assert!(held() <= 20);
     server.stop().await;
 }
+
+/// A confirmable request with an 8-byte token: `POST /enroll` (Content-Format 60) with
+/// `payload` asking for 16-byte Block2 pieces, or `GET /ca` when `payload` is `None`.
+fn small_block_request(mid: u16, payload: Option<&[u8]>) -> Vec<u8> {
+    use coap_lite::block_handler::BlockValue;
+    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
+    let mut p = Packet::new();
+    p.header.set_version(1);
+    p.header.set_type(MessageType::Confirmable);
+    p.header.message_id = mid;
+    p.set_token([mid.to_be_bytes(), mid.to_be_bytes(), [1, 2], [3, 4]].concat());
+    match payload {
+        Some(body) => {
+            p.header.code = MessageClass::Request(RequestType::Post);
+            p.add_option(CoapOption::UriPath, b"enroll".to_vec());
+            p.add_option(CoapOption::ContentFormat, vec![60]);
+            p.add_option_as(CoapOption::Block2, BlockValue::new(0, false, 16).unwrap());
+            p.payload = body.to_vec();
+        }
+        None => {
+            p.header.code = MessageClass::Request(RequestType::Get);
+            p.add_option(CoapOption::UriPath, b"ca".to_vec());
+        }
+    }
+    p.to_bytes().unwrap()
+}
+
+/// Finding 4 of the hardening issue: Block2 state grew with every distinct source and a 7-byte
+/// `GET /ca` stored a copy of the CA certificate that was never read back. Now `GET /ca` holds
+/// nothing, enrollment answers are bounded per source address and in total, oldest out first,
+/// and a device on another source still gets its full certificate in Block2 pieces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block2_state_is_bounded_per_source_and_in_total_and_get_ca_holds_none() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    ca.set_limits(|l| {
+        l.coap_block2_per_source = 8;
+        l.coap_block2 = 12;
+    });
+    let server = ca.start().await;
+    let addr = server.coap.unwrap();
+    let stats = server.coap_stats.clone();
+    let held = || stats.block2_held.load(Ordering::Relaxed);
+    // GET /ca from many ports of one source, in 16-byte pieces (a 15-byte request): the first
+    // piece of the certificate each time, and nothing held.
+    let mut mid = 0x2000u16;
+    for _ in 0..20 {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        mid += 1;
+        let ans = exchange(&s, addr, &small_block_request(mid, None))
+            .await
+            .unwrap();
+        assert_eq!(ans[1], 0x45, "2.05 Content");
+    }
+    assert_eq!(held(), 0, "GET /ca keeps no Block2 state");
+    // Undecodable enrollment requests from 40 ports of one source, each answered with a problem
+    // in 16-byte pieces (more to come): the source keeps 8.
+    for _ in 0..40 {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        mid += 1;
+        let ans = exchange(&s, addr, &small_block_request(mid, Some(&[0xff; 40])))
+            .await
+            .unwrap();
+        assert_eq!(ans[1], 0x80, "4.00, its first piece");
+    }
+    assert_eq!(held(), 8, "one source holds its share, no more");
+    assert_eq!(stats.block2_evicted.load(Ordering::Relaxed), 32);
+    let s = UdpSocket::bind("127.0.0.3:0").await.unwrap();
+    for _ in 0..8 {
+        mid += 1;
+        let req = small_block_request(mid, Some(&[0xff; 40]));
+        assert_eq!(exchange(&s, addr, &req).await.unwrap()[1], 0x80);
+        // Each request from the same endpoint replaces that endpoint's answer.
+    }
+    assert_eq!(held(), 9);
+    for _ in 0..6 {
+        let s = UdpSocket::bind("127.0.0.3:0").await.unwrap();
+        mid += 1;
+        let req = small_block_request(mid, Some(&[0xff; 40]));
+        assert_eq!(exchange(&s, addr, &req).await.unwrap()[1], 0x80);
+    }
+    assert_eq!(held(), 12, "the total cap");
+    // A device on another source gets its full certificate in Block2 pieces (its request in
+    // 64-byte Block1 pieces: the small last piece makes the answer come in Block2 pieces).
+    let profile = CertProfile::from_ca_der(&ca.ca_der).unwrap();
+    let rng = SystemRandom::new();
+    let state =
+        DeviceState::generate(DeviceSerial::new(5).unwrap(), KeyAlgorithm::P256, &rng).unwrap();
+    let token = line.token(5, &state.key.spki_der());
+    let req = build_request(&state, &token, ResponseForm::Full, &rng)
+        .unwrap()
+        .to_cbor();
+    let client = CoapClient::new(coap_url(addr))
+        .with_block1_size(64)
+        .with_source("127.0.0.2".parse().unwrap());
+    let mut sock = client.socket().await.unwrap();
+    let resp = client.enroll(&mut sock, req).await.unwrap();
+    assert!(matches!(resp, EnrollResponse::Full { .. }));
+    accept_response(&state, &profile, &resp).unwrap();
+    assert!(held() <= 12);
+    server.stop().await;
+}
