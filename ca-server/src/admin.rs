@@ -518,10 +518,12 @@ fn metrics(service: &CaService, ctx: &AdminContext) -> AdminResult {
                 "amplification_refused",
                 c.amplification_refused.load(Relaxed),
             ),
+            ("exchanges_evicted", c.exchanges_evicted.load(Relaxed)),
             ("block1_evicted", c.block1_evicted.load(Relaxed)),
             ("block2_evicted", c.block2_evicted.load(Relaxed)),
         ],
         coap_state: vec![
+            ("exchanges", c.exchanges_held.load(Relaxed)),
             ("block1", c.block1_held.load(Relaxed)),
             ("block2", c.block2_held.load(Relaxed)),
         ],

@@ -7,7 +7,6 @@
 //! queue, so that the number of tasks never grows with the number of datagrams. When the queue
 //! is full a request is dropped unanswered and the device's retransmission brings it back later.
 
-use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,6 +43,9 @@ pub struct CoapConfig {
     /// Most exchanges remembered at once; past it the oldest are forgotten (a retransmission
     /// older than that is processed again, which for enrollment returns the stored answer).
     pub max_remembered: usize,
+    /// Most exchanges remembered at once for one source address; past it that source's
+    /// oldest are forgotten.
+    pub max_remembered_per_source: usize,
     /// Request bodies being received in Block1 pieces, at most, from one source address;
     /// past it that source's oldest is forgotten (its next piece gets 4.08).
     pub max_assemblies_per_source: usize,
@@ -67,6 +69,7 @@ impl Default for CoapConfig {
                 protocol_spec::coap::TransmissionParams::default().exchange_lifetime_ms(),
             ),
             max_remembered: 200_000,
+            max_remembered_per_source: 10_000,
             max_assemblies_per_source: 256,
             max_assemblies: 4096,
             max_representations_per_source: 256,
@@ -94,6 +97,10 @@ pub struct CoapStats {
     pub malformed: AtomicU64,
     /// Resets sent.
     pub resets: AtomicU64,
+    /// Exchanges remembered for duplicate detection now.
+    pub exchanges_held: AtomicU64,
+    /// Exchanges forgotten before EXCHANGE_LIFETIME to make room (cap per source or total).
+    pub exchanges_evicted: AtomicU64,
     /// Block1 bodies in reassembly now.
     pub block1_held: AtomicU64,
     /// Block1 bodies forgotten before their last piece to make room (cap per source or total).
@@ -117,27 +124,6 @@ enum Exchange {
 }
 
 type ExchangeKey = (SocketAddr, u16);
-
-/// Recently seen exchanges, by (peer, Message ID), expiring in arrival order.
-struct Dedup {
-    map: HashMap<ExchangeKey, Exchange>,
-    order: VecDeque<(ExchangeKey, Instant)>,
-    lifetime: Duration,
-    max: usize,
-}
-
-impl Dedup {
-    fn expire(&mut self, now: Instant) {
-        while let Some((key, at)) = self.order.front() {
-            if now.duration_since(*at) < self.lifetime && self.order.len() <= self.max {
-                break;
-            }
-            let key = *key;
-            self.order.pop_front();
-            self.map.remove(&key);
-        }
-    }
-}
 
 /// An enrollment answer being sent in Block2 pieces, kept for the follow-up requests (which
 /// carry no payload, so the answer cannot be made again from them). `GET /ca` keeps nothing:
@@ -170,7 +156,9 @@ pub struct CoapFrontEnd {
     socket: Arc<UdpSocket>,
     service: Arc<CaService>,
     config: CoapConfig,
-    dedup: Mutex<Dedup>,
+    /// Recently seen exchanges, by (peer, Message ID), bounded per source address and in
+    /// total, expiring in arrival order.
+    dedup: Mutex<PerSource<ExchangeKey, Exchange>>,
     blocks: Mutex<PerSource<SocketAddr, Representation>>,
     assemblies: Mutex<PerSource<(SocketAddr, Vec<u8>), Assembly>>,
     next_mid: AtomicU16,
@@ -207,12 +195,10 @@ pub async fn serve(
     let front = Arc::new(CoapFrontEnd {
         socket: Arc::new(socket),
         service,
-        dedup: Mutex::new(Dedup {
-            map: HashMap::new(),
-            order: VecDeque::new(),
-            lifetime: config.exchange_lifetime,
-            max: config.max_remembered,
-        }),
+        dedup: Mutex::new(PerSource::new(
+            config.max_remembered_per_source,
+            config.max_remembered,
+        )),
         blocks: Mutex::new(PerSource::new(
             config.max_representations_per_source,
             config.max_representations,
@@ -270,7 +256,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl CoapFrontEnd {
     fn sweep(&self, now: Instant) {
-        lock(&self.dedup).expire(now);
+        let mut dedup = lock(&self.dedup);
+        dedup.expire(now, self.config.exchange_lifetime);
+        self.stats
+            .exchanges_held
+            .store(dedup.len() as u64, Ordering::Relaxed);
+        drop(dedup);
         let life = self.config.exchange_lifetime;
         let mut blocks = lock(&self.blocks);
         blocks.expire(now, life);
@@ -378,7 +369,7 @@ impl CoapFrontEnd {
         {
             let mut d = lock(&self.dedup);
             let token = packet.get_token();
-            match d.map.get(&key) {
+            match d.get(&key) {
                 Some(Exchange::Done(t, bytes)) if t.as_slice() == token => {
                     // RFC 7252 section 11.3 holds for every datagram sent, a repeated answer
                     // too: a true retransmission is as large as the request that built the
@@ -405,12 +396,19 @@ impl CoapFrontEnd {
                         .fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                Some(_) => {
-                    d.map.insert(key, Exchange::InProgress(token.to_vec()));
-                }
-                None => {
-                    d.map.insert(key, Exchange::InProgress(token.to_vec()));
-                    d.order.push_back((key, Instant::now()));
+                _ => {
+                    // A new exchange (or a reused Message ID with another token): remembered
+                    // as the newest, within the caps per source and in total, the oldest out
+                    // first (a retransmission of a forgotten exchange is processed again,
+                    // which for enrollment returns the stored answer).
+                    let evicted =
+                        d.insert(key, Exchange::InProgress(token.to_vec()), Instant::now());
+                    self.stats
+                        .exchanges_evicted
+                        .fetch_add(evicted as u64, Ordering::Relaxed);
+                    self.stats
+                        .exchanges_held
+                        .store(d.len() as u64, Ordering::Relaxed);
                 }
             }
         }
@@ -538,7 +536,7 @@ impl CoapFrontEnd {
         };
         if jobs.try_send(job).is_err() {
             // Busy: forget the exchange so that the retransmission is processed.
-            lock(&self.dedup).map.remove(&key);
+            lock(&self.dedup).remove(&key);
             self.stats.dropped_busy.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -702,7 +700,7 @@ impl CoapFrontEnd {
         }
         let key = (peer, req.header.message_id);
         let bytes = Arc::new(bytes);
-        if let Some(e) = lock(&self.dedup).map.get_mut(&key) {
+        if let Some(e) = lock(&self.dedup).get_mut(&key) {
             *e = Exchange::Done(req.get_token().to_vec(), bytes.clone());
         }
         self.send(&bytes, peer);

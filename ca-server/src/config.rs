@@ -113,6 +113,11 @@ pub struct Limits {
     pub max_connections: usize,
     /// Seconds a client may take for the TLS handshake and its request.
     pub request_timeout_secs: u64,
+    /// CoAP exchanges remembered for duplicate detection from one source address; past it
+    /// that source's oldest is forgotten.
+    pub coap_exchanges_per_source: usize,
+    /// CoAP exchanges remembered for duplicate detection from all sources.
+    pub coap_exchanges: usize,
     /// CoAP request bodies in Block1 reassembly from one source address; past it that
     /// source's oldest is forgotten.
     pub coap_assemblies_per_source: usize,
@@ -130,6 +135,8 @@ impl Default for Limits {
         Limits {
             max_connections: 2048,
             request_timeout_secs: 10,
+            coap_exchanges_per_source: 10_000,
+            coap_exchanges: 200_000,
             coap_assemblies_per_source: 256,
             coap_assemblies: 4096,
             coap_block2_per_source: 256,
@@ -142,6 +149,8 @@ impl Limits {
     /// The CoAP front end's limits.
     pub fn coap(&self) -> crate::coap::CoapConfig {
         crate::coap::CoapConfig {
+            max_remembered_per_source: self.coap_exchanges_per_source,
+            max_remembered: self.coap_exchanges,
             max_assemblies_per_source: self.coap_assemblies_per_source,
             max_assemblies: self.coap_assemblies,
             max_representations_per_source: self.coap_block2_per_source,

@@ -705,3 +705,63 @@ async fn block2_state_is_bounded_per_source_and_in_total_and_get_ca_holds_none()
     assert!(held() <= 12);
     server.stop().await;
 }
+
+/// The duplicate cache is bounded per source address and in total, the oldest out first: one
+/// source's many exchanges push out its own oldest (a retransmission of a forgotten exchange
+/// is processed again, not answered from the cache), and a device on another source enrolls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_duplicate_cache_is_bounded_per_source_and_in_total() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    ca.set_limits(|l| {
+        l.coap_exchanges_per_source = 16;
+        l.coap_exchanges = 40;
+    });
+    let server = ca.start().await;
+    let addr = server.coap.unwrap();
+    let stats = server.coap_stats.clone();
+    let held = || stats.exchanges_held.load(Ordering::Relaxed);
+    let answered = || stats.duplicates_answered.load(Ordering::Relaxed);
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let first = small_block_request(0x3000, None);
+    assert_eq!(exchange(&s, addr, &first).await.unwrap()[1], 0x45);
+    for mid in 0x3001..0x3064u16 {
+        let ans = exchange(&s, addr, &small_block_request(mid, None)).await;
+        assert_eq!(ans.unwrap()[1], 0x45, "2.05 Content");
+    }
+    assert_eq!(held(), 16, "one source holds its share, no more");
+    assert_eq!(stats.exchanges_evicted.load(Ordering::Relaxed), 100 - 16);
+    // The newest is still a duplicate; the first was forgotten and is a new exchange.
+    let newest = small_block_request(0x3063, None);
+    assert_eq!(exchange(&s, addr, &newest).await.unwrap()[1], 0x45);
+    assert_eq!(answered(), 1);
+    assert_eq!(exchange(&s, addr, &first).await.unwrap()[1], 0x45);
+    assert_eq!(answered(), 1, "a forgotten exchange is processed again");
+    // Other sources fill the total, not past it.
+    for last in 3..=5u8 {
+        let s = UdpSocket::bind((std::net::Ipv4Addr::new(127, 0, 0, last), 0))
+            .await
+            .unwrap();
+        for mid in 0..16u16 {
+            let ans = exchange(&s, addr, &small_block_request(mid, None)).await;
+            assert_eq!(ans.unwrap()[1], 0x45);
+        }
+    }
+    assert_eq!(held(), 40, "the total cap");
+    // A device on another source enrolls.
+    let profile = CertProfile::from_ca_der(&ca.ca_der).unwrap();
+    let rng = SystemRandom::new();
+    let state =
+        DeviceState::generate(DeviceSerial::new(3).unwrap(), KeyAlgorithm::Ed25519, &rng).unwrap();
+    let token = line.token(3, &state.key.spki_der());
+    let req = build_request(&state, &token, ResponseForm::Compact, &rng)
+        .unwrap()
+        .to_cbor();
+    let client = CoapClient::new(coap_url(addr)).with_source("127.0.0.2".parse().unwrap());
+    let mut sock = client.socket().await.unwrap();
+    let resp = client.enroll(&mut sock, req).await.unwrap();
+    accept_response(&state, &profile, &resp).unwrap();
+    assert_eq!(held(), 40);
+    server.stop().await;
+}
