@@ -109,8 +109,16 @@ impl Default for TokenRules {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Concurrent TLS connections per listener; more wait in the kernel's backlog.
+    /// Concurrent TLS connections per device listener (HTTPS enrollment, mutual-TLS secrets);
+    /// a connection past it is closed on accept.
     pub max_connections: usize,
+    /// Concurrent TLS connections from one source address per device listener; a connection
+    /// past it is closed on accept.
+    pub max_connections_per_source: usize,
+    /// Concurrent connections to the admin listener (slots of its own).
+    pub admin_max_connections: usize,
+    /// Concurrent connections to the admin listener from one source address.
+    pub admin_max_connections_per_source: usize,
     /// Seconds a client may take for the TLS handshake and its request.
     pub request_timeout_secs: u64,
     /// CoAP exchanges remembered for duplicate detection from one source address; past it
@@ -134,6 +142,9 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 2048,
+            max_connections_per_source: 512,
+            admin_max_connections: 256,
+            admin_max_connections_per_source: 64,
             request_timeout_secs: 10,
             coap_exchanges_per_source: 10_000,
             coap_exchanges: 200_000,

@@ -18,9 +18,10 @@ use protocol_spec::enroll::RequestEncoding;
 use protocol_spec::messages::MAX_ENROLL_REQUEST_JSON;
 use protocol_spec::profile::cert_pem;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use crate::limits::Slots;
 use crate::service::CaService;
 
 const CBOR: &str = "application/cbor";
@@ -43,23 +44,34 @@ pub enum Door {
     Admin(Arc<crate::admin::AdminContext>),
 }
 
-/// Serves `door` on `listener` until `shutdown` turns true.
+impl Door {
+    /// The door's name in logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Door::Enrollment => "enrollment",
+            Door::Secrets => "secrets",
+            Door::Admin(_) => "admin",
+        }
+    }
+}
+
+/// Serves `door` on `listener` until `shutdown` turns true. Each connection takes one of
+/// `slots` once accepted (per source address and per listener): a connection past its
+/// source's share or the listener's is closed at once, so that one source cannot hold every
+/// slot, and a client behind a flood is never left in the kernel's backlog; each door has its
+/// own slots, so enrollment traffic cannot starve the admin door. `timeout` bounds the TLS
+/// handshake, each request's headers (an idle kept-alive connection included) and its body.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     service: Arc<CaService>,
     door: Door,
-    max_connections: usize,
+    slots: Slots,
     timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(max_connections.max(1)));
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = shutdown.changed() => return,
-        };
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -71,6 +83,16 @@ pub async fn serve(
                 }
             },
             _ = shutdown.changed() => return,
+        };
+        let permit = match slots.take(peer.ip()) {
+            Ok(p) => p,
+            Err(full) => {
+                // Closed at once: the peer sees the connection end before any handshake.
+                service.metrics().connection_refused(door.name(), full);
+                tracing::debug!(%peer, door = door.name(), ?full, "no connection slot");
+                drop(tcp);
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();

@@ -67,6 +67,12 @@ struct CoapLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabel {
+    door: String,
+    reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CoapStateLabel {
     kind: String,
 }
@@ -93,6 +99,7 @@ pub struct Metrics {
     line_quota: Family<LineLabel, Gauge<i64, AtomicI64>>,
     coap: Family<CoapLabel, Counter<u64, AtomicU64>>,
     coap_state: Family<CoapStateLabel, Gauge<i64, AtomicI64>>,
+    refused_connections: Family<RefusedLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -210,6 +217,13 @@ impl Metrics {
             "Entries the CoAP front end holds now, by kind (bounded per source and in total)",
             coap_state.clone(),
         );
+        let refused_connections = Family::<RefusedLabel, Counter>::default();
+        registry.register(
+            "refused_connections",
+            "TCP connections closed on accept for want of a slot, by door and reason (source: the \
+             source address holds its share; listener: the door is full)",
+            refused_connections.clone(),
+        );
         Metrics {
             registry,
             scrape: std::sync::Mutex::new(()),
@@ -230,7 +244,22 @@ impl Metrics {
             line_quota,
             coap,
             coap_state,
+            refused_connections,
         }
+    }
+
+    /// A connection closed on accept for want of a slot.
+    pub fn connection_refused(&self, door: &str, why: crate::limits::NoSlot) {
+        let reason = match why {
+            crate::limits::NoSlot::Source => "source",
+            crate::limits::NoSlot::Listener => "listener",
+        };
+        self.refused_connections
+            .get_or_create(&RefusedLabel {
+                door: door.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     /// One enrollment answered: `created` is `Some(true)` for a new binding, `Some(false)` for

@@ -136,7 +136,10 @@ pub async fn start_with_clock(
             tls,
             service.clone(),
             crate::https::Door::Enrollment,
-            config.limits.max_connections,
+            crate::limits::Slots::new(
+                config.limits.max_connections_per_source,
+                config.limits.max_connections,
+            ),
             timeout,
             rx.clone(),
         )));
@@ -173,7 +176,10 @@ pub async fn start_with_clock(
             tls,
             service.clone(),
             crate::https::Door::Secrets,
-            config.limits.max_connections,
+            crate::limits::Slots::new(
+                config.limits.max_connections_per_source,
+                config.limits.max_connections,
+            ),
             timeout,
             rx.clone(),
         )));
@@ -202,7 +208,10 @@ pub async fn start_with_clock(
             tls,
             service.clone(),
             crate::https::Door::Admin(ctx),
-            config.limits.max_connections,
+            crate::limits::Slots::new(
+                config.limits.admin_max_connections_per_source,
+                config.limits.admin_max_connections,
+            ),
             timeout,
             rx.clone(),
         )));
