@@ -518,6 +518,7 @@ fn metrics(service: &CaService, ctx: &AdminContext) -> AdminResult {
                 "amplification_refused",
                 c.amplification_refused.load(Relaxed),
             ),
+            ("rate_limited", c.rate_limited.load(Relaxed)),
             ("exchanges_evicted", c.exchanges_evicted.load(Relaxed)),
             ("block1_evicted", c.block1_evicted.load(Relaxed)),
             ("block2_evicted", c.block2_evicted.load(Relaxed)),

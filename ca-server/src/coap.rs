@@ -24,7 +24,7 @@ use protocol_spec::{Problem, ProblemType};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
-use crate::limits::PerSource;
+use crate::limits::{PerSource, SourceRate};
 use crate::service::CaService;
 
 /// Largest datagram the server sends (fits the IPv6 minimum MTU with room for headers).
@@ -69,7 +69,7 @@ impl Default for CoapConfig {
                 protocol_spec::coap::TransmissionParams::default().exchange_lifetime_ms(),
             ),
             max_remembered: 200_000,
-            max_remembered_per_source: 10_000,
+            max_remembered_per_source: 50_000,
             max_assemblies_per_source: 256,
             max_assemblies: 4096,
             max_representations_per_source: 256,
@@ -97,6 +97,8 @@ pub struct CoapStats {
     pub malformed: AtomicU64,
     /// Resets sent.
     pub resets: AtomicU64,
+    /// Requests answered 4.29 because their source exceeded its rate.
+    pub rate_limited: AtomicU64,
     /// Exchanges remembered for duplicate detection now.
     pub exchanges_held: AtomicU64,
     /// Exchanges forgotten before EXCHANGE_LIFETIME to make room (cap per source or total).
@@ -162,6 +164,7 @@ pub struct CoapFrontEnd {
     blocks: Mutex<PerSource<SocketAddr, Representation>>,
     assemblies: Mutex<PerSource<(SocketAddr, Vec<u8>), Assembly>>,
     next_mid: AtomicU16,
+    rate: Arc<SourceRate>,
     /// Counters.
     pub stats: Arc<CoapStats>,
 }
@@ -188,6 +191,7 @@ pub async fn serve(
     service: Arc<CaService>,
     config: CoapConfig,
     stats: Arc<CoapStats>,
+    rate: Arc<SourceRate>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (tx, rx) = mpsc::channel::<Job>(config.queue.max(1));
@@ -208,6 +212,7 @@ pub async fn serve(
             config.max_assemblies,
         )),
         next_mid: AtomicU16::new(std::process::id() as u16),
+        rate,
         stats,
         config,
     });
@@ -413,6 +418,17 @@ impl CoapFrontEnd {
             }
         }
         let len = data.len();
+        // The source's rate (SPEC.md section 11.6), counted for each new exchange: 4.29 with
+        // Max-Age, remembered like any answer so that its retransmissions are not counted.
+        if self.rate.check(peer.ip(), Instant::now()).is_err() {
+            self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+            let p = Problem::new(
+                ProblemType::RateLimited,
+                "too many requests from this address; retry later",
+            );
+            self.finish_problem(&packet, len, peer, code(4, 29), &p);
+            return;
+        }
         if let Some(bad) = packet
             .options()
             .map(|(n, _)| *n)
@@ -748,12 +764,15 @@ impl CoapFrontEnd {
         if let Some(cf) = content_format {
             p.add_option(CoapOption::ContentFormat, uint_option(u32::from(cf)));
         }
-        if c == code(5, 3) {
-            // RFC 7252 section 5.9.3.4: Max-Age says when to retry a 5.03.
-            p.add_option(
-                CoapOption::MaxAge,
-                uint_option(crate::https::UNAVAILABLE_RETRY_SECS),
-            );
+        // RFC 7252 section 5.9.3.4 and RFC 8516 section 3: Max-Age says when to retry a 5.03
+        // or a 4.29.
+        let retry = match c {
+            x if x == code(5, 3) => Some(crate::https::UNAVAILABLE_RETRY_SECS),
+            x if x == code(4, 29) => Some(crate::https::RATE_LIMITED_RETRY_SECS),
+            _ => None,
+        };
+        if let Some(secs) = retry {
+            p.add_option(CoapOption::MaxAge, uint_option(secs));
         }
         if let Some(b1) = block1 {
             p.add_option_as(CoapOption::Block1, b1);

@@ -121,6 +121,15 @@ pub struct Limits {
     pub admin_max_connections_per_source: usize,
     /// Seconds a client may take for the TLS handshake and its request.
     pub request_timeout_secs: u64,
+    /// Requests per second from one source address at the device doors (HTTPS enrollment,
+    /// CoAP, mutual-TLS secrets, counted together; CoAP counts each new exchange, a Block1
+    /// piece included); past it 429 / 4.29 with a retry hint of 1 s. 0: no limit.
+    pub rate_per_source: u32,
+    /// Requests one source address may make at once before its rate applies.
+    pub rate_burst_per_source: u32,
+    /// Source addresses whose rate is remembered at once (the least recently seen is
+    /// forgotten first, and starts again with a full burst).
+    pub rate_sources: usize,
     /// CoAP exchanges remembered for duplicate detection from one source address; past it
     /// that source's oldest is forgotten.
     pub coap_exchanges_per_source: usize,
@@ -146,7 +155,12 @@ impl Default for Limits {
             admin_max_connections: 256,
             admin_max_connections_per_source: 64,
             request_timeout_secs: 10,
-            coap_exchanges_per_source: 10_000,
+            // Above what one address sends on this 2-core machine when many devices share it
+            // (a line gateway, a NAT, the simulator's loss relay: about 2,600 CoAP devices/s).
+            rate_per_source: 5000,
+            rate_burst_per_source: 10_000,
+            rate_sources: 100_000,
+            coap_exchanges_per_source: 50_000,
             coap_exchanges: 200_000,
             coap_assemblies_per_source: 256,
             coap_assemblies: 4096,

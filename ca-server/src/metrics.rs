@@ -67,6 +67,11 @@ struct CoapLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DoorLabel {
+    door: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusedLabel {
     door: String,
     reason: String,
@@ -100,6 +105,7 @@ pub struct Metrics {
     coap: Family<CoapLabel, Counter<u64, AtomicU64>>,
     coap_state: Family<CoapStateLabel, Gauge<i64, AtomicI64>>,
     refused_connections: Family<RefusedLabel, Counter>,
+    rate_limited: Family<DoorLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -224,6 +230,13 @@ impl Metrics {
              source address holds its share; listener: the door is full)",
             refused_connections.clone(),
         );
+        let rate_limited = Family::<DoorLabel, Counter>::default();
+        registry.register(
+            "source_rate_limited",
+            "HTTPS requests answered 429 because their source address exceeded its rate, by door \
+             (CoAP: coap_events{event=\"rate_limited\"})",
+            rate_limited.clone(),
+        );
         Metrics {
             registry,
             scrape: std::sync::Mutex::new(()),
@@ -245,7 +258,17 @@ impl Metrics {
             coap,
             coap_state,
             refused_connections,
+            rate_limited,
         }
+    }
+
+    /// An HTTPS request refused for its source's rate.
+    pub fn source_rate_limited(&self, door: &str) {
+        self.rate_limited
+            .get_or_create(&DoorLabel {
+                door: door.to_string(),
+            })
+            .inc();
     }
 
     /// A connection closed on accept for want of a slot.

@@ -122,6 +122,12 @@ pub async fn start_with_clock(
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let timeout = Duration::from_secs(config.limits.request_timeout_secs.max(1));
+    // One rate per source address for every device door, HTTPS and CoAP alike.
+    let rate = Arc::new(crate::limits::SourceRate::new(
+        config.limits.rate_per_source,
+        config.limits.rate_burst_per_source,
+        config.limits.rate_sources,
+    ));
 
     let https_addr = overrides.https.or(config.listen.https);
     let mut https = None;
@@ -136,11 +142,14 @@ pub async fn start_with_clock(
             tls,
             service.clone(),
             crate::https::Door::Enrollment,
-            crate::limits::Slots::new(
-                config.limits.max_connections_per_source,
-                config.limits.max_connections,
-            ),
-            timeout,
+            crate::https::DoorLimits {
+                slots: crate::limits::Slots::new(
+                    config.limits.max_connections_per_source,
+                    config.limits.max_connections,
+                ),
+                timeout,
+                rate: Some(rate.clone()),
+            },
             rx.clone(),
         )));
     }
@@ -156,6 +165,7 @@ pub async fn start_with_clock(
             service.clone(),
             config.limits.coap(),
             coap_stats.clone(),
+            rate.clone(),
             rx.clone(),
         )));
     }
@@ -176,11 +186,14 @@ pub async fn start_with_clock(
             tls,
             service.clone(),
             crate::https::Door::Secrets,
-            crate::limits::Slots::new(
-                config.limits.max_connections_per_source,
-                config.limits.max_connections,
-            ),
-            timeout,
+            crate::https::DoorLimits {
+                slots: crate::limits::Slots::new(
+                    config.limits.max_connections_per_source,
+                    config.limits.max_connections,
+                ),
+                timeout,
+                rate: Some(rate.clone()),
+            },
             rx.clone(),
         )));
     }
@@ -208,11 +221,14 @@ pub async fn start_with_clock(
             tls,
             service.clone(),
             crate::https::Door::Admin(ctx),
-            crate::limits::Slots::new(
-                config.limits.admin_max_connections_per_source,
-                config.limits.admin_max_connections,
-            ),
-            timeout,
+            crate::https::DoorLimits {
+                slots: crate::limits::Slots::new(
+                    config.limits.admin_max_connections_per_source,
+                    config.limits.admin_max_connections,
+                ),
+                timeout,
+                rate: None,
+            },
             rx.clone(),
         )));
     }

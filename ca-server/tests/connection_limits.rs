@@ -185,6 +185,18 @@ async fn a_client_that_sends_nothing_is_closed_after_the_time_limit() {
         assert!(started.elapsed() >= Duration::from_millis(900));
     }
     // After a completed handshake, no request.
+    let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let mut tls = tls_from(&ca, localhost, server.https.unwrap()).await;
+    assert!(closed_by_server(&mut tls).await, "idle TLS still open");
+    server.stop().await;
+}
+
+/// A TLS connection from `source` to `addr`, trusting the test CA.
+async fn tls_from(
+    ca: &TestCa,
+    source: IpAddr,
+    addr: SocketAddr,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(rustls::pki_types::CertificateDer::from(ca.ca_der.clone()))
@@ -196,12 +208,71 @@ async fn a_client_that_sends_nothing_is_closed_after_the_time_limit() {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let tcp = TcpStream::connect(server.https.unwrap()).await.unwrap();
+    let tcp = connect_from(source, addr).await;
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
+        .unwrap()
+}
+
+/// SPEC.md section 11.6 (hardening issue, finding 12): a per-source rate at the device doors.
+/// A source past its rate gets 429 with Retry-After and the rate-limited problem, on its
+/// kept-alive connection; another source is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_past_its_rate_gets_429_with_retry_after_and_others_enroll() {
+    use http_body_util::{BodyExt, Empty};
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    ca.set_limits(|l| {
+        l.rate_per_source = 1;
+        l.rate_burst_per_source = 3;
+    });
+    let server = ca.start().await;
+    let https = server.https.unwrap();
+    let tls = tls_from(&ca, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)), https).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // The burst, then 429 as soon as the bucket is empty (it refills at one a second, far
+    // slower than these requests on one connection).
+    let mut answers = Vec::new();
+    let limited = loop {
+        assert!(answers.len() < 100, "never limited: {answers:?}");
+        let req = hyper::Request::get("/ca")
+            .header("host", "127.0.0.1")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        sender.ready().await.unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        answers.push(status);
+        if status != 200 {
+            break resp;
+        }
+    };
+    assert!(
+        answers.len() > 3,
+        "the burst of 3 is served first: {answers:?}"
+    );
+    assert_eq!(limited.status().as_u16(), 429);
+    assert_eq!(limited.headers()["retry-after"], "1");
+    assert_eq!(
+        limited.headers()["content-type"],
+        "application/concise-problem-details+cbor"
+    );
+    let body = limited.into_body().collect().await.unwrap().to_bytes();
+    let problem = protocol_spec::Problem::from_cbor(&body).unwrap();
+    assert_eq!(problem.kind, protocol_spec::ProblemType::RateLimited);
+    // Another source is not held back by this one.
+    let device = Device::new(2, KeyAlgorithm::Ed25519);
+    ca.client(https)
+        .with_source(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)))
+        .enroll(device.request(&line, ResponseForm::Compact))
+        .await
         .unwrap();
-    assert!(closed_by_server(&mut tls).await, "idle TLS still open");
     server.stop().await;
 }

@@ -765,3 +765,58 @@ async fn the_duplicate_cache_is_bounded_per_source_and_in_total() {
     assert_eq!(held(), 40);
     server.stop().await;
 }
+
+/// SPEC.md section 11.6 (hardening issue, finding 12): a per-source rate, counted per new
+/// exchange. A source past it gets 4.29 with Max-Age (a retransmission gets the same answer
+/// from the cache and is not counted); another source enrolls meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_past_its_rate_gets_4_29_with_max_age_and_others_enroll() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    ca.set_limits(|l| {
+        l.rate_per_source = 1;
+        l.rate_burst_per_source = 3;
+    });
+    let server = ca.start().await;
+    let addr = server.coap.unwrap();
+    let s = UdpSocket::bind("127.0.0.3:0").await.unwrap();
+    let mut codes = Vec::new();
+    let mut mid = 0x4000u16;
+    let (req, ans) = loop {
+        assert!(codes.len() < 100, "never limited: {codes:?}");
+        mid += 1;
+        let req = small_block_request(mid, None);
+        let ans = exchange(&s, addr, &req).await.unwrap();
+        codes.push(ans[1]);
+        if ans[1] != 0x45 {
+            break (req, ans);
+        }
+    };
+    assert!(codes.len() > 3, "the burst of 3 is served first: {codes:?}");
+    assert_eq!(ans[1], 0x9d, "4.29 Too Many Requests");
+    let packet = coap_lite::Packet::from_bytes(&ans).unwrap();
+    let max_age = packet
+        .get_first_option(coap_lite::CoapOption::MaxAge)
+        .expect("Max-Age");
+    assert_eq!(protocol_spec::coap::parse_uint_option(max_age), Some(1));
+    let limited = server.coap_stats.rate_limited.load(Ordering::Relaxed);
+    assert_eq!(limited, 1);
+    // Its retransmission: the same answer, not counted again.
+    assert_eq!(exchange(&s, addr, &req).await.unwrap(), ans);
+    assert_eq!(server.coap_stats.rate_limited.load(Ordering::Relaxed), 1);
+    // Another source enrolls.
+    let profile = CertProfile::from_ca_der(&ca.ca_der).unwrap();
+    let rng = SystemRandom::new();
+    let state =
+        DeviceState::generate(DeviceSerial::new(4).unwrap(), KeyAlgorithm::Ed25519, &rng).unwrap();
+    let token = line.token(4, &state.key.spki_der());
+    let req = build_request(&state, &token, ResponseForm::Compact, &rng)
+        .unwrap()
+        .to_cbor();
+    let client = CoapClient::new(coap_url(addr)).with_source("127.0.0.2".parse().unwrap());
+    let mut sock = client.socket().await.unwrap();
+    let resp = client.enroll(&mut sock, req).await.unwrap();
+    accept_response(&state, &profile, &resp).unwrap();
+    server.stop().await;
+}
