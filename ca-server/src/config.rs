@@ -92,7 +92,7 @@ impl Default for Listen {
 pub struct TokenRules {
     /// Allowed clock difference with line stations, seconds.
     pub max_clock_skew: u64,
-    /// Longest accepted token lifetime, seconds.
+    /// Longest accepted token lifetime (`exp - iat`), seconds.
     pub max_lifetime: u64,
 }
 
@@ -100,7 +100,7 @@ impl Default for TokenRules {
     fn default() -> Self {
         TokenRules {
             max_clock_skew: 120,
-            max_lifetime: 86_400,
+            max_lifetime: protocol_spec::token::MAX_LIFETIME,
         }
     }
 }
