@@ -12,7 +12,7 @@
 //! | `GET /lines`, `POST /lines` | [`LineView`] list; [`AddLine`] -> [`LineView`] |
 //! | `POST /lines/{id}/disable`, `POST /lines/{id}/enable` | [`LineView`] |
 //! | `GET /audit?after=N&limit=M` | JSON lines of [`AuditLine`] after sequence N |
-//! | `GET /audit/verify` | [`AuditVerdict`] |
+//! | `GET /audit/verify` | [`AuditVerdict`](crate::audit::AuditVerdict) |
 //! | `GET /crl` | the CRL, DER |
 //! | `GET /metrics` | Prometheus text format |
 
