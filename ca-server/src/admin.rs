@@ -12,7 +12,7 @@
 //! | `GET /lines`, `POST /lines` | [`LineView`] list; [`AddLine`] -> [`LineView`] |
 //! | `POST /lines/{id}/disable`, `POST /lines/{id}/enable` | [`LineView`] |
 //! | `GET /audit?after=N&limit=M` | JSON lines of [`AuditLine`] after sequence N |
-//! | `GET /audit/verify` | [`AuditVerdict`] |
+//! | `GET /audit/verify` | [`AuditVerdict`](crate::audit::AuditVerdict) |
 //! | `GET /crl` | the CRL, DER |
 //! | `GET /metrics` | Prometheus text format |
 
@@ -518,6 +518,15 @@ fn metrics(service: &CaService, ctx: &AdminContext) -> AdminResult {
                 "amplification_refused",
                 c.amplification_refused.load(Relaxed),
             ),
+            ("rate_limited", c.rate_limited.load(Relaxed)),
+            ("exchanges_evicted", c.exchanges_evicted.load(Relaxed)),
+            ("block1_evicted", c.block1_evicted.load(Relaxed)),
+            ("block2_evicted", c.block2_evicted.load(Relaxed)),
+        ],
+        coap_state: vec![
+            ("exchanges", c.exchanges_held.load(Relaxed)),
+            ("block1", c.block1_held.load(Relaxed)),
+            ("block2", c.block2_held.load(Relaxed)),
         ],
     };
     let text = service

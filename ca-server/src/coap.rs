@@ -7,7 +7,6 @@
 //! queue, so that the number of tasks never grows with the number of datagrams. When the queue
 //! is full a request is dropped unanswered and the device's retransmission brings it back later.
 
-use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +24,7 @@ use protocol_spec::{Problem, ProblemType};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
+use crate::limits::{PerSource, SourceRate};
 use crate::service::CaService;
 
 /// Largest datagram the server sends (fits the IPv6 minimum MTU with room for headers).
@@ -43,6 +43,19 @@ pub struct CoapConfig {
     /// Most exchanges remembered at once; past it the oldest are forgotten (a retransmission
     /// older than that is processed again, which for enrollment returns the stored answer).
     pub max_remembered: usize,
+    /// Most exchanges remembered at once for one source address; past it that source's
+    /// oldest are forgotten.
+    pub max_remembered_per_source: usize,
+    /// Request bodies being received in Block1 pieces, at most, from one source address;
+    /// past it that source's oldest is forgotten (its next piece gets 4.08).
+    pub max_assemblies_per_source: usize,
+    /// Request bodies being received in Block1 pieces, at most, from all sources.
+    pub max_assemblies: usize,
+    /// Enrollment answers being sent in Block2 pieces, at most, to one source address; past it
+    /// that source's oldest is forgotten (a request for its next piece gets 4.08).
+    pub max_representations_per_source: usize,
+    /// Enrollment answers being sent in Block2 pieces, at most, to all sources.
+    pub max_representations: usize,
     /// Enrollment workers.
     pub workers: usize,
     /// Enrollments queued for the workers before new ones are dropped.
@@ -56,6 +69,11 @@ impl Default for CoapConfig {
                 protocol_spec::coap::TransmissionParams::default().exchange_lifetime_ms(),
             ),
             max_remembered: 200_000,
+            max_remembered_per_source: 50_000,
+            max_assemblies_per_source: 256,
+            max_assemblies: 4096,
+            max_representations_per_source: 256,
+            max_representations: 16_384,
             workers: 64,
             queue: 8192,
         }
@@ -79,6 +97,20 @@ pub struct CoapStats {
     pub malformed: AtomicU64,
     /// Resets sent.
     pub resets: AtomicU64,
+    /// Requests answered 4.29 because their source exceeded its rate.
+    pub rate_limited: AtomicU64,
+    /// Exchanges remembered for duplicate detection now.
+    pub exchanges_held: AtomicU64,
+    /// Exchanges forgotten before EXCHANGE_LIFETIME to make room (cap per source or total).
+    pub exchanges_evicted: AtomicU64,
+    /// Block1 bodies in reassembly now.
+    pub block1_held: AtomicU64,
+    /// Block1 bodies forgotten before their last piece to make room (cap per source or total).
+    pub block1_evicted: AtomicU64,
+    /// Enrollment answers held for their next Block2 pieces now.
+    pub block2_held: AtomicU64,
+    /// Enrollment answers forgotten before their last piece was asked for, to make room.
+    pub block2_evicted: AtomicU64,
     /// Answers not sent, or cut down to their code, because they would have been more than
     /// three times the datagram that asked (RFC 7252 section 11.3).
     pub amplification_refused: AtomicU64,
@@ -95,41 +127,23 @@ enum Exchange {
 
 type ExchangeKey = (SocketAddr, u16);
 
-/// Recently seen exchanges, by (peer, Message ID), expiring in arrival order.
-struct Dedup {
-    map: HashMap<ExchangeKey, Exchange>,
-    order: VecDeque<(ExchangeKey, Instant)>,
-    lifetime: Duration,
-    max: usize,
-}
-
-impl Dedup {
-    fn expire(&mut self, now: Instant) {
-        while let Some((key, at)) = self.order.front() {
-            if now.duration_since(*at) < self.lifetime && self.order.len() <= self.max {
-                break;
-            }
-            let key = *key;
-            self.order.pop_front();
-            self.map.remove(&key);
-        }
-    }
-}
-
-/// A representation being sent in Block2 pieces, kept for the follow-up requests.
+/// An enrollment answer being sent in Block2 pieces, kept for the follow-up requests (which
+/// carry no payload, so the answer cannot be made again from them). `GET /ca` keeps nothing:
+/// its pieces are cut from the issuer's certificate each time.
 struct Representation {
     code: u8,
     content_format: u16,
     body: Arc<Vec<u8>>,
-    at: Instant,
 }
 
 /// Request payloads arriving in Block1 pieces.
 struct Assembly {
     bytes: Vec<u8>,
     block_size: usize,
-    at: Instant,
 }
+
+/// How long a Block1 body waits for its next piece.
+const ASSEMBLY_LIFETIME: Duration = Duration::from_secs(60);
 
 struct Job {
     request: Packet,
@@ -144,10 +158,13 @@ pub struct CoapFrontEnd {
     socket: Arc<UdpSocket>,
     service: Arc<CaService>,
     config: CoapConfig,
-    dedup: Mutex<Dedup>,
-    blocks: Mutex<HashMap<(SocketAddr, &'static str), Representation>>,
-    assemblies: Mutex<HashMap<(SocketAddr, Vec<u8>), Assembly>>,
+    /// Recently seen exchanges, by (peer, Message ID), bounded per source address and in
+    /// total, expiring in arrival order.
+    dedup: Mutex<PerSource<ExchangeKey, Exchange>>,
+    blocks: Mutex<PerSource<SocketAddr, Representation>>,
+    assemblies: Mutex<PerSource<(SocketAddr, Vec<u8>), Assembly>>,
     next_mid: AtomicU16,
+    rate: Arc<SourceRate>,
     /// Counters.
     pub stats: Arc<CoapStats>,
 }
@@ -174,6 +191,7 @@ pub async fn serve(
     service: Arc<CaService>,
     config: CoapConfig,
     stats: Arc<CoapStats>,
+    rate: Arc<SourceRate>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (tx, rx) = mpsc::channel::<Job>(config.queue.max(1));
@@ -181,15 +199,20 @@ pub async fn serve(
     let front = Arc::new(CoapFrontEnd {
         socket: Arc::new(socket),
         service,
-        dedup: Mutex::new(Dedup {
-            map: HashMap::new(),
-            order: VecDeque::new(),
-            lifetime: config.exchange_lifetime,
-            max: config.max_remembered,
-        }),
-        blocks: Mutex::new(HashMap::new()),
-        assemblies: Mutex::new(HashMap::new()),
+        dedup: Mutex::new(PerSource::new(
+            config.max_remembered_per_source,
+            config.max_remembered,
+        )),
+        blocks: Mutex::new(PerSource::new(
+            config.max_representations_per_source,
+            config.max_representations,
+        )),
+        assemblies: Mutex::new(PerSource::new(
+            config.max_assemblies_per_source,
+            config.max_assemblies,
+        )),
         next_mid: AtomicU16::new(std::process::id() as u16),
+        rate,
         stats,
         config,
     });
@@ -238,10 +261,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl CoapFrontEnd {
     fn sweep(&self, now: Instant) {
-        lock(&self.dedup).expire(now);
+        let mut dedup = lock(&self.dedup);
+        dedup.expire(now, self.config.exchange_lifetime);
+        self.stats
+            .exchanges_held
+            .store(dedup.len() as u64, Ordering::Relaxed);
+        drop(dedup);
         let life = self.config.exchange_lifetime;
-        lock(&self.blocks).retain(|_, r| now.duration_since(r.at) < life);
-        lock(&self.assemblies).retain(|_, a| now.duration_since(a.at) < Duration::from_secs(60));
+        let mut blocks = lock(&self.blocks);
+        blocks.expire(now, life);
+        self.stats
+            .block2_held
+            .store(blocks.len() as u64, Ordering::Relaxed);
+        drop(blocks);
+        let mut assemblies = lock(&self.assemblies);
+        assemblies.expire(now, ASSEMBLY_LIFETIME);
+        self.stats
+            .block1_held
+            .store(assemblies.len() as u64, Ordering::Relaxed);
     }
 
     fn send(&self, bytes: &[u8], peer: SocketAddr) {
@@ -337,7 +374,7 @@ impl CoapFrontEnd {
         {
             let mut d = lock(&self.dedup);
             let token = packet.get_token();
-            match d.map.get(&key) {
+            match d.get(&key) {
                 Some(Exchange::Done(t, bytes)) if t.as_slice() == token => {
                     // RFC 7252 section 11.3 holds for every datagram sent, a repeated answer
                     // too: a true retransmission is as large as the request that built the
@@ -364,16 +401,34 @@ impl CoapFrontEnd {
                         .fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                Some(_) => {
-                    d.map.insert(key, Exchange::InProgress(token.to_vec()));
-                }
-                None => {
-                    d.map.insert(key, Exchange::InProgress(token.to_vec()));
-                    d.order.push_back((key, Instant::now()));
+                _ => {
+                    // A new exchange (or a reused Message ID with another token): remembered
+                    // as the newest, within the caps per source and in total, the oldest out
+                    // first (a retransmission of a forgotten exchange is processed again,
+                    // which for enrollment returns the stored answer).
+                    let evicted =
+                        d.insert(key, Exchange::InProgress(token.to_vec()), Instant::now());
+                    self.stats
+                        .exchanges_evicted
+                        .fetch_add(evicted as u64, Ordering::Relaxed);
+                    self.stats
+                        .exchanges_held
+                        .store(d.len() as u64, Ordering::Relaxed);
                 }
             }
         }
         let len = data.len();
+        // The source's rate (SPEC.md section 11.6), counted for each new exchange: 4.29 with
+        // Max-Age, remembered like any answer so that its retransmissions are not counted.
+        if self.rate.check(peer.ip(), Instant::now()).is_err() {
+            self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+            let p = Problem::new(
+                ProblemType::RateLimited,
+                "too many requests from this address; retry later",
+            );
+            self.finish_problem(&packet, len, peer, code(4, 29), &p);
+            return;
+        }
         if let Some(bad) = packet
             .options()
             .map(|(n, _)| *n)
@@ -431,9 +486,13 @@ impl CoapFrontEnd {
         if let Some(b2) = block_option(&packet, CoapOption::Block2)
             && b2.num > 0
         {
-            let repr = lock(&self.blocks)
-                .get(&(peer, PATH_ENROLL))
-                .map(|r| (r.code, r.content_format, r.body.clone()));
+            let repr = {
+                let mut blocks = lock(&self.blocks);
+                blocks.touch(&peer, Instant::now());
+                blocks
+                    .get(&peer)
+                    .map(|r| (r.code, r.content_format, r.body.clone()))
+            };
             match repr {
                 Some((c, cf, body)) => {
                     return self.finish(&packet, len, peer, c, Some(cf), body, None);
@@ -493,7 +552,7 @@ impl CoapFrontEnd {
         };
         if jobs.try_send(job).is_err() {
             // Busy: forget the exchange so that the retransmission is processed.
-            lock(&self.dedup).map.remove(&key);
+            lock(&self.dedup).remove(&key);
             self.stats.dropped_busy.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -524,16 +583,38 @@ impl CoapFrontEnd {
             return Err((code(4, 13), p));
         }
         let mut all = lock(&self.assemblies);
+        let result = self.add_piece(&mut all, key, packet, b1);
+        self.stats
+            .block1_held
+            .store(all.len() as u64, Ordering::Relaxed);
+        result
+    }
+
+    /// [`assemble`](Self::assemble) on the locked assemblies.
+    fn add_piece(
+        &self,
+        all: &mut PerSource<(SocketAddr, Vec<u8>), Assembly>,
+        key: (SocketAddr, Vec<u8>),
+        packet: &Packet,
+        b1: &BlockValue,
+    ) -> Result<Option<Vec<u8>>, (u8, Problem)> {
         let size = b1.size();
+        let now = Instant::now();
         if b1.num == 0 {
-            all.insert(
+            // Bounded per source and in total, oldest first out (DESIGN.md section 7; hardening
+            // finding 3): a peer's many first pieces push out its own oldest bodies, not
+            // another source's.
+            let evicted = all.insert(
                 key.clone(),
                 Assembly {
                     bytes: Vec::new(),
                     block_size: size,
-                    at: Instant::now(),
                 },
+                now,
             );
+            self.stats
+                .block1_evicted
+                .fetch_add(evicted as u64, Ordering::Relaxed);
         }
         let Some(a) = all.get_mut(&key) else {
             let p = Problem::malformed("Block1 piece without its first piece");
@@ -551,8 +632,9 @@ impl CoapFrontEnd {
             ));
         }
         a.bytes.extend_from_slice(&packet.payload);
-        a.at = Instant::now();
-        if a.bytes.len() > MAX_ENROLL_REQUEST {
+        let too_large = a.bytes.len() > MAX_ENROLL_REQUEST;
+        all.touch(&key, now);
+        if too_large {
             all.remove(&key);
             let p = Problem::new(
                 ProblemType::TooLarge,
@@ -634,7 +716,7 @@ impl CoapFrontEnd {
         }
         let key = (peer, req.header.message_id);
         let bytes = Arc::new(bytes);
-        if let Some(e) = lock(&self.dedup).map.get_mut(&key) {
+        if let Some(e) = lock(&self.dedup).get_mut(&key) {
             *e = Exchange::Done(req.get_token().to_vec(), bytes.clone());
         }
         self.send(&bytes, peer);
@@ -682,12 +764,15 @@ impl CoapFrontEnd {
         if let Some(cf) = content_format {
             p.add_option(CoapOption::ContentFormat, uint_option(u32::from(cf)));
         }
-        if c == code(5, 3) {
-            // RFC 7252 section 5.9.3.4: Max-Age says when to retry a 5.03.
-            p.add_option(
-                CoapOption::MaxAge,
-                uint_option(crate::https::UNAVAILABLE_RETRY_SECS),
-            );
+        // RFC 7252 section 5.9.3.4 and RFC 8516 section 3: Max-Age says when to retry a 5.03
+        // or a 4.29.
+        let retry = match c {
+            x if x == code(5, 3) => Some(crate::https::UNAVAILABLE_RETRY_SECS),
+            x if x == code(4, 29) => Some(crate::https::RATE_LIMITED_RETRY_SECS),
+            _ => None,
+        };
+        if let Some(secs) = retry {
+            p.add_option(CoapOption::MaxAge, uint_option(secs));
         }
         if let Some(b1) = block1 {
             p.add_option_as(CoapOption::Block1, b1);
@@ -749,23 +834,30 @@ impl CoapFrontEnd {
             }
             p.payload = body[start..end].to_vec();
             let bytes = p.to_bytes_with_limit(MAX_DATAGRAM).unwrap_or_default();
-            // The representation is kept for the next pieces only when this piece is sent
-            // (an answer cut down to its code leaves nothing to continue).
-            if (more || num > 0)
-                && bytes.len() <= limit
-                && let Some(path) = [PATH_ENROLL, PATH_CA]
-                    .into_iter()
-                    .find(|x| *x == uri_path(req))
-            {
-                lock(&self.blocks).insert(
-                    (peer, path),
-                    Representation {
-                        code: c,
-                        content_format: content_format.unwrap_or(0),
-                        body: body.clone(),
-                        at: Instant::now(),
-                    },
-                );
+            // An enrollment answer is kept for the next pieces only while pieces remain and
+            // this one is sent (an answer cut down to its code leaves nothing to continue),
+            // bounded per source and in total, oldest out first (hardening finding 4).
+            if uri_path(req) == PATH_ENROLL {
+                let mut blocks = lock(&self.blocks);
+                if more && bytes.len() <= limit {
+                    let evicted = blocks.insert(
+                        peer,
+                        Representation {
+                            code: c,
+                            content_format: content_format.unwrap_or(0),
+                            body: body.clone(),
+                        },
+                        Instant::now(),
+                    );
+                    self.stats
+                        .block2_evicted
+                        .fetch_add(evicted as u64, Ordering::Relaxed);
+                } else if !more {
+                    blocks.remove(&peer);
+                }
+                self.stats
+                    .block2_held
+                    .store(blocks.len() as u64, Ordering::Relaxed);
             }
             return bytes;
         }

@@ -97,7 +97,7 @@ impl Default for Listen {
 pub struct TokenRules {
     /// Allowed clock difference with line stations, seconds.
     pub max_clock_skew: u64,
-    /// Longest accepted token lifetime, seconds.
+    /// Longest accepted token lifetime (`exp - iat`), seconds.
     pub max_lifetime: u64,
 }
 
@@ -105,7 +105,7 @@ impl Default for TokenRules {
     fn default() -> Self {
         TokenRules {
             max_clock_skew: 120,
-            max_lifetime: 86_400,
+            max_lifetime: protocol_spec::token::MAX_LIFETIME,
         }
     }
 }
@@ -114,17 +114,78 @@ impl Default for TokenRules {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Concurrent TLS connections per listener; more wait in the kernel's backlog.
+    /// Concurrent TLS connections per device listener (HTTPS enrollment, mutual-TLS secrets);
+    /// a connection past it is closed on accept.
     pub max_connections: usize,
+    /// Concurrent TLS connections from one source address per device listener; a connection
+    /// past it is closed on accept.
+    pub max_connections_per_source: usize,
+    /// Concurrent connections to the admin listener (slots of its own).
+    pub admin_max_connections: usize,
+    /// Concurrent connections to the admin listener from one source address.
+    pub admin_max_connections_per_source: usize,
     /// Seconds a client may take for the TLS handshake and its request.
     pub request_timeout_secs: u64,
+    /// Requests per second from one source address at the device doors (HTTPS enrollment,
+    /// CoAP, mutual-TLS secrets, counted together; CoAP counts each new exchange, a Block1
+    /// piece included); past it 429 / 4.29 with a retry hint of 1 s. 0: no limit.
+    pub rate_per_source: u32,
+    /// Requests one source address may make at once before its rate applies.
+    pub rate_burst_per_source: u32,
+    /// Source addresses whose rate is remembered at once (the least recently seen is
+    /// forgotten first, and starts again with a full burst).
+    pub rate_sources: usize,
+    /// CoAP exchanges remembered for duplicate detection from one source address; past it
+    /// that source's oldest is forgotten.
+    pub coap_exchanges_per_source: usize,
+    /// CoAP exchanges remembered for duplicate detection from all sources.
+    pub coap_exchanges: usize,
+    /// CoAP request bodies in Block1 reassembly from one source address; past it that
+    /// source's oldest is forgotten.
+    pub coap_assemblies_per_source: usize,
+    /// CoAP request bodies in Block1 reassembly from all sources.
+    pub coap_assemblies: usize,
+    /// CoAP enrollment answers held for their next Block2 pieces, for one source address;
+    /// past it that source's oldest is forgotten.
+    pub coap_block2_per_source: usize,
+    /// CoAP enrollment answers held for their next Block2 pieces, for all sources.
+    pub coap_block2: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 2048,
+            max_connections_per_source: 512,
+            admin_max_connections: 256,
+            admin_max_connections_per_source: 64,
             request_timeout_secs: 10,
+            // Above what one address sends on this 2-core machine when many devices share it
+            // (a line gateway, a NAT, the simulator's loss relay: about 2,600 CoAP devices/s).
+            rate_per_source: 5000,
+            rate_burst_per_source: 10_000,
+            rate_sources: 100_000,
+            coap_exchanges_per_source: 50_000,
+            coap_exchanges: 200_000,
+            coap_assemblies_per_source: 256,
+            coap_assemblies: 4096,
+            coap_block2_per_source: 256,
+            coap_block2: 16_384,
+        }
+    }
+}
+
+impl Limits {
+    /// The CoAP front end's limits.
+    pub fn coap(&self) -> crate::coap::CoapConfig {
+        crate::coap::CoapConfig {
+            max_remembered_per_source: self.coap_exchanges_per_source,
+            max_remembered: self.coap_exchanges,
+            max_assemblies_per_source: self.coap_assemblies_per_source,
+            max_assemblies: self.coap_assemblies,
+            max_representations_per_source: self.coap_block2_per_source,
+            max_representations: self.coap_block2,
+            ..crate::coap::CoapConfig::default()
         }
     }
 }

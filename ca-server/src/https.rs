@@ -18,9 +18,10 @@ use protocol_spec::enroll::RequestEncoding;
 use protocol_spec::messages::MAX_ENROLL_REQUEST_JSON;
 use protocol_spec::profile::cert_pem;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use crate::limits::{Slots, SourceRate};
 use crate::service::CaService;
 
 const CBOR: &str = "application/cbor";
@@ -31,6 +32,9 @@ const PROBLEM_CBOR: &str = "application/concise-problem-details+cbor";
 /// Seconds a client is told to wait when the store is unavailable (Retry-After, and CoAP's
 /// Max-Age on 5.03).
 pub(crate) const UNAVAILABLE_RETRY_SECS: u32 = 2;
+/// Seconds a client is told to wait when it is rate-limited (a bucket that refills at one or
+/// more requests per second has one again within a second).
+pub(crate) const RATE_LIMITED_RETRY_SECS: u32 = 1;
 
 /// Which listener a connection came in on.
 #[derive(Debug, Clone)]
@@ -43,23 +47,51 @@ pub enum Door {
     Admin(Arc<crate::admin::AdminContext>),
 }
 
-/// Serves `door` on `listener` until `shutdown` turns true.
+impl Door {
+    /// The door's name in logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Door::Enrollment => "enrollment",
+            Door::Secrets => "secrets",
+            Door::Admin(_) => "admin",
+        }
+    }
+}
+
+/// What a door allows each peer.
+#[derive(Debug, Clone)]
+pub struct DoorLimits {
+    /// Connection slots, per source address and for the listener (each door its own).
+    pub slots: Slots,
+    /// Bounds the TLS handshake, each request's headers (an idle kept-alive connection
+    /// included) and each request's body.
+    pub timeout: Duration,
+    /// Requests per second per source address (shared by the device doors; none at the
+    /// admin door).
+    pub rate: Option<Arc<SourceRate>>,
+}
+
+/// Serves `door` on `listener` until `shutdown` turns true. Each connection takes one of
+/// `limits.slots` once accepted (per source address and per listener): a connection past its
+/// source's share or the listener's is closed at once, so that one source cannot hold every
+/// slot, and a client behind a flood is never left in the kernel's backlog; each door has its
+/// own slots, so enrollment traffic cannot starve the admin door. A request past its source's
+/// rate gets 429 (rate-limited) with Retry-After.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     service: Arc<CaService>,
     door: Door,
-    max_connections: usize,
-    timeout: Duration,
+    limits: DoorLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let DoorLimits {
+        slots,
+        timeout,
+        rate,
+    } = limits;
     let acceptor = TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(max_connections.max(1)));
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = shutdown.changed() => return,
-        };
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -72,10 +104,21 @@ pub async fn serve(
             },
             _ = shutdown.changed() => return,
         };
+        let permit = match slots.take(peer.ip()) {
+            Ok(p) => p,
+            Err(full) => {
+                // Closed at once: the peer sees the connection end before any handshake.
+                service.metrics().connection_refused(door.name(), full);
+                tracing::debug!(%peer, door = door.name(), ?full, "no connection slot");
+                drop(tcp);
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let service = service.clone();
         let door = door.clone();
+        let rate = rate.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
@@ -99,12 +142,20 @@ pub async fn serve(
             let svc = service_fn(move |mut req: Request<Incoming>| {
                 let (service, client_cert, door) =
                     (service.clone(), client_cert.clone(), door.clone());
+                let limited = rate
+                    .as_ref()
+                    .and_then(|r| r.check(peer.ip(), std::time::Instant::now()).err());
                 // The body must be in within the time limit, counted from the moment the
                 // headers are: a client that announces a body and sends nothing gives its
                 // connection slot back (read by `read_body`).
                 req.extensions_mut()
                     .insert(BodyDeadline(tokio::time::Instant::now() + timeout));
                 async move {
+                    if let Some(retry) = limited {
+                        tracing::debug!(%peer, door = door.name(), "source rate exceeded");
+                        service.metrics().source_rate_limited(door.name());
+                        return Ok::<_, Infallible>(rate_limited(&req, retry));
+                    }
                     let resp = match &door {
                         Door::Enrollment => handle(req, &service, peer).await,
                         Door::Secrets => {
@@ -233,7 +284,7 @@ pub(crate) fn problem(p: &Problem, cbor: bool) -> Response<Full<Bytes>> {
     // RFC 9110 section 10.2.3: when to come back (a line's bucket refills within a second; a
     // database comes back, or fails over, within seconds).
     let retry_after = match p.kind {
-        protocol_spec::ProblemType::RateLimited => Some(1u32),
+        protocol_spec::ProblemType::RateLimited => Some(RATE_LIMITED_RETRY_SECS),
         protocol_spec::ProblemType::Unavailable => Some(UNAVAILABLE_RETRY_SECS),
         _ => None,
     };
@@ -241,6 +292,21 @@ pub(crate) fn problem(p: &Problem, cbor: bool) -> Response<Full<Bytes>> {
         r.headers_mut()
             .insert(hyper::header::RETRY_AFTER, HeaderValue::from(secs));
     }
+    r
+}
+
+/// The answer to a request past its source's rate (SPEC.md section 11.6): 429 with
+/// Retry-After, the problem in CBOR unless the request asks for JSON.
+fn rate_limited(req: &Request<Incoming>, retry_secs: u32) -> Response<Full<Bytes>> {
+    let json = media_type(header(req, ACCEPT)).contains("json")
+        || media_type(header(req, CONTENT_TYPE)).contains("json");
+    let p = Problem::new(
+        protocol_spec::ProblemType::RateLimited,
+        "too many requests from this address; retry later",
+    );
+    let mut r = problem(&p, !json);
+    r.headers_mut()
+        .insert(hyper::header::RETRY_AFTER, HeaderValue::from(retry_secs));
     r
 }
 

@@ -16,6 +16,7 @@ pub mod commit;
 pub mod config;
 pub mod https;
 pub mod issuer;
+pub mod limits;
 pub mod lines;
 pub mod metrics;
 pub mod mtls;

@@ -66,6 +66,22 @@ struct CoapLabel {
     event: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DoorLabel {
+    door: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabel {
+    door: String,
+    reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CoapStateLabel {
+    kind: String,
+}
+
 /// Every metric of the CA.
 pub struct Metrics {
     registry: Registry,
@@ -87,6 +103,9 @@ pub struct Metrics {
     line_enrolled: Family<LineLabel, Gauge<i64, AtomicI64>>,
     line_quota: Family<LineLabel, Gauge<i64, AtomicI64>>,
     coap: Family<CoapLabel, Counter<u64, AtomicU64>>,
+    coap_state: Family<CoapStateLabel, Gauge<i64, AtomicI64>>,
+    refused_connections: Family<RefusedLabel, Counter>,
+    rate_limited: Family<DoorLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -198,6 +217,26 @@ impl Metrics {
         registry.register("line_quota_devices", "Quota per line", line_quota.clone());
         let coap = Family::<CoapLabel, Counter<u64, AtomicU64>>::default();
         registry.register("coap_events", "CoAP front-end events", coap.clone());
+        let coap_state = Family::<CoapStateLabel, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "coap_state",
+            "Entries the CoAP front end holds now, by kind (bounded per source and in total)",
+            coap_state.clone(),
+        );
+        let refused_connections = Family::<RefusedLabel, Counter>::default();
+        registry.register(
+            "refused_connections",
+            "TCP connections closed on accept for want of a slot, by door and reason (source: the \
+             source address holds its share; listener: the door is full)",
+            refused_connections.clone(),
+        );
+        let rate_limited = Family::<DoorLabel, Counter>::default();
+        registry.register(
+            "source_rate_limited",
+            "HTTPS requests answered 429 because their source address exceeded its rate, by door \
+             (CoAP: coap_events{event=\"rate_limited\"})",
+            rate_limited.clone(),
+        );
         Metrics {
             registry,
             scrape: std::sync::Mutex::new(()),
@@ -217,7 +256,33 @@ impl Metrics {
             line_enrolled,
             line_quota,
             coap,
+            coap_state,
+            refused_connections,
+            rate_limited,
         }
+    }
+
+    /// An HTTPS request refused for its source's rate.
+    pub fn source_rate_limited(&self, door: &str) {
+        self.rate_limited
+            .get_or_create(&DoorLabel {
+                door: door.to_string(),
+            })
+            .inc();
+    }
+
+    /// A connection closed on accept for want of a slot.
+    pub fn connection_refused(&self, door: &str, why: crate::limits::NoSlot) {
+        let reason = match why {
+            crate::limits::NoSlot::Source => "source",
+            crate::limits::NoSlot::Listener => "listener",
+        };
+        self.refused_connections
+            .get_or_create(&RefusedLabel {
+                door: door.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     /// One enrollment answered: `created` is `Some(true)` for a new binding, `Some(false)` for
@@ -320,6 +385,13 @@ impl Metrics {
                 c.inc_by(*value - now);
             }
         }
+        for (kind, value) in &snapshot.coap_state {
+            self.coap_state
+                .get_or_create(&CoapStateLabel {
+                    kind: (*kind).to_string(),
+                })
+                .set(clamp(*value));
+        }
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)?;
         Ok(out)
@@ -341,4 +413,6 @@ pub struct Snapshot {
     pub lines: Vec<(String, u64, u64)>,
     /// CoAP counters by event name.
     pub coap: Vec<(&'static str, u64)>,
+    /// Entries the CoAP front end holds, by kind.
+    pub coap_state: Vec<(&'static str, u64)>,
 }

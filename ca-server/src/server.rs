@@ -121,7 +121,14 @@ pub async fn start_with_clock(
     let service = Arc::new(CaService::new(issuer, secrets, store, policy, clock)?);
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    warn_if_slots_exceed_open_files(&config.limits, overrides);
     let timeout = Duration::from_secs(config.limits.request_timeout_secs.max(1));
+    // One rate per source address for every device door, HTTPS and CoAP alike.
+    let rate = Arc::new(crate::limits::SourceRate::new(
+        config.limits.rate_per_source,
+        config.limits.rate_burst_per_source,
+        config.limits.rate_sources,
+    ));
 
     let https_addr = overrides.https.or(config.listen.https);
     let mut https = None;
@@ -136,8 +143,14 @@ pub async fn start_with_clock(
             tls,
             service.clone(),
             crate::https::Door::Enrollment,
-            config.limits.max_connections,
-            timeout,
+            crate::https::DoorLimits {
+                slots: crate::limits::Slots::new(
+                    config.limits.max_connections_per_source,
+                    config.limits.max_connections,
+                ),
+                timeout,
+                rate: Some(rate.clone()),
+            },
             rx.clone(),
         )));
     }
@@ -151,8 +164,9 @@ pub async fn start_with_clock(
         tasks.push(tokio::spawn(crate::coap::serve(
             socket,
             service.clone(),
-            crate::coap::CoapConfig::default(),
+            config.limits.coap(),
             coap_stats.clone(),
+            rate.clone(),
             rx.clone(),
         )));
     }
@@ -173,8 +187,14 @@ pub async fn start_with_clock(
             tls,
             service.clone(),
             crate::https::Door::Secrets,
-            config.limits.max_connections,
-            timeout,
+            crate::https::DoorLimits {
+                slots: crate::limits::Slots::new(
+                    config.limits.max_connections_per_source,
+                    config.limits.max_connections,
+                ),
+                timeout,
+                rate: Some(rate.clone()),
+            },
             rx.clone(),
         )));
     }
@@ -202,8 +222,14 @@ pub async fn start_with_clock(
             tls,
             service.clone(),
             crate::https::Door::Admin(ctx),
-            config.limits.max_connections,
-            timeout,
+            crate::https::DoorLimits {
+                slots: crate::limits::Slots::new(
+                    config.limits.admin_max_connections_per_source,
+                    config.limits.admin_max_connections,
+                ),
+                timeout,
+                rate: None,
+            },
             rx.clone(),
         )));
     }
@@ -267,6 +293,50 @@ async fn refresh_shared_state(
     }
 }
 
+/// Descriptors the process needs beside its connections (store files, database connections,
+/// sockets, logs), counted generously.
+const OTHER_DESCRIPTORS: u64 = 256;
+
+/// Warns when the doors' connection slots together could use up the process's open-file limit:
+/// then a flood at a device door could leave the admin door unable to accept (EMFILE), whatever
+/// its own slots say.
+fn warn_if_slots_exceed_open_files(limits: &crate::config::Limits, overrides: &ListenOverrides) {
+    let device_doors = 2u64; // HTTPS enrollment and mutual TLS, at most
+    let admin = if overrides.no_admin {
+        0
+    } else {
+        limits.admin_max_connections as u64
+    };
+    let needed = (limits.max_connections as u64)
+        .saturating_mul(device_doors)
+        .saturating_add(admin)
+        .saturating_add(OTHER_DESCRIPTORS);
+    let Some(soft) = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| open_files_limit(&t))
+    else {
+        return;
+    };
+    if soft < needed {
+        tracing::warn!(
+            open_files = soft,
+            needed,
+            "the doors' connection slots ([limits] max_connections for each device door, \
+             admin_max_connections) and {OTHER_DESCRIPTORS} other descriptors exceed the \
+             open-file limit: a flood could keep the admin door from accepting; raise the limit \
+             (ulimit -n, LimitNOFILE=) or lower max_connections"
+        );
+    }
+}
+
+/// The soft "Max open files" of a `/proc/PID/limits` text (`None` when unlimited or absent).
+fn open_files_limit(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|soft| soft.parse().ok())
+}
+
 /// Parses [`RunningServer::listening_line`]: the address of each listener by name.
 pub fn parse_listening_line(line: &str) -> Option<std::collections::BTreeMap<String, SocketAddr>> {
     let rest = line.trim().strip_prefix("ca-server: listening")?;
@@ -322,6 +392,18 @@ mod tests {
             );
             server.stop().await;
         }
+    }
+
+    #[test]
+    fn the_open_file_limit_is_read_from_proc_limits() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max processes             63445                63445                processes \n\
+                    Max open files            1024                 524288               files     \n";
+        assert_eq!(open_files_limit(text), Some(1024));
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(open_files_limit(unlimited), None);
+        assert!(open_files_limit(&std::fs::read_to_string("/proc/self/limits").unwrap()).is_some());
     }
 
     /// Revoking a revoked device again changes nothing, and counts nothing.

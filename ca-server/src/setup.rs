@@ -103,6 +103,12 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
     crate::operators::ensure_operator_ca(dir, opts.now)?;
     match &pg {
         None => {
+            // The store holds every binding and the encrypted secrets: only the CA's own
+            // user may list or read it (sled would make the folder 0755).
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir.store())
+                .map_err(|e| format!("{}: {e}", dir.store().display()))?;
             SledStore::open(&dir.store()).map_err(|e| e.to_string())?;
         }
         Some(c) => {
@@ -160,4 +166,40 @@ fn server_certificate(
         .signed_by(&key.rcgen_signer(rng), &issuer)
         .map_err(|e| e.to_string())?;
     Ok((cert.pem(), key.to_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Hardening finding 12: the store folder was 0755.
+    #[test]
+    fn the_ca_folder_and_its_store_are_for_the_ca_user_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CaDir::new(tmp.path().join("ca"));
+        init(
+            &dir,
+            &InitOptions {
+                algorithm: KeyAlgorithm::Ed25519,
+                name: "t".into(),
+                tls_names: vec![],
+                now: 1_700_000_000,
+                store: Default::default(),
+            },
+        )
+        .unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(dir.root()), 0o700);
+        assert_eq!(mode(&dir.store()), 0o700);
+        for key in [
+            dir.ca_key(),
+            dir.kek(),
+            dir.tls_key(),
+            dir.operator_ca_key(),
+        ] {
+            assert_eq!(mode(&key), 0o600, "{}", key.display());
+        }
+    }
 }

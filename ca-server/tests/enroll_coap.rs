@@ -520,3 +520,303 @@ async fn no_answer_is_more_than_three_times_the_datagram_that_asked() {
     assert!(ans.len() <= get.len() * 3);
     server.stop().await;
 }
+
+/// A confirmable `POST /enroll` datagram with Message ID `mid`, carrying `payload` as Block1
+/// piece `num` of 16-byte pieces (`more` pieces to follow) under Request-Tag `tag`.
+fn block1_piece(mid: u16, tag: &[u8], num: u32, more: bool, payload: &[u8]) -> Vec<u8> {
+    use coap_lite::block_handler::BlockValue;
+    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
+    let mut p = Packet::new();
+    p.header.set_version(1);
+    p.header.set_type(MessageType::Confirmable);
+    p.header.code = MessageClass::Request(RequestType::Post);
+    p.header.message_id = mid;
+    p.set_token(mid.to_be_bytes().to_vec());
+    p.add_option(CoapOption::UriPath, b"enroll".to_vec());
+    p.add_option(CoapOption::ContentFormat, vec![60]);
+    p.add_option_as(
+        CoapOption::Block1,
+        BlockValue::new(num as usize, more, 16).unwrap(),
+    );
+    p.add_option(CoapOption::Unknown(292), tag.to_vec());
+    p.payload = payload.to_vec();
+    p.to_bytes().unwrap()
+}
+
+/// Finding 3 of the hardening issue: 10,000 first Block1 pieces with distinct Request-Tags took
+/// the CA from 10.8 to 40.7 MB. Reassembly state is bounded per source address and in total,
+/// the oldest out first, and another source still enrolls through Block1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block1_state_is_bounded_per_source_and_in_total_and_others_still_enroll() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    ca.set_limits(|l| {
+        l.coap_assemblies_per_source = 8;
+        l.coap_assemblies = 20;
+    });
+    let server = ca.start().await;
+    let addr = server.coap.unwrap();
+    let stats = server.coap_stats.clone();
+    let held = || stats.block1_held.load(Ordering::Relaxed);
+    // One source, many sockets (ports), each body's first piece under its own Request-Tag.
+    let mut mid = 0x1000u16;
+    for _ in 0..4 {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for _ in 0..25 {
+            mid += 1;
+            let piece = block1_piece(mid, &mid.to_be_bytes(), 0, true, &[0xa5; 16]);
+            let ans = exchange(&s, addr, &piece).await.expect("2.31 Continue");
+            assert_eq!(ans[1], 0x5f, "2.31 Continue");
+        }
+    }
+    assert_eq!(held(), 8, "one source holds its share, no more");
+    assert_eq!(stats.block1_evicted.load(Ordering::Relaxed), 92);
+    // Other sources fill the total, not past it.
+    for last in 3..=6u8 {
+        let s = UdpSocket::bind((std::net::Ipv4Addr::new(127, 0, 0, last), 0))
+            .await
+            .unwrap();
+        for _ in 0..8 {
+            mid += 1;
+            let piece = block1_piece(mid, &mid.to_be_bytes(), 0, true, &[0x5a; 16]);
+            assert_eq!(exchange(&s, addr, &piece).await.unwrap()[1], 0x5f);
+        }
+    }
+    assert_eq!(held(), 20, "the total cap");
+    // A device on another source enrolls with its request in 64-byte Block1 pieces.
+    let profile = CertProfile::from_ca_der(&ca.ca_der).unwrap();
+    let rng = SystemRandom::new();
+    let state =
+        DeviceState::generate(DeviceSerial::new(9).unwrap(), KeyAlgorithm::Ed25519, &rng).unwrap();
+    let token = line.token(9, &state.key.spki_der());
+    let req = build_request(&state, &token, ResponseForm::Compact, &rng)
+        .unwrap()
+        .to_cbor();
+    let client = CoapClient::new(coap_url(addr))
+        .with_block1_size(64)
+        .with_source("127.0.0.2".parse().unwrap());
+    let mut sock = client.socket().await.unwrap();
+    let resp = client.enroll(&mut sock, req).await.unwrap();
+    accept_response(&state, &profile, &resp).unwrap();
+    assert!(held() <= 20);
+    server.stop().await;
+}
+
+/// A confirmable request with an 8-byte token: `POST /enroll` (Content-Format 60) with
+/// `payload` asking for 16-byte Block2 pieces, or `GET /ca` when `payload` is `None`.
+fn small_block_request(mid: u16, payload: Option<&[u8]>) -> Vec<u8> {
+    use coap_lite::block_handler::BlockValue;
+    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
+    let mut p = Packet::new();
+    p.header.set_version(1);
+    p.header.set_type(MessageType::Confirmable);
+    p.header.message_id = mid;
+    p.set_token([mid.to_be_bytes(), mid.to_be_bytes(), [1, 2], [3, 4]].concat());
+    match payload {
+        Some(body) => {
+            p.header.code = MessageClass::Request(RequestType::Post);
+            p.add_option(CoapOption::UriPath, b"enroll".to_vec());
+            p.add_option(CoapOption::ContentFormat, vec![60]);
+            p.add_option_as(CoapOption::Block2, BlockValue::new(0, false, 16).unwrap());
+            p.payload = body.to_vec();
+        }
+        None => {
+            p.header.code = MessageClass::Request(RequestType::Get);
+            p.add_option(CoapOption::UriPath, b"ca".to_vec());
+        }
+    }
+    p.to_bytes().unwrap()
+}
+
+/// Finding 4 of the hardening issue: Block2 state grew with every distinct source and a 7-byte
+/// `GET /ca` stored a copy of the CA certificate that was never read back. Now `GET /ca` holds
+/// nothing, enrollment answers are bounded per source address and in total, oldest out first,
+/// and a device on another source still gets its full certificate in Block2 pieces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block2_state_is_bounded_per_source_and_in_total_and_get_ca_holds_none() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    ca.set_limits(|l| {
+        l.coap_block2_per_source = 8;
+        l.coap_block2 = 12;
+    });
+    let server = ca.start().await;
+    let addr = server.coap.unwrap();
+    let stats = server.coap_stats.clone();
+    let held = || stats.block2_held.load(Ordering::Relaxed);
+    // GET /ca from many ports of one source, in 16-byte pieces (a 15-byte request): the first
+    // piece of the certificate each time, and nothing held.
+    let mut mid = 0x2000u16;
+    for _ in 0..20 {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        mid += 1;
+        let ans = exchange(&s, addr, &small_block_request(mid, None))
+            .await
+            .unwrap();
+        assert_eq!(ans[1], 0x45, "2.05 Content");
+    }
+    assert_eq!(held(), 0, "GET /ca keeps no Block2 state");
+    // Undecodable enrollment requests from 40 ports of one source, each answered with a problem
+    // in 16-byte pieces (more to come): the source keeps 8.
+    for _ in 0..40 {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        mid += 1;
+        let ans = exchange(&s, addr, &small_block_request(mid, Some(&[0xff; 40])))
+            .await
+            .unwrap();
+        assert_eq!(ans[1], 0x80, "4.00, its first piece");
+    }
+    assert_eq!(held(), 8, "one source holds its share, no more");
+    assert_eq!(stats.block2_evicted.load(Ordering::Relaxed), 32);
+    let s = UdpSocket::bind("127.0.0.3:0").await.unwrap();
+    for _ in 0..8 {
+        mid += 1;
+        let req = small_block_request(mid, Some(&[0xff; 40]));
+        assert_eq!(exchange(&s, addr, &req).await.unwrap()[1], 0x80);
+        // Each request from the same endpoint replaces that endpoint's answer.
+    }
+    assert_eq!(held(), 9);
+    for _ in 0..6 {
+        let s = UdpSocket::bind("127.0.0.3:0").await.unwrap();
+        mid += 1;
+        let req = small_block_request(mid, Some(&[0xff; 40]));
+        assert_eq!(exchange(&s, addr, &req).await.unwrap()[1], 0x80);
+    }
+    assert_eq!(held(), 12, "the total cap");
+    // A device on another source gets its full certificate in Block2 pieces (its request in
+    // 64-byte Block1 pieces: the small last piece makes the answer come in Block2 pieces).
+    let profile = CertProfile::from_ca_der(&ca.ca_der).unwrap();
+    let rng = SystemRandom::new();
+    let state =
+        DeviceState::generate(DeviceSerial::new(5).unwrap(), KeyAlgorithm::P256, &rng).unwrap();
+    let token = line.token(5, &state.key.spki_der());
+    let req = build_request(&state, &token, ResponseForm::Full, &rng)
+        .unwrap()
+        .to_cbor();
+    let client = CoapClient::new(coap_url(addr))
+        .with_block1_size(64)
+        .with_source("127.0.0.2".parse().unwrap());
+    let mut sock = client.socket().await.unwrap();
+    let resp = client.enroll(&mut sock, req).await.unwrap();
+    assert!(matches!(resp, EnrollResponse::Full { .. }));
+    accept_response(&state, &profile, &resp).unwrap();
+    assert!(held() <= 12);
+    server.stop().await;
+}
+
+/// The duplicate cache is bounded per source address and in total, the oldest out first: one
+/// source's many exchanges push out its own oldest (a retransmission of a forgotten exchange
+/// is processed again, not answered from the cache), and a device on another source enrolls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_duplicate_cache_is_bounded_per_source_and_in_total() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    ca.set_limits(|l| {
+        l.coap_exchanges_per_source = 16;
+        l.coap_exchanges = 40;
+    });
+    let server = ca.start().await;
+    let addr = server.coap.unwrap();
+    let stats = server.coap_stats.clone();
+    let held = || stats.exchanges_held.load(Ordering::Relaxed);
+    let answered = || stats.duplicates_answered.load(Ordering::Relaxed);
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let first = small_block_request(0x3000, None);
+    assert_eq!(exchange(&s, addr, &first).await.unwrap()[1], 0x45);
+    for mid in 0x3001..0x3064u16 {
+        let ans = exchange(&s, addr, &small_block_request(mid, None)).await;
+        assert_eq!(ans.unwrap()[1], 0x45, "2.05 Content");
+    }
+    assert_eq!(held(), 16, "one source holds its share, no more");
+    assert_eq!(stats.exchanges_evicted.load(Ordering::Relaxed), 100 - 16);
+    // The newest is still a duplicate; the first was forgotten and is a new exchange.
+    let newest = small_block_request(0x3063, None);
+    assert_eq!(exchange(&s, addr, &newest).await.unwrap()[1], 0x45);
+    assert_eq!(answered(), 1);
+    assert_eq!(exchange(&s, addr, &first).await.unwrap()[1], 0x45);
+    assert_eq!(answered(), 1, "a forgotten exchange is processed again");
+    // Other sources fill the total, not past it.
+    for last in 3..=5u8 {
+        let s = UdpSocket::bind((std::net::Ipv4Addr::new(127, 0, 0, last), 0))
+            .await
+            .unwrap();
+        for mid in 0..16u16 {
+            let ans = exchange(&s, addr, &small_block_request(mid, None)).await;
+            assert_eq!(ans.unwrap()[1], 0x45);
+        }
+    }
+    assert_eq!(held(), 40, "the total cap");
+    // A device on another source enrolls.
+    let profile = CertProfile::from_ca_der(&ca.ca_der).unwrap();
+    let rng = SystemRandom::new();
+    let state =
+        DeviceState::generate(DeviceSerial::new(3).unwrap(), KeyAlgorithm::Ed25519, &rng).unwrap();
+    let token = line.token(3, &state.key.spki_der());
+    let req = build_request(&state, &token, ResponseForm::Compact, &rng)
+        .unwrap()
+        .to_cbor();
+    let client = CoapClient::new(coap_url(addr)).with_source("127.0.0.2".parse().unwrap());
+    let mut sock = client.socket().await.unwrap();
+    let resp = client.enroll(&mut sock, req).await.unwrap();
+    accept_response(&state, &profile, &resp).unwrap();
+    assert_eq!(held(), 40);
+    server.stop().await;
+}
+
+/// SPEC.md section 11.6 (hardening issue, finding 12): a per-source rate, counted per new
+/// exchange. A source past it gets 4.29 with Max-Age (a retransmission gets the same answer
+/// from the cache and is not counted); another source enrolls meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_past_its_rate_gets_4_29_with_max_age_and_others_enroll() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    ca.set_limits(|l| {
+        l.rate_per_source = 1;
+        l.rate_burst_per_source = 3;
+    });
+    let server = ca.start().await;
+    let addr = server.coap.unwrap();
+    let s = UdpSocket::bind("127.0.0.3:0").await.unwrap();
+    let mut codes = Vec::new();
+    let mut mid = 0x4000u16;
+    let (req, ans) = loop {
+        assert!(codes.len() < 100, "never limited: {codes:?}");
+        mid += 1;
+        let req = small_block_request(mid, None);
+        let ans = exchange(&s, addr, &req).await.unwrap();
+        codes.push(ans[1]);
+        if ans[1] != 0x45 {
+            break (req, ans);
+        }
+    };
+    assert!(codes.len() > 3, "the burst of 3 is served first: {codes:?}");
+    assert_eq!(ans[1], 0x9d, "4.29 Too Many Requests");
+    let packet = coap_lite::Packet::from_bytes(&ans).unwrap();
+    let max_age = packet
+        .get_first_option(coap_lite::CoapOption::MaxAge)
+        .expect("Max-Age");
+    assert_eq!(protocol_spec::coap::parse_uint_option(max_age), Some(1));
+    let limited = server.coap_stats.rate_limited.load(Ordering::Relaxed);
+    assert_eq!(limited, 1);
+    // Its retransmission: the same answer, not counted again.
+    assert_eq!(exchange(&s, addr, &req).await.unwrap(), ans);
+    assert_eq!(server.coap_stats.rate_limited.load(Ordering::Relaxed), 1);
+    // Another source enrolls.
+    let profile = CertProfile::from_ca_der(&ca.ca_der).unwrap();
+    let rng = SystemRandom::new();
+    let state =
+        DeviceState::generate(DeviceSerial::new(4).unwrap(), KeyAlgorithm::Ed25519, &rng).unwrap();
+    let token = line.token(4, &state.key.spki_der());
+    let req = build_request(&state, &token, ResponseForm::Compact, &rng)
+        .unwrap()
+        .to_cbor();
+    let client = CoapClient::new(coap_url(addr)).with_source("127.0.0.2".parse().unwrap());
+    let mut sock = client.socket().await.unwrap();
+    let resp = client.enroll(&mut sock, req).await.unwrap();
+    accept_response(&state, &profile, &resp).unwrap();
+    server.stop().await;
+}

@@ -472,3 +472,42 @@ async fn a_problem_sent_with_its_own_status_says_that_status() {
     }
     server.stop().await;
 }
+
+/// Hardening finding 12: tokens could live a day by default while SPEC.md section 11.3 says
+/// they live minutes. A CA with the default configuration takes the line station's 10 minutes
+/// and an hour, and refuses a token made to live two hours (token-expired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_living_longer_than_an_hour_is_refused_by_default() {
+    let ca = TestCa::new(ED);
+    let line = Line::new("line-1", ED);
+    ca.add_line(&line, 1, 100, None);
+    let server = ca.start().await;
+    let client = ca.client(server.https.unwrap());
+    let enroll = |serial: u64, ttl: u64| {
+        let d = Device::new(serial, ED);
+        let token = line.token_with(
+            serial,
+            &d.key.spki_der(),
+            serial.to_be_bytes().to_vec(),
+            now() - 5,
+            now() - 5 + ttl,
+        );
+        EnrollRequest {
+            token,
+            csr: d.csr(),
+            form: ResponseForm::Compact,
+        }
+        .to_cbor()
+    };
+    let default_ttl = device_agent::line_station::DEFAULT_TTL;
+    assert_eq!(default_ttl, 600, "the line station's default: 10 minutes");
+    client.enroll(enroll(1, default_ttl)).await.unwrap();
+    client.enroll(enroll(2, 3600)).await.unwrap();
+    let before = snapshot(server.service.store());
+    match client.enroll(enroll(3, 7200)).await {
+        Err(AgentError::Refused(p)) => assert_eq!(p.kind, ProblemType::TokenExpired),
+        other => panic!("a two-hour token: {other:?}"),
+    }
+    assert_eq!(snapshot(server.service.store()), before, "nothing stored");
+    server.stop().await;
+}

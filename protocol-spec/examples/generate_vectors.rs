@@ -451,7 +451,7 @@ pub fn generate() -> BTreeMap<String, Vec<u8>> {
     bad(
         &mut g,
         "token-lifetime-too-long",
-        "exp - iat of 30 days exceeds the 1-day maximum",
+        "exp - iat of 30 days exceeds the 1-hour maximum",
         t,
         good_csr.clone(),
         "token-expired",
@@ -738,7 +738,7 @@ pub fn generate() -> BTreeMap<String, Vec<u8>> {
 
     let manifest = json!({
         "now": NOW,
-        "token_policy": {"max_clock_skew": 120, "max_lifetime": 86400},
+        "token_policy": {"max_clock_skew": 120, "max_lifetime": protocol_spec::token::MAX_LIFETIME},
         "cas": cas,
         "lines": lines,
         "cases": g.cases,

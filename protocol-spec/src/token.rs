@@ -77,10 +77,15 @@ impl Default for TokenPolicy {
     fn default() -> Self {
         TokenPolicy {
             max_clock_skew: 120,
-            max_lifetime: 24 * 3600,
+            max_lifetime: MAX_LIFETIME,
         }
     }
 }
+
+/// The longest `exp - iat` a CA accepts by default, seconds: one hour. SPEC.md section 11.3:
+/// "Tokens live minutes"; line stations issue them for 10 minutes, and a device may wait on
+/// the line for a while before it enrolls.
+pub const MAX_LIFETIME: u64 = 3600;
 
 /// A token whose signature, line, time and range were checked. Only [`verify`] makes one.
 #[derive(Debug, Clone)]

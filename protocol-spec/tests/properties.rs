@@ -98,7 +98,7 @@ proptest! {
     }
 
     #[test]
-    fn claims_survive_mint_and_verify(serial in 1u64.., iat in 0u64..4_000_000_000, ttl in 0u64..86_400, cti in bytes(64), hash in any::<[u8; 32]>()) {
+    fn claims_survive_mint_and_verify(serial in 1u64.., iat in 0u64..4_000_000_000, ttl in 0u64..=token::MAX_LIFETIME, cti in bytes(64), hash in any::<[u8; 32]>()) {
         prop_assume!(!cti.is_empty());
         let key = line_key();
         let claims = FactoryClaims { line: "l".into(), serial: DeviceSerial::new(serial).unwrap(), key_hash: hash, issued_at: iat, expires_at: iat + ttl, token_id: cti };

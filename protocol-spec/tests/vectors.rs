@@ -120,8 +120,12 @@ fn at_least_25_cases_covering_every_message_decidable_problem() {
 fn every_enroll_case_has_its_expected_outcome() {
     let ctx = context();
     let policy = TokenPolicy {
-        max_clock_skew: 120,
-        max_lifetime: 86400,
+        max_clock_skew: ctx.manifest["token_policy"]["max_clock_skew"]
+            .as_u64()
+            .unwrap(),
+        max_lifetime: ctx.manifest["token_policy"]["max_lifetime"]
+            .as_u64()
+            .unwrap(),
     };
     let now = ctx.manifest["now"].as_u64().unwrap();
     let dir = |id: &str| ctx.lines.get(id).cloned();

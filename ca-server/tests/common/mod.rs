@@ -237,8 +237,13 @@ pub fn snapshot(store: &Arc<dyn Store>) -> Vec<ca_server::store::RawRecord> {
 impl TestCa {
     /// Sets `[limits] request_timeout_secs` in config.toml (before `start`).
     pub fn set_request_timeout(&self, secs: u64) {
+        self.set_limits(|l| l.request_timeout_secs = secs);
+    }
+
+    /// Changes `[limits]` in config.toml (before `start`).
+    pub fn set_limits(&self, change: impl FnOnce(&mut ca_server::config::Limits)) {
         let mut config = self.dir.load_config().unwrap();
-        config.limits.request_timeout_secs = secs;
+        change(&mut config.limits);
         std::fs::write(self.dir.config(), toml::to_string(&config).unwrap()).unwrap();
     }
 }

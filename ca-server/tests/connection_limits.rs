@@ -1,0 +1,278 @@
+//! The TCP doors under hostile clients: connection slots per source address and per listener,
+//! the admin door's own slots, and time limits on a client that connects and sends nothing.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ca_server::admin_client::AdminClient;
+use common::{Device, Line, TestCa};
+use protocol_spec::KeyAlgorithm;
+use protocol_spec::messages::ResponseForm;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Longest a test waits for what the server must do; never reached when the server behaves.
+const GUARD: Duration = Duration::from_secs(30);
+
+/// A TCP connection to `addr` from `source`.
+async fn connect_from(source: IpAddr, addr: SocketAddr) -> TcpStream {
+    let s = TcpSocket::new_v4().unwrap();
+    s.bind(SocketAddr::new(source, 0)).unwrap();
+    s.connect(addr).await.unwrap()
+}
+
+/// Whether the server closes `tcp` (end of stream or a reset) within [`GUARD`], reading and
+/// dropping whatever it sends first.
+async fn closed_by_server<S: tokio::io::AsyncRead + Unpin>(tcp: &mut S) -> bool {
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(GUARD, async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// An operator certificate for the admin door, made offline before the server starts.
+fn operator(ca: &TestCa, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ca-server"))
+        .args([
+            "operator",
+            "add",
+            "--dir",
+            ca.root().to_str().unwrap(),
+            name,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ops = ca.dir.operators();
+    (
+        ops.join(format!("{name}.pem")),
+        ops.join(format!("{name}.key.pem")),
+    )
+}
+
+/// Finding 5 of the hardening issue: slots were shared by everyone and taken before accept, so
+/// 2048 bare TCP connections from one source locked a door (the admin door too). One source
+/// now holds at most its share of each door; a device on another source enrolls and an
+/// operator is answered while that source holds every connection it may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_holds_its_share_of_slots_and_others_enroll_and_administer() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    let (cert, key) = operator(&ca, "alice");
+    ca.set_limits(|l| {
+        // Long enough that the bare connections are still held while the others are served.
+        l.request_timeout_secs = 120;
+        l.max_connections = 8;
+        l.max_connections_per_source = 4;
+        l.admin_max_connections = 8;
+        l.admin_max_connections_per_source = 4;
+    });
+    let server = ca.start().await;
+    let (https, admin) = (server.https.unwrap(), server.admin.unwrap());
+    let attacker = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
+    // 12 bare connections to each door: 4 held, the 8 others closed by the server at once.
+    let mut held = Vec::new();
+    for door in [https, admin] {
+        let mut conns = Vec::new();
+        for _ in 0..12 {
+            conns.push(connect_from(attacker, door).await);
+        }
+        let mut closed = 0;
+        for c in conns.iter_mut().skip(4) {
+            if closed_by_server(c).await {
+                closed += 1;
+            }
+        }
+        assert_eq!(
+            closed, 8,
+            "the connections past the source's share are closed"
+        );
+        held.extend(conns);
+    }
+    // A device on another source enrolls.
+    let device = Device::new(1, KeyAlgorithm::Ed25519);
+    let client = ca
+        .client(https)
+        .with_source(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
+    tokio::time::timeout(
+        GUARD,
+        client.enroll(device.request(&line, ResponseForm::Compact)),
+    )
+    .await
+    .expect("the enrollment door answers another source")
+    .unwrap();
+    // An operator is answered at the admin door.
+    let op = AdminClient::new(&format!("https://{admin}"), &ca.ca_pem_path(), &cert, &key).unwrap();
+    let metrics = op.request("GET", "/metrics", None).await.unwrap();
+    assert_eq!(metrics.status.as_u16(), 200);
+    let text = String::from_utf8(metrics.body).unwrap();
+    for door in ["enrollment", "admin"] {
+        let line =
+            format!("imprint_refused_connections_total{{door=\"{door}\",reason=\"source\"}} 8");
+        assert!(text.contains(&line), "{line} in\n{text}");
+    }
+    drop(held);
+    server.stop().await;
+}
+
+/// Each door's listener has a cap of its own over all sources: connections past it are closed
+/// on accept, and a slot freed is taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_listener_closes_new_connections_until_a_slot_is_free() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    ca.set_limits(|l| {
+        l.request_timeout_secs = 120;
+        l.max_connections = 4;
+        l.max_connections_per_source = 2;
+    });
+    let server = ca.start().await;
+    let https = server.https.unwrap();
+    let mut held = Vec::new();
+    for last in 3..=4u8 {
+        for _ in 0..2 {
+            held.push(connect_from(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), https).await);
+        }
+    }
+    let mut late = connect_from(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5)), https).await;
+    assert!(closed_by_server(&mut late).await, "the listener is full");
+    drop(held.pop());
+    // The freed slot: a device enrolls (its connection may race the close above, so retry).
+    let client = ca.client(https);
+    let mut ok = false;
+    for _ in 0..50 {
+        if let Ok(Ok(a)) = tokio::time::timeout(GUARD, client.ca_certificate()).await {
+            assert_eq!(a, ca.ca_der);
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "a freed slot is taken again");
+    drop(held);
+    server.stop().await;
+}
+
+/// A client that connects and sends nothing is closed once the request time limit has passed,
+/// before the TLS handshake and after it (the header read timer also runs on an idle
+/// connection), at each door.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_nothing_is_closed_after_the_time_limit() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    ca.set_request_timeout(1);
+    let server = ca.start().await;
+    for door in [server.https, server.mtls, server.admin] {
+        let mut tcp = TcpStream::connect(door.unwrap()).await.unwrap();
+        let started = std::time::Instant::now();
+        assert!(closed_by_server(&mut tcp).await, "{door:?}: still open");
+        assert!(started.elapsed() >= Duration::from_millis(900));
+    }
+    // After a completed handshake, no request.
+    let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let mut tls = tls_from(&ca, localhost, server.https.unwrap()).await;
+    assert!(closed_by_server(&mut tls).await, "idle TLS still open");
+    server.stop().await;
+}
+
+/// A TLS connection from `source` to `addr`, trusting the test CA.
+async fn tls_from(
+    ca: &TestCa,
+    source: IpAddr,
+    addr: SocketAddr,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(ca.ca_der.clone()))
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = connect_from(source, addr).await;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// SPEC.md section 11.6 (hardening issue, finding 12): a per-source rate at the device doors.
+/// A source past its rate gets 429 with Retry-After and the rate-limited problem, on its
+/// kept-alive connection; another source is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_past_its_rate_gets_429_with_retry_after_and_others_enroll() {
+    use http_body_util::{BodyExt, Empty};
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    ca.set_limits(|l| {
+        l.rate_per_source = 1;
+        l.rate_burst_per_source = 3;
+    });
+    let server = ca.start().await;
+    let https = server.https.unwrap();
+    let tls = tls_from(&ca, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)), https).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // The burst, then 429 as soon as the bucket is empty (it refills at one a second, far
+    // slower than these requests on one connection).
+    let mut answers = Vec::new();
+    let limited = loop {
+        assert!(answers.len() < 100, "never limited: {answers:?}");
+        let req = hyper::Request::get("/ca")
+            .header("host", "127.0.0.1")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        sender.ready().await.unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        answers.push(status);
+        if status != 200 {
+            break resp;
+        }
+    };
+    assert!(
+        answers.len() > 3,
+        "the burst of 3 is served first: {answers:?}"
+    );
+    assert_eq!(limited.status().as_u16(), 429);
+    assert_eq!(limited.headers()["retry-after"], "1");
+    assert_eq!(
+        limited.headers()["content-type"],
+        "application/concise-problem-details+cbor"
+    );
+    let body = limited.into_body().collect().await.unwrap().to_bytes();
+    let problem = protocol_spec::Problem::from_cbor(&body).unwrap();
+    assert_eq!(problem.kind, protocol_spec::ProblemType::RateLimited);
+    // Another source is not held back by this one.
+    let device = Device::new(2, KeyAlgorithm::Ed25519);
+    ca.client(https)
+        .with_source(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)))
+        .enroll(device.request(&line, ResponseForm::Compact))
+        .await
+        .unwrap();
+    server.stop().await;
+}
