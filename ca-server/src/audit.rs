@@ -12,10 +12,52 @@
 //! SEQ:HASH` later proves that the recorded entry is still in the chain, unchanged, with
 //! everything before it.
 
+use std::sync::OnceLock;
+
 use serde::{Deserialize, Serialize};
 
 use crate::records::{AuditEntry, from_cbor};
 use crate::store::{RawAudit, StoreError};
+
+/// The name of the CA node this process is (`serve --node-id`, else the host name): written on
+/// every audit entry it seals and put as a label on its metrics. One per process, set once at
+/// start, before the store is opened.
+static NODE: OnceLock<String> = OnceLock::new();
+
+/// Names this process's node; the first name set stays.
+pub fn set_node(name: &str) {
+    let _ = NODE.set(name.to_string());
+}
+
+/// This process's node name, if one was set.
+pub fn node() -> Option<&'static str> {
+    NODE.get().map(String::as_str)
+}
+
+/// A node name: 1 to 64 letters, digits, `.`, `_` or `-`.
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "node id {name:?}: 1 to 64 letters, digits, '.', '_' or '-'"
+        ))
+    }
+}
+
+/// The host name (`/proc/sys/kernel/hostname`), as a node name; `ca` when it cannot be read.
+pub fn host_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| check_node_name(h).is_ok())
+        .unwrap_or_else(|| "ca".into())
+}
 
 /// One audit entry as exported (`audit export`, JSON lines).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +81,9 @@ pub struct AuditLine {
     pub prev_hash: String,
     /// This entry's hash, hex.
     pub hash: String,
+    /// The CA node that wrote it (absent for entries written before nodes were named).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl From<&AuditEntry> for AuditLine {
@@ -53,6 +98,7 @@ impl From<&AuditEntry> for AuditLine {
             detail: e.detail.clone(),
             prev_hash: hex::encode(&e.prev_hash),
             hash: hex::encode(&e.hash),
+            node: e.node.clone(),
         }
     }
 }

@@ -86,6 +86,10 @@ enum Command {
         /// Do not serve the admin API (whatever config.toml says).
         #[arg(long = "no-admin")]
         no_admin: bool,
+        /// This node's name among several CA nodes on one database: written on every audit
+        /// entry it makes and as the `node` label of its metrics (default: the host name).
+        #[arg(long = "node-id", value_name = "NAME")]
+        node_id: Option<String>,
     },
     /// Operator certificates for the admin API.
     Operator {
@@ -352,6 +356,19 @@ where
         }
     };
     init_tracing();
+    // The node this process is: serve's --node-id, else the host name (offline commands on a
+    // shared database write audit entries too).
+    let node = match &cli.command {
+        Command::Serve {
+            node_id: Some(n), ..
+        } => n.clone(),
+        _ => crate::audit::host_node_name(),
+    };
+    if let Err(e) = crate::audit::check_node_name(&node) {
+        eprintln!("ca-server: --node-id: {e}");
+        return ExitCode::from(2);
+    }
+    crate::audit::set_node(&node);
     // 0: done; 1: done, and the answer is no (a broken audit chain, devices not rotated);
     // 2: could not do it (bad input, unreachable server, refused request).
     match run(cli) {
@@ -507,6 +524,7 @@ fn run(cli: Cli) -> Result<bool, String> {
             mtls,
             admin,
             no_admin,
+            node_id: _,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

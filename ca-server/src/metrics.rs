@@ -128,7 +128,23 @@ impl Default for Metrics {
 impl Metrics {
     /// A fresh set of metrics, all zero.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("imprint");
+        Self::for_node(crate::audit::node())
+    }
+
+    /// Metrics whose every series carries `node="NAME"` (several CA nodes scraped into one
+    /// Prometheus), or no such label.
+    pub fn for_node(node: Option<&str>) -> Self {
+        let mut registry = match node {
+            Some(node) => Registry::with_prefix_and_labels(
+                "imprint",
+                [(
+                    std::borrow::Cow::Borrowed("node"),
+                    std::borrow::Cow::Owned(node.to_string()),
+                )]
+                .into_iter(),
+            ),
+            None => Registry::with_prefix("imprint"),
+        };
         let enrollments = Family::<Outcome, Counter>::default();
         registry.register(
             "enrollments",
@@ -415,4 +431,35 @@ pub struct Snapshot {
     pub coap: Vec<(&'static str, u64)>,
     /// Entries the CoAP front end holds, by kind.
     pub coap_state: Vec<(&'static str, u64)>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A node's metrics carry its name on every series; a process without a name has no label.
+    #[test]
+    fn every_series_of_a_named_node_carries_its_name() {
+        let snapshot = Snapshot {
+            store_bytes: 1,
+            revoked: 0,
+            lines: vec![("line-1".into(), 3, 10)],
+            coap: vec![],
+            coap_state: vec![],
+        };
+        let named = Metrics::for_node(Some("node-a"));
+        named.rotated(1);
+        let text = named.encode(&snapshot).unwrap();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .collect();
+        assert!(series.len() > 5, "{text}");
+        for l in series {
+            assert!(l.contains("node=\"node-a\""), "{l}");
+        }
+        let plain = Metrics::for_node(None).encode(&snapshot).unwrap();
+        assert!(!plain.contains("node="), "{plain}");
+    }
 }

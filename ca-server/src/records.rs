@@ -110,6 +110,10 @@ pub struct AuditEntry {
     /// Hash of the previous entry (zeros for the first).
     #[serde(rename = "p", with = "serde_bytes")]
     pub prev_hash: Vec<u8>,
+    /// The CA node that wrote it (`serve --node-id`; the host name by default), when known:
+    /// entries written before nodes were named have none, and their encoding is unchanged.
+    #[serde(rename = "o", default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// This entry's own hash ([`AuditEntry::compute_hash`]), so that a changed entry is named
     /// by itself, not only by its successor.
     #[serde(rename = "h", with = "serde_bytes", default)]

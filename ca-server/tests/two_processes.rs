@@ -25,8 +25,8 @@ impl Drop for Node {
     }
 }
 
-fn node(ca: &TestCa) -> (Node, SocketAddr) {
-    let (child, addr) = common::serve_process(ca, &["--no-admin"]);
+fn node(ca: &TestCa, name: &str) -> (Node, SocketAddr) {
+    let (child, addr) = common::serve_process(ca, &["--no-admin", "--node-id", name]);
     (Node(child), addr)
 }
 
@@ -44,8 +44,8 @@ async fn two_processes_on_one_database_keep_every_binding_unique() {
     let ca = TestCa::with_store(KeyAlgorithm::Ed25519, common::pg_store());
     let line = Line::new("line-1", KeyAlgorithm::Ed25519);
     ca.add_line(&line, 1, 1000, None);
-    let (_a, addr_a) = node(&ca);
-    let (_b, addr_b) = node(&ca);
+    let (_a, addr_a) = node(&ca, "node-a");
+    let (_b, addr_b) = node(&ca, "node-b");
     let clients = std::sync::Arc::new([ca.client(addr_a), ca.client(addr_b)]);
 
     // Twenty keys race for serial 77, alternating between the processes.
@@ -103,6 +103,20 @@ async fn two_processes_on_one_database_keep_every_binding_unique() {
     let store = ca.store();
     let devices: Vec<_> = store.devices().map(|d| d.unwrap()).collect();
     assert_eq!(devices.len(), 3, "serials 77, 80 or 81, and 90");
+    // Each enrollment's audit entry names the node that wrote it.
+    let nodes: Vec<Option<String>> = store
+        .audit()
+        .map(|e| e.unwrap())
+        .filter(|e| e.event == "enroll")
+        .map(|e| e.node)
+        .collect();
+    assert_eq!(nodes.len(), 3);
+    for n in &nodes {
+        assert!(
+            matches!(n.as_deref(), Some("node-a" | "node-b")),
+            "{nodes:?}"
+        );
+    }
     assert_eq!(store.line("line-1").unwrap().unwrap().enrolled, 3);
     let out = Command::new(env!("CARGO_BIN_EXE_ca-server"))
         .args(["audit", "verify", "--dir", ca.root().to_str().unwrap()])

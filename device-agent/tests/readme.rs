@@ -50,6 +50,11 @@ const NOT_RUN: &[(&str, &str)] = &[
          PostgreSQL (IMPRINT_TEST_STORE=postgres in .ci/run)",
     ),
     (
+        "ca-server serve --dir ca --node-id ",
+        "several nodes need the CA on PostgreSQL; ca-server/tests/two_processes.rs runs two \
+         serve processes with --node-id on one database",
+    ),
+    (
         "ca-server store copy --dir ca --to ",
         "a PostgreSQL server at the example address; ca-server/tests/store_copy.rs runs the \
          command against the test database",
@@ -129,7 +134,7 @@ const AFTER: &[(&str, &str)] = &[
         "ca-server device revoke 700001 >/dev/null\n\
          metrics=$(curl -sSf --cacert ca/ca.pem --cert ca/operators/alice.pem \
          --key ca/operators/alice.key.pem https://127.0.0.1:8445/metrics)\n\
-         grep -qx 'imprint_revocations_total 1' <<<\"$metrics\"",
+         grep -qx 'imprint_revocations_total{node=\"[^\"]*\"} 1' <<<\"$metrics\"",
     ),
 ];
 

@@ -405,6 +405,7 @@ impl SledStore {
             actor: event.actor.clone(),
             detail: event.detail.clone(),
             prev_hash: head.1.to_vec(),
+            node: crate::audit::node().map(str::to_string),
             hash: Vec::new(),
         }
         .sealed()

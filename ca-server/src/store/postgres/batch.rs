@@ -32,7 +32,7 @@ pub(super) const INSERT_TOKENS: &str = "INSERT INTO tokens (line, token_id, seri
 pub(super) const INSERT_SECRET_KEYS: &str = "INSERT INTO secret_keys (index_tag, key_id, serial, version) SELECT * FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::bigint[])";
 pub(super) const INSERT_VERSIONS: &str = "INSERT INTO secret_versions (serial, version, key_id, ciphertext, nonce, kcv, index_tag, source, created_at, delivered_at, confirmed_at, retired_at) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bytea[], $5::bytea[], $6::bytea[], $7::bytea[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[])";
 pub(super) const INSERT_POOL: &str = "INSERT INTO secret_pool (key_id, ciphertext, nonce, kcv, index_tag, imported_at) SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::bytea[], $5::bytea[], $6::bigint[])";
-pub(super) const INSERT_AUDITS: &str = "INSERT INTO audit (seq, at, event, serial, actor, detail, prev_hash, hash) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::bytea[], $8::bytea[])";
+pub(super) const INSERT_AUDITS: &str = "INSERT INTO audit (seq, at, event, serial, actor, detail, prev_hash, hash, node) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::bytea[], $8::bytea[], $9::text[])";
 
 /// The batch's statements take arrays (`= ANY($1)`, `unnest`). A prepared statement's generic
 /// plan is made once, when the tables may still be empty, and kept: a sequential scan that
@@ -524,8 +524,9 @@ async fn write(db: &Db<'_>, ch: &Changes, chain: &Chain) -> Result<(), StoreErro
     let a_detail: Vec<&str> = a().map(|e| e.detail.as_str()).collect();
     let a_prev: Vec<&[u8]> = a().map(|e| e.prev_hash.as_slice()).collect();
     let a_hash: Vec<&[u8]> = a().map(|e| e.hash.as_slice()).collect();
-    let p_audit: [P<'_>; 8] = [
-        &a_seq, &a_at, &a_event, &a_serial, &a_actor, &a_detail, &a_prev, &a_hash,
+    let a_node: Vec<Option<&str>> = a().map(|e| e.node.as_deref()).collect();
+    let p_audit: [P<'_>; 9] = [
+        &a_seq, &a_at, &a_event, &a_serial, &a_actor, &a_detail, &a_prev, &a_hash, &a_node,
     ];
     let head_seq = i(chain.0);
     let head_hash = chain.1.as_slice();

@@ -743,6 +743,7 @@ fn audit_of(r: &Row) -> Result<AuditEntry, StoreError> {
         detail: r.try_get(5).map_err(pg)?,
         prev_hash: r.try_get(6).map_err(pg)?,
         hash: r.try_get(7).map_err(pg)?,
+        node: r.try_get(8).map_err(pg)?,
     })
 }
 
@@ -776,7 +777,7 @@ async fn set_head(db: &Db<'_>, chain: &Chain) -> Result<(), StoreError> {
     Ok(())
 }
 
-const INSERT_AUDIT: &str = "INSERT INTO audit (seq, at, event, serial, actor, detail, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+const INSERT_AUDIT: &str = "INSERT INTO audit (seq, at, event, serial, actor, detail, prev_hash, hash, node) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
 /// The sealed entry that records `event` after `chain`.
 fn seal_next(chain: &Chain, event: &AuditEvent) -> AuditEntry {
@@ -788,6 +789,7 @@ fn seal_next(chain: &Chain, event: &AuditEvent) -> AuditEntry {
         actor: event.actor.clone(),
         detail: event.detail.clone(),
         prev_hash: chain.1.to_vec(),
+        node: crate::audit::node().map(str::to_string),
         hash: Vec::new(),
     }
     .sealed()
@@ -811,7 +813,7 @@ impl<'a> AuditRow<'a> {
         }
     }
 
-    fn params(&self) -> [P<'_>; 8] {
+    fn params(&self) -> [P<'_>; 9] {
         [
             &self.seq,
             &self.at,
@@ -821,6 +823,7 @@ impl<'a> AuditRow<'a> {
             &self.e.detail,
             &self.e.prev_hash,
             &self.e.hash,
+            &self.e.node,
         ]
     }
 }
@@ -1725,6 +1728,7 @@ async fn load(tx: &Transaction<'_>, batch: Vec<super::Exported>) -> Result<(), S
                     Box::new(col!(batch, X::Audit(a) => a.detail.clone())),
                     Box::new(col!(batch, X::Audit(a) => a.prev_hash.clone())),
                     Box::new(col!(batch, X::Audit(a) => a.hash.clone())),
+                    Box::new(col!(batch, X::Audit(a) => a.node.clone())),
                 ],
             )
             .await?;
@@ -1739,7 +1743,7 @@ impl PgStore {
         Cursor::new(
             self,
             format!(
-                "SELECT seq, at, event, serial, actor, detail, prev_hash, hash FROM audit WHERE seq > {} ORDER BY seq",
+                "SELECT seq, at, event, serial, actor, detail, prev_hash, hash, node FROM audit WHERE seq > {} ORDER BY seq",
                 i(after)
             ),
             audit_of,

@@ -14,10 +14,13 @@
 //! serial minus 2^64).
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// (version, SQL). Each runs in one transaction with the row that records it.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
+
+/// Version 2: the CA node that wrote each audit entry (NULL for entries written before).
+const V2: &str = "ALTER TABLE audit ADD COLUMN node text;";
 
 const V1: &str = r#"
 CREATE TABLE imprint_schema (
