@@ -1874,4 +1874,38 @@ mod tests {
             assert_eq!(generic, 0, "{statement}: {custom} custom plans");
         }
     }
+
+    /// A version-1 schema (before audit entries named their node) is refused by `open`, which
+    /// says to migrate; after `migrate` it opens, the entries written before keep their chain,
+    /// and new ones name the node.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_version_1_schema_is_refused_until_migrated_and_keeps_its_chain() {
+        let db = TestDb::new();
+        db.0.add_line(&crate::store::test_support::line(10), "t")
+            .unwrap();
+        db.0.apply_enrollment(&crate::store::test_support::enrollment(1, 1, 1))
+            .unwrap();
+        // Back to version 1, as a database made by the previous build is.
+        db.0.run(|pool| async move {
+            let conn = pool.get().await?;
+            conn.client()?
+                .batch_execute(
+                    "ALTER TABLE audit DROP COLUMN node; DELETE FROM imprint_schema WHERE version = 2",
+                )
+                .await
+                .map_err(pg)
+        })
+        .unwrap();
+        let refused = PgStore::open(&db.1).unwrap_err().to_string();
+        assert!(
+            refused.contains("version 1, older") && refused.contains("store migrate"),
+            "{refused}"
+        );
+        assert_eq!(PgStore::migrate(&db.1).unwrap(), 1, "the version it found");
+        let store = PgStore::open(&db.1).unwrap();
+        let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
+        assert_eq!((verdict.entries, verdict.first_bad), (2, None));
+        assert!(store.audit().all(|e| e.unwrap().node.is_none()));
+    }
 }
