@@ -3,10 +3,10 @@
 
 pub mod copy;
 pub mod postgres;
-mod sled_store;
+mod sled;
 
 pub use postgres::{PgConfig, PgStore};
-pub use sled_store::{SledStore, sled_config};
+pub use sled::{SledStore, sled_config};
 
 /// The environment variable that holds the database password (before `[store] password_file`).
 pub const PASSWORD_ENV: &str = "IMPRINT_STORE_PASSWORD";
