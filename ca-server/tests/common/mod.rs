@@ -119,6 +119,7 @@ impl TestCa {
                 tls_names: vec![],
                 now: now() - 60,
                 store,
+                ca_key: Default::default(),
             },
         )
         .unwrap();

@@ -1,0 +1,808 @@
+//! The CA key in a PKCS#11 token (a hardware security module; SoftHSM2 in the tests), named by
+//! an RFC 7512 PKCS#11 URI and used through the `cryptoki` crate.
+//!
+//! Signing takes an idle session from a pool, or opens one when none is idle (so there are at
+//! most as many sessions as threads signing at once), and gives it back afterwards. The user is
+//! logged in once: in PKCS#11 a login holds for every session of the application on that token,
+//! and a new session's `C_Login` answers `CKR_USER_ALREADY_LOGGED_IN`. The private key's handle
+//! is found once and cached. A session that fails is dropped with every idle one and the
+//! signature is tried once more on a fresh session (logging in again if the token was reset);
+//! if that fails too the token is [`SignError::Unavailable`], and the next signature tries again,
+//! so signing resumes when the token is back.
+//!
+//! Ed25519 signs with `CKM_EDDSA` (PKCS#11 3.0) over the message; P-256 with `CKM_ECDSA` over
+//! its SHA-256 digest, the token's raw r||s turned into the DER `Ecdsa-Sig-Value` X.509 wants.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as P11Error, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use protocol_spec::KeyAlgorithm;
+use zeroize::Zeroizing;
+
+use super::key::SignError;
+
+/// DER OBJECT IDENTIFIER 1.3.101.112 (id-Ed25519, RFC 8410): CKA_EC_PARAMS of an Ed25519 key.
+const ED25519_PARAMS: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
+/// DER PrintableString "edwards25519", the other CKA_EC_PARAMS PKCS#11 3.0 allows for Ed25519.
+const ED25519_PARAMS_NAME: &[u8] = b"\x13\x0cedwards25519";
+/// DER OBJECT IDENTIFIER 1.2.840.10045.3.1.7 (prime256v1, RFC 5480).
+const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// Idle sessions kept open for the next signatures.
+const MAX_IDLE_SESSIONS: usize = 64;
+
+/// Where the PIN comes from (RFC 7512 section 2.3, `pin-source` and `pin-value`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum PinSource {
+    /// `pin-source=file:PATH` (or a bare path): the first line of that file.
+    File(PathBuf),
+    /// `pin-value=PIN`: accepted on the command line (tests, one-off use), never written to
+    /// config.toml.
+    Value(Zeroizing<String>),
+    /// Neither: the PIN comes from `IMPRINT_PKCS11_PIN` in the environment.
+    Environment,
+}
+
+impl std::fmt::Debug for PinSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PinSource::File(p) => f.debug_tuple("File").field(p).finish(),
+            PinSource::Value(_) => f.write_str("Value(<redacted>)"),
+            PinSource::Environment => f.write_str("Environment"),
+        }
+    }
+}
+
+/// The environment variable holding the PIN when the URI gives no `pin-source`.
+pub const PIN_ENV: &str = "IMPRINT_PKCS11_PIN";
+
+/// A parsed PKCS#11 URI (RFC 7512) naming the CA's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pkcs11Uri {
+    /// `token=`: the token's label.
+    pub token: String,
+    /// `object=`: the key's label (CKA_LABEL of the private and public objects).
+    pub object: String,
+    /// `id=`: the key's CKA_ID, when given.
+    pub id: Option<Vec<u8>>,
+    /// `serial=`: the token's serial number, when given.
+    pub serial: Option<String>,
+    /// `module-path=`: the PKCS#11 library.
+    pub module_path: PathBuf,
+    /// Where the PIN comes from.
+    pub pin: PinSource,
+}
+
+impl Pkcs11Uri {
+    /// Parses `pkcs11:token=T;object=O[;id=..][;serial=..][;type=private]?module-path=M[&pin-source=file:P|&pin-value=V]`.
+    pub fn parse(uri: &str) -> Result<Self, String> {
+        let rest = uri
+            .strip_prefix("pkcs11:")
+            .ok_or("a PKCS#11 URI starts with \"pkcs11:\"")?;
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut token = None;
+        let mut object = None;
+        let mut id = None;
+        let mut serial = None;
+        for attr in path.split(';').filter(|a| !a.is_empty()) {
+            let (name, value) = attr
+                .split_once('=')
+                .ok_or_else(|| format!("PKCS#11 URI: {attr:?} is not name=value"))?;
+            let value = percent_decode(value)?;
+            let text = || {
+                String::from_utf8(value.clone())
+                    .map_err(|_| format!("PKCS#11 URI: {name} is not UTF-8"))
+            };
+            match name {
+                "token" => token = Some(text()?),
+                "object" => object = Some(text()?),
+                "id" => id = Some(value.clone()),
+                "serial" => serial = Some(text()?),
+                "type" if value == b"private" => {}
+                "type" => {
+                    return Err(
+                        "PKCS#11 URI: type must be private (the CA key's private half)".into(),
+                    );
+                }
+                other => return Err(format!("PKCS#11 URI: unsupported attribute {other:?}")),
+            }
+        }
+        let mut module_path = None;
+        let mut pin = PinSource::Environment;
+        for attr in query.split('&').filter(|a| !a.is_empty()) {
+            let (name, value) = attr
+                .split_once('=')
+                .ok_or_else(|| format!("PKCS#11 URI: {attr:?} is not name=value"))?;
+            let value = Zeroizing::new(percent_decode(value)?);
+            let text = String::from_utf8(value.to_vec())
+                .map_err(|_| format!("PKCS#11 URI: {name} is not UTF-8"))?;
+            match name {
+                "module-path" => module_path = Some(PathBuf::from(text)),
+                "pin-source" => {
+                    let path = text.strip_prefix("file:").unwrap_or(&text);
+                    // RFC 7512 allows a file: URI (file:///path) or a plain path.
+                    let path = path.strip_prefix("//").unwrap_or(path);
+                    pin = PinSource::File(PathBuf::from(path));
+                }
+                "pin-value" => pin = PinSource::Value(Zeroizing::new(text)),
+                other => {
+                    return Err(format!(
+                        "PKCS#11 URI: unsupported query attribute {other:?}"
+                    ));
+                }
+            }
+        }
+        Ok(Pkcs11Uri {
+            token: token.ok_or("PKCS#11 URI: token= (the token's label) is missing")?,
+            object: object.ok_or("PKCS#11 URI: object= (the key's label) is missing")?,
+            id,
+            serial,
+            module_path: module_path
+                .ok_or("PKCS#11 URI: module-path= (the PKCS#11 library) is missing")?,
+            pin,
+        })
+    }
+
+    /// The URI as config.toml keeps it: the same key, never a PIN value (`pin-value` is left
+    /// out; a `pin-source` file is kept).
+    pub fn to_config_string(&self) -> String {
+        let mut s = format!(
+            "pkcs11:token={};object={}",
+            percent_encode(self.token.as_bytes()),
+            percent_encode(self.object.as_bytes())
+        );
+        if let Some(id) = &self.id {
+            s += ";id=";
+            for b in id {
+                s += &format!("%{b:02X}");
+            }
+        }
+        if let Some(serial) = &self.serial {
+            s += &format!(";serial={}", percent_encode(serial.as_bytes()));
+        }
+        s += &format!(
+            "?module-path={}",
+            percent_encode(self.module_path.as_os_str().as_encoded_bytes())
+        );
+        if let PinSource::File(p) = &self.pin {
+            s += &format!(
+                "&pin-source=file:{}",
+                percent_encode(p.as_os_str().as_encoded_bytes())
+            );
+        }
+        s
+    }
+
+    /// How errors name the key: token and object labels, never the PIN.
+    pub fn describe(&self) -> String {
+        format!("token {:?}, object {:?}", self.token, self.object)
+    }
+
+    fn read_pin(&self) -> Result<AuthPin, String> {
+        let pin = match &self.pin {
+            PinSource::Value(v) => v.to_string(),
+            PinSource::File(path) => {
+                let text = Zeroizing::new(
+                    std::fs::read_to_string(path)
+                        .map_err(|e| format!("PIN file {}: {e}", path.display()))?,
+                );
+                text.lines().next().unwrap_or("").to_string()
+            }
+            PinSource::Environment => std::env::var(PIN_ENV).map_err(|_| {
+                format!(
+                    "no PIN for {}: the URI has no pin-source=file:PATH and {PIN_ENV} is not set",
+                    self.describe()
+                )
+            })?,
+        };
+        Ok(AuthPin::from(pin))
+    }
+}
+
+/// The CA's key in a token: the module, the slot, the PIN (to log in again after the token
+/// was reset), the key's public half, and the session pool.
+pub struct TokenKey {
+    ctx: Pkcs11,
+    slot: Slot,
+    uri: Pkcs11Uri,
+    pin: AuthPin,
+    algorithm: KeyAlgorithm,
+    public_raw: Vec<u8>,
+    key: Mutex<Option<ObjectHandle>>,
+    idle: Mutex<Vec<Session>>,
+}
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenKey")
+            .field("token", &self.uri.token)
+            .field("object", &self.uri.object)
+            .field("algorithm", &self.algorithm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenKey {
+    /// Opens the key `uri` names, which must already be in the token.
+    pub fn open(uri: &Pkcs11Uri) -> Result<Self, String> {
+        let (ctx, slot) = find_token(uri)?;
+        let pin = uri.read_pin()?;
+        let session = open_session(&ctx, slot, &pin, false, uri)?;
+        let private = find_key(&session, uri, ObjectClass::PRIVATE_KEY)?.ok_or_else(|| {
+            format!(
+                "{}: no private key with that label in the token (give the key's label as object=, or make one with `ca-server init --pkcs11`)",
+                uri.describe()
+            )
+        })?;
+        let (algorithm, public_raw) = public_half(&session, uri)?;
+        let key = TokenKey {
+            ctx,
+            slot,
+            uri: uri.clone(),
+            pin,
+            algorithm,
+            public_raw,
+            key: Mutex::new(Some(private)),
+            idle: Mutex::new(Vec::new()),
+        };
+        key.give_back(session);
+        Ok(key)
+    }
+
+    /// Generates a new key pair of `algorithm` in the token, labelled (and with the id) as
+    /// `uri` says: the private half sensitive and not extractable. Refuses when the token
+    /// already holds a private key with that label.
+    pub fn generate(uri: &Pkcs11Uri, algorithm: KeyAlgorithm) -> Result<Self, String> {
+        let (ctx, slot) = find_token(uri)?;
+        let pin = uri.read_pin()?;
+        let session = open_session(&ctx, slot, &pin, true, uri)?;
+        if find_key(&session, uri, ObjectClass::PRIVATE_KEY)?.is_some() {
+            return Err(format!(
+                "{}: the token already holds a private key with that label; use it with --pkcs11-existing, or name another object=",
+                uri.describe()
+            ));
+        }
+        let (mechanism, params) = match algorithm {
+            KeyAlgorithm::Ed25519 => (Mechanism::EccEdwardsKeyPairGen, ED25519_PARAMS),
+            KeyAlgorithm::P256 => (Mechanism::EccKeyPairGen, P256_PARAMS),
+        };
+        let label = uri.object.as_bytes().to_vec();
+        let id = uri.id.clone().unwrap_or_else(|| label.clone());
+        let public = [
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Verify(true),
+            Attribute::EcParams(params.to_vec()),
+            Attribute::Label(label.clone()),
+            Attribute::Id(id.clone()),
+        ];
+        let private = [
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::Label(label),
+            Attribute::Id(id),
+        ];
+        session
+            .generate_key_pair(&mechanism, &public, &private)
+            .map_err(|e| {
+                format!(
+                    "{}: the token could not generate a {algorithm} key pair: {}",
+                    uri.describe(),
+                    short(&e)
+                )
+            })?;
+        drop(session);
+        Self::open(uri)
+    }
+
+    /// The key's algorithm (from the token's key type and curve).
+    pub fn algorithm(&self) -> KeyAlgorithm {
+        self.algorithm
+    }
+
+    /// The raw public key, read from the token's public-key object.
+    pub fn public_key_raw(&self) -> &[u8] {
+        &self.public_raw
+    }
+
+    /// The URI this key was opened with.
+    pub fn uri(&self) -> &Pkcs11Uri {
+        &self.uri
+    }
+
+    /// Signs as X.509 expects (see the module documentation).
+    pub fn sign_x509(&self, msg: &[u8]) -> Result<Vec<u8>, SignError> {
+        let (mechanism, data) = match self.algorithm {
+            KeyAlgorithm::Ed25519 => (
+                Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+                msg.to_vec(),
+            ),
+            KeyAlgorithm::P256 => (
+                Mechanism::Ecdsa,
+                ring::digest::digest(&ring::digest::SHA256, msg)
+                    .as_ref()
+                    .to_vec(),
+            ),
+        };
+        let mut last = String::new();
+        for _attempt in 0..2 {
+            let session = match self.session() {
+                Ok(s) => s,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let key = match self.key_handle(&session) {
+                Ok(k) => k,
+                Err(e) => {
+                    last = e;
+                    self.drop_idle();
+                    continue;
+                }
+            };
+            match session.sign(&mechanism, key, &data) {
+                Ok(sig) => {
+                    self.give_back(session);
+                    return match self.algorithm {
+                        KeyAlgorithm::Ed25519 if sig.len() == 64 => Ok(sig),
+                        KeyAlgorithm::P256 => ecdsa_der(&sig).ok_or_else(|| {
+                            SignError::Failed(format!(
+                                "the token returned a {}-byte ECDSA signature, not 64",
+                                sig.len()
+                            ))
+                        }),
+                        KeyAlgorithm::Ed25519 => Err(SignError::Failed(format!(
+                            "the token returned a {}-byte Ed25519 signature, not 64",
+                            sig.len()
+                        ))),
+                    };
+                }
+                Err(e) if is_unavailable(&e) => {
+                    // The session (and, most likely, every other one) is gone: start over
+                    // with a fresh session and a fresh key handle.
+                    last = short(&e);
+                    drop(session);
+                    self.drop_idle();
+                }
+                Err(P11Error::Pkcs11(
+                    RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid,
+                    _,
+                )) => {
+                    last = "the cached key handle is no longer valid".into();
+                    self.give_back(session);
+                    *self.key.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                }
+                Err(e) => {
+                    self.give_back(session);
+                    return Err(SignError::Failed(format!(
+                        "{}: {}",
+                        self.uri.describe(),
+                        short(&e)
+                    )));
+                }
+            }
+        }
+        Err(SignError::Unavailable(format!(
+            "{}: {last}",
+            self.uri.describe()
+        )))
+    }
+
+    /// An idle session, or a new one (logged in) when none is idle.
+    fn session(&self) -> Result<Session, String> {
+        if let Some(s) = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+        {
+            return Ok(s);
+        }
+        open_session(&self.ctx, self.slot, &self.pin, false, &self.uri)
+    }
+
+    fn give_back(&self, session: Session) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE_SESSIONS {
+            idle.push(session);
+        }
+    }
+
+    fn drop_idle(&self) {
+        let stale = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
+        *self.key.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        drop(stale);
+    }
+
+    fn key_handle(&self, session: &Session) -> Result<ObjectHandle, String> {
+        let mut cached = self.key.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(h) = *cached {
+            return Ok(h);
+        }
+        let h = find_key(session, &self.uri, ObjectClass::PRIVATE_KEY)?.ok_or_else(|| {
+            format!(
+                "{}: the private key is no longer in the token",
+                self.uri.describe()
+            )
+        })?;
+        *cached = Some(h);
+        Ok(h)
+    }
+}
+
+/// One context per module in a process: `C_Initialize` may be called once per library, and two
+/// CAs in one process (the tests) share it.
+fn context(module: &Path) -> Result<Pkcs11, String> {
+    static CONTEXTS: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+    let mut map = CONTEXTS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(ctx) = map.get(module) {
+        return Ok(ctx.clone());
+    }
+    let ctx = Pkcs11::new(module)
+        .map_err(|e| format!("PKCS#11 module {}: cannot load it ({e})", module.display()))?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => {
+            return Err(format!(
+                "PKCS#11 module {}: C_Initialize failed: {}",
+                module.display(),
+                short(&e)
+            ));
+        }
+    }
+    map.insert(module.to_path_buf(), ctx.clone());
+    Ok(ctx)
+}
+
+/// The slot holding the token `uri` names (by label, and serial when given).
+fn find_token(uri: &Pkcs11Uri) -> Result<(Pkcs11, Slot), String> {
+    let ctx = context(&uri.module_path)?;
+    let slots = ctx.get_slots_with_token().map_err(|e| {
+        format!(
+            "PKCS#11 module {}: cannot list its slots: {}",
+            uri.module_path.display(),
+            short(&e)
+        )
+    })?;
+    let mut labels = Vec::new();
+    for slot in slots {
+        let Ok(info) = ctx.get_token_info(slot) else {
+            continue;
+        };
+        let label = info.label().trim_end().to_string();
+        if label == uri.token
+            && uri
+                .serial
+                .as_deref()
+                .is_none_or(|s| info.serial_number().trim_end() == s)
+        {
+            return Ok((ctx, slot));
+        }
+        // An uninitialized token (SoftHSM2 always offers one) has no label worth naming.
+        if !label.is_empty() {
+            labels.push(format!("{label:?}"));
+        }
+    }
+    Err(format!(
+        "no token labelled {:?} in PKCS#11 module {} (tokens there: {})",
+        uri.token,
+        uri.module_path.display(),
+        if labels.is_empty() {
+            "none".to_string()
+        } else {
+            labels.join(", ")
+        }
+    ))
+}
+
+/// Opens a session and logs the user in (a no-op when the application already is).
+fn open_session(
+    ctx: &Pkcs11,
+    slot: Slot,
+    pin: &AuthPin,
+    rw: bool,
+    uri: &Pkcs11Uri,
+) -> Result<Session, String> {
+    let session = if rw {
+        ctx.open_rw_session(slot)
+    } else {
+        ctx.open_ro_session(slot)
+    }
+    .map_err(|e| {
+        format!(
+            "token {:?}: cannot open a session: {}",
+            uri.token,
+            short(&e)
+        )
+    })?;
+    match session.login(UserType::User, Some(pin)) {
+        Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+        Err(P11Error::Pkcs11(RvError::PinIncorrect, _)) => Err(format!(
+            "token {:?}: the PIN is wrong ({})",
+            uri.token,
+            match &uri.pin {
+                PinSource::File(p) => format!("read from {}", p.display()),
+                PinSource::Value(_) => "given as pin-value".to_string(),
+                PinSource::Environment => format!("read from {PIN_ENV}"),
+            }
+        )),
+        Err(P11Error::Pkcs11(RvError::PinLocked, _)) => Err(format!(
+            "token {:?}: the user PIN is locked (too many wrong PINs); the security officer must unlock it",
+            uri.token
+        )),
+        Err(e) => Err(format!(
+            "token {:?}: login failed: {}",
+            uri.token,
+            short(&e)
+        )),
+    }
+}
+
+/// The one object of `class` with the URI's label (and id); an error when several match.
+fn find_key(
+    session: &Session,
+    uri: &Pkcs11Uri,
+    class: ObjectClass,
+) -> Result<Option<ObjectHandle>, String> {
+    let mut template = vec![
+        Attribute::Class(class),
+        Attribute::Label(uri.object.as_bytes().to_vec()),
+    ];
+    if let Some(id) = &uri.id {
+        template.push(Attribute::Id(id.clone()));
+    }
+    let found = session
+        .find_objects(&template)
+        .map_err(|e| format!("{}: cannot search the token: {}", uri.describe(), short(&e)))?;
+    match found.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
+        _ => Err(format!(
+            "{}: {} keys have that label; add id= to the URI to choose one",
+            uri.describe(),
+            found.len()
+        )),
+    }
+}
+
+/// The algorithm and raw public key, from the public-key object beside the private key.
+fn public_half(session: &Session, uri: &Pkcs11Uri) -> Result<(KeyAlgorithm, Vec<u8>), String> {
+    let handle = find_key(session, uri, ObjectClass::PUBLIC_KEY)?.ok_or_else(|| {
+        format!(
+            "{}: no public-key object with that label beside the private key (import it with the same label)",
+            uri.describe()
+        )
+    })?;
+    let attrs = session
+        .get_attributes(
+            handle,
+            &[
+                AttributeType::KeyType,
+                AttributeType::EcParams,
+                AttributeType::EcPoint,
+            ],
+        )
+        .map_err(|e| {
+            format!(
+                "{}: cannot read the public key: {}",
+                uri.describe(),
+                short(&e)
+            )
+        })?;
+    let (mut key_type, mut params, mut point) = (None, None, None);
+    for a in attrs {
+        match a {
+            Attribute::KeyType(t) => key_type = Some(t),
+            Attribute::EcParams(p) => params = Some(p),
+            Attribute::EcPoint(p) => point = Some(p),
+            _ => {}
+        }
+    }
+    let unsupported = || {
+        format!(
+            "{}: the key is neither Ed25519 nor P-256 (the two algorithms Imprint signs with)",
+            uri.describe()
+        )
+    };
+    let (Some(key_type), Some(params), Some(point)) = (key_type, params, point) else {
+        return Err(unsupported());
+    };
+    // CKA_EC_POINT is a DER OCTET STRING around the point (PKCS#11 2.40 and 3.0); some tokens
+    // return the bare point.
+    let point = match point.as_slice() {
+        [0x04, len, rest @ ..] if usize::from(*len) == rest.len() && rest.len() < 128 => {
+            rest.to_vec()
+        }
+        _ => point,
+    };
+    if key_type == KeyType::EC_EDWARDS
+        && (params == ED25519_PARAMS || params == ED25519_PARAMS_NAME)
+        && point.len() == 32
+    {
+        Ok((KeyAlgorithm::Ed25519, point))
+    } else if key_type == KeyType::EC
+        && params == P256_PARAMS
+        && point.len() == 65
+        && point.first() == Some(&0x04)
+    {
+        Ok((KeyAlgorithm::P256, point))
+    } else {
+        Err(unsupported())
+    }
+}
+
+/// Whether a failure means the token or the session is gone (retry on a fresh session, then
+/// report the token unavailable) rather than a refusal of this request.
+fn is_unavailable(e: &P11Error) -> bool {
+    match e {
+        P11Error::Pkcs11(rv, _) => matches!(
+            rv,
+            RvError::DeviceError
+                | RvError::DeviceRemoved
+                | RvError::DeviceMemory
+                | RvError::TokenNotPresent
+                | RvError::TokenNotRecognized
+                | RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::SessionCount
+                | RvError::SlotIdInvalid
+                | RvError::UserNotLoggedIn
+                | RvError::CryptokiNotInitialized
+                | RvError::GeneralError
+                | RvError::FunctionFailed
+        ),
+        P11Error::LibraryLoading(_) | P11Error::NullFunctionPointer => true,
+        _ => false,
+    }
+}
+
+/// A one-line description of a PKCS#11 failure: the return value's name (CKR_...) and the
+/// function, not the standard's paragraph-long explanation.
+fn short(e: &P11Error) -> String {
+    match e {
+        P11Error::Pkcs11(rv, function) => format!("{function} returned {rv:?}"),
+        other => other.to_string(),
+    }
+}
+
+/// The DER `Ecdsa-Sig-Value` (RFC 5480 section 2.2.3) for a token's fixed-size r||s.
+fn ecdsa_der(rs: &[u8]) -> Option<Vec<u8>> {
+    if rs.len() != 64 {
+        return None;
+    }
+    let (r, s) = rs.split_at(32);
+    let integer = |x: &[u8]| {
+        let first = x.iter().position(|b| *b != 0).unwrap_or(x.len() - 1);
+        let x = &x[first..];
+        let mut out = vec![0x02];
+        if x.first().is_some_and(|b| b & 0x80 != 0) {
+            out.push(u8::try_from(x.len() + 1).unwrap_or(0));
+            out.push(0);
+        } else {
+            out.push(u8::try_from(x.len()).unwrap_or(0));
+        }
+        out.extend_from_slice(x);
+        out
+    };
+    let (r, s) = (integer(r), integer(s));
+    // At most 2 * 35 bytes: the short length form.
+    let mut der = vec![0x30, u8::try_from(r.len() + s.len()).ok()?];
+    der.extend_from_slice(&r);
+    der.extend_from_slice(&s);
+    Some(der)
+}
+
+fn percent_decode(s: &str) -> Result<Vec<u8>, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| "PKCS#11 URI: a % is not followed by two hex digits".to_string())?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+fn percent_encode(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len());
+    for b in bytes {
+        if b.is_ascii_alphanumeric() || b"-._~/:".contains(b) {
+            s.push(char::from(*b));
+        } else {
+            s += &format!("%{b:02X}");
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn a_uri_parses_and_config_keeps_no_pin_value() {
+        let u = Pkcs11Uri::parse(
+            "pkcs11:token=imprint;object=ca%20key;id=%01%02?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-value=1234",
+        )
+        .unwrap();
+        assert_eq!(u.token, "imprint");
+        assert_eq!(u.object, "ca key");
+        assert_eq!(u.id, Some(vec![1, 2]));
+        assert_eq!(u.pin, PinSource::Value(Zeroizing::new("1234".into())));
+        assert!(!format!("{u:?}").contains("1234"));
+        let kept = u.to_config_string();
+        assert!(!kept.contains("pin"), "{kept}");
+        let again = Pkcs11Uri::parse(&kept).unwrap();
+        assert_eq!(
+            (again.token, again.object, again.id),
+            (u.token, u.object, u.id)
+        );
+        assert_eq!(again.pin, PinSource::Environment);
+
+        let f = Pkcs11Uri::parse(
+            "pkcs11:token=t;object=o?module-path=/m.so&pin-source=file:/etc/imprint/pin",
+        )
+        .unwrap();
+        assert_eq!(f.pin, PinSource::File("/etc/imprint/pin".into()));
+        assert_eq!(Pkcs11Uri::parse(&f.to_config_string()).unwrap(), f);
+
+        for bad in [
+            "token=t;object=o?module-path=/m.so",
+            "pkcs11:object=o?module-path=/m.so",
+            "pkcs11:token=t?module-path=/m.so",
+            "pkcs11:token=t;object=o",
+            "pkcs11:token=t;object=o;type=public?module-path=/m.so",
+            "pkcs11:token=t;object=o;id=%G1?module-path=/m.so",
+        ] {
+            assert!(Pkcs11Uri::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn raw_ecdsa_signatures_become_der_that_ring_verifies() {
+        use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        let public = protocol_spec::PublicKey {
+            algorithm: KeyAlgorithm::P256,
+            raw: key.public_key().as_ref().to_vec(),
+        };
+        // Enough signatures that some r or s has its high bit set or a leading zero byte.
+        for i in 0..200u32 {
+            let msg = i.to_be_bytes();
+            let fixed = key.sign(&rng, &msg).unwrap();
+            let der = ecdsa_der(fixed.as_ref()).unwrap();
+            assert!(public.verify_x509(&msg, &der), "signature {i}");
+        }
+        assert!(ecdsa_der(&[0; 63]).is_none());
+    }
+}
