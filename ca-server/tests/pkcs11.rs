@@ -358,3 +358,51 @@ fn serve_refuses_a_wrong_pin_file_and_a_pin_value_in_config() {
     assert!(!err.contains(PIN), "{err}");
     drop(token.tmp);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_disappears_while_serving_gives_unavailable_and_signing_resumes() {
+    let token = SoftToken::new();
+    let ca = token.init_ca(KeyAlgorithm::Ed25519, "ca");
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    let (_server, addr) = token.serve(&ca);
+    let client = ca.client(addr);
+    let enroll = |serial: u64| {
+        let request = Device::new(serial, KeyAlgorithm::Ed25519).request(&line, ResponseForm::Full);
+        let client = &client;
+        async move { client.enroll(request).await }
+    };
+    enroll(1).await.unwrap();
+
+    // The token's folder goes away (SoftHSM2's stand-in for a token pulled out of its slot).
+    let tokens = token.tmp.path().join("tokens");
+    let away = token.tmp.path().join("away");
+    std::fs::rename(&tokens, &away).unwrap();
+    match enroll(2).await {
+        Err(device_agent::AgentError::Refused(p)) => {
+            assert_eq!(
+                p.kind,
+                protocol_spec::problem::ProblemType::Unavailable,
+                "{p:?}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // Back: the same server reconnects (at most once a second) and signs again; serial 2,
+    // retrying as a device does, enrolls within a few seconds.
+    std::fs::rename(&away, &tokens).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match enroll(2).await {
+            Ok(_) => break,
+            Err(device_agent::AgentError::Refused(p))
+                if p.kind == protocol_spec::problem::ProblemType::Unavailable
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    enroll(3).await.unwrap();
+}

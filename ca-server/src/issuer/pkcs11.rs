@@ -7,15 +7,19 @@
 //! and a new session's `C_Login` answers `CKR_USER_ALREADY_LOGGED_IN`. The private key's handle
 //! is found once and cached. A session that fails is dropped with every idle one and the
 //! signature is tried once more on a fresh session (logging in again if the token was reset);
-//! if that fails too the token is [`SignError::Unavailable`], and the next signature tries again,
-//! so signing resumes when the token is back.
+//! if that fails too, the module is reset (`C_Finalize`, `C_Initialize`: a token pulled out and
+//! put back, or SoftHSM2's token folder gone and back, is seen again only then; at most once a
+//! second) and the slot found again for a last try. Past that the token is
+//! [`SignError::Unavailable`]; the next signature tries again, so signing resumes by itself
+//! when the token is back.
 //!
 //! Ed25519 signs with `CKM_EDDSA` (PKCS#11 3.0) over the message; P-256 with `CKM_ECDSA` over
 //! its SHA-256 digest, the token's raw r||s turned into the DER `Ecdsa-Sig-Value` X.509 wants.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as P11Error, RvError};
@@ -208,17 +212,33 @@ impl Pkcs11Uri {
     }
 }
 
-/// The CA's key in a token: the module, the slot, the PIN (to log in again after the token
+/// The CA's key in a token: the module and slot, the PIN (to log in again after the token
 /// was reset), the key's public half, and the session pool.
 pub struct TokenKey {
-    ctx: Pkcs11,
-    slot: Slot,
+    /// The module's context and the token's slot. Signatures hold it shared; a reconnection
+    /// (`C_Finalize`, `C_Initialize`, the slot found again) holds it alone, so no call is in
+    /// flight while the library is reset.
+    conn: RwLock<Connection>,
     uri: Pkcs11Uri,
     pin: AuthPin,
     algorithm: KeyAlgorithm,
     public_raw: Vec<u8>,
     key: Mutex<Option<ObjectHandle>>,
     idle: Mutex<Vec<Session>>,
+    last_reconnect: Mutex<Option<Instant>>,
+}
+
+struct Connection {
+    ctx: Pkcs11,
+    slot: Slot,
+}
+
+/// How one signing attempt ended, when it did not sign.
+enum Attempt {
+    /// The session, the key handle or the token is gone: try again, then reconnect.
+    Lost(String),
+    /// The token refused this signature.
+    Refused(String),
 }
 
 impl std::fmt::Debug for TokenKey {
@@ -234,7 +254,8 @@ impl std::fmt::Debug for TokenKey {
 impl TokenKey {
     /// Opens the key `uri` names, which must already be in the token.
     pub fn open(uri: &Pkcs11Uri) -> Result<Self, String> {
-        let (ctx, slot) = find_token(uri)?;
+        let ctx = context(&uri.module_path)?;
+        let slot = find_slot(&ctx, uri)?;
         let pin = uri.read_pin()?;
         let session = open_session(&ctx, slot, &pin, false, uri)?;
         let private = find_key(&session, uri, ObjectClass::PRIVATE_KEY)?.ok_or_else(|| {
@@ -245,14 +266,14 @@ impl TokenKey {
         })?;
         let (algorithm, public_raw) = public_half(&session, uri)?;
         let key = TokenKey {
-            ctx,
-            slot,
+            conn: RwLock::new(Connection { ctx, slot }),
             uri: uri.clone(),
             pin,
             algorithm,
             public_raw,
             key: Mutex::new(Some(private)),
             idle: Mutex::new(Vec::new()),
+            last_reconnect: Mutex::new(None),
         };
         key.give_back(session);
         Ok(key)
@@ -262,7 +283,8 @@ impl TokenKey {
     /// `uri` says: the private half sensitive and not extractable. Refuses when the token
     /// already holds a private key with that label.
     pub fn generate(uri: &Pkcs11Uri, algorithm: KeyAlgorithm) -> Result<Self, String> {
-        let (ctx, slot) = find_token(uri)?;
+        let ctx = context(&uri.module_path)?;
+        let slot = find_slot(&ctx, uri)?;
         let pin = uri.read_pin()?;
         let session = open_session(&ctx, slot, &pin, true, uri)?;
         if find_key(&session, uri, ObjectClass::PRIVATE_KEY)?.is_some() {
@@ -322,7 +344,9 @@ impl TokenKey {
         &self.uri
     }
 
-    /// Signs as X.509 expects (see the module documentation).
+    /// Signs as X.509 expects (see the module documentation): on a session that fails, once
+    /// more on a fresh one; then once more after reconnecting to the module (at most one
+    /// reconnection a second); then [`SignError::Unavailable`].
     pub fn sign_x509(&self, msg: &[u8]) -> Result<Vec<u8>, SignError> {
         let (mechanism, data) = match self.algorithm {
             KeyAlgorithm::Ed25519 => (
@@ -337,61 +361,25 @@ impl TokenKey {
             ),
         };
         let mut last = String::new();
-        for _attempt in 0..2 {
-            let session = match self.session() {
-                Ok(s) => s,
-                Err(e) => {
-                    last = e;
-                    continue;
-                }
+        for attempt in 0..3 {
+            if attempt == 2
+                && let Err(why) = self.reconnect()
+            {
+                last = format!("{last}; reconnecting: {why}");
+                break;
+            }
+            let outcome = {
+                let conn = self.conn.read().unwrap_or_else(PoisonError::into_inner);
+                self.try_sign(&conn, &mechanism, &data)
             };
-            let key = match self.key_handle(&session) {
-                Ok(k) => k,
-                Err(e) => {
-                    last = e;
+            match outcome {
+                Ok(sig) => return self.x509_signature(sig),
+                Err(Attempt::Refused(why)) => {
+                    return Err(SignError::Failed(format!("{}: {why}", self.uri.describe())));
+                }
+                Err(Attempt::Lost(why)) => {
+                    last = why;
                     self.drop_idle();
-                    continue;
-                }
-            };
-            match session.sign(&mechanism, key, &data) {
-                Ok(sig) => {
-                    self.give_back(session);
-                    return match self.algorithm {
-                        KeyAlgorithm::Ed25519 if sig.len() == 64 => Ok(sig),
-                        KeyAlgorithm::P256 => ecdsa_der(&sig).ok_or_else(|| {
-                            SignError::Failed(format!(
-                                "the token returned a {}-byte ECDSA signature, not 64",
-                                sig.len()
-                            ))
-                        }),
-                        KeyAlgorithm::Ed25519 => Err(SignError::Failed(format!(
-                            "the token returned a {}-byte Ed25519 signature, not 64",
-                            sig.len()
-                        ))),
-                    };
-                }
-                Err(e) if is_unavailable(&e) => {
-                    // The session (and, most likely, every other one) is gone: start over
-                    // with a fresh session and a fresh key handle.
-                    last = short(&e);
-                    drop(session);
-                    self.drop_idle();
-                }
-                Err(P11Error::Pkcs11(
-                    RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid,
-                    _,
-                )) => {
-                    last = "the cached key handle is no longer valid".into();
-                    self.give_back(session);
-                    *self.key.lock().unwrap_or_else(PoisonError::into_inner) = None;
-                }
-                Err(e) => {
-                    self.give_back(session);
-                    return Err(SignError::Failed(format!(
-                        "{}: {}",
-                        self.uri.describe(),
-                        short(&e)
-                    )));
                 }
             }
         }
@@ -401,8 +389,48 @@ impl TokenKey {
         )))
     }
 
+    fn try_sign(
+        &self,
+        conn: &Connection,
+        mechanism: &Mechanism,
+        data: &[u8],
+    ) -> Result<Vec<u8>, Attempt> {
+        let session = self.session(conn)?;
+        let key = self.key_handle(&session)?;
+        match session.sign(mechanism, key, data) {
+            Ok(sig) => {
+                self.give_back(session);
+                Ok(sig)
+            }
+            Err(e) if is_unavailable(&e) => Err(Attempt::Lost(short(&e))),
+            Err(
+                e @ P11Error::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _),
+            ) => Err(Attempt::Lost(short(&e))),
+            Err(e) => {
+                self.give_back(session);
+                Err(Attempt::Refused(short(&e)))
+            }
+        }
+    }
+
+    fn x509_signature(&self, sig: Vec<u8>) -> Result<Vec<u8>, SignError> {
+        match self.algorithm {
+            KeyAlgorithm::Ed25519 if sig.len() == 64 => Ok(sig),
+            KeyAlgorithm::P256 => ecdsa_der(&sig).ok_or_else(|| {
+                SignError::Failed(format!(
+                    "the token returned a {}-byte ECDSA signature, not 64",
+                    sig.len()
+                ))
+            }),
+            KeyAlgorithm::Ed25519 => Err(SignError::Failed(format!(
+                "the token returned a {}-byte Ed25519 signature, not 64",
+                sig.len()
+            ))),
+        }
+    }
+
     /// An idle session, or a new one (logged in) when none is idle.
-    fn session(&self) -> Result<Session, String> {
+    fn session(&self, conn: &Connection) -> Result<Session, Attempt> {
         if let Some(s) = self
             .idle
             .lock()
@@ -411,7 +439,17 @@ impl TokenKey {
         {
             return Ok(s);
         }
-        open_session(&self.ctx, self.slot, &self.pin, false, &self.uri)
+        let session = conn
+            .ctx
+            .open_ro_session(conn.slot)
+            .map_err(|e| Attempt::Lost(format!("opening a session: {}", short(&e))))?;
+        match session.login(UserType::User, Some(&self.pin)) {
+            Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+            Err(e @ P11Error::Pkcs11(RvError::PinIncorrect | RvError::PinLocked, _)) => Err(
+                Attempt::Refused(format!("the token refused the PIN: {}", short(&e))),
+            ),
+            Err(e) => Err(Attempt::Lost(format!("logging in: {}", short(&e)))),
+        }
     }
 
     fn give_back(&self, session: Session) {
@@ -421,25 +459,56 @@ impl TokenKey {
         }
     }
 
+    /// Forgets every idle session and the key handle (after a session failed, the others
+    /// most likely did too).
     fn drop_idle(&self) {
         let stale = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
         *self.key.lock().unwrap_or_else(PoisonError::into_inner) = None;
         drop(stale);
     }
 
-    fn key_handle(&self, session: &Session) -> Result<ObjectHandle, String> {
+    fn key_handle(&self, session: &Session) -> Result<ObjectHandle, Attempt> {
         let mut cached = self.key.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(h) = *cached {
             return Ok(h);
         }
-        let h = find_key(session, &self.uri, ObjectClass::PRIVATE_KEY)?.ok_or_else(|| {
-            format!(
-                "{}: the private key is no longer in the token",
-                self.uri.describe()
-            )
-        })?;
+        // A key that is not found is taken as a token that is not (or not yet) all there:
+        // the key was in it when the server started.
+        let h = find_key(session, &self.uri, ObjectClass::PRIVATE_KEY)
+            .map_err(Attempt::Lost)?
+            .ok_or_else(|| Attempt::Lost("the private key is not in the token".into()))?;
         *cached = Some(h);
         Ok(h)
+    }
+
+    /// Resets the module (`C_Finalize`, `C_Initialize`) and finds the token's slot again: a
+    /// token that was removed and put back, or a module that lost its device, is usable
+    /// again only after this. At most once a second, with no call in flight.
+    fn reconnect(&self) -> Result<(), String> {
+        {
+            let mut last = self
+                .last_reconnect
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return Err("the last reconnection was less than a second ago".into());
+            }
+            *last = Some(Instant::now());
+        }
+        let mut conn = self.conn.write().unwrap_or_else(PoisonError::into_inner);
+        self.drop_idle();
+        // Every session of the old initialization is closed by C_Finalize.
+        let _ = conn.ctx.clone().finalize();
+        match conn
+            .ctx
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        {
+            Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(format!("C_Initialize: {}", short(&e))),
+        }
+        conn.slot = find_slot(&conn.ctx, &self.uri)?;
+        tracing::info!(token = %self.uri.token, "reconnected to the PKCS#11 token");
+        Ok(())
     }
 }
 
@@ -471,8 +540,7 @@ fn context(module: &Path) -> Result<Pkcs11, String> {
 }
 
 /// The slot holding the token `uri` names (by label, and serial when given).
-fn find_token(uri: &Pkcs11Uri) -> Result<(Pkcs11, Slot), String> {
-    let ctx = context(&uri.module_path)?;
+fn find_slot(ctx: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot, String> {
     let slots = ctx.get_slots_with_token().map_err(|e| {
         format!(
             "PKCS#11 module {}: cannot list its slots: {}",
@@ -492,7 +560,7 @@ fn find_token(uri: &Pkcs11Uri) -> Result<(Pkcs11, Slot), String> {
                 .as_deref()
                 .is_none_or(|s| info.serial_number().trim_end() == s)
         {
-            return Ok((ctx, slot));
+            return Ok(slot);
         }
         // An uninitialized token (SoftHSM2 always offers one) has no label worth naming.
         if !label.is_empty() {
