@@ -71,6 +71,11 @@ enum Command {
         #[arg(long = "store-schema", requires = "store_url")]
         store_schema: Option<String>,
     },
+    /// The CA key's custody.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
     /// The store: schema migrations.
     Store {
         #[command(subcommand)]
@@ -147,6 +152,21 @@ struct AdminArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Move the CA key from ca.key.pem into a PKCS#11 token (server stopped): import it,
+    /// check a signature made in the token against the CA certificate, point config.toml at
+    /// the token, then remove the key file.
+    ToToken {
+        /// The CA folder.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The token and the label to give the key: an RFC 7512 URI, as for `init --pkcs11`.
+        #[arg(long)]
+        pkcs11: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -442,6 +462,21 @@ fn run(cli: Cli) -> Result<bool, String> {
             println!(
                 "  next: ca-server line add --dir {} --id LINE --public-key LINE.pub.pem --serials FIRST-LAST",
                 dir.display()
+            );
+            Ok(true)
+        }
+        Command::Key {
+            command: KeyCommand::ToToken { dir, pkcs11 },
+        } => {
+            let ca = CaDir::new(&dir);
+            let uri =
+                crate::issuer::Pkcs11Uri::parse(&pkcs11).map_err(|e| format!("--pkcs11: {e}"))?;
+            setup::key_to_token(&ca, &uri)?;
+            println!(
+                "the CA key is in the token ({}); {} is removed and {} names the token",
+                uri.describe(),
+                ca.ca_key().display(),
+                ca.config().display()
             );
             Ok(true)
         }

@@ -162,6 +162,62 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
     Ok(())
 }
 
+/// `ca-server key to-token`: moves the CA key from `ca.key.pem` into the PKCS#11 token `uri`
+/// names. Imports it, signs a message in the token and checks the signature under the CA
+/// certificate's key, points config.toml's `[issuer] pkcs11` at the token (written whole, then
+/// renamed into place), and only then removes the key file. Run it with the server stopped.
+pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
+    let mut config = dir.load_config()?;
+    if let Some(already) = &config.issuer.pkcs11 {
+        return Err(format!(
+            "{}: the CA key is already in a token ({already})",
+            dir.config().display()
+        ));
+    }
+    let rng = SystemRandom::new();
+    let key_pem = std::fs::read_to_string(dir.ca_key())
+        .map_err(|e| format!("{}: {e}", dir.ca_key().display()))?;
+    let key = KeyPair::from_pem(&key_pem, &rng)
+        .map_err(|e| format!("{}: {e}", dir.ca_key().display()))?;
+    let ca_pem = std::fs::read_to_string(dir.ca_cert())
+        .map_err(|e| format!("{}: {e}", dir.ca_cert().display()))?;
+    let ca_der = profile::cert_from_pem(&ca_pem)
+        .ok_or_else(|| format!("{}: no CERTIFICATE", dir.ca_cert().display()))?;
+    let ca_public = profile::CertProfile::from_ca_der(&ca_der)
+        .map_err(|e| format!("{}: {e}", dir.ca_cert().display()))?
+        .ca_public_key()
+        .clone();
+    if ca_public.raw != key.public_key_raw() {
+        return Err(format!(
+            "{} is not the key of {}",
+            dir.ca_key().display(),
+            dir.ca_cert().display()
+        ));
+    }
+    let token = TokenKey::import(uri, &key)?;
+    let mut probe = [0u8; 32];
+    rng.fill(&mut probe)
+        .map_err(|_| "random generator failed".to_string())?;
+    let signature = token.sign_x509(&probe).map_err(|e| e.to_string())?;
+    if token.public_key_raw() != ca_public.raw.as_slice()
+        || !ca_public.verify_x509(&probe, &signature)
+    {
+        return Err(format!(
+            "{}: a signature made in the token does not verify under the CA certificate's key; {} and config.toml are unchanged (delete the imported objects from the token)",
+            uri.describe(),
+            dir.ca_key().display()
+        ));
+    }
+    config.issuer.pkcs11 = Some(uri.to_config_string());
+    let text = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
+    let temporary = dir.root().join("config.toml.new");
+    let _ = std::fs::remove_file(&temporary);
+    write_new(&temporary, text.as_bytes(), 0o644)?;
+    std::fs::rename(&temporary, dir.config())
+        .map_err(|e| format!("{}: {e}", dir.config().display()))?;
+    std::fs::remove_file(dir.ca_key()).map_err(|e| format!("{}: {e}", dir.ca_key().display()))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

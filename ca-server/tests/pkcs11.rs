@@ -406,3 +406,51 @@ async fn a_token_that_disappears_while_serving_gives_unavailable_and_signing_res
     }
     enroll(3).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_to_token_moves_a_file_key_into_the_token_and_the_ca_goes_on_signing() {
+    for alg in [KeyAlgorithm::Ed25519, KeyAlgorithm::P256] {
+        let token = SoftToken::new();
+        let ca = TestCa::with_store(alg, Default::default());
+        let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+        ca.add_line(&line, 1, 100, None);
+        // The key file is PKCS#8 that openssl reads (v1 for Ed25519).
+        let out = openssl(&["pkey", "-noout", "-in"], &[&ca.dir.ca_key()]);
+        assert!(out.status.success(), "{alg}: {}", text(&out.stderr));
+
+        let uri = token.uri("moved");
+        let root = ca.root().to_str().unwrap().to_string();
+        let out = token.ca_server(&["key", "to-token", "--dir", &root, "--pkcs11", &uri]);
+        assert!(out.status.success(), "{alg}: {}", text(&out.stderr));
+        assert!(!ca.dir.ca_key().exists(), "{alg}");
+        let config = std::fs::read_to_string(ca.dir.config()).unwrap();
+        assert!(config.contains("object=moved"), "{config}");
+
+        // Done twice: refused, nothing changes.
+        let out = token.ca_server(&["key", "to-token", "--dir", &root, "--pkcs11", &uri]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(
+            text(&out.stderr).contains("already in a token"),
+            "{}",
+            text(&out.stderr)
+        );
+
+        // The server signs with the token's copy: a device enrolls and openssl verifies.
+        let (_server, addr) = token.serve(&ca);
+        let dev = Device::new(5, KeyAlgorithm::P256);
+        let EnrollResponse::Full { certificate } = ca
+            .client(addr)
+            .enroll(dev.request(&line, ResponseForm::Full))
+            .await
+            .unwrap()
+        else {
+            panic!("not a full response");
+        };
+        tokio::task::block_in_place(|| {
+            let path = ca.tmp.path().join("device.pem");
+            std::fs::write(&path, protocol_spec::profile::cert_pem(&certificate)).unwrap();
+            let out = openssl(&["verify", "-CAfile"], &[&ca.dir.ca_cert(), &path]);
+            assert!(out.status.success(), "{alg}: {}", text(&out.stderr));
+        });
+    }
+}

@@ -29,7 +29,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use protocol_spec::KeyAlgorithm;
+use protocol_spec::{KeyAlgorithm, KeyPair};
 use zeroize::Zeroizing;
 
 use super::key::SignError;
@@ -325,6 +325,72 @@ impl TokenKey {
                     short(&e)
                 )
             })?;
+        drop(session);
+        Self::open(uri)
+    }
+
+    /// Imports `key` (a file key) into the token as a private-key object (sensitive, not
+    /// extractable) and a public-key object, both labelled (and with the id) as `uri` says,
+    /// then opens it. Refuses when the token already holds a private key with that label.
+    pub fn import(uri: &Pkcs11Uri, key: &KeyPair) -> Result<Self, String> {
+        let ctx = context(&uri.module_path)?;
+        let slot = find_slot(&ctx, uri)?;
+        let pin = uri.read_pin()?;
+        let session = open_session(&ctx, slot, &pin, true, uri)?;
+        if find_key(&session, uri, ObjectClass::PRIVATE_KEY)?.is_some() {
+            return Err(format!(
+                "{}: the token already holds a private key with that label; name another object=",
+                uri.describe()
+            ));
+        }
+        let (key_type, params) = match key.algorithm() {
+            KeyAlgorithm::Ed25519 => (KeyType::EC_EDWARDS, ED25519_PARAMS),
+            KeyAlgorithm::P256 => (KeyType::EC, P256_PARAMS),
+        };
+        let secret = private_value(key)?;
+        let label = uri.object.as_bytes().to_vec();
+        let id = uri.id.clone().unwrap_or_else(|| label.clone());
+        let point = key.public_key_raw();
+        let mut ec_point = vec![0x04, u8::try_from(point.len()).map_err(|e| e.to_string())?];
+        ec_point.extend_from_slice(point);
+        let public = [
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::KeyType(key_type),
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Verify(true),
+            Attribute::EcParams(params.to_vec()),
+            Attribute::EcPoint(ec_point),
+            Attribute::Label(label.clone()),
+            Attribute::Id(id.clone()),
+        ];
+        let private = [
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(key_type),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::EcParams(params.to_vec()),
+            Attribute::Value(secret.to_vec()),
+            Attribute::Label(label),
+            Attribute::Id(id),
+        ];
+        let created = |template: &[Attribute], what: &str| {
+            session.create_object(template).map_err(|e| {
+                format!(
+                    "{}: the token refused the {what}: {}",
+                    uri.describe(),
+                    short(&e)
+                )
+            })
+        };
+        let public_handle = created(&public, "public key")?;
+        if let Err(e) = created(&private, "private key") {
+            let _ = session.destroy_object(public_handle);
+            return Err(e);
+        }
         drop(session);
         Self::open(uri)
     }
@@ -713,6 +779,29 @@ fn public_half(session: &Session, uri: &Pkcs11Uri) -> Result<(KeyAlgorithm, Vec<
     } else {
         Err(unsupported())
     }
+}
+
+/// The private value PKCS#11 takes as CKA_VALUE: the 32-byte seed of an Ed25519 key (RFC 8032),
+/// the 32-byte scalar of a P-256 key, read from the key's PKCS#8 document (RFC 8410's
+/// `CurvePrivateKey`, RFC 5915's `ECPrivateKey`). What the token then signs is checked against
+/// the CA certificate before anything else changes, so a misread value cannot go unnoticed.
+fn private_value(key: &KeyPair) -> Result<Zeroizing<Vec<u8>>, String> {
+    let doc = key.pkcs8_der();
+    let marker: &[u8] = match key.algorithm() {
+        // OCTET STRING (34) { OCTET STRING (32) seed }
+        KeyAlgorithm::Ed25519 => &[0x04, 0x22, 0x04, 0x20],
+        // ECPrivateKey: version INTEGER 1, privateKey OCTET STRING (32)
+        KeyAlgorithm::P256 => &[0x02, 0x01, 0x01, 0x04, 0x20],
+    };
+    let at = doc
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .map(|i| i + marker.len())
+        .ok_or("the key file's PKCS#8 document has no private value where expected")?;
+    let value = doc
+        .get(at..at + 32)
+        .ok_or("the key file's PKCS#8 document is cut short")?;
+    Ok(Zeroizing::new(value.to_vec()))
 }
 
 /// Whether a failure means the token or the session is gone (retry on a fresh session, then
