@@ -411,7 +411,7 @@ async fn a_token_that_disappears_while_serving_gives_unavailable_and_signing_res
 async fn key_to_token_moves_a_file_key_into_the_token_and_the_ca_goes_on_signing() {
     for alg in [KeyAlgorithm::Ed25519, KeyAlgorithm::P256] {
         let token = SoftToken::new();
-        let ca = TestCa::with_store(alg, Default::default());
+        let ca = TestCa::with_file_key(alg);
         let line = Line::new("line-1", KeyAlgorithm::Ed25519);
         ca.add_line(&line, 1, 100, None);
         // The key file is PKCS#8 that openssl reads (v1 for Ed25519).

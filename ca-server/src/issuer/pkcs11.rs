@@ -283,6 +283,7 @@ impl TokenKey {
     /// `uri` says: the private half sensitive and not extractable. Refuses when the token
     /// already holds a private key with that label.
     pub fn generate(uri: &Pkcs11Uri, algorithm: KeyAlgorithm) -> Result<Self, String> {
+        let _one_at_a_time = object_creation();
         let ctx = context(&uri.module_path)?;
         let slot = find_slot(&ctx, uri)?;
         let pin = uri.read_pin()?;
@@ -333,6 +334,7 @@ impl TokenKey {
     /// extractable) and a public-key object, both labelled (and with the id) as `uri` says,
     /// then opens it. Refuses when the token already holds a private key with that label.
     pub fn import(uri: &Pkcs11Uri, key: &KeyPair) -> Result<Self, String> {
+        let _one_at_a_time = object_creation();
         let ctx = context(&uri.module_path)?;
         let slot = find_slot(&ctx, uri)?;
         let pin = uri.read_pin()?;
@@ -576,6 +578,15 @@ impl TokenKey {
         tracing::info!(token = %self.uri.token, "reconnected to the PKCS#11 token");
         Ok(())
     }
+}
+
+/// Token objects are made one at a time in a process: the check that a label is free and the
+/// creation then hold together, and SoftHSM2's file store was seen failing with
+/// CKR_GENERAL_ERROR when key pairs were generated from several threads at once (the test
+/// suite with every test CA in one token). Making a CA key is rare; signing is not held.
+fn object_creation() -> std::sync::MutexGuard<'static, ()> {
+    static CREATING: Mutex<()> = Mutex::new(());
+    CREATING.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// One context per module in a process: `C_Initialize` may be called once per library, and two
