@@ -35,8 +35,19 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
         /// CA key algorithm.
-        #[arg(long, default_value = "ed25519", value_parser = parse_alg)]
+        #[arg(long, default_value = "ed25519", value_parser = parse_alg, conflicts_with = "pkcs11_existing")]
         algorithm: KeyAlgorithm,
+        /// Keep the CA key in a PKCS#11 token instead of a file: an RFC 7512 URI,
+        /// `pkcs11:token=LABEL;object=KEY?module-path=LIB.so&pin-source=file:PIN_FILE`
+        /// (`pin-value=PIN` is accepted here, for tests, and never written to config.toml;
+        /// without pin-source, `serve` reads the PIN from IMPRINT_PKCS11_PIN). A new key pair is
+        /// generated in the token; no private key file is written.
+        #[arg(long)]
+        pkcs11: Option<String>,
+        /// With --pkcs11: use the key already in the token under that label (its algorithm is
+        /// the CA's) instead of generating one.
+        #[arg(long = "pkcs11-existing", requires = "pkcs11")]
+        pkcs11_existing: bool,
         /// CA common name.
         #[arg(long, default_value = "Imprint Device CA")]
         name: String,
@@ -59,6 +70,11 @@ enum Command {
         /// Schema for Imprint's tables (default imprint).
         #[arg(long = "store-schema", requires = "store_url")]
         store_schema: Option<String>,
+    },
+    /// The CA key's custody.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
     },
     /// The store: schema migrations.
     Store {
@@ -140,6 +156,21 @@ struct AdminArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Move the CA key from ca.key.pem into a PKCS#11 token (server stopped): import it,
+    /// check a signature made in the token against the CA certificate, point config.toml at
+    /// the token, then remove the key file.
+    ToToken {
+        /// The CA folder.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The token and the label to give the key: an RFC 7512 URI, as for `init --pkcs11`.
+        #[arg(long)]
+        pkcs11: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -398,6 +429,8 @@ fn run(cli: Cli) -> Result<bool, String> {
         Command::Init {
             dir,
             algorithm,
+            pkcs11,
+            pkcs11_existing,
             name,
             tls_names,
             store_url,
@@ -407,6 +440,14 @@ fn run(cli: Cli) -> Result<bool, String> {
         } => {
             let ca = CaDir::new(&dir);
             let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+            let ca_key = match &pkcs11 {
+                None => setup::CaKeySource::File,
+                Some(text) => setup::CaKeySource::Pkcs11 {
+                    uri: crate::issuer::Pkcs11Uri::parse(text)
+                        .map_err(|e| format!("--pkcs11: {e}"))?,
+                    existing: pkcs11_existing,
+                },
+            };
             setup::init(
                 &ca,
                 &InitOptions {
@@ -421,14 +462,38 @@ fn run(cli: Cli) -> Result<bool, String> {
                         schema: store_schema,
                         refresh_ms: None,
                     },
+                    ca_key,
                 },
             )?;
+            let ca_pem = std::fs::read_to_string(ca.ca_cert())
+                .map_err(|e| format!("{}: {e}", ca.ca_cert().display()))?;
+            let algorithm = protocol_spec::profile::cert_from_pem(&ca_pem)
+                .and_then(|der| protocol_spec::profile::CertProfile::from_ca_der(&der).ok())
+                .map_or(algorithm, |p| p.ca_public_key().algorithm);
             println!("created CA in {} ({algorithm})", dir.display());
+            if pkcs11.is_some() {
+                println!("  CA key:         in the PKCS#11 token (config.toml [issuer] pkcs11)");
+            }
             println!("  CA certificate: {}", ca.ca_cert().display());
             println!("  operator CA:    {}", ca.operator_ca_cert().display());
             println!(
                 "  next: ca-server line add --dir {} --id LINE --public-key LINE.pub.pem --serials FIRST-LAST",
                 dir.display()
+            );
+            Ok(true)
+        }
+        Command::Key {
+            command: KeyCommand::ToToken { dir, pkcs11 },
+        } => {
+            let ca = CaDir::new(&dir);
+            let uri =
+                crate::issuer::Pkcs11Uri::parse(&pkcs11).map_err(|e| format!("--pkcs11: {e}"))?;
+            setup::key_to_token(&ca, &uri)?;
+            println!(
+                "the CA key is in the token ({}); {} is removed and {} names the token",
+                uri.describe(),
+                ca.ca_key().display(),
+                ca.config().display()
             );
             Ok(true)
         }

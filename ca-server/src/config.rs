@@ -56,12 +56,19 @@ pub struct IssuerRules {
     /// Verify the CA's own signature on every certificate before it is stored (the lint's
     /// guard against a faulty signer). Costs one signature verification per enrollment.
     pub verify_own_signatures: bool,
+    /// The CA key in a PKCS#11 token: an RFC 7512 URI
+    /// (`pkcs11:token=T;object=O?module-path=M&pin-source=file:PATH`), never with a
+    /// `pin-value` in it (the PIN comes from the pin-source file, or from `IMPRINT_PKCS11_PIN`).
+    /// Absent: the key is the file `ca.key.pem` in the CA folder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pkcs11: Option<String>,
 }
 
 impl Default for IssuerRules {
     fn default() -> Self {
         IssuerRules {
             verify_own_signatures: true,
+            pkcs11: None,
         }
     }
 }

@@ -91,14 +91,16 @@ impl Revocations {
     /// The current CRL, or a new one from `sign(number)` when there is none or it is older
     /// than [`CRL_REFRESH`]. CRL numbers only grow: the signing time in seconds, or one more
     /// than the last when two CRLs are signed within a second.
-    pub fn crl<F>(&self, now: u64, sign: F) -> Result<Crl, String>
+    pub fn crl<F, E>(&self, now: u64, sign: F) -> Result<Crl, E>
     where
-        F: FnOnce(u64) -> Result<Vec<u8>, String>,
+        F: FnOnce(u64) -> Result<Vec<u8>, E>,
     {
+        // The state is a cache and a counter, consistent after any panic: a poisoned lock
+        // is taken as it is.
         let mut state = self
             .crl
             .lock()
-            .map_err(|_| "CRL lock poisoned".to_string())?;
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(c) = &state.current
             && now.saturating_sub(c.this_update) < CRL_REFRESH
         {

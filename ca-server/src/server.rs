@@ -4,9 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol_spec::KeyPair;
 use protocol_spec::token::TokenPolicy;
-use ring::rand::SystemRandom;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -90,21 +88,13 @@ pub async fn start_with_clock(
     clock: Arc<dyn Clock>,
 ) -> Result<RunningServer, String> {
     let config: Config = dir.load_config()?;
-    let key_pem = std::fs::read_to_string(dir.ca_key()).map_err(|e| {
-        format!(
-            "{}: {e} (run `ca-server init --dir {}` first)",
-            dir.ca_key().display(),
-            dir.root().display()
-        )
-    })?;
-    let ca_key = KeyPair::from_pem(&key_pem, &SystemRandom::new())
-        .map_err(|e| format!("{}: {e}", dir.ca_key().display()))?;
+    let ca_key = crate::issuer::load_ca_key(dir, &config)?;
     let ca_pem = std::fs::read_to_string(dir.ca_cert())
         .map_err(|e| format!("{}: {e}", dir.ca_cert().display()))?;
     let ca_der = protocol_spec::profile::cert_from_pem(&ca_pem)
         .ok_or_else(|| format!("{}: no CERTIFICATE", dir.ca_cert().display()))?;
     let issuer = Issuer::new(ca_key, &ca_der)
-        .map_err(|e| format!("{}: {e}", dir.ca_key().display()))?
+        .map_err(|e| format!("{}: {e}", dir.ca_cert().display()))?
         .with_signature_check(config.issuer.verify_own_signatures);
     if !config.issuer.verify_own_signatures {
         tracing::warn!(
@@ -369,6 +359,7 @@ mod tests {
                 tls_names: vec![],
                 now: 1_700_000_000,
                 store: Default::default(),
+                ca_key: Default::default(),
             },
         )
         .unwrap();
@@ -419,6 +410,7 @@ mod tests {
                 tls_names: vec![],
                 now: 1_700_000_000,
                 store: Default::default(),
+                ca_key: Default::default(),
             },
         )
         .unwrap();

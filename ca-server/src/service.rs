@@ -11,7 +11,7 @@ use protocol_spec::token::TokenPolicy;
 use protocol_spec::{Problem, ProblemType};
 
 use crate::commit::Committer;
-use crate::issuer::Issuer;
+use crate::issuer::{IssueError, Issuer};
 use crate::metrics::{Metrics, Transport};
 use crate::ra::{RegistrationAuthority, rules};
 use crate::records::{DeviceRecord, DeviceStatus, LineRecord, SecretRecord};
@@ -93,6 +93,21 @@ fn store_failure(context: &str, e: StoreError) -> Problem {
             Problem::new(
                 ProblemType::Unavailable,
                 "the CA's database cannot be reached; nothing was written; retry",
+            )
+        }
+        e => internal(context, e),
+    }
+}
+
+/// What a client is told of an issuer failure: `unavailable` when the CA key's token does not
+/// answer (nothing was signed or written; retry), else `internal`.
+fn issuer_failure(context: &str, e: IssueError) -> Problem {
+    match e {
+        IssueError::Unavailable(why) => {
+            tracing::warn!(error = %why, "{context}: CA key unavailable");
+            Problem::new(
+                ProblemType::Unavailable,
+                "the CA's signing key cannot be reached; nothing was written; retry",
             )
         }
         e => internal(context, e),
@@ -226,7 +241,10 @@ impl CaService {
         }
 
         self.ra.rate_check(v.line())?;
-        let issued = self.issuer.issue(&v).map_err(|e| internal("issuance", e))?;
+        let issued = self
+            .issuer
+            .issue(&v)
+            .map_err(|e| issuer_failure("issuance", e))?;
         let outcome = self
             .committer
             .commit(NewEnrollment {
@@ -554,12 +572,12 @@ impl CaService {
     /// The current CRL (signed again when something was revoked or it is a day old).
     pub fn crl(&self) -> Result<Crl, Problem> {
         let now = self.clock.now();
-        self.revocations
-            .crl(now, |number| {
-                let revoked = self.store.revoked().map_err(|e| e.to_string())?;
-                self.issuer.sign_crl(&revoked, now, CRL_VALIDITY, number)
-            })
-            .map_err(|e| internal("CRL", e))
+        self.revocations.crl(now, |number| {
+            let revoked = self.store.revoked().map_err(|e| store_failure("CRL", e))?;
+            self.issuer
+                .sign_crl(&revoked, now, CRL_VALIDITY, number)
+                .map_err(|e| issuer_failure("CRL", e))
+        })
     }
 
     /// Registers a line (durable on return) and starts accepting its tokens.

@@ -5,11 +5,11 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use protocol_spec::{KeyAlgorithm, KeyPair, profile};
-use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyUsagePurpose, SanType};
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
 use crate::config::{CaDir, Config};
+use crate::issuer::{CaKey, Issuer, Pkcs11Uri, TokenKey};
 use crate::store::{PgStore, SledStore};
 
 /// What `init` needs to know.
@@ -26,6 +26,25 @@ pub struct InitOptions {
     pub now: u64,
     /// `[store]`: where the records go (the sled store in the folder when it has no url).
     pub store: crate::config::StoreSettings,
+    /// Where the CA key is made or found.
+    pub ca_key: CaKeySource,
+}
+
+/// Where `init` gets the CA key.
+#[derive(Debug, Clone, Default)]
+pub enum CaKeySource {
+    /// A new key, written to `ca.key.pem` (0600).
+    #[default]
+    File,
+    /// A key in a PKCS#11 token: a new key pair generated in it, or (`existing`) the key
+    /// already there under the URI's label, whose algorithm then decides the CA's. No private
+    /// key file is written; config.toml keeps the URI without any PIN value.
+    Pkcs11 {
+        /// The key's URI.
+        uri: Pkcs11Uri,
+        /// Use the key already in the token.
+        existing: bool,
+    },
 }
 
 /// Writes `bytes` to a new file with `mode`, refusing to overwrite.
@@ -44,12 +63,14 @@ pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
 /// Creates a CA folder: CA key (0600) and certificate, key-encryption key (0600), HTTPS server
 /// key (0600) and certificate issued by the CA, `config.toml`, and an empty store.
 pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
-    if dir.ca_key().exists() {
-        return Err(format!(
-            "{} already holds a CA ({} exists); refusing to overwrite it",
-            dir.root().display(),
-            dir.ca_key().display()
-        ));
+    for existing in [dir.ca_key(), dir.ca_cert()] {
+        if existing.exists() {
+            return Err(format!(
+                "{} already holds a CA ({} exists); refusing to overwrite it",
+                dir.root().display(),
+                existing.display()
+            ));
+        }
     }
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -78,24 +99,47 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
         }
     }
     let rng = SystemRandom::new();
-    let ca_key = KeyPair::generate(opts.algorithm, &rng).map_err(|e| e.to_string())?;
+    let (ca_key, pkcs11) = match &opts.ca_key {
+        CaKeySource::File => (
+            CaKey::File(KeyPair::generate(opts.algorithm, &rng).map_err(|e| e.to_string())?),
+            None,
+        ),
+        CaKeySource::Pkcs11 { uri, existing } => {
+            let key = if *existing {
+                TokenKey::open(uri)?
+            } else {
+                TokenKey::generate(uri, opts.algorithm)?
+            };
+            (CaKey::Token(key), Some(uri.to_config_string()))
+        }
+    };
     let not_before = i64::try_from(opts.now).map_err(|_| "time out of range".to_string())?;
-    let ca_der = profile::new_ca_certificate(&opts.name, &ca_key, not_before, &rng)
-        .map_err(|e| e.to_string())?;
-    write_new(&dir.ca_key(), ca_key.to_pem().as_bytes(), 0o600)?;
+    let signer = ca_key.signer(&rng);
+    let ca_der = profile::new_ca_certificate_with(&opts.name, &&signer, not_before).map_err(
+        |e| match signer.take_error() {
+            Some(why) => why.to_string(),
+            None => e.to_string(),
+        },
+    )?;
+    if let CaKey::File(k) = &ca_key {
+        write_new(&dir.ca_key(), k.to_pem().as_bytes(), 0o600)?;
+    }
     write_new(&dir.ca_cert(), profile::cert_pem(&ca_der).as_bytes(), 0o644)?;
+    let issuer = Issuer::new(ca_key, &ca_der)?;
     let mut kek = Zeroizing::new([0u8; 32]);
     rng.fill(kek.as_mut())
         .map_err(|_| "random generator failed".to_string())?;
     write_new(&dir.kek(), kek.as_ref(), 0o600)?;
-    let (tls_cert, tls_key) =
-        server_certificate(&ca_der, &ca_key, &opts.tls_names, opts.now, &rng)?;
+    let (tls_cert, tls_key) = issuer
+        .server_certificate(&opts.tls_names, opts.now)
+        .map_err(|e| e.to_string())?;
     write_new(&dir.tls_key(), tls_key.as_bytes(), 0o600)?;
     write_new(&dir.tls_cert(), tls_cert.as_bytes(), 0o644)?;
-    let config = Config {
+    let mut config = Config {
         store: opts.store.clone(),
         ..Config::default()
     };
+    config.issuer.pkcs11 = pkcs11;
     let config = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
     let header =
         "# Imprint CA configuration. Every field may be left out; these are the defaults.\n";
@@ -118,54 +162,60 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
     Ok(())
 }
 
-/// An HTTPS server certificate issued by the CA, so that devices verify the server with the one
-/// CA certificate they pin. Its key has the CA's algorithm: with an Ed25519 CA, every TLS
-/// handshake a device makes signs and verifies Ed25519 only (cheaper than P-256 on both sides;
-/// TLS 1.3 clients such as rustls, OpenSSL 1.1.1+ (curl) and Go support it).
-fn server_certificate(
-    ca_der: &[u8],
-    ca_key: &KeyPair,
-    names: &[String],
-    now: u64,
-    rng: &SystemRandom,
-) -> Result<(String, Zeroizing<String>), String> {
-    let key = KeyPair::generate(ca_key.algorithm(), rng).map_err(|e| e.to_string())?;
-    let mut sans = vec![
-        SanType::DnsName(
-            "localhost"
-                .try_into()
-                .map_err(|e: rcgen::Error| e.to_string())?,
-        ),
-        SanType::IpAddress([127, 0, 0, 1].into()),
-        SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()),
-    ];
-    for n in names {
-        match n.parse::<std::net::IpAddr>() {
-            Ok(ip) => sans.push(SanType::IpAddress(ip)),
-            Err(_) => sans.push(SanType::DnsName(
-                n.as_str()
-                    .try_into()
-                    .map_err(|e: rcgen::Error| format!("--tls-name {n:?}: {e}"))?,
-            )),
-        }
+/// `ca-server key to-token`: moves the CA key from `ca.key.pem` into the PKCS#11 token `uri`
+/// names. Imports it, signs a message in the token and checks the signature under the CA
+/// certificate's key, points config.toml's `[issuer] pkcs11` at the token (written whole, then
+/// renamed into place), and only then removes the key file. Run it with the server stopped.
+pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
+    let mut config = dir.load_config()?;
+    if let Some(already) = &config.issuer.pkcs11 {
+        return Err(format!(
+            "{}: the CA key is already in a token ({already})",
+            dir.config().display()
+        ));
     }
-    let mut p = CertificateParams::default();
-    p.distinguished_name
-        .push(DnType::CommonName, "Imprint CA server");
-    p.subject_alt_names = sans;
-    let start = time::OffsetDateTime::from_unix_timestamp(i64::try_from(now).unwrap_or(0))
-        .map_err(|e| e.to_string())?;
-    p.not_before = start;
-    p.not_after = start + time::Duration::days(3650);
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    p.use_authority_key_identifier_extension = true;
-    let issuer = Issuer::from_ca_cert_der(&ca_der.into(), ca_key.rcgen_signer(rng))
-        .map_err(|e| e.to_string())?;
-    let cert = p
-        .signed_by(&key.rcgen_signer(rng), &issuer)
-        .map_err(|e| e.to_string())?;
-    Ok((cert.pem(), key.to_pem()))
+    let rng = SystemRandom::new();
+    let key_pem = std::fs::read_to_string(dir.ca_key())
+        .map_err(|e| format!("{}: {e}", dir.ca_key().display()))?;
+    let key = KeyPair::from_pem(&key_pem, &rng)
+        .map_err(|e| format!("{}: {e}", dir.ca_key().display()))?;
+    let ca_pem = std::fs::read_to_string(dir.ca_cert())
+        .map_err(|e| format!("{}: {e}", dir.ca_cert().display()))?;
+    let ca_der = profile::cert_from_pem(&ca_pem)
+        .ok_or_else(|| format!("{}: no CERTIFICATE", dir.ca_cert().display()))?;
+    let ca_public = profile::CertProfile::from_ca_der(&ca_der)
+        .map_err(|e| format!("{}: {e}", dir.ca_cert().display()))?
+        .ca_public_key()
+        .clone();
+    if ca_public.raw != key.public_key_raw() {
+        return Err(format!(
+            "{} is not the key of {}",
+            dir.ca_key().display(),
+            dir.ca_cert().display()
+        ));
+    }
+    let token = TokenKey::import(uri, &key)?;
+    let mut probe = [0u8; 32];
+    rng.fill(&mut probe)
+        .map_err(|_| "random generator failed".to_string())?;
+    let signature = token.sign_x509(&probe).map_err(|e| e.to_string())?;
+    if token.public_key_raw() != ca_public.raw.as_slice()
+        || !ca_public.verify_x509(&probe, &signature)
+    {
+        return Err(format!(
+            "{}: a signature made in the token does not verify under the CA certificate's key; {} and config.toml are unchanged (delete the imported objects from the token)",
+            uri.describe(),
+            dir.ca_key().display()
+        ));
+    }
+    config.issuer.pkcs11 = Some(uri.to_config_string());
+    let text = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
+    let temporary = dir.root().join("config.toml.new");
+    let _ = std::fs::remove_file(&temporary);
+    write_new(&temporary, text.as_bytes(), 0o644)?;
+    std::fs::rename(&temporary, dir.config())
+        .map_err(|e| format!("{}: {e}", dir.config().display()))?;
+    std::fs::remove_file(dir.ca_key()).map_err(|e| format!("{}: {e}", dir.ca_key().display()))
 }
 
 #[cfg(test)]
@@ -187,6 +237,7 @@ mod tests {
                 tls_names: vec![],
                 now: 1_700_000_000,
                 store: Default::default(),
+                ca_key: Default::default(),
             },
         )
         .unwrap();

@@ -1071,6 +1071,9 @@ async fn logs_tell_what_happened_but_never_a_secret_or_a_key() {
         ca.dir.operator_ca_key(),
         op.key.clone(),
     ] {
+        if pem == ca.dir.ca_key() && !pem.exists() {
+            continue; // the CA key is in a token (IMPRINT_TEST_PKCS11)
+        }
         for l in std::fs::read_to_string(&pem).unwrap().lines() {
             if !l.starts_with("-----") && l.len() > 16 {
                 forbidden.push((format!("{}", pem.display()), l.to_string()));

@@ -178,7 +178,7 @@ async fn strangers_are_refused_at_the_door() {
         "no client certificate: {alert}"
     );
     // A certificate from another CA (same serial, same key): the handshake fails.
-    let other = TestCa::new(KeyAlgorithm::Ed25519);
+    let other = TestCa::with_file_key(KeyAlgorithm::Ed25519);
     let other_profile = CertProfile::from_ca_der(&other.ca_der).unwrap();
     let other_key = protocol_spec::KeyPair::from_pem(
         &std::fs::read_to_string(other.dir.ca_key()).unwrap(),

@@ -52,6 +52,7 @@ async fn ca_with_line(
             tls_names: vec![],
             now: now() - 60,
             store: Default::default(),
+            ca_key: Default::default(),
         },
     )
     .unwrap();

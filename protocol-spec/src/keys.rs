@@ -96,22 +96,36 @@ impl std::fmt::Debug for KeyPair {
 }
 
 impl KeyPair {
-    /// Generates a fresh key pair.
+    /// Generates a fresh key pair. An Ed25519 key is kept as a PKCS#8 v1 document (RFC 8410
+    /// section 7, no public key in it), which OpenSSL 3.0 reads (`openssl pkey`) and tokens
+    /// import; ring's own v2 document (RFC 5958, with the public key) is refused there as
+    /// "unsupported". The key is the one ring's `generate_pkcs8` would make from the same
+    /// random bytes.
     pub fn generate(algorithm: KeyAlgorithm, rng: &dyn SecureRandom) -> Result<Self, KeyError> {
-        let pkcs8 = match algorithm {
-            KeyAlgorithm::Ed25519 => Ed25519KeyPair::generate_pkcs8(rng),
+        match algorithm {
+            KeyAlgorithm::Ed25519 => {
+                let mut seed = Zeroizing::new([0u8; ED25519_SEED_LEN]);
+                rng.fill(seed.as_mut()).map_err(|_| KeyError::Random)?;
+                let doc = ed25519_pkcs8_v1(&seed);
+                Self::from_pkcs8(&doc, rng)
+            }
             KeyAlgorithm::P256 => {
-                EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, rng)
+                let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, rng)
+                    .map_err(|_| KeyError::Random)?;
+                Self::from_pkcs8(pkcs8.as_ref(), rng)
             }
         }
-        .map_err(|_| KeyError::Random)?;
-        Self::from_pkcs8(pkcs8.as_ref(), rng)
     }
 
     /// Loads a PKCS#8 v1 or v2 private key of either algorithm.
     pub fn from_pkcs8(der: &[u8], rng: &dyn SecureRandom) -> Result<Self, KeyError> {
         let pkcs8 = Zeroizing::new(der.to_vec());
         if let Ok(kp) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der) {
+            // Kept (and written) as v1, whichever version came in.
+            let pkcs8 = match ed25519_seed_of_v2(der) {
+                Some(seed) => ed25519_pkcs8_v1(seed),
+                None => pkcs8,
+            };
             return Ok(Self {
                 algorithm: KeyAlgorithm::Ed25519,
                 pkcs8,
@@ -197,6 +211,40 @@ impl KeyPair {
     /// An rcgen signer over this key, drawing ECDSA nonces from `rng`.
     pub fn rcgen_signer<'a>(&'a self, rng: &'a dyn SecureRandom) -> RcgenSigner<'a> {
         RcgenSigner { key: self, rng }
+    }
+}
+
+const ED25519_SEED_LEN: usize = 32;
+
+/// The PKCS#8 v1 `OneAsymmetricKey` of an Ed25519 seed (RFC 8410 section 7): version 0,
+/// algorithm id-Ed25519 (1.3.101.112) without parameters, the seed as a `CurvePrivateKey`
+/// OCTET STRING inside the privateKey OCTET STRING.
+fn ed25519_pkcs8_v1(seed: &[u8; ED25519_SEED_LEN]) -> Zeroizing<Vec<u8>> {
+    let mut doc = Zeroizing::new(Vec::with_capacity(48));
+    doc.extend_from_slice(&[
+        0x30, 0x2e, // SEQUENCE, 46 bytes
+        0x02, 0x01, 0x00, // INTEGER 0 (v1)
+        0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, // AlgorithmIdentifier id-Ed25519
+        0x04, 0x22, 0x04, 0x20, // OCTET STRING { OCTET STRING (32 bytes) }
+    ]);
+    doc.extend_from_slice(seed);
+    doc
+}
+
+/// The seed of a PKCS#8 v2 Ed25519 document (RFC 8410 section 7, with the public key), as ring
+/// writes it; `None` for anything else.
+fn ed25519_seed_of_v2(der: &[u8]) -> Option<&[u8; ED25519_SEED_LEN]> {
+    const AFTER_LENGTH: [u8; 14] = [
+        0x02, 0x01, 0x01, // INTEGER 1 (v2)
+        0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, // id-Ed25519
+        0x04, 0x22, 0x04, 0x20, // the seed's OCTET STRINGs
+    ];
+    match der {
+        [0x30, _, rest @ ..] if rest.starts_with(&AFTER_LENGTH) => rest
+            .get(AFTER_LENGTH.len()..AFTER_LENGTH.len() + ED25519_SEED_LEN)?
+            .try_into()
+            .ok(),
+        _ => None,
     }
 }
 
@@ -302,6 +350,24 @@ impl rcgen::SigningKey for RcgenSigner<'_> {
 mod tests {
     use super::*;
     use ring::rand::SystemRandom;
+
+    #[test]
+    // ring's fixed generator is marked deprecated (internal); the vector generator uses it too.
+    #[allow(deprecated)]
+    fn ed25519_keys_are_pkcs8_v1_and_the_key_ring_would_make() {
+        let fixed = ring::test::rand::FixedByteRandom { byte: 7 };
+        let ring_doc = Ed25519KeyPair::generate_pkcs8(&fixed).unwrap();
+        let ring_key = Ed25519KeyPair::from_pkcs8(ring_doc.as_ref()).unwrap();
+        let k = KeyPair::generate(KeyAlgorithm::Ed25519, &fixed).unwrap();
+        assert_eq!(k.public_key_raw(), ring_key.public_key().as_ref());
+        // version INTEGER 0, no public key: 48 bytes.
+        assert_eq!(&k.pkcs8_der()[..5], &[0x30, 0x2e, 0x02, 0x01, 0x00]);
+        assert_eq!(k.pkcs8_der().len(), 48);
+        // ring's v2 documents still load, and are kept (and written) as v1.
+        let v2 = KeyPair::from_pkcs8(ring_doc.as_ref(), &fixed).unwrap();
+        assert_eq!(v2.public_key_raw(), k.public_key_raw());
+        assert_eq!(v2.pkcs8_der(), k.pkcs8_der());
+    }
 
     #[test]
     fn pem_round_trip_and_signatures_verify() {

@@ -124,12 +124,26 @@ impl CertProfile {
         ca_key: &KeyPair,
         rng: &dyn SecureRandom,
     ) -> Result<IssuedCertificate, ProfileError> {
-        if ca_key.public_key_raw() != self.ca_public_key.raw.as_slice() {
+        self.issue_with(serial, device_spki, ca_key.rcgen_signer(rng))
+    }
+
+    /// [`CertProfile::issue`] with any signer of the CA key: one in a file, or one whose private
+    /// half never leaves a token (a PKCS#11 HSM). rcgen hands `signer` the to-be-signed bytes
+    /// and places the signature it returns; the signer's public key must be the CA's.
+    pub fn issue_with<S: rcgen::SigningKey>(
+        &self,
+        serial: DeviceSerial,
+        device_spki: &[u8],
+        signer: S,
+    ) -> Result<IssuedCertificate, ProfileError> {
+        if signer.der_bytes() != self.ca_public_key.raw.as_slice()
+            || signer.algorithm() != self.ca_public_key.algorithm.rcgen()
+        {
             return Err(ProfileError::BadCaCertificate(
                 "the CA key does not match the CA certificate".into(),
             ));
         }
-        let der = self.build(serial, device_spki, ca_key.rcgen_signer(rng))?;
+        let der = self.build(serial, device_spki, signer)?;
         let signature = signature_value(&der)?;
         Ok(IssuedCertificate { der, signature })
     }
@@ -380,6 +394,15 @@ pub fn new_ca_certificate(
     not_before_unix: i64,
     rng: &dyn SecureRandom,
 ) -> Result<Vec<u8>, ProfileError> {
+    new_ca_certificate_with(name, &key.rcgen_signer(rng), not_before_unix)
+}
+
+/// [`new_ca_certificate`] signed by any signer of the CA key (a token's, say).
+pub fn new_ca_certificate_with<S: rcgen::SigningKey>(
+    name: &str,
+    signer: &S,
+    not_before_unix: i64,
+) -> Result<Vec<u8>, ProfileError> {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
@@ -395,7 +418,7 @@ pub fn new_ca_certificate(
     ];
     p.use_authority_key_identifier_extension = true;
     p.key_identifier_method = KeyIdMethod::Sha256;
-    Ok(p.self_signed(&key.rcgen_signer(rng))?.der().to_vec())
+    Ok(p.self_signed(signer)?.der().to_vec())
 }
 
 /// The signature value (BIT STRING contents) of a DER certificate.

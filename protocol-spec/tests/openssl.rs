@@ -140,3 +140,24 @@ fn openssl_accepts_the_vector_kcv_as_aes_of_the_zero_block() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Issue 15: OpenSSL 3.0 refused ring's PKCS#8 v2 Ed25519 documents ("unsupported"); the key
+/// files are v1 now, which `openssl pkey` reads, and it finds the same public key.
+#[test]
+fn openssl_reads_every_vector_private_key() {
+    for name in [
+        "cas/ca-ed25519.key.pem",
+        "cas/ca-p256.key.pem",
+        "lines/line-a.key.pem",
+        "lines/line-b.key.pem",
+        "lines/line-c.key.pem",
+        "lines/line-d.key.pem",
+    ] {
+        let (ok, text) = openssl(&["pkey", "-in", name, "-pubout"]);
+        assert!(ok, "{name}: {text}");
+        let pem = std::fs::read_to_string(vectors().join(name)).unwrap();
+        let key = protocol_spec::KeyPair::from_pem(&pem, &ring::rand::SystemRandom::new()).unwrap();
+        let public = protocol_spec::PublicKey::from(&key).to_pem();
+        assert_eq!(text.trim(), public.replace("\r\n", "\n").trim(), "{name}");
+    }
+}

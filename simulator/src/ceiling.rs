@@ -272,6 +272,7 @@ mod tls {
                     .map(|d| d.as_secs().saturating_sub(3600))
                     .unwrap_or(0),
                 store: Default::default(),
+                ca_key: Default::default(),
             },
         )?;
         let rng = SystemRandom::new();

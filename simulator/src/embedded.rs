@@ -78,6 +78,7 @@ pub fn start(
             tls_names: vec![],
             now: now.saturating_sub(3600),
             store: store.clone(),
+            ca_key: Default::default(),
         },
     )?;
     let pg = ca_server::store::pg_config(&dir, &store)?;
@@ -320,6 +321,7 @@ mod tests {
                 tls_names: vec![],
                 now: 1_700_000_000,
                 store: Default::default(),
+                ca_key: Default::default(),
             },
         )
         .unwrap();

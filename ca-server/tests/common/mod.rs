@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use ca_server::config::CaDir;
 use ca_server::config::StoreSettings;
 use ca_server::server::{self, ListenOverrides, RunningServer};
-use ca_server::setup::{self, InitOptions};
+use ca_server::setup::{self, CaKeySource, InitOptions};
 use ca_server::store::Store;
 use device_agent::https::HttpsClient;
 use device_agent::url::CaUrl;
@@ -107,8 +107,17 @@ impl TestCa {
         Self::with_store(alg, test_store())
     }
 
-    /// A CA whose records go where `store` says.
+    /// A CA whose records go where `store` says, its key where [`test_ca_key`] says.
     pub fn with_store(alg: KeyAlgorithm, store: StoreSettings) -> Self {
+        Self::with_key(alg, store, test_ca_key())
+    }
+
+    /// A CA on the suite's store whose key is the file `ca.key.pem` (for a test that reads it).
+    pub fn with_file_key(alg: KeyAlgorithm) -> Self {
+        Self::with_key(alg, test_store(), CaKeySource::File)
+    }
+
+    fn with_key(alg: KeyAlgorithm, store: StoreSettings, ca_key: CaKeySource) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let dir = CaDir::new(tmp.path().join("ca"));
         setup::init(
@@ -119,6 +128,7 @@ impl TestCa {
                 tls_names: vec![],
                 now: now() - 60,
                 store,
+                ca_key,
             },
         )
         .unwrap();
@@ -195,6 +205,26 @@ impl Drop for TestCa {
         {
             let _ = ca_server::store::PgStore::drop_schema(&pg);
         }
+    }
+}
+
+/// Where the suite's test CAs keep their key, from the environment: with
+/// `IMPRINT_TEST_PKCS11=pkcs11:token=LABEL?module-path=LIB&pin-source=file:PIN` (and the
+/// module's own settings, such as `SOFTHSM2_CONF`, for the whole test process; `.ci/run` makes a
+/// SoftHSM2 token), each test CA makes its key in that token under a label of its own; unset: the
+/// file `ca.key.pem`.
+pub fn test_ca_key() -> CaKeySource {
+    let Ok(base) = std::env::var("IMPRINT_TEST_PKCS11") else {
+        return CaKeySource::File;
+    };
+    let mut tag = [0u8; 8];
+    SystemRandom::new().fill(&mut tag).unwrap();
+    let (path, query) = base.split_once('?').unwrap_or((&base, ""));
+    let uri = format!("{path};object=test-ca-{}?{query}", hex::encode(tag));
+    CaKeySource::Pkcs11 {
+        uri: ca_server::issuer::Pkcs11Uri::parse(&uri)
+            .unwrap_or_else(|e| panic!("IMPRINT_TEST_PKCS11: {e}")),
+        existing: false,
     }
 }
 

@@ -138,37 +138,11 @@ enum Command {
     },
 }
 
-/// The device key as PKCS#8 PEM that OpenSSL (and so curl) reads. An Ed25519 key is given as
-/// a version 1 document (RFC 8410 section 7: the seed only): ring keeps a version 2 document
-/// whose public key field OpenSSL 3 refuses.
+/// The device key as PKCS#8 PEM that OpenSSL (and so curl) reads: an Ed25519 key is a
+/// version 1 document (RFC 8410 section 7: the seed only), as `KeyPair` keeps it, also when the
+/// state file holds ring's version 2 (OpenSSL 3 refuses its public key field).
 fn interoperable_key_pem(key: &protocol_spec::KeyPair) -> Result<Zeroizing<String>, AgentError> {
-    /// RFC 8410 OneAsymmetricKey, version 2, Ed25519, up to the 32-byte seed.
-    const V2_PREFIX: [u8; 16] = [
-        0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
-        0x20,
-    ];
-    /// The same, version 1 (no public key): 48 bytes in all.
-    const V1_PREFIX: [u8; 16] = [
-        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
-        0x20,
-    ];
-    if key.algorithm() != KeyAlgorithm::Ed25519 {
-        return Ok(key.to_pem());
-    }
-    let der = key.pkcs8_der();
-    let seed = der
-        .strip_prefix(&V2_PREFIX[..])
-        .and_then(|rest| rest.get(..32))
-        .ok_or_else(|| {
-            AgentError::Invalid("the Ed25519 key is not in ring's PKCS#8 form".into())
-        })?;
-    let mut v1 = Zeroizing::new(Vec::with_capacity(48));
-    v1.extend_from_slice(&V1_PREFIX);
-    v1.extend_from_slice(seed);
-    Ok(Zeroizing::new(pem::encode(&pem::Pem::new(
-        "PRIVATE KEY",
-        v1.to_vec(),
-    ))))
+    Ok(key.to_pem())
 }
 
 /// Writes `text` to stdout; a reader that went away ends the process with status 0.
