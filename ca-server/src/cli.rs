@@ -1003,7 +1003,7 @@ fn secrets_command(command: SecretsCommand) -> Result<bool, String> {
             );
             let batch = crate::secrets::parse_import(&text)
                 .map_err(|e| format!("{}: {e}", file.display()))?;
-            let keys = crate::secrets::SecretKeys::load(&ca.kek())?;
+            let keys = crate::issuer::load_secret_keys(&ca, &ca.load_config()?)?;
             let store = open_store(&dir)?;
             let n = crate::service::import_batch(store.as_ref(), &keys, batch, now, "cli")
                 .map_err(|e| format!("{}: {e}", file.display()))?;
@@ -1055,7 +1055,7 @@ fn rotate_offline(
     now: u64,
 ) -> Result<RotateResult, String> {
     let ca = CaDir::new(dir);
-    let keys = crate::secrets::SecretKeys::load(&ca.kek())?;
+    let keys = crate::issuer::load_secret_keys(&ca, &ca.load_config()?)?;
     let store = open_store(dir)?;
     let store = store.as_ref();
     let active =
