@@ -423,7 +423,7 @@ fn run(cli: Cli) -> Result<bool, String> {
         } => {
             let ca = CaDir::new(&dir);
             let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
-            let ca_key = match &pkcs11 {
+            let ca_key_source = match &pkcs11 {
                 None => setup::CaKeySource::File,
                 Some(text) => setup::CaKeySource::Pkcs11 {
                     uri: crate::issuer::Pkcs11Uri::parse(text)
@@ -445,7 +445,7 @@ fn run(cli: Cli) -> Result<bool, String> {
                         schema: store_schema,
                         refresh_ms: None,
                     },
-                    ca_key,
+                    ca_key: ca_key_source.clone(),
                 },
             )?;
             let ca_pem = std::fs::read_to_string(ca.ca_cert())
@@ -454,8 +454,14 @@ fn run(cli: Cli) -> Result<bool, String> {
                 .and_then(|der| protocol_spec::profile::CertProfile::from_ca_der(&der).ok())
                 .map_or(algorithm, |p| p.ca_public_key().algorithm);
             println!("created CA in {} ({algorithm})", dir.display());
-            if pkcs11.is_some() {
+            if let setup::CaKeySource::Pkcs11 { uri, .. } = &ca_key_source {
                 println!("  CA key:         in the PKCS#11 token (config.toml [issuer] pkcs11)");
+                if let crate::issuer::pkcs11::PinSource::Value(_) = uri.pin {
+                    println!(
+                        "  PIN:            not kept (pin-value); serve reads it from {}",
+                        crate::issuer::pkcs11::PIN_ENV
+                    );
+                }
             }
             println!("  CA certificate: {}", ca.ca_cert().display());
             println!("  operator CA:    {}", ca.operator_ca_cert().display());
