@@ -440,7 +440,7 @@ fn run(cli: Cli) -> Result<bool, String> {
         } => {
             let ca = CaDir::new(&dir);
             let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
-            let ca_key = match &pkcs11 {
+            let ca_key_source = match &pkcs11 {
                 None => setup::CaKeySource::File,
                 Some(text) => setup::CaKeySource::Pkcs11 {
                     uri: crate::issuer::Pkcs11Uri::parse(text)
@@ -462,7 +462,7 @@ fn run(cli: Cli) -> Result<bool, String> {
                         schema: store_schema,
                         refresh_ms: None,
                     },
-                    ca_key,
+                    ca_key: ca_key_source.clone(),
                 },
             )?;
             let ca_pem = std::fs::read_to_string(ca.ca_cert())
@@ -471,8 +471,14 @@ fn run(cli: Cli) -> Result<bool, String> {
                 .and_then(|der| protocol_spec::profile::CertProfile::from_ca_der(&der).ok())
                 .map_or(algorithm, |p| p.ca_public_key().algorithm);
             println!("created CA in {} ({algorithm})", dir.display());
-            if pkcs11.is_some() {
+            if let setup::CaKeySource::Pkcs11 { uri, .. } = &ca_key_source {
                 println!("  CA key:         in the PKCS#11 token (config.toml [issuer] pkcs11)");
+                if let crate::issuer::pkcs11::PinSource::Value(_) = uri.pin {
+                    println!(
+                        "  PIN:            not kept (pin-value); serve reads it from {}",
+                        crate::issuer::pkcs11::PIN_ENV
+                    );
+                }
             }
             println!("  CA certificate: {}", ca.ca_cert().display());
             println!("  operator CA:    {}", ca.operator_ca_cert().display());
@@ -1021,7 +1027,7 @@ fn secrets_command(command: SecretsCommand) -> Result<bool, String> {
             );
             let batch = crate::secrets::parse_import(&text)
                 .map_err(|e| format!("{}: {e}", file.display()))?;
-            let keys = crate::secrets::SecretKeys::load(&ca.kek())?;
+            let keys = crate::issuer::load_secret_keys(&ca, &ca.load_config()?)?;
             let store = open_store(&dir)?;
             let n = crate::service::import_batch(store.as_ref(), &keys, batch, now, "cli")
                 .map_err(|e| format!("{}: {e}", file.display()))?;
@@ -1073,7 +1079,7 @@ fn rotate_offline(
     now: u64,
 ) -> Result<RotateResult, String> {
     let ca = CaDir::new(dir);
-    let keys = crate::secrets::SecretKeys::load(&ca.kek())?;
+    let keys = crate::issuer::load_secret_keys(&ca, &ca.load_config()?)?;
     let store = open_store(dir)?;
     let store = store.as_ref();
     let active =

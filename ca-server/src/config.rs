@@ -229,6 +229,10 @@ impl CaDir {
     pub fn kek(&self) -> PathBuf {
         self.root.join("kek.bin")
     }
+    /// The key-encryption key sealed by the CA's PKCS#11 token (instead of `kek.bin`), 0600.
+    pub fn kek_sealed(&self) -> PathBuf {
+        self.root.join("kek.sealed")
+    }
     /// The HTTPS server certificate (issued by the CA), PEM.
     pub fn tls_cert(&self) -> PathBuf {
         self.root.join("tls.pem")

@@ -107,7 +107,7 @@ pub async fn start_with_clock(
         max_clock_skew: config.token.max_clock_skew,
         max_lifetime: config.token.max_lifetime,
     };
-    let secrets = crate::secrets::SecretKeys::load(&dir.kek())?;
+    let secrets = crate::issuer::load_secret_keys(dir, &config)?;
     let service = Arc::new(CaService::new(issuer, secrets, store, policy, clock)?);
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = Vec::new();

@@ -129,7 +129,15 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
     let mut kek = Zeroizing::new([0u8; 32]);
     rng.fill(kek.as_mut())
         .map_err(|_| "random generator failed".to_string())?;
-    write_new(&dir.kek(), kek.as_ref(), 0o600)?;
+    match &opts.ca_key {
+        CaKeySource::File => write_new(&dir.kek(), kek.as_ref(), 0o600)?,
+        // The key-encryption key only leaves the token's seal in the CA's memory.
+        CaKeySource::Pkcs11 { uri, .. } => write_new(
+            &dir.kek_sealed(),
+            &crate::issuer::pkcs11::seal_kek(uri, kek.as_ref())?,
+            0o600,
+        )?,
+    }
     let (tls_cert, tls_key) = issuer
         .server_certificate(&opts.tls_names, opts.now)
         .map_err(|e| e.to_string())?;

@@ -162,8 +162,13 @@ fn init_with_the_key_in_a_token_writes_no_ca_key_file_and_config_keeps_no_pin() 
     for alg in [KeyAlgorithm::Ed25519, KeyAlgorithm::P256] {
         let token = SoftToken::new();
         let ca = token.init_ca(alg, "ca");
-        // The TLS server key and the operator CA's key are files; the CA key is not.
+        // The TLS server key and the operator CA's key are files; the CA key is not, and the
+        // key-encryption key is sealed by the token.
         assert!(!ca.dir.ca_key().exists(), "{alg}");
+        assert!(
+            !ca.dir.kek().exists() && ca.dir.kek_sealed().exists(),
+            "{alg}"
+        );
         assert_eq!(
             private_key_files(ca.root()),
             ["operators-ca.key.pem", "tls.key.pem"],
@@ -321,7 +326,7 @@ fn a_wrong_pin_a_missing_token_and_a_missing_key_each_exit_2_with_one_line_namin
 }
 
 #[test]
-fn serve_refuses_a_wrong_pin_file_and_a_pin_value_in_config() {
+fn serve_refuses_a_wrong_pin_file_an_altered_sealed_kek_and_a_pin_value_in_config() {
     let token = SoftToken::new();
     let ca = token.init_ca(KeyAlgorithm::Ed25519, "ca");
     let root = ca.root().to_str().unwrap().to_string();
@@ -344,6 +349,20 @@ fn serve_refuses_a_wrong_pin_file_and_a_pin_value_in_config() {
     assert!(!err.contains("4321"), "{err}");
 
     std::fs::write(&token.pin_file, format!("{PIN}\n")).unwrap();
+    // A sealed key-encryption key that was altered: the token refuses to open it.
+    let sealed = std::fs::read(ca.dir.kek_sealed()).unwrap();
+    let mut altered = sealed.clone();
+    *altered.last_mut().unwrap() ^= 1;
+    std::fs::write(ca.dir.kek_sealed(), &altered).unwrap();
+    let out = serve(&token);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("kek.sealed") && err.contains("could not unseal"),
+        "{err}"
+    );
+    std::fs::write(ca.dir.kek_sealed(), &sealed).unwrap();
+
     let config = std::fs::read_to_string(ca.dir.config()).unwrap();
     let with_value = config.replace(
         &format!("&pin-source=file:{}", token.pin_file.display()),

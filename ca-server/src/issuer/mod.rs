@@ -20,6 +20,7 @@ pub use pkcs11::{Pkcs11Uri, TokenKey};
 
 use crate::config::{CaDir, Config};
 use crate::ra::VerifiedEnrollment;
+use crate::secrets::SecretKeys;
 
 /// Why issuance (or a CRL) failed.
 #[derive(Debug, thiserror::Error)]
@@ -242,6 +243,27 @@ pub fn load_ca_key(dir: &CaDir, config: &Config) -> Result<CaKey, String> {
         ));
     }
     TokenKey::open(&uri).map(CaKey::Token)
+}
+
+/// The keys that seal secrets at rest: from `kek.sealed`, unsealed by the CA's token, when the
+/// folder has it; else from `kek.bin`.
+pub fn load_secret_keys(dir: &CaDir, config: &Config) -> Result<SecretKeys, String> {
+    let sealed_path = dir.kek_sealed();
+    let sealed = match std::fs::read(&sealed_path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return SecretKeys::load(&dir.kek());
+        }
+        Err(e) => return Err(format!("{}: {e}", sealed_path.display())),
+    };
+    let at = |e: String| format!("{}: {e}", sealed_path.display());
+    let text = config.issuer.pkcs11.as_ref().ok_or_else(|| {
+        at("sealed by a PKCS#11 token, but config.toml names none ([issuer] pkcs11)".into())
+    })?;
+    let uri = Pkcs11Uri::parse(text)
+        .map_err(|e| format!("{}: [issuer] pkcs11: {e}", dir.config().display()))?;
+    let kek = pkcs11::unseal_kek(&uri, &sealed).map_err(at)?;
+    SecretKeys::new(&kek).map_err(at)
 }
 
 /// What a failed rcgen signing means: the signer's own error when it kept one (a token that

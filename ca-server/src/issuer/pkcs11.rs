@@ -792,6 +792,115 @@ fn public_half(session: &Session, uri: &Pkcs11Uri) -> Result<(KeyAlgorithm, Vec<
     }
 }
 
+/// What a sealed key-encryption key file starts with; also the AES-GCM additional data.
+const SEALED_KEK_MAGIC: &[u8; 12] = b"IMPRINT-KEK1";
+
+/// Seals the CA's key-encryption key for secrets with an AES-256 key in the token (label
+/// `OBJECT-kek`, made sensitive and not extractable when the token has none): AES-GCM in the
+/// token, a fresh 12-byte IV. Returns the sealed file: magic, IV, ciphertext and tag.
+///
+/// The secrets themselves are still sealed in the CA's memory under keys derived from the
+/// key-encryption key, which the token unseals once at start ([`unseal_kek`]): the file on
+/// disk is useless without the token, and sealing a secret costs no call to the token.
+pub fn seal_kek(uri: &Pkcs11Uri, kek: &[u8]) -> Result<Vec<u8>, String> {
+    let _one_at_a_time = object_creation();
+    let ctx = context(&uri.module_path)?;
+    let slot = find_slot(&ctx, uri)?;
+    let pin = uri.read_pin()?;
+    let session = open_session(&ctx, slot, &pin, true, uri)?;
+    let aes = match find_kek_key(&session, uri)? {
+        Some(h) => h,
+        None => session
+            .generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Label(kek_label(uri)),
+                ],
+            )
+            .map_err(|e| {
+                format!(
+                    "{}: the token could not make an AES key for the key-encryption key: {}",
+                    uri.describe(),
+                    short(&e)
+                )
+            })?,
+    };
+    let mut iv = [0u8; 12];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut iv)
+        .map_err(|_| "random generator failed".to_string())?;
+    let mut iv_param = iv;
+    let params =
+        cryptoki::mechanism::aead::GcmParams::new(&mut iv_param, SEALED_KEK_MAGIC, 128.into())
+            .map_err(|e| short(&e))?;
+    let sealed = session
+        .encrypt(&Mechanism::AesGcm(params), aes, kek)
+        .map_err(|e| {
+            format!(
+                "{}: the token could not seal the key-encryption key: {}",
+                uri.describe(),
+                short(&e)
+            )
+        })?;
+    let mut out = SEALED_KEK_MAGIC.to_vec();
+    out.extend_from_slice(&iv);
+    out.extend_from_slice(&sealed);
+    Ok(out)
+}
+
+/// Opens a file [`seal_kek`] wrote, in the token.
+pub fn unseal_kek(uri: &Pkcs11Uri, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, String> {
+    let rest = sealed
+        .strip_prefix(SEALED_KEK_MAGIC.as_slice())
+        .filter(|r| r.len() > 12 + 16)
+        .ok_or("not a sealed key-encryption key")?;
+    let (iv, ciphertext) = rest.split_at(12);
+    let ctx = context(&uri.module_path)?;
+    let slot = find_slot(&ctx, uri)?;
+    let pin = uri.read_pin()?;
+    let session = open_session(&ctx, slot, &pin, false, uri)?;
+    let aes = find_kek_key(&session, uri)?.ok_or_else(|| {
+        format!(
+            "token {:?}: no AES key labelled {:?} to unseal the key-encryption key",
+            uri.token,
+            String::from_utf8_lossy(&kek_label(uri))
+        )
+    })?;
+    let mut iv = iv.to_vec();
+    let params = cryptoki::mechanism::aead::GcmParams::new(&mut iv, SEALED_KEK_MAGIC, 128.into())
+        .map_err(|e| short(&e))?;
+    session
+        .decrypt(&Mechanism::AesGcm(params), aes, ciphertext)
+        .map(Zeroizing::new)
+        .map_err(|e| {
+            format!(
+                "{}: the token could not unseal the key-encryption key (another token's, or altered): {}",
+                uri.describe(),
+                short(&e)
+            )
+        })
+}
+
+fn kek_label(uri: &Pkcs11Uri) -> Vec<u8> {
+    format!("{}-kek", uri.object).into_bytes()
+}
+
+fn find_kek_key(session: &Session, uri: &Pkcs11Uri) -> Result<Option<ObjectHandle>, String> {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(kek_label(uri)),
+        ])
+        .map_err(|e| format!("{}: cannot search the token: {}", uri.describe(), short(&e)))?;
+    Ok(found.first().copied())
+}
+
 /// The private value PKCS#11 takes as CKA_VALUE: the 32-byte seed of an Ed25519 key (RFC 8032),
 /// the 32-byte scalar of a P-256 key, read from the key's PKCS#8 document (RFC 8410's
 /// `CurvePrivateKey`, RFC 5915's `ECPrivateKey`). What the token then signs is checked against
