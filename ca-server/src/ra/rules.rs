@@ -202,6 +202,25 @@ pub struct AuditEvent {
     pub detail: String,
 }
 
+impl AuditEvent {
+    /// The sealed entry that records this event after the chain's head (sequence number,
+    /// hash), naming this process's node ([`crate::audit::node`]): what every store appends.
+    pub fn entry_after(&self, head: &(u64, [u8; 32])) -> crate::records::AuditEntry {
+        crate::records::AuditEntry {
+            seq: head.0 + 1,
+            at: self.at,
+            event: self.event.clone(),
+            serial: self.serial,
+            actor: self.actor.clone(),
+            detail: self.detail.clone(),
+            prev_hash: head.1.to_vec(),
+            node: crate::audit::node().map(str::to_string),
+            hash: Vec::new(),
+        }
+        .sealed()
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Enrollment
 

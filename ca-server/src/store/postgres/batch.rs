@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use super::{
     Chain, DEVICE_COLUMNS, Db, LINE_COLUMNS, On, P, Pool, SECRET_COLUMNS, device_of, i, line_of,
-    oi, pg, seal_next, secret_of, status_name, u,
+    oi, pg, secret_of, status_name, u,
 };
 use crate::ra::rules::{self, EnrollOutcome, EnrollView, Holder, NewEnrollment, SecretOp};
 use crate::ra::rules::{SecretOutcome, SecretView, SecretWrite};
@@ -259,7 +259,7 @@ async fn read(db: &Db<'_>, writes: &[Write]) -> Result<(Chain, State), StoreErro
 
 /// Seals the audit entry for `event` after `chain`, moves `chain` to it and queues it.
 fn audit(changes: &mut Changes, chain: &mut Chain, event: &rules::AuditEvent) {
-    let entry = seal_next(chain, event);
+    let entry = event.entry_after(chain);
     *chain = (entry.seq, entry.compute_hash());
     changes.audit.push(entry);
 }

@@ -276,7 +276,7 @@ impl SledStore {
         let Some(w) = writes else {
             return Ok((outcome, None));
         };
-        let entry = Self::next_entry(chain, &w.event);
+        let entry = w.event.entry_after(chain);
         devices.insert(&serial_key, to_cbor(&w.device))?;
         keys.insert(&e.key_hash, &serial_key)?;
         tokens.insert(tkey.as_slice(), to_cbor(&w.token_use))?;
@@ -388,27 +388,11 @@ impl SledStore {
                 }
             }
         }
-        let entry = event.map(|ev| Self::next_entry(chain, &ev));
+        let entry = event.map(|ev| ev.entry_after(chain));
         if let Some(entry) = &entry {
             audit.insert(&entry.seq.to_be_bytes(), to_cbor(entry))?;
         }
         Ok((outcome, entry))
-    }
-
-    /// The entry that records `event` after `head`, sealed.
-    fn next_entry(head: &(u64, [u8; 32]), event: &AuditEvent) -> AuditEntry {
-        AuditEntry {
-            seq: head.0 + 1,
-            at: event.at,
-            event: event.event.clone(),
-            serial: event.serial,
-            actor: event.actor.clone(),
-            detail: event.detail.clone(),
-            prev_hash: head.1.to_vec(),
-            node: crate::audit::node().map(str::to_string),
-            hash: Vec::new(),
-        }
-        .sealed()
     }
 }
 
@@ -586,7 +570,7 @@ impl Store for SledStore {
                 Ok(ev) => ev,
                 Err(id) => return abort(StoreError::LineExists(id)),
             };
-            let entry = Self::next_entry(&chain, &event);
+            let entry = event.entry_after(&chain);
             lines.insert(line.id.as_bytes(), to_cbor(line))?;
             audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
             Ok(entry)
@@ -729,7 +713,7 @@ impl Store for SledStore {
                 let Some(event) = event else {
                     return Ok((Some(rec), None));
                 };
-                let entry = Self::next_entry(&chain, &event);
+                let entry = event.entry_after(&chain);
                 devices.insert(&key, to_cbor(&rec))?;
                 match status {
                     DeviceStatus::Revoked => revoked.insert(&key, &at.to_be_bytes())?,
@@ -775,7 +759,7 @@ impl Store for SledStore {
             let Some(w) = writes else {
                 return Ok((outcome, None));
             };
-            let entry = Self::next_entry(&chain, &w.event);
+            let entry = w.event.entry_after(&chain);
             devices.remove(&key)?;
             if let Some(line) = &w.line {
                 lines.insert(line.id.as_bytes(), to_cbor(line))?;
@@ -837,7 +821,7 @@ impl Store for SledStore {
             let Some(event) = event else {
                 return Ok((Some(line), None));
             };
-            let entry = Self::next_entry(&chain, &event);
+            let entry = event.entry_after(&chain);
             lines.insert(id.as_bytes(), to_cbor(&line))?;
             audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
             Ok((Some(line), Some(entry)))
@@ -858,16 +842,14 @@ impl Store for SledStore {
         at: u64,
     ) -> Result<(), StoreError> {
         let mut head = self.head()?;
-        let entry = Self::next_entry(
-            &head,
-            &AuditEvent {
-                at,
-                event: event.to_string(),
-                serial,
-                actor: actor.to_string(),
-                detail,
-            },
-        );
+        let entry = AuditEvent {
+            at,
+            event: event.to_string(),
+            serial,
+            actor: actor.to_string(),
+            detail,
+        }
+        .entry_after(&head);
         self.audit
             .insert(entry.seq.to_be_bytes(), to_cbor(&entry))
             .map_err(backend)?;
