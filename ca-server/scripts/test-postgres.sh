@@ -8,6 +8,12 @@
 #   ca-server/scripts/test-postgres.sh stop "$IMPRINT_TEST_PG_DIR"
 #   ca-server/scripts/test-postgres.sh pause DIR    # stop the server, keep the cluster
 #   ca-server/scripts/test-postgres.sh resume DIR   # start it again, same port and settings
+#   ca-server/scripts/test-postgres.sh standby DIR  # a synchronous standby of the cluster in DIR
+#                                                   # (streaming replication, on a port of its
+#                                                   # own); prints IMPRINT_TEST_PG_STANDBY_DIR and
+#                                                   # _PORT
+#   ca-server/scripts/test-postgres.sh kill DIR     # SIGKILL the server and all its processes
+#   ca-server/scripts/test-postgres.sh promote DIR  # promote a standby to primary
 #
 # The role's password is IMPRINT_STORE_PASSWORD when that is set, else a new random one.
 # PostgreSQL refuses to run as root: as root the server runs as the postgres user.
@@ -50,6 +56,44 @@ start)
   echo "export IMPRINT_TEST_PG_CA=$dir/ca.pem"
   echo "export IMPRINT_STORE_PASSWORD=$password"
   ;;
+standby)
+  primary=${2:?usage: test-postgres.sh standby PRIMARY_DIR}
+  dir=$(mktemp -d /tmp/imprint-pg-standby.XXXXXX)
+  chmod 755 "$dir"
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  pport=$(sed -E 's/^-p ([0-9]+) .*/\1/' "$primary/options")
+  superpw=$(cat "$primary/superpw")
+  cp "$primary/server.crt" "$primary/server.key" "$primary/superpw" "$primary/ca.pem" "$dir/"
+  if [ "$(id -u)" = 0 ]; then chown postgres "$dir" "$dir/server.key" "$dir/server.crt" "$dir/superpw"; fi
+  conninfo="host=127.0.0.1 port=$pport user=postgres password=$superpw application_name=imprint_standby"
+  as_pg "$bin/pg_basebackup" -d "$conninfo" -D "$dir/data" -R -X stream -c fast >"$dir/basebackup.log" 2>&1
+  sed "s/^-p $pport /-p $port /; s#$primary#$dir#g" "$primary/options" > "$dir/options"
+  as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -o "$(cat "$dir/options")" start >/dev/null
+  # The primary waits for this standby's flush before any commit returns.
+  PGPASSWORD=$superpw "$bin/psql" -q -h 127.0.0.1 -p "$pport" -U postgres -d postgres -v ON_ERROR_STOP=1 \
+    -c "ALTER SYSTEM SET synchronous_standby_names = 'imprint_standby'" -c "SELECT pg_reload_conf()" >/dev/null
+  for _ in $(seq 100); do
+    state=$(PGPASSWORD=$superpw "$bin/psql" -qtA -h 127.0.0.1 -p "$pport" -U postgres -d postgres \
+      -c "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'imprint_standby'")
+    [ "$state" = sync ] && break
+    sleep 0.1
+  done
+  [ "$state" = sync ] || { echo "test-postgres: the standby did not become synchronous ($state)" >&2; exit 1; }
+  echo "export IMPRINT_TEST_PG_STANDBY_DIR=$dir"
+  echo "export IMPRINT_TEST_PG_STANDBY_PORT=$port"
+  ;;
+kill)
+  dir=${2:?usage: test-postgres.sh kill DIR}
+  pid=$(head -1 "$dir/data/postmaster.pid")
+  # The postmaster and every backend at once, as a power cut would.
+  pkill -KILL -P "$pid" || true
+  kill -KILL "$pid"
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+  ;;
+promote)
+  dir=${2:?usage: test-postgres.sh promote DIR}
+  as_pg "$bin/pg_ctl" -D "$dir/data" -w promote >/dev/null
+  ;;
 pause)
   dir=${2:?usage: test-postgres.sh pause DIR}
   as_pg "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null
@@ -64,7 +108,7 @@ stop)
   rm -rf "$dir"
   ;;
 *)
-  echo "usage: test-postgres.sh start | pause DIR | resume DIR | stop DIR" >&2
+  echo "usage: test-postgres.sh start | standby DIR | kill DIR | promote DIR | pause DIR | resume DIR | stop DIR" >&2
   exit 2
   ;;
 esac

@@ -255,13 +255,22 @@ async fn refresh_shared_state(
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    // A node not seen for three intervals (or a second, whichever is longer) no longer counts
+    // among those sharing each line's rate.
+    let window = (every * 3).max(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => {
+                let s = service.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.leave()).await {
+                    tracing::warn!(error = %e, "could not say on the store that this node stops");
+                }
+                return;
+            }
         }
         let s = service.clone();
-        match tokio::task::spawn_blocking(move || s.refresh_shared_state()).await {
+        match tokio::task::spawn_blocking(move || s.refresh_shared_state(window)).await {
             Ok(Ok(changed)) => {
                 if changed {
                     tracing::info!(

@@ -74,6 +74,8 @@ pub struct CaService {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     revocations: Arc<Revocations>,
+    /// This process's id among the nodes on a shared store.
+    instance: String,
 }
 
 impl std::fmt::Debug for CaService {
@@ -85,7 +87,8 @@ impl std::fmt::Debug for CaService {
 }
 
 /// What a client is told of a store failure: `unavailable` when the database cannot be reached
-/// (nothing was written; retry), else `internal`.
+/// (nothing was written; retry) or when whether a write was made is not known (a retry gets
+/// the same answer), else `internal`.
 fn store_failure(context: &str, e: StoreError) -> Problem {
     match e {
         StoreError::Unavailable(why) => {
@@ -93,6 +96,13 @@ fn store_failure(context: &str, e: StoreError) -> Problem {
             Problem::new(
                 ProblemType::Unavailable,
                 "the CA's database cannot be reached; nothing was written; retry",
+            )
+        }
+        StoreError::Unknown(why) => {
+            tracing::warn!(error = %why, "{context}: store outcome unknown");
+            Problem::new(
+                ProblemType::Unavailable,
+                "the CA's database did not confirm the write; retry: a retry gets the same answer",
             )
         }
         e => internal(context, e),
@@ -142,6 +152,12 @@ impl CaService {
             clock,
             metrics,
             revocations: Arc::new(Revocations::new(revoked.into_iter().map(|(s, _)| s))),
+            instance: {
+                let mut id = [0u8; 16];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+                    .map_err(|_| "no random bytes for the instance id".to_string())?;
+                hex::encode(id)
+            },
         })
     }
 
@@ -182,10 +198,39 @@ impl CaService {
         Ok(())
     }
 
+    /// This serving process's id on the store (random, drawn when it started).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Says on the store that this node stops serving (its share of each line's rate goes to
+    /// the others at their next refresh).
+    pub fn leave(&self) -> Result<(), String> {
+        self.store.leave(&self.instance).map_err(|e| e.to_string())
+    }
+
+    /// CA nodes sharing each line's rate, as last read.
+    pub fn nodes(&self) -> u32 {
+        self.ra.nodes()
+    }
+
     /// Reads again what other CA nodes on a shared store may have changed: the revoked serials
     /// (the mutual-TLS door refuses them from the next handshake; the CRL is signed again) and
-    /// the lines. Returns whether the revoked set changed.
-    pub fn refresh_shared_state(&self) -> Result<bool, String> {
+    /// the lines; and says on the store that this node is alive, learning how many nodes
+    /// share each line's rate (those seen within `window`). Returns whether the revoked set
+    /// changed.
+    pub fn refresh_shared_state(&self, window: std::time::Duration) -> Result<bool, String> {
+        let node = crate::audit::node().unwrap_or("unnamed");
+        let nodes = self
+            .store
+            .heartbeat(&self.instance, node, window)
+            .map_err(|e| e.to_string())?;
+        if self.ra.set_nodes(nodes) {
+            tracing::info!(
+                nodes,
+                "CA nodes serving from the store; each line's rate is shared among them"
+            );
+        }
         let revoked = self.store.revoked().map_err(|e| e.to_string())?;
         let changed = self
             .revocations

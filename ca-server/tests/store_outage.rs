@@ -8,88 +8,17 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ca_server::config::StoreSettings;
-use common::{Device, Line, TestCa};
+use common::{Cluster, Device, Line, TestCa, own_cluster, script};
 use device_agent::AgentError;
 use protocol_spec::messages::{EnrollResponse, ResponseForm};
 use protocol_spec::{KeyAlgorithm, ProblemType};
 
 const DEVICES: u64 = 300;
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-postgres.sh");
-
-/// A PostgreSQL cluster of this test's own (it is stopped and started): (folder, settings).
-fn own_cluster() -> (PathBuf, StoreSettings) {
-    let out = Command::new("bash")
-        .args([SCRIPT, "start"])
-        .output()
-        .expect("bash runs ca-server/scripts/test-postgres.sh");
-    assert!(
-        out.status.success(),
-        "starting PostgreSQL (Debian package postgresql-15; .ci/run installs it): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let var = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("export {name}=")))
-            .map(|v| v.trim_matches('\'').to_string())
-            .unwrap_or_else(|| panic!("{name} in {text}"))
-    };
-    let dir = PathBuf::from(var("IMPRINT_TEST_PG_DIR"));
-    let password_file = dir.join("imprint-password");
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&password_file)
-            .unwrap();
-        writeln!(f, "{}", var("IMPRINT_STORE_PASSWORD")).unwrap();
-    }
-    let settings = StoreSettings {
-        url: Some(var("IMPRINT_TEST_PG_URL")),
-        password_file: Some(password_file),
-        ca_file: Some(PathBuf::from(var("IMPRINT_TEST_PG_CA"))),
-        schema: Some("imprint".into()),
-        refresh_ms: None,
-    };
-    (dir, settings)
-}
-
-fn script(verb: &str, dir: &std::path::Path) {
-    let out = Command::new("bash")
-        .arg(SCRIPT)
-        .arg(verb)
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "test-postgres.sh {verb}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct Cluster(PathBuf);
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(SCRIPT)
-            .arg("stop")
-            .arg(&self.0)
-            .output();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_seconds_without_the_database_lose_nothing() {
     let (pg_dir, settings) = own_cluster();

@@ -211,3 +211,89 @@ async fn a_revocation_made_elsewhere_reaches_every_node_s_door_and_crl() {
         assert_eq!(listed, [10], "node {node}'s CRL");
     }
 }
+
+/// A line's rate limit holds for the line across the nodes, not once per node (SPEC.md 10.1):
+/// two nodes, each sent more than the whole rate for three seconds, admit together what one
+/// node alone would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_s_rate_holds_across_nodes_not_once_per_node() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+    const RATE: u32 = 10;
+    let ca = TestCa::with_store(KeyAlgorithm::Ed25519, common::pg_store());
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    let mut rec = ca_server::lines::new_line(
+        "line-1",
+        &protocol_spec::PublicKey::from(&line.key).to_pem(),
+        (1, 100_000),
+        None,
+        common::now(),
+    )
+    .unwrap();
+    rec.rate = RATE;
+    ca.store().add_line(&rec, "test").unwrap();
+    let (_a, addr_a) = node(&ca, "node-a");
+    let (_b, addr_b) = node(&ca, "node-b");
+    // Each node has seen the other after one refresh interval (500 ms); room for a slow start.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let requests: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..200)
+            .map(|i| {
+                Device::new(1000 + i, KeyAlgorithm::Ed25519).request(&line, ResponseForm::Full)
+            })
+            .collect(),
+    );
+    let next = Arc::new(AtomicUsize::new(0));
+    let limited = Arc::new(AtomicUsize::new(0));
+    let clients = Arc::new([ca.client(addr_a), ca.client(addr_b)]);
+    let start = Instant::now();
+    let window = Duration::from_secs(3);
+    let mut senders = Vec::new();
+    for k in 0..8 {
+        let (requests, next, limited, clients) = (
+            requests.clone(),
+            next.clone(),
+            limited.clone(),
+            clients.clone(),
+        );
+        senders.push(tokio::spawn(async move {
+            let mut ok = 0usize;
+            let mut mine = next.fetch_add(1, Ordering::SeqCst);
+            while start.elapsed() < window && mine < requests.len() {
+                match outcome(clients[k % 2].enroll(requests[mine].clone()).await).as_str() {
+                    a if a.starts_with("ok") => {
+                        ok += 1;
+                        mine = next.fetch_add(1, Ordering::SeqCst);
+                    }
+                    "rate-limited" => {
+                        limited.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    other => panic!("unexpected answer: {other}"),
+                }
+            }
+            ok
+        }));
+    }
+    let mut ok = 0;
+    for s in senders {
+        ok += s.await.unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let limited = limited.load(Ordering::SeqCst);
+    // Each node's share is RATE/2 a second with a bucket of RATE/2: together RATE a second
+    // and a burst of RATE. One bucket per node at the whole rate would admit about twice that.
+    let bound = f64::from(RATE) * elapsed + f64::from(RATE) + 1.0;
+    eprintln!("{ok} admitted, {limited} rate-limited in {elapsed:.2} s (bound {bound:.1})");
+    assert!(limited > 0, "the senders never reached the line's rate");
+    assert!(
+        (ok as f64) <= bound,
+        "{ok} enrollments in {elapsed:.2} s through two nodes: more than the line's {RATE}/s allows ({bound:.1})"
+    );
+    assert_eq!(
+        ca.store().line("line-1").unwrap().unwrap().enrolled,
+        ok as u64
+    );
+}

@@ -8,6 +8,7 @@
 pub mod rules;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Instant;
 
@@ -62,10 +63,14 @@ pub struct RegistrationAuthority {
     lines: RwLock<HashMap<String, LineInfo>>,
     /// Per-line rate limits: (enrollments per second, bucket).
     rates: Mutex<HashMap<String, (u32, Bucket)>>,
+    /// CA nodes serving from the same store, this one included: each takes an equal share of
+    /// every line's rate (SPEC.md 10.1).
+    nodes: AtomicU32,
     policy: TokenPolicy,
 }
 
-/// A token bucket: `rate` tokens a second, holding at most one second's worth.
+/// A token bucket: `rate` tokens a second, holding at most one second's worth (and at least
+/// one token).
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
@@ -73,24 +78,24 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn full(rate: u32) -> Self {
+    fn full(rate: f64) -> Self {
         Bucket {
-            tokens: f64::from(rate.max(1)),
+            tokens: rate.max(1.0),
             at: Instant::now(),
         }
     }
 
     /// Takes one token; `Err(seconds)` until the next one when there is none.
-    fn take(&mut self, rate: u32, now: Instant) -> Result<(), f64> {
-        let cap = f64::from(rate.max(1));
+    fn take(&mut self, rate: f64, now: Instant) -> Result<(), f64> {
+        let cap = rate.max(1.0);
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * f64::from(rate)).min(cap);
+        self.tokens = (self.tokens + elapsed * rate).min(cap);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err((1.0 - self.tokens) / f64::from(rate.max(1)))
+            Err((1.0 - self.tokens) / rate.max(f64::MIN_POSITIVE))
         }
     }
 }
@@ -101,6 +106,7 @@ impl RegistrationAuthority {
         let ra = RegistrationAuthority {
             lines: RwLock::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
+            nodes: AtomicU32::new(1),
             policy,
         };
         ra.set_lines(lines);
@@ -133,11 +139,26 @@ impl RegistrationAuthority {
                 // A bucket survives a reload unless the line's rate changed.
                 let bucket = match old.get(&l.id) {
                     Some((r, b)) if *r == l.rate => *b,
-                    _ => Bucket::full(l.rate),
+                    _ => Bucket::full(self.share(l.rate)),
                 };
                 rates.insert(l.id.clone(), (l.rate, bucket));
             }
         }
+    }
+
+    /// Sets how many CA nodes serve from the store (at least 1); returns whether it changed.
+    pub fn set_nodes(&self, n: u32) -> bool {
+        self.nodes.swap(n.max(1), Ordering::Relaxed) != n.max(1)
+    }
+
+    /// CA nodes sharing each line's rate, this one included.
+    pub fn nodes(&self) -> u32 {
+        self.nodes.load(Ordering::Relaxed).max(1)
+    }
+
+    /// This node's share of a line's rate.
+    fn share(&self, rate: u32) -> f64 {
+        f64::from(rate) / f64::from(self.nodes())
     }
 
     /// The line's rate limit (SPEC.md section 3.3, check 11a): called for a verified request
@@ -148,11 +169,18 @@ impl RegistrationAuthority {
         let Some((rate, bucket)) = rates.get_mut(line) else {
             return Ok(());
         };
-        bucket.take(*rate, Instant::now()).map_err(|wait| {
+        let nodes = self.nodes();
+        let share = f64::from(*rate) / f64::from(nodes);
+        bucket.take(share, Instant::now()).map_err(|wait| {
+            let across = if nodes > 1 {
+                format!(" across {nodes} CA nodes")
+            } else {
+                String::new()
+            };
             Problem::new(
                 ProblemType::RateLimited,
                 format!(
-                    "line {line:?} may enroll {rate} devices per second; retry in {:.0} ms",
+                    "line {line:?} may enroll {rate} devices per second{across}; retry in {:.0} ms",
                     (wait * 1000.0).ceil()
                 ),
             )

@@ -132,6 +132,12 @@ pub enum StoreError {
     /// deadlock) and this write was rolled back; read again and retry.
     #[error("store conflict: {0}")]
     Conflict(String),
+    /// The write was sent, but whether it was made is not known: the connection was lost while
+    /// it committed, or the database committed it locally without the synchronous standby's
+    /// confirmation (a cancelled wait for replication). Nothing may be reported as done; a
+    /// retry reads what was made and gets the same answer.
+    #[error("store outcome unknown: {0}")]
+    Unknown(String),
     /// The database's schema is missing, older or newer than this build's; the message says
     /// what to run.
     #[error("{0}")]
@@ -352,6 +358,22 @@ pub trait Store: Send + Sync + 'static {
     /// again every `[store] refresh_ms`.
     fn shared(&self) -> bool {
         false
+    }
+    /// Says that the serving process `instance` (a random id drawn when it started) of node
+    /// `node` is alive, and returns how many instances were seen within the last `window`,
+    /// itself included: the nodes that share each line's rate limit. A store only one process
+    /// writes answers 1.
+    fn heartbeat(
+        &self,
+        _instance: &str,
+        _node: &str,
+        _window: std::time::Duration,
+    ) -> Result<u32, StoreError> {
+        Ok(1)
+    }
+    /// Says that `instance` stops serving, so that the other nodes take up its share at once.
+    fn leave(&self, _instance: &str) -> Result<(), StoreError> {
+        Ok(())
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -405,4 +406,131 @@ fn stalled_body_blocking(
         closed,
         after,
     }
+}
+
+pub const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-postgres.sh");
+
+/// A PostgreSQL cluster of this test's own (it is stopped and started): (folder, settings).
+pub fn own_cluster() -> (PathBuf, StoreSettings) {
+    let out = Command::new("bash")
+        .args([SCRIPT, "start"])
+        .output()
+        .expect("bash runs ca-server/scripts/test-postgres.sh");
+    assert!(
+        out.status.success(),
+        "starting PostgreSQL (Debian package postgresql-15; .ci/run installs it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let var = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+            .map(|v| v.trim_matches('\'').to_string())
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+    };
+    let dir = PathBuf::from(var("IMPRINT_TEST_PG_DIR"));
+    let password_file = dir.join("imprint-password");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&password_file)
+            .unwrap();
+        writeln!(f, "{}", var("IMPRINT_STORE_PASSWORD")).unwrap();
+    }
+    let settings = StoreSettings {
+        url: Some(var("IMPRINT_TEST_PG_URL")),
+        password_file: Some(password_file),
+        ca_file: Some(PathBuf::from(var("IMPRINT_TEST_PG_CA"))),
+        schema: Some("imprint".into()),
+        refresh_ms: None,
+    };
+    (dir, settings)
+}
+
+pub fn script(verb: &str, dir: &std::path::Path) {
+    let out = Command::new("bash")
+        .arg(SCRIPT)
+        .arg(verb)
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "test-postgres.sh {verb}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub struct Cluster(pub PathBuf);
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(SCRIPT)
+            .arg("stop")
+            .arg(&self.0)
+            .output();
+    }
+}
+
+/// A synchronous standby of the cluster in `primary` (`test-postgres.sh standby`): its folder
+/// and port.
+pub fn standby(primary: &Path) -> (PathBuf, u16) {
+    let out = std::process::Command::new("bash")
+        .arg(SCRIPT)
+        .arg("standby")
+        .arg(primary)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "test-postgres.sh standby: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let var = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+    };
+    (
+        PathBuf::from(var("IMPRINT_TEST_PG_STANDBY_DIR")),
+        var("IMPRINT_TEST_PG_STANDBY_PORT").parse().unwrap(),
+    )
+}
+
+/// Runs SQL as the cluster's superuser (`superpw` in its folder); the output, unaligned.
+pub fn psql(cluster: &Path, port: u16, sql: &str) -> String {
+    let out = std::process::Command::new("psql")
+        .args([
+            "-qtA",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "imprint",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .args(["-c", sql])
+        .env(
+            "PGPASSWORD",
+            std::fs::read_to_string(cluster.join("superpw"))
+                .unwrap()
+                .trim(),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

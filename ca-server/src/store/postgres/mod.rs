@@ -15,6 +15,7 @@ pub mod schema;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,7 +32,8 @@ use crate::records::{
     to_cbor,
 };
 
-/// Every table of the schema, with its primary key (for ordered walks and counts).
+/// Every table of records, with its primary key (for ordered walks and counts). The `nodes`
+/// table (which processes are serving now) holds no record and is left out.
 const TABLES: [(&str, &str); 10] = [
     ("lines", "id"),
     ("devices", "serial"),
@@ -246,6 +248,8 @@ impl PgStore {
             schema: config.schema.clone(),
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            warnings: Arc::default(),
+            suspect: AtomicBool::new(false),
         });
         let store = PgStore {
             rt: Some(rt),
@@ -266,9 +270,27 @@ impl PgStore {
         T: Send + 'static,
     {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let pool = self.pool.clone();
         let fut = f(self.pool.clone());
         self.handle.spawn(async move {
-            let r = match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+            let call = async {
+                // After a commit the standby did not confirm, nothing is read or written until
+                // a commit made since has been confirmed: then everything before it is on the
+                // standby too (its WAL is replayed in order).
+                if pool.suspect.load(Ordering::SeqCst) {
+                    barrier(&pool).await?;
+                }
+                let warnings = pool.warnings.load(Ordering::SeqCst);
+                let r = fut.await;
+                if r.is_ok() && pool.warnings.load(Ordering::SeqCst) != warnings {
+                    pool.suspect.store(true, Ordering::SeqCst);
+                    return Err(StoreError::Unknown(
+                        "the database warned while this call ran (a commit not confirmed by the synchronous standby?); to be read again".into(),
+                    ));
+                }
+                r
+            };
+            let r = match tokio::time::timeout(CALL_TIMEOUT, call).await {
                 Ok(r) => r,
                 Err(_) => Err(StoreError::Unavailable(format!(
                     "no answer from the database within {} s",
@@ -371,6 +393,13 @@ struct Pool {
     schema: String,
     idle: Mutex<Vec<(Client, Stmts)>>,
     permits: Arc<Semaphore>,
+    /// WARNING notices any connection received. PostgreSQL answers a commit whose wait for the
+    /// synchronous standby was cancelled with success and a warning ("The transaction has
+    /// already committed locally, but might not have been replicated to the standby"): such a
+    /// commit is not known to be durable, and the call that saw it fails as `Unknown`.
+    warnings: Arc<AtomicU64>,
+    /// Set by such a warning: the next call first commits a barrier (see [`barrier`]).
+    suspect: AtomicBool,
 }
 
 /// A connection's prepared statements, by SQL text: each statement is parsed and planned once
@@ -543,20 +572,12 @@ impl Pool {
         let client = match &self.tls {
             Some(tls) => {
                 let (client, conn) = self.config.connect(tls.clone()).await.map_err(pg)?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::warn!(error = %e, "database connection ended");
-                    }
-                });
+                tokio::spawn(drive(conn, self.warnings.clone()));
                 client
             }
             None => {
                 let (client, conn) = self.config.connect(NoTls).await.map_err(pg)?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::warn!(error = %e, "database connection ended");
-                    }
-                });
+                tokio::spawn(drive(conn, self.warnings.clone()));
                 client
             }
         };
@@ -575,6 +596,67 @@ impl Pool {
             _permit: permit,
         })
     }
+}
+
+/// Drives a connection until it ends, counting the WARNING notices it receives in `warnings`
+/// (they reach the counter before the answer they precede reaches its caller).
+async fn drive<S, T>(mut conn: tokio_postgres::Connection<S, T>, warnings: Arc<AtomicU64>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use std::task::Poll;
+    use tokio_postgres::AsyncMessage;
+    use tokio_postgres::error::Severity;
+    let ended = std::future::poll_fn(|cx| {
+        loop {
+            match conn.poll_message(cx) {
+                Poll::Ready(Some(Ok(AsyncMessage::Notice(n)))) => {
+                    if n.parsed_severity() == Some(Severity::Warning) {
+                        warnings.fetch_add(1, Ordering::SeqCst);
+                        tracing::warn!(
+                            code = n.code().code(),
+                            message = n.message(),
+                            detail = n.detail().unwrap_or(""),
+                            "the database warned"
+                        );
+                    }
+                }
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await;
+    if let Err(e) = ended {
+        tracing::warn!(error = %e, "database connection ended");
+    }
+}
+
+/// Commits a write that changes nothing but needs the synchronous standby's confirmation like
+/// any other; once it is confirmed without a warning, every commit before it is on the standby
+/// too, and the pool is trusted again.
+async fn barrier(pool: &Arc<Pool>) -> Result<(), StoreError> {
+    let mut conn = pool.get().await?;
+    let warnings = pool.warnings.load(Ordering::SeqCst);
+    let tx = conn.transaction().await?;
+    tx.execute(
+        "UPDATE imprint_schema SET applied_at = applied_at WHERE version = (SELECT max(version) FROM imprint_schema)",
+        &[],
+    )
+    .await
+    .map_err(pg)?;
+    tx.commit().await.map_err(pg)?;
+    if pool.warnings.load(Ordering::SeqCst) != warnings {
+        return Err(StoreError::Unknown(
+            "the synchronous standby has not confirmed the database's commits yet".into(),
+        ));
+    }
+    pool.suspect.store(false, Ordering::SeqCst);
+    tracing::info!("the database's commits are confirmed again");
+    Ok(())
 }
 
 async fn schema_version(pool: &Arc<Pool>) -> Result<Option<i32>, StoreError> {
@@ -963,6 +1045,45 @@ fn index_entry(r: &Row) -> Result<IndexEntry, StoreError> {
 impl Store for PgStore {
     fn shared(&self) -> bool {
         true
+    }
+
+    fn heartbeat(&self, instance: &str, node: &str, window: Duration) -> Result<u32, StoreError> {
+        let (instance, node) = (instance.to_string(), node.to_string());
+        let window_ms = window.as_millis() as f64;
+        self.run(move |pool| async move {
+            let conn = pool.get().await?;
+            let db = conn.db()?;
+            db.exec(
+                "INSERT INTO nodes (instance, node, started, seen) VALUES ($1, $2, now(), now()) \
+                 ON CONFLICT (instance) DO UPDATE SET seen = now()",
+                &[&instance, &node],
+            )
+            .await?;
+            db.exec(
+                "DELETE FROM nodes WHERE seen < now() - interval '1 day'",
+                &[],
+            )
+            .await?;
+            let r = db
+                .one(
+                    "SELECT count(*) FROM nodes WHERE seen >= now() - make_interval(secs => $1::float8 / 1000)",
+                    &[&window_ms],
+                )
+                .await?;
+            let n: i64 = r.try_get(0).map_err(pg)?;
+            Ok(u32::try_from(n.max(1)).unwrap_or(u32::MAX))
+        })
+    }
+
+    fn leave(&self, instance: &str) -> Result<(), StoreError> {
+        let instance = instance.to_string();
+        self.run(move |pool| async move {
+            let conn = pool.get().await?;
+            conn.db()?
+                .exec("DELETE FROM nodes WHERE instance = $1", &[&instance])
+                .await
+                .map(|_| ())
+        })
     }
 
     fn device(&self, serial: u64) -> Result<Option<DeviceRecord>, StoreError> {
@@ -1877,7 +1998,7 @@ mod tests {
             let conn = pool.get().await?;
             conn.client()?
                 .batch_execute(
-                    "ALTER TABLE audit DROP COLUMN node; DELETE FROM imprint_schema WHERE version = 2",
+                    "DROP TABLE nodes; ALTER TABLE audit DROP COLUMN node; DELETE FROM imprint_schema WHERE version >= 2",
                 )
                 .await
                 .map_err(pg)

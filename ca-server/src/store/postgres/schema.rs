@@ -14,10 +14,23 @@
 //! serial minus 2^64).
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// (version, SQL). Each runs in one transaction with the row that records it.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3)];
+
+/// Version 3: the CA nodes serving from this schema. Each running `serve` process (an
+/// instance: a random id drawn at start) writes its row every `[store] refresh_ms`; the nodes
+/// seen within three intervals share each line's rate limit (SPEC.md 10.1). Rows of instances
+/// gone for a day are deleted by the next heartbeat.
+const V3: &str = r#"
+CREATE TABLE nodes (
+    instance  text PRIMARY KEY,
+    node      text NOT NULL,
+    started   timestamptz NOT NULL,
+    seen      timestamptz NOT NULL
+);
+"#;
 
 /// Version 2: the CA node that wrote each audit entry (NULL for entries written before).
 const V2: &str = "ALTER TABLE audit ADD COLUMN node text;";
