@@ -65,7 +65,8 @@ pub enum Enrollment {
 }
 
 impl Enrollment {
-    fn nodes(&self) -> usize {
+    /// CA nodes the devices are spread over.
+    pub fn nodes(&self) -> usize {
         match self {
             Enrollment::Https(c) => c.len(),
             Enrollment::Coap(c) => c.len(),

@@ -1,7 +1,7 @@
 //! The embedded CA: a child process (this same binary, `simulator ca-server ...`) on a sled
-//! store in a temporary folder, or on a PostgreSQL database in a schema of its own made for the
-//! run and dropped after it, so that its memory and CPU are measured apart and it can be killed
-//! and restarted.
+//! store in a temporary folder, or one or more such node processes on a PostgreSQL database in
+//! a schema of their own made for the run and dropped after it, so that their memory and CPU
+//! are measured apart and each can be killed and restarted.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -19,13 +19,25 @@ use crate::line::{LineStation, Lines};
 /// Serials each registered line covers, as on a real floor.
 pub const SERIALS_PER_LINE: u64 = 100_000;
 
-/// The CA child and its folder.
+/// The CA's node processes and their folder.
 pub struct EmbeddedCa {
     _tmp: tempfile::TempDir,
     /// The CA folder.
     pub dir: CaDir,
     /// The CA certificate, DER.
     pub ca_der: Vec<u8>,
+    /// The nodes: one on sled, one or more on PostgreSQL.
+    pub nodes: Vec<Node>,
+    /// The run's own PostgreSQL schema, dropped with the CA.
+    pg: Option<PgConfig>,
+    /// Times a node was killed and restarted.
+    pub restarts: u64,
+}
+
+/// One `ca-server serve` process of the embedded CA.
+pub struct Node {
+    /// Its `--node-id`.
+    pub name: String,
     /// HTTPS address.
     pub https: SocketAddr,
     /// CoAP address.
@@ -33,24 +45,37 @@ pub struct EmbeddedCa {
     /// Mutual-TLS secrets address.
     pub mtls: SocketAddr,
     child: Child,
-    /// The run's own PostgreSQL schema, dropped with the CA.
-    pg: Option<PgConfig>,
-    /// Times the CA was killed and restarted.
+    /// Times this node was killed and restarted.
     pub restarts: u64,
     earlier_peak: u64,
     earlier_cpu: f64,
 }
 
-/// Creates the CA folder, registers one line per [`SERIALS_PER_LINE`] serials, starts the child.
-/// With `store` (`[store]` settings with a url), the records go to that PostgreSQL database, in
-/// a new schema named for this run (its `schema` setting is ignored).
+impl Node {
+    /// Peak memory (the largest of every incarnation) and CPU seconds (all incarnations).
+    pub fn usage(&self) -> (u64, f64) {
+        let (peak, cpu) = process_usage(self.child.id());
+        (peak.max(self.earlier_peak), cpu + self.earlier_cpu)
+    }
+}
+
+/// Creates the CA folder, registers one line per [`SERIALS_PER_LINE`] serials, starts `nodes`
+/// node processes. With `store` (`[store]` settings with a url), the records go to that
+/// PostgreSQL database, in a new schema named for this run (its `schema` setting is ignored);
+/// without, on sled, which one process at a time can hold: `nodes` must be 1.
 pub fn start(
     devices: u64,
+    nodes: usize,
     ca_algorithm: KeyAlgorithm,
     verify_own_signatures: bool,
     now: u64,
     store: Option<StoreSettings>,
 ) -> Result<(EmbeddedCa, Lines), String> {
+    if nodes == 0 || (nodes > 1 && store.is_none()) {
+        return Err(
+            "--nodes above 1 needs --store postgresql://... (sled is held by one process)".into(),
+        );
+    }
     let tmp = tempfile::Builder::new()
         .prefix("imprint-sim-")
         .tempdir()
@@ -115,23 +140,29 @@ pub fn start(
     let pem = std::fs::read_to_string(dir.ca_cert()).map_err(|e| e.to_string())?;
     let ca_der = protocol_spec::profile::cert_from_pem(&pem).ok_or("CA certificate unreadable")?;
     let any: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
-    let (child, https, coap, mtls) = spawn(dir.root(), [any, any, any])?;
-    Ok((
-        EmbeddedCa {
-            _tmp: tmp,
-            dir,
-            ca_der,
+    let mut ca = EmbeddedCa {
+        _tmp: tmp,
+        dir,
+        ca_der,
+        nodes: Vec::new(),
+        pg,
+        restarts: 0,
+    };
+    for k in 1..=nodes {
+        let name = format!("sim-node-{k}");
+        let (child, https, coap, mtls) = spawn(ca.dir.root(), &name, [any, any, any])?;
+        ca.nodes.push(Node {
+            name,
             https,
             coap,
             mtls,
             child,
-            pg,
             restarts: 0,
             earlier_peak: 0,
             earlier_cpu: 0.0,
-        },
-        Lines::new(lines),
-    ))
+        });
+    }
+    Ok((ca, Lines::new(lines)))
 }
 
 /// Writes `[issuer] verify_own_signatures` into the CA folder's config.toml, which the CA child
@@ -145,6 +176,7 @@ fn set_signature_check(dir: &CaDir, verify_own_signatures: bool) -> Result<(), S
 
 fn spawn(
     dir: &Path,
+    node: &str,
     at: [SocketAddr; 3],
 ) -> Result<(Child, SocketAddr, SocketAddr, SocketAddr), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -162,6 +194,8 @@ fn spawn(
             &at[2].to_string(),
             "--admin",
             "127.0.0.1:0",
+            "--node-id",
+            node,
             "--dir",
         ])
         .arg(dir)
@@ -222,28 +256,41 @@ pub fn process_usage(pid: u32) -> (u64, f64) {
 }
 
 impl EmbeddedCa {
-    /// Peak memory (the largest of every incarnation) and CPU seconds (all incarnations) of
-    /// the CA so far.
+    /// Peak memory (the largest of any node's incarnations) and CPU seconds (every node, every
+    /// incarnation) of the CA so far.
     pub fn usage(&self) -> (u64, f64) {
-        let (peak, cpu) = process_usage(self.child.id());
-        (peak.max(self.earlier_peak), cpu + self.earlier_cpu)
+        self.nodes
+            .iter()
+            .map(Node::usage)
+            .fold((0, 0.0), |(p, c), (np, nc)| (p.max(np), c + nc))
     }
 
-    /// Kills the CA with SIGKILL, as a power cut would, and starts it again on the same
-    /// addresses and store.
-    pub fn kill_and_restart(&mut self) -> Result<(), String> {
-        let (peak, cpu) = self.usage();
-        let _ = self.child.kill();
-        self.child.wait().map_err(|e| e.to_string())?;
-        self.earlier_peak = peak;
-        self.earlier_cpu = cpu;
+    /// Kills a node with SIGKILL, as a power cut would (a node drawn at random when there are
+    /// several), and starts it again on the same addresses and store. Returns its name.
+    pub fn kill_and_restart(&mut self) -> Result<String, String> {
+        let k = if self.nodes.len() > 1 {
+            let mut b = [0u8; 4];
+            ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut b)
+                .map_err(|_| "no random bytes")?;
+            u32::from_le_bytes(b) as usize % self.nodes.len()
+        } else {
+            0
+        };
+        let root = self.dir.root().to_path_buf();
+        let node = self.nodes.get_mut(k).ok_or("no node to kill")?;
+        let (peak, cpu) = node.usage();
+        let _ = node.child.kill();
+        node.child.wait().map_err(|e| e.to_string())?;
+        node.earlier_peak = peak;
+        node.earlier_cpu = cpu;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            match spawn(self.dir.root(), [self.https, self.coap, self.mtls]) {
+            match spawn(&root, &node.name, [node.https, node.coap, node.mtls]) {
                 Ok((child, ..)) => {
-                    self.child = child;
+                    node.child = child;
+                    node.restarts += 1;
                     self.restarts += 1;
-                    return Ok(());
+                    return Ok(node.name.clone());
                 }
                 // A port may take a moment to be free again.
                 Err(_) if std::time::Instant::now() < deadline => {
@@ -280,20 +327,26 @@ impl EmbeddedCa {
         }
     }
 
-    /// Stops the CA with SIGTERM and waits for it.
+    /// Stops every node with SIGTERM and waits for them.
     pub fn stop(&mut self) -> Result<(), String> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        self.child.wait().map_err(|e| e.to_string())?;
+        for node in &self.nodes {
+            let _ = Command::new("kill")
+                .args(["-TERM", &node.child.id().to_string()])
+                .status();
+        }
+        for node in &mut self.nodes {
+            node.child.wait().map_err(|e| e.to_string())?;
+        }
         Ok(())
     }
 }
 
 impl Drop for EmbeddedCa {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for node in &mut self.nodes {
+            let _ = node.child.kill();
+            let _ = node.child.wait();
+        }
         if let Some(c) = &self.pg
             && let Err(e) = PgStore::drop_schema(c)
         {

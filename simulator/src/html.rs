@@ -202,6 +202,19 @@ pub fn render(r: &Report) -> Result<String, String> {
             None => NOT_MEASURED.to_string(),
         },
     );
+    if r.ca_nodes.len() > 1 {
+        for n in &r.ca_nodes {
+            row(
+                &format!("CA node {} peak memory / CPU / restarts", n.node),
+                format!(
+                    "{} / {:.1} s / {}",
+                    mb(n.peak_memory_bytes),
+                    n.cpu_seconds,
+                    n.restarts
+                ),
+            );
+        }
+    }
     row(
         "simulator peak memory / CPU (device phases)",
         format!(

@@ -35,7 +35,7 @@ use protocol_spec::profile::CertProfile;
 use crate::devices::{Enrollment, Fleet, PHASES, Progress};
 use crate::embedded::EmbeddedCa;
 use crate::remote::{RemoteArgs, RemoteCa};
-use crate::report::{PassUsage, PhaseLatency, Report, Usage, Verdict};
+use crate::report::{NodeUsage, PassUsage, PhaseLatency, Report, Usage, Verdict};
 use crate::verify::Verification;
 
 /// Runs virtual devices end to end against a CA and reports.
@@ -102,9 +102,18 @@ struct Cli {
     /// front of the CA's CoAP address (of each node, with --ca).
     #[arg(long, default_value_t = 0.0)]
     loss: f64,
-    /// Kill the embedded CA with SIGKILL every SECONDS and restart it; devices retry, and the
-    /// verification pass must still find nothing lost and nothing duplicated (not with --ca).
-    #[arg(long = "kill-ca-every", value_name = "SECONDS")]
+    /// Start this many embedded CA nodes on the one database (needs --store); devices are
+    /// spread over them round robin, for enrollment and for secrets.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// Kill an embedded CA node with SIGKILL every SECONDS (one drawn at random with --nodes)
+    /// and restart it; devices retry, and the verification pass must still find nothing lost
+    /// and nothing duplicated (not with --ca).
+    #[arg(
+        long = "kill-node-every",
+        alias = "kill-ca-every",
+        value_name = "SECONDS"
+    )]
     kill_ca_every: Option<f64>,
     /// Skip the secret phases (mutual-TLS fetch and acknowledgement).
     #[arg(long)]
@@ -191,10 +200,17 @@ impl CaMode {
                     .into(),
             );
         }
+        if cli.nodes != 1 {
+            return Err(
+                "--nodes starts embedded CA nodes; a CA that runs elsewhere has its own: drop \
+                 --ca or --nodes (repeat --ca for each remote node)"
+                    .into(),
+            );
+        }
         if cli.kill_ca_every.is_some() {
             return Err(
-                "--kill-ca-every needs the embedded CA (the simulator kills and restarts a CA it \
-                 started, not one that runs elsewhere): drop --ca or --kill-ca-every"
+                "--kill-node-every needs the embedded CA (the simulator kills and restarts a CA it \
+                 started, not one that runs elsewhere): drop --ca or --kill-node-every"
                     .into(),
             );
         }
@@ -249,6 +265,11 @@ fn run(cli: Cli) -> Result<bool, String> {
     }
     if !(0.0..1.0).contains(&cli.loss) {
         return Err("--loss must be at least 0 and below 1".into());
+    }
+    if cli.nodes == 0 || (cli.nodes > 1 && cli.store.is_none() && cli.ca.is_empty()) {
+        return Err(
+            "--nodes above 1 needs --store postgresql://... (sled is held by one process)".into(),
+        );
     }
     let mode = CaMode::from_cli(&cli)?;
     let transport = match &mode {
@@ -368,7 +389,9 @@ fn run(cli: Cli) -> Result<bool, String> {
                     })
                     .await;
                     match r {
-                        Ok(Ok(())) => bar.println("CA killed with SIGKILL and restarted"),
+                        Ok(Ok(node)) => {
+                            bar.println(format!("CA node {node} killed with SIGKILL and restarted"))
+                        }
                         Ok(Err(e)) => bar.println(format!("CA restart failed: {e}")),
                         Err(_) => return,
                     }
@@ -398,12 +421,26 @@ fn run(cli: Cli) -> Result<bool, String> {
                 Err(_) => return Err("the CA handle is still shared".into()),
             };
             let (peak_memory_bytes, cpu_seconds) = ca.usage();
+            let nodes: Vec<NodeUsage> = ca
+                .nodes
+                .iter()
+                .map(|n| {
+                    let (peak_memory_bytes, cpu_seconds) = n.usage();
+                    NodeUsage {
+                        node: n.name.clone(),
+                        peak_memory_bytes,
+                        cpu_seconds,
+                        restarts: n.restarts,
+                    }
+                })
+                .collect();
             ca.stop()?;
             Some((
                 Usage {
                     peak_memory_bytes,
                     cpu_seconds,
                 },
+                nodes,
                 ca,
             ))
         }
@@ -417,7 +454,7 @@ fn run(cli: Cli) -> Result<bool, String> {
     let pass_start = Instant::now();
     let peak_reset_before_pass = embedded::reset_peak_memory();
     let (verification, store_bytes, store_bytes_per_device) = match &stopped {
-        Some((_, ca)) => {
+        Some((_, _, ca)) => {
             let store = ca.open_store()?;
             let bytes = ca.store_bytes(&*store)?;
             let kek = ca_server::secrets::SecretKeys::load(&ca.dir.kek())?;
@@ -462,8 +499,9 @@ fn run(cli: Cli) -> Result<bool, String> {
     config.insert("concurrency".into(), cli.concurrency.to_string());
     config.insert("secrets".into(), (!cli.no_secrets).to_string());
     config.insert("loss".into(), cli.loss.to_string());
+    config.insert("nodes".into(), fleet.enrollment.nodes().to_string());
     config.insert(
-        "kill_ca_every".into(),
+        "kill_node_every".into(),
         cli.kill_ca_every
             .map(|s| s.to_string())
             .unwrap_or_else(|| "never".into()),
@@ -497,8 +535,12 @@ fn run(cli: Cli) -> Result<bool, String> {
             peak_memory_bytes: sim_peak,
             cpu_seconds: sim_cpu,
         },
-        ca_restarts: stopped.as_ref().map_or(0, |(_, ca)| ca.restarts),
-        ca: stopped.map(|(usage, _)| usage),
+        ca_restarts: stopped.as_ref().map_or(0, |(_, _, ca)| ca.restarts),
+        ca_nodes: stopped
+            .as_ref()
+            .map(|(_, nodes, _)| nodes.clone())
+            .unwrap_or_default(),
+        ca: stopped.map(|(usage, _, _)| usage),
         store_bytes,
         store_bytes_per_device,
         verification,
@@ -537,29 +579,47 @@ fn embedded_setup(
             refresh_ms: None,
         }
     });
-    let (ca, lines) =
-        embedded::start(cli.devices, ca_algorithm, verify_own_signatures, now, store)?;
+    let (ca, lines) = embedded::start(
+        cli.devices,
+        cli.nodes,
+        ca_algorithm,
+        verify_own_signatures,
+        now,
+        store,
+    )?;
     let enrollment = match transport {
-        Transport::Https => {
-            let url = CaUrl::parse(&format!("https://{}", ca.https)).map_err(|e| e.to_string())?;
-            Enrollment::Https(vec![
-                HttpsClient::new(url, &ca.ca_der).map_err(|e| e.to_string())?,
-            ])
-        }
+        Transport::Https => Enrollment::Https(
+            ca.nodes
+                .iter()
+                .map(|n| {
+                    let url =
+                        CaUrl::parse(&format!("https://{}", n.https)).map_err(|e| e.to_string())?;
+                    HttpsClient::new(url, &ca.ca_der).map_err(|e| e.to_string())
+                })
+                .collect::<Result<_, String>>()?,
+        ),
         Transport::Coap => {
-            let addr = if cli.loss > 0.0 {
-                rt.block_on(relay::start(ca.coap, cli.loss))?
-            } else {
-                ca.coap
-            };
-            let url = CaUrl::parse(&format!("coap://{addr}")).map_err(|e| e.to_string())?;
-            Enrollment::Coap(vec![CoapClient::new(url)])
+            let mut clients = Vec::new();
+            for n in &ca.nodes {
+                let addr = if cli.loss > 0.0 {
+                    rt.block_on(relay::start(n.coap, cli.loss))?
+                } else {
+                    n.coap
+                };
+                let url = CaUrl::parse(&format!("coap://{addr}")).map_err(|e| e.to_string())?;
+                clients.push(CoapClient::new(url));
+            }
+            Enrollment::Coap(clients)
         }
     };
-    let mtls = CaUrl::parse(&format!("https://{}", ca.mtls)).map_err(|e| e.to_string())?;
+    let mtls = ca
+        .nodes
+        .iter()
+        .map(|n| CaUrl::parse(&format!("https://{}", n.mtls)).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, String>>()?;
     Ok(Setup {
         enrollment,
-        secrets: if cli.no_secrets { vec![] } else { vec![mtls] },
+        secrets: if cli.no_secrets { vec![] } else { mtls },
         lines,
         ca_der: ca.ca_der.clone(),
         ca_algorithm,

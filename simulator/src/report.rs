@@ -52,6 +52,19 @@ pub struct Usage {
     pub cpu_seconds: f64,
 }
 
+/// Memory, CPU and restarts of one embedded CA node.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeUsage {
+    /// Its `--node-id`.
+    pub node: String,
+    /// Peak resident set (VmHWM) of its largest incarnation, bytes.
+    pub peak_memory_bytes: u64,
+    /// User + system CPU of all its incarnations, seconds.
+    pub cpu_seconds: f64,
+    /// Times it was killed with SIGKILL and restarted.
+    pub restarts: u64,
+}
+
 /// Time and memory of the verification pass (in the simulator process).
 #[derive(Debug, Serialize)]
 pub struct PassUsage {
@@ -91,8 +104,11 @@ pub struct Report {
     pub fraction_of_ceiling: f64,
     /// The simulator process during the device phases (before the verification pass).
     pub simulator: Usage,
-    /// The CA process (null: not measured, the CA runs elsewhere).
+    /// The CA: its one process, or with several nodes their largest peak and their CPU
+    /// together (null: not measured, the CA runs elsewhere).
     pub ca: Option<Usage>,
+    /// Each embedded CA node (empty: the CA runs elsewhere).
+    pub ca_nodes: Vec<NodeUsage>,
     /// Store size on disk, bytes (null: not measured, the CA runs elsewhere).
     pub store_bytes: Option<u64>,
     /// Times the CA was killed with SIGKILL and restarted during the run.
@@ -216,6 +232,18 @@ impl Report {
             mb(self.simulator.peak_memory_bytes),
             self.simulator.cpu_seconds
         );
+        if self.ca_nodes.len() > 1 {
+            for n in &self.ca_nodes {
+                s += &format!(
+                    "  node {}: peak memory {:.1} MiB, CPU {:.1} s ({:.0} us per device done), restarted {} times\n",
+                    n.node,
+                    mb(n.peak_memory_bytes),
+                    n.cpu_seconds,
+                    n.cpu_seconds * 1e6 / self.devices_ok.max(1) as f64,
+                    n.restarts
+                );
+            }
+        }
         s += &format!("verification pass: {}\n", self.pass_text());
         if self.ca_restarts > 0 {
             s += &format!(

@@ -56,23 +56,36 @@ impl Verification {
     /// One line of figures.
     pub fn figures(&self) -> String {
         match self {
-            Verification::Store(v) => format!(
-                "{} records for {} devices, {} certificates valid, {}/{} device certificates match the store, {} confirmed secrets, {} secrets unsealed, {} shared keys, {} shared secrets, {} shared key ids, {} index mismatches, {} devices missing audit entries, audit log of {} entries {}",
-                v.records,
-                v.devices_run,
-                v.certificates_valid,
-                v.devices_matching_store,
-                v.devices_with_certificate,
-                v.devices_with_confirmed_secret,
-                v.secrets_unsealed,
-                v.shared_keys,
-                v.shared_secrets,
-                v.shared_key_ids,
-                v.index_mismatches,
-                v.devices_missing_audit_entries,
-                v.audit_entries,
-                if v.audit_chain_ok { "intact" } else { "BROKEN" }
-            ),
+            Verification::Store(v) => {
+                format!(
+                    "{} records for {} devices, {} certificates valid, {}/{} device certificates match the store, {} confirmed secrets, {} secrets unsealed, {} shared keys, {} shared secrets, {} shared key ids, {} index mismatches, {} devices missing audit entries, audit log of {} entries {}",
+                    v.records,
+                    v.devices_run,
+                    v.certificates_valid,
+                    v.devices_matching_store,
+                    v.devices_with_certificate,
+                    v.devices_with_confirmed_secret,
+                    v.secrets_unsealed,
+                    v.shared_keys,
+                    v.shared_secrets,
+                    v.shared_key_ids,
+                    v.index_mismatches,
+                    v.devices_missing_audit_entries,
+                    v.audit_entries,
+                    if v.audit_chain_ok { "intact" } else { "BROKEN" }
+                ) + &if v.audit_entries_by_node.len() > 1 {
+                    format!(
+                        " (by node: {})",
+                        v.audit_entries_by_node
+                            .iter()
+                            .map(|(n, c)| format!("{n} {c}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                } else {
+                    String::new()
+                }
+            }
             Verification::DeviceSide(v) => format!(
                 "{} devices with a certificate, {} certificates valid against the pinned CA, {} acknowledged secrets, {} shared keys, {} shared certificate serials, {} shared secrets, {} shared key ids",
                 v.devices_with_certificate,
@@ -125,6 +138,8 @@ pub struct StoreVerification {
     /// Whether the audit log verified from the first entry to the last (each entry's own hash,
     /// its link to the one before, its encoding: the CA's own `audit verify`).
     pub audit_chain_ok: bool,
+    /// Audit entries by the CA node that wrote them (one chain over all of them).
+    pub audit_entries_by_node: std::collections::BTreeMap<String, u64>,
     /// Every check passed.
     pub ok: bool,
     /// The first few problems found, for the report.
@@ -156,14 +171,19 @@ const SEEN_ENROLL: u8 = 1;
 const SEEN_DELIVER: u8 = 2;
 const SEEN_ACK: u8 = 4;
 
-/// Which audit events each device of the run has, by device index (one byte per device).
-struct AuditSeen(Vec<u8>);
+/// Which audit events each device of the run has, by device index (one byte per device), and
+/// how many entries each CA node wrote.
+struct AuditSeen(Vec<u8>, std::collections::BTreeMap<String, u64>);
 
 impl AuditSeen {
     fn mark(&mut self, value: &[u8]) {
         let Ok(e) = from_cbor::<AuditEntry>(value) else {
             return; // `audit::verify` names the entry that does not decode.
         };
+        *self
+            .1
+            .entry(e.node.clone().unwrap_or_else(|| "(unnamed)".into()))
+            .or_default() += 1;
         let bit = match e.event.as_str() {
             "enroll" => SEEN_ENROLL,
             "secret-deliver" => SEEN_DELIVER,
@@ -202,7 +222,7 @@ pub fn verify_store(
     };
 
     // The audit log: the CA's own verification, and on the way which events each device has.
-    let mut seen = AuditSeen(vec![0u8; received.len()]);
+    let mut seen = AuditSeen(vec![0u8; received.len()], Default::default());
     let verdict = audit::verify(
         store.audit_raw(0).inspect(|r| {
             if let Ok((_, value)) = r {
@@ -214,6 +234,7 @@ pub fn verify_store(
     .map_err(err)?;
     v.audit_entries = verdict.entries;
     v.audit_chain_ok = verdict.ok();
+    v.audit_entries_by_node = std::mem::take(&mut seen.1);
     if let Some(bad) = &verdict.first_bad {
         v.problem(format!("audit log: {}", bad.reason));
     }

@@ -340,7 +340,7 @@ fn remote_flags_are_checked_and_errors_name_the_flag() {
                 line.clone(),
             ]
             .concat(),
-            "--kill-ca-every needs the embedded CA",
+            "--kill-node-every needs the embedded CA",
         ),
         (ca_cert.clone(), "--ca-cert describes a remote CA"),
     ];
