@@ -147,6 +147,17 @@ pub struct LineView {
     pub created_at: u64,
 }
 
+/// `POST /lines/{id}/rate` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetRate {
+    /// Enrollments per second, 0 = no limit.
+    pub rate: u32,
+}
+
+/// The largest line rate accepted (enrollments per second, across every node).
+pub const MAX_LINE_RATE: u32 = 1_000_000;
+
 /// `POST /lines`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -324,6 +335,7 @@ fn operation_name(method: &Method, path: &str) -> &'static str {
         ("POST", ["lines"]) => "line-add",
         ("POST", ["lines", _, "disable"]) => "line-disable",
         ("POST", ["lines", _, "enable"]) => "line-enable",
+        ("POST", ["lines", _, "rate"]) => "line-rate",
         ("GET", ["audit"]) => "audit-export",
         ("GET", ["audit", "verify"]) => "audit-verify",
         ("GET", ["crl"]) => "crl",
@@ -423,6 +435,12 @@ async fn route(
                 service.now(),
             )
             .map_err(AdminProblem::bad_request)?;
+            if body.rate > MAX_LINE_RATE {
+                return Err(AdminProblem::bad_request(format!(
+                    "rate {} is above {MAX_LINE_RATE} enrollments per second",
+                    body.rate
+                )));
+            }
             line.rate = body.rate;
             if service
                 .store()
@@ -444,8 +462,24 @@ async fn route(
             json(StatusCode::CREATED, &line_view(&line))
         }
         ("POST", ["lines", id, action @ ("disable" | "enable")]) => {
+            let change = crate::store::LineChange::Active(*action == "enable");
             let line = service
-                .set_line_active(id, *action == "enable", actor)
+                .change_line(id, change, actor)
+                .await
+                .map_err(|e| AdminProblem::internal("line", e))?
+                .ok_or_else(|| AdminProblem::not_found(format!("no line {id:?}")))?;
+            json(StatusCode::OK, &line_view(&line))
+        }
+        ("POST", ["lines", id, "rate"]) => {
+            let body: SetRate = read_json(req).await?;
+            if body.rate > MAX_LINE_RATE {
+                return Err(AdminProblem::bad_request(format!(
+                    "rate {} is above {MAX_LINE_RATE} enrollments per second",
+                    body.rate
+                )));
+            }
+            let line = service
+                .change_line(id, crate::store::LineChange::Rate(body.rate), actor)
                 .await
                 .map_err(|e| AdminProblem::internal("line", e))?
                 .ok_or_else(|| AdminProblem::not_found(format!("no line {id:?}")))?;

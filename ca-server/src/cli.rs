@@ -363,6 +363,16 @@ enum LineCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Set a line's rate limit: enrollments per second across every node (bursts up to one
+    /// second's worth); 0 = no limit. Every node applies it within `[store] refresh_ms`.
+    Rate {
+        /// Line id.
+        id: String,
+        /// Enrollments per second; 0 = no limit.
+        rate: u32,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 fn parse_alg(s: &str) -> Result<KeyAlgorithm, String> {
@@ -719,6 +729,12 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
             rate,
             admin,
         } => {
+            if rate > crate::admin::MAX_LINE_RATE {
+                return Err(format!(
+                    "--rate {rate} is above {} enrollments per second",
+                    crate::admin::MAX_LINE_RATE
+                ));
+            }
             let pem = std::fs::read_to_string(&public_key)
                 .map_err(|e| format!("{}: {e}", public_key.display()))?;
             let range = crate::lines::parse_range(&serials)?;
@@ -794,6 +810,19 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
         }
         LineCommand::Disable { id, admin } => line_switch(&id, &admin, "disable"),
         LineCommand::Enable { id, admin } => line_switch(&id, &admin, "enable"),
+        LineCommand::Rate { id, rate, admin } => {
+            crate::lines::check_id(&id)?;
+            let body =
+                serde_json::to_vec(&crate::admin::SetRate { rate }).map_err(|e| e.to_string())?;
+            let line: LineView =
+                call(&admin, "POST", &format!("/lines/{id}/rate"), Some(body))?.json()?;
+            if admin.json {
+                print_json(&line)?;
+            } else {
+                println!("line {}: {}", line.id, rate_text(line.rate));
+            }
+            Ok(true)
+        }
     }
 }
 

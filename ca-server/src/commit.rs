@@ -376,14 +376,14 @@ mod tests {
         fn revoked(&self) -> Result<Vec<(u64, u64)>, StoreError> {
             self.inner.revoked()
         }
-        fn set_line_active(
+        fn change_line(
             &self,
             id: &str,
-            active: bool,
+            change: crate::store::LineChange,
             at: u64,
             actor: &str,
         ) -> Result<Option<crate::records::LineRecord>, StoreError> {
-            self.inner.set_line_active(id, active, at, actor)
+            self.inner.change_line(id, change, at, actor)
         }
         fn record_event(
             &self,

@@ -634,17 +634,17 @@ impl CaService {
         Ok(line)
     }
 
-    /// Enables or disables a line (durable on return); `None` if unknown.
-    pub async fn set_line_active(
+    /// Enables or disables a line or sets its rate (durable on return); `None` if unknown.
+    pub async fn change_line(
         &self,
         id: &str,
-        active: bool,
+        change: crate::store::LineChange,
         actor: &str,
     ) -> Result<Option<LineRecord>, String> {
         let (id, at, actor) = (id.to_string(), self.clock.now(), actor.to_string());
         let line = self
             .committer
-            .run(move |s| s.set_line_active(&id, active, at, &actor))
+            .run(move |s| s.change_line(&id, change, at, &actor))
             .await
             .map_err(|e| e.to_string())?;
         self.reload_lines()?;

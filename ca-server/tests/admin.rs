@@ -501,6 +501,25 @@ async fn every_subcommand_against_a_running_server() {
     )
     .await
     .unwrap();
+    // rate: one enrollment a second; the second at once is refused, until the rate is lifted.
+    let l: LineView = tokio::task::block_in_place(|| op.json(&["line", "rate", "line-2", "1"]));
+    assert_eq!(l.rate, 1);
+    let coap = server.coap.unwrap();
+    enroll(&ca, coap, &line2, 2002, KeyAlgorithm::Ed25519)
+        .await
+        .unwrap();
+    match enroll(&ca, coap, &line2, 2003, KeyAlgorithm::Ed25519).await {
+        Err(AgentError::Refused(p)) => assert_eq!(p.kind, ProblemType::RateLimited),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    let l: LineView = tokio::task::block_in_place(|| op.json(&["line", "rate", "line-2", "0"]));
+    assert_eq!(l.rate, 0);
+    enroll(&ca, coap, &line2, 2003, KeyAlgorithm::Ed25519)
+        .await
+        .unwrap();
+    let refused = tokio::task::block_in_place(|| op.run(&["line", "rate", "line-9", "5"]));
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("no line"), "{}", stderr(&refused));
 
     // revoke: the next handshake fails, and the serial is in the CRL, which openssl accepts.
     let https = server.https.unwrap();
@@ -688,6 +707,7 @@ async fn every_subcommand_against_a_running_server() {
         ("line-add", "operator:ops.bob"),
         ("line-disable", "operator:ops.bob"),
         ("line-enable", "operator:ops.bob"),
+        ("line-rate", "operator:ops.bob"),
         ("revoke", "operator:ops.bob"),
         ("reset", "operator:ops.bob"),
         ("audit-export", "operator:ops.bob"),

@@ -297,3 +297,63 @@ async fn a_line_s_rate_holds_across_nodes_not_once_per_node() {
         ok as u64
     );
 }
+
+/// A rate set by another writer on the database (another node's admin door, here the store
+/// itself) is applied by a running node within the refresh bound (SPEC.md 10.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_set_elsewhere_reaches_a_running_node() {
+    use std::time::{Duration, Instant};
+    let ca = TestCa::with_store(KeyAlgorithm::Ed25519, common::pg_store());
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 1000, None);
+    let (_a, addr) = node(&ca, "node-a");
+    let client = ca.client(addr);
+    // No limit: five at once all pass.
+    for serial in 1..=5 {
+        let r = outcome(
+            client
+                .enroll(
+                    Device::new(serial, KeyAlgorithm::Ed25519).request(&line, ResponseForm::Full),
+                )
+                .await,
+        );
+        assert!(r.starts_with("ok"), "{r}");
+    }
+    let set_at = Instant::now();
+    ca.store()
+        .change_line(
+            "line-1",
+            ca_server::store::LineChange::Rate(1),
+            common::now(),
+            "operator:test",
+        )
+        .unwrap()
+        .unwrap();
+    // Within the bound the node refuses the second of two enrollments at once.
+    let mut serial = 10;
+    loop {
+        let mut answers = Vec::new();
+        for _ in 0..2 {
+            serial += 1;
+            answers.push(outcome(
+                client
+                    .enroll(
+                        Device::new(serial, KeyAlgorithm::Ed25519)
+                            .request(&line, ResponseForm::Full),
+                    )
+                    .await,
+            ));
+        }
+        if answers.iter().any(|a| a == "rate-limited") {
+            break;
+        }
+        assert!(
+            set_at.elapsed() < Duration::from_secs(10),
+            "the node never applied the rate: {answers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("rate applied {:?} after it was set", set_at.elapsed());
+    let audit: Vec<String> = ca.store().audit().map(|e| e.unwrap().event).collect();
+    assert!(audit.iter().any(|e| e == "line-rate"), "{audit:?}");
+}

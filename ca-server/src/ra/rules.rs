@@ -938,33 +938,51 @@ pub fn add_line(
     })
 }
 
-/// The line enable/disable rule: the line as it is now, and the event when it changes. `None`:
-/// no such line.
-pub fn set_line_active(
+/// An operator's change to a registered line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineChange {
+    /// Enable (true) or disable (false) the line.
+    Active(bool),
+    /// Set its rate limit: enrollments per second, 0 = none.
+    Rate(u32),
+}
+
+/// The line change rule (enable, disable, rate): the line as it is then, and the event when it
+/// changes. `None`: no such line.
+pub fn change_line(
     line: Option<&LineRecord>,
-    active: bool,
+    change: LineChange,
     at: u64,
     actor: &str,
 ) -> Option<(LineRecord, Option<AuditEvent>)> {
     let l = line?;
-    if l.active == active {
-        return Some((l.clone(), None));
-    }
-    let changed = LineRecord {
-        active,
-        ..l.clone()
+    let (changed, event, detail) = match change {
+        LineChange::Active(active) if l.active == active => return Some((l.clone(), None)),
+        LineChange::Rate(rate) if l.rate == rate => return Some((l.clone(), None)),
+        LineChange::Active(active) => (
+            LineRecord {
+                active,
+                ..l.clone()
+            },
+            if active {
+                "line-enable"
+            } else {
+                "line-disable"
+            },
+            format!("line={}", l.id),
+        ),
+        LineChange::Rate(rate) => (
+            LineRecord { rate, ..l.clone() },
+            "line-rate",
+            format!("line={} rate={} was={}", l.id, rate, l.rate),
+        ),
     };
     let event = AuditEvent {
         at,
-        event: if active {
-            "line-enable"
-        } else {
-            "line-disable"
-        }
-        .into(),
+        event: event.into(),
         serial: None,
         actor: actor.to_string(),
-        detail: format!("line={}", l.id),
+        detail,
     };
     Some((changed, Some(event)))
 }

@@ -92,7 +92,7 @@ pub fn dir_size(dir: &std::path::Path) -> u64 {
 }
 
 pub use crate::ra::rules::{
-    EnrollOutcome, NewEnrollment, Refusal, ResetOutcome, SecretOp, SecretOutcome,
+    EnrollOutcome, LineChange, NewEnrollment, Refusal, ResetOutcome, SecretOp, SecretOutcome,
 };
 use crate::records::{AuditEntry, DeviceRecord, LineRecord, PoolEntry, ResetRecord, SecretRecord};
 
@@ -321,11 +321,12 @@ pub trait Store: Send + Sync + 'static {
     fn history(&self, serial: u64) -> Result<Vec<ResetRecord>, StoreError>;
     /// Revoked devices: (serial, revocation time), in serial order.
     fn revoked(&self) -> Result<Vec<(u64, u64)>, StoreError>;
-    /// Enables or disables a line, with an audit entry when it changes; `None` if unknown.
-    fn set_line_active(
+    /// Enables or disables a line or sets its rate, with an audit entry when it changes;
+    /// `None` if unknown.
+    fn change_line(
         &self,
         id: &str,
-        active: bool,
+        change: LineChange,
         at: u64,
         actor: &str,
     ) -> Result<Option<LineRecord>, StoreError>;

@@ -1393,10 +1393,10 @@ impl Store for PgStore {
         )
     }
 
-    fn set_line_active(
+    fn change_line(
         &self,
         id: &str,
-        active: bool,
+        change: super::LineChange,
         at: u64,
         actor: &str,
     ) -> Result<Option<LineRecord>, StoreError> {
@@ -1419,14 +1419,17 @@ impl Store for PgStore {
                     .as_ref()
                     .map(line_of)
                     .transpose()?;
-                let Some((line, event)) = rules::set_line_active(line.as_ref(), active, at, &actor)
+                let Some((line, event)) = rules::change_line(line.as_ref(), change, at, &actor)
                 else {
                     return Ok(None);
                 };
                 if let Some(event) = event {
+                    let rate = i32::try_from(line.rate).map_err(|_| {
+                        StoreError::Backend(format!("rate {} out of range", line.rate))
+                    })?;
                     tx.execute(
-                        "UPDATE lines SET active = $2 WHERE id = $1",
-                        &[&id, &active],
+                        "UPDATE lines SET active = $2, rate = $3 WHERE id = $1",
+                        &[&id, &line.active, &rate],
                     )
                     .await
                     .map_err(pg)?;

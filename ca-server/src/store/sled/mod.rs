@@ -803,10 +803,10 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn set_line_active(
+    fn change_line(
         &self,
         id: &str,
-        active: bool,
+        change: super::LineChange,
         at: u64,
         actor: &str,
     ) -> Result<Option<LineRecord>, StoreError> {
@@ -814,8 +814,7 @@ impl Store for SledStore {
         let chain = *head;
         let r = (&self.lines, &self.audit).transaction(|(lines, audit)| {
             let line = tx_get::<LineRecord>(lines, id.as_bytes(), LINES)?;
-            let Some((line, event)) = rules::set_line_active(line.as_ref(), active, at, actor)
-            else {
+            let Some((line, event)) = rules::change_line(line.as_ref(), change, at, actor) else {
                 return Ok((None, None));
             };
             let Some(event) = event else {
