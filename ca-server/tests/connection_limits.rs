@@ -6,12 +6,11 @@
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ca_server::admin_client::AdminClient;
-use common::{Device, Line, TestCa};
+use common::{Device, Line, TestCa, operator};
 use protocol_spec::KeyAlgorithm;
 use protocol_spec::messages::ResponseForm;
 use tokio::io::AsyncReadExt;
@@ -41,30 +40,6 @@ async fn closed_by_server<S: tokio::io::AsyncRead + Unpin>(tcp: &mut S) -> bool 
     })
     .await
     .is_ok()
-}
-
-/// An operator certificate for the admin door, made offline before the server starts.
-fn operator(ca: &TestCa, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ca-server"))
-        .args([
-            "operator",
-            "add",
-            "--dir",
-            ca.root().to_str().unwrap(),
-            name,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ops = ca.dir.operators();
-    (
-        ops.join(format!("{name}.pem")),
-        ops.join(format!("{name}.key.pem")),
-    )
 }
 
 /// Finding 5 of the hardening issue: slots were shared by everyone and taken before accept, so

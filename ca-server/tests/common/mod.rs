@@ -534,3 +534,27 @@ pub fn psql(cluster: &Path, port: u16, sql: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// An operator certificate for the admin door, made offline before the server starts.
+pub fn operator(ca: &TestCa, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ca-server"))
+        .args([
+            "operator",
+            "add",
+            "--dir",
+            ca.root().to_str().unwrap(),
+            name,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ops = ca.dir.operators();
+    (
+        ops.join(format!("{name}.pem")),
+        ops.join(format!("{name}.key.pem")),
+    )
+}
