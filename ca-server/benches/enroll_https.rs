@@ -3,8 +3,10 @@
 //! before the clock starts so that the figure is the enrollment round trip itself.
 //!
 //! ```text
-//! cargo bench -p ca-server --bench enroll_https -- [DEVICES] [CONCURRENCY] [keep-alive]
+//! cargo bench -p ca-server --bench enroll_https -- [DEVICES] [CONCURRENCY] [keep-alive] [CA-ALG]
 //! ```
+//!
+//! CA-ALG is the CA's key algorithm, `ed25519` (the default) or `p256`; devices use Ed25519.
 //!
 //! With `keep-alive`, each of the CONCURRENCY tasks is a line gateway relaying devices over one
 //! kept-alive connection (the design's 8,600/s row); the figure adds p50/p99 latency.
@@ -41,7 +43,12 @@ fn main() {
     let devices: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(20_000);
     let concurrency: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(64);
     let keep_alive = args.get(2).is_some_and(|a| a == "keep-alive");
-    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let ca_alg = args
+        .get(3)
+        .map(|a| KeyAlgorithm::from_name(a).expect("CA-ALG: ed25519 or p256"))
+        .unwrap_or(KeyAlgorithm::Ed25519);
+    eprintln!("CA key algorithm {ca_alg}");
+    let ca = TestCa::new(ca_alg);
     let line = Line::new("bench", KeyAlgorithm::Ed25519);
     ca.add_line(&line, 1, devices, None);
     eprintln!("preparing {devices} device requests ...");
