@@ -131,7 +131,8 @@ pub struct Limits {
     pub admin_max_connections: usize,
     /// Concurrent connections to the admin listener from one source address.
     pub admin_max_connections_per_source: usize,
-    /// Seconds a client may take for the TLS handshake and its request.
+    /// Seconds a client may take for the TLS handshake, its request headers and its body, and
+    /// the longest the server's writes of an answer may stall (a client that stops reading).
     pub request_timeout_secs: u64,
     /// Requests per second from one source address at the device doors (HTTPS enrollment,
     /// CoAP, mutual-TLS secrets, counted together; CoAP counts each new exchange, a Block1

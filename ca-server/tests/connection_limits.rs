@@ -251,3 +251,83 @@ async fn a_source_past_its_rate_gets_429_with_retry_after_and_others_enroll() {
         .unwrap();
     server.stop().await;
 }
+
+/// A client that pipelines requests and never reads the answers stalls the server's writes;
+/// it kept its connection (and so its source's slot) for good. Its connection now ends once
+/// the server's writes make no progress for the time limit, and the source is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_loses_its_connection_after_the_time_limit() {
+    use tokio::io::AsyncWriteExt;
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    ca.set_limits(|l| {
+        l.request_timeout_secs = 2;
+        l.max_connections_per_source = 1;
+    });
+    let server = ca.start().await;
+    let https = server.https.unwrap();
+    let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5));
+    let mut slow = tls_from(&ca, source, https).await;
+    // Requests, never an answer read, until the server stops reading them (its writes block).
+    let chunk = b"GET /ca HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".repeat(1000);
+    let mut sent = 0usize;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), slow.write_all(&chunk)).await {
+            Ok(Ok(())) => sent += 1000,
+            Ok(Err(e)) => panic!("the server closed before its writes stalled: {e}"),
+            Err(_) => break,
+        }
+        assert!(sent < 2_000_000, "the server never stopped reading");
+    }
+    let stalled = std::time::Instant::now();
+    // The source's one slot is free again once the server gave up on the stalled writes.
+    let get_ca = |c: tokio_rustls::client::TlsStream<TcpStream>| async move {
+        use http_body_util::Empty;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(c))
+                .await
+                .ok()?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get("/ca")
+            .header("host", "127.0.0.1")
+            .body(Empty::<bytes::Bytes>::new())
+            .ok()?;
+        sender
+            .send_request(req)
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    };
+    loop {
+        assert!(
+            stalled.elapsed() < GUARD,
+            "the stalled connection still holds the source's slot after {GUARD:?}"
+        );
+        let tcp = connect_from(source, https).await;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(ca.ca_der.clone()))
+            .unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        if let Ok(tls) = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            && get_ca(tls).await == Some(200)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "{sent} requests pipelined; the source was served again {:?} after the writes stalled",
+        stalled.elapsed()
+    );
+    drop(slow);
+    server.stop().await;
+}
