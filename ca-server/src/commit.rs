@@ -376,6 +376,9 @@ mod tests {
         fn revoked(&self) -> Result<Vec<(u64, u64)>, StoreError> {
             self.inner.revoked()
         }
+        fn next_crl_number(&self, at_least: u64) -> Result<u64, StoreError> {
+            self.inner.next_crl_number(at_least)
+        }
         fn change_line(
             &self,
             id: &str,

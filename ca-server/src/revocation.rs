@@ -88,12 +88,13 @@ impl Revocations {
         changed
     }
 
-    /// The current CRL, or a new one from `sign(number)` when there is none or it is older
-    /// than [`CRL_REFRESH`]. CRL numbers only grow: the signing time in seconds, or one more
-    /// than the last when two CRLs are signed within a second.
+    /// The current CRL, or a new one from `sign(floor)` when there is none or it is older
+    /// than [`CRL_REFRESH`]. `sign` returns the new CRL's number and DER; `floor` is the least
+    /// number it may carry: one more than the last this process signed, and at least the
+    /// signing time in seconds (the numbers before they were kept in the store).
     pub fn crl<F, E>(&self, now: u64, sign: F) -> Result<Crl, E>
     where
-        F: FnOnce(u64) -> Result<Vec<u8>, E>,
+        F: FnOnce(u64) -> Result<(u64, Vec<u8>), E>,
     {
         // The state is a cache and a counter, consistent after any panic: a poisoned lock
         // is taken as it is.
@@ -106,8 +107,7 @@ impl Revocations {
         {
             return Ok(c.clone());
         }
-        let number = now.max(state.last_number + 1);
-        let der = sign(number)?;
+        let (number, der) = sign(now.max(state.last_number + 1))?;
         let crl = Crl {
             der: Arc::new(der),
             this_update: now,

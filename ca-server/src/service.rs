@@ -617,11 +617,18 @@ impl CaService {
     /// The current CRL (signed again when something was revoked or it is a day old).
     pub fn crl(&self) -> Result<Crl, Problem> {
         let now = self.clock.now();
-        self.revocations.crl(now, |number| {
+        self.revocations.crl(now, |floor| {
             let revoked = self.store.revoked().map_err(|e| store_failure("CRL", e))?;
-            self.issuer
+            // Kept in the store: numbers grow across restarts and across every node.
+            let number = self
+                .store
+                .next_crl_number(floor)
+                .map_err(|e| store_failure("CRL number", e))?;
+            let der = self
+                .issuer
                 .sign_crl(&revoked, now, CRL_VALIDITY, number)
-                .map_err(|e| issuer_failure("CRL", e))
+                .map_err(|e| issuer_failure("CRL", e))?;
+            Ok((number, der))
         })
     }
 

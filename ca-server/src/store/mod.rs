@@ -372,6 +372,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<u32, StoreError> {
         Ok(1)
     }
+    /// The number of the next CRL (RFC 5280 5.2.3): greater than every number this store gave
+    /// before, to any CA node, and at least `at_least`; durable before it returns.
+    fn next_crl_number(&self, at_least: u64) -> Result<u64, StoreError>;
     /// Says that `instance` stops serving, so that the other nodes take up its share at once.
     fn leave(&self, _instance: &str) -> Result<(), StoreError> {
         Ok(())
@@ -443,6 +446,22 @@ pub(crate) mod test_support {
 
     /// A batch of enrollments sees its own writes (serial, key, token, quota) and chains its
     /// audit entries.
+    /// CRL numbers only grow (RFC 5280 5.2.3), whatever floor the caller gives.
+    pub(crate) fn crl_numbers_only_grow(store: &dyn Store) {
+        assert_eq!(store.next_crl_number(0).unwrap(), 1);
+        assert_eq!(store.next_crl_number(0).unwrap(), 2);
+        assert_eq!(
+            store.next_crl_number(1_700_000_000).unwrap(),
+            1_700_000_000,
+            "the floor (the signing time) when it is higher"
+        );
+        assert_eq!(
+            store.next_crl_number(5).unwrap(),
+            1_700_000_001,
+            "one more than the last when the floor is lower"
+        );
+    }
+
     pub(crate) fn batch_sees_its_own_writes(store: &dyn Store) {
         store.add_line(&line(4), "operator:test").unwrap();
         let batch = [

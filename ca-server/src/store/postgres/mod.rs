@@ -1075,6 +1075,21 @@ impl Store for PgStore {
         })
     }
 
+    fn next_crl_number(&self, at_least: u64) -> Result<u64, StoreError> {
+        let floor = i(at_least);
+        self.write(move |pool| async move {
+            let conn = pool.get().await?;
+            let r = conn
+                .db()?
+                .one(
+                    "UPDATE crl_number SET number = greatest(number + 1, $1) WHERE id = 1 RETURNING number",
+                    &[&floor],
+                )
+                .await?;
+            Ok(u(r.try_get(0).map_err(pg)?))
+        })
+    }
+
     fn leave(&self, instance: &str) -> Result<(), StoreError> {
         let instance = instance.to_string();
         self.run(move |pool| async move {
@@ -1932,6 +1947,22 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::unwrap_used)]
+    fn crl_numbers_only_grow_across_nodes_and_restarts() {
+        let db = TestDb::new();
+        crate::store::test_support::crl_numbers_only_grow(&db.0);
+        // A second node on the same schema, and the first again: one sequence.
+        let other = PgStore::open(&db.1).unwrap();
+        assert_eq!(other.next_crl_number(0).unwrap(), 1_700_000_002);
+        assert_eq!(db.0.next_crl_number(0).unwrap(), 1_700_000_003);
+        drop(other);
+        assert_eq!(
+            PgStore::open(&db.1).unwrap().next_crl_number(0).unwrap(),
+            1_700_000_004
+        );
+    }
+
+    #[test]
     fn a_batch_of_enrollments_sees_its_own_writes_and_chains_its_audit_entries() {
         crate::store::test_support::batch_sees_its_own_writes(&TestDb::new().0);
     }
@@ -2001,7 +2032,7 @@ mod tests {
             let conn = pool.get().await?;
             conn.client()?
                 .batch_execute(
-                    "DROP TABLE nodes; ALTER TABLE audit DROP COLUMN node; DELETE FROM imprint_schema WHERE version >= 2",
+                    "DROP TABLE crl_number; DROP TABLE nodes; ALTER TABLE audit DROP COLUMN node; DELETE FROM imprint_schema WHERE version >= 2",
                 )
                 .await
                 .map_err(pg)

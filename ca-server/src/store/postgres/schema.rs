@@ -14,10 +14,20 @@
 //! serial minus 2^64).
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// (version, SQL). Each runs in one transaction with the row that records it.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4)];
+
+/// Version 4: the last CRL number any node gave (RFC 5280 5.2.3: numbers only grow, across
+/// every node of the CA).
+const V4: &str = r#"
+CREATE TABLE crl_number (
+    id      integer PRIMARY KEY CHECK (id = 1),
+    number  bigint NOT NULL
+);
+INSERT INTO crl_number VALUES (1, 0);
+"#;
 
 /// Version 3: the CA nodes serving from this schema. Each running `serve` process (an
 /// instance: a random id drawn at start) writes its row every `[store] refresh_ms`; the nodes

@@ -37,6 +37,10 @@ const HISTORY: &str = "history";
 const POOL_MARK: &[u8] = b"pool";
 
 /// sled-backed [`Store`].
+/// Key of the last CRL number, in sled's default tree.
+const CRL_NUMBER: &[u8] = b"crl_number";
+
+/// The sled store.
 pub struct SledStore {
     path: PathBuf,
     db: sled::Db,
@@ -869,6 +873,22 @@ impl Store for SledStore {
         self.data_file.sync_data().map_err(backend)
     }
 
+    fn next_crl_number(&self, at_least: u64) -> Result<u64, StoreError> {
+        // In sled's default tree, apart from the records (one process holds a sled store).
+        let mut next = 0;
+        self.db
+            .update_and_fetch(CRL_NUMBER, |old| {
+                let last = old
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map_or(0, u64::from_be_bytes);
+                next = last.saturating_add(1).max(at_least);
+                Some(next.to_be_bytes().to_vec())
+            })
+            .map_err(backend)?;
+        self.sync()?;
+        Ok(next)
+    }
+
     fn devices(&self) -> Box<dyn Iterator<Item = Result<DeviceRecord, StoreError>> + '_> {
         Box::new(self.devices.iter().map(|r| {
             let (_, v) = r.map_err(backend)?;
@@ -965,6 +985,20 @@ mod tests {
         );
         let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
         assert_eq!((verdict.entries, verdict.first_bad), (2, None));
+    }
+
+    /// The CRL number only grows, and survives a restart (it was the signing time, kept in
+    /// memory only).
+    #[test]
+    fn crl_numbers_only_grow_and_survive_a_restart() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(&tmp.path().join("store")).unwrap();
+            crate::store::test_support::crl_numbers_only_grow(&store);
+            assert_eq!(store.raw_records().unwrap(), vec![], "not a record");
+        }
+        let store = SledStore::open(&tmp.path().join("store")).unwrap();
+        assert_eq!(store.next_crl_number(0).unwrap(), 1_700_000_002);
     }
 
     #[test]
