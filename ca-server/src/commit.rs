@@ -373,7 +373,7 @@ mod tests {
         fn history(&self, serial: u64) -> Result<Vec<crate::records::ResetRecord>, StoreError> {
             self.inner.history(serial)
         }
-        fn revoked(&self) -> Result<Vec<(u64, u64)>, StoreError> {
+        fn revoked(&self) -> Result<Vec<crate::records::RevokedCert>, StoreError> {
             self.inner.revoked()
         }
         fn set_line_active(

@@ -331,6 +331,103 @@ async fn operator_and_device_certificates_stay_at_their_own_doors() {
     server.stop().await;
 }
 
+/// `openssl verify -crl_check` of `cert` against the CA and the CRL the HTTPS door publishes
+/// now: (passed, openssl's output).
+fn openssl_verify_with_crl(ca: &TestCa, https: SocketAddr, cert: &Path) -> (bool, String) {
+    let crl = ca.tmp.path().join("now.crl.pem");
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--fail",
+            "-H",
+            "Accept: application/x-pem-file",
+            "--cacert",
+        ])
+        .arg(ca.ca_pem_path())
+        .arg("-o")
+        .arg(&crl)
+        .arg(format!("https://{https}/crl"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = Command::new("openssl")
+        .args(["verify", "-crl_check", "-CAfile"])
+        .arg(ca.ca_pem_path())
+        .arg("-CRLfile")
+        .arg(&crl)
+        .arg(cert)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!("{}{}", stdout(&out), stderr(&out)),
+    )
+}
+
+/// RFC 5280 4.1.2.2: a CA's certificate serials are unique. A serial reset twice and enrolled
+/// three times has three certificates with three certificate serials (the reset generation in
+/// the serial, SPEC.md 5), each rebuilt by the device from a compact response; at each reset
+/// the old certificate goes on the CRL, so openssl refuses it and accepts the current one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_serial_gets_a_new_certificate_serial_and_the_old_one_is_on_the_crl() {
+    let (ca, line, server) = setup().await;
+    let op = tokio::task::block_in_place(|| Operator::add(&ca, &server, "alice"));
+    let (coap, https, mtls) = (
+        server.coap.unwrap(),
+        server.https.unwrap(),
+        server.mtls.unwrap(),
+    );
+    let mut certs: Vec<(Vec<u8>, PathBuf)> = Vec::new();
+    let mut earlier: Vec<DeviceState> = Vec::new();
+    for generation in 0..3u8 {
+        let alg = [KeyAlgorithm::Ed25519, KeyAlgorithm::P256][usize::from(generation % 2)];
+        let mut dev = enroll(&ca, coap, &line, 21, alg).await.unwrap();
+        let der = dev.certificate.clone().unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let serial = cert.tbs_certificate.raw_serial().to_vec();
+        for (earlier, _) in &certs {
+            let (_, e) = x509_parser::parse_x509_certificate(earlier).unwrap();
+            assert_eq!(e.tbs_certificate.issuer, cert.tbs_certificate.issuer);
+            assert_ne!(
+                e.tbs_certificate.raw_serial(),
+                serial.as_slice(),
+                "issuer and serial of generation {generation} repeat an earlier certificate's"
+            );
+        }
+        // The new binding is the one on record, and it fetches its secret over mutual TLS.
+        match sync_secret(mtls, &mut dev).await {
+            SyncOutcome::Stored { .. } => {}
+            other => panic!("{other:?}"),
+        }
+        let dir = ca.tmp.path().join(format!("g{generation}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (pem, _) = write_device_files(&dir, &dev);
+        let (ok, text) = tokio::task::block_in_place(|| openssl_verify_with_crl(&ca, https, &pem));
+        assert!(ok, "generation {generation}, current: {text}");
+        for (i, (_, old)) in certs.iter().enumerate() {
+            let (ok, text) =
+                tokio::task::block_in_place(|| openssl_verify_with_crl(&ca, https, old));
+            assert!(!ok, "generation {i}, reset: openssl accepted it: {text}");
+            assert!(text.contains("revoked"), "{text}");
+        }
+        // A superseded certificate is refused in the mutual-TLS handshake, as revoked.
+        for old in &earlier {
+            let url = CaUrl::parse(&format!("https://{mtls}")).unwrap();
+            match device_agent::secrets::fetch(&mtls_client(url, old).unwrap()).await {
+                Err(AgentError::Transport(msg)) => {
+                    assert!(msg.to_ascii_lowercase().contains("revoked"), "{msg}")
+                }
+                other => panic!("{:?}", other.map(|_| ())),
+            }
+        }
+        certs.push((der, pem));
+        earlier.push(dev);
+        let v: DeviceView = tokio::task::block_in_place(|| op.json(&["device", "reset", "21"]));
+        assert_eq!(v.status, "reset");
+    }
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_subcommand_against_a_running_server() {
     let (ca, line, server) = setup().await;
@@ -653,7 +750,7 @@ async fn every_subcommand_against_a_running_server() {
     assert_eq!(v.status, "active");
     assert_eq!(v.history.len(), 1);
     assert_eq!(v.binding.unwrap().key_algorithm, "ed25519");
-    // The CRL still lists the revoked serial 10.
+    // The CRL still lists the revoked serial 10 ...
     let crl = tokio::task::block_in_place(|| {
         Command::new("curl")
             .args(["-sS", "--fail", "--cacert"])
@@ -663,7 +760,12 @@ async fn every_subcommand_against_a_running_server() {
             .unwrap()
     });
     let (_, crl) = x509_parser::parse_x509_crl(&crl.stdout).unwrap();
-    assert_eq!(crl.iter_revoked_certificates().count(), 1);
+    // ... and now the certificate of serial 11's reset binding, reason superseded.
+    let listed: Vec<(Vec<u8>, Option<u8>)> = crl
+        .iter_revoked_certificates()
+        .map(|r| (r.raw_serial().to_vec(), r.reason_code().map(|(_, c)| c.0)))
+        .collect();
+    assert_eq!(listed, vec![(vec![10], None), (vec![11], Some(4))]);
     let out = tokio::task::block_in_place(|| op.run(&["device", "show", "999"]));
     assert!(!out.status.success());
     assert!(stderr(&out).contains("no device 999"), "{}", stderr(&out));

@@ -27,8 +27,8 @@ use zeroize::Zeroizing;
 use super::{Index, IndexEntry, RawAudit, RawRecord, Store, StoreError, Write, Written};
 use crate::ra::rules::{self, AuditEvent, ResetOutcome};
 use crate::records::{
-    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, SecretRecord,
-    to_cbor,
+    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, RevokedCert,
+    SecretRecord, to_cbor,
 };
 
 /// Every table of the schema, with its primary key (for ordered walks and counts).
@@ -654,9 +654,9 @@ const DEVICE_COLUMNS: &str =
     "serial, spki, certificate, line, token_id, enrolled_at, status, revoked_at";
 
 /// The enrollment fast path's one read ([`Store::binding_of`]): the serial's record (NULLs
-/// when none) and the serial holding the key. The columns are [`DEVICE_COLUMNS`], written out
+/// when none), the serial holding the key, and how many times the serial was reset. The columns are [`DEVICE_COLUMNS`], written out
 /// so that the text is a constant (no string built per enrollment).
-const BINDING_OF: &str = "SELECT serial, spki, certificate, line, token_id, enrolled_at, status, revoked_at, (SELECT serial FROM keys WHERE key_hash = $2) FROM (SELECT 1) one LEFT JOIN devices ON devices.serial = $1";
+const BINDING_OF: &str = "SELECT serial, spki, certificate, line, token_id, enrolled_at, status, revoked_at, (SELECT serial FROM keys WHERE key_hash = $2), (SELECT count(*) FROM device_resets r WHERE r.serial = $1) FROM (SELECT 1) one LEFT JOIN devices ON devices.serial = $1";
 
 fn device_of(r: &Row) -> Result<DeviceRecord, StoreError> {
     let status: String = r.try_get(6).map_err(pg)?;
@@ -988,18 +988,35 @@ impl Store for PgStore {
         &self,
         serial: u64,
         key_hash: &[u8; 32],
-    ) -> Result<(Option<DeviceRecord>, Option<u64>), StoreError> {
+    ) -> Result<crate::store::BindingRead, StoreError> {
         let key = key_hash.to_vec();
         self.run(move |pool| async move {
             let conn = pool.get().await?;
             let r = conn.db()?.one(BINDING_OF, &[&i(serial), &key]).await?;
             let found: Option<i64> = r.try_get(0).map_err(pg)?;
             let holder: Option<i64> = r.try_get(8).map_err(pg)?;
+            let resets: i64 = r.try_get(9).map_err(pg)?;
             match found {
-                Some(_) => Ok((Some(device_of(&r)?), None)),
-                None => Ok((None, holder.map(u))),
+                Some(_) => Ok(crate::store::BindingRead {
+                    device: Some(device_of(&r)?),
+                    ..Default::default()
+                }),
+                None => Ok(crate::store::BindingRead {
+                    device: None,
+                    key_holder: holder.map(u),
+                    resets: u(resets),
+                }),
             }
         })
+    }
+
+    fn resets(&self, serial: u64) -> Result<u64, StoreError> {
+        let counts = self.query_rows(
+            "SELECT count(*) FROM device_resets WHERE serial = $1".into(),
+            vec![i(serial)],
+            |r| Ok(u(r.try_get(0).map_err(pg)?)),
+        )?;
+        Ok(counts.into_iter().next().unwrap_or(0))
     }
 
     fn line(&self, id: &str) -> Result<Option<LineRecord>, StoreError> {
@@ -1260,16 +1277,50 @@ impl Store for PgStore {
         )
     }
 
-    fn revoked(&self) -> Result<Vec<(u64, u64)>, StoreError> {
-        self.query_rows(
-            "SELECT serial, revoked_at FROM devices WHERE status = 'revoked' ORDER BY serial"
-                .into(),
+    fn revoked(&self) -> Result<Vec<RevokedCert>, StoreError> {
+        // The generation is read from each certificate (SPEC.md 5), so that one issued before
+        // generations existed is listed by the serial it carries.
+        let cert = |serial: i64, certificate: Vec<u8>, at: i64| RevokedCert {
+            serial: u(serial),
+            generation: crate::records::generation_of(&certificate),
+            at: u(at),
+            superseded: false,
+        };
+        let mut out = self.query_rows(
+            "SELECT serial, certificate, revoked_at FROM devices WHERE status = 'revoked'".into(),
             vec![],
-            |r| {
-                let at: Option<i64> = r.try_get(1).map_err(pg)?;
-                Ok((u(r.try_get(0).map_err(pg)?), u(at.unwrap_or(0))))
+            move |r| {
+                let at: Option<i64> = r.try_get(2).map_err(pg)?;
+                Ok(cert(
+                    r.try_get(0).map_err(pg)?,
+                    r.try_get(1).map_err(pg)?,
+                    at.unwrap_or(0),
+                ))
             },
-        )
+        )?;
+        let superseded = self.query_rows(
+            "SELECT r.serial, r.certificate, r.reset_at, d.certificate FROM device_resets r LEFT JOIN devices d ON d.serial = r.serial".into(),
+            vec![],
+            move |r| {
+                let old = RevokedCert {
+                    superseded: true,
+                    ..cert(
+                        r.try_get(0).map_err(pg)?,
+                        r.try_get(1).map_err(pg)?,
+                        r.try_get(2).map_err(pg)?,
+                    )
+                };
+                let current: Option<Vec<u8>> = r.try_get(3).map_err(pg)?;
+                // A binding reset before generations existed has the serial its successor
+                // carries: listing it would refuse the current certificate too.
+                Ok(current
+                    .is_none_or(|c| crate::records::generation_of(&c) != old.generation)
+                    .then_some(old))
+            },
+        )?;
+        out.extend(superseded.into_iter().flatten());
+        out.sort();
+        Ok(out)
     }
 
     fn set_line_active(

@@ -13,8 +13,8 @@ use crate::ra::rules::{
     SecretOutcome, SecretView, SecretWrite,
 };
 use crate::records::{
-    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, SecretRecord,
-    TokenUse, from_cbor, to_cbor,
+    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, RevokedCert,
+    SecretRecord, TokenUse, from_cbor, generation_of, to_cbor,
 };
 
 mod raw;
@@ -255,6 +255,7 @@ impl SledStore {
     fn enroll_in(
         (devices, keys, tokens, lines, audit): EnrollTrees<'_>,
         e: &NewEnrollment,
+        resets: u64,
         chain: &(u64, [u8; 32]),
     ) -> TxResult<(EnrollOutcome, Option<AuditEntry>)> {
         let serial_key = e.serial.to_be_bytes();
@@ -271,6 +272,7 @@ impl SledStore {
             key_holder,
             token_use: tx_get(tokens, &tkey, TOKENS)?,
             line: tx_get(lines, e.line.as_bytes(), LINES)?,
+            resets,
         };
         let (outcome, writes) = rules::enroll(&view, e);
         let Some(w) = writes else {
@@ -527,6 +529,29 @@ impl SledStore {
     }
 }
 
+impl SledStore {
+    /// How many times `serial` was reset: its entries in the history.
+    fn reset_count(&self, serial: u64) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for r in self.history.scan_prefix(serial.to_be_bytes()) {
+            r.map_err(backend)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Every earlier binding of every reset serial, in serial order.
+    fn all_history(&self) -> Result<Vec<ResetRecord>, StoreError> {
+        self.history
+            .iter()
+            .map(|r| {
+                let (_, v) = r.map_err(backend)?;
+                from_cbor(&v).map_err(corrupt(HISTORY))
+            })
+            .collect()
+    }
+}
+
 impl Store for SledStore {
     fn device(&self, serial: u64) -> Result<Option<DeviceRecord>, StoreError> {
         match self.devices.get(serial.to_be_bytes()).map_err(backend)? {
@@ -584,6 +609,17 @@ impl Store for SledStore {
     fn apply_writes(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
         let mut head = self.head()?;
         let start = *head;
+        // Each enrolling serial's reset count, read outside the transaction (sled's
+        // transactions cannot scan): every writer of the history (reset_device) holds the
+        // audit head, as this batch does until it is applied, so the counts cannot change.
+        let mut resets = std::collections::HashMap::new();
+        for w in writes {
+            if let Write::Enroll(e) = w
+                && !resets.contains_key(&e.serial)
+            {
+                resets.insert(e.serial, self.reset_count(e.serial)?);
+            }
+        }
         let trees = (
             &self.devices,
             &self.keys,
@@ -607,7 +643,8 @@ impl Store for SledStore {
                     let entry = match w {
                         Write::Enroll(e) => {
                             let trees = (devices, keys, tokens, lines, audit);
-                            let (outcome, entry) = Self::enroll_in(trees, e, &chain)?;
+                            let n = resets.get(&e.serial).copied().unwrap_or(0);
+                            let (outcome, entry) = Self::enroll_in(trees, e, n, &chain)?;
                             outcomes.push(Written::Enroll(outcome));
                             entry
                         }
@@ -780,6 +817,10 @@ impl Store for SledStore {
         Ok(outcome)
     }
 
+    fn resets(&self, serial: u64) -> Result<u64, StoreError> {
+        self.reset_count(serial)
+    }
+
     fn history(&self, serial: u64) -> Result<Vec<ResetRecord>, StoreError> {
         self.history
             .scan_prefix(serial.to_be_bytes())
@@ -790,17 +831,29 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn revoked(&self) -> Result<Vec<(u64, u64)>, StoreError> {
-        self.revoked
-            .iter()
-            .map(|r| {
-                let (k, v) = r.map_err(backend)?;
-                match (u64_of(&k), u64_of(&v)) {
-                    (Some(s), Some(t)) => Ok((s, t)),
-                    _ => Err(corrupt(REVOKED)("entry is not two 8-byte numbers".into())),
-                }
-            })
-            .collect()
+    fn revoked(&self) -> Result<Vec<RevokedCert>, StoreError> {
+        let mut out = Vec::new();
+        for r in self.revoked.iter() {
+            let (k, v) = r.map_err(backend)?;
+            let (Some(serial), Some(at)) = (u64_of(&k), u64_of(&v)) else {
+                return Err(corrupt(REVOKED)("entry is not two 8-byte numbers".into()));
+            };
+            let rec = self.device(serial)?.ok_or_else(|| {
+                corrupt(REVOKED)(format!("revoked serial {serial} has no device record"))
+            })?;
+            out.push(RevokedCert::revoked(&rec, at));
+        }
+        for r in self.all_history()? {
+            let old = RevokedCert::superseded(&r);
+            // A binding reset before generations existed has the serial its successor
+            // carries: listing it would refuse the current certificate too.
+            let current = self.device(old.serial)?;
+            if current.is_none_or(|d| generation_of(&d.certificate) != old.generation) {
+                out.push(old);
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     fn set_line_active(
