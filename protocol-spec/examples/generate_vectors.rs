@@ -768,6 +768,33 @@ pub fn generate() -> BTreeMap<String, Vec<u8>> {
             "response": path, "device_case": "ok-reset-generation-1-ed25519-ca", "ca": "ca-ed25519", "expect": "signature-invalid"}));
     }
 
+    // --- provisioning records (SPEC.md 13): what a device keeps, and rebuilds from ---
+    for (case, alg, serial, ca_name, prof) in [
+        ("ok-compact-ed25519-ca", ed, 1005, "ca-ed25519", &prof_ed),
+        ("ok-compact-p256-ca", p, 1006, "ca-p256", &prof_p),
+        (
+            "ok-reset-generation-1-ed25519-ca",
+            ed,
+            1008,
+            "ca-ed25519",
+            &prof_ed,
+        ),
+    ] {
+        let dev = g.device(case, alg, serial);
+        let cert = g.files[&format!("cases/{case}/certificate.der")].clone();
+        let record = ok(
+            protocol_spec::record::ProvisioningRecord::of(&dev.key, &cert, prof, &g.rng),
+            "record",
+        )
+        .encode();
+        let size = record.len();
+        let path = g.put(&format!("records/{case}.rec"), record.to_vec());
+        g.cases
+            .push(json!({"name": format!("record-{case}"), "kind": "record",
+            "description": format!("the provisioning record of {case}'s device: {size} octets"),
+            "record": path, "device_case": case, "ca": ca_name, "size": size, "expect": "ok"}));
+    }
+
     // --- secret delivery ---
     let mut secret = [0u8; 32];
     let seed = ring::digest::digest(&ring::digest::SHA256, b"imprint-vector-secret");
@@ -822,7 +849,7 @@ pub fn vectors_dir() -> std::path::PathBuf {
 #[allow(dead_code)]
 fn main() -> std::io::Result<()> {
     let dir = vectors_dir();
-    for sub in ["cas", "lines", "cases", "secrets", "problems"] {
+    for sub in ["cas", "lines", "cases", "records", "secrets", "problems"] {
         let p = dir.join(sub);
         if p.exists() {
             std::fs::remove_dir_all(&p)?;

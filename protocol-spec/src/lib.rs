@@ -13,6 +13,7 @@ pub mod keys;
 pub mod messages;
 pub mod problem;
 pub mod profile;
+pub mod record;
 pub mod secret;
 pub mod spki;
 pub mod token;

@@ -13,6 +13,7 @@ use protocol_spec::enroll::{self, RequestEncoding};
 use protocol_spec::messages::{EnrollResponse, SecretAck, SecretDelivery};
 use protocol_spec::problem::{ALL_PROBLEM_TYPES, Problem};
 use protocol_spec::profile::{self, CertProfile, ProfileError};
+use protocol_spec::record::ProvisioningRecord;
 use protocol_spec::token::{LineInfo, TokenPolicy};
 use protocol_spec::{CertSerial, KeyPair, PublicKey};
 use serde_json::Value;
@@ -242,6 +243,37 @@ fn expansion_fails_for_a_wrong_signature_key_or_ca() {
         };
         assert_eq!(got, case["expect"].as_str().unwrap(), "{name}");
     }
+}
+
+#[test]
+fn provisioning_records_rebuild_their_device_s_certificate() {
+    let ctx = context();
+    let records = cases(&ctx, "record");
+    assert_eq!(records.len(), 3);
+    let mut algorithms = Vec::new();
+    for case in records {
+        let name = case["name"].as_str().unwrap();
+        let bytes = read(case["record"].as_str().unwrap());
+        assert_eq!(bytes.len() as u64, case["size"].as_u64().unwrap(), "{name}");
+        // Serials 1005-1008 take 2 octets: 101 octets, 102 with generation 1; at most 104
+        // for any serial below 2^32 and generation below 256, with either device key.
+        assert!(bytes.len() <= 102, "{name}: {} octets", bytes.len());
+        let record = ProvisioningRecord::decode(&bytes).unwrap();
+        assert_eq!(*record.encode(), bytes, "{name}: encoding is canonical");
+        let (profile, _) = ca(case["ca"].as_str().unwrap());
+        let device = ctx.manifest["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == case["device_case"])
+            .unwrap();
+        let want = read(device["certificate"].as_str().unwrap());
+        let (key, cert) = record.rebuild(&profile, &nonce_rng()).unwrap();
+        assert_eq!(cert, want, "{name}: rebuilt certificate differs");
+        algorithms.push(key.algorithm());
+    }
+    assert!(algorithms.contains(&protocol_spec::KeyAlgorithm::Ed25519));
+    assert!(algorithms.contains(&protocol_spec::KeyAlgorithm::P256));
 }
 
 #[test]
