@@ -376,6 +376,25 @@ mod tests {
         fn revoked(&self) -> Result<Vec<crate::records::RevokedCert>, StoreError> {
             self.inner.revoked()
         }
+        fn revoke_operator(
+            &self,
+            name: &str,
+            at: u64,
+            actor: &str,
+        ) -> Result<crate::records::OperatorRevocation, StoreError> {
+            self.inner.revoke_operator(name, at, actor)
+        }
+        fn operator_revocation(
+            &self,
+            name: &str,
+        ) -> Result<Option<crate::records::OperatorRevocation>, StoreError> {
+            self.inner.operator_revocation(name)
+        }
+        fn operator_revocations(
+            &self,
+        ) -> Result<Vec<crate::records::OperatorRevocation>, StoreError> {
+            self.inner.operator_revocations()
+        }
         fn set_line_active(
             &self,
             id: &str,

@@ -156,6 +156,21 @@ pub struct ResetRecord {
     pub actor: String,
 }
 
+/// A revoked operator: refused at the admin door from the next request on (names are issued
+/// once, so the name stands for the one certificate issued under it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorRevocation {
+    /// Operator name.
+    #[serde(rename = "n")]
+    pub name: String,
+    /// When, Unix seconds.
+    #[serde(rename = "t")]
+    pub revoked_at: u64,
+    /// Who revoked it.
+    #[serde(rename = "a")]
+    pub actor: String,
+}
+
 /// A certificate the CRL lists (SPEC.md 10.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RevokedCert {

@@ -614,6 +614,22 @@ impl CaService {
         Ok(outcome)
     }
 
+    /// Revokes an operator: refused at the admin door from its next request (durable on
+    /// return). Revoking a revoked operator returns the first revocation.
+    pub async fn revoke_operator(
+        &self,
+        name: &str,
+        actor: &str,
+    ) -> Result<crate::records::OperatorRevocation, StoreError> {
+        let (name, at, actor) = (name.to_string(), self.clock.now(), actor.to_string());
+        let rec = self
+            .committer
+            .run(move |s| s.revoke_operator(&name, at, &actor))
+            .await?;
+        tracing::info!(operator = %rec.name, "operator revoked");
+        Ok(rec)
+    }
+
     /// The current CRL (signed again when something was revoked or it is a day old).
     pub fn crl(&self) -> Result<Crl, Problem> {
         let now = self.clock.now();

@@ -428,6 +428,137 @@ async fn a_reset_serial_gets_a_new_certificate_serial_and_the_old_one_is_on_the_
     server.stop().await;
 }
 
+/// An `openssl s_client` session on the admin door with `op`'s certificate: one kept-alive
+/// connection; `get` sends a request on it and returns what came back within a few seconds.
+struct KeptAlive {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    out: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl KeptAlive {
+    fn open(op: &Operator, admin: SocketAddr) -> Self {
+        let mut child = Command::new("openssl")
+            .args([
+                "s_client",
+                "-quiet",
+                "-no_ign_eof",
+                "-connect",
+                &admin.to_string(),
+            ])
+            .arg("-cert")
+            .arg(&op.cert)
+            .arg("-key")
+            .arg(&op.key)
+            .arg("-CAfile")
+            .arg(&op.ca_cert)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = out.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        KeptAlive { child, stdin, out }
+    }
+
+    fn get(&mut self, path: &str, until: &str) -> String {
+        use std::io::Write;
+        self.out.lock().unwrap().clear();
+        write!(
+            self.stdin,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n"
+        )
+        .unwrap();
+        self.stdin.flush().unwrap();
+        for _ in 0..100 {
+            let text = String::from_utf8_lossy(&self.out.lock().unwrap()).to_string();
+            if text.contains(until) {
+                return text;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        String::from_utf8_lossy(&self.out.lock().unwrap()).to_string()
+    }
+}
+
+impl Drop for KeptAlive {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Issue 14 finding 6: an operator revoked with `ca-server operator revoke` is refused at the
+/// admin door from its very next request, on a connection it kept open too (a real openssl
+/// client), and by the CLI; `operator list` shows who is revoked, when and by whom; the
+/// revocation is in the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_operator_is_refused_at_the_admin_door_at_once() {
+    let (ca, _line, server) = setup().await;
+    let admin = server.admin.unwrap();
+    tokio::task::block_in_place(|| {
+        let alice = Operator::add(&ca, &server, "alice");
+        let bob = Operator::add(&ca, &server, "bob");
+        let mut session = KeptAlive::open(&bob, admin);
+        let first = session.get("/health", "ok\n");
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        let list: Vec<ca_server::admin::OperatorView> = alice.json(&["operator", "list"]);
+        let status: Vec<(&str, &str)> = list
+            .iter()
+            .map(|o| (o.name.as_str(), o.status.as_str()))
+            .collect();
+        assert_eq!(status, [("alice", "active"), ("bob", "active")]);
+
+        let out = alice.ok(&["operator", "revoke", "bob"]);
+        assert!(out.contains("operator bob: revoked"), "{out}");
+        // The kept-alive connection: its next request is refused.
+        let second = session.get("/health", "revoked");
+        assert!(second.starts_with("HTTP/1.1 403"), "{second}");
+        assert!(second.contains("operator bob was revoked"), "{second}");
+        // A new connection: curl is refused, and so is the CLI.
+        let out = bob.curl(&format!("https://{admin}/health"));
+        assert!(!out.status.success());
+        assert!(stdout(&out).contains("revoked"), "{}", stdout(&out));
+        let out = bob.run(&["line", "list"]);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("403"), "{}", stderr(&out));
+        // alice still works; revoking again changes nothing; an unknown name is refused.
+        alice.ok(&["line", "list"]);
+        alice.ok(&["operator", "revoke", "bob"]);
+        let out = alice.run(&["operator", "revoke", "carol"]);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("404"), "{}", stderr(&out));
+        let list: Vec<ca_server::admin::OperatorView> = alice.json(&["operator", "list"]);
+        let bob_view = list.iter().find(|o| o.name == "bob").unwrap();
+        assert_eq!(bob_view.status, "revoked");
+        assert_eq!(bob_view.revoked_by.as_deref(), Some("operator:alice"));
+        let text = alice.ok(&["operator", "list"]);
+        assert!(text.contains("by operator:alice"), "{text}");
+        let export = alice.ok(&["audit", "export"]);
+        let revocations: Vec<AuditLine> = export
+            .lines()
+            .map(|l| serde_json::from_str::<AuditLine>(l).unwrap())
+            .filter(|e| e.event == "operator-revoke")
+            .collect();
+        assert_eq!(revocations.len(), 1, "one entry, not one per call");
+        assert_eq!(revocations[0].actor, "operator:alice");
+    });
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_subcommand_against_a_running_server() {
     let (ca, line, server) = setup().await;

@@ -12,7 +12,8 @@
 use protocol_spec::{Problem, ProblemType};
 
 use crate::records::{
-    DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, SecretRecord, TokenUse,
+    DeviceRecord, DeviceStatus, LineRecord, OperatorRevocation, PoolEntry, ResetRecord,
+    SecretRecord, TokenUse,
 };
 
 /// Why a rule refused a write. Nothing was written.
@@ -956,6 +957,32 @@ pub fn set_status(
     Some((changed, Some(event)))
 }
 
+/// The operator revocation rule: the revocation as it stands after the write, and the event
+/// when this write makes it (an operator already revoked stays revoked as first recorded).
+pub fn revoke_operator(
+    existing: Option<&OperatorRevocation>,
+    name: &str,
+    at: u64,
+    actor: &str,
+) -> (OperatorRevocation, Option<AuditEvent>) {
+    if let Some(r) = existing {
+        return (r.clone(), None);
+    }
+    let r = OperatorRevocation {
+        name: name.to_string(),
+        revoked_at: at,
+        actor: actor.to_string(),
+    };
+    let event = AuditEvent {
+        at,
+        event: "operator-revoke".into(),
+        serial: None,
+        actor: actor.to_string(),
+        detail: format!("operator={name}"),
+    };
+    (r, Some(event))
+}
+
 /// A line registration's audit event; `Err` when the id is taken.
 pub fn add_line(
     existing: Option<&LineRecord>,
@@ -1297,6 +1324,18 @@ mod tests {
             reset(None, None, &[], 50, "x"),
             (ResetOutcome::Missing, None)
         ));
+    }
+
+    #[test]
+    fn an_operator_is_revoked_once_and_stays_revoked_as_first_recorded() {
+        let (first, event) = revoke_operator(None, "bob", 10, "operator:alice");
+        let event = event.unwrap();
+        assert_eq!(
+            (event.event.as_str(), event.detail.as_str()),
+            ("operator-revoke", "operator=bob")
+        );
+        let (again, none) = revoke_operator(Some(&first), "bob", 20, "operator:carol");
+        assert_eq!((again, none), (first, None));
     }
 
     #[test]

@@ -95,7 +95,8 @@ pub use crate::ra::rules::{
     EnrollOutcome, NewEnrollment, Refusal, ResetOutcome, SecretOp, SecretOutcome,
 };
 use crate::records::{
-    AuditEntry, DeviceRecord, LineRecord, PoolEntry, ResetRecord, RevokedCert, SecretRecord,
+    AuditEntry, DeviceRecord, LineRecord, OperatorRevocation, PoolEntry, ResetRecord, RevokedCert,
+    SecretRecord,
 };
 
 /// What the enrollment fast path reads before it spends a signature ([`Store::binding_of`]).
@@ -189,6 +190,8 @@ pub enum Exported {
     },
     /// An audit entry, exactly as recorded.
     Audit(AuditEntry),
+    /// A revoked operator.
+    Operator(OperatorRevocation),
 }
 
 /// One of the store's indexes: each binds a value to the one record that holds it. The
@@ -338,6 +341,19 @@ pub trait Store: Send + Sync + 'static {
     /// Every certificate the CRL lists (SPEC.md 10.1): the current certificate of each revoked
     /// device, and the certificate of every binding a reset superseded.
     fn revoked(&self) -> Result<Vec<RevokedCert>, StoreError>;
+    /// Revokes an operator by name, with an audit entry `operator-revoke` when it is new
+    /// (durable at the next sync). Returns the revocation as stored: the first one when the
+    /// operator was already revoked.
+    fn revoke_operator(
+        &self,
+        name: &str,
+        at: u64,
+        actor: &str,
+    ) -> Result<OperatorRevocation, StoreError>;
+    /// The revocation of the operator `name`, if revoked.
+    fn operator_revocation(&self, name: &str) -> Result<Option<OperatorRevocation>, StoreError>;
+    /// Every revoked operator, by name.
+    fn operator_revocations(&self) -> Result<Vec<OperatorRevocation>, StoreError>;
     /// Enables or disables a line, with an audit entry when it changes; `None` if unknown.
     fn set_line_active(
         &self,

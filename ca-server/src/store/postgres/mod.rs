@@ -27,12 +27,12 @@ use zeroize::Zeroizing;
 use super::{Index, IndexEntry, RawAudit, RawRecord, Store, StoreError, Write, Written};
 use crate::ra::rules::{self, AuditEvent, ResetOutcome};
 use crate::records::{
-    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, RevokedCert,
-    SecretRecord, to_cbor,
+    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, OperatorRevocation, PoolEntry, ResetRecord,
+    RevokedCert, SecretRecord, to_cbor,
 };
 
 /// Every table of the schema, with its primary key (for ordered walks and counts).
-const TABLES: [(&str, &str); 10] = [
+const TABLES: [(&str, &str); 11] = [
     ("lines", "id"),
     ("devices", "serial"),
     ("keys", "key_hash"),
@@ -41,6 +41,7 @@ const TABLES: [(&str, &str); 10] = [
     ("secret_versions", "serial, version"),
     ("secret_pool", "key_id"),
     ("device_resets", "serial, seq"),
+    ("operator_revocations", "name"),
     ("audit", "seq"),
     ("audit_head", "id"),
 ];
@@ -678,6 +679,14 @@ fn device_of(r: &Row) -> Result<DeviceRecord, StoreError> {
             }
         },
         revoked_at: ou(r.try_get(7).map_err(pg)?),
+    })
+}
+
+fn operator_revocation_of(r: &Row) -> Result<OperatorRevocation, StoreError> {
+    Ok(OperatorRevocation {
+        name: r.try_get(0).map_err(pg)?,
+        revoked_at: u(r.try_get(1).map_err(pg)?),
+        actor: r.try_get(2).map_err(pg)?,
     })
 }
 
@@ -1323,6 +1332,74 @@ impl Store for PgStore {
         Ok(out)
     }
 
+    fn revoke_operator(
+        &self,
+        name: &str,
+        at: u64,
+        actor: &str,
+    ) -> Result<OperatorRevocation, StoreError> {
+        let (name, actor) = (name.to_string(), actor.to_string());
+        self.write(move |pool| {
+            let (name, actor) = (name.clone(), actor.clone());
+            async move {
+                let mut conn = pool.get().await?;
+                let (tx, stmts) = conn.transaction_db().await?;
+                let db = Db {
+                    on: On::Tx(&tx),
+                    stmts: &stmts,
+                };
+                let mut chain = lock_head(&db).await?;
+                let existing = tx
+                    .query_opt(
+                        "SELECT name, revoked_at, actor FROM operator_revocations WHERE name = $1",
+                        &[&name],
+                    )
+                    .await
+                    .map_err(pg)?
+                    .as_ref()
+                    .map(operator_revocation_of)
+                    .transpose()?;
+                let (rec, event) = rules::revoke_operator(existing.as_ref(), &name, at, &actor);
+                if let Some(event) = event {
+                    tx.execute(
+                        "INSERT INTO operator_revocations (name, revoked_at, actor) VALUES ($1, $2, $3)",
+                        &[&rec.name, &i(rec.revoked_at), &rec.actor],
+                    )
+                    .await
+                    .map_err(pg)?;
+                    append(&db, &mut chain, &event).await?;
+                    set_head(&db, &chain).await?;
+                }
+                tx.commit().await.map_err(pg)?;
+                Ok(rec)
+            }
+        })
+    }
+
+    fn operator_revocation(&self, name: &str) -> Result<Option<OperatorRevocation>, StoreError> {
+        let name = name.to_string();
+        self.run(move |pool| async move {
+            let conn = pool.get().await?;
+            let r = conn
+                .client()?
+                .query_opt(
+                    "SELECT name, revoked_at, actor FROM operator_revocations WHERE name = $1",
+                    &[&name],
+                )
+                .await
+                .map_err(pg)?;
+            r.as_ref().map(operator_revocation_of).transpose()
+        })
+    }
+
+    fn operator_revocations(&self) -> Result<Vec<OperatorRevocation>, StoreError> {
+        self.query_rows(
+            "SELECT name, revoked_at, actor FROM operator_revocations ORDER BY name".into(),
+            vec![],
+            operator_revocation_of,
+        )
+    }
+
     fn set_line_active(
         &self,
         id: &str,
@@ -1556,6 +1633,7 @@ fn kind(e: &super::Exported) -> u8 {
         X::Pool(_) => 5,
         X::Reset { .. } => 6,
         X::Audit(_) => 7,
+        X::Operator(_) => 8,
     }
 }
 
@@ -1770,6 +1848,17 @@ async fn load(tx: &Transaction<'_>, batch: Vec<super::Exported>) -> Result<(), S
             )
             .await?;
         }
+        Some(8) => {
+            exec(
+                "INSERT INTO operator_revocations (name, revoked_at, actor) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[])",
+                vec![
+                    Box::new(col!(batch, X::Operator(o) => o.name.clone())) as B,
+                    Box::new(col!(batch, X::Operator(o) => i(o.revoked_at))),
+                    Box::new(col!(batch, X::Operator(o) => o.actor.clone())),
+                ],
+            )
+            .await?;
+        }
         _ => {}
     }
     Ok(())
@@ -1928,7 +2017,8 @@ mod tests {
             let conn = pool.get().await?;
             conn.client()?
                 .batch_execute(
-                    "ALTER TABLE audit DROP COLUMN node; DELETE FROM imprint_schema WHERE version = 2",
+                    "ALTER TABLE audit DROP COLUMN node; DROP TABLE operator_revocations; \
+                     DELETE FROM imprint_schema WHERE version >= 2",
                 )
                 .await
                 .map_err(pg)
@@ -1944,6 +2034,11 @@ mod tests {
         let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
         assert_eq!((verdict.entries, verdict.first_bad), (2, None));
         assert!(store.audit().all(|e| e.unwrap().node.is_none()));
+        // Version 3's table is there: an operator revocation is recorded, in the chain.
+        store.revoke_operator("bob", 5, "operator:alice").unwrap();
+        assert_eq!(store.operator_revocations().unwrap().len(), 1);
+        let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
+        assert_eq!((verdict.entries, verdict.first_bad), (3, None));
     }
 
     #[test]

@@ -14,10 +14,17 @@
 //! serial minus 2^64).
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// (version, SQL). Each runs in one transaction with the row that records it.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3)];
+
+/// Version 3: revoked operators (names are issued once: the name stands for its certificate).
+const V3: &str = "CREATE TABLE operator_revocations (
+    name        text PRIMARY KEY,
+    revoked_at  bigint NOT NULL,
+    actor       text NOT NULL
+);";
 
 /// Version 2: the CA node that wrote each audit entry (NULL for entries written before).
 const V2: &str = "ALTER TABLE audit ADD COLUMN node text;";

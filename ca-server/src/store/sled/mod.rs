@@ -13,8 +13,8 @@ use crate::ra::rules::{
     SecretOutcome, SecretView, SecretWrite,
 };
 use crate::records::{
-    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, RevokedCert,
-    SecretRecord, TokenUse, from_cbor, generation_of, to_cbor,
+    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, OperatorRevocation, PoolEntry, ResetRecord,
+    RevokedCert, SecretRecord, TokenUse, from_cbor, generation_of, to_cbor,
 };
 
 mod raw;
@@ -34,6 +34,8 @@ const KEY_IDS: &str = "key_ids";
 const POOL: &str = "secret_pool";
 const REVOKED: &str = "revoked";
 const HISTORY: &str = "history";
+/// Revoked operators: name -> [`OperatorRevocation`].
+const OPERATORS: &str = "operators";
 const POOL_MARK: &[u8] = b"pool";
 
 /// sled-backed [`Store`].
@@ -53,6 +55,7 @@ pub struct SledStore {
     pool: sled::Tree,
     revoked: sled::Tree,
     history: sled::Tree,
+    operators: sled::Tree,
     /// sled's data file, opened again so that `sync` can fdatasync it: sled's own flush uses
     /// sync_file_range on Linux, which neither flushes the drive cache nor orders metadata.
     data_file: File,
@@ -228,6 +231,7 @@ impl SledStore {
             pool: tree(POOL)?,
             revoked: tree(REVOKED)?,
             history: tree(HISTORY)?,
+            operators: tree(OPERATORS)?,
             audit,
             db,
             data_file,
@@ -425,8 +429,9 @@ impl SledStore {
 impl SledStore {
     /// Every record, for a copy into another store (`ca-server store copy`), in an order that
     /// a store with foreign keys can take: lines, devices, key index, token uses, secret
-    /// versions (acknowledgement times merged), pool, history, audit. Returns how many
-    /// entries the secret index holds (one per version and pool entry in a sound store).
+    /// versions (acknowledgement times merged), pool, history, audit, revoked operators.
+    /// Returns how many entries the secret index holds (one per version and pool entry in a
+    /// sound store).
     pub fn export(
         &self,
         sink: &mut dyn FnMut(super::Exported) -> Result<(), StoreError>,
@@ -491,6 +496,9 @@ impl SledStore {
         }
         for e in self.audit() {
             sink(Exported::Audit(e?))?;
+        }
+        for r in self.operator_revocations()? {
+            sink(Exported::Operator(r))?;
         }
         Ok(self.secret_index.len() as u64)
     }
@@ -856,6 +864,49 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    fn revoke_operator(
+        &self,
+        name: &str,
+        at: u64,
+        actor: &str,
+    ) -> Result<OperatorRevocation, StoreError> {
+        let mut head = self.head()?;
+        let chain = *head;
+        let r = (&self.operators, &self.audit).transaction(|(operators, audit)| {
+            let existing = tx_get::<OperatorRevocation>(operators, name.as_bytes(), OPERATORS)?;
+            let (rec, event) = rules::revoke_operator(existing.as_ref(), name, at, actor);
+            let Some(event) = event else {
+                return Ok((rec, None));
+            };
+            let entry = event.entry_after(&chain);
+            operators.insert(name.as_bytes(), to_cbor(&rec))?;
+            audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
+            Ok((rec, Some(entry)))
+        });
+        let (rec, entry) = flatten(r)?;
+        if let Some(entry) = entry {
+            *head = (entry.seq, sealed_hash(&entry));
+        }
+        Ok(rec)
+    }
+
+    fn operator_revocation(&self, name: &str) -> Result<Option<OperatorRevocation>, StoreError> {
+        match self.operators.get(name.as_bytes()).map_err(backend)? {
+            None => Ok(None),
+            Some(v) => from_cbor(&v).map(Some).map_err(corrupt(OPERATORS)),
+        }
+    }
+
+    fn operator_revocations(&self) -> Result<Vec<OperatorRevocation>, StoreError> {
+        self.operators
+            .iter()
+            .map(|r| {
+                let (_, v) = r.map_err(backend)?;
+                from_cbor(&v).map_err(corrupt(OPERATORS))
+            })
+            .collect()
+    }
+
     fn set_line_active(
         &self,
         id: &str,
@@ -953,6 +1004,7 @@ impl Store for SledStore {
             (POOL, &self.pool),
             (REVOKED, &self.revoked),
             (HISTORY, &self.history),
+            (OPERATORS, &self.operators),
         ] {
             for r in tree.iter() {
                 let (k, v) = r.map_err(backend)?;
