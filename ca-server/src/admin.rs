@@ -104,6 +104,10 @@ pub struct BindingView {
     pub enrolled_at: u64,
     /// Enrollment time, RFC 3339.
     pub enrolled: String,
+    /// The reset generation its certificate serial carries (SPEC.md 5): 0 for a serial never
+    /// reset.
+    #[serde(default)]
+    pub generation: u32,
     /// Revocation time, Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<u64>,
@@ -838,6 +842,7 @@ fn binding_view(d: &DeviceRecord) -> BindingView {
         token_id: hex::encode(&d.token_id),
         enrolled_at: d.enrolled_at,
         enrolled: rfc3339(d.enrolled_at),
+        generation: crate::records::generation_of(&d.certificate),
         revoked_at: d.revoked_at,
         certificate: cert_pem(&d.certificate),
     }

@@ -904,7 +904,9 @@ fn device_command(command: DeviceCommand) -> Result<bool, String> {
             "device {serial}: revoked; refused at the mutual-TLS door from its next handshake, listed in the CRL"
         ),
         DeviceCommand::Reset { .. } => println!(
-            "device {serial}: reset; the serial may enroll again (history kept: {} earlier binding(s))",
+            "device {serial}: reset; its certificate is on the CRL (superseded), and the serial \
+             may enroll again as generation {} (history kept: {} earlier binding(s))",
+            view.history.len(),
             view.history.len()
         ),
     }
@@ -919,6 +921,12 @@ fn print_device(v: &DeviceView) {
         println!("  line         {}", b.line);
         println!("  token id     {}", b.token_id);
         println!("  enrolled     {}", b.enrolled);
+        if b.generation != 0 {
+            println!(
+                "  generation   {} (reset {} time(s) before)",
+                b.generation, b.generation
+            );
+        }
         if let Some(r) = b.revoked_at {
             println!("  revoked      {}", rfc3339(r));
         }

@@ -420,6 +420,8 @@ async fn a_reset_serial_gets_a_new_certificate_serial_and_the_old_one_is_on_the_
                 other => panic!("{:?}", other.map(|_| ())),
             }
         }
+        let v: DeviceView = tokio::task::block_in_place(|| op.json(&["device", "show", "21"]));
+        assert_eq!(v.binding.unwrap().generation, u32::from(generation));
         certs.push((der, pem));
         earlier.push(dev);
         let v: DeviceView = tokio::task::block_in_place(|| op.json(&["device", "reset", "21"]));
