@@ -114,6 +114,7 @@ fn fill(path: &Path, devices: u64, batch: u64, no_secrets: bool) -> Result<(), S
                     spki,
                     key_hash,
                     certificate: cert.der,
+                    generation: 0,
                     line: format!("line-{:03}", (s - 1) / 100_000 + 1),
                     token_id: cti,
                     at: now,

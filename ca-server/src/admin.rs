@@ -15,6 +15,8 @@
 //! | `GET /audit/verify` | [`AuditVerdict`](crate::audit::AuditVerdict) |
 //! | `GET /crl` | the CRL, DER |
 //! | `GET /metrics` | Prometheus text format |
+//! | `GET /operators` | [`OperatorView`] list: every operator issued from this CA folder, and every revoked one |
+//! | `POST /operators/{name}/revoke` | [`OperatorView`]: refused at this door from its next request |
 
 use std::sync::Arc;
 
@@ -46,6 +48,29 @@ pub const MAX_AUDIT_PAGE: usize = 10_000;
 pub struct AdminContext {
     /// The CoAP front end's counters, for metrics.
     pub coap: Arc<CoapStats>,
+    /// The CA folder's register of issued operators (`operators.issued`).
+    pub operators_issued: std::path::PathBuf,
+}
+
+/// An operator as `GET /operators` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorView {
+    /// Name (`operator:NAME` in the audit log).
+    pub name: String,
+    /// `active` or `revoked`.
+    pub status: String,
+    /// The certificate's serial, hex, when issued from this CA folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_serial: Option<String>,
+    /// When the certificate expires, Unix seconds, when issued from this CA folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    /// When it was revoked, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<u64>,
+    /// Who revoked it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_by: Option<String>,
 }
 
 /// A device as an operator sees it: never a secret, only key ids, versions and times.
@@ -79,6 +104,10 @@ pub struct BindingView {
     pub enrolled_at: u64,
     /// Enrollment time, RFC 3339.
     pub enrolled: String,
+    /// The reset generation its certificate serial carries (SPEC.md 5): 0 for a serial never
+    /// reset.
+    #[serde(default)]
+    pub generation: u32,
     /// Revocation time, Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<u64>,
@@ -295,6 +324,35 @@ pub async fn handle(
             );
         }
     };
+    // A revoked operator is refused from its next request, on a kept-alive connection too:
+    // the store is read for every request (admin requests are few), so a revocation made
+    // through any node of a shared store counts at once.
+    let name = operator.clone();
+    match blocking(service, move |s| {
+        s.store()
+            .operator_revocation(&name)
+            .map_err(|e| AdminProblem::internal("operator revocation", e))
+    })
+    .await
+    {
+        Ok(None) => {}
+        Ok(Some(r)) => {
+            tracing::info!(operator, operation, "revoked operator refused");
+            return finish(
+                service,
+                operation,
+                Err(AdminProblem::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "operator {operator} was revoked at {} by {}",
+                        rfc3339(r.revoked_at),
+                        r.actor
+                    ),
+                )),
+            );
+        }
+        Err(p) => return finish(service, operation, Err(p)),
+    }
     let actor = format!("operator:{operator}");
     let r = route(req, service, ctx, &actor, &path).await;
     if let Err(p) = &r {
@@ -341,6 +399,8 @@ fn operation_name(method: &Method, path: &str) -> &'static str {
         ("GET", ["crl"]) => "crl",
         ("GET", ["metrics"]) => "metrics",
         ("GET", ["health"]) => "health",
+        ("GET", ["operators"]) => "operator-list",
+        ("POST", ["operators", _, "revoke"]) => "operator-revoke",
         _ => "other",
     }
 }
@@ -402,12 +462,44 @@ async fn route(
                 ResetOutcome::Revoked => Err(AdminProblem::new(
                     StatusCode::CONFLICT,
                     format!(
-                        "device {serial} is revoked: its certificate stays on the CRL, and a new \
-                         enrollment of serial {serial} would carry the same certificate serial; \
-                         enroll the replacement under a new serial"
+                        "device {serial} is revoked: a revocation is final (its certificate \
+                         stays on the CRL); enroll the replacement under a new serial"
                     ),
                 )),
             }
+        }
+        ("GET", ["operators"]) => {
+            let issued = crate::operators::issued(&ctx.operators_issued)
+                .map_err(|e| AdminProblem::internal("operators.issued", e))?;
+            let list = blocking(service, move |s| {
+                let revoked = s
+                    .store()
+                    .operator_revocations()
+                    .map_err(|e| AdminProblem::internal("store", e))?;
+                Ok(operator_views(&issued, &revoked))
+            })
+            .await?;
+            json(StatusCode::OK, &list)
+        }
+        ("POST", ["operators", name, "revoke"]) => {
+            let name = name.to_string();
+            crate::operators::check_name(&name).map_err(AdminProblem::bad_request)?;
+            let issued = crate::operators::issued(&ctx.operators_issued)
+                .map_err(|e| AdminProblem::internal("operators.issued", e))?;
+            if !issued.iter().any(|o| o.name == name) {
+                return Err(AdminProblem::not_found(format!(
+                    "no operator {name:?} was issued from this CA (see operators.issued)"
+                )));
+            }
+            let rec = service
+                .revoke_operator(&name, actor)
+                .await
+                .map_err(|e| AdminProblem::internal("operator revoke", e))?;
+            let view = operator_views(&issued, std::slice::from_ref(&rec))
+                .into_iter()
+                .find(|v| v.name == name)
+                .ok_or_else(|| AdminProblem::internal("operator revoke", "no view"))?;
+            json(StatusCode::OK, &view)
         }
         ("POST", ["secrets", "rotate"]) => {
             let body: RotateRequest = read_json(req).await?;
@@ -709,6 +801,43 @@ where
         .map_err(|e| AdminProblem::internal("blocking task", e))?
 }
 
+/// Every operator issued from this CA folder, and every revoked one, by name.
+fn operator_views(
+    issued: &[crate::operators::IssuedOperator],
+    revoked: &[crate::records::OperatorRevocation],
+) -> Vec<OperatorView> {
+    let mut views: std::collections::BTreeMap<String, OperatorView> = issued
+        .iter()
+        .map(|o| {
+            (
+                o.name.clone(),
+                OperatorView {
+                    name: o.name.clone(),
+                    status: "active".into(),
+                    certificate_serial: Some(o.serial.clone()),
+                    expires_at: Some(o.expires_at),
+                    revoked_at: None,
+                    revoked_by: None,
+                },
+            )
+        })
+        .collect();
+    for r in revoked {
+        let v = views.entry(r.name.clone()).or_insert_with(|| OperatorView {
+            name: r.name.clone(),
+            status: String::new(),
+            certificate_serial: None,
+            expires_at: None,
+            revoked_at: None,
+            revoked_by: None,
+        });
+        v.status = "revoked".into();
+        v.revoked_at = Some(r.revoked_at);
+        v.revoked_by = Some(r.actor.clone());
+    }
+    views.into_values().collect()
+}
+
 /// A device's full record as an operator sees it.
 pub fn device_view(service: &CaService, serial: u64) -> Result<DeviceView, AdminProblem> {
     let store = service.store();
@@ -747,6 +876,7 @@ fn binding_view(d: &DeviceRecord) -> BindingView {
         token_id: hex::encode(&d.token_id),
         enrolled_at: d.enrolled_at,
         enrolled: rfc3339(d.enrolled_at),
+        generation: crate::records::generation_of(&d.certificate),
         revoked_at: d.revoked_at,
         certificate: cert_pem(&d.certificate),
     }

@@ -223,6 +223,20 @@ enum OperatorCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Revoke an operator (through the admin API): refused at the admin door from its next
+    /// request on, on every node of a shared store. Names are issued once, so a revoked name
+    /// stays revoked.
+    Revoke {
+        /// Operator name.
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Every operator issued from the CA folder, with its status (through the admin API).
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -594,6 +608,48 @@ fn run(cli: Cli) -> Result<bool, String> {
             println!("  export IMPRINT_CA_CERT={}", ca.ca_cert().display());
             Ok(true)
         }
+        Command::Operator {
+            command: OperatorCommand::Revoke { name, admin },
+        } => {
+            let path = format!("/operators/{name}/revoke");
+            let v: crate::admin::OperatorView = call(&admin, "POST", &path, None)?.json()?;
+            if admin.json {
+                print_json(&v)?;
+            } else {
+                println!(
+                    "operator {}: revoked; refused at the admin door from its next request",
+                    v.name
+                );
+            }
+            Ok(true)
+        }
+        Command::Operator {
+            command: OperatorCommand::List { admin },
+        } => {
+            let list: Vec<crate::admin::OperatorView> =
+                call(&admin, "GET", "/operators", None)?.json()?;
+            if admin.json {
+                print_json(&list)?;
+            } else {
+                println!(
+                    "{:<24} {:<8} {:<20}  revoked",
+                    "operator", "status", "expires"
+                );
+                for o in &list {
+                    println!(
+                        "{:<24} {:<8} {:<20}  {}",
+                        o.name,
+                        o.status,
+                        o.expires_at.map(rfc3339).unwrap_or_else(|| "-".into()),
+                        match (&o.revoked_at, &o.revoked_by) {
+                            (Some(t), Some(by)) => format!("{} by {by}", rfc3339(*t)),
+                            _ => "-".into(),
+                        }
+                    );
+                }
+            }
+            Ok(true)
+        }
         Command::Line { command } => line_command(command),
         Command::Device { command } => device_command(command),
         Command::Secrets { command } => secrets_command(command),
@@ -877,7 +933,9 @@ fn device_command(command: DeviceCommand) -> Result<bool, String> {
             "device {serial}: revoked; refused at the mutual-TLS door from its next handshake, listed in the CRL"
         ),
         DeviceCommand::Reset { .. } => println!(
-            "device {serial}: reset; the serial may enroll again (history kept: {} earlier binding(s))",
+            "device {serial}: reset; its certificate is on the CRL (superseded), and the serial \
+             may enroll again as generation {} (history kept: {} earlier binding(s))",
+            view.history.len(),
             view.history.len()
         ),
     }
@@ -892,6 +950,12 @@ fn print_device(v: &DeviceView) {
         println!("  line         {}", b.line);
         println!("  token id     {}", b.token_id);
         println!("  enrolled     {}", b.enrolled);
+        if b.generation != 0 {
+            println!(
+                "  generation   {} (reset {} time(s) before)",
+                b.generation, b.generation
+            );
+        }
         if let Some(r) = b.revoked_at {
             println!("  revoked      {}", rfc3339(r));
         }

@@ -373,11 +373,30 @@ mod tests {
         fn history(&self, serial: u64) -> Result<Vec<crate::records::ResetRecord>, StoreError> {
             self.inner.history(serial)
         }
-        fn revoked(&self) -> Result<Vec<(u64, u64)>, StoreError> {
+        fn revoked(&self) -> Result<Vec<crate::records::RevokedCert>, StoreError> {
             self.inner.revoked()
         }
         fn next_crl_number(&self, at_least: u64) -> Result<u64, StoreError> {
             self.inner.next_crl_number(at_least)
+        }
+        fn revoke_operator(
+            &self,
+            name: &str,
+            at: u64,
+            actor: &str,
+        ) -> Result<crate::records::OperatorRevocation, StoreError> {
+            self.inner.revoke_operator(name, at, actor)
+        }
+        fn operator_revocation(
+            &self,
+            name: &str,
+        ) -> Result<Option<crate::records::OperatorRevocation>, StoreError> {
+            self.inner.operator_revocation(name)
+        }
+        fn operator_revocations(
+            &self,
+        ) -> Result<Vec<crate::records::OperatorRevocation>, StoreError> {
+            self.inner.operator_revocations()
         }
         fn change_line(
             &self,

@@ -163,6 +163,46 @@ pub fn add_operator(
     Ok(files)
 }
 
+/// One line of a CA folder's `operators.issued`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedOperator {
+    /// Name.
+    pub name: String,
+    /// Certificate serial, hex.
+    pub serial: String,
+    /// Expiry, Unix seconds.
+    pub expires_at: u64,
+}
+
+/// The operators issued from a CA folder (its `operators.issued`; none when it has no such
+/// file yet).
+pub fn issued(registry: &Path) -> Result<Vec<IssuedOperator>, String> {
+    let text = match std::fs::read_to_string(registry) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", registry.display())),
+    };
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .enumerate()
+        .map(|(n, l)| {
+            let mut f = l.split('\t');
+            match (f.next(), f.next(), f.next().and_then(|t| t.parse().ok())) {
+                (Some(name), Some(serial), Some(expires_at)) => Ok(IssuedOperator {
+                    name: name.to_string(),
+                    serial: serial.to_string(),
+                    expires_at,
+                }),
+                _ => Err(format!(
+                    "{}: line {} is not NAME, SERIAL, EXPIRY",
+                    registry.display(),
+                    n + 1
+                )),
+            }
+        })
+        .collect()
+}
+
 /// The operator a client certificate names, if it has the operator profile (the chain to the
 /// operator CA was already checked by the TLS layer).
 pub fn operator_name(der: &[u8]) -> Result<String, String> {

@@ -156,6 +156,68 @@ pub struct ResetRecord {
     pub actor: String,
 }
 
+/// A revoked operator: refused at the admin door from the next request on (names are issued
+/// once, so the name stands for the one certificate issued under it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorRevocation {
+    /// Operator name.
+    #[serde(rename = "n")]
+    pub name: String,
+    /// When, Unix seconds.
+    #[serde(rename = "t")]
+    pub revoked_at: u64,
+    /// Who revoked it.
+    #[serde(rename = "a")]
+    pub actor: String,
+}
+
+/// A certificate the CRL lists (SPEC.md 10.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RevokedCert {
+    /// The device serial.
+    pub serial: u64,
+    /// The reset generation its certificate serial carries.
+    pub generation: u32,
+    /// Revocation (or reset) time, Unix seconds.
+    pub at: u64,
+    /// A reset superseded it (CRL reason superseded); else the device is revoked.
+    pub superseded: bool,
+}
+
+impl RevokedCert {
+    /// The current certificate of a revoked device.
+    pub fn revoked(rec: &DeviceRecord, at: u64) -> Self {
+        RevokedCert {
+            serial: rec.serial,
+            generation: generation_of(&rec.certificate),
+            at,
+            superseded: false,
+        }
+    }
+
+    /// The certificate of a binding a reset superseded.
+    pub fn superseded(r: &ResetRecord) -> Self {
+        RevokedCert {
+            serial: r.device.serial,
+            generation: generation_of(&r.device.certificate),
+            at: r.reset_at,
+            superseded: true,
+        }
+    }
+
+    /// (device serial, generation): the certificate serial.
+    pub fn key(&self) -> (u64, u32) {
+        (self.serial, self.generation)
+    }
+}
+
+/// The reset generation a stored certificate's serial carries (SPEC.md 5). A certificate
+/// whose serial does not parse is taken as generation 0, the serial alone: every certificate
+/// issued before generations existed.
+pub fn generation_of(certificate: &[u8]) -> u32 {
+    protocol_spec::profile::cert_serial(certificate).map_or(0, |c| c.generation)
+}
+
 /// CBOR encoding of a record (writing to a Vec cannot fail for these types).
 pub fn to_cbor<T: Serialize>(v: &T) -> Vec<u8> {
     let mut out = Vec::new();

@@ -1,19 +1,46 @@
-//! Revocation: the set of revoked serials the mutual-TLS door consults at every handshake, and
-//! the CRL published at `GET /crl`, signed by the CA and regenerated when something is revoked.
+//! Revocation: the set of revoked certificate serials the mutual-TLS door consults at every
+//! handshake (revoked devices' certificates, and those a reset superseded), and the CRL
+//! published at `GET /crl`, signed by the CA and regenerated when something is revoked or reset.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
+
+use crate::records::RevokedCert;
 
 /// How long a CRL is valid (nextUpdate - thisUpdate), seconds: 7 days.
 pub const CRL_VALIDITY: u64 = 7 * 86_400;
 /// A CRL older than this is signed again when asked for, seconds: 1 day.
 pub const CRL_REFRESH: u64 = 86_400;
 
-/// The revoked serials and the current CRL.
+/// A certificate serial: (device serial, reset generation), SPEC.md 5.
+pub type CertKey = (u64, u32);
+
+/// The revoked certificate serials and the current CRL.
 #[derive(Debug, Default)]
 pub struct Revocations {
-    revoked: RwLock<HashSet<u64>>,
+    revoked: RwLock<Listed>,
     crl: Mutex<CrlState>,
+}
+
+/// The certificates listed: those of revoked devices, and those a reset superseded.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Listed {
+    devices: HashSet<CertKey>,
+    superseded: HashSet<CertKey>,
+}
+
+impl Listed {
+    fn of(certs: impl IntoIterator<Item = RevokedCert>) -> Self {
+        let mut l = Listed::default();
+        for c in certs {
+            if c.superseded {
+                l.superseded.insert(c.key());
+            } else {
+                l.devices.insert(c.key());
+            }
+        }
+        l
+    }
 }
 
 #[derive(Debug, Default)]
@@ -34,33 +61,47 @@ pub struct Crl {
 }
 
 impl Revocations {
-    /// The set loaded from the store's list.
-    pub fn new(revoked: impl IntoIterator<Item = u64>) -> Self {
+    /// The set loaded from the store's list ([`crate::store::Store::revoked`]).
+    pub fn new(revoked: impl IntoIterator<Item = RevokedCert>) -> Self {
         Revocations {
-            revoked: RwLock::new(revoked.into_iter().collect()),
+            revoked: RwLock::new(Listed::of(revoked)),
             crl: Mutex::new(CrlState::default()),
         }
     }
 
-    /// Whether `serial` is revoked.
-    pub fn is_revoked(&self, serial: u64) -> bool {
+    /// Whether the certificate of `serial` and `generation` is revoked: its device is
+    /// revoked, or a reset superseded it.
+    pub fn is_revoked(&self, serial: u64, generation: u32) -> bool {
         self.revoked
             .read()
-            .map(|s| s.contains(&serial))
+            .map(|s| {
+                s.devices.contains(&(serial, generation))
+                    || s.superseded.contains(&(serial, generation))
+            })
             .unwrap_or(true)
     }
 
-    /// How many serials are revoked.
+    /// How many devices are revoked (superseded certificates not counted).
     pub fn count(&self) -> usize {
-        self.revoked.read().map(|s| s.len()).unwrap_or(0)
+        self.revoked.read().map(|s| s.devices.len()).unwrap_or(0)
     }
 
     /// Records a change and drops the current CRL, so that the next request signs a new one.
-    /// Returns whether it was a change (false: `serial` already was in that state).
-    pub fn set(&self, serial: u64, revoked: bool) -> bool {
+    /// Returns whether it was a change (false: the certificate already was in that state).
+    pub fn set(&self, cert: RevokedCert, listed: bool) -> bool {
         let changed = match self.revoked.write() {
-            Ok(mut s) if revoked => s.insert(serial),
-            Ok(mut s) => s.remove(&serial),
+            Ok(mut s) => {
+                let set = if cert.superseded {
+                    &mut s.superseded
+                } else {
+                    &mut s.devices
+                };
+                if listed {
+                    set.insert(cert.key())
+                } else {
+                    set.remove(&cert.key())
+                }
+            }
             // A poisoned set: count it as a change, so that the CRL is signed again.
             Err(_) => true,
         };
@@ -70,10 +111,11 @@ impl Revocations {
         changed
     }
 
-    /// Takes the store's whole list (another CA node may have revoked since): returns whether
-    /// the set changed, and if so drops the current CRL, so that the next request signs a new one.
-    pub fn replace(&self, revoked: impl IntoIterator<Item = u64>) -> bool {
-        let new: HashSet<u64> = revoked.into_iter().collect();
+    /// Takes the store's whole list (another CA node may have revoked or reset since): returns
+    /// whether the set changed, and if so drops the current CRL, so that the next request signs
+    /// a new one.
+    pub fn replace(&self, revoked: impl IntoIterator<Item = RevokedCert>) -> bool {
+        let new = Listed::of(revoked);
         let changed = match self.revoked.write() {
             Ok(mut s) if *s != new => {
                 *s = new;

@@ -206,6 +206,7 @@ pub async fn start_with_clock(
         admin = Some(listener.local_addr().map_err(|e| e.to_string())?);
         let ctx = Arc::new(crate::admin::AdminContext {
             coap: coap_stats.clone(),
+            operators_issued: dir.root().join("operators.issued"),
         });
         tasks.push(tokio::spawn(crate::https::serve(
             listener,

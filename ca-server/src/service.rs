@@ -14,7 +14,7 @@ use crate::commit::Committer;
 use crate::issuer::{IssueError, Issuer};
 use crate::metrics::{Metrics, Transport};
 use crate::ra::{RegistrationAuthority, rules};
-use crate::records::{DeviceRecord, DeviceStatus, LineRecord, SecretRecord};
+use crate::records::{DeviceRecord, DeviceStatus, LineRecord, RevokedCert, SecretRecord};
 use crate::revocation::{CRL_VALIDITY, Crl, Revocations};
 use crate::secrets::SecretKeys;
 use crate::store::{
@@ -151,7 +151,7 @@ impl CaService {
             committer,
             clock,
             metrics,
-            revocations: Arc::new(Revocations::new(revoked.into_iter().map(|(s, _)| s))),
+            revocations: Arc::new(Revocations::new(revoked)),
             instance: {
                 let mut id = [0u8; 16];
                 ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
@@ -232,9 +232,7 @@ impl CaService {
             );
         }
         let revoked = self.store.revoked().map_err(|e| e.to_string())?;
-        let changed = self
-            .revocations
-            .replace(revoked.into_iter().map(|(s, _)| s));
+        let changed = self.revocations.replace(revoked);
         self.reload_lines()?;
         Ok(changed)
     }
@@ -263,32 +261,59 @@ impl CaService {
         let v = self.ra.verify(body, encoding, now)?;
         let serial = v.serial().get();
 
+        // An operator may reset the serial between the read and the write: the certificate,
+        // made for the generation read, is then made again for the new one (at most a few
+        // times; resets are rare operator actions).
+        for _ in 0..4 {
+            match self.enroll_once(&v, serial, now).await? {
+                Some(done) => return Ok(done),
+                None => continue,
+            }
+        }
+        Err(internal(
+            "enrollment",
+            "the serial's generation changed under every attempt",
+        ))
+    }
+
+    /// One attempt of [`CaService::enroll_inner`]: `None` when the certificate was made for a
+    /// generation that is no longer the serial's next.
+    async fn enroll_once(
+        &self,
+        v: &crate::ra::VerifiedEnrollment,
+        serial: u64,
+        now: u64,
+    ) -> Result<Option<Enrolled>, Problem> {
         // Fast path for retries and obvious conflicts, before spending a signature: the same
         // rule the transaction below applies authoritatively, over what is stored now.
         // The key may be bound to this very serial between the two reads (a concurrent
         // identical request): then the transaction below returns the stored certificate.
-        let (existing, key_holder) = self
+        let read = self
             .store
             .binding_of(serial, v.key_hash())
             .map_err(|e| store_failure("store read", e))?;
-        if let Some(rec) = rules::binding(existing.as_ref(), key_holder, serial, v.spki())
+        if let Some(rec) = rules::binding(read.device.as_ref(), read.key_holder, serial, v.spki())
             .map_err(|r| r.problem())?
         {
             self.committer
                 .wait_durable()
                 .await
                 .map_err(|e| internal("durable wait", e))?;
-            return Ok(Enrolled {
+            return Ok(Some(Enrolled {
                 certificate: rec.certificate,
                 form: v.form(),
                 created: false,
-            });
+            }));
         }
 
         self.ra.rate_check(v.line())?;
+        // RFC 5280 4.1.2.2: the certificate serial carries how many times the serial was reset,
+        // so that a binding after a reset repeats no earlier certificate's serial.
+        let generation = u32::try_from(read.resets)
+            .map_err(|_| internal("issuance", format!("serial {serial} reset too often")))?;
         let issued = self
             .issuer
-            .issue(&v)
+            .issue(v, generation)
             .map_err(|e| issuer_failure("issuance", e))?;
         let outcome = self
             .committer
@@ -297,6 +322,7 @@ impl CaService {
                 spki: v.spki().to_vec(),
                 key_hash: *v.key_hash(),
                 certificate: issued.der,
+                generation,
                 line: v.line().to_string(),
                 token_id: v.token_id().to_vec(),
                 at: now,
@@ -305,18 +331,22 @@ impl CaService {
             .map_err(|e| store_failure("commit", e))?;
         match outcome {
             EnrollOutcome::Created(rec) => {
-                tracing::info!(serial, line = v.line(), "enrolled");
-                Ok(Enrolled {
+                tracing::info!(serial, generation, line = v.line(), "enrolled");
+                Ok(Some(Enrolled {
                     certificate: rec.certificate,
                     form: v.form(),
                     created: true,
-                })
+                }))
             }
-            EnrollOutcome::Existing(rec) => Ok(Enrolled {
+            EnrollOutcome::Existing(rec) => Ok(Some(Enrolled {
                 certificate: rec.certificate,
                 form: v.form(),
                 created: false,
-            }),
+            })),
+            EnrollOutcome::Refused(r) if r.is_retryable() => {
+                tracing::info!(serial, "{r}; issuing again");
+                Ok(None)
+            }
             EnrollOutcome::Refused(r) => Err(r.problem()),
         }
     }
@@ -331,6 +361,7 @@ impl CaService {
                 ca_key_id: self.issuer.profile().ca_key_id().to_vec(),
                 signature: signature_value(&e.certificate)
                     .map_err(|err| internal("stored certificate", err))?,
+                generation: crate::records::generation_of(&e.certificate),
             },
         })
     }
@@ -341,12 +372,15 @@ impl CaService {
     /// the chain to the CA; here the record must exist, be active, and hold this very
     /// certificate.
     pub fn device_for_certificate(&self, cert_der: &[u8]) -> Result<DeviceIdentity, Problem> {
-        let serial = crate::tls::certificate_serial(cert_der).ok_or_else(|| {
-            Problem::new(
-                ProblemType::UnknownDevice,
-                "the certificate's serial is not a device serial",
-            )
-        })?;
+        let serial = crate::tls::certificate_serial(cert_der)
+            .ok_or_else(|| {
+                Problem::new(
+                    ProblemType::UnknownDevice,
+                    "the certificate's serial is not a device serial",
+                )
+            })?
+            .device
+            .get();
         let rec = self
             .store
             .device(serial)
@@ -592,7 +626,11 @@ impl CaService {
             .await
             .map_err(|e| store_failure("commit", e))?;
         // Revoking a revoked device changes nothing: no count, no log line.
-        if rec.is_some() && self.revocations.set(serial, true) {
+        if let Some(r) = &rec
+            && self
+                .revocations
+                .set(RevokedCert::revoked(r, r.revoked_at.unwrap_or(at)), true)
+        {
             self.metrics.revoked();
             tracing::info!(serial, "device revoked");
         }
@@ -607,11 +645,34 @@ impl CaService {
             .run(move |s| s.reset_device(serial, at, &actor))
             .await
             .map_err(|e| store_failure("commit", e))?;
-        if let ResetOutcome::Reset(_) = outcome {
+        if let ResetOutcome::Reset(rec) = &outcome {
+            // The superseded certificate goes on the CRL (signed again on the next request)
+            // and is refused at the mutual-TLS handshake.
+            let old = RevokedCert {
+                superseded: true,
+                ..RevokedCert::revoked(rec, at)
+            };
+            self.revocations.set(old, true);
             self.metrics.reset();
             tracing::info!(serial, "device reset");
         }
         Ok(outcome)
+    }
+
+    /// Revokes an operator: refused at the admin door from its next request (durable on
+    /// return). Revoking a revoked operator returns the first revocation.
+    pub async fn revoke_operator(
+        &self,
+        name: &str,
+        actor: &str,
+    ) -> Result<crate::records::OperatorRevocation, StoreError> {
+        let (name, at, actor) = (name.to_string(), self.clock.now(), actor.to_string());
+        let rec = self
+            .committer
+            .run(move |s| s.revoke_operator(&name, at, &actor))
+            .await?;
+        tracing::info!(operator = %rec.name, "operator revoked");
+        Ok(rec)
     }
 
     /// The current CRL (signed again when something was revoked or it is a day old).

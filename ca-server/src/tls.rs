@@ -79,15 +79,10 @@ pub fn admin_server_config(
     client_auth_config(chain_verifier(operator_ca)?, cert, key)
 }
 
-/// The serial number of a certificate, when it is a device serial (1 to 8 octets).
-pub fn certificate_serial(der: &[u8]) -> Option<u64> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let raw = cert.tbs_certificate.raw_serial();
-    let trimmed: Vec<u8> = raw.iter().copied().skip_while(|b| *b == 0).collect();
-    if trimmed.len() > 8 {
-        return None;
-    }
-    Some(trimmed.iter().fold(0u64, |a, b| (a << 8) | u64::from(*b)))
+/// The serial number of a certificate, when it is a device certificate's (SPEC.md 5): the
+/// device serial and the reset generation.
+pub fn certificate_serial(der: &[u8]) -> Option<protocol_spec::CertSerial> {
+    protocol_spec::profile::cert_serial(der).ok()
 }
 
 fn chain_verifier(ca_cert: &Path) -> Result<Arc<dyn ClientCertVerifier>, String> {
@@ -124,8 +119,12 @@ impl ClientCertVerifier for DeviceVerifier {
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
         match certificate_serial(end_entity) {
-            Some(serial) if self.revocations.is_revoked(serial) => {
-                tracing::info!(serial, "revoked device refused in the handshake");
+            Some(c) if self.revocations.is_revoked(c.device.get(), c.generation) => {
+                tracing::info!(
+                    serial = c.device.get(),
+                    generation = c.generation,
+                    "revoked device refused in the handshake"
+                );
                 Err(rustls::Error::InvalidCertificate(
                     rustls::CertificateError::Revoked,
                 ))

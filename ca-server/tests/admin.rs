@@ -331,6 +331,236 @@ async fn operator_and_device_certificates_stay_at_their_own_doors() {
     server.stop().await;
 }
 
+/// `openssl verify -crl_check` of `cert` against the CA and the CRL the HTTPS door publishes
+/// now: (passed, openssl's output).
+fn openssl_verify_with_crl(ca: &TestCa, https: SocketAddr, cert: &Path) -> (bool, String) {
+    let crl = ca.tmp.path().join("now.crl.pem");
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--fail",
+            "-H",
+            "Accept: application/x-pem-file",
+            "--cacert",
+        ])
+        .arg(ca.ca_pem_path())
+        .arg("-o")
+        .arg(&crl)
+        .arg(format!("https://{https}/crl"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = Command::new("openssl")
+        .args(["verify", "-crl_check", "-CAfile"])
+        .arg(ca.ca_pem_path())
+        .arg("-CRLfile")
+        .arg(&crl)
+        .arg(cert)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!("{}{}", stdout(&out), stderr(&out)),
+    )
+}
+
+/// RFC 5280 4.1.2.2: a CA's certificate serials are unique. A serial reset twice and enrolled
+/// three times has three certificates with three certificate serials (the reset generation in
+/// the serial, SPEC.md 5), each rebuilt by the device from a compact response; at each reset
+/// the old certificate goes on the CRL, so openssl refuses it and accepts the current one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_serial_gets_a_new_certificate_serial_and_the_old_one_is_on_the_crl() {
+    let (ca, line, server) = setup().await;
+    let op = tokio::task::block_in_place(|| Operator::add(&ca, &server, "alice"));
+    let (coap, https, mtls) = (
+        server.coap.unwrap(),
+        server.https.unwrap(),
+        server.mtls.unwrap(),
+    );
+    let mut certs: Vec<(Vec<u8>, PathBuf)> = Vec::new();
+    let mut earlier: Vec<DeviceState> = Vec::new();
+    for generation in 0..3u8 {
+        let alg = [KeyAlgorithm::Ed25519, KeyAlgorithm::P256][usize::from(generation % 2)];
+        let mut dev = enroll(&ca, coap, &line, 21, alg).await.unwrap();
+        let der = dev.certificate.clone().unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let serial = cert.tbs_certificate.raw_serial().to_vec();
+        for (earlier, _) in &certs {
+            let (_, e) = x509_parser::parse_x509_certificate(earlier).unwrap();
+            assert_eq!(e.tbs_certificate.issuer, cert.tbs_certificate.issuer);
+            assert_ne!(
+                e.tbs_certificate.raw_serial(),
+                serial.as_slice(),
+                "issuer and serial of generation {generation} repeat an earlier certificate's"
+            );
+        }
+        // The new binding is the one on record, and it fetches its secret over mutual TLS.
+        match sync_secret(mtls, &mut dev).await {
+            SyncOutcome::Stored { .. } => {}
+            other => panic!("{other:?}"),
+        }
+        let dir = ca.tmp.path().join(format!("g{generation}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (pem, _) = write_device_files(&dir, &dev);
+        let (ok, text) = tokio::task::block_in_place(|| openssl_verify_with_crl(&ca, https, &pem));
+        assert!(ok, "generation {generation}, current: {text}");
+        for (i, (_, old)) in certs.iter().enumerate() {
+            let (ok, text) =
+                tokio::task::block_in_place(|| openssl_verify_with_crl(&ca, https, old));
+            assert!(!ok, "generation {i}, reset: openssl accepted it: {text}");
+            assert!(text.contains("revoked"), "{text}");
+        }
+        // A superseded certificate is refused in the mutual-TLS handshake, as revoked.
+        for old in &earlier {
+            let url = CaUrl::parse(&format!("https://{mtls}")).unwrap();
+            match device_agent::secrets::fetch(&mtls_client(url, old).unwrap()).await {
+                Err(AgentError::Transport(msg)) => {
+                    assert!(msg.to_ascii_lowercase().contains("revoked"), "{msg}")
+                }
+                other => panic!("{:?}", other.map(|_| ())),
+            }
+        }
+        let v: DeviceView = tokio::task::block_in_place(|| op.json(&["device", "show", "21"]));
+        assert_eq!(v.binding.unwrap().generation, u32::from(generation));
+        certs.push((der, pem));
+        earlier.push(dev);
+        let v: DeviceView = tokio::task::block_in_place(|| op.json(&["device", "reset", "21"]));
+        assert_eq!(v.status, "reset");
+    }
+    server.stop().await;
+}
+
+/// An `openssl s_client` session on the admin door with `op`'s certificate: one kept-alive
+/// connection; `get` sends a request on it and returns what came back within a few seconds.
+struct KeptAlive {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    out: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl KeptAlive {
+    fn open(op: &Operator, admin: SocketAddr) -> Self {
+        let mut child = Command::new("openssl")
+            .args([
+                "s_client",
+                "-quiet",
+                "-no_ign_eof",
+                "-connect",
+                &admin.to_string(),
+            ])
+            .arg("-cert")
+            .arg(&op.cert)
+            .arg("-key")
+            .arg(&op.key)
+            .arg("-CAfile")
+            .arg(&op.ca_cert)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = out.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        KeptAlive { child, stdin, out }
+    }
+
+    fn get(&mut self, path: &str, until: &str) -> String {
+        use std::io::Write;
+        self.out.lock().unwrap().clear();
+        write!(
+            self.stdin,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n"
+        )
+        .unwrap();
+        self.stdin.flush().unwrap();
+        for _ in 0..100 {
+            let text = String::from_utf8_lossy(&self.out.lock().unwrap()).to_string();
+            if text.contains(until) {
+                return text;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        String::from_utf8_lossy(&self.out.lock().unwrap()).to_string()
+    }
+}
+
+impl Drop for KeptAlive {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Issue 14 finding 6: an operator revoked with `ca-server operator revoke` is refused at the
+/// admin door from its very next request, on a connection it kept open too (a real openssl
+/// client), and by the CLI; `operator list` shows who is revoked, when and by whom; the
+/// revocation is in the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_operator_is_refused_at_the_admin_door_at_once() {
+    let (ca, _line, server) = setup().await;
+    let admin = server.admin.unwrap();
+    tokio::task::block_in_place(|| {
+        let alice = Operator::add(&ca, &server, "alice");
+        let bob = Operator::add(&ca, &server, "bob");
+        let mut session = KeptAlive::open(&bob, admin);
+        let first = session.get("/health", "ok\n");
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        let list: Vec<ca_server::admin::OperatorView> = alice.json(&["operator", "list"]);
+        let status: Vec<(&str, &str)> = list
+            .iter()
+            .map(|o| (o.name.as_str(), o.status.as_str()))
+            .collect();
+        assert_eq!(status, [("alice", "active"), ("bob", "active")]);
+
+        let out = alice.ok(&["operator", "revoke", "bob"]);
+        assert!(out.contains("operator bob: revoked"), "{out}");
+        // The kept-alive connection: its next request is refused.
+        let second = session.get("/health", "revoked");
+        assert!(second.starts_with("HTTP/1.1 403"), "{second}");
+        assert!(second.contains("operator bob was revoked"), "{second}");
+        // A new connection: curl is refused, and so is the CLI.
+        let out = bob.curl(&format!("https://{admin}/health"));
+        assert!(!out.status.success());
+        assert!(stdout(&out).contains("revoked"), "{}", stdout(&out));
+        let out = bob.run(&["line", "list"]);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("403"), "{}", stderr(&out));
+        // alice still works; revoking again changes nothing; an unknown name is refused.
+        alice.ok(&["line", "list"]);
+        alice.ok(&["operator", "revoke", "bob"]);
+        let out = alice.run(&["operator", "revoke", "carol"]);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("404"), "{}", stderr(&out));
+        let list: Vec<ca_server::admin::OperatorView> = alice.json(&["operator", "list"]);
+        let bob_view = list.iter().find(|o| o.name == "bob").unwrap();
+        assert_eq!(bob_view.status, "revoked");
+        assert_eq!(bob_view.revoked_by.as_deref(), Some("operator:alice"));
+        let text = alice.ok(&["operator", "list"]);
+        assert!(text.contains("by operator:alice"), "{text}");
+        let export = alice.ok(&["audit", "export"]);
+        let revocations: Vec<AuditLine> = export
+            .lines()
+            .map(|l| serde_json::from_str::<AuditLine>(l).unwrap())
+            .filter(|e| e.event == "operator-revoke")
+            .collect();
+        assert_eq!(revocations.len(), 1, "one entry, not one per call");
+        assert_eq!(revocations[0].actor, "operator:alice");
+    });
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_subcommand_against_a_running_server() {
     let (ca, line, server) = setup().await;
@@ -672,7 +902,7 @@ async fn every_subcommand_against_a_running_server() {
     assert_eq!(v.status, "active");
     assert_eq!(v.history.len(), 1);
     assert_eq!(v.binding.unwrap().key_algorithm, "ed25519");
-    // The CRL still lists the revoked serial 10.
+    // The CRL still lists the revoked serial 10 ...
     let crl = tokio::task::block_in_place(|| {
         Command::new("curl")
             .args(["-sS", "--fail", "--cacert"])
@@ -682,7 +912,12 @@ async fn every_subcommand_against_a_running_server() {
             .unwrap()
     });
     let (_, crl) = x509_parser::parse_x509_crl(&crl.stdout).unwrap();
-    assert_eq!(crl.iter_revoked_certificates().count(), 1);
+    // ... and now the certificate of serial 11's reset binding, reason superseded.
+    let listed: Vec<(Vec<u8>, Option<u8>)> = crl
+        .iter_revoked_certificates()
+        .map(|r| (r.raw_serial().to_vec(), r.reason_code().map(|(_, c)| c.0)))
+        .collect();
+    assert_eq!(listed, vec![(vec![10], None), (vec![11], Some(4))]);
     let out = tokio::task::block_in_place(|| op.run(&["device", "show", "999"]));
     assert!(!out.status.success());
     assert!(stderr(&out).contains("no device 999"), "{}", stderr(&out));

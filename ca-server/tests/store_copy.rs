@@ -102,6 +102,11 @@ async fn a_sled_ca_moves_to_postgres_with_every_binding_and_its_audit_chain() {
             .is_some()
     );
     server.service.reset(5, "operator:test").await.unwrap();
+    server
+        .service
+        .revoke_operator("mallory", "operator:test")
+        .await
+        .unwrap();
     let before: Vec<_> = (1..=6)
         .map(|s| {
             let st = server.service.store();
@@ -201,8 +206,15 @@ async fn a_sled_ca_moves_to_postgres_with_every_binding_and_its_audit_chain() {
         .await
         .unwrap();
     assert!(matches!(out, SyncOutcome::UpToDate { .. }), "{out:?}");
-    // Serial 5 (reset) enrolls again; serial 4 (revoked) cannot.
+    // Serial 5 (reset) enrolls again; serial 4 (revoked) cannot. The revoked operator came
+    // along.
     enrolled(&ca, server.coap.unwrap(), &line, 5).await;
+    let revoked = server.service.store().operator_revocations().unwrap();
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(
+        (revoked[0].name.as_str(), revoked[0].actor.as_str()),
+        ("mallory", "operator:test")
+    );
     server.stop().await;
     let out = ca_server(&["audit", "verify", "--dir", &dir]);
     assert!(

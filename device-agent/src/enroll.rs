@@ -1,8 +1,8 @@
 //! Enrollment, sans I/O: build the request, then accept or reject the response.
 
 use protocol_spec::messages::{EnrollRequest, EnrollResponse, ResponseForm};
-use protocol_spec::profile::{CertProfile, signature_value};
-use protocol_spec::{csr, token};
+use protocol_spec::profile::{CertProfile, cert_serial, signature_value};
+use protocol_spec::{CertSerial, csr, token};
 use ring::rand::SecureRandom;
 
 use crate::AgentError;
@@ -52,13 +52,27 @@ pub fn accept_response(
         EnrollResponse::Compact {
             ca_key_id,
             signature,
+            generation,
         } => ca
-            .expand(state.serial, &spki, ca_key_id, signature)
+            .expand(
+                CertSerial::new(state.serial, *generation),
+                &spki,
+                ca_key_id,
+                signature,
+            )
             .map_err(verify),
         EnrollResponse::Full { certificate } => {
             let sig = signature_value(certificate).map_err(verify)?;
+            // The generation (how often the serial was reset) is the CA's to know; the device
+            // serial under it must be this device's, which the expansion checks too.
+            let generation = cert_serial(certificate).map_err(verify)?.generation;
             let rebuilt = ca
-                .expand(state.serial, &spki, ca.ca_key_id(), &sig)
+                .expand(
+                    CertSerial::new(state.serial, generation),
+                    &spki,
+                    ca.ca_key_id(),
+                    &sig,
+                )
                 .map_err(verify)?;
             if &rebuilt != certificate {
                 return Err(AgentError::Verify(
@@ -125,5 +139,25 @@ mod tests {
             .unwrap(),
             mine.der
         );
+        // A serial reset three times: the generation comes in the response (compact) or in
+        // the certificate serial (full), and the rebuilt certificate is the issued one.
+        let third = CertSerial::new(dev.serial, 3);
+        let reissued = ca.issue(third, &dev.key.spki_der(), &ca_key, &rng).unwrap();
+        let compact = EnrollResponse::Compact {
+            ca_key_id: ca.ca_key_id().to_vec(),
+            signature: reissued.signature.clone(),
+            generation: 3,
+        };
+        assert_eq!(accept_response(&dev, &ca, &compact).unwrap(), reissued.der);
+        let full = EnrollResponse::Full {
+            certificate: reissued.der.clone(),
+        };
+        assert_eq!(accept_response(&dev, &ca, &full).unwrap(), reissued.der);
+        let no_generation = EnrollResponse::Compact {
+            ca_key_id: ca.ca_key_id().to_vec(),
+            signature: reissued.signature,
+            generation: 0,
+        };
+        assert!(accept_response(&dev, &ca, &no_generation).is_err());
     }
 }

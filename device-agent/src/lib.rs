@@ -11,6 +11,7 @@ pub mod enroll;
 pub mod error;
 pub mod https;
 pub mod line_station;
+pub mod record;
 pub mod retry;
 pub mod secrets;
 pub mod state;

@@ -191,6 +191,136 @@ async fn agent_and_line_station_binaries_enroll_both_key_types() {
     }
 }
 
+/// The provisioning record (SPEC.md section 13): an enrolled device's record is 100 octets for
+/// serial 42 with either key, and the record with the CA certificate alone rebuilds a state
+/// whose certificate is byte-identical and which fetches the device's secret over mutual TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provisioning_record_rebuilds_a_device_that_fetches_its_secret() {
+    for (ca_alg, dev_alg) in [
+        (protocol_spec::KeyAlgorithm::Ed25519, "ed25519"),
+        (protocol_spec::KeyAlgorithm::P256, "p256"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let (server, addr) = ca_with_line(d, ca_alg).await;
+        let mtls = format!("https://{}", server.mtls.unwrap());
+        let (state, rebuilt, rec) = (d.join("dev.state"), d.join("new.state"), d.join("dev.rec"));
+        let ca_pem = d.join("ca/ca.pem");
+        tokio::task::block_in_place(|| {
+            let pubkey = run(agent()
+                .args([
+                    "keygen",
+                    "--serial",
+                    "42",
+                    "--algorithm",
+                    dev_alg,
+                    "--state",
+                ])
+                .arg(&state))
+            .stdout;
+            std::fs::write(d.join("dev.pub.pem"), &pubkey).unwrap();
+            run(station()
+                .args(["attest", "--line", "l1", "--serial", "42", "--key"])
+                .arg(d.join("line/l1.key"))
+                .arg("--public-key")
+                .arg(d.join("dev.pub.pem"))
+                .arg("--out")
+                .arg(d.join("t.cwt")));
+            run(agent()
+                .args(["enroll", "--form", "compact", "--state"])
+                .arg(&state)
+                .args(["--url", &format!("https://{addr}"), "--token"])
+                .arg(d.join("t.cwt"))
+                .arg("--ca-cert")
+                .arg(&ca_pem));
+            run(agent()
+                .args(["secret", "--url", &mtls, "--state"])
+                .arg(&state));
+            let out = run(agent()
+                .args(["export-record", "--state"])
+                .arg(&state)
+                .arg("--out")
+                .arg(&rec));
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("(100 bytes)"),
+                "{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            let meta = std::fs::metadata(&rec).unwrap();
+            assert_eq!(meta.len(), 100, "{dev_alg}: 99 + 1 serial octet");
+            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+            assert_eq!(mode & 0o777, 0o600, "the record holds the private key");
+
+            run(agent()
+                .args(["import-record", "--record"])
+                .arg(&rec)
+                .arg("--ca-cert")
+                .arg(&ca_pem)
+                .arg("--state")
+                .arg(&rebuilt));
+            let pem = |s: &Path| run(agent().args(["show", "--pem", "--state"]).arg(s)).stdout;
+            assert_eq!(
+                pem(&rebuilt),
+                pem(&state),
+                "{dev_alg}: byte-identical certificate"
+            );
+            let key = |s: &Path| run(agent().args(["show", "--key-pem", "--state"]).arg(s)).stdout;
+            assert_eq!(key(&rebuilt), key(&state), "{dev_alg}: the same key");
+            // The rebuilt device fetches its secret over mutual TLS: the one the device has.
+            let out = run(agent()
+                .args(["secret", "--url", &mtls, "--state"])
+                .arg(&rebuilt));
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("version 1"),
+                "{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            let secrets = |s: &Path| {
+                String::from_utf8(run(agent().args(["show", "--state"]).arg(s)).stdout)
+                    .unwrap()
+                    .lines()
+                    .filter(|l| l.starts_with("secret:"))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(secrets(&rebuilt), secrets(&state));
+            assert_eq!(secrets(&rebuilt).len(), 1);
+
+            // A state file is never replaced, and another CA's certificate rebuilds nothing.
+            let again = agent()
+                .args(["import-record", "--record"])
+                .arg(&rec)
+                .arg("--ca-cert")
+                .arg(&ca_pem)
+                .arg("--state")
+                .arg(&rebuilt)
+                .output()
+                .unwrap();
+            assert!(!again.status.success());
+            let other = d.join("other");
+            std::fs::create_dir_all(&other).unwrap();
+            let rng = ring::rand::SystemRandom::new();
+            let other_key = protocol_spec::KeyPair::generate(ca_alg, &rng).unwrap();
+            let other_ca =
+                protocol_spec::profile::new_ca_certificate("Other CA", &other_key, 0, &rng)
+                    .unwrap();
+            std::fs::write(other.join("ca.der"), other_ca).unwrap();
+            let wrong = agent()
+                .args(["import-record", "--record"])
+                .arg(&rec)
+                .arg("--ca-cert")
+                .arg(other.join("ca.der"))
+                .arg("--state")
+                .arg(other.join("s"))
+                .output()
+                .unwrap();
+            assert!(!wrong.status.success());
+            assert!(!other.join("s").exists());
+        });
+        server.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrollment_by_hand_with_openssl_and_curl() {
     let tmp = tempfile::tempdir().unwrap();

@@ -88,12 +88,14 @@ fn main() {
         let response = EnrollResponse::Compact {
             ca_key_id: ca.ca_key_id().to_vec(),
             signature: issued.signature.clone(),
+            generation: 0,
         }
         .to_cbor();
         let t3 = Instant::now();
         let EnrollResponse::Compact {
             ca_key_id,
             signature,
+            ..
         } = EnrollResponse::from_cbor(&response).unwrap()
         else {
             unreachable!()

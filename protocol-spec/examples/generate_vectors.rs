@@ -25,7 +25,7 @@ use protocol_spec::problem::{ALL_PROBLEM_TYPES, Problem};
 use protocol_spec::profile::{self, CertProfile};
 use protocol_spec::secret::kcv;
 use protocol_spec::token::{self, FactoryClaims};
-use protocol_spec::{DeviceSerial, KeyAlgorithm, KeyPair, PublicKey};
+use protocol_spec::{CertSerial, DeviceSerial, KeyAlgorithm, KeyPair, PublicKey};
 use ring::test::rand::{FixedByteRandom, FixedSliceRandom};
 use serde_json::{Value, json};
 
@@ -117,7 +117,7 @@ impl Gen {
         expect: &str,
         ca: Option<(&str, &KeyPair, &CertProfile)>,
         device_spki: Option<Vec<u8>>,
-        serial: Option<DeviceSerial>,
+        serial: Option<CertSerial>,
     ) {
         let ext = if json { "json" } else { "cbor" };
         let request = self.put(&format!("cases/{name}/request.{ext}"), body);
@@ -139,8 +139,12 @@ impl Gen {
             let compact = EnrollResponse::Compact {
                 ca_key_id: profile.ca_key_id().to_vec(),
                 signature: issued.signature.clone(),
+                generation: serial.generation,
             };
             case["ca"] = json!(ca_name);
+            if serial.generation != 0 {
+                case["generation"] = json!(serial.generation);
+            }
             case["certificate"] =
                 json!(self.put(&format!("cases/{name}/certificate.der"), issued.der.clone()));
             case["certificate_pem"] = json!(self.put(
@@ -391,7 +395,48 @@ pub fn generate() -> BTreeMap<String, Vec<u8>> {
             "ok",
             ca,
             Some(dev.key.spki_der()),
-            Some(dev.serial),
+            Some(dev.serial.into()),
+        );
+    }
+
+    // --- enrollments of a serial an operator reset (SPEC.md 5, 10.1) ---
+    // The CA decides the generation from its store; the request is like any other.
+    for (name, desc, alg, serial, p256_ca, generation) in [
+        (
+            "ok-reset-generation-1-ed25519-ca",
+            "a serial enrolled again after one reset: generation 1 in the certificate serial and the compact response",
+            ed,
+            1008,
+            false,
+            1u32,
+        ),
+        (
+            "ok-reset-generation-200-p256-ca",
+            "generation 200 (top bit set: the certificate serial gets a leading 00), P-256 CA",
+            p,
+            1009,
+            true,
+            200,
+        ),
+    ] {
+        let dev = g.device(name, alg, serial);
+        let claims = g.claims("line-a", &dev, (serial % 251) as u8);
+        let body = EnrollRequest {
+            token: g.token(&claims, &line_a),
+            csr: g.csr(&dev),
+            form: ResponseForm::Compact,
+        }
+        .to_cbor();
+        let ca = if p256_ca { p_ca } else { ed_ca };
+        g.enroll_case(
+            name,
+            desc,
+            body,
+            false,
+            "ok",
+            ca,
+            Some(dev.key.spki_der()),
+            Some(CertSerial::new(dev.serial, generation)),
         );
     }
 
@@ -675,6 +720,7 @@ pub fn generate() -> BTreeMap<String, Vec<u8>> {
     if let EnrollResponse::Compact {
         ca_key_id,
         signature,
+        ..
     } = src
     {
         let mut sig = signature.clone();
@@ -682,6 +728,7 @@ pub fn generate() -> BTreeMap<String, Vec<u8>> {
         let body = EnrollResponse::Compact {
             ca_key_id: ca_key_id.clone(),
             signature: sig,
+            generation: 0,
         }
         .to_cbor();
         let path = g.put("cases/expand-bad-signature/response-compact.cbor", body);
@@ -701,6 +748,51 @@ pub fn generate() -> BTreeMap<String, Vec<u8>> {
         g.cases.push(json!({"name": "expand-wrong-ca", "kind": "expand",
             "description": "a compact response from the Ed25519 CA expanded against the P-256 CA",
             "response": compact_src, "device_case": "ok-compact-ed25519-ca", "ca": "ca-p256", "expect": "wrong-ca"}));
+    }
+    let reset_src = "cases/ok-reset-generation-1-ed25519-ca/response-compact.cbor";
+    if let EnrollResponse::Compact {
+        ca_key_id,
+        signature,
+        ..
+    } = ok(EnrollResponse::from_cbor(&g.files[reset_src]), "compact")
+    {
+        let body = EnrollResponse::Compact {
+            ca_key_id,
+            signature,
+            generation: 0,
+        }
+        .to_cbor();
+        let path = g.put("cases/expand-wrong-generation/response-compact.cbor", body);
+        g.cases.push(json!({"name": "expand-wrong-generation", "kind": "expand",
+            "description": "the compact response of a generation-1 certificate with its generation (key 4) left out",
+            "response": path, "device_case": "ok-reset-generation-1-ed25519-ca", "ca": "ca-ed25519", "expect": "signature-invalid"}));
+    }
+
+    // --- provisioning records (SPEC.md 13): what a device keeps, and rebuilds from ---
+    for (case, alg, serial, ca_name, prof) in [
+        ("ok-compact-ed25519-ca", ed, 1005, "ca-ed25519", &prof_ed),
+        ("ok-compact-p256-ca", p, 1006, "ca-p256", &prof_p),
+        (
+            "ok-reset-generation-1-ed25519-ca",
+            ed,
+            1008,
+            "ca-ed25519",
+            &prof_ed,
+        ),
+    ] {
+        let dev = g.device(case, alg, serial);
+        let cert = g.files[&format!("cases/{case}/certificate.der")].clone();
+        let record = ok(
+            protocol_spec::record::ProvisioningRecord::of(&dev.key, &cert, prof, &g.rng),
+            "record",
+        )
+        .encode();
+        let size = record.len();
+        let path = g.put(&format!("records/{case}.rec"), record.to_vec());
+        g.cases
+            .push(json!({"name": format!("record-{case}"), "kind": "record",
+            "description": format!("the provisioning record of {case}'s device: {size} octets"),
+            "record": path, "device_case": case, "ca": ca_name, "size": size, "expect": "ok"}));
     }
 
     // --- secret delivery ---
@@ -757,7 +849,7 @@ pub fn vectors_dir() -> std::path::PathBuf {
 #[allow(dead_code)]
 fn main() -> std::io::Result<()> {
     let dir = vectors_dir();
-    for sub in ["cas", "lines", "cases", "secrets", "problems"] {
+    for sub in ["cas", "lines", "cases", "records", "secrets", "problems"] {
         let p = dir.join(sub);
         if p.exists() {
             std::fs::remove_dir_all(&p)?;

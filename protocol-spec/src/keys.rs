@@ -146,6 +146,62 @@ impl KeyPair {
         })
     }
 
+    /// The private key's own 32 octets: an Ed25519 seed (RFC 8032 section 5.1.5) or a P-256
+    /// scalar (big-endian): what a provisioning record keeps (secret; zeroized on drop).
+    pub fn private_key_raw(&self) -> Result<Zeroizing<[u8; 32]>, KeyError> {
+        let bad = || KeyError::InvalidPrivateKey;
+        // PrivateKeyInfo ::= SEQUENCE { version, AlgorithmIdentifier, privateKey OCTET STRING, .. }
+        let (info, _) = der_tlv(&self.pkcs8, 0x30).ok_or_else(bad)?;
+        let (_, rest) = der_tlv(info, 0x02).ok_or_else(bad)?;
+        let (_, rest) = der_tlv(rest, 0x30).ok_or_else(bad)?;
+        let (private_key, _) = der_tlv(rest, 0x04).ok_or_else(bad)?;
+        let raw = match self.algorithm {
+            // CurvePrivateKey ::= OCTET STRING (RFC 8410 section 7).
+            KeyAlgorithm::Ed25519 => der_tlv(private_key, 0x04).ok_or_else(bad)?.0,
+            // ECPrivateKey ::= SEQUENCE { version 1, privateKey OCTET STRING, .. } (RFC 5915).
+            KeyAlgorithm::P256 => {
+                let (ec, _) = der_tlv(private_key, 0x30).ok_or_else(bad)?;
+                let (_, rest) = der_tlv(ec, 0x02).ok_or_else(bad)?;
+                der_tlv(rest, 0x04).ok_or_else(bad)?.0
+            }
+        };
+        let mut out = Zeroizing::new([0u8; 32]);
+        if raw.len() != 32 {
+            return Err(bad());
+        }
+        out.copy_from_slice(raw);
+        Ok(out)
+    }
+
+    /// The key pair of a private key's own 32 octets ([`KeyPair::private_key_raw`]).
+    pub fn from_private_key_raw(
+        algorithm: KeyAlgorithm,
+        raw: &[u8; 32],
+        rng: &dyn SecureRandom,
+    ) -> Result<Self, KeyError> {
+        let key = match algorithm {
+            KeyAlgorithm::Ed25519 => Self::from_pkcs8(&ed25519_pkcs8_v1(raw), rng)?,
+            KeyAlgorithm::P256 => {
+                // ring computes a P-256 public key only inside key generation (its
+                // from_private_key_and_public_key wants both halves), and its generator draws
+                // the 32 octets of the scalar once and keeps them when they are in range: fed
+                // with the scalar itself, it is exactly that computation. The fixed-slice
+                // source is one of ring's test helpers, used for nothing else here.
+                #[allow(deprecated)]
+                let fixed = ring::test::rand::FixedSliceRandom { bytes: raw };
+                let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &fixed)
+                    .map_err(|_| KeyError::InvalidPrivateKey)?;
+                Self::from_pkcs8(doc.as_ref(), rng)?
+            }
+        };
+        // The generator must have kept the octets it was given (a scalar out of range would
+        // not be): the key is the record's, or none.
+        if *key.private_key_raw()? != *raw {
+            return Err(KeyError::InvalidPrivateKey);
+        }
+        Ok(key)
+    }
+
     /// Loads a `PRIVATE KEY` PEM document.
     pub fn from_pem(text: &str, rng: &dyn SecureRandom) -> Result<Self, KeyError> {
         let doc = pem::parse(text).map_err(|_| KeyError::InvalidPrivateKey)?;
@@ -229,6 +285,26 @@ fn ed25519_pkcs8_v1(seed: &[u8; ED25519_SEED_LEN]) -> Zeroizing<Vec<u8>> {
     ]);
     doc.extend_from_slice(seed);
     doc
+}
+
+/// One DER TLV of tag `tag` at the start of `input` (definite lengths up to 2^16 - 1):
+/// (contents, what follows).
+fn der_tlv(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&t, rest) = input.split_first()?;
+    if t != tag {
+        return None;
+    }
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = match first {
+        n if n < 0x80 => (usize::from(n), rest),
+        0x81 => (usize::from(*rest.first()?), rest.get(1..)?),
+        0x82 => (
+            usize::from(*rest.first()?) << 8 | usize::from(*rest.get(1)?),
+            rest.get(2..)?,
+        ),
+        _ => return None,
+    };
+    Some((rest.get(..len)?, rest.get(len..)?))
 }
 
 /// The seed of a PKCS#8 v2 Ed25519 document (RFC 8410 section 7, with the public key), as ring

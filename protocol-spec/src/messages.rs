@@ -140,7 +140,7 @@ impl EnrollRequest {
     }
 }
 
-/// `EnrollResponse = { 1: certificate } / { 2: ca-key-id, 3: signature }`.
+/// `EnrollResponse = { 1: certificate } / { 2: ca-key-id, 3: signature, ? 4: generation }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EnrollResponse {
     /// The certificate, DER.
@@ -154,6 +154,9 @@ pub enum EnrollResponse {
         ca_key_id: Vec<u8>,
         /// The CA's signature over the to-be-signed certificate.
         signature: Vec<u8>,
+        /// The reset generation the certificate serial carries (SPEC.md 5): 0 for a serial
+        /// never reset, and then absent on the wire.
+        generation: u32,
     },
 }
 
@@ -166,6 +169,8 @@ struct EnrollResponseJson {
     ca_key_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     signature: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    generation: Option<u32>,
 }
 
 impl EnrollResponse {
@@ -176,10 +181,15 @@ impl EnrollResponse {
             EnrollResponse::Compact {
                 ca_key_id,
                 signature,
-            } => MapWriter::new()
-                .bytes(2, ca_key_id)
-                .bytes(3, signature)
-                .encode(),
+                generation,
+            } => {
+                let m = MapWriter::new().bytes(2, ca_key_id).bytes(3, signature);
+                match generation {
+                    0 => m,
+                    g => m.uint(4, u64::from(*g)),
+                }
+                .encode()
+            }
         }
     }
 
@@ -191,9 +201,18 @@ impl EnrollResponse {
                 certificate: m.bytes(1, "certificate").map_err(Problem::malformed)?,
             });
         }
+        let ca_key_id = m.bytes(2, "ca-key-id").map_err(Problem::malformed)?;
+        let signature = m.bytes(3, "signature").map_err(Problem::malformed)?;
+        let generation = match m.opt_uint(4, "generation").map_err(Problem::malformed)? {
+            None => 0,
+            Some(g) => u32::try_from(g).map_err(|_| {
+                Problem::malformed("enroll response: generation is over 4294967295")
+            })?,
+        };
         Ok(EnrollResponse::Compact {
-            ca_key_id: m.bytes(2, "ca-key-id").map_err(Problem::malformed)?,
-            signature: m.bytes(3, "signature").map_err(Problem::malformed)?,
+            ca_key_id,
+            signature,
+            generation,
         })
     }
 
@@ -204,14 +223,17 @@ impl EnrollResponse {
                 certificate: Some(b64(certificate)),
                 ca_key_id: None,
                 signature: None,
+                generation: None,
             },
             EnrollResponse::Compact {
                 ca_key_id,
                 signature,
+                generation,
             } => EnrollResponseJson {
                 certificate: None,
                 ca_key_id: Some(b64(ca_key_id)),
                 signature: Some(b64(signature)),
+                generation: (*generation != 0).then_some(*generation),
             },
         };
         serde_json::to_vec(&j).unwrap_or_default()
@@ -221,13 +243,14 @@ impl EnrollResponse {
     pub fn from_json(bytes: &[u8]) -> Result<Self, Problem> {
         let j: EnrollResponseJson = serde_json::from_slice(bytes)
             .map_err(|e| Problem::malformed(format!("enroll response: invalid JSON: {e}")))?;
-        match (j.certificate, j.ca_key_id, j.signature) {
-            (Some(c), None, None) => Ok(EnrollResponse::Full {
+        match (j.certificate, j.ca_key_id, j.signature, j.generation) {
+            (Some(c), None, None, None) => Ok(EnrollResponse::Full {
                 certificate: unb64(&c, "certificate")?,
             }),
-            (None, Some(k), Some(s)) => Ok(EnrollResponse::Compact {
+            (None, Some(k), Some(s), g) => Ok(EnrollResponse::Compact {
                 ca_key_id: unb64(&k, "ca_key_id")?,
                 signature: unb64(&s, "signature")?,
+                generation: g.unwrap_or(0),
             }),
             _ => Err(Problem::malformed(
                 "enroll response: need certificate, or ca_key_id and signature",

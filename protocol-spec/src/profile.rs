@@ -18,7 +18,7 @@ use x509_parser::extensions::ParsedExtension;
 use x509_parser::prelude::FromDer;
 
 use crate::keys::{KeyAlgorithm, KeyPair, PublicKey};
-use crate::{DeviceSerial, spki};
+use crate::{CertSerial, spki};
 
 /// notAfter of every device certificate: 99991231235959Z, "no well-defined expiration date"
 /// (RFC 5280 section 4.1.2.5).
@@ -119,7 +119,7 @@ impl CertProfile {
     /// Issues the device certificate: builds the to-be-signed bytes and signs them with the CA key.
     pub fn issue(
         &self,
-        serial: DeviceSerial,
+        serial: impl Into<CertSerial>,
         device_spki: &[u8],
         ca_key: &KeyPair,
         rng: &dyn SecureRandom,
@@ -132,7 +132,7 @@ impl CertProfile {
     /// and places the signature it returns; the signer's public key must be the CA's.
     pub fn issue_with<S: rcgen::SigningKey>(
         &self,
-        serial: DeviceSerial,
+        serial: impl Into<CertSerial>,
         device_spki: &[u8],
         signer: S,
     ) -> Result<IssuedCertificate, ProfileError> {
@@ -143,16 +143,18 @@ impl CertProfile {
                 "the CA key does not match the CA certificate".into(),
             ));
         }
-        let der = self.build(serial, device_spki, signer)?;
+        let der = self.build(serial.into(), device_spki, signer)?;
         let signature = signature_value(&der)?;
         Ok(IssuedCertificate { der, signature })
     }
 
     /// Rebuilds the certificate from a compact response: the same to-be-signed bytes as the CA
     /// built, with `signature` attached, after checking the signature under the pinned CA key.
+    /// `serial` is the device serial and the generation the response names (0 when it names
+    /// none).
     pub fn expand(
         &self,
-        serial: DeviceSerial,
+        serial: impl Into<CertSerial>,
         device_spki: &[u8],
         ca_key_id: &[u8],
         signature: &[u8],
@@ -168,7 +170,7 @@ impl CertProfile {
             signature,
             verified: Cell::new(false),
         };
-        let der = match self.build(serial, device_spki, &replay) {
+        let der = match self.build(serial.into(), device_spki, &replay) {
             Ok(der) => der,
             Err(_) if !replay.verified.get() => return Err(ProfileError::SignatureInvalid),
             Err(e) => return Err(e),
@@ -181,7 +183,7 @@ impl CertProfile {
 
     fn build<S: rcgen::SigningKey>(
         &self,
-        serial: DeviceSerial,
+        serial: CertSerial,
         device_spki: &[u8],
         signer: S,
     ) -> Result<Vec<u8>, ProfileError> {
@@ -195,11 +197,12 @@ impl CertProfile {
 
     fn device_params(
         &self,
-        serial: DeviceSerial,
+        cert_serial: CertSerial,
         device_alg: KeyAlgorithm,
     ) -> Result<CertificateParams, ProfileError> {
         let mut p = CertificateParams::default();
-        p.serial_number = Some(SerialNumber::from_slice(&serial.get().to_be_bytes()));
+        p.serial_number = Some(SerialNumber::from_slice(&cert_serial.magnitude()));
+        let serial = cert_serial.device;
         let mut dn = DistinguishedName::new();
         let printable = rcgen::string::PrintableString::try_from(serial.to_string())?;
         dn.push(
@@ -229,10 +232,10 @@ impl CertProfile {
     pub fn lint(
         &self,
         der: &[u8],
-        serial: DeviceSerial,
+        serial: impl Into<CertSerial>,
         device_spki: &[u8],
     ) -> Result<(), ProfileError> {
-        self.lint_with(der, serial, device_spki, true)
+        self.lint_with(der, serial.into(), device_spki, true)
     }
 
     /// [`CertProfile::lint`], with the signature check optional: the CA's own fresh signature
@@ -241,10 +244,11 @@ impl CertProfile {
     pub fn lint_with(
         &self,
         der: &[u8],
-        serial: DeviceSerial,
+        cert_serial: CertSerial,
         device_spki: &[u8],
         check_signature: bool,
     ) -> Result<(), ProfileError> {
+        let serial = cert_serial.device;
         let fail = |m: String| Err(ProfileError::Lint(m));
         let (rest, cert) =
             X509Certificate::from_der(der).map_err(|e| ProfileError::Lint(e.to_string()))?;
@@ -255,20 +259,14 @@ impl CertProfile {
         if tbs.version.0 != 2 {
             return fail(format!("version {} is not v3", tbs.version.0 + 1));
         }
-        let want_serial = serial.get().to_be_bytes();
         let got_serial = tbs.raw_serial();
         let trimmed: Vec<u8> = got_serial.iter().copied().skip_while(|b| *b == 0).collect();
-        let want_trimmed: Vec<u8> = want_serial
-            .iter()
-            .copied()
-            .skip_while(|b| *b == 0)
-            .collect();
-        if trimmed != want_trimmed
+        if trimmed != cert_serial.magnitude()
             || got_serial.len() > 20
             || got_serial.first().is_some_and(|b| b & 0x80 != 0)
         {
             return fail(format!(
-                "serial {} is not the device serial {serial}",
+                "serial {} is not the certificate serial of {cert_serial}",
                 hex::encode(got_serial)
             ));
         }
@@ -428,6 +426,20 @@ pub fn signature_value(der: &[u8]) -> Result<Vec<u8>, ProfileError> {
     Ok(cert.signature_value.data.to_vec())
 }
 
+/// The certificate serial of a DER device certificate (device serial and generation), or why
+/// it has none.
+pub fn cert_serial(der: &[u8]) -> Result<CertSerial, ProfileError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| ProfileError::Lint(e.to_string()))?;
+    let raw = cert.tbs_certificate.raw_serial();
+    CertSerial::from_integer_octets(raw).ok_or_else(|| {
+        ProfileError::Lint(format!(
+            "serial {} is not a device certificate serial",
+            hex::encode(raw)
+        ))
+    })
+}
+
 /// DER to PEM `CERTIFICATE`.
 pub fn cert_pem(der: &[u8]) -> String {
     pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
@@ -491,6 +503,7 @@ impl rcgen::SigningKey for &ReplaySigner<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DeviceSerial;
     use ring::rand::SystemRandom;
 
     #[test]
@@ -516,6 +529,20 @@ mod tests {
                     Err(ProfileError::SignatureInvalid)
                 ));
                 assert!(profile.lint(&issued.der, other, &spki).is_err());
+                // The same serial and key under another generation: another certificate
+                // serial, which the generation-0 signature does not sign.
+                let next = CertSerial::new(serial, 1);
+                assert!(matches!(
+                    profile.expand(next, &spki, profile.ca_key_id(), &issued.signature),
+                    Err(ProfileError::SignatureInvalid)
+                ));
+                assert!(profile.lint(&issued.der, next, &spki).is_err());
+                let again = profile.issue(next, &spki, &ca_key, &rng).unwrap();
+                profile.lint(&again.der, next, &spki).unwrap();
+                let rebuilt = profile
+                    .expand(next, &spki, profile.ca_key_id(), &again.signature)
+                    .unwrap();
+                assert_eq!(rebuilt, again.der);
             }
         }
     }

@@ -68,14 +68,21 @@ fn openssl_shows_the_profile_fields() {
         assert!(ok, "{text}");
         let (_, der_text) = openssl(&["asn1parse", "-in", cert]);
         let name = case["name"].as_str().unwrap();
-        // The device serial is the certificate serial and appears in serialNumber and CN.
+        // The certificate serial is generation * 2^64 + the device serial (SPEC.md 5); the
+        // device serial appears in serialNumber and CN.
         let subject_line = text.lines().find(|l| l.starts_with("subject=")).unwrap();
         let serial_hex = text
             .lines()
             .find(|l| l.starts_with("serial="))
             .unwrap()
             .trim_start_matches("serial=");
-        let serial = u64::from_str_radix(serial_hex, 16).unwrap();
+        let value = u128::from_str_radix(serial_hex, 16).unwrap();
+        let serial = value as u64;
+        assert_eq!(
+            (value >> 64) as u64,
+            case["generation"].as_u64().unwrap_or(0),
+            "{name}: the generation above the device serial"
+        );
         assert_eq!(
             subject_line,
             format!("subject=CN={serial},serialNumber={serial}"),

@@ -29,9 +29,9 @@ proptest! {
     }
 
     #[test]
-    fn enroll_response_round_trips(a in bytes(800), b in bytes(100), compact in any::<bool>()) {
+    fn enroll_response_round_trips(a in bytes(800), b in bytes(100), compact in any::<bool>(), generation in any::<u32>()) {
         let r = if compact {
-            EnrollResponse::Compact { ca_key_id: b, signature: a }
+            EnrollResponse::Compact { ca_key_id: b, signature: a, generation }
         } else {
             EnrollResponse::Full { certificate: a }
         };

@@ -12,9 +12,10 @@ use generate_vectors::{generate, nonce_rng, vectors_dir};
 use protocol_spec::enroll::{self, RequestEncoding};
 use protocol_spec::messages::{EnrollResponse, SecretAck, SecretDelivery};
 use protocol_spec::problem::{ALL_PROBLEM_TYPES, Problem};
-use protocol_spec::profile::{CertProfile, ProfileError};
+use protocol_spec::profile::{self, CertProfile, ProfileError};
+use protocol_spec::record::ProvisioningRecord;
 use protocol_spec::token::{LineInfo, TokenPolicy};
-use protocol_spec::{DeviceSerial, KeyPair, PublicKey};
+use protocol_spec::{CertSerial, KeyPair, PublicKey};
 use serde_json::Value;
 
 fn read(rel: &str) -> Vec<u8> {
@@ -146,7 +147,8 @@ fn every_enroll_case_has_its_expected_outcome() {
                 assert_eq!(expect, "ok", "{name}: accepted, expected {expect}");
                 ok_count += 1;
                 let (profile, ca_key) = ca(case["ca"].as_str().unwrap());
-                let serial = checked.token().claims().serial;
+                let generation = case["generation"].as_u64().unwrap_or(0) as u32;
+                let serial = CertSerial::new(checked.token().claims().serial, generation);
                 let spki = checked.csr().spki_der();
                 let want = read(case["certificate"].as_str().unwrap());
                 let issued = profile.issue(serial, spki, &ca_key, &nonce_rng()).unwrap();
@@ -168,11 +170,17 @@ fn every_enroll_case_has_its_expected_outcome() {
                 let EnrollResponse::Compact {
                     ca_key_id,
                     signature,
+                    generation: sent,
                 } = EnrollResponse::from_cbor(&read(case["response_compact"].as_str().unwrap()))
                     .unwrap()
                 else {
                     panic!("{name}: compact response is not compact");
                 };
+                assert_eq!(
+                    sent, generation,
+                    "{name}: the compact response's generation"
+                );
+                assert_eq!(profile::cert_serial(&want).unwrap(), serial, "{name}");
                 let expanded = profile
                     .expand(serial, spki, &ca_key_id, &signature)
                     .unwrap();
@@ -183,7 +191,7 @@ fn every_enroll_case_has_its_expected_outcome() {
             }
         }
     }
-    assert!(ok_count >= 9);
+    assert!(ok_count >= 11);
 }
 
 #[test]
@@ -199,20 +207,14 @@ fn expansion_fails_for_a_wrong_signature_key_or_ca() {
             .clone()
     };
     let expand_cases = cases(&ctx, "expand");
-    assert_eq!(expand_cases.len(), 3);
+    assert_eq!(expand_cases.len(), 4);
     for case in expand_cases {
         let name = case["name"].as_str().unwrap();
         let device = by_name(case["device_case"].as_str().unwrap());
         let cert = read(device["certificate"].as_str().unwrap());
         let (_, parsed) = x509_parser::parse_x509_certificate(&cert).unwrap();
-        let serial = DeviceSerial::new(
-            parsed
-                .tbs_certificate
-                .raw_serial()
-                .iter()
-                .fold(0u64, |a, b| a << 8 | u64::from(*b)),
-        )
-        .unwrap();
+        // The device knows its serial, not the generation: that comes from the response.
+        let serial = profile::cert_serial(&cert).unwrap().device;
         let spki = match case.get("device_spki") {
             Some(p) => read(p.as_str().unwrap()),
             None => parsed.tbs_certificate.subject_pki.raw.to_vec(),
@@ -221,12 +223,18 @@ fn expansion_fails_for_a_wrong_signature_key_or_ca() {
         let EnrollResponse::Compact {
             ca_key_id,
             signature,
+            generation,
         } = EnrollResponse::from_cbor(&read(case["response"].as_str().unwrap())).unwrap()
         else {
             panic!("{name}: not compact");
         };
         let err = profile
-            .expand(serial, &spki, &ca_key_id, &signature)
+            .expand(
+                CertSerial::new(serial, generation),
+                &spki,
+                &ca_key_id,
+                &signature,
+            )
             .unwrap_err();
         let got = match err {
             ProfileError::SignatureInvalid => "signature-invalid",
@@ -235,6 +243,37 @@ fn expansion_fails_for_a_wrong_signature_key_or_ca() {
         };
         assert_eq!(got, case["expect"].as_str().unwrap(), "{name}");
     }
+}
+
+#[test]
+fn provisioning_records_rebuild_their_device_s_certificate() {
+    let ctx = context();
+    let records = cases(&ctx, "record");
+    assert_eq!(records.len(), 3);
+    let mut algorithms = Vec::new();
+    for case in records {
+        let name = case["name"].as_str().unwrap();
+        let bytes = read(case["record"].as_str().unwrap());
+        assert_eq!(bytes.len() as u64, case["size"].as_u64().unwrap(), "{name}");
+        // Serials 1005-1008 take 2 octets: 101 octets, 102 with generation 1; at most 104
+        // for any serial below 2^32 and generation below 256, with either device key.
+        assert!(bytes.len() <= 102, "{name}: {} octets", bytes.len());
+        let record = ProvisioningRecord::decode(&bytes).unwrap();
+        assert_eq!(*record.encode(), bytes, "{name}: encoding is canonical");
+        let (profile, _) = ca(case["ca"].as_str().unwrap());
+        let device = ctx.manifest["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == case["device_case"])
+            .unwrap();
+        let want = read(device["certificate"].as_str().unwrap());
+        let (key, cert) = record.rebuild(&profile, &nonce_rng()).unwrap();
+        assert_eq!(cert, want, "{name}: rebuilt certificate differs");
+        algorithms.push(key.algorithm());
+    }
+    assert!(algorithms.contains(&protocol_spec::KeyAlgorithm::Ed25519));
+    assert!(algorithms.contains(&protocol_spec::KeyAlgorithm::P256));
 }
 
 #[test]

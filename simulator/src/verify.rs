@@ -924,6 +924,7 @@ mod tests {
                         spki,
                         key_hash: binding,
                         certificate: cert.clone(),
+                        generation: 0,
                         line: "line-1".into(),
                         token_id: serial.to_be_bytes().to_vec(),
                         at: 1000,

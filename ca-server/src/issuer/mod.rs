@@ -8,9 +8,9 @@
 pub mod key;
 pub mod pkcs11;
 
-use protocol_spec::DeviceSerial;
 use protocol_spec::KeyPair;
 use protocol_spec::profile::{CertProfile, IssuedCertificate};
+use protocol_spec::{CertSerial, DeviceSerial};
 use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyUsagePurpose, SanType};
 use ring::rand::SystemRandom;
 use zeroize::Zeroizing;
@@ -20,6 +20,7 @@ pub use pkcs11::{Pkcs11Uri, TokenKey};
 
 use crate::config::{CaDir, Config};
 use crate::ra::VerifiedEnrollment;
+use crate::records::RevokedCert;
 use crate::secrets::SecretKeys;
 
 /// Why issuance (or a CRL) failed.
@@ -91,10 +92,16 @@ impl Issuer {
 
     /// Issues the certificate for a verified enrollment and lints it (SPEC.md section 5): a
     /// certificate that fails the lint is never returned.
-    pub fn issue(&self, v: &VerifiedEnrollment) -> Result<IssuedCertificate, IssueError> {
-        let serial = v.serial();
+    /// `generation`: how many times the serial was reset, carried in the certificate serial
+    /// (SPEC.md 5).
+    pub fn issue(
+        &self,
+        v: &VerifiedEnrollment,
+        generation: u32,
+    ) -> Result<IssuedCertificate, IssueError> {
+        let serial = CertSerial::new(v.serial(), generation);
         let fail = |reason: String| IssueError::Failed {
-            serial: serial.get(),
+            serial: serial.device.get(),
             reason,
         };
         let signer = self.key.signer(&self.rng);
@@ -111,12 +118,13 @@ impl Issuer {
         Ok(issued)
     }
 
-    /// Signs a CRL listing `revoked` (serial, revocation time) with the CA key (RFC 5280
-    /// section 5): thisUpdate `now`, nextUpdate `now + validity`, the CRL number given, the
-    /// authority key identifier of the CA.
+    /// Signs a CRL listing `revoked` with the CA key (RFC 5280 section 5): each certificate by
+    /// its serial (device serial and generation) and revocation time, reason superseded when
+    /// a reset replaced it; thisUpdate `now`, nextUpdate `now + validity`, the CRL number given,
+    /// the authority key identifier of the CA.
     pub fn sign_crl(
         &self,
-        revoked: &[(u64, u64)],
+        revoked: &[RevokedCert],
         now: u64,
         validity: u64,
         number: u64,
@@ -130,11 +138,14 @@ impl Issuer {
         };
         let revoked_certs = revoked
             .iter()
-            .map(|(serial, at)| {
+            .filter_map(|c| DeviceSerial::new(c.serial).map(|s| (c, s)))
+            .map(|(c, serial)| {
                 Ok(rcgen::RevokedCertParams {
-                    serial_number: rcgen::SerialNumber::from_slice(&serial.to_be_bytes()),
-                    revocation_time: time(*at)?,
-                    reason_code: None,
+                    serial_number: rcgen::SerialNumber::from_slice(
+                        &CertSerial::new(serial, c.generation).magnitude(),
+                    ),
+                    revocation_time: time(c.at)?,
+                    reason_code: c.superseded.then_some(rcgen::RevocationReason::Superseded),
                     invalidity_date: None,
                 })
             })
@@ -211,7 +222,7 @@ impl Issuer {
 
     /// The pre-issuance lint [`Issuer::issue`] runs on what it just signed: every field of the
     /// profile and, when [`Issuer::verifies_own_signatures`], the signature under the CA key.
-    fn check_issued(&self, der: &[u8], serial: DeviceSerial, spki: &[u8]) -> Result<(), String> {
+    fn check_issued(&self, der: &[u8], serial: CertSerial, spki: &[u8]) -> Result<(), String> {
         self.profile
             .lint_with(der, serial, spki, self.verify_signatures)
             .map_err(|e| e.to_string())
@@ -298,7 +309,7 @@ mod tests {
             .issue_with(serial, spki, &issuer.key.signer(&rng))
             .unwrap()
             .der;
-        assert!(issuer.check_issued(&der, serial, spki).is_ok());
+        assert!(issuer.check_issued(&der, serial.into(), spki).is_ok());
         let last = der.len() - 1;
         der[last] ^= 0x01;
         der
@@ -317,16 +328,20 @@ mod tests {
             let on = Issuer::new(CaKey::File(ca_key), &ca_der).unwrap();
             assert!(on.verifies_own_signatures(), "on by default");
             let bad = with_bad_signature(&on, serial, &spki);
-            let refused = on.check_issued(&bad, serial, &spki).unwrap_err();
+            let refused = on.check_issued(&bad, serial.into(), &spki).unwrap_err();
             assert!(refused.contains("signature"), "{alg}: {refused}");
 
             let off = on.with_signature_check(false);
             assert!(!off.verifies_own_signatures());
             // Off, the lint still checks every field but not the signature: the same bytes pass.
-            off.check_issued(&bad, serial, &spki).unwrap();
+            off.check_issued(&bad, serial.into(), &spki).unwrap();
             // ... and a field the profile does not allow is still refused.
             let other = DeviceSerial::new(43).unwrap();
-            assert!(off.check_issued(&bad, other, &spki).is_err());
+            assert!(off.check_issued(&bad, other.into(), &spki).is_err());
+            assert!(
+                off.check_issued(&bad, CertSerial::new(serial, 1), &spki)
+                    .is_err()
+            );
         }
     }
 }

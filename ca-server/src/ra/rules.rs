@@ -12,7 +12,8 @@
 use protocol_spec::{Problem, ProblemType};
 
 use crate::records::{
-    DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, SecretRecord, TokenUse,
+    DeviceRecord, DeviceStatus, LineRecord, OperatorRevocation, PoolEntry, ResetRecord,
+    SecretRecord, TokenUse,
 };
 
 /// Why a rule refused a write. Nothing was written.
@@ -98,6 +99,17 @@ pub enum Refusal {
         /// Key id of the entry.
         key_id: String,
     },
+    /// The certificate was made for a generation of the serial that is no longer the next
+    /// one (an operator reset the serial between the read and the write): issue it again for
+    /// the generation the store gives now.
+    StaleGeneration {
+        /// Device.
+        serial: u64,
+        /// The generation the certificate carries.
+        generation: u32,
+        /// The generation a new binding of the serial takes now.
+        next: u64,
+    },
 }
 
 impl Refusal {
@@ -158,7 +170,9 @@ impl Refusal {
                 ProblemType::AckMismatch,
                 "the key check value does not match the delivered secret".to_string(),
             ),
-            Refusal::SecretNotUnique => return Problem::internal(),
+            Refusal::SecretNotUnique | Refusal::StaleGeneration { .. } => {
+                return Problem::internal();
+            }
             Refusal::ImportKeyIdKnown { key_id } => (
                 ProblemType::Malformed,
                 format!("key id {key_id:?} is already known; nothing was imported"),
@@ -171,10 +185,13 @@ impl Refusal {
         Problem::new(kind, detail)
     }
 
-    /// Whether asking again (with a new secret, after reading again) may succeed: only a secret
-    /// that was not unique.
+    /// Whether asking again (with a new secret or a certificate issued again, after reading
+    /// again) may succeed: a secret that was not unique, a certificate of a stale generation.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Refusal::SecretNotUnique)
+        matches!(
+            self,
+            Refusal::SecretNotUnique | Refusal::StaleGeneration { .. }
+        )
     }
 }
 
@@ -182,6 +199,14 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Refusal::SecretNotUnique => f.write_str("secret already bound to another device"),
+            Refusal::StaleGeneration {
+                serial,
+                generation,
+                next,
+            } => write!(
+                f,
+                "certificate of serial {serial} made for generation {generation}, the next is {next}"
+            ),
             other => f.write_str(&other.problem().detail),
         }
     }
@@ -235,6 +260,9 @@ pub struct NewEnrollment {
     pub key_hash: [u8; 32],
     /// The issued certificate.
     pub certificate: Vec<u8>,
+    /// The reset generation its certificate serial carries (SPEC.md 5): how many times the
+    /// serial was reset when it was issued.
+    pub generation: u32,
     /// Line id.
     pub line: String,
     /// Token id consumed.
@@ -254,6 +282,9 @@ pub struct EnrollView {
     pub token_use: Option<TokenUse>,
     /// The line.
     pub line: Option<LineRecord>,
+    /// How many times the serial was reset (its earlier bindings in the history): the
+    /// generation a new binding's certificate must carry.
+    pub resets: u64,
 }
 
 /// What applying an enrollment did (or, from [`enroll`], will do).
@@ -314,6 +345,15 @@ pub fn enroll(view: &EnrollView, e: &NewEnrollment) -> (EnrollOutcome, Option<En
         Err(r) => return refused(r),
         Ok(Some(rec)) => return (EnrollOutcome::Existing(rec), None),
         Ok(None) => {}
+    }
+    // RFC 5280 4.1.2.2: certificate serials are unique per CA. A new binding's certificate
+    // carries the serial's reset count as its generation, so it repeats no earlier binding's.
+    if u64::from(e.generation) != view.resets {
+        return refused(Refusal::StaleGeneration {
+            serial: e.serial,
+            generation: e.generation,
+            next: view.resets,
+        });
     }
     if let Some(used) = &view.token_use {
         return refused(Refusal::TokenReplayed {
@@ -917,6 +957,32 @@ pub fn set_status(
     Some((changed, Some(event)))
 }
 
+/// The operator revocation rule: the revocation as it stands after the write, and the event
+/// when this write makes it (an operator already revoked stays revoked as first recorded).
+pub fn revoke_operator(
+    existing: Option<&OperatorRevocation>,
+    name: &str,
+    at: u64,
+    actor: &str,
+) -> (OperatorRevocation, Option<AuditEvent>) {
+    if let Some(r) = existing {
+        return (r.clone(), None);
+    }
+    let r = OperatorRevocation {
+        name: name.to_string(),
+        revoked_at: at,
+        actor: actor.to_string(),
+    };
+    let event = AuditEvent {
+        at,
+        event: "operator-revoke".into(),
+        serial: None,
+        actor: actor.to_string(),
+        detail: format!("operator={name}"),
+    };
+    (r, Some(event))
+}
+
 /// A line registration's audit event; `Err` when the id is taken.
 pub fn add_line(
     existing: Option<&LineRecord>,
@@ -1012,6 +1078,7 @@ mod tests {
             key_hash: protocol_spec::spki::sha256(&spki),
             spki,
             certificate: vec![7; 300],
+            generation: 0,
             line: "line-1".into(),
             token_id: vec![9; 16],
             at: 1_000,
@@ -1090,6 +1157,30 @@ mod tests {
         );
         // The key held by this very serial (a reset serial taking its key again) is no refusal.
         assert_eq!(with(&|v| v.key_holder = Some(5)), None);
+        // A serial reset once: a certificate of generation 0 would repeat the first binding's
+        // certificate serial; it must be issued again, for generation 1.
+        let stale = with(&|v| v.resets = 1).unwrap();
+        assert_eq!(
+            stale,
+            Refusal::StaleGeneration {
+                serial: 5,
+                generation: 0,
+                next: 1
+            }
+        );
+        assert!(stale.is_retryable());
+        let again = NewEnrollment {
+            generation: 1,
+            ..e.clone()
+        };
+        let reset_once = EnrollView {
+            resets: 1,
+            ..free.clone()
+        };
+        assert!(matches!(
+            enroll(&reset_once, &again).0,
+            EnrollOutcome::Created(_)
+        ));
     }
 
     #[test]
@@ -1251,6 +1342,18 @@ mod tests {
             reset(None, None, &[], 50, "x"),
             (ResetOutcome::Missing, None)
         ));
+    }
+
+    #[test]
+    fn an_operator_is_revoked_once_and_stays_revoked_as_first_recorded() {
+        let (first, event) = revoke_operator(None, "bob", 10, "operator:alice");
+        let event = event.unwrap();
+        assert_eq!(
+            (event.event.as_str(), event.detail.as_str()),
+            ("operator-revoke", "operator=bob")
+        );
+        let (again, none) = revoke_operator(Some(&first), "bob", 20, "operator:carol");
+        assert_eq!((again, none), (first, None));
     }
 
     #[test]

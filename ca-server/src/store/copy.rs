@@ -34,7 +34,7 @@ pub fn sled_to_postgres(dir: &CaDir, target: &StoreSettings) -> Result<String, S
         ));
     }
 
-    let mut counts = [0u64; 8];
+    let mut counts = [0u64; 9];
     let mut importer = pg.importer().map_err(|e| e.to_string())?;
     let index_entries = sled
         .export(&mut |e| {
@@ -71,6 +71,7 @@ fn kind_index(e: &Exported) -> usize {
         Exported::Pool(_) => 5,
         Exported::Reset { .. } => 6,
         Exported::Audit(_) => 7,
+        Exported::Operator(_) => 8,
     }
 }
 
@@ -78,7 +79,7 @@ fn verify(
     sled: &SledStore,
     pg: &PgStore,
     head: &crate::audit::AuditVerdict,
-    counts: &[u64; 8],
+    counts: &[u64; 9],
 ) -> Result<(), String> {
     let err = |e: StoreError| e.to_string();
     let anchor: crate::audit::Anchor = format!("{}:{}", head.entries, head.head).parse()?;
@@ -141,7 +142,11 @@ fn verify(
             counts[4]
         ));
     }
+    if sled.operator_revocations().map_err(err)? != pg.operator_revocations().map_err(err)? {
+        return Err("the revoked operators differ".into());
+    }
     for (name, want) in [
+        ("operator_revocations", counts[8]),
         ("keys", counts[2]),
         ("tokens", counts[3]),
         ("secret_pool", counts[5]),

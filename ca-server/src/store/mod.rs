@@ -94,7 +94,22 @@ pub fn dir_size(dir: &std::path::Path) -> u64 {
 pub use crate::ra::rules::{
     EnrollOutcome, LineChange, NewEnrollment, Refusal, ResetOutcome, SecretOp, SecretOutcome,
 };
-use crate::records::{AuditEntry, DeviceRecord, LineRecord, PoolEntry, ResetRecord, SecretRecord};
+use crate::records::{
+    AuditEntry, DeviceRecord, LineRecord, OperatorRevocation, PoolEntry, ResetRecord, RevokedCert,
+    SecretRecord,
+};
+
+/// What the enrollment fast path reads before it spends a signature ([`Store::binding_of`]).
+#[derive(Debug, Clone, Default)]
+pub struct BindingRead {
+    /// The record of the serial.
+    pub device: Option<DeviceRecord>,
+    /// When there is no record: the serial that holds the key, if any.
+    pub key_holder: Option<u64>,
+    /// When there is no record: how many times the serial was reset, the generation a new
+    /// binding's certificate carries.
+    pub resets: u64,
+}
 
 /// One stored record: (table, key, value).
 pub type RawRecord = (String, Vec<u8>, Vec<u8>);
@@ -181,6 +196,8 @@ pub enum Exported {
     },
     /// An audit entry, exactly as recorded.
     Audit(AuditEntry),
+    /// A revoked operator.
+    Operator(OperatorRevocation),
 }
 
 /// One of the store's indexes: each binds a value to the one record that holds it. The
@@ -257,17 +274,25 @@ pub trait Store: Send + Sync + 'static {
     /// Which serial holds the key with this SPKI hash.
     fn serial_for_key(&self, key_hash: &[u8; 32]) -> Result<Option<u64>, StoreError>;
     /// What the service's fast path reads before it spends a signature: the record of
-    /// `serial` and, when there is none, which serial holds the key with this SPKI hash. A
-    /// store whose reads are round trips answers both in one.
-    fn binding_of(
-        &self,
-        serial: u64,
-        key_hash: &[u8; 32],
-    ) -> Result<(Option<DeviceRecord>, Option<u64>), StoreError> {
+    /// `serial` and, when there is none, which serial holds the key with this SPKI hash and
+    /// how many times the serial was reset. A store whose reads are round trips answers all
+    /// in one.
+    fn binding_of(&self, serial: u64, key_hash: &[u8; 32]) -> Result<BindingRead, StoreError> {
         match self.device(serial)? {
-            Some(rec) => Ok((Some(rec), None)),
-            None => Ok((None, self.serial_for_key(key_hash)?)),
+            Some(rec) => Ok(BindingRead {
+                device: Some(rec),
+                ..BindingRead::default()
+            }),
+            None => Ok(BindingRead {
+                device: None,
+                key_holder: self.serial_for_key(key_hash)?,
+                resets: self.resets(serial)?,
+            }),
         }
+    }
+    /// How many times `serial` was reset (its earlier bindings in the history).
+    fn resets(&self, serial: u64) -> Result<u64, StoreError> {
+        Ok(self.history(serial)?.len() as u64)
     }
     /// A registered line.
     fn line(&self, id: &str) -> Result<Option<LineRecord>, StoreError>;
@@ -319,8 +344,22 @@ pub trait Store: Send + Sync + 'static {
     fn reset_device(&self, serial: u64, at: u64, actor: &str) -> Result<ResetOutcome, StoreError>;
     /// Earlier bindings of a serial (resets), oldest first.
     fn history(&self, serial: u64) -> Result<Vec<ResetRecord>, StoreError>;
-    /// Revoked devices: (serial, revocation time), in serial order.
-    fn revoked(&self) -> Result<Vec<(u64, u64)>, StoreError>;
+    /// Every certificate the CRL lists (SPEC.md 10.1): the current certificate of each revoked
+    /// device, and the certificate of every binding a reset superseded.
+    fn revoked(&self) -> Result<Vec<RevokedCert>, StoreError>;
+    /// Revokes an operator by name, with an audit entry `operator-revoke` when it is new
+    /// (durable at the next sync). Returns the revocation as stored: the first one when the
+    /// operator was already revoked.
+    fn revoke_operator(
+        &self,
+        name: &str,
+        at: u64,
+        actor: &str,
+    ) -> Result<OperatorRevocation, StoreError>;
+    /// The revocation of the operator `name`, if revoked.
+    fn operator_revocation(&self, name: &str) -> Result<Option<OperatorRevocation>, StoreError>;
+    /// Every revoked operator, by name.
+    fn operator_revocations(&self) -> Result<Vec<OperatorRevocation>, StoreError>;
     /// Enables or disables a line or sets its rate, with an audit entry when it changes;
     /// `None` if unknown.
     fn change_line(
@@ -415,6 +454,7 @@ pub(crate) mod test_support {
             key_hash: protocol_spec::spki::sha256(&spki),
             spki,
             certificate: vec![serial as u8; 300],
+            generation: 0,
             line: "line-1".into(),
             token_id: vec![cti; 16],
             at: 1_000 + serial,

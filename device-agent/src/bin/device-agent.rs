@@ -120,6 +120,30 @@ enum Command {
         #[arg(long = "key-pem")]
         key_pem: bool,
     },
+    /// Write the device's provisioning record (SPEC.md section 13): everything it must keep
+    /// after enrolling, in about 100 bytes (mode 0600: it holds the private key).
+    ExportRecord {
+        /// The state file of an enrolled device.
+        #[arg(long)]
+        state: PathBuf,
+        /// Where to write the record.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Rebuild a whole state from a provisioning record and the CA certificate the device was
+    /// built with: the key pair, and the certificate byte for byte (checked under the CA key).
+    /// The secret is fetched again with `secret`.
+    ImportRecord {
+        /// The provisioning record.
+        #[arg(long)]
+        record: PathBuf,
+        /// The CA certificate (PEM or DER).
+        #[arg(long = "ca-cert")]
+        ca_cert: PathBuf,
+        /// The state file to create (refused if it exists).
+        #[arg(long)]
+        state: PathBuf,
+    },
     /// Build an enrollment request (CBOR, as CoAP carries it) from a factory token and a CSR
     /// made elsewhere (e.g. by openssl), for enrolling by hand with a generic CoAP client.
     Request {
@@ -298,6 +322,40 @@ fn run(cli: Cli) -> Result<(), AgentError> {
                     say!("up to date: version {version}")
                 }
             }
+            Ok(())
+        }
+        Command::ExportRecord { state, out: path } => {
+            let s = DeviceState::load(&state, &rng)?;
+            let record = device_agent::record::export(&s, &rng)?;
+            device_agent::state::write_atomically(&path, &record, 0o600)?;
+            say!(
+                "provisioning record of serial {} written to {} ({} bytes)",
+                s.serial,
+                path.display(),
+                record.len()
+            );
+            Ok(())
+        }
+        Command::ImportRecord {
+            record,
+            ca_cert,
+            state,
+        } => {
+            let bytes = Zeroizing::new(read(&record)?);
+            let ca = read(&ca_cert)?;
+            let ca_der = match std::str::from_utf8(&ca).ok().and_then(cert_from_pem) {
+                Some(der) => der,
+                None => ca,
+            };
+            let s = device_agent::record::import(&bytes, &ca_der, &rng)
+                .map_err(|e| AgentError::Invalid(format!("{}: {e}", record.display())))?;
+            s.create(&state)?;
+            say!(
+                "serial {} rebuilt from {} into {}",
+                s.serial,
+                record.display(),
+                state.display()
+            );
             Ok(())
         }
         Command::Request {

@@ -45,6 +45,9 @@ const READ_KEYS: &str = "SELECT key_hash, serial FROM keys WHERE key_hash = ANY(
 const READ_TOKENS: &str = "SELECT t.line, t.token_id, t.serial FROM tokens t JOIN unnest($1::text[], $2::bytea[]) AS w(line, token_id) ON t.line = w.line AND t.token_id = w.token_id";
 const READ_SECRET_KEYS: &str = "SELECT index_tag, key_id, serial, version FROM secret_keys WHERE index_tag = ANY($1) OR key_id = ANY($2)";
 const READ_POOL: &str = "SELECT key_id FROM secret_pool WHERE key_id = ANY($1)";
+/// How many times each enrolling serial was reset: the generation its new binding takes.
+const READ_RESETS: &str =
+    "SELECT serial, count(*) FROM device_resets WHERE serial = ANY($1) GROUP BY serial";
 /// An imported key's row gets its holder, once: only while it has none.
 const CLAIM_POOL_KEYS: &str = "UPDATE secret_keys s SET serial = w.serial, version = w.version FROM unnest($1::bytea[], $2::bigint[], $3::bigint[]) AS w(tag, serial, version) WHERE s.index_tag = w.tag AND s.serial IS NULL";
 const SET_DELIVERED: &str = "UPDATE secret_versions s SET delivered_at = w.at FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS w(serial, version, at) WHERE s.serial = w.serial AND s.version = w.version AND s.delivered_at IS NULL AND s.retired_at IS NULL";
@@ -90,6 +93,8 @@ struct State {
     by_tag: HashMap<Vec<u8>, Holder>,
     by_key_id: HashMap<String, Holder>,
     pool: HashSet<String>,
+    /// Resets per enrolling serial (absent: none).
+    resets: HashMap<u64, u64>,
 }
 
 /// A new secret-key row: (index tag, key id, (serial, version); none for a pool key).
@@ -120,6 +125,7 @@ struct Changes {
 /// Locks the audit head and reads every record the writes touch, in one round trip.
 async fn read(db: &Db<'_>, writes: &[Write]) -> Result<(Chain, State), StoreError> {
     let mut serials: Vec<i64> = Vec::new();
+    let mut enroll_serials: Vec<i64> = Vec::new();
     let mut key_hashes: Vec<&[u8]> = Vec::new();
     let (mut token_lines, mut token_ids): (Vec<&str>, Vec<&[u8]>) = (Vec::new(), Vec::new());
     let mut line_ids: Vec<&str> = Vec::new();
@@ -130,6 +136,7 @@ async fn read(db: &Db<'_>, writes: &[Write]) -> Result<(Chain, State), StoreErro
         match w {
             Write::Enroll(e) => {
                 serials.push(i(e.serial));
+                enroll_serials.push(i(e.serial));
                 key_hashes.push(e.key_hash.as_slice());
                 token_lines.push(&e.line);
                 token_ids.push(&e.token_id);
@@ -166,7 +173,7 @@ async fn read(db: &Db<'_>, writes: &[Write]) -> Result<(Chain, State), StoreErro
         format!("SELECT {SECRET_COLUMNS} FROM secret_versions WHERE serial = ANY($1)");
     let mut sqls = vec![CUSTOM_PLANS, LOCK_HEAD, device_sql.as_str()];
     if !key_hashes.is_empty() {
-        sqls.extend([READ_KEYS, READ_TOKENS, line_sql.as_str()]);
+        sqls.extend([READ_KEYS, READ_TOKENS, line_sql.as_str(), READ_RESETS]);
     }
     if !secret_serials.is_empty() {
         sqls.push(version_sql.as_str());
@@ -183,17 +190,19 @@ async fn read(db: &Db<'_>, writes: &[Write]) -> Result<(Chain, State), StoreErro
     let p_keys: [P<'_>; 1] = [&key_hashes];
     let p_tokens: [P<'_>; 2] = [&token_lines, &token_ids];
     let p_lines: [P<'_>; 1] = [&line_ids];
+    let p_resets: [P<'_>; 1] = [&enroll_serials];
     let p_versions: [P<'_>; 1] = [&secret_serials];
     let p_secret_keys: [P<'_>; 2] = [&tags, &key_ids];
     let p_pool: [P<'_>; 1] = [&pool_ids];
     let enrolling = !key_hashes.is_empty();
-    let (_, head, devices, keys, tokens, lines, versions, secret_keys, pool) = tokio::try_join!(
+    let (_, head, devices, keys, tokens, lines, resets, versions, secret_keys, pool) = tokio::try_join!(
         db.exec(CUSTOM_PLANS, &[]),
         db.one(LOCK_HEAD, &[]),
         db.all(device_sql.as_str(), &p_serials),
         db.all_if(enrolling, READ_KEYS, &p_keys),
         db.all_if(enrolling, READ_TOKENS, &p_tokens),
         db.all_if(enrolling, line_sql.as_str(), &p_lines),
+        db.all_if(enrolling, READ_RESETS, &p_resets),
         db.all_if(
             !secret_serials.is_empty(),
             version_sql.as_str(),
@@ -229,6 +238,11 @@ async fn read(db: &Db<'_>, writes: &[Write]) -> Result<(Chain, State), StoreErro
     for r in &lines {
         let l = line_of(r)?;
         state.lines.insert(l.id.clone(), l);
+    }
+    for r in &resets {
+        state
+            .resets
+            .insert(u(r.try_get(0).map_err(pg)?), u(r.try_get(1).map_err(pg)?));
     }
     for r in &versions {
         let v = secret_of(r)?;
@@ -272,6 +286,7 @@ impl State {
             key_holder: self.keys.get(&e.key_hash).copied(),
             token_use: self.tokens.get(&token).map(|&serial| TokenUse { serial }),
             line: self.lines.get(&e.line).cloned(),
+            resets: self.resets.get(&e.serial).copied().unwrap_or(0),
         };
         let (outcome, writes) = rules::enroll(&view, e);
         if let Some(w) = writes {

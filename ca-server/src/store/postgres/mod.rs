@@ -28,13 +28,13 @@ use zeroize::Zeroizing;
 use super::{Index, IndexEntry, RawAudit, RawRecord, Store, StoreError, Write, Written};
 use crate::ra::rules::{self, AuditEvent, ResetOutcome};
 use crate::records::{
-    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, SecretRecord,
-    to_cbor,
+    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, OperatorRevocation, PoolEntry, ResetRecord,
+    RevokedCert, SecretRecord, to_cbor,
 };
 
 /// Every table of records, with its primary key (for ordered walks and counts). The `nodes`
 /// table (which processes are serving now) holds no record and is left out.
-const TABLES: [(&str, &str); 10] = [
+const TABLES: [(&str, &str); 11] = [
     ("lines", "id"),
     ("devices", "serial"),
     ("keys", "key_hash"),
@@ -43,6 +43,7 @@ const TABLES: [(&str, &str); 10] = [
     ("secret_versions", "serial, version"),
     ("secret_pool", "key_id"),
     ("device_resets", "serial, seq"),
+    ("operator_revocations", "name"),
     ("audit", "seq"),
     ("audit_head", "id"),
 ];
@@ -736,9 +737,9 @@ const DEVICE_COLUMNS: &str =
     "serial, spki, certificate, line, token_id, enrolled_at, status, revoked_at";
 
 /// The enrollment fast path's one read ([`Store::binding_of`]): the serial's record (NULLs
-/// when none) and the serial holding the key. The columns are [`DEVICE_COLUMNS`], written out
+/// when none), the serial holding the key, and how many times the serial was reset. The columns are [`DEVICE_COLUMNS`], written out
 /// so that the text is a constant (no string built per enrollment).
-const BINDING_OF: &str = "SELECT serial, spki, certificate, line, token_id, enrolled_at, status, revoked_at, (SELECT serial FROM keys WHERE key_hash = $2) FROM (SELECT 1) one LEFT JOIN devices ON devices.serial = $1";
+const BINDING_OF: &str = "SELECT serial, spki, certificate, line, token_id, enrolled_at, status, revoked_at, (SELECT serial FROM keys WHERE key_hash = $2), (SELECT count(*) FROM device_resets r WHERE r.serial = $1) FROM (SELECT 1) one LEFT JOIN devices ON devices.serial = $1";
 
 fn device_of(r: &Row) -> Result<DeviceRecord, StoreError> {
     let status: String = r.try_get(6).map_err(pg)?;
@@ -760,6 +761,14 @@ fn device_of(r: &Row) -> Result<DeviceRecord, StoreError> {
             }
         },
         revoked_at: ou(r.try_get(7).map_err(pg)?),
+    })
+}
+
+fn operator_revocation_of(r: &Row) -> Result<OperatorRevocation, StoreError> {
+    Ok(OperatorRevocation {
+        name: r.try_get(0).map_err(pg)?,
+        revoked_at: u(r.try_get(1).map_err(pg)?),
+        actor: r.try_get(2).map_err(pg)?,
     })
 }
 
@@ -1124,18 +1133,35 @@ impl Store for PgStore {
         &self,
         serial: u64,
         key_hash: &[u8; 32],
-    ) -> Result<(Option<DeviceRecord>, Option<u64>), StoreError> {
+    ) -> Result<crate::store::BindingRead, StoreError> {
         let key = key_hash.to_vec();
         self.run(move |pool| async move {
             let conn = pool.get().await?;
             let r = conn.db()?.one(BINDING_OF, &[&i(serial), &key]).await?;
             let found: Option<i64> = r.try_get(0).map_err(pg)?;
             let holder: Option<i64> = r.try_get(8).map_err(pg)?;
+            let resets: i64 = r.try_get(9).map_err(pg)?;
             match found {
-                Some(_) => Ok((Some(device_of(&r)?), None)),
-                None => Ok((None, holder.map(u))),
+                Some(_) => Ok(crate::store::BindingRead {
+                    device: Some(device_of(&r)?),
+                    ..Default::default()
+                }),
+                None => Ok(crate::store::BindingRead {
+                    device: None,
+                    key_holder: holder.map(u),
+                    resets: u(resets),
+                }),
             }
         })
+    }
+
+    fn resets(&self, serial: u64) -> Result<u64, StoreError> {
+        let counts = self.query_rows(
+            "SELECT count(*) FROM device_resets WHERE serial = $1".into(),
+            vec![i(serial)],
+            |r| Ok(u(r.try_get(0).map_err(pg)?)),
+        )?;
+        Ok(counts.into_iter().next().unwrap_or(0))
     }
 
     fn line(&self, id: &str) -> Result<Option<LineRecord>, StoreError> {
@@ -1396,15 +1422,117 @@ impl Store for PgStore {
         )
     }
 
-    fn revoked(&self) -> Result<Vec<(u64, u64)>, StoreError> {
-        self.query_rows(
-            "SELECT serial, revoked_at FROM devices WHERE status = 'revoked' ORDER BY serial"
-                .into(),
+    fn revoked(&self) -> Result<Vec<RevokedCert>, StoreError> {
+        // The generation is read from each certificate (SPEC.md 5), so that one issued before
+        // generations existed is listed by the serial it carries.
+        let cert = |serial: i64, certificate: Vec<u8>, at: i64| RevokedCert {
+            serial: u(serial),
+            generation: crate::records::generation_of(&certificate),
+            at: u(at),
+            superseded: false,
+        };
+        let mut out = self.query_rows(
+            "SELECT serial, certificate, revoked_at FROM devices WHERE status = 'revoked'".into(),
             vec![],
-            |r| {
-                let at: Option<i64> = r.try_get(1).map_err(pg)?;
-                Ok((u(r.try_get(0).map_err(pg)?), u(at.unwrap_or(0))))
+            move |r| {
+                let at: Option<i64> = r.try_get(2).map_err(pg)?;
+                Ok(cert(
+                    r.try_get(0).map_err(pg)?,
+                    r.try_get(1).map_err(pg)?,
+                    at.unwrap_or(0),
+                ))
             },
+        )?;
+        let superseded = self.query_rows(
+            "SELECT r.serial, r.certificate, r.reset_at, d.certificate FROM device_resets r LEFT JOIN devices d ON d.serial = r.serial".into(),
+            vec![],
+            move |r| {
+                let old = RevokedCert {
+                    superseded: true,
+                    ..cert(
+                        r.try_get(0).map_err(pg)?,
+                        r.try_get(1).map_err(pg)?,
+                        r.try_get(2).map_err(pg)?,
+                    )
+                };
+                let current: Option<Vec<u8>> = r.try_get(3).map_err(pg)?;
+                // A binding reset before generations existed has the serial its successor
+                // carries: listing it would refuse the current certificate too.
+                Ok(current
+                    .is_none_or(|c| crate::records::generation_of(&c) != old.generation)
+                    .then_some(old))
+            },
+        )?;
+        out.extend(superseded.into_iter().flatten());
+        out.sort();
+        Ok(out)
+    }
+
+    fn revoke_operator(
+        &self,
+        name: &str,
+        at: u64,
+        actor: &str,
+    ) -> Result<OperatorRevocation, StoreError> {
+        let (name, actor) = (name.to_string(), actor.to_string());
+        self.write(move |pool| {
+            let (name, actor) = (name.clone(), actor.clone());
+            async move {
+                let mut conn = pool.get().await?;
+                let (tx, stmts) = conn.transaction_db().await?;
+                let db = Db {
+                    on: On::Tx(&tx),
+                    stmts: &stmts,
+                };
+                let mut chain = lock_head(&db).await?;
+                let existing = tx
+                    .query_opt(
+                        "SELECT name, revoked_at, actor FROM operator_revocations WHERE name = $1",
+                        &[&name],
+                    )
+                    .await
+                    .map_err(pg)?
+                    .as_ref()
+                    .map(operator_revocation_of)
+                    .transpose()?;
+                let (rec, event) = rules::revoke_operator(existing.as_ref(), &name, at, &actor);
+                if let Some(event) = event {
+                    tx.execute(
+                        "INSERT INTO operator_revocations (name, revoked_at, actor) VALUES ($1, $2, $3)",
+                        &[&rec.name, &i(rec.revoked_at), &rec.actor],
+                    )
+                    .await
+                    .map_err(pg)?;
+                    append(&db, &mut chain, &event).await?;
+                    set_head(&db, &chain).await?;
+                }
+                tx.commit().await.map_err(pg)?;
+                Ok(rec)
+            }
+        })
+    }
+
+    fn operator_revocation(&self, name: &str) -> Result<Option<OperatorRevocation>, StoreError> {
+        let name = name.to_string();
+        self.run(move |pool| async move {
+            let conn = pool.get().await?;
+            let r = conn
+                .client()?
+                .query_opt(
+                    "SELECT name, revoked_at, actor FROM operator_revocations WHERE name = $1",
+                    &[&name],
+                )
+                .await
+                .map_err(pg)?;
+            r.as_ref().map(operator_revocation_of).transpose()
+        })
+    }
+
+    fn operator_revocations(&self) -> Result<Vec<OperatorRevocation>, StoreError> {
+        self.query_rows(
+            "SELECT name, revoked_at, actor FROM operator_revocations ORDER BY name".into(),
+            vec![],
+            operator_revocation_of,
         )
     }
 
@@ -1644,6 +1772,7 @@ fn kind(e: &super::Exported) -> u8 {
         X::Pool(_) => 5,
         X::Reset { .. } => 6,
         X::Audit(_) => 7,
+        X::Operator(_) => 8,
     }
 }
 
@@ -1858,6 +1987,17 @@ async fn load(tx: &Transaction<'_>, batch: Vec<super::Exported>) -> Result<(), S
             )
             .await?;
         }
+        Some(8) => {
+            exec(
+                "INSERT INTO operator_revocations (name, revoked_at, actor) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[])",
+                vec![
+                    Box::new(col!(batch, X::Operator(o) => o.name.clone())) as B,
+                    Box::new(col!(batch, X::Operator(o) => i(o.revoked_at))),
+                    Box::new(col!(batch, X::Operator(o) => o.actor.clone())),
+                ],
+            )
+            .await?;
+        }
         _ => {}
     }
     Ok(())
@@ -2032,7 +2172,8 @@ mod tests {
             let conn = pool.get().await?;
             conn.client()?
                 .batch_execute(
-                    "DROP TABLE crl_number; DROP TABLE nodes; ALTER TABLE audit DROP COLUMN node; DELETE FROM imprint_schema WHERE version >= 2",
+                    "DROP TABLE crl_number; DROP TABLE nodes; DROP TABLE operator_revocations; \
+                     ALTER TABLE audit DROP COLUMN node; DELETE FROM imprint_schema WHERE version >= 2",
                 )
                 .await
                 .map_err(pg)
@@ -2048,6 +2189,11 @@ mod tests {
         let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
         assert_eq!((verdict.entries, verdict.first_bad), (2, None));
         assert!(store.audit().all(|e| e.unwrap().node.is_none()));
+        // Version 3's table is there: an operator revocation is recorded, in the chain.
+        store.revoke_operator("bob", 5, "operator:alice").unwrap();
+        assert_eq!(store.operator_revocations().unwrap().len(), 1);
+        let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
+        assert_eq!((verdict.entries, verdict.first_bad), (3, None));
     }
 
     #[test]

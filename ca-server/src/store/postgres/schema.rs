@@ -14,10 +14,17 @@
 //! serial minus 2^64).
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// (version, SQL). Each runs in one transaction with the row that records it.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5)];
+
+/// Version 5: revoked operators (names are issued once: the name stands for its certificate).
+const V5: &str = "CREATE TABLE operator_revocations (
+    name        text PRIMARY KEY,
+    revoked_at  bigint NOT NULL,
+    actor       text NOT NULL
+);";
 
 /// Version 4: the last CRL number any node gave (RFC 5280 5.2.3: numbers only grow, across
 /// every node of the CA).

@@ -13,8 +13,8 @@ use crate::ra::rules::{
     SecretOutcome, SecretView, SecretWrite,
 };
 use crate::records::{
-    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, SecretRecord,
-    TokenUse, from_cbor, to_cbor,
+    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, OperatorRevocation, PoolEntry, ResetRecord,
+    RevokedCert, SecretRecord, TokenUse, from_cbor, generation_of, to_cbor,
 };
 
 mod raw;
@@ -34,6 +34,8 @@ const KEY_IDS: &str = "key_ids";
 const POOL: &str = "secret_pool";
 const REVOKED: &str = "revoked";
 const HISTORY: &str = "history";
+/// Revoked operators: name -> [`OperatorRevocation`].
+const OPERATORS: &str = "operators";
 const POOL_MARK: &[u8] = b"pool";
 
 /// sled-backed [`Store`].
@@ -57,6 +59,7 @@ pub struct SledStore {
     pool: sled::Tree,
     revoked: sled::Tree,
     history: sled::Tree,
+    operators: sled::Tree,
     /// sled's data file, opened again so that `sync` can fdatasync it: sled's own flush uses
     /// sync_file_range on Linux, which neither flushes the drive cache nor orders metadata.
     data_file: File,
@@ -232,6 +235,7 @@ impl SledStore {
             pool: tree(POOL)?,
             revoked: tree(REVOKED)?,
             history: tree(HISTORY)?,
+            operators: tree(OPERATORS)?,
             audit,
             db,
             data_file,
@@ -259,6 +263,7 @@ impl SledStore {
     fn enroll_in(
         (devices, keys, tokens, lines, audit): EnrollTrees<'_>,
         e: &NewEnrollment,
+        resets: u64,
         chain: &(u64, [u8; 32]),
     ) -> TxResult<(EnrollOutcome, Option<AuditEntry>)> {
         let serial_key = e.serial.to_be_bytes();
@@ -275,6 +280,7 @@ impl SledStore {
             key_holder,
             token_use: tx_get(tokens, &tkey, TOKENS)?,
             line: tx_get(lines, e.line.as_bytes(), LINES)?,
+            resets,
         };
         let (outcome, writes) = rules::enroll(&view, e);
         let Some(w) = writes else {
@@ -427,8 +433,9 @@ impl SledStore {
 impl SledStore {
     /// Every record, for a copy into another store (`ca-server store copy`), in an order that
     /// a store with foreign keys can take: lines, devices, key index, token uses, secret
-    /// versions (acknowledgement times merged), pool, history, audit. Returns how many
-    /// entries the secret index holds (one per version and pool entry in a sound store).
+    /// versions (acknowledgement times merged), pool, history, audit, revoked operators.
+    /// Returns how many entries the secret index holds (one per version and pool entry in a
+    /// sound store).
     pub fn export(
         &self,
         sink: &mut dyn FnMut(super::Exported) -> Result<(), StoreError>,
@@ -494,6 +501,9 @@ impl SledStore {
         for e in self.audit() {
             sink(Exported::Audit(e?))?;
         }
+        for r in self.operator_revocations()? {
+            sink(Exported::Operator(r))?;
+        }
         Ok(self.secret_index.len() as u64)
     }
 
@@ -528,6 +538,29 @@ impl SledStore {
             );
         }
         Ok(rec)
+    }
+}
+
+impl SledStore {
+    /// How many times `serial` was reset: its entries in the history.
+    fn reset_count(&self, serial: u64) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for r in self.history.scan_prefix(serial.to_be_bytes()) {
+            r.map_err(backend)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Every earlier binding of every reset serial, in serial order.
+    fn all_history(&self) -> Result<Vec<ResetRecord>, StoreError> {
+        self.history
+            .iter()
+            .map(|r| {
+                let (_, v) = r.map_err(backend)?;
+                from_cbor(&v).map_err(corrupt(HISTORY))
+            })
+            .collect()
     }
 }
 
@@ -588,6 +621,17 @@ impl Store for SledStore {
     fn apply_writes(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
         let mut head = self.head()?;
         let start = *head;
+        // Each enrolling serial's reset count, read outside the transaction (sled's
+        // transactions cannot scan): every writer of the history (reset_device) holds the
+        // audit head, as this batch does until it is applied, so the counts cannot change.
+        let mut resets = std::collections::HashMap::new();
+        for w in writes {
+            if let Write::Enroll(e) = w
+                && !resets.contains_key(&e.serial)
+            {
+                resets.insert(e.serial, self.reset_count(e.serial)?);
+            }
+        }
         let trees = (
             &self.devices,
             &self.keys,
@@ -611,7 +655,8 @@ impl Store for SledStore {
                     let entry = match w {
                         Write::Enroll(e) => {
                             let trees = (devices, keys, tokens, lines, audit);
-                            let (outcome, entry) = Self::enroll_in(trees, e, &chain)?;
+                            let n = resets.get(&e.serial).copied().unwrap_or(0);
+                            let (outcome, entry) = Self::enroll_in(trees, e, n, &chain)?;
                             outcomes.push(Written::Enroll(outcome));
                             entry
                         }
@@ -784,6 +829,10 @@ impl Store for SledStore {
         Ok(outcome)
     }
 
+    fn resets(&self, serial: u64) -> Result<u64, StoreError> {
+        self.reset_count(serial)
+    }
+
     fn history(&self, serial: u64) -> Result<Vec<ResetRecord>, StoreError> {
         self.history
             .scan_prefix(serial.to_be_bytes())
@@ -794,15 +843,70 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn revoked(&self) -> Result<Vec<(u64, u64)>, StoreError> {
-        self.revoked
+    fn revoked(&self) -> Result<Vec<RevokedCert>, StoreError> {
+        let mut out = Vec::new();
+        for r in self.revoked.iter() {
+            let (k, v) = r.map_err(backend)?;
+            let (Some(serial), Some(at)) = (u64_of(&k), u64_of(&v)) else {
+                return Err(corrupt(REVOKED)("entry is not two 8-byte numbers".into()));
+            };
+            let rec = self.device(serial)?.ok_or_else(|| {
+                corrupt(REVOKED)(format!("revoked serial {serial} has no device record"))
+            })?;
+            out.push(RevokedCert::revoked(&rec, at));
+        }
+        for r in self.all_history()? {
+            let old = RevokedCert::superseded(&r);
+            // A binding reset before generations existed has the serial its successor
+            // carries: listing it would refuse the current certificate too.
+            let current = self.device(old.serial)?;
+            if current.is_none_or(|d| generation_of(&d.certificate) != old.generation) {
+                out.push(old);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn revoke_operator(
+        &self,
+        name: &str,
+        at: u64,
+        actor: &str,
+    ) -> Result<OperatorRevocation, StoreError> {
+        let mut head = self.head()?;
+        let chain = *head;
+        let r = (&self.operators, &self.audit).transaction(|(operators, audit)| {
+            let existing = tx_get::<OperatorRevocation>(operators, name.as_bytes(), OPERATORS)?;
+            let (rec, event) = rules::revoke_operator(existing.as_ref(), name, at, actor);
+            let Some(event) = event else {
+                return Ok((rec, None));
+            };
+            let entry = event.entry_after(&chain);
+            operators.insert(name.as_bytes(), to_cbor(&rec))?;
+            audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
+            Ok((rec, Some(entry)))
+        });
+        let (rec, entry) = flatten(r)?;
+        if let Some(entry) = entry {
+            *head = (entry.seq, sealed_hash(&entry));
+        }
+        Ok(rec)
+    }
+
+    fn operator_revocation(&self, name: &str) -> Result<Option<OperatorRevocation>, StoreError> {
+        match self.operators.get(name.as_bytes()).map_err(backend)? {
+            None => Ok(None),
+            Some(v) => from_cbor(&v).map(Some).map_err(corrupt(OPERATORS)),
+        }
+    }
+
+    fn operator_revocations(&self) -> Result<Vec<OperatorRevocation>, StoreError> {
+        self.operators
             .iter()
             .map(|r| {
-                let (k, v) = r.map_err(backend)?;
-                match (u64_of(&k), u64_of(&v)) {
-                    (Some(s), Some(t)) => Ok((s, t)),
-                    _ => Err(corrupt(REVOKED)("entry is not two 8-byte numbers".into())),
-                }
+                let (_, v) = r.map_err(backend)?;
+                from_cbor(&v).map_err(corrupt(OPERATORS))
             })
             .collect()
     }
@@ -919,6 +1023,7 @@ impl Store for SledStore {
             (POOL, &self.pool),
             (REVOKED, &self.revoked),
             (HISTORY, &self.history),
+            (OPERATORS, &self.operators),
         ] {
             for r in tree.iter() {
                 let (k, v) = r.map_err(backend)?;
