@@ -165,7 +165,7 @@ impl CaService {
         &self.metrics
     }
 
-    /// The revoked serials (for the mutual-TLS door's handshake check).
+    /// The revoked certificates (for the mutual-TLS door's handshake check).
     pub fn revocations(&self) -> &Arc<Revocations> {
         &self.revocations
     }
@@ -182,9 +182,10 @@ impl CaService {
         Ok(())
     }
 
-    /// Reads again what other CA nodes on a shared store may have changed: the revoked serials
-    /// (the mutual-TLS door refuses them from the next handshake; the CRL is signed again) and
-    /// the lines. Returns whether the revoked set changed.
+    /// Reads again what other CA nodes on a shared store may have changed: the revoked
+    /// certificates, those of revoked devices and those a reset superseded (the mutual-TLS door
+    /// refuses them from the next handshake; the CRL is signed again), and the lines. Returns
+    /// whether the revoked set changed.
     pub fn refresh_shared_state(&self) -> Result<bool, String> {
         let revoked = self.store.revoked().map_err(|e| e.to_string())?;
         let changed = self.revocations.replace(revoked);
