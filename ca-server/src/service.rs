@@ -181,7 +181,7 @@ impl CaService {
         &self.metrics
     }
 
-    /// The revoked serials (for the mutual-TLS door's handshake check).
+    /// The revoked certificates (for the mutual-TLS door's handshake check).
     pub fn revocations(&self) -> &Arc<Revocations> {
         &self.revocations
     }
@@ -214,9 +214,9 @@ impl CaService {
         self.ra.nodes()
     }
 
-    /// Reads again what other CA nodes on a shared store may have changed: the revoked serials
-    /// (the mutual-TLS door refuses them from the next handshake; the CRL is signed again) and
-    /// the lines; and says on the store that this node is alive, learning how many nodes
+    /// Reads again what other CA nodes on a shared store may have changed: the revoked
+    /// certificates, those of revoked devices and those a reset superseded (the mutual-TLS door
+    /// refuses them from the next handshake; the CRL is signed again), and the lines; and says on the store that this node is alive, learning how many nodes
     /// share each line's rate (those seen within `window`). Returns whether the revoked set
     /// changed.
     pub fn refresh_shared_state(&self, window: std::time::Duration) -> Result<bool, String> {

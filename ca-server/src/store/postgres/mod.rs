@@ -737,8 +737,9 @@ const DEVICE_COLUMNS: &str =
     "serial, spki, certificate, line, token_id, enrolled_at, status, revoked_at";
 
 /// The enrollment fast path's one read ([`Store::binding_of`]): the serial's record (NULLs
-/// when none), the serial holding the key, and how many times the serial was reset. The columns are [`DEVICE_COLUMNS`], written out
-/// so that the text is a constant (no string built per enrollment).
+/// when none), the serial holding the key, and how many times the serial was reset. The
+/// columns are [`DEVICE_COLUMNS`], written out so that the text is a constant (no string built
+/// per enrollment).
 const BINDING_OF: &str = "SELECT serial, spki, certificate, line, token_id, enrolled_at, status, revoked_at, (SELECT serial FROM keys WHERE key_hash = $2), (SELECT count(*) FROM device_resets r WHERE r.serial = $1) FROM (SELECT 1) one LEFT JOIN devices ON devices.serial = $1";
 
 fn device_of(r: &Row) -> Result<DeviceRecord, StoreError> {
