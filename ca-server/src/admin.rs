@@ -11,6 +11,8 @@
 //! | `POST /secrets/rotate` | [`RotateRequest`] -> [`RotateResult`] |
 //! | `GET /lines`, `POST /lines` | [`LineView`] list; [`AddLine`] -> [`LineView`] |
 //! | `POST /lines/{id}/disable`, `POST /lines/{id}/enable` | [`LineView`] |
+//! | `GET /dukpt/bdks`, `POST /dukpt/bdks` | [`BdkView`](crate::dukpt::BdkView) list; [`AddBdk`](crate::dukpt::AddBdk) -> `BdkView` |
+//! | `POST /dukpt/derive` | [`DeriveRequest`](crate::dukpt::DeriveRequest) -> [`DeriveView`](crate::dukpt::DeriveView) (a KCV, never a key) |
 //! | `GET /audit?after=N&limit=M` | JSON lines of [`AuditLine`] after sequence N |
 //! | `GET /audit/verify` | [`AuditVerdict`](crate::audit::AuditVerdict) |
 //! | `GET /crl` | the CRL, DER |
@@ -324,6 +326,9 @@ fn operation_name(method: &Method, path: &str) -> &'static str {
         ("POST", ["lines"]) => "line-add",
         ("POST", ["lines", _, "disable"]) => "line-disable",
         ("POST", ["lines", _, "enable"]) => "line-enable",
+        ("GET", ["dukpt", "bdks"]) => "dukpt-list",
+        ("POST", ["dukpt", "bdks"]) => "dukpt-add-bdk",
+        ("POST", ["dukpt", "derive"]) => "dukpt-derive",
         ("GET", ["audit"]) => "audit-export",
         ("GET", ["audit", "verify"]) => "audit-verify",
         ("GET", ["crl"]) => "crl",
@@ -442,6 +447,44 @@ async fn route(
                 e => AdminProblem::internal("line add", e),
             })?;
             json(StatusCode::CREATED, &line_view(&line))
+        }
+        ("GET", ["dukpt", "bdks"]) => {
+            let bdks = service
+                .store()
+                .bdks()
+                .map_err(|e| AdminProblem::internal("store", e))?;
+            json(
+                StatusCode::OK,
+                &bdks.iter().map(crate::dukpt::bdk_view).collect::<Vec<_>>(),
+            )
+        }
+        ("POST", ["dukpt", "bdks"]) => {
+            let body: crate::dukpt::AddBdk = read_json(req).await?;
+            let id = crate::dukpt::parse_bdk_id(&body.bdk_id).map_err(dukpt_problem)?;
+            let bdk = crate::dukpt::key_of(&body, service.secret_keys()).map_err(dukpt_problem)?;
+            let record = crate::dukpt::seal(
+                service.store().as_ref(),
+                service.secret_keys(),
+                id,
+                &bdk,
+                service.now(),
+            )
+            .map_err(dukpt_problem)?;
+            let record = service
+                .add_bdk(record, actor)
+                .await
+                .map_err(|e| dukpt_problem(e.into()))?;
+            json(StatusCode::CREATED, &crate::dukpt::bdk_view(&record))
+        }
+        ("POST", ["dukpt", "derive"]) => {
+            let body: crate::dukpt::DeriveRequest = read_json(req).await?;
+            let view = crate::dukpt::derive(service.store().as_ref(), service.secret_keys(), &body)
+                .map_err(dukpt_problem)?;
+            service
+                .record_event("dukpt-derive", None, actor, format!("ksn={}", view.ksn))
+                .await
+                .map_err(|e| AdminProblem::internal("audit", e))?;
+            json(StatusCode::OK, &view)
         }
         ("POST", ["lines", id, action @ ("disable" | "enable")]) => {
             let line = service
@@ -756,6 +799,17 @@ pub fn line_view(l: &LineRecord) -> LineView {
         active: l.active,
         key_fingerprint: fingerprint(&l.public_key),
         created_at: l.created_at,
+    }
+}
+
+/// A refused DUKPT action: bad input 400, an id taken 409, an unknown BDK 404.
+fn dukpt_problem(r: crate::dukpt::BdkRefusal) -> AdminProblem {
+    use crate::dukpt::BdkRefusal;
+    match r {
+        BdkRefusal::Invalid(why) => AdminProblem::bad_request(why),
+        e @ BdkRefusal::Exists(_) => AdminProblem::new(StatusCode::CONFLICT, e.to_string()),
+        e @ BdkRefusal::Unknown(_) => AdminProblem::not_found(e.to_string()),
+        BdkRefusal::Internal(why) => AdminProblem::internal("dukpt", why),
     }
 }
 

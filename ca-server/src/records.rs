@@ -234,3 +234,28 @@ pub struct PoolEntry {
     #[serde(rename = "t")]
     pub imported_at: u64,
 }
+
+/// An AES DUKPT Base Derivation Key (ANSI X9.24-3-2017), sealed at rest under the
+/// key-encryption key (AES-256-GCM, AAD `"imprint-bdk-v1" || BDK id || algorithm`). Never
+/// shown, logged or exported in the clear: operators see its id, algorithm and KCV.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BdkRecord {
+    /// The BDK id: 8 hex digits, upper case (the first 4 octets of every Initial Key ID).
+    #[serde(rename = "i")]
+    pub id: String,
+    /// `aes-128` or `aes-256`.
+    #[serde(rename = "a")]
+    pub algorithm: String,
+    /// AES-256-GCM ciphertext and tag of the key.
+    #[serde(rename = "x", with = "serde_bytes")]
+    pub ciphertext: Vec<u8>,
+    /// The GCM nonce.
+    #[serde(rename = "o", with = "serde_bytes")]
+    pub nonce: Vec<u8>,
+    /// Key check value: AES-CMAC of a zero block, 5 octets (ANSI X9.24-1-2017).
+    #[serde(rename = "c", with = "serde_bytes")]
+    pub kcv: Vec<u8>,
+    /// Unix seconds of its addition.
+    #[serde(rename = "t")]
+    pub created_at: u64,
+}

@@ -7,7 +7,7 @@ use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
-use crate::records::{PoolEntry, SecretRecord};
+use crate::records::{BdkRecord, PoolEntry, SecretRecord};
 
 /// Keys derived from the CA's key-encryption key (`kek.bin`).
 pub struct SecretKeys {
@@ -48,6 +48,15 @@ fn device_aad(serial: u64, key_id: &str, version: u64) -> Vec<u8> {
     a.extend_from_slice(&serial.to_be_bytes());
     a.extend_from_slice(&version.to_be_bytes());
     a.extend_from_slice(key_id.as_bytes());
+    a
+}
+
+/// AAD binding a sealed BDK to its id and algorithm.
+fn bdk_aad(id: &str, algorithm: &str) -> Vec<u8> {
+    let mut a = b"imprint-bdk-v1".to_vec();
+    a.extend_from_slice(id.as_bytes());
+    a.push(0);
+    a.extend_from_slice(algorithm.as_bytes());
     a
 }
 
@@ -117,7 +126,7 @@ impl SecretKeys {
         hmac::sign(&self.index, secret).as_ref().to_vec()
     }
 
-    fn seal_with(&self, aad: &[u8], secret: &[u8; 32]) -> Result<(Vec<u8>, Vec<u8>), String> {
+    fn seal_with(&self, aad: &[u8], secret: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
         let mut nonce = [0u8; 12];
         self.rng
             .fill(&mut nonce)
@@ -139,9 +148,23 @@ impl SecretKeys {
         ciphertext: &[u8],
         nonce: &[u8],
     ) -> Result<Zeroizing<[u8; 32]>, String> {
+        let plain = self.open_bytes(aad, ciphertext, nonce)?;
+        let arr: [u8; 32] = plain
+            .as_slice()
+            .try_into()
+            .map_err(|_| "stored secret is not 32 bytes".to_string())?;
+        Ok(Zeroizing::new(arr))
+    }
+
+    fn open_bytes(
+        &self,
+        aad: &[u8],
+        ciphertext: &[u8],
+        nonce: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, String> {
         let nonce: [u8; 12] = nonce.try_into().map_err(|_| "bad nonce".to_string())?;
         let mut buf = Zeroizing::new(ciphertext.to_vec());
-        let plain = self
+        let n = self
             .seal
             .open_in_place(
                 Nonce::assume_unique_for_key(nonce),
@@ -150,11 +173,43 @@ impl SecretKeys {
             )
             .map_err(|_| {
                 "a stored secret failed authentication (wrong key or tampered record)".to_string()
-            })?;
-        let arr: [u8; 32] = (&*plain)
-            .try_into()
-            .map_err(|_| "stored secret is not 32 bytes".to_string())?;
-        Ok(Zeroizing::new(arr))
+            })?
+            .len();
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Seals a DUKPT Base Derivation Key under the key-encryption key.
+    pub fn seal_bdk(
+        &self,
+        id: protocol_spec::dukpt::BdkId,
+        bdk: &protocol_spec::dukpt::Bdk,
+        at: u64,
+    ) -> Result<BdkRecord, String> {
+        let algorithm = bdk.key_type().name();
+        let (ciphertext, nonce) =
+            self.seal_with(&bdk_aad(&id.to_string(), algorithm), bdk.expose())?;
+        Ok(BdkRecord {
+            id: id.to_string(),
+            algorithm: algorithm.to_string(),
+            ciphertext,
+            nonce,
+            kcv: bdk.kcv().to_vec(),
+            created_at: at,
+        })
+    }
+
+    /// Opens a sealed Base Derivation Key, and checks it against its algorithm and KCV.
+    pub fn open_bdk(&self, r: &BdkRecord) -> Result<protocol_spec::dukpt::Bdk, String> {
+        let plain = self.open_bytes(&bdk_aad(&r.id, &r.algorithm), &r.ciphertext, &r.nonce)?;
+        let bdk = protocol_spec::dukpt::AesKey::from_bytes(&plain).map_err(|e| e.to_string())?;
+        if bdk.key_type().name() != r.algorithm || bdk.kcv()[..] != r.kcv[..] {
+            return Err(format!(
+                "BDK {}: the stored key does not match its record",
+                r.id
+            ));
+        }
+        Ok(bdk)
     }
 
     /// A new version record for a device.

@@ -14,7 +14,7 @@ use crate::commit::Committer;
 use crate::issuer::{IssueError, Issuer};
 use crate::metrics::{Metrics, Transport};
 use crate::ra::{RegistrationAuthority, rules};
-use crate::records::{DeviceRecord, DeviceStatus, LineRecord, SecretRecord};
+use crate::records::{BdkRecord, DeviceRecord, DeviceStatus, LineRecord, SecretRecord};
 use crate::revocation::{CRL_VALIDITY, Crl, Revocations};
 use crate::secrets::SecretKeys;
 use crate::store::{
@@ -587,6 +587,14 @@ impl CaService {
         self.committer.run(move |s| s.add_line(&l, &actor)).await?;
         self.reload_lines().map_err(StoreError::Backend)?;
         Ok(line)
+    }
+
+    /// Stores a sealed DUKPT Base Derivation Key (durable on return).
+    pub async fn add_bdk(&self, bdk: BdkRecord, actor: &str) -> Result<BdkRecord, StoreError> {
+        let actor = actor.to_string();
+        let b = bdk.clone();
+        self.committer.run(move |s| s.add_bdk(&b, &actor)).await?;
+        Ok(bdk)
     }
 
     /// Enables or disables a line (durable on return); `None` if unknown.

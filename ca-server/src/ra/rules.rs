@@ -12,7 +12,8 @@
 use protocol_spec::{Problem, ProblemType};
 
 use crate::records::{
-    DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, SecretRecord, TokenUse,
+    BdkRecord, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, SecretRecord,
+    TokenUse,
 };
 
 /// Why a rule refused a write. Nothing was written.
@@ -934,6 +935,30 @@ pub fn add_line(
         detail: format!(
             "line={} serials={}-{} quota={} rate={}",
             line.id, line.first_serial, line.last_serial, line.quota, line.rate
+        ),
+    })
+}
+
+/// A BDK addition's audit event (id, algorithm and KCV; never the key); `Err` when the id is
+/// taken.
+pub fn add_bdk(
+    existing: Option<&BdkRecord>,
+    bdk: &BdkRecord,
+    actor: &str,
+) -> Result<AuditEvent, String> {
+    if existing.is_some() {
+        return Err(bdk.id.clone());
+    }
+    Ok(AuditEvent {
+        at: bdk.created_at,
+        event: "dukpt-add-bdk".into(),
+        serial: None,
+        actor: actor.to_string(),
+        detail: format!(
+            "bdk_id={} algorithm={} kcv={}",
+            bdk.id,
+            bdk.algorithm,
+            hex::encode_upper(&bdk.kcv)
         ),
     })
 }

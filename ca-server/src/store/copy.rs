@@ -34,7 +34,7 @@ pub fn sled_to_postgres(dir: &CaDir, target: &StoreSettings) -> Result<String, S
         ));
     }
 
-    let mut counts = [0u64; 8];
+    let mut counts = [0u64; 9];
     let mut importer = pg.importer().map_err(|e| e.to_string())?;
     let index_entries = sled
         .export(&mut |e| {
@@ -71,6 +71,7 @@ fn kind_index(e: &Exported) -> usize {
         Exported::Pool(_) => 5,
         Exported::Reset { .. } => 6,
         Exported::Audit(_) => 7,
+        Exported::Bdk(_) => 8,
     }
 }
 
@@ -78,7 +79,7 @@ fn verify(
     sled: &SledStore,
     pg: &PgStore,
     head: &crate::audit::AuditVerdict,
-    counts: &[u64; 8],
+    counts: &[u64; 9],
 ) -> Result<(), String> {
     let err = |e: StoreError| e.to_string();
     let anchor: crate::audit::Anchor = format!("{}:{}", head.entries, head.head).parse()?;
@@ -94,6 +95,10 @@ fn verify(
     }
     if sled.lines().map_err(err)? != pg.lines().map_err(err)? {
         return Err("the lines differ".into());
+    }
+    let bdks = sled.bdks().map_err(err)?;
+    if bdks != pg.bdks().map_err(err)? || bdks.len() as u64 != counts[8] {
+        return Err("the DUKPT BDKs differ".into());
     }
     let mut devices = 0u64;
     for d in sled.devices() {

@@ -94,7 +94,9 @@ pub fn dir_size(dir: &std::path::Path) -> u64 {
 pub use crate::ra::rules::{
     EnrollOutcome, NewEnrollment, Refusal, ResetOutcome, SecretOp, SecretOutcome,
 };
-use crate::records::{AuditEntry, DeviceRecord, LineRecord, PoolEntry, ResetRecord, SecretRecord};
+use crate::records::{
+    AuditEntry, BdkRecord, DeviceRecord, LineRecord, PoolEntry, ResetRecord, SecretRecord,
+};
 
 /// One stored record: (table, key, value).
 pub type RawRecord = (String, Vec<u8>, Vec<u8>);
@@ -124,6 +126,9 @@ pub enum StoreError {
     /// A line with this id is already registered.
     #[error("line {0:?} already exists")]
     LineExists(String),
+    /// A DUKPT Base Derivation Key with this id is already stored.
+    #[error("BDK {0} already exists: a BDK id names one key for ever")]
+    BdkExists(String),
     /// The database cannot be reached (or lost its connection mid-write, which it rolled back):
     /// nothing was written; retry later.
     #[error("store unavailable: {0}")]
@@ -175,6 +180,8 @@ pub enum Exported {
     },
     /// An audit entry, exactly as recorded.
     Audit(AuditEntry),
+    /// A DUKPT Base Derivation Key, sealed as stored.
+    Bdk(BdkRecord),
 }
 
 /// One of the store's indexes: each binds a value to the one record that holds it. The
@@ -267,6 +274,11 @@ pub trait Store: Send + Sync + 'static {
     fn line(&self, id: &str) -> Result<Option<LineRecord>, StoreError>;
     /// All registered lines.
     fn lines(&self) -> Result<Vec<LineRecord>, StoreError>;
+    /// Stores a sealed DUKPT Base Derivation Key (refuses an existing id), with its audit
+    /// entry; durable on return.
+    fn add_bdk(&self, bdk: &BdkRecord, actor: &str) -> Result<(), StoreError>;
+    /// Every stored Base Derivation Key (sealed), in id order.
+    fn bdks(&self) -> Result<Vec<BdkRecord>, StoreError>;
     /// Registers a line (refuses an existing id), with its audit entry; durable on return.
     fn add_line(&self, line: &LineRecord, actor: &str) -> Result<(), StoreError>;
     /// Applies one enrollment atomically: checks the stateful rules (SPEC.md 3.3, 12 to 17) and

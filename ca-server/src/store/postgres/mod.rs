@@ -27,12 +27,12 @@ use zeroize::Zeroizing;
 use super::{Index, IndexEntry, RawAudit, RawRecord, Store, StoreError, Write, Written};
 use crate::ra::rules::{self, AuditEvent, ResetOutcome};
 use crate::records::{
-    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, SecretRecord,
-    to_cbor,
+    AuditEntry, BdkRecord, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord,
+    SecretRecord, to_cbor,
 };
 
 /// Every table of the schema, with its primary key (for ordered walks and counts).
-const TABLES: [(&str, &str); 10] = [
+const TABLES: [(&str, &str); 11] = [
     ("lines", "id"),
     ("devices", "serial"),
     ("keys", "key_hash"),
@@ -43,6 +43,7 @@ const TABLES: [(&str, &str); 10] = [
     ("device_resets", "serial, seq"),
     ("audit", "seq"),
     ("audit_head", "id"),
+    ("dukpt_bdks", "id"),
 ];
 
 /// One query parameter.
@@ -706,6 +707,19 @@ fn line_of(r: &Row) -> Result<LineRecord, StoreError> {
     })
 }
 
+const BDK_COLUMNS: &str = "id, algorithm, ciphertext, nonce, kcv, created_at";
+
+fn bdk_of(r: &Row) -> Result<BdkRecord, StoreError> {
+    Ok(BdkRecord {
+        id: r.try_get(0).map_err(pg)?,
+        algorithm: r.try_get(1).map_err(pg)?,
+        ciphertext: r.try_get(2).map_err(pg)?,
+        nonce: r.try_get(3).map_err(pg)?,
+        kcv: r.try_get(4).map_err(pg)?,
+        created_at: u(r.try_get(5).map_err(pg)?),
+    })
+}
+
 const SECRET_COLUMNS: &str = "serial, version, key_id, ciphertext, nonce, kcv, index_tag, source, created_at, delivered_at, confirmed_at, retired_at";
 
 fn secret_of(r: &Row) -> Result<SecretRecord, StoreError> {
@@ -1067,6 +1081,58 @@ impl Store for PgStore {
                 tx.commit().await.map_err(pg)
             }
         })
+    }
+
+    fn add_bdk(&self, bdk: &BdkRecord, actor: &str) -> Result<(), StoreError> {
+        let (bdk, actor) = (bdk.clone(), actor.to_string());
+        self.write(move |pool| {
+            let (bdk, actor) = (bdk.clone(), actor.clone());
+            async move {
+                let mut conn = pool.get().await?;
+                let (tx, stmts) = conn.transaction_db().await?;
+                let db = Db {
+                    on: On::Tx(&tx),
+                    stmts: &stmts,
+                };
+                let mut chain = lock_head(&db).await?;
+                let q = format!("SELECT {BDK_COLUMNS} FROM dukpt_bdks WHERE id = $1");
+                let existing = tx
+                    .query_opt(q.as_str(), &[&bdk.id])
+                    .await
+                    .map_err(pg)?
+                    .as_ref()
+                    .map(bdk_of)
+                    .transpose()?;
+                let event = rules::add_bdk(existing.as_ref(), &bdk, &actor)
+                    .map_err(StoreError::BdkExists)?;
+                // The primary key refuses a concurrent addition of the same id (a unique
+                // violation: this transaction rolls back and the retry sees the row).
+                tx.execute(
+                    "INSERT INTO dukpt_bdks (id, algorithm, ciphertext, nonce, kcv, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[
+                        &bdk.id,
+                        &bdk.algorithm,
+                        &bdk.ciphertext,
+                        &bdk.nonce,
+                        &bdk.kcv,
+                        &i(bdk.created_at),
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+                append(&db, &mut chain, &event).await?;
+                set_head(&db, &chain).await?;
+                tx.commit().await.map_err(pg)
+            }
+        })
+    }
+
+    fn bdks(&self) -> Result<Vec<BdkRecord>, StoreError> {
+        self.query_rows(
+            format!("SELECT {BDK_COLUMNS} FROM dukpt_bdks ORDER BY id"),
+            vec![],
+            bdk_of,
+        )
     }
 
     fn apply_writes(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
@@ -1505,6 +1571,7 @@ fn kind(e: &super::Exported) -> u8 {
         X::Pool(_) => 5,
         X::Reset { .. } => 6,
         X::Audit(_) => 7,
+        X::Bdk(_) => 8,
     }
 }
 
@@ -1702,6 +1769,20 @@ async fn load(tx: &Transaction<'_>, batch: Vec<super::Exported>) -> Result<(), S
             )
             .await?;
         }
+        Some(8) => {
+            exec(
+                "INSERT INTO dukpt_bdks (id, algorithm, ciphertext, nonce, kcv, created_at) SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::bytea[], $6::bigint[])",
+                vec![
+                    Box::new(col!(batch, X::Bdk(b) => b.id.clone())) as B,
+                    Box::new(col!(batch, X::Bdk(b) => b.algorithm.clone())),
+                    Box::new(col!(batch, X::Bdk(b) => b.ciphertext.clone())),
+                    Box::new(col!(batch, X::Bdk(b) => b.nonce.clone())),
+                    Box::new(col!(batch, X::Bdk(b) => b.kcv.clone())),
+                    Box::new(col!(batch, X::Bdk(b) => i(b.created_at))),
+                ],
+            )
+            .await?;
+        }
         Some(7) => {
             exec(
                 batch::INSERT_AUDITS,
@@ -1877,7 +1958,7 @@ mod tests {
             let conn = pool.get().await?;
             conn.client()?
                 .batch_execute(
-                    "ALTER TABLE audit DROP COLUMN node; DELETE FROM imprint_schema WHERE version = 2",
+                    "DROP TABLE dukpt_bdks; ALTER TABLE audit DROP COLUMN node; DELETE FROM imprint_schema WHERE version IN (2, 3)",
                 )
                 .await
                 .map_err(pg)

@@ -14,10 +14,23 @@
 //! serial minus 2^64).
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// (version, SQL). Each runs in one transaction with the row that records it.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3)];
+
+/// Version 3: AES DUKPT Base Derivation Keys, sealed under the key-encryption key (never in
+/// the clear: the CA opens them with the KEK only to derive).
+const V3: &str = r#"
+CREATE TABLE dukpt_bdks (
+    id          text PRIMARY KEY CHECK (id ~ '^[0-9A-F]{8}$'),
+    algorithm   text NOT NULL CHECK (algorithm IN ('aes-128', 'aes-256')),
+    ciphertext  bytea NOT NULL,
+    nonce       bytea NOT NULL,
+    kcv         bytea NOT NULL,
+    created_at  bigint NOT NULL
+);
+"#;
 
 /// Version 2: the CA node that wrote each audit entry (NULL for entries written before).
 const V2: &str = "ALTER TABLE audit ADD COLUMN node text;";

@@ -13,8 +13,8 @@ use crate::ra::rules::{
     SecretOutcome, SecretView, SecretWrite,
 };
 use crate::records::{
-    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord, SecretRecord,
-    TokenUse, from_cbor, to_cbor,
+    AuditEntry, BdkRecord, DeviceRecord, DeviceStatus, LineRecord, PoolEntry, ResetRecord,
+    SecretRecord, TokenUse, from_cbor, to_cbor,
 };
 
 mod raw;
@@ -34,6 +34,8 @@ const KEY_IDS: &str = "key_ids";
 const POOL: &str = "secret_pool";
 const REVOKED: &str = "revoked";
 const HISTORY: &str = "history";
+/// DUKPT Base Derivation Keys, sealed: BDK id -> [`BdkRecord`].
+const BDKS: &str = "dukpt_bdks";
 const POOL_MARK: &[u8] = b"pool";
 
 /// sled-backed [`Store`].
@@ -53,6 +55,7 @@ pub struct SledStore {
     pool: sled::Tree,
     revoked: sled::Tree,
     history: sled::Tree,
+    bdks: sled::Tree,
     /// sled's data file, opened again so that `sync` can fdatasync it: sled's own flush uses
     /// sync_file_range on Linux, which neither flushes the drive cache nor orders metadata.
     data_file: File,
@@ -228,6 +231,7 @@ impl SledStore {
             pool: tree(POOL)?,
             revoked: tree(REVOKED)?,
             history: tree(HISTORY)?,
+            bdks: tree(BDKS)?,
             audit,
             db,
             data_file,
@@ -430,6 +434,9 @@ impl SledStore {
         sink: &mut dyn FnMut(super::Exported) -> Result<(), StoreError>,
     ) -> Result<u64, StoreError> {
         use super::Exported;
+        for b in self.bdks()? {
+            sink(Exported::Bdk(b))?;
+        }
         for r in self.lines.iter() {
             let (_, v) = r.map_err(backend)?;
             sink(Exported::Line(from_cbor(&v).map_err(corrupt(LINES))?))?;
@@ -579,6 +586,36 @@ impl Store for SledStore {
         *head = (entry.seq, sealed_hash(&entry));
         drop(head);
         self.sync()
+    }
+
+    fn add_bdk(&self, bdk: &BdkRecord, actor: &str) -> Result<(), StoreError> {
+        let mut head = self.head()?;
+        let chain = *head;
+        let r = (&self.bdks, &self.audit).transaction(|(bdks, audit)| {
+            let existing = tx_get::<BdkRecord>(bdks, bdk.id.as_bytes(), BDKS)?;
+            let event = match rules::add_bdk(existing.as_ref(), bdk, actor) {
+                Ok(ev) => ev,
+                Err(id) => return abort(StoreError::BdkExists(id)),
+            };
+            let entry = event.entry_after(&chain);
+            bdks.insert(bdk.id.as_bytes(), to_cbor(bdk))?;
+            audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
+            Ok(entry)
+        });
+        let entry = flatten(r)?;
+        *head = (entry.seq, sealed_hash(&entry));
+        drop(head);
+        self.sync()
+    }
+
+    fn bdks(&self) -> Result<Vec<BdkRecord>, StoreError> {
+        self.bdks
+            .iter()
+            .map(|r| {
+                let (_, v) = r.map_err(backend)?;
+                from_cbor(&v).map_err(corrupt(BDKS))
+            })
+            .collect()
     }
 
     fn apply_writes(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
@@ -900,6 +937,7 @@ impl Store for SledStore {
             (POOL, &self.pool),
             (REVOKED, &self.revoked),
             (HISTORY, &self.history),
+            (BDKS, &self.bdks),
         ] {
             for r in tree.iter() {
                 let (k, v) = r.map_err(backend)?;
