@@ -93,6 +93,9 @@ pub struct BindingView {
 pub struct SecretView {
     /// Key id.
     pub key_id: String,
+    /// For a DUKPT Initial Key: its Initial Key ID, hex (BDK id, then derivation id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_key_id: Option<String>,
     /// Version.
     pub version: u64,
     /// `csprng` or `import`.
@@ -147,6 +150,13 @@ pub struct LineView {
     pub key_fingerprint: String,
     /// Registration time, Unix seconds.
     pub created_at: u64,
+    /// Where its devices' secrets come from: `random`, `pool` or `dukpt:BDKID`.
+    #[serde(default = "random_source")]
+    pub secret_source: String,
+}
+
+fn random_source() -> String {
+    "random".into()
 }
 
 /// `POST /lines`.
@@ -165,6 +175,9 @@ pub struct AddLine {
     /// Enrollments per second (0 or absent: no limit).
     #[serde(default)]
     pub rate: u32,
+    /// `random` (absent), `pool` or `dukpt:BDKID` (a stored BDK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_source: Option<String>,
 }
 
 /// `POST /secrets/rotate`: exactly one of the three.
@@ -429,6 +442,10 @@ async fn route(
             )
             .map_err(AdminProblem::bad_request)?;
             line.rate = body.rate;
+            if let Some(source) = &body.secret_source {
+                line.secret_source = crate::lines::secret_source(service.store().as_ref(), source)
+                    .map_err(AdminProblem::bad_request)?;
+            }
             if service
                 .store()
                 .line(&line.id)
@@ -763,6 +780,7 @@ fn binding_view(d: &DeviceRecord) -> BindingView {
 
 fn secret_view(s: &SecretRecord) -> SecretView {
     SecretView {
+        initial_key_id: crate::ra::rules::dukpt_claim(s).map(|_| s.key_id.clone()),
         key_id: s.key_id.clone(),
         version: s.version,
         source: s.source.clone(),
@@ -799,6 +817,7 @@ pub fn line_view(l: &LineRecord) -> LineView {
         active: l.active,
         key_fingerprint: fingerprint(&l.public_key),
         created_at: l.created_at,
+        secret_source: l.secret_source.to_string(),
     }
 }
 

@@ -403,6 +403,11 @@ enum LineCommand {
         /// 0 = no limit. Faster requests get rate-limited (429, CoAP 4.29).
         #[arg(long, default_value_t = 0)]
         rate: u32,
+        /// Where its devices' secrets come from: random (the CA's CSPRNG, or an imported key
+        /// while the pool holds any), pool (imported keys only), or dukpt:BDKID (each device's
+        /// AES DUKPT Initial Key under that stored BDK).
+        #[arg(long = "secret-source", default_value = "random")]
+        secret_source: String,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -783,6 +788,7 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
             serials,
             quota,
             rate,
+            secret_source,
             admin,
         } => {
             let pem = std::fs::read_to_string(&public_key)
@@ -794,6 +800,8 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
                     let mut rec =
                         crate::lines::new_line(&id, &pem, range, quota, SystemClock.now())?;
                     rec.rate = rate;
+                    rec.secret_source =
+                        crate::lines::secret_source(store.as_ref(), &secret_source)?;
                     store.add_line(&rec, "cli").map_err(|e| e.to_string())?;
                     crate::admin::line_view(&rec)
                 }
@@ -804,6 +812,7 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
                         serials,
                         quota,
                         rate,
+                        secret_source: Some(secret_source),
                     })
                     .map_err(|e| e.to_string())?;
                     call(&admin, "POST", "/lines", Some(body))?.json::<LineView>()?
@@ -813,12 +822,13 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
                 print_json(&line)?;
             } else {
                 println!(
-                    "line {} registered: serials {}-{}, quota {}, {}",
+                    "line {} registered: serials {}-{}, quota {}, {}, secrets {}",
                     line.id,
                     line.first_serial,
                     line.last_serial,
                     line.quota,
-                    rate_text(line.rate)
+                    rate_text(line.rate),
+                    line.secret_source
                 );
             }
             Ok(true)
@@ -837,12 +847,12 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
                 print_json(&lines)?;
             } else {
                 println!(
-                    "{:<16} {:>23} {:>10} {:>10} {:>8}  state",
-                    "line", "serials", "quota", "enrolled", "rate/s"
+                    "{:<16} {:>23} {:>10} {:>10} {:>8}  {:<8}  secrets",
+                    "line", "serials", "quota", "enrolled", "rate/s", "state"
                 );
                 for l in &lines {
                     println!(
-                        "{:<16} {:>23} {:>10} {:>10} {:>8}  {}",
+                        "{:<16} {:>23} {:>10} {:>10} {:>8}  {:<8}  {}",
                         l.id,
                         format!("{}-{}", l.first_serial, l.last_serial),
                         l.quota,
@@ -852,7 +862,8 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
                         } else {
                             l.rate.to_string()
                         },
-                        if l.active { "active" } else { "disabled" }
+                        if l.active { "active" } else { "disabled" },
+                        l.secret_source
                     );
                 }
             }
@@ -942,10 +953,15 @@ fn print_device(v: &DeviceView) {
             "ver", "key id", "source", "kcv", "created", "delivered", "confirmed"
         );
         for s in &v.secrets {
+            // A DUKPT version's key id is its Initial Key ID.
+            let key_id = match &s.initial_key_id {
+                Some(id) => format!("{id} (initial key id)"),
+                None => s.key_id.clone(),
+            };
             println!(
                 "    {:>3}  {:<34} {:<7} {:<6} {:<20} {:<20} {:<20}{}",
                 s.version,
-                s.key_id,
+                key_id,
                 s.source,
                 s.kcv,
                 rfc3339(s.created_at),

@@ -343,6 +343,9 @@ mod tests {
         fn bdks(&self) -> Result<Vec<crate::records::BdkRecord>, StoreError> {
             self.inner.bdks()
         }
+        fn dukpt_next(&self, bdk_id: &str) -> Result<u64, StoreError> {
+            self.inner.dukpt_next(bdk_id)
+        }
         fn apply_writes(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
             self.inner.apply_writes(writes)
         }

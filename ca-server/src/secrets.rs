@@ -122,7 +122,7 @@ impl SecretKeys {
     }
 
     /// The keyed hash that indexes a plaintext secret.
-    pub fn index_tag(&self, secret: &[u8; 32]) -> Vec<u8> {
+    pub fn index_tag(&self, secret: &[u8]) -> Vec<u8> {
         hmac::sign(&self.index, secret).as_ref().to_vec()
     }
 
@@ -212,21 +212,25 @@ impl SecretKeys {
         Ok(bdk)
     }
 
-    /// A new version record for a device.
+    /// A new version record for a device. The secret's length and KCV follow its source's
+    /// algorithm ([`algorithm_of`]).
     pub fn seal_version(
         &self,
         serial: u64,
         version: u64,
         key_id: String,
-        secret: &[u8; 32],
+        secret: &[u8],
         source: &str,
         at: u64,
     ) -> Result<SecretRecord, String> {
+        let kcv = algorithm_of(source)
+            .kcv(secret)
+            .ok_or_else(|| format!("a {source} secret of {} bytes", secret.len()))?;
         let (ciphertext, nonce) = self.seal_with(&device_aad(serial, &key_id, version), secret)?;
         Ok(SecretRecord {
             serial,
             version,
-            kcv: protocol_spec::secret::kcv(secret).to_vec(),
+            kcv,
             index_tag: self.index_tag(secret),
             key_id,
             ciphertext,
@@ -240,8 +244,8 @@ impl SecretKeys {
     }
 
     /// Decrypts a device's version.
-    pub fn open_version(&self, r: &SecretRecord) -> Result<Zeroizing<[u8; 32]>, String> {
-        self.open_with(
+    pub fn open_version(&self, r: &SecretRecord) -> Result<Zeroizing<Vec<u8>>, String> {
+        self.open_bytes(
             &device_aad(r.serial, &r.key_id, r.version),
             &r.ciphertext,
             &r.nonce,
@@ -270,6 +274,48 @@ impl SecretKeys {
     pub fn open_pool(&self, e: &PoolEntry) -> Result<Zeroizing<[u8; 32]>, String> {
         self.open_with(&pool_aad(&e.key_id), &e.ciphertext, &e.nonce)
     }
+}
+
+/// The delivery algorithm of a version of `source` (its record's `source`): the DUKPT sources
+/// `dukpt-aes-128` and `dukpt-aes-256`, else `aes-256`.
+pub fn algorithm_of(source: &str) -> protocol_spec::secret::SecretAlgorithm {
+    use protocol_spec::dukpt::KeyType;
+    use protocol_spec::secret::SecretAlgorithm;
+    match source {
+        "dukpt-aes-128" => SecretAlgorithm::Dukpt(KeyType::Aes128),
+        "dukpt-aes-256" => SecretAlgorithm::Dukpt(KeyType::Aes256),
+        _ => SecretAlgorithm::Aes256,
+    }
+}
+
+/// A device's AES DUKPT Initial Key under the stored BDK `bdk_id`, at the derivation id the
+/// BDK gives out next plus `offset` (the allocations before it in the same batch): the secret,
+/// its key id (the Initial Key ID in hex) and its source. The version's transaction takes the
+/// derivation id only if it is still the next one ([`crate::ra::rules::dukpt_claim`]).
+pub fn dukpt_secret(
+    store: &dyn crate::store::Store,
+    keys: &SecretKeys,
+    bdk_id: protocol_spec::dukpt::BdkId,
+    offset: u64,
+) -> Result<(Zeroizing<Vec<u8>>, String, String), String> {
+    let name = bdk_id.to_string();
+    let record = store
+        .bdks()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|b| b.id == name)
+        .ok_or_else(|| format!("the line's BDK {name} is not stored"))?;
+    let next = store.dukpt_next(&name).map_err(|e| e.to_string())? + offset;
+    let derivation_id =
+        u32::try_from(next).map_err(|_| format!("BDK {name} has given out every derivation id"))?;
+    let id = protocol_spec::dukpt::InitialKeyId::new(bdk_id, derivation_id);
+    let bdk = keys.open_bdk(&record)?;
+    let ik = protocol_spec::dukpt::initial_key(&bdk, id);
+    Ok((
+        Zeroizing::new(ik.expose().to_vec()),
+        id.to_string(),
+        format!("dukpt-{}", bdk.key_type().name()),
+    ))
 }
 
 /// A key id and its 32 secret bytes, from an import file.

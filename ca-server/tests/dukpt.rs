@@ -449,3 +449,407 @@ async fn through_the_admin_api() {
     server.stop().await;
     assert_key_sealed(&ca, &bdk256);
 }
+
+// ---------------------------------------------------------------------------------------------
+// DUKPT lines: the device's secret is its Initial Key under a derivation id of its own.
+
+use ca_server::records::{LineRecord, SecretSource};
+use ca_server::store::{
+    EnrollOutcome, NewEnrollment, SecretOp, SecretOutcome, Store, Write, Written,
+};
+use protocol_spec::dukpt::{BdkId, InitialKeyId};
+
+/// The test's own BDK, kept here to check every Initial Key independently of the CA.
+const LINE_BDK: &str = "00112233445566778899AABBCCDDEEFF0102030405060708090A0B0C0D0E0F10";
+
+fn secret_keys(ca: &TestCa) -> ca_server::secrets::SecretKeys {
+    ca_server::issuer::load_secret_keys(&ca.dir, &ca.dir.load_config().unwrap()).unwrap()
+}
+
+fn dukpt_line(store: &dyn Store, id: &str, bdk: BdkId, last: u64) {
+    let rec = LineRecord {
+        id: id.into(),
+        public_key: protocol_spec::PublicKey::from(
+            &common::Line::new(id, KeyAlgorithm::Ed25519).key,
+        )
+        .spki_der(),
+        first_serial: 1,
+        last_serial: last,
+        quota: last,
+        rate: 0,
+        enrolled: 0,
+        active: true,
+        created_at: common::now(),
+        secret_source: SecretSource::Dukpt(bdk),
+    };
+    store.add_line(&rec, "test").unwrap();
+}
+
+/// 10,000 devices on a DUKPT line, each given its version 1 through the real store's
+/// transactions (the allocation rule and the per-BDK counter, in batches of 500 as the group
+/// commit makes them): distinct Initial Key IDs under the BDK's id, derivation ids 0..9999, each
+/// Initial Key equal to an independent derivation from the BDK, all distinct.
+#[test]
+fn ten_thousand_devices_get_distinct_initial_keys_each_derived_from_the_bdk() {
+    const N: u64 = 10_000;
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let store = ca.store();
+    let keys = secret_keys(&ca);
+    let bdk_id: BdkId = "5EED0001".parse().unwrap();
+    let bdk = AesKey::from_hex(LINE_BDK).unwrap();
+    ca_server::dukpt::add_bdk(store.as_ref(), &keys, bdk_id, &bdk, common::now(), "test").unwrap();
+    dukpt_line(store.as_ref(), "dukpt-line", bdk_id, N);
+
+    let binding = |serial: u64| {
+        let spki = [&b"spki"[..], &serial.to_be_bytes()].concat();
+        (protocol_spec::spki::sha256(&spki), spki)
+    };
+    for chunk in (1..=N).collect::<Vec<_>>().chunks(1_000) {
+        let writes: Vec<Write> = chunk
+            .iter()
+            .map(|&serial| {
+                let (key_hash, spki) = binding(serial);
+                Write::Enroll(NewEnrollment {
+                    serial,
+                    spki,
+                    key_hash,
+                    certificate: vec![1; 8],
+                    line: "dukpt-line".into(),
+                    token_id: serial.to_be_bytes().to_vec(),
+                    at: common::now(),
+                })
+            })
+            .collect();
+        for w in store.apply_writes(&writes).unwrap() {
+            assert!(matches!(w, Written::Enroll(EnrollOutcome::Created(_))));
+        }
+    }
+    for chunk in (1..=N).collect::<Vec<_>>().chunks(500) {
+        let writes: Vec<Write> = chunk
+            .iter()
+            .enumerate()
+            .map(|(k, &serial)| {
+                let (secret, key_id, source) =
+                    ca_server::secrets::dukpt_secret(store.as_ref(), &keys, bdk_id, k as u64)
+                        .unwrap();
+                let mut record = keys
+                    .seal_version(serial, 1, key_id, &secret, &source, common::now())
+                    .unwrap();
+                record.delivered_at = Some(record.created_at);
+                Write::Secret(SecretOp::Allocate {
+                    record,
+                    from_pool: None,
+                    binding: binding(serial).0,
+                })
+            })
+            .collect();
+        for w in store.apply_writes(&writes).unwrap() {
+            assert!(
+                matches!(w, Written::Secret(SecretOutcome::Done(Some(_)))),
+                "{w:?}"
+            );
+        }
+        store.sync().unwrap();
+    }
+    assert_eq!(store.dukpt_next("5EED0001").unwrap(), N);
+
+    let mut ids = std::collections::HashSet::new();
+    let mut initial_keys = std::collections::HashSet::new();
+    for serial in 1..=N {
+        let versions = store.secret_versions(serial).unwrap();
+        assert_eq!(versions.len(), 1);
+        let v = &versions[0];
+        assert_eq!(v.source, "dukpt-aes-256");
+        let id = InitialKeyId::from_hex(&v.key_id).unwrap();
+        assert_eq!(id.bdk_id(), bdk_id);
+        assert!(u64::from(id.derivation_id()) < N);
+        assert!(ids.insert(id), "Initial Key ID {id} given twice");
+        let stored = keys.open_version(v).unwrap();
+        let independent = dukpt::initial_key(&bdk, id);
+        assert_eq!(stored.as_slice(), independent.expose(), "serial {serial}");
+        assert_eq!(v.kcv, independent.kcv().to_vec());
+        assert!(initial_keys.insert(stored.to_vec()));
+    }
+    assert_eq!(ids.len() as u64, N);
+
+    // A second allocation claiming a derivation id already taken conflicts (nothing written):
+    // the counter in the transaction, and the Initial Key ID's uniqueness behind it.
+    let before = snapshot(&store);
+    let (key_hash, spki) = binding(N + 1);
+    let mut rec = LineRecord {
+        ..store.line("dukpt-line").unwrap().unwrap()
+    };
+    rec.id = "dukpt-line-2".into();
+    rec.first_serial = N + 1;
+    rec.last_serial = N + 1;
+    rec.enrolled = 0;
+    store.add_line(&rec, "test").unwrap();
+    store
+        .apply_enrollment(&NewEnrollment {
+            serial: N + 1,
+            spki,
+            key_hash,
+            certificate: vec![1; 8],
+            line: "dukpt-line-2".into(),
+            token_id: b"last".to_vec(),
+            at: common::now(),
+        })
+        .unwrap();
+    let after_setup = snapshot(&store);
+    assert_ne!(before, after_setup);
+    let allocate = |derivation_id: u32| {
+        let id = InitialKeyId::new(bdk_id, derivation_id);
+        let ik = dukpt::initial_key(&bdk, id);
+        let mut record = keys
+            .seal_version(
+                N + 1,
+                1,
+                id.to_string(),
+                ik.expose(),
+                "dukpt-aes-256",
+                common::now(),
+            )
+            .unwrap();
+        record.delivered_at = Some(record.created_at);
+        store
+            .apply_secret(&SecretOp::Allocate {
+                record,
+                from_pool: None,
+                binding: key_hash,
+            })
+            .unwrap()
+    };
+    // An Initial Key ID given before: the same Initial Key, refused as not unique.
+    let out = allocate(17);
+    assert!(
+        matches!(out, SecretOutcome::Refused(ref r) if r.to_string().contains("already bound")),
+        "{out:?}"
+    );
+    // A derivation id that is not the BDK's next one: a conflict, read again.
+    let out = allocate(N as u32 + 5);
+    assert!(matches!(out, SecretOutcome::Conflict), "{out:?}");
+    assert_eq!(
+        snapshot(&store),
+        after_setup,
+        "a conflicting allocation wrote something"
+    );
+}
+
+/// A line naming an unknown BDK is refused, and nothing is stored.
+#[test]
+fn a_line_naming_an_unknown_bdk_is_refused() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let dir = ca.root().to_str().unwrap().to_string();
+    let line = common::Line::new("line-d", KeyAlgorithm::Ed25519);
+    let pem = ca.tmp.path().join("line-d.pub.pem");
+    std::fs::write(&pem, protocol_spec::PublicKey::from(&line.key).to_pem()).unwrap();
+    let before = snapshot(&ca.store());
+    let add = |source: &str| {
+        run(
+            &[
+                "line",
+                "add",
+                "--dir",
+                &dir,
+                "--id",
+                "line-d",
+                "--public-key",
+                pem.to_str().unwrap(),
+                "--serials",
+                "1-100",
+                "--secret-source",
+                source,
+            ],
+            &[],
+        )
+    };
+    let o = add("dukpt:0BADBD00");
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("no BDK 0BADBD00 is stored"), "{err}");
+    let o = add("dukpt:xyz");
+    assert_eq!(o.status.code(), Some(2));
+    let o = add("vault");
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(err.contains("not random, pool or dukpt:BDKID"), "{err}");
+    assert_eq!(snapshot(&ca.store()), before);
+    // With the BDK stored, the same line is registered, and listed with its source.
+    let f = key_file(ca.tmp.path(), "bdk.hex", BDK);
+    ok(
+        &[
+            "dukpt",
+            "add-bdk",
+            "--dir",
+            &dir,
+            "--bdk-id",
+            "0BADBD00",
+            "--key-file",
+            f.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let out = text(&add("dukpt:0BADBD00")).0;
+    assert!(out.contains("secrets dukpt:0BADBD00"), "{out}");
+    let list = ok(&["line", "list", "--dir", &dir], &[]);
+    assert!(list.contains("dukpt:0BADBD00"), "{list}");
+    assert_eq!(
+        ca.store().line("line-d").unwrap().unwrap().secret_source,
+        SecretSource::Dukpt("0BADBD00".parse().unwrap())
+    );
+}
+
+/// Devices on a DUKPT line over real mutual TLS: each receives `aes-256-dukpt`, its Initial
+/// Key and Initial Key ID, checks the KCV and acknowledges; each Initial Key equals an
+/// independent derivation from the BDK; `device show` names the Initial Key ID; rotation gives
+/// a new Initial Key under a new derivation id as version 2; the device-side KCV of a
+/// transaction equals `ca-server dukpt derive` for the same KSN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_on_a_dukpt_line_over_mutual_tls() {
+    use device_agent::secrets::{SyncOutcome, mtls_client, sync};
+    use device_agent::state::DeviceState;
+    use device_agent::url::CaUrl;
+    use protocol_spec::messages::ResponseForm;
+
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let keys = secret_keys(&ca);
+    let bdk_id: BdkId = "5EED0002".parse().unwrap();
+    let bdk = AesKey::from_hex(LINE_BDK).unwrap();
+    {
+        let store = ca.store();
+        ca_server::dukpt::add_bdk(store.as_ref(), &keys, bdk_id, &bdk, common::now(), "test")
+            .unwrap();
+    }
+    let line = common::Line::new("line-k", KeyAlgorithm::Ed25519);
+    let pem = ca.tmp.path().join("line-k.pub.pem");
+    std::fs::write(&pem, protocol_spec::PublicKey::from(&line.key).to_pem()).unwrap();
+    let dir = ca.root().to_str().unwrap().to_string();
+    ok(
+        &[
+            "line",
+            "add",
+            "--dir",
+            &dir,
+            "--id",
+            "line-k",
+            "--public-key",
+            pem.to_str().unwrap(),
+            "--serials",
+            "1-1000",
+            "--secret-source",
+            "dukpt:5EED0002",
+        ],
+        &[],
+    );
+    let server = ca.start().await;
+    let rng = ring::rand::SystemRandom::new();
+    let url = CaUrl::parse(&format!("https://{}", server.mtls.unwrap())).unwrap();
+    let mut devices = Vec::new();
+    for serial in 1..=12u64 {
+        let mut s = DeviceState::generate(
+            protocol_spec::DeviceSerial::new(serial).unwrap(),
+            KeyAlgorithm::Ed25519,
+            &rng,
+        )
+        .unwrap();
+        let token = line.token(serial, &s.key.spki_der());
+        let req = device_agent::enroll::build_request(&s, &token, ResponseForm::Compact, &rng)
+            .unwrap()
+            .to_cbor();
+        let coap = device_agent::coap::CoapClient::new(
+            CaUrl::parse(&format!("coap://{}", server.coap.unwrap())).unwrap(),
+        );
+        let resp = coap.enroll_once(req).await.unwrap();
+        let profile = protocol_spec::profile::CertProfile::from_ca_der(&ca.ca_der).unwrap();
+        s.certificate = Some(device_agent::enroll::accept_response(&s, &profile, &resp).unwrap());
+        s.ca_certificate = Some(ca.ca_der.clone());
+        let client = mtls_client(url.clone(), &s).unwrap();
+        let out = sync(&client, &mut s, |_| Ok(())).await.unwrap();
+        assert!(
+            matches!(out, SyncOutcome::Stored { version: 1, .. }),
+            "{out:?}"
+        );
+        devices.push(s);
+    }
+    let mut ids = std::collections::HashSet::new();
+    for d in &devices {
+        let sec = &d.secrets[0];
+        assert_eq!(sec.algorithm, "aes-256-dukpt");
+        assert!(sec.acknowledged);
+        let id = InitialKeyId::from_bytes(sec.initial_key_id.unwrap());
+        assert_eq!(id.bdk_id(), bdk_id);
+        assert_eq!(sec.key_id, id.to_string());
+        assert!(ids.insert(id));
+        assert_eq!(sec.secret.as_slice(), dukpt::initial_key(&bdk, id).expose());
+        let view = ca_server::admin::device_view(&server.service, d.serial.get()).unwrap();
+        assert_eq!(
+            view.secrets[0].initial_key_id.as_deref(),
+            Some(id.to_string().as_str())
+        );
+        assert!(view.secrets[0].confirmed_at.is_some());
+    }
+
+    // Rotation: a new Initial Key under a new derivation id, as version 2.
+    let first = InitialKeyId::from_bytes(devices[0].secrets[0].initial_key_id.unwrap());
+    let rotated = server
+        .service
+        .rotate_secret(1, "operator:test")
+        .await
+        .unwrap();
+    assert_eq!(rotated.version, 2);
+    let client = mtls_client(url.clone(), &devices[0]).unwrap();
+    let out = sync(&client, &mut devices[0], |_| Ok(())).await.unwrap();
+    assert!(
+        matches!(out, SyncOutcome::Stored { version: 2, .. }),
+        "{out:?}"
+    );
+    let second = InitialKeyId::from_bytes(devices[0].secrets[1].initial_key_id.unwrap());
+    assert_ne!(second, first);
+    assert_eq!(second.bdk_id(), bdk_id);
+    assert!(!ids.contains(&second));
+    assert_eq!(
+        devices[0].secrets[1].secret.as_slice(),
+        dukpt::initial_key(&bdk, second).expose()
+    );
+    // A whole line rotated in one batch: every device a new, distinct id.
+    let (n, _, failed) = server
+        .service
+        .rotate_many((1..=12).collect(), "operator:test", 0)
+        .await
+        .unwrap();
+    assert_eq!((n, failed.len()), (12, 0));
+    server.stop().await;
+
+    let store = ca.store();
+    let mut all = std::collections::HashSet::new();
+    for serial in 1..=12u64 {
+        for v in store.secret_versions(serial).unwrap() {
+            let id = InitialKeyId::from_hex(&v.key_id).unwrap();
+            assert!(all.insert(id), "{id} twice");
+            assert_eq!(
+                keys.open_version(&v).unwrap().as_slice(),
+                dukpt::initial_key(&bdk, id).expose()
+            );
+        }
+    }
+    assert_eq!(all.len(), 12 + 1 + 12);
+    assert_eq!(store.dukpt_next("5EED0002").unwrap(), 25);
+    drop(store);
+
+    // The device side (the agent's state, the standard's register) and the host side
+    // (`ca-server dukpt derive`) give the same KCV for the same KSN.
+    let d = &devices[3];
+    for counter in [1u32, 2, 0x1FFFE, 0x20000, 0x20001] {
+        let (ksn, kcv) = d
+            .dukpt_transaction(counter, KeyUsage::PinEncryption, None)
+            .unwrap();
+        let host = ok(
+            &["dukpt", "derive", "--dir", &dir, "--ksn", &ksn.to_string()],
+            &[],
+        );
+        assert!(
+            host.contains(&format!("kcv {}", hex::encode_upper(kcv))),
+            "counter {counter:#x}: {host}"
+        );
+    }
+}

@@ -245,23 +245,39 @@ fn expansion_fails_for_a_wrong_signature_key_or_ca() {
 #[test]
 fn secret_vectors_decode_and_carry_the_right_kcv() {
     let ctx = context();
-    let case = cases(&ctx, "secret")[0];
-    let d = SecretDelivery::from_cbor(&read(case["delivery"].as_str().unwrap())).unwrap();
-    let dj = SecretDelivery::from_json(&read(case["delivery_json"].as_str().unwrap())).unwrap();
-    assert_eq!(d, dj);
+    let secret_cases = cases(&ctx, "secret");
+    assert_eq!(secret_cases.len(), 2, "aes-256 and aes-128-dukpt");
+    for case in secret_cases {
+        let d = SecretDelivery::from_cbor(&read(case["delivery"].as_str().unwrap())).unwrap();
+        let dj = SecretDelivery::from_json(&read(case["delivery_json"].as_str().unwrap())).unwrap();
+        assert_eq!(d, dj);
+        assert_eq!(
+            hex::encode(d.secret.as_slice()),
+            case["secret_hex"].as_str().unwrap()
+        );
+        assert_eq!(hex::encode(&d.kcv), case["kcv_hex"].as_str().unwrap());
+        d.check().unwrap();
+        assert_eq!(
+            d.initial_key_id.map(hex::encode),
+            case["initial_key_id_hex"].as_str().map(String::from)
+        );
+        let a = SecretAck::from_cbor(&read(case["ack"].as_str().unwrap())).unwrap();
+        assert_eq!(
+            a,
+            SecretAck::from_json(&read(case["ack_json"].as_str().unwrap())).unwrap()
+        );
+        assert_eq!(
+            (a.key_id.as_str(), a.version, &a.kcv),
+            (d.key_id.as_str(), d.version, &d.kcv)
+        );
+    }
+    // The DUKPT delivery carries the published Initial Key and the JSON field initial_key_id.
+    let json = String::from_utf8(read("secrets/delivery-dukpt.json")).unwrap();
+    assert!(json.contains("\"initial_key_id\""), "{json}");
+    let d = SecretDelivery::from_cbor(&read("secrets/delivery-dukpt.cbor")).unwrap();
     assert_eq!(
-        hex::encode(d.secret.as_ref()),
-        case["secret_hex"].as_str().unwrap()
-    );
-    assert_eq!(protocol_spec::secret::kcv(&d.secret), d.kcv);
-    let a = SecretAck::from_cbor(&read(case["ack"].as_str().unwrap())).unwrap();
-    assert_eq!(
-        a,
-        SecretAck::from_json(&read(case["ack_json"].as_str().unwrap())).unwrap()
-    );
-    assert_eq!(
-        (a.key_id.as_str(), a.version, a.kcv),
-        (d.key_id.as_str(), d.version, d.kcv)
+        hex::encode_upper(d.secret.as_slice()),
+        "1273671EA26AC29AFA4D1084127652A1"
     );
 }
 

@@ -915,7 +915,7 @@ mod tests {
                 let secret = kek.generate().unwrap();
                 let key_id = kek.new_key_id().unwrap();
                 let mut record = kek
-                    .seal_version(serial, 1, key_id.clone(), &secret, "csprng", 1001)
+                    .seal_version(serial, 1, key_id.clone(), secret.as_ref(), "csprng", 1001)
                     .unwrap();
                 record.delivered_at = Some(1001);
                 let kcv = record.kcv.clone();

@@ -71,7 +71,7 @@ fn kind_index(e: &Exported) -> usize {
         Exported::Pool(_) => 5,
         Exported::Reset { .. } => 6,
         Exported::Audit(_) => 7,
-        Exported::Bdk(_) => 8,
+        Exported::Bdk { .. } => 8,
     }
 }
 
@@ -99,6 +99,11 @@ fn verify(
     let bdks = sled.bdks().map_err(err)?;
     if bdks != pg.bdks().map_err(err)? || bdks.len() as u64 != counts[8] {
         return Err("the DUKPT BDKs differ".into());
+    }
+    for b in &bdks {
+        if sled.dukpt_next(&b.id).map_err(err)? != pg.dukpt_next(&b.id).map_err(err)? {
+            return Err(format!("the allocation counter of BDK {} differs", b.id));
+        }
     }
     let mut devices = 0u64;
     for d in sled.devices() {

@@ -689,8 +689,7 @@ fn status_name(s: DeviceStatus) -> &'static str {
     }
 }
 
-const LINE_COLUMNS: &str =
-    "id, public_key, first_serial, last_serial, quota, rate, enrolled, active, created_at";
+const LINE_COLUMNS: &str = "id, public_key, first_serial, last_serial, quota, rate, enrolled, active, created_at, secret_source";
 
 fn line_of(r: &Row) -> Result<LineRecord, StoreError> {
     let rate: i32 = r.try_get(5).map_err(pg)?;
@@ -704,6 +703,14 @@ fn line_of(r: &Row) -> Result<LineRecord, StoreError> {
         enrolled: u(r.try_get(6).map_err(pg)?),
         active: r.try_get(7).map_err(pg)?,
         created_at: u(r.try_get(8).map_err(pg)?),
+        secret_source: r
+            .try_get::<_, String>(9)
+            .map_err(pg)?
+            .parse()
+            .map_err(|e: String| StoreError::Corrupt {
+                tree: "lines",
+                reason: e,
+            })?,
     })
 }
 
@@ -1061,7 +1068,7 @@ impl Store for PgStore {
                 let event = rules::add_line(existing.as_ref(), &line, &actor)
                     .map_err(StoreError::LineExists)?;
                 tx.execute(
-                    "INSERT INTO lines (id, public_key, first_serial, last_serial, quota, rate, enrolled, active, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    "INSERT INTO lines (id, public_key, first_serial, last_serial, quota, rate, enrolled, active, created_at, secret_source) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                     &[
                         &line.id,
                         &line.public_key,
@@ -1072,6 +1079,7 @@ impl Store for PgStore {
                         &i(line.enrolled),
                         &line.active,
                         &i(line.created_at),
+                        &line.secret_source.to_string(),
                     ],
                 )
                 .await
@@ -1133,6 +1141,24 @@ impl Store for PgStore {
             vec![],
             bdk_of,
         )
+    }
+
+    fn dukpt_next(&self, bdk_id: &str) -> Result<u64, StoreError> {
+        let id = bdk_id.to_string();
+        self.run(move |pool| async move {
+            let conn = pool.get().await?;
+            let rows = conn
+                .db()?
+                .all(
+                    "SELECT next_derivation FROM dukpt_bdks WHERE id = $1",
+                    &[&id],
+                )
+                .await?;
+            match rows.first() {
+                Some(r) => Ok(u(r.try_get(0).map_err(pg)?)),
+                None => Ok(0),
+            }
+        })
     }
 
     fn apply_writes(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
@@ -1571,7 +1597,7 @@ fn kind(e: &super::Exported) -> u8 {
         X::Pool(_) => 5,
         X::Reset { .. } => 6,
         X::Audit(_) => 7,
-        X::Bdk(_) => 8,
+        X::Bdk { .. } => 8,
     }
 }
 
@@ -1645,7 +1671,7 @@ async fn load(tx: &Transaction<'_>, batch: Vec<super::Exported>) -> Result<(), S
     match batch.first().map(kind) {
         Some(0) => {
             exec(
-                "INSERT INTO lines (id, public_key, first_serial, last_serial, quota, rate, enrolled, active, created_at) SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[], $7::bigint[], $8::bool[], $9::bigint[])",
+                "INSERT INTO lines (id, public_key, first_serial, last_serial, quota, rate, enrolled, active, created_at, secret_source) SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[], $7::bigint[], $8::bool[], $9::bigint[], $10::text[])",
                 vec![
                     Box::new(col!(batch, X::Line(l) => l.id.clone())) as B,
                     Box::new(col!(batch, X::Line(l) => l.public_key.clone())),
@@ -1656,6 +1682,7 @@ async fn load(tx: &Transaction<'_>, batch: Vec<super::Exported>) -> Result<(), S
                     Box::new(col!(batch, X::Line(l) => i(l.enrolled))),
                     Box::new(col!(batch, X::Line(l) => l.active)),
                     Box::new(col!(batch, X::Line(l) => i(l.created_at))),
+                    Box::new(col!(batch, X::Line(l) => l.secret_source.to_string())),
                 ],
             )
             .await?;
@@ -1771,14 +1798,15 @@ async fn load(tx: &Transaction<'_>, batch: Vec<super::Exported>) -> Result<(), S
         }
         Some(8) => {
             exec(
-                "INSERT INTO dukpt_bdks (id, algorithm, ciphertext, nonce, kcv, created_at) SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::bytea[], $6::bigint[])",
+                "INSERT INTO dukpt_bdks (id, algorithm, ciphertext, nonce, kcv, created_at, next_derivation) SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::bytea[], $6::bigint[], $7::bigint[])",
                 vec![
-                    Box::new(col!(batch, X::Bdk(b) => b.id.clone())) as B,
-                    Box::new(col!(batch, X::Bdk(b) => b.algorithm.clone())),
-                    Box::new(col!(batch, X::Bdk(b) => b.ciphertext.clone())),
-                    Box::new(col!(batch, X::Bdk(b) => b.nonce.clone())),
-                    Box::new(col!(batch, X::Bdk(b) => b.kcv.clone())),
-                    Box::new(col!(batch, X::Bdk(b) => i(b.created_at))),
+                    Box::new(col!(batch, X::Bdk { record: b, .. } => b.id.clone())) as B,
+                    Box::new(col!(batch, X::Bdk { record: b, .. } => b.algorithm.clone())),
+                    Box::new(col!(batch, X::Bdk { record: b, .. } => b.ciphertext.clone())),
+                    Box::new(col!(batch, X::Bdk { record: b, .. } => b.nonce.clone())),
+                    Box::new(col!(batch, X::Bdk { record: b, .. } => b.kcv.clone())),
+                    Box::new(col!(batch, X::Bdk { record: b, .. } => i(b.created_at))),
+                    Box::new(col!(batch, X::Bdk { next, .. } => i(*next))),
                 ],
             )
             .await?;
@@ -1958,7 +1986,7 @@ mod tests {
             let conn = pool.get().await?;
             conn.client()?
                 .batch_execute(
-                    "DROP TABLE dukpt_bdks; ALTER TABLE audit DROP COLUMN node; DELETE FROM imprint_schema WHERE version IN (2, 3)",
+                    "DROP TABLE dukpt_bdks; ALTER TABLE lines DROP COLUMN secret_source; ALTER TABLE audit DROP COLUMN node; DELETE FROM imprint_schema WHERE version IN (2, 3)",
                 )
                 .await
                 .map_err(pg)

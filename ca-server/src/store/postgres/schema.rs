@@ -20,16 +20,21 @@ pub const SCHEMA_VERSION: i32 = 3;
 pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3)];
 
 /// Version 3: AES DUKPT Base Derivation Keys, sealed under the key-encryption key (never in
-/// the clear: the CA opens them with the KEK only to derive).
+/// the clear: the CA opens them with the KEK only to derive), each with its allocation counter
+/// (raised by a conditional update in the transaction of the version that takes a derivation
+/// id; the Initial Key ID is that version's key id, unique in `secret_keys`), and each line's
+/// secret source (`random`, `pool` or `dukpt:BDKID`).
 const V3: &str = r#"
 CREATE TABLE dukpt_bdks (
-    id          text PRIMARY KEY CHECK (id ~ '^[0-9A-F]{8}$'),
-    algorithm   text NOT NULL CHECK (algorithm IN ('aes-128', 'aes-256')),
-    ciphertext  bytea NOT NULL,
-    nonce       bytea NOT NULL,
-    kcv         bytea NOT NULL,
-    created_at  bigint NOT NULL
+    id               text PRIMARY KEY CHECK (id ~ '^[0-9A-F]{8}$'),
+    algorithm        text NOT NULL CHECK (algorithm IN ('aes-128', 'aes-256')),
+    ciphertext       bytea NOT NULL,
+    nonce            bytea NOT NULL,
+    kcv              bytea NOT NULL,
+    created_at       bigint NOT NULL,
+    next_derivation  bigint NOT NULL DEFAULT 0 CHECK (next_derivation BETWEEN 0 AND 4294967296)
 );
+ALTER TABLE lines ADD COLUMN secret_source text NOT NULL DEFAULT 'random';
 "#;
 
 /// Version 2: the CA node that wrote each audit entry (NULL for entries written before).

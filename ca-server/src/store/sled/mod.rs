@@ -36,6 +36,9 @@ const REVOKED: &str = "revoked";
 const HISTORY: &str = "history";
 /// DUKPT Base Derivation Keys, sealed: BDK id -> [`BdkRecord`].
 const BDKS: &str = "dukpt_bdks";
+/// Each BDK's allocation counter: BDK id -> the next derivation id, 8 octets big-endian
+/// (absent: 0). Moved on in the transaction of the version that takes an id.
+const DUKPT_NEXT: &str = "dukpt_next";
 const POOL_MARK: &[u8] = b"pool";
 
 /// sled-backed [`Store`].
@@ -56,6 +59,7 @@ pub struct SledStore {
     revoked: sled::Tree,
     history: sled::Tree,
     bdks: sled::Tree,
+    dukpt_next: sled::Tree,
     /// sled's data file, opened again so that `sync` can fdatasync it: sled's own flush uses
     /// sync_file_range on Linux, which neither flushes the drive cache nor orders metadata.
     data_file: File,
@@ -96,6 +100,7 @@ type EnrollTrees<'a> = (
 /// The trees a secrets write uses, inside a transaction: devices, secrets, secret_head,
 /// secret_acks, secret_index, key_ids, pool, audit.
 type SecretTrees<'a> = (
+    &'a TransactionalTree,
     &'a TransactionalTree,
     &'a TransactionalTree,
     &'a TransactionalTree,
@@ -232,6 +237,7 @@ impl SledStore {
             revoked: tree(REVOKED)?,
             history: tree(HISTORY)?,
             bdks: tree(BDKS)?,
+            dukpt_next: tree(DUKPT_NEXT)?,
             audit,
             db,
             data_file,
@@ -293,7 +299,7 @@ impl SledStore {
     /// ([`rules::secret`]) and applies its writes, with the audit entry (when it changed
     /// something) chained after `chain`.
     fn secret_in(
-        (devices, secrets, heads, acks, index, key_ids, pool, audit): SecretTrees<'_>,
+        (devices, secrets, heads, acks, index, key_ids, pool, audit, dukpt_next): SecretTrees<'_>,
         op: &SecretOp,
         chain: &(u64, [u8; 32]),
     ) -> TxResult<(SecretOutcome, Option<AuditEntry>)> {
@@ -346,6 +352,15 @@ impl SledStore {
         if let Some(rec) = op.new_version() {
             view.tag_holder = holder(index.get(&rec.index_tag)?);
             view.key_id_holder = holder(key_ids.get(rec.key_id.as_bytes())?);
+            if let Some((bdk_id, _)) = rules::dukpt_claim(rec) {
+                view.dukpt_next = match dukpt_next.get(bdk_id.as_bytes())? {
+                    None => Some(0),
+                    Some(v) => match u64_of(&v) {
+                        Some(n) => Some(n),
+                        None => return abort(corrupt(DUKPT_NEXT)("not 8 bytes".into())),
+                    },
+                };
+            }
         }
         match op {
             SecretOp::Allocate {
@@ -384,6 +399,10 @@ impl SledStore {
                     at,
                 } => {
                     acks.insert(ver_key(serial, version), &at.to_be_bytes())?;
+                }
+                SecretWrite::DukptNext { bdk_id, taken } => {
+                    let next = taken.saturating_add(1);
+                    dukpt_next.insert(bdk_id.as_bytes(), &next.to_be_bytes())?;
                 }
                 SecretWrite::PoolEntry(e) => {
                     index.insert(e.index_tag.as_slice(), POOL_MARK)?;
@@ -435,7 +454,8 @@ impl SledStore {
     ) -> Result<u64, StoreError> {
         use super::Exported;
         for b in self.bdks()? {
-            sink(Exported::Bdk(b))?;
+            let next = self.dukpt_next(&b.id)?;
+            sink(Exported::Bdk { record: b, next })?;
         }
         for r in self.lines.iter() {
             let (_, v) = r.map_err(backend)?;
@@ -618,6 +638,13 @@ impl Store for SledStore {
             .collect()
     }
 
+    fn dukpt_next(&self, bdk_id: &str) -> Result<u64, StoreError> {
+        match self.dukpt_next.get(bdk_id.as_bytes()).map_err(backend)? {
+            None => Ok(0),
+            Some(v) => u64_of(&v).ok_or_else(|| corrupt(DUKPT_NEXT)("not 8 bytes".into())),
+        }
+    }
+
     fn apply_writes(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
         let mut head = self.head()?;
         let start = *head;
@@ -633,9 +660,23 @@ impl Store for SledStore {
             &self.secret_index,
             &self.key_ids,
             &self.pool,
+            &self.dukpt_next,
         );
         let r = trees.transaction(
-            |(devices, keys, tokens, lines, audit, secrets, heads, acks, index, key_ids, pool)| {
+            |(
+                devices,
+                keys,
+                tokens,
+                lines,
+                audit,
+                secrets,
+                heads,
+                acks,
+                index,
+                key_ids,
+                pool,
+                dukpt_next,
+            )| {
                 // sled may run this closure again after a conflict: start from the head as it
                 // was, chaining each write's entry to the one before it.
                 let mut chain = start;
@@ -649,8 +690,10 @@ impl Store for SledStore {
                             entry
                         }
                         Write::Secret(op) => {
-                            let trees =
-                                (devices, secrets, heads, acks, index, key_ids, pool, audit);
+                            let trees = (
+                                devices, secrets, heads, acks, index, key_ids, pool, audit,
+                                dukpt_next,
+                            );
                             let (outcome, entry) = Self::secret_in(trees, op, &chain)?;
                             outcomes.push(Written::Secret(outcome));
                             entry
@@ -938,6 +981,7 @@ impl Store for SledStore {
             (REVOKED, &self.revoked),
             (HISTORY, &self.history),
             (BDKS, &self.bdks),
+            (DUKPT_NEXT, &self.dukpt_next),
         ] {
             for r in tree.iter() {
                 let (k, v) = r.map_err(backend)?;
