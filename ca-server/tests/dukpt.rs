@@ -439,13 +439,44 @@ async fn through_the_admin_api() {
     assert_eq!(o.status.code(), Some(2));
     let o = run_blocking(
         args(&["dukpt", "derive", "--ksn", "0BADB0D1000000000000001F"]),
-        owned_env,
+        owned_env.clone(),
     )
     .await
     .unwrap();
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("no BDK 0BADB0D1"), "{err}");
+    // A line naming an unknown BDK, through the admin API: refused, not registered.
+    let line = common::Line::new("line-x", KeyAlgorithm::Ed25519);
+    let pem = ca.tmp.path().join("line-x.pub.pem");
+    std::fs::write(&pem, protocol_spec::PublicKey::from(&line.key).to_pem()).unwrap();
+    let o = run_blocking(
+        args(&[
+            "line",
+            "add",
+            "--id",
+            "line-x",
+            "--public-key",
+            pem.to_str().unwrap(),
+            "--serials",
+            "1-10",
+            "--secret-source",
+            "dukpt:DEADBEEF",
+        ]),
+        owned_env.clone(),
+    )
+    .await
+    .unwrap();
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("no BDK DEADBEEF is stored"), "{err}");
+    let o = run_blocking(args(&["line", "list", "--json"]), owned_env)
+        .await
+        .unwrap();
+    assert!(
+        !text(&o).0.contains("line-x"),
+        "the refused line was registered"
+    );
     server.stop().await;
     assert_key_sealed(&ca, &bdk256);
 }
