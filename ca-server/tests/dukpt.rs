@@ -884,3 +884,95 @@ async fn devices_on_a_dukpt_line_over_mutual_tls() {
         );
     }
 }
+
+/// A `pool` line takes imported keys only: its first device gets the imported key, the next
+/// one finds the pool empty and is told `unavailable` (nothing allocated from the CSPRNG).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_line_takes_imported_keys_only() {
+    use device_agent::secrets::{SyncOutcome, mtls_client, sync};
+    use device_agent::state::DeviceState;
+    use device_agent::url::CaUrl;
+    use protocol_spec::messages::ResponseForm;
+
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let dir = ca.root().to_str().unwrap().to_string();
+    let batch = ca.tmp.path().join("keys.jsonl");
+    std::fs::write(
+        &batch,
+        format!(
+            "{{\"key_id\": \"imp-1\", \"key\": \"{}\"}}\n",
+            "5a".repeat(32)
+        ),
+    )
+    .unwrap();
+    ok(
+        &["secrets", "import", "--dir", &dir, batch.to_str().unwrap()],
+        &[],
+    );
+    let line = common::Line::new("line-p", KeyAlgorithm::Ed25519);
+    let pem = ca.tmp.path().join("line-p.pub.pem");
+    std::fs::write(&pem, protocol_spec::PublicKey::from(&line.key).to_pem()).unwrap();
+    ok(
+        &[
+            "line",
+            "add",
+            "--dir",
+            &dir,
+            "--id",
+            "line-p",
+            "--public-key",
+            pem.to_str().unwrap(),
+            "--serials",
+            "1-10",
+            "--secret-source",
+            "pool",
+        ],
+        &[],
+    );
+    let server = ca.start().await;
+    let rng = ring::rand::SystemRandom::new();
+    let url = CaUrl::parse(&format!("https://{}", server.mtls.unwrap())).unwrap();
+    let mut outcomes = Vec::new();
+    for serial in 1..=2u64 {
+        let mut s = DeviceState::generate(
+            protocol_spec::DeviceSerial::new(serial).unwrap(),
+            KeyAlgorithm::Ed25519,
+            &rng,
+        )
+        .unwrap();
+        let token = line.token(serial, &s.key.spki_der());
+        let req = device_agent::enroll::build_request(&s, &token, ResponseForm::Compact, &rng)
+            .unwrap()
+            .to_cbor();
+        let coap = device_agent::coap::CoapClient::new(
+            CaUrl::parse(&format!("coap://{}", server.coap.unwrap())).unwrap(),
+        );
+        let resp = coap.enroll_once(req).await.unwrap();
+        let profile = protocol_spec::profile::CertProfile::from_ca_der(&ca.ca_der).unwrap();
+        s.certificate = Some(device_agent::enroll::accept_response(&s, &profile, &resp).unwrap());
+        s.ca_certificate = Some(ca.ca_der.clone());
+        let client = mtls_client(url.clone(), &s).unwrap();
+        outcomes.push((sync(&client, &mut s, |_| Ok(())).await, s));
+    }
+    assert!(matches!(
+        outcomes[0].0,
+        Ok(SyncOutcome::Stored { version: 1, .. })
+    ));
+    assert_eq!(outcomes[0].1.secrets[0].key_id, "imp-1");
+    match &outcomes[1].0 {
+        Err(device_agent::AgentError::Refused(p)) => {
+            assert_eq!(p.kind, protocol_spec::ProblemType::Unavailable, "{p:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        server
+            .service
+            .store()
+            .secret_versions(2)
+            .unwrap()
+            .is_empty(),
+        "nothing allocated for the second device"
+    );
+    server.stop().await;
+}
