@@ -24,8 +24,8 @@ pub struct BdkView {
 }
 
 /// The admin API's `POST /dukpt/bdks` body: a key in hex, or `generate` (with an algorithm,
-/// `aes-256` by default).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `aes-256` by default). Its `Debug` never shows the key.
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AddBdk {
     /// The BDK id, 8 hex digits.
@@ -39,6 +39,17 @@ pub struct AddBdk {
     /// For `generate`: `aes-128` or `aes-256`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub algorithm: Option<String>,
+}
+
+impl std::fmt::Debug for AddBdk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AddBdk")
+            .field("bdk_id", &self.bdk_id)
+            .field("key", &self.key.as_ref().map(|_| "[redacted]"))
+            .field("generate", &self.generate)
+            .field("algorithm", &self.algorithm)
+            .finish()
+    }
 }
 
 impl Drop for AddBdk {
@@ -225,4 +236,22 @@ pub fn derive(
         key_type: key_type.name().to_string(),
         kcv: hex::encode_upper(key.kcv()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn an_add_request_never_shows_its_key() {
+        let r = AddBdk {
+            bdk_id: "12345678".into(),
+            key: Some("FEDCBA9876543210F1F1F1F1F1F1F1F1".into()),
+            generate: false,
+            algorithm: None,
+        };
+        let s = format!("{r:?}");
+        assert!(!s.contains("FEDCBA"), "{s}");
+    }
 }
