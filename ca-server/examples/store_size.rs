@@ -128,7 +128,7 @@ fn fill(path: &Path, devices: u64, batch: u64, no_secrets: bool) -> Result<(), S
                 let binding = hashes[(s - serial) as usize];
                 let secret = keys.generate()?;
                 let mut record =
-                    keys.seal_version(s, 1, keys.new_key_id()?, &secret, "csprng", now)?;
+                    keys.seal_version(s, 1, keys.new_key_id()?, secret.as_ref(), "csprng", now)?;
                 record.delivered_at = Some(now);
                 let op = SecretOp::Allocate {
                     record,

@@ -11,6 +11,8 @@
 //! | `POST /secrets/rotate` | [`RotateRequest`] -> [`RotateResult`] |
 //! | `GET /lines`, `POST /lines` | [`LineView`] list; [`AddLine`] -> [`LineView`] |
 //! | `POST /lines/{id}/disable`, `POST /lines/{id}/enable` | [`LineView`] |
+//! | `GET /dukpt/bdks`, `POST /dukpt/bdks` | [`BdkView`](crate::dukpt::BdkView) list; [`AddBdk`](crate::dukpt::AddBdk) -> `BdkView` |
+//! | `POST /dukpt/derive` | [`DeriveRequest`](crate::dukpt::DeriveRequest) -> [`DeriveView`](crate::dukpt::DeriveView) (a KCV, never a key) |
 //! | `GET /audit?after=N&limit=M` | JSON lines of [`AuditLine`] after sequence N |
 //! | `GET /audit/verify` | [`AuditVerdict`](crate::audit::AuditVerdict) |
 //! | `GET /crl` | the CRL, DER |
@@ -120,6 +122,9 @@ pub struct BindingView {
 pub struct SecretView {
     /// Key id.
     pub key_id: String,
+    /// For a DUKPT Initial Key: its Initial Key ID, hex (BDK id, then derivation id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_key_id: Option<String>,
     /// Version.
     pub version: u64,
     /// `csprng` or `import`.
@@ -174,6 +179,13 @@ pub struct LineView {
     pub key_fingerprint: String,
     /// Registration time, Unix seconds.
     pub created_at: u64,
+    /// Where its devices' secrets come from: `random`, `pool` or `dukpt:BDKID`.
+    #[serde(default = "random_source")]
+    pub secret_source: String,
+}
+
+fn random_source() -> String {
+    "random".into()
 }
 
 /// `POST /lines/{id}/rate` body.
@@ -203,6 +215,9 @@ pub struct AddLine {
     /// Enrollments per second (0 or absent: no limit).
     #[serde(default)]
     pub rate: u32,
+    /// `random` (absent), `pool` or `dukpt:BDKID` (a stored BDK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_source: Option<String>,
 }
 
 /// `POST /secrets/rotate`: exactly one of the three.
@@ -394,6 +409,9 @@ fn operation_name(method: &Method, path: &str) -> &'static str {
         ("POST", ["lines", _, "disable"]) => "line-disable",
         ("POST", ["lines", _, "enable"]) => "line-enable",
         ("POST", ["lines", _, "rate"]) => "line-rate",
+        ("GET", ["dukpt", "bdks"]) => "dukpt-list",
+        ("POST", ["dukpt", "bdks"]) => "dukpt-add-bdk",
+        ("POST", ["dukpt", "derive"]) => "dukpt-derive",
         ("GET", ["audit"]) => "audit-export",
         ("GET", ["audit", "verify"]) => "audit-verify",
         ("GET", ["crl"]) => "crl",
@@ -534,6 +552,10 @@ async fn route(
                 )));
             }
             line.rate = body.rate;
+            if let Some(source) = &body.secret_source {
+                line.secret_source = crate::lines::secret_source(service.store().as_ref(), source)
+                    .map_err(AdminProblem::bad_request)?;
+            }
             if service
                 .store()
                 .line(&line.id)
@@ -552,6 +574,44 @@ async fn route(
                 e => AdminProblem::internal("line add", e),
             })?;
             json(StatusCode::CREATED, &line_view(&line))
+        }
+        ("GET", ["dukpt", "bdks"]) => {
+            let bdks = service
+                .store()
+                .bdks()
+                .map_err(|e| AdminProblem::internal("store", e))?;
+            json(
+                StatusCode::OK,
+                &bdks.iter().map(crate::dukpt::bdk_view).collect::<Vec<_>>(),
+            )
+        }
+        ("POST", ["dukpt", "bdks"]) => {
+            let body: crate::dukpt::AddBdk = read_json(req).await?;
+            let id = crate::dukpt::parse_bdk_id(&body.bdk_id).map_err(dukpt_problem)?;
+            let bdk = crate::dukpt::key_of(&body, service.secret_keys()).map_err(dukpt_problem)?;
+            let record = crate::dukpt::seal(
+                service.store().as_ref(),
+                service.secret_keys(),
+                id,
+                &bdk,
+                service.now(),
+            )
+            .map_err(dukpt_problem)?;
+            let record = service
+                .add_bdk(record, actor)
+                .await
+                .map_err(|e| dukpt_problem(e.into()))?;
+            json(StatusCode::CREATED, &crate::dukpt::bdk_view(&record))
+        }
+        ("POST", ["dukpt", "derive"]) => {
+            let body: crate::dukpt::DeriveRequest = read_json(req).await?;
+            let view = crate::dukpt::derive(service.store().as_ref(), service.secret_keys(), &body)
+                .map_err(dukpt_problem)?;
+            service
+                .record_event("dukpt-derive", None, actor, format!("ksn={}", view.ksn))
+                .await
+                .map_err(|e| AdminProblem::internal("audit", e))?;
+            json(StatusCode::OK, &view)
         }
         ("POST", ["lines", id, action @ ("disable" | "enable")]) => {
             let change = crate::store::LineChange::Active(*action == "enable");
@@ -884,6 +944,7 @@ fn binding_view(d: &DeviceRecord) -> BindingView {
 
 fn secret_view(s: &SecretRecord) -> SecretView {
     SecretView {
+        initial_key_id: crate::ra::rules::dukpt_claim(s).map(|_| s.key_id.clone()),
         key_id: s.key_id.clone(),
         version: s.version,
         source: s.source.clone(),
@@ -920,6 +981,18 @@ pub fn line_view(l: &LineRecord) -> LineView {
         active: l.active,
         key_fingerprint: fingerprint(&l.public_key),
         created_at: l.created_at,
+        secret_source: l.secret_source.to_string(),
+    }
+}
+
+/// A refused DUKPT action: bad input 400, an id taken 409, an unknown BDK 404.
+fn dukpt_problem(r: crate::dukpt::BdkRefusal) -> AdminProblem {
+    use crate::dukpt::BdkRefusal;
+    match r {
+        BdkRefusal::Invalid(why) => AdminProblem::bad_request(why),
+        e @ BdkRefusal::Exists(_) => AdminProblem::new(StatusCode::CONFLICT, e.to_string()),
+        e @ BdkRefusal::Unknown(_) => AdminProblem::not_found(e.to_string()),
+        BdkRefusal::Internal(why) => AdminProblem::internal("dukpt", why),
     }
 }
 

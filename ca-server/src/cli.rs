@@ -132,6 +132,71 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// AES DUKPT (ANSI X9.24-3-2017) Base Derivation Keys: online through the admin API, or
+    /// offline with --dir (server stopped). A BDK is never shown: only its id, algorithm, KCV.
+    Dukpt {
+        #[command(subcommand)]
+        command: DukptCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DukptCommand {
+    /// Store a Base Derivation Key, sealed under the key-encryption key.
+    AddBdk {
+        /// Act on the store of this CA folder directly (the server must be stopped).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The BDK id, 8 hex digits: the first 4 octets of every Initial Key ID it derives.
+        #[arg(long = "bdk-id")]
+        bdk_id: String,
+        /// A file holding the key in hex: 32 digits (AES-128) or 64 (AES-256).
+        #[arg(
+            long = "key-file",
+            conflicts_with = "generate",
+            required_unless_present = "generate"
+        )]
+        key_file: Option<PathBuf>,
+        /// Generate the key from the CA's random generator instead.
+        #[arg(long)]
+        generate: bool,
+        /// For --generate: aes-128 or aes-256.
+        #[arg(long, requires = "generate")]
+        algorithm: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List the stored BDKs: id, algorithm, KCV (never the key).
+    List {
+        /// Read the store of this CA folder directly (the server must be stopped).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// The KCV of a transaction's working key, derived host-side from the stored BDK and the
+    /// KSN (never the key): what a payment host's integration can check against.
+    Derive {
+        /// Read the store of this CA folder directly (the server must be stopped).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The BDK id; when given, it must be the KSN's first 8 hex digits.
+        #[arg(long = "bdk-id")]
+        bdk_id: Option<String>,
+        /// The KSN: Initial Key ID (16 hex digits) and transaction counter (8).
+        #[arg(long)]
+        ksn: String,
+        /// The working key's usage: pin-encryption (default), mac-generation,
+        /// mac-verification, mac-both-ways, data-encrypt, data-decrypt, data-both-ways,
+        /// key-encryption.
+        #[arg(long)]
+        usage: Option<String>,
+        /// The working key's type: aes-128 or aes-256 (default: the BDK's).
+        #[arg(long = "key-type")]
+        key_type: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 /// How to reach the admin API. Every option can also come from the environment.
@@ -352,6 +417,11 @@ enum LineCommand {
         /// 0 = no limit. Faster requests get rate-limited (429, CoAP 4.29).
         #[arg(long, default_value_t = 0)]
         rate: u32,
+        /// Where its devices' secrets come from: random (the CA's CSPRNG, or an imported key
+        /// while the pool holds any), pool (imported keys only), or dukpt:BDKID (each device's
+        /// AES DUKPT Initial Key under that stored BDK).
+        #[arg(long = "secret-source", default_value = "random")]
+        secret_source: String,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -654,6 +724,7 @@ fn run(cli: Cli) -> Result<bool, String> {
         Command::Device { command } => device_command(command),
         Command::Secrets { command } => secrets_command(command),
         Command::Audit { command } => audit_command(command),
+        Command::Dukpt { command } => dukpt_command(command),
         Command::Serve {
             dir,
             https,
@@ -783,6 +854,7 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
             serials,
             quota,
             rate,
+            secret_source,
             admin,
         } => {
             if rate > crate::admin::MAX_LINE_RATE {
@@ -800,6 +872,8 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
                     let mut rec =
                         crate::lines::new_line(&id, &pem, range, quota, SystemClock.now())?;
                     rec.rate = rate;
+                    rec.secret_source =
+                        crate::lines::secret_source(store.as_ref(), &secret_source)?;
                     store.add_line(&rec, "cli").map_err(|e| e.to_string())?;
                     crate::admin::line_view(&rec)
                 }
@@ -810,6 +884,7 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
                         serials,
                         quota,
                         rate,
+                        secret_source: Some(secret_source),
                     })
                     .map_err(|e| e.to_string())?;
                     call(&admin, "POST", "/lines", Some(body))?.json::<LineView>()?
@@ -819,12 +894,13 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
                 print_json(&line)?;
             } else {
                 println!(
-                    "line {} registered: serials {}-{}, quota {}, {}",
+                    "line {} registered: serials {}-{}, quota {}, {}, secrets {}",
                     line.id,
                     line.first_serial,
                     line.last_serial,
                     line.quota,
-                    rate_text(line.rate)
+                    rate_text(line.rate),
+                    line.secret_source
                 );
             }
             Ok(true)
@@ -843,12 +919,12 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
                 print_json(&lines)?;
             } else {
                 println!(
-                    "{:<16} {:>23} {:>10} {:>10} {:>8}  state",
-                    "line", "serials", "quota", "enrolled", "rate/s"
+                    "{:<16} {:>23} {:>10} {:>10} {:>8}  {:<8}  secrets",
+                    "line", "serials", "quota", "enrolled", "rate/s", "state"
                 );
                 for l in &lines {
                     println!(
-                        "{:<16} {:>23} {:>10} {:>10} {:>8}  {}",
+                        "{:<16} {:>23} {:>10} {:>10} {:>8}  {:<8}  {}",
                         l.id,
                         format!("{}-{}", l.first_serial, l.last_serial),
                         l.quota,
@@ -858,7 +934,8 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
                         } else {
                             l.rate.to_string()
                         },
-                        if l.active { "active" } else { "disabled" }
+                        if l.active { "active" } else { "disabled" },
+                        l.secret_source
                     );
                 }
             }
@@ -969,10 +1046,15 @@ fn print_device(v: &DeviceView) {
             "ver", "key id", "source", "kcv", "created", "delivered", "confirmed"
         );
         for s in &v.secrets {
+            // A DUKPT version's key id is its Initial Key ID.
+            let key_id = match &s.initial_key_id {
+                Some(id) => format!("{id} (initial key id)"),
+                None => s.key_id.clone(),
+            };
             println!(
                 "    {:>3}  {:<34} {:<7} {:<6} {:<20} {:<20} {:<20}{}",
                 s.version,
-                s.key_id,
+                key_id,
                 s.source,
                 s.kcv,
                 rfc3339(s.created_at),
@@ -1106,6 +1188,156 @@ fn audit_command(command: AuditCommand) -> Result<bool, String> {
                 }
             }
             Ok(verdict.ok())
+        }
+    }
+}
+
+/// The CA folder's store and secret keys (the key-encryption key), for offline DUKPT actions.
+fn offline_keys(
+    dir: &std::path::Path,
+) -> Result<(std::sync::Arc<dyn Store>, crate::secrets::SecretKeys), String> {
+    let store = open_store(dir)?;
+    let ca = CaDir::new(dir);
+    let keys = crate::issuer::load_secret_keys(&ca, &ca.load_config()?)?;
+    Ok((store, keys))
+}
+
+fn dukpt_command(command: DukptCommand) -> Result<bool, String> {
+    use crate::dukpt::{AddBdk, BdkView, DeriveRequest, DeriveView};
+    match command {
+        DukptCommand::AddBdk {
+            dir,
+            bdk_id,
+            key_file,
+            generate,
+            algorithm,
+            admin,
+        } => {
+            let id = crate::dukpt::parse_bdk_id(&bdk_id).map_err(|e| e.to_string())?;
+            let key = match &key_file {
+                Some(f) => Some(
+                    zeroize::Zeroizing::new(
+                        std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?,
+                    )
+                    .trim()
+                    .to_string(),
+                ),
+                None => None,
+            };
+            let at_file = |e: String| match &key_file {
+                Some(f) => format!("{}: {e}", f.display()),
+                None => e,
+            };
+            let request = AddBdk {
+                bdk_id: id.to_string(),
+                key,
+                generate,
+                algorithm,
+            };
+            let view = match dir {
+                Some(dir) => {
+                    let (store, keys) = offline_keys(&dir)?;
+                    let bdk = crate::dukpt::key_of(&request, &keys)
+                        .map_err(|e| at_file(e.to_string()))?;
+                    let rec = crate::dukpt::add_bdk(
+                        store.as_ref(),
+                        &keys,
+                        id,
+                        &bdk,
+                        SystemClock.now(),
+                        "cli",
+                    )
+                    .map_err(|e| e.to_string())?;
+                    crate::dukpt::bdk_view(&rec)
+                }
+                None => {
+                    let body = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+                    let body = zeroize::Zeroizing::new(body);
+                    call(&admin, "POST", "/dukpt/bdks", Some(body.to_vec()))
+                        .map_err(at_file)?
+                        .json::<BdkView>()?
+                }
+            };
+            if admin.json {
+                print_json(&view)?;
+            } else {
+                println!(
+                    "BDK {} stored: {}, kcv {}",
+                    view.bdk_id, view.algorithm, view.kcv
+                );
+            }
+            Ok(true)
+        }
+        DukptCommand::List { dir, admin } => {
+            let views: Vec<BdkView> = match dir {
+                Some(dir) => open_store(&dir)?
+                    .bdks()
+                    .map_err(|e| e.to_string())?
+                    .iter()
+                    .map(crate::dukpt::bdk_view)
+                    .collect(),
+                None => call(&admin, "GET", "/dukpt/bdks", None)?.json()?,
+            };
+            if admin.json {
+                print_json(&views)?;
+            } else {
+                println!("{:<10} {:<9} {:<12} added", "bdk id", "algorithm", "kcv");
+                for v in &views {
+                    println!(
+                        "{:<10} {:<9} {:<12} {}",
+                        v.bdk_id,
+                        v.algorithm,
+                        v.kcv,
+                        rfc3339(v.created_at)
+                    );
+                }
+            }
+            Ok(true)
+        }
+        DukptCommand::Derive {
+            dir,
+            bdk_id,
+            ksn,
+            usage,
+            key_type,
+            admin,
+        } => {
+            let parsed = protocol_spec::dukpt::Ksn::from_hex(&ksn).map_err(|e| e.to_string())?;
+            if let Some(b) = &bdk_id {
+                let id = crate::dukpt::parse_bdk_id(b).map_err(|e| e.to_string())?;
+                if id != parsed.initial_key_id.bdk_id() {
+                    return Err(format!(
+                        "the KSN {parsed} names BDK {}, not {id}",
+                        parsed.initial_key_id.bdk_id()
+                    ));
+                }
+            }
+            let request = DeriveRequest {
+                ksn,
+                usage,
+                key_type,
+            };
+            let view = match dir {
+                Some(dir) => {
+                    let (store, keys) = offline_keys(&dir)?;
+                    crate::dukpt::derive(store.as_ref(), &keys, &request)
+                        .map_err(|e| e.to_string())?
+                }
+                None => {
+                    let body = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+                    call(&admin, "POST", "/dukpt/derive", Some(body))?.json::<DeriveView>()?
+                }
+            };
+            if admin.json {
+                print_json(&view)?;
+            } else {
+                println!("ksn {}", view.ksn);
+                println!(
+                    "kcv {} ({} {} working key, counter {})",
+                    view.kcv, view.usage, view.key_type, view.counter
+                );
+            }
+            Ok(true)
         }
     }
 }

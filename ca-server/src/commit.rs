@@ -337,6 +337,15 @@ mod tests {
         fn add_line(&self, l: &crate::records::LineRecord, actor: &str) -> Result<(), StoreError> {
             self.inner.add_line(l, actor)
         }
+        fn add_bdk(&self, b: &crate::records::BdkRecord, actor: &str) -> Result<(), StoreError> {
+            self.inner.add_bdk(b, actor)
+        }
+        fn bdks(&self) -> Result<Vec<crate::records::BdkRecord>, StoreError> {
+            self.inner.bdks()
+        }
+        fn dukpt_next(&self, bdk_id: &str) -> Result<u64, StoreError> {
+            self.inner.dukpt_next(bdk_id)
+        }
         fn apply_writes(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
             self.inner.apply_writes(writes)
         }

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod coap;
 pub mod commit;
 pub mod config;
+pub mod dukpt;
 pub mod https;
 pub mod issuer;
 pub mod limits;

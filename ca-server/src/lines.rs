@@ -2,7 +2,7 @@
 
 use protocol_spec::PublicKey;
 
-use crate::records::LineRecord;
+use crate::records::{LineRecord, SecretSource};
 use crate::store::Store;
 
 /// Parses `FIRST-LAST` (inclusive, decimal).
@@ -57,6 +57,27 @@ pub fn add_line(
     Ok(rec)
 }
 
+/// Parses a line's secret source and checks it against the store: a DUKPT source must name a
+/// stored BDK (BDKs are never removed, so the check holds once made).
+pub fn secret_source(store: &dyn Store, text: &str) -> Result<SecretSource, String> {
+    let source: SecretSource = text.parse().map_err(|e| format!("--secret-source: {e}"))?;
+    if let SecretSource::Dukpt(id) = source {
+        let name = id.to_string();
+        if !store
+            .bdks()
+            .map_err(|e| e.to_string())?
+            .iter()
+            .any(|b| b.id == name)
+        {
+            return Err(format!(
+                "--secret-source {source}: no BDK {name} is stored (`ca-server dukpt add-bdk`, \
+                 `ca-server dukpt list`)"
+            ));
+        }
+    }
+    Ok(source)
+}
+
 /// A checked line record, not yet stored.
 pub fn new_line(
     id: &str,
@@ -82,5 +103,6 @@ pub fn new_line(
         enrolled: 0,
         active: true,
         created_at: now,
+        secret_source: Default::default(),
     })
 }

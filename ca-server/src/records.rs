@@ -72,6 +72,80 @@ pub struct LineRecord {
     /// Registration time, Unix seconds.
     #[serde(rename = "c")]
     pub created_at: u64,
+    /// Where its devices' secrets come from (`random` when absent: records written before
+    /// lines had a source encode as they did).
+    #[serde(
+        rename = "ss",
+        default,
+        skip_serializing_if = "SecretSource::is_random"
+    )]
+    pub secret_source: SecretSource,
+}
+
+/// Where a line's devices get their secrets (`ca-server line add --secret-source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum SecretSource {
+    /// `random`: 32 octets from the CA's CSPRNG, or an imported key while the pool holds any
+    /// (what every line did before lines had a source).
+    #[default]
+    Random,
+    /// `pool`: imported keys only; a device finds none while the pool is empty.
+    Pool,
+    /// `dukpt:BDKID`: the device's AES DUKPT Initial Key (ANSI X9.24-3-2017) under that BDK and
+    /// a derivation id of its own.
+    Dukpt(protocol_spec::dukpt::BdkId),
+}
+
+impl SecretSource {
+    /// Whether it is the default.
+    pub fn is_random(&self) -> bool {
+        *self == SecretSource::Random
+    }
+}
+
+impl std::fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretSource::Random => f.write_str("random"),
+            SecretSource::Pool => f.write_str("pool"),
+            SecretSource::Dukpt(id) => write!(f, "dukpt:{id}"),
+        }
+    }
+}
+
+impl std::str::FromStr for SecretSource {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "random" => Ok(SecretSource::Random),
+            "pool" => Ok(SecretSource::Pool),
+            _ => match s.strip_prefix("dukpt:") {
+                Some(id) => id
+                    .parse()
+                    .map(SecretSource::Dukpt)
+                    .map_err(|e| format!("secret source {s:?}: {e}")),
+                None => Err(format!(
+                    "secret source {s:?} is not random, pool or dukpt:BDKID"
+                )),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for SecretSource {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<SecretSource> for String {
+    fn from(s: SecretSource) -> String {
+        s.to_string()
+    }
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -256,7 +330,8 @@ pub struct SecretRecord {
     /// Keyed hash of the plaintext (the uniqueness index entry).
     #[serde(rename = "h", with = "serde_bytes")]
     pub index_tag: Vec<u8>,
-    /// `csprng` or `import`.
+    /// `csprng`, `import`, or `dukpt-aes-128` / `dukpt-aes-256` (an AES DUKPT Initial Key; its
+    /// key id is then the Initial Key ID in hex).
     #[serde(rename = "src")]
     pub source: String,
     /// Unix seconds.
@@ -295,4 +370,29 @@ pub struct PoolEntry {
     /// Unix seconds of the import.
     #[serde(rename = "t")]
     pub imported_at: u64,
+}
+
+/// An AES DUKPT Base Derivation Key (ANSI X9.24-3-2017), sealed at rest under the
+/// key-encryption key (AES-256-GCM, AAD `"imprint-bdk-v1" || BDK id || algorithm`). Never
+/// shown, logged or exported in the clear: operators see its id, algorithm and KCV.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BdkRecord {
+    /// The BDK id: 8 hex digits, upper case (the first 4 octets of every Initial Key ID).
+    #[serde(rename = "i")]
+    pub id: String,
+    /// `aes-128` or `aes-256`.
+    #[serde(rename = "a")]
+    pub algorithm: String,
+    /// AES-256-GCM ciphertext and tag of the key.
+    #[serde(rename = "x", with = "serde_bytes")]
+    pub ciphertext: Vec<u8>,
+    /// The GCM nonce.
+    #[serde(rename = "o", with = "serde_bytes")]
+    pub nonce: Vec<u8>,
+    /// Key check value: AES-CMAC of a zero block, 5 octets (ANSI X9.24-1-2017).
+    #[serde(rename = "c", with = "serde_bytes")]
+    pub kcv: Vec<u8>,
+    /// Unix seconds of its addition.
+    #[serde(rename = "t")]
+    pub created_at: u64,
 }

@@ -7,7 +7,7 @@ use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
-use crate::records::{PoolEntry, SecretRecord};
+use crate::records::{BdkRecord, PoolEntry, SecretRecord};
 
 /// Keys derived from the CA's key-encryption key (`kek.bin`).
 pub struct SecretKeys {
@@ -48,6 +48,15 @@ fn device_aad(serial: u64, key_id: &str, version: u64) -> Vec<u8> {
     a.extend_from_slice(&serial.to_be_bytes());
     a.extend_from_slice(&version.to_be_bytes());
     a.extend_from_slice(key_id.as_bytes());
+    a
+}
+
+/// AAD binding a sealed BDK to its id and algorithm.
+fn bdk_aad(id: &str, algorithm: &str) -> Vec<u8> {
+    let mut a = b"imprint-bdk-v1".to_vec();
+    a.extend_from_slice(id.as_bytes());
+    a.push(0);
+    a.extend_from_slice(algorithm.as_bytes());
     a
 }
 
@@ -113,11 +122,11 @@ impl SecretKeys {
     }
 
     /// The keyed hash that indexes a plaintext secret.
-    pub fn index_tag(&self, secret: &[u8; 32]) -> Vec<u8> {
+    pub fn index_tag(&self, secret: &[u8]) -> Vec<u8> {
         hmac::sign(&self.index, secret).as_ref().to_vec()
     }
 
-    fn seal_with(&self, aad: &[u8], secret: &[u8; 32]) -> Result<(Vec<u8>, Vec<u8>), String> {
+    fn seal_with(&self, aad: &[u8], secret: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
         let mut nonce = [0u8; 12];
         self.rng
             .fill(&mut nonce)
@@ -139,9 +148,23 @@ impl SecretKeys {
         ciphertext: &[u8],
         nonce: &[u8],
     ) -> Result<Zeroizing<[u8; 32]>, String> {
+        let plain = self.open_bytes(aad, ciphertext, nonce)?;
+        let arr: [u8; 32] = plain
+            .as_slice()
+            .try_into()
+            .map_err(|_| "stored secret is not 32 bytes".to_string())?;
+        Ok(Zeroizing::new(arr))
+    }
+
+    fn open_bytes(
+        &self,
+        aad: &[u8],
+        ciphertext: &[u8],
+        nonce: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, String> {
         let nonce: [u8; 12] = nonce.try_into().map_err(|_| "bad nonce".to_string())?;
         let mut buf = Zeroizing::new(ciphertext.to_vec());
-        let plain = self
+        let n = self
             .seal
             .open_in_place(
                 Nonce::assume_unique_for_key(nonce),
@@ -150,28 +173,64 @@ impl SecretKeys {
             )
             .map_err(|_| {
                 "a stored secret failed authentication (wrong key or tampered record)".to_string()
-            })?;
-        let arr: [u8; 32] = (&*plain)
-            .try_into()
-            .map_err(|_| "stored secret is not 32 bytes".to_string())?;
-        Ok(Zeroizing::new(arr))
+            })?
+            .len();
+        buf.truncate(n);
+        Ok(buf)
     }
 
-    /// A new version record for a device.
+    /// Seals a DUKPT Base Derivation Key under the key-encryption key.
+    pub fn seal_bdk(
+        &self,
+        id: protocol_spec::dukpt::BdkId,
+        bdk: &protocol_spec::dukpt::Bdk,
+        at: u64,
+    ) -> Result<BdkRecord, String> {
+        let algorithm = bdk.key_type().name();
+        let (ciphertext, nonce) =
+            self.seal_with(&bdk_aad(&id.to_string(), algorithm), bdk.expose())?;
+        Ok(BdkRecord {
+            id: id.to_string(),
+            algorithm: algorithm.to_string(),
+            ciphertext,
+            nonce,
+            kcv: bdk.kcv().to_vec(),
+            created_at: at,
+        })
+    }
+
+    /// Opens a sealed Base Derivation Key, and checks it against its algorithm and KCV.
+    pub fn open_bdk(&self, r: &BdkRecord) -> Result<protocol_spec::dukpt::Bdk, String> {
+        let plain = self.open_bytes(&bdk_aad(&r.id, &r.algorithm), &r.ciphertext, &r.nonce)?;
+        let bdk = protocol_spec::dukpt::AesKey::from_bytes(&plain).map_err(|e| e.to_string())?;
+        if bdk.key_type().name() != r.algorithm || bdk.kcv()[..] != r.kcv[..] {
+            return Err(format!(
+                "BDK {}: the stored key does not match its record",
+                r.id
+            ));
+        }
+        Ok(bdk)
+    }
+
+    /// A new version record for a device. The secret's length and KCV follow its source's
+    /// algorithm ([`algorithm_of`]).
     pub fn seal_version(
         &self,
         serial: u64,
         version: u64,
         key_id: String,
-        secret: &[u8; 32],
+        secret: &[u8],
         source: &str,
         at: u64,
     ) -> Result<SecretRecord, String> {
+        let kcv = algorithm_of(source)
+            .kcv(secret)
+            .ok_or_else(|| format!("a {source} secret of {} bytes", secret.len()))?;
         let (ciphertext, nonce) = self.seal_with(&device_aad(serial, &key_id, version), secret)?;
         Ok(SecretRecord {
             serial,
             version,
-            kcv: protocol_spec::secret::kcv(secret).to_vec(),
+            kcv,
             index_tag: self.index_tag(secret),
             key_id,
             ciphertext,
@@ -185,8 +244,8 @@ impl SecretKeys {
     }
 
     /// Decrypts a device's version.
-    pub fn open_version(&self, r: &SecretRecord) -> Result<Zeroizing<[u8; 32]>, String> {
-        self.open_with(
+    pub fn open_version(&self, r: &SecretRecord) -> Result<Zeroizing<Vec<u8>>, String> {
+        self.open_bytes(
             &device_aad(r.serial, &r.key_id, r.version),
             &r.ciphertext,
             &r.nonce,
@@ -215,6 +274,48 @@ impl SecretKeys {
     pub fn open_pool(&self, e: &PoolEntry) -> Result<Zeroizing<[u8; 32]>, String> {
         self.open_with(&pool_aad(&e.key_id), &e.ciphertext, &e.nonce)
     }
+}
+
+/// The delivery algorithm of a version of `source` (its record's `source`): the DUKPT sources
+/// `dukpt-aes-128` and `dukpt-aes-256`, else `aes-256`.
+pub fn algorithm_of(source: &str) -> protocol_spec::secret::SecretAlgorithm {
+    use protocol_spec::dukpt::KeyType;
+    use protocol_spec::secret::SecretAlgorithm;
+    match source {
+        "dukpt-aes-128" => SecretAlgorithm::Dukpt(KeyType::Aes128),
+        "dukpt-aes-256" => SecretAlgorithm::Dukpt(KeyType::Aes256),
+        _ => SecretAlgorithm::Aes256,
+    }
+}
+
+/// A device's AES DUKPT Initial Key under the stored BDK `bdk_id`, at the derivation id the
+/// BDK gives out next plus `offset` (the allocations before it in the same batch): the secret,
+/// its key id (the Initial Key ID in hex) and its source. The version's transaction takes the
+/// derivation id only if it is still the next one ([`crate::ra::rules::dukpt_claim`]).
+pub fn dukpt_secret(
+    store: &dyn crate::store::Store,
+    keys: &SecretKeys,
+    bdk_id: protocol_spec::dukpt::BdkId,
+    offset: u64,
+) -> Result<(Zeroizing<Vec<u8>>, String, String), String> {
+    let name = bdk_id.to_string();
+    let record = store
+        .bdks()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|b| b.id == name)
+        .ok_or_else(|| format!("the line's BDK {name} is not stored"))?;
+    let next = store.dukpt_next(&name).map_err(|e| e.to_string())? + offset;
+    let derivation_id =
+        u32::try_from(next).map_err(|_| format!("BDK {name} has given out every derivation id"))?;
+    let id = protocol_spec::dukpt::InitialKeyId::new(bdk_id, derivation_id);
+    let bdk = keys.open_bdk(&record)?;
+    let ik = protocol_spec::dukpt::initial_key(&bdk, id);
+    Ok((
+        Zeroizing::new(ik.expose().to_vec()),
+        id.to_string(),
+        format!("dukpt-{}", bdk.key_type().name()),
+    ))
 }
 
 /// A key id and its 32 secret bytes, from an import file.

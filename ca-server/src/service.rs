@@ -14,13 +14,15 @@ use crate::commit::Committer;
 use crate::issuer::{IssueError, Issuer};
 use crate::metrics::{Metrics, Transport};
 use crate::ra::{RegistrationAuthority, rules};
-use crate::records::{DeviceRecord, DeviceStatus, LineRecord, RevokedCert, SecretRecord};
+use crate::records::{
+    BdkRecord, DeviceRecord, DeviceStatus, LineRecord, RevokedCert, SecretRecord, SecretSource,
+};
 use crate::revocation::{CRL_VALIDITY, Crl, Revocations};
 use crate::secrets::SecretKeys;
 use crate::store::{
     EnrollOutcome, NewEnrollment, ResetOutcome, SecretOp, SecretOutcome, Store, StoreError,
 };
-use protocol_spec::messages::{SECRET_ALGORITHM, SecretAck, SecretDelivery};
+use protocol_spec::messages::{SecretAck, SecretDelivery};
 use zeroize::Zeroizing;
 
 /// Where time comes from (a fake in tests of time rules).
@@ -405,7 +407,7 @@ impl CaService {
     fn deliver(
         &self,
         rec: &SecretRecord,
-        secret: Option<Zeroizing<[u8; 32]>>,
+        secret: Option<Zeroizing<Vec<u8>>>,
     ) -> Result<SecretDelivery, Problem> {
         let secret = match secret {
             Some(s) => s,
@@ -414,14 +416,45 @@ impl CaService {
                 .open_version(rec)
                 .map_err(|e| internal("secret decryption", e))?,
         };
-        let kcv = protocol_spec::secret::kcv(&secret);
+        let algorithm = crate::secrets::algorithm_of(&rec.source);
+        let kcv = algorithm
+            .kcv(&secret)
+            .ok_or_else(|| internal("delivery", "a stored secret of the wrong length"))?;
+        let initial_key_id = if algorithm.has_initial_key_id() {
+            Some(
+                protocol_spec::dukpt::InitialKeyId::from_hex(&rec.key_id)
+                    .map_err(|e| internal("delivery", e))?
+                    .bytes(),
+            )
+        } else {
+            None
+        };
         Ok(SecretDelivery {
             key_id: rec.key_id.clone(),
             version: rec.version,
-            algorithm: SECRET_ALGORITHM.to_string(),
+            algorithm: algorithm.name().to_string(),
             secret,
             kcv,
+            initial_key_id,
         })
+    }
+
+    /// Where the secrets of the device `serial` come from: its line's source (`random` when
+    /// the device or its line is gone; the write's transaction refuses those anyway).
+    fn secret_source_of(&self, serial: u64) -> Result<SecretSource, Problem> {
+        let Some(device) = self
+            .store
+            .device(serial)
+            .map_err(|e| store_failure("store read", e))?
+        else {
+            return Ok(SecretSource::Random);
+        };
+        Ok(self
+            .store
+            .line(&device.line)
+            .map_err(|e| store_failure("store read", e))?
+            .map(|l| l.secret_source)
+            .unwrap_or_default())
     }
 
     /// The device's newest secret; version 1 is allocated on the first fetch (from the imported
@@ -476,39 +509,66 @@ impl CaService {
                 }
                 return self.deliver(latest, None);
             }
-            let pool = self
-                .store
-                .pool((serial.wrapping_add(attempt) % 32) as usize, 1)
-                .map_err(|e| store_failure("store read", e))?;
-            let pool = match pool.into_iter().next() {
-                Some(p) => Some(p),
-                None => self
-                    .store
-                    .pool(0, 1)
-                    .map_err(|e| store_failure("store read", e))?
-                    .into_iter()
-                    .next(),
-            };
-            let (secret, key_id, source, from_pool) = match pool {
-                Some(entry) => {
-                    let s = self
-                        .secrets
-                        .open_pool(&entry)
-                        .map_err(|e| internal("pool decryption", e))?;
-                    (s, entry.key_id.clone(), "import", Some(entry.key_id))
+            let (secret, key_id, source, from_pool) = match self.secret_source_of(serial)? {
+                SecretSource::Dukpt(bdk_id) => {
+                    let (secret, key_id, source) =
+                        crate::secrets::dukpt_secret(self.store.as_ref(), &self.secrets, bdk_id, 0)
+                            .map_err(|e| internal("DUKPT allocation", e))?;
+                    (secret, key_id, source, None)
                 }
-                None => (
-                    self.secrets.generate().map_err(|e| internal("random", e))?,
-                    self.secrets
-                        .new_key_id()
-                        .map_err(|e| internal("random", e))?,
-                    "csprng",
-                    None,
-                ),
+                source => {
+                    let pool = self
+                        .store
+                        .pool((serial.wrapping_add(attempt) % 32) as usize, 1)
+                        .map_err(|e| store_failure("store read", e))?;
+                    let pool = match pool.into_iter().next() {
+                        Some(p) => Some(p),
+                        None => self
+                            .store
+                            .pool(0, 1)
+                            .map_err(|e| store_failure("store read", e))?
+                            .into_iter()
+                            .next(),
+                    };
+                    match pool {
+                        Some(entry) => {
+                            let s = self
+                                .secrets
+                                .open_pool(&entry)
+                                .map_err(|e| internal("pool decryption", e))?;
+                            (
+                                Zeroizing::new(s.to_vec()),
+                                entry.key_id.clone(),
+                                "import".to_string(),
+                                Some(entry.key_id),
+                            )
+                        }
+                        None if source == SecretSource::Pool => {
+                            return Err(Problem::new(
+                                ProblemType::Unavailable,
+                                "this device's line takes imported keys only, and none is left; \
+                                 retry after an import",
+                            ));
+                        }
+                        None => (
+                            Zeroizing::new(
+                                self.secrets
+                                    .generate()
+                                    .map_err(|e| internal("random", e))?
+                                    .to_vec(),
+                            ),
+                            self.secrets
+                                .new_key_id()
+                                .map_err(|e| internal("random", e))?,
+                            "csprng".to_string(),
+                            None,
+                        ),
+                    }
+                }
             };
             let mut record = self
                 .secrets
-                .seal_version(serial, next_version, key_id, &secret, source, now)
+                .seal_version(serial, next_version, key_id, &secret, &source, now)
                 .map_err(|e| internal("sealing", e))?;
             record.delivered_at = Some(now);
             let op = SecretOp::Allocate {
@@ -702,6 +762,14 @@ impl CaService {
         Ok(line)
     }
 
+    /// Stores a sealed DUKPT Base Derivation Key (durable on return).
+    pub async fn add_bdk(&self, bdk: BdkRecord, actor: &str) -> Result<BdkRecord, StoreError> {
+        let actor = actor.to_string();
+        let b = bdk.clone();
+        self.committer.run(move |s| s.add_bdk(&b, &actor)).await?;
+        Ok(bdk)
+    }
+
     /// Enables or disables a line or sets its rate (durable on return); `None` if unknown.
     pub async fn change_line(
         &self,
@@ -776,6 +844,7 @@ fn next_rotation(
     serial: u64,
     at: u64,
     actor: &str,
+    dukpt_taken: &mut std::collections::HashMap<protocol_spec::dukpt::BdkId, u64>,
 ) -> Result<SecretOp, crate::store::StoreError> {
     let fail = |e: String| crate::store::StoreError::Backend(e);
     let head = store
@@ -783,10 +852,30 @@ fn next_rotation(
         .last()
         .map(|r| r.version)
         .unwrap_or(0);
-    let secret = keys.generate().map_err(fail)?;
-    let key_id = keys.new_key_id().map_err(fail)?;
+    let line_source = match store.device(serial)? {
+        Some(d) => store
+            .line(&d.line)?
+            .map(|l| l.secret_source)
+            .unwrap_or_default(),
+        None => SecretSource::Random,
+    };
+    let (secret, key_id, source) = match line_source {
+        // A new Initial Key under a new derivation id; the rotations before it in the same
+        // batch took the ids before it.
+        SecretSource::Dukpt(bdk_id) => {
+            let taken = dukpt_taken.entry(bdk_id).or_default();
+            let r = crate::secrets::dukpt_secret(store, keys, bdk_id, *taken).map_err(fail)?;
+            *taken += 1;
+            r
+        }
+        SecretSource::Random | SecretSource::Pool => (
+            Zeroizing::new(keys.generate().map_err(fail)?.to_vec()),
+            keys.new_key_id().map_err(fail)?,
+            "csprng".to_string(),
+        ),
+    };
     let record = keys
-        .seal_version(serial, head + 1, key_id, &secret, "csprng", at)
+        .seal_version(serial, head + 1, key_id, &secret, &source, at)
         .map_err(fail)?;
     Ok(SecretOp::Rotate {
         record,
@@ -807,9 +896,15 @@ pub fn rotate_batch(
 ) -> Result<Vec<Result<SecretRecord, Problem>>, crate::store::StoreError> {
     let fail = |e: String| crate::store::StoreError::Backend(e);
     let mut writes = Vec::with_capacity(serials.len());
+    let mut dukpt_taken = std::collections::HashMap::new();
     for &serial in serials {
         writes.push(crate::store::Write::Secret(next_rotation(
-            store, keys, serial, at, actor,
+            store,
+            keys,
+            serial,
+            at,
+            actor,
+            &mut dukpt_taken,
         )?));
     }
     let outcomes = store.apply_writes(&writes)?;
@@ -844,7 +939,14 @@ pub fn rotate_in(
 ) -> Result<Result<SecretRecord, Problem>, crate::store::StoreError> {
     let fail = |e: String| crate::store::StoreError::Backend(e);
     for _ in 0..8 {
-        let op = next_rotation(store, keys, serial, at, actor)?;
+        let op = next_rotation(
+            store,
+            keys,
+            serial,
+            at,
+            actor,
+            &mut std::collections::HashMap::new(),
+        )?;
         match store.apply_secret(&op)? {
             SecretOutcome::Done(Some(rec)) => return Ok(Ok(rec)),
             SecretOutcome::Refused(r) if !r.is_retryable() => return Ok(Err(r.problem())),

@@ -627,7 +627,7 @@ async fn every_subcommand_against_a_running_server() {
     assert!(text.contains(&r.versions[0].key_id), "{text}");
     assert!(text.contains("BEGIN CERTIFICATE"), "{text}");
     for s in &dev.secrets {
-        let secret = s.secret.as_ref();
+        let secret = s.secret.as_slice();
         assert!(!text.contains(&hex::encode(secret)));
     }
 
@@ -827,7 +827,7 @@ async fn every_subcommand_against_a_running_server() {
     let ack = protocol_spec::messages::SecretAck {
         key_id: last.key_id.clone(),
         version: last.version,
-        kcv: last.kcv,
+        kcv: last.kcv.clone(),
     };
     let p = server
         .service
@@ -873,7 +873,7 @@ async fn every_subcommand_against_a_running_server() {
         other
             .secrets
             .iter()
-            .all(|s| s.secret.as_ref() != again.secrets[0].secret.as_ref())
+            .all(|s| s.secret.as_slice() != again.secrets[0].secret.as_slice())
     );
     // The old binding passed the door before the reset: it still gets nothing.
     let p = server.service.fetch_secret(&old_id).await.unwrap_err();

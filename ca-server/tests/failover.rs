@@ -66,7 +66,7 @@ fn port_of(cluster: &Path) -> u16 {
 }
 
 /// What a device holds after its run: its certificate and its secret's key id and KCV.
-type Held = (Vec<u8>, String, [u8; 3]);
+type Held = (Vec<u8>, String, Vec<u8>);
 
 /// Enrolls one device through `enroll` and fetches its secret through `mtls`, retrying the same
 /// request on `unavailable` or a lost connection until `deadline`.
@@ -126,7 +126,11 @@ async fn one_device(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    (certificate.clone(), secret.key_id.clone(), secret.kcv)
+    (
+        certificate.clone(),
+        secret.key_id.clone(),
+        secret.kcv.clone(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -102,14 +102,14 @@ async fn fetch_ack_rotate_for_both_key_types() {
                 .all(|r| r.delivered_at.is_some() && r.confirmed_at.is_some())
         );
         assert_ne!(
-            dev.secrets[0].secret.as_ref(),
-            dev.secrets[1].secret.as_ref()
+            dev.secrets[0].secret.as_slice(),
+            dev.secrets[1].secret.as_slice()
         );
         // An ack that does not match what was delivered is refused.
         let bad = protocol_spec::messages::SecretAck {
             key_id: rotated.key_id.clone(),
             version: 2,
-            kcv: [0, 0, 0],
+            kcv: vec![0, 0, 0],
         };
         match device_agent::secrets::ack(&client, &bad).await {
             Err(AgentError::Refused(p)) => assert_eq!(p.kind, ProblemType::AckMismatch),
@@ -283,7 +283,7 @@ async fn curl_fetches_the_secret_with_cert_and_key() {
     );
     let d = protocol_spec::messages::SecretDelivery::from_json(&out.stdout).unwrap();
     assert_eq!(d.version, 1);
-    assert_eq!(protocol_spec::secret::kcv(&d.secret), d.kcv);
+    assert_eq!(d.check().unwrap().name(), "aes-256");
     assert_eq!(
         server.service.store().secret_versions(20).unwrap()[0].key_id,
         d.key_id
@@ -329,8 +329,8 @@ async fn an_imported_batch_goes_one_key_per_device_and_a_duplicate_import_change
         if s.key_id.starts_with("batch-") {
             let i: u8 = s.key_id["batch-".len()..].parse().unwrap();
             assert_eq!(
-                s.secret.as_ref(),
-                key(i).as_ref(),
+                s.secret.as_slice(),
+                key(i).as_slice(),
                 "the imported key itself"
             );
         }
@@ -377,7 +377,7 @@ async fn ten_thousand_devices_get_distinct_secrets_and_no_plaintext_reaches_the_
                 secrets
                     .lock()
                     .unwrap()
-                    .push((serial, s.key_id.clone(), *s.secret));
+                    .push((serial, s.key_id.clone(), s.secret.to_vec()));
             }
         }));
     }
@@ -386,7 +386,7 @@ async fn ten_thousand_devices_get_distinct_secrets_and_no_plaintext_reaches_the_
     }
     let all = secrets.lock().unwrap().clone();
     assert_eq!(all.len() as u64, DEVICES);
-    let distinct_secrets: HashSet<_> = all.iter().map(|(_, _, s)| *s).collect();
+    let distinct_secrets: HashSet<_> = all.iter().map(|(_, _, s)| s.clone()).collect();
     let distinct_ids: HashSet<_> = all.iter().map(|(_, k, _)| k.clone()).collect();
     assert_eq!(
         distinct_secrets.len() as u64,
@@ -440,7 +440,7 @@ async fn ten_thousand_devices_get_distinct_secrets_and_no_plaintext_reaches_the_
     // Index every 8-byte window of the secrets, then scan the files once.
     let mut prefixes = std::collections::HashMap::new();
     for (_, _, s) in &all {
-        prefixes.insert(<[u8; 8]>::try_from(&s[..8]).unwrap(), *s);
+        prefixes.insert(<[u8; 8]>::try_from(&s[..8]).unwrap(), s.clone());
     }
     for f in &files {
         for w in f.windows(32) {

@@ -75,6 +75,23 @@ async fn a_sled_ca_moves_to_postgres_with_every_binding_and_its_audit_chain() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A DUKPT BDK, sealed: copied as it is (the copy's verification compares them).
+    let out = ca_server(&[
+        "dukpt",
+        "add-bdk",
+        "--dir",
+        &dir,
+        "--bdk-id",
+        "12345678",
+        "--generate",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bdks_before = ca.store().bdks().unwrap();
+    assert_eq!(bdks_before.len(), 1);
 
     let server = ca.start().await;
     let mut devices = Vec::new();
@@ -194,6 +211,11 @@ async fn a_sled_ca_moves_to_postgres_with_every_binding_and_its_audit_chain() {
         assert_eq!(&store.history(s).unwrap(), history, "history of {s}");
     }
     assert_eq!(store.secret_versions(1).unwrap()[0].source, "import");
+    assert_eq!(
+        store.bdks().unwrap(),
+        bdks_before,
+        "the sealed BDK, as it was"
+    );
     // Device 3 picks up its rotated version; device 1 has nothing new.
     let url = CaUrl::parse(&format!("https://{}", server.mtls.unwrap())).unwrap();
     let d3 = &mut devices[2];

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use protocol_spec::messages::{SECRET_ALGORITHM, SecretAck, SecretDelivery};
+use protocol_spec::messages::{SecretAck, SecretDelivery};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::AgentError;
@@ -64,17 +64,10 @@ pub async fn fetch_on(session: &mut HttpsSession) -> Result<SecretDelivery, Agen
     }
     let d = SecretDelivery::from_cbor(&a.body)
         .map_err(|p| AgentError::Verify(format!("secret: {}", p.detail)))?;
-    if d.algorithm != SECRET_ALGORITHM {
-        return Err(AgentError::Verify(format!(
-            "secret algorithm {:?} is not {SECRET_ALGORITHM}",
-            d.algorithm
-        )));
-    }
-    if protocol_spec::secret::kcv(&d.secret) != d.kcv {
-        return Err(AgentError::Verify(
-            "the key check value does not match the secret".into(),
-        ));
-    }
+    // A known algorithm (aes-256, aes-128-dukpt, aes-256-dukpt), a secret of its length, an
+    // Initial Key ID exactly for DUKPT, and the KCV of the secret.
+    d.check()
+        .map_err(|e| AgentError::Verify(format!("secret: {e}")))?;
     Ok(d)
 }
 
@@ -122,7 +115,8 @@ pub async fn sync(
                 version: d.version,
                 algorithm: d.algorithm.clone(),
                 secret: d.secret.clone(),
-                kcv: d.kcv,
+                kcv: d.kcv.clone(),
+                initial_key_id: d.initial_key_id,
                 acknowledged: false,
             });
             save(state)?;
@@ -137,7 +131,9 @@ pub async fn sync(
         key_id: stored.key_id.clone(),
         version: stored.version,
         // The KCV of what the device holds, recomputed, not the one it was sent.
-        kcv: protocol_spec::secret::kcv(&stored.secret),
+        kcv: protocol_spec::secret::SecretAlgorithm::from_name(&stored.algorithm)
+            .and_then(|alg| alg.kcv(&stored.secret))
+            .ok_or_else(|| AgentError::Verify("the stored secret does not check".into()))?,
     };
     ack_on(&mut session, &a).await?;
     state.secrets[index].acknowledged = true;

@@ -42,10 +42,12 @@ pub struct StoredSecret {
     pub version: u64,
     /// Algorithm name.
     pub algorithm: String,
-    /// The 32 secret bytes.
-    pub secret: Zeroizing<[u8; 32]>,
-    /// Key check value.
-    pub kcv: [u8; 3],
+    /// The secret bytes (32; 16 for an AES-128 DUKPT Initial Key).
+    pub secret: Zeroizing<Vec<u8>>,
+    /// Key check value (3 octets; 5 for a DUKPT Initial Key).
+    pub kcv: Vec<u8>,
+    /// For a DUKPT Initial Key: its Initial Key ID (BDK id, derivation id).
+    pub initial_key_id: Option<[u8; 8]>,
     /// Whether the CA confirmed the acknowledgement.
     pub acknowledged: bool,
 }
@@ -55,7 +57,8 @@ impl std::fmt::Debug for StoredSecret {
         f.debug_struct("StoredSecret")
             .field("key_id", &self.key_id)
             .field("version", &self.version)
-            .field("kcv", &hex::encode(self.kcv))
+            .field("kcv", &hex::encode(&self.kcv))
+            .field("initial_key_id", &self.initial_key_id.map(hex::encode))
             .field("acknowledged", &self.acknowledged)
             .finish_non_exhaustive()
     }
@@ -69,6 +72,9 @@ struct SecretFile {
     algorithm: String,
     secret: String,
     kcv: String,
+    /// Hex, for a DUKPT Initial Key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    initial_key_id: Option<String>,
     acknowledged: bool,
 }
 
@@ -159,21 +165,42 @@ impl DeviceState {
         };
         let mut secrets = Vec::new();
         for s in &f.secrets {
-            let raw = Zeroizing::new(unb64(&s.secret, "secret").map_err(|p| bad(p.detail))?);
-            let secret: [u8; 32] = raw
-                .as_slice()
-                .try_into()
-                .map_err(|_| bad(format!("secret {} is not 32 bytes", s.key_id)))?;
-            let kcv: [u8; 3] = hex::decode(&s.kcv)
+            let secret = Zeroizing::new(unb64(&s.secret, "secret").map_err(|p| bad(p.detail))?);
+            let alg = protocol_spec::secret::SecretAlgorithm::from_name(&s.algorithm)
+                .ok_or_else(|| bad(format!("secret {}: unknown algorithm", s.key_id)))?;
+            let kcv = hex::decode(&s.kcv)
                 .ok()
-                .and_then(|k| k.try_into().ok())
-                .ok_or_else(|| bad(format!("kcv of {} is not 3 hex bytes", s.key_id)))?;
+                .filter(|k| alg.kcv(&secret).as_ref() == Some(k))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "secret {}: kcv is not the key check value of its {} secret",
+                        s.key_id,
+                        alg.name()
+                    ))
+                })?;
+            let initial_key_id = s
+                .initial_key_id
+                .as_deref()
+                .map(|h| {
+                    let mut id = [0u8; 8];
+                    hex::decode_to_slice(h, &mut id)
+                        .map(|_| id)
+                        .map_err(|_| bad(format!("secret {}: initial_key_id", s.key_id)))
+                })
+                .transpose()?;
+            if initial_key_id.is_some() != alg.has_initial_key_id() {
+                return Err(bad(format!(
+                    "secret {}: an initial_key_id goes with a DUKPT algorithm",
+                    s.key_id
+                )));
+            }
             secrets.push(StoredSecret {
                 key_id: s.key_id.clone(),
                 version: s.version,
                 algorithm: s.algorithm.clone(),
-                secret: Zeroizing::new(secret),
+                secret,
                 kcv,
+                initial_key_id,
                 acknowledged: s.acknowledged,
             });
         }
@@ -185,6 +212,62 @@ impl DeviceState {
             enrolled_at: f.enrolled_at,
             secrets,
         })
+    }
+
+    /// The newest AES DUKPT Initial Key the device holds, with its Initial Key ID.
+    pub fn dukpt_initial_key(
+        &self,
+    ) -> Result<
+        (
+            protocol_spec::dukpt::AesKey,
+            protocol_spec::dukpt::InitialKeyId,
+        ),
+        AgentError,
+    > {
+        let s = self
+            .secrets
+            .iter()
+            .rev()
+            .find(|s| s.initial_key_id.is_some())
+            .ok_or_else(|| {
+                AgentError::Invalid(
+                    "the device holds no DUKPT Initial Key (its line's secrets are not DUKPT, \
+                     or `device-agent secret` has not fetched one yet)"
+                        .into(),
+                )
+            })?;
+        let id =
+            protocol_spec::dukpt::InitialKeyId::from_bytes(s.initial_key_id.unwrap_or_default());
+        let key = protocol_spec::dukpt::AesKey::from_bytes(&s.secret)
+            .map_err(|e| AgentError::Invalid(format!("secret {}: {e}", s.key_id)))?;
+        Ok((key, id))
+    }
+
+    /// The device side of AES DUKPT (ANSI X9.24-3-2017) at transaction `counter`: the KSN and
+    /// the KCV of the transaction's working key of `usage` and `key_type` (the Initial Key's
+    /// type when `None`), derived through the standard's intermediate derivation key register
+    /// as the device would hold it at that counter. Never the key.
+    pub fn dukpt_transaction(
+        &self,
+        counter: u32,
+        usage: protocol_spec::dukpt::KeyUsage,
+        key_type: Option<protocol_spec::dukpt::KeyType>,
+    ) -> Result<
+        (
+            protocol_spec::dukpt::Ksn,
+            [u8; protocol_spec::dukpt::KCV_LEN],
+        ),
+        AgentError,
+    > {
+        let (ik, id) = self.dukpt_initial_key()?;
+        let invalid = |e: protocol_spec::dukpt::DukptError| AgentError::Invalid(e.to_string());
+        let mut device =
+            protocol_spec::dukpt::DukptDevice::resume(&ik, id, counter).map_err(invalid)?;
+        let t = device.next_transaction().map_err(invalid)?;
+        let key = t
+            .working_key(usage, key_type.unwrap_or(ik.key_type()))
+            .map_err(invalid)?;
+        Ok((t.ksn, key.kcv()))
     }
 
     /// Writes the state atomically with mode 0600.
@@ -205,7 +288,8 @@ impl DeviceState {
                     version: s.version,
                     algorithm: s.algorithm.clone(),
                     secret: b64(s.secret.as_ref()),
-                    kcv: hex::encode(s.kcv),
+                    kcv: hex::encode(&s.kcv),
+                    initial_key_id: s.initial_key_id.map(hex::encode),
                     acknowledged: s.acknowledged,
                 })
                 .collect(),

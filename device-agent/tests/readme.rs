@@ -85,6 +85,19 @@ const BEFORE: &[(&str, &str)] = &[
 /// pipefail, a writer cut off by `grep -q` quitting early would fail the script at random.
 const AFTER: &[(&str, &str)] = &[
     (
+        "ca-server dukpt derive --ksn",
+        // The device side and the host side agree on a transaction's key, around the rollover
+        // too.
+        "for n in 1 2 131070 131072 131073; do\n\
+           dev=$(device-agent dukpt --state pos.state --counter $n)\n\
+           ksn=$(awk '/^ksn/ {print $2}' <<<\"$dev\")\n\
+           host=$(ca-server dukpt derive --ksn \"$ksn\")\n\
+           test \"$(awk '/^kcv/ {print $2}' <<<\"$dev\")\" = \"$(awk '/^kcv/ {print $2}' <<<\"$host\")\"\n\
+         done\n\
+         show=$(ca-server device show 900001 --json)\n\
+         jq -e '.secrets[0].initial_key_id | startswith(\"12345678\")' <<<\"$show\" >/dev/null",
+    ),
+    (
         "ca-server secrets import --dir ca keys.jsonl",
         "start_serve",
     ),

@@ -803,13 +803,14 @@ pub fn generate() -> BTreeMap<String, Vec<u8>> {
         key_id: "k-0000000000000001".into(),
         version: 1,
         algorithm: protocol_spec::messages::SECRET_ALGORITHM.into(),
-        secret: zeroize::Zeroizing::new(secret),
-        kcv: kcv(&secret),
+        secret: zeroize::Zeroizing::new(secret.to_vec()),
+        kcv: kcv(&secret).to_vec(),
+        initial_key_id: None,
     };
     let ack = SecretAck {
         key_id: delivery.key_id.clone(),
         version: 1,
-        kcv: delivery.kcv,
+        kcv: delivery.kcv.clone(),
     };
     let d_cbor = g.put("secrets/delivery.cbor", delivery.to_cbor().to_vec());
     let d_json = g.put("secrets/delivery.json", delivery.to_json().to_vec());
@@ -820,6 +821,45 @@ pub fn generate() -> BTreeMap<String, Vec<u8>> {
         "description": "a version-1 secret and its acknowledgement",
         "delivery": d_cbor, "delivery_json": d_json, "ack": a_cbor, "ack_json": a_json,
         "secret_hex": hex::encode(secret), "kcv_hex": hex::encode(kcv(&secret)), "expect": "ok"}));
+
+    // --- a DUKPT Initial Key delivery: the X9.24-3-2017 published pair (BDK
+    // FEDCBA9876543210F1F1F1F1F1F1F1F1, Initial Key ID 1234567890123456) as version 1 ---
+    let Ok(bdk) = protocol_spec::dukpt::AesKey::from_hex("FEDCBA9876543210F1F1F1F1F1F1F1F1") else {
+        panic!("the published BDK is 16 bytes of hex");
+    };
+    let Ok(ikid) = protocol_spec::dukpt::InitialKeyId::from_hex("1234567890123456") else {
+        panic!("the published Initial Key ID is 16 hex digits");
+    };
+    let ik = protocol_spec::dukpt::initial_key(&bdk, ikid);
+    let dukpt_delivery = SecretDelivery {
+        key_id: ikid.to_string(),
+        version: 1,
+        algorithm: "aes-128-dukpt".into(),
+        secret: zeroize::Zeroizing::new(ik.expose().to_vec()),
+        kcv: ik.kcv().to_vec(),
+        initial_key_id: Some(ikid.bytes()),
+    };
+    let dukpt_ack = SecretAck {
+        key_id: dukpt_delivery.key_id.clone(),
+        version: 1,
+        kcv: dukpt_delivery.kcv.clone(),
+    };
+    let d_cbor = g.put(
+        "secrets/delivery-dukpt.cbor",
+        dukpt_delivery.to_cbor().to_vec(),
+    );
+    let d_json = g.put(
+        "secrets/delivery-dukpt.json",
+        dukpt_delivery.to_json().to_vec(),
+    );
+    let a_cbor = g.put("secrets/ack-dukpt.cbor", dukpt_ack.to_cbor());
+    let a_json = g.put("secrets/ack-dukpt.json", dukpt_ack.to_json());
+    g.cases
+        .push(json!({"name": "secret-delivery-dukpt", "kind": "secret",
+        "description": "an AES-128 DUKPT Initial Key (ANSI X9.24-3-2017 published pair) as version 1, and its acknowledgement",
+        "delivery": d_cbor, "delivery_json": d_json, "ack": a_cbor, "ack_json": a_json,
+        "secret_hex": hex::encode(ik.expose()), "kcv_hex": hex::encode(ik.kcv()),
+        "initial_key_id_hex": hex::encode(ikid.bytes()), "expect": "ok"}));
 
     // --- problem details ---
     for kind in ALL_PROBLEM_TYPES {

@@ -119,6 +119,15 @@ impl IntMap {
         }
     }
 
+    /// An optional byte string.
+    pub fn opt_bytes(&mut self, key: i64, name: &str) -> Result<Option<Vec<u8>>, String> {
+        if self.has(key) {
+            self.bytes(key, name).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// True when `key` is present.
     pub fn has(&self, key: i64) -> bool {
         self.entries.iter().any(|(k, _)| *k == key)

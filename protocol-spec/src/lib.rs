@@ -8,6 +8,7 @@
 pub mod cbor;
 pub mod coap;
 pub mod csr;
+pub mod dukpt;
 pub mod enroll;
 pub mod keys;
 pub mod messages;

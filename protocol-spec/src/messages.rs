@@ -259,23 +259,27 @@ impl EnrollResponse {
     }
 }
 
-/// The only secret algorithm today: a 256-bit key for AES-256 (and anything else that takes 32
-/// uniformly random bytes).
+/// The secret algorithm of a CA-generated or imported secret: a 256-bit key for AES-256 (and
+/// anything else that takes 32 uniformly random bytes). DUKPT lines deliver `aes-128-dukpt` or
+/// `aes-256-dukpt` instead (see [`crate::secret::SecretAlgorithm`]).
 pub const SECRET_ALGORITHM: &str = "aes-256";
 
-/// `SecretDelivery = { 1: key-id, 2: version, 3: algorithm, 4: secret, 5: kcv }`.
+/// `SecretDelivery = { 1: key-id, 2: version, 3: algorithm, 4: secret, 5: kcv,
+/// ? 6: initial-key-id }`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SecretDelivery {
-    /// Stable identifier of this key.
+    /// Stable identifier of this key (for DUKPT: the Initial Key ID in hex).
     pub key_id: String,
     /// Version of the device's secret, from 1.
     pub version: u64,
-    /// [`SECRET_ALGORITHM`].
+    /// [`SECRET_ALGORITHM`], `aes-128-dukpt` or `aes-256-dukpt`.
     pub algorithm: String,
-    /// The 32 secret bytes (zeroized on drop).
-    pub secret: Zeroizing<[u8; 32]>,
-    /// Key check value: see [`crate::secret::kcv`].
-    pub kcv: [u8; 3],
+    /// The secret bytes (32, or 16 for an AES-128 DUKPT Initial Key; zeroized on drop).
+    pub secret: Zeroizing<Vec<u8>>,
+    /// Key check value: see [`crate::secret::SecretAlgorithm::kcv`] (3 or 5 octets).
+    pub kcv: Vec<u8>,
+    /// The DUKPT Initial Key ID (BDK id || derivation id), for the DUKPT algorithms only.
+    pub initial_key_id: Option<[u8; 8]>,
 }
 
 impl std::fmt::Debug for SecretDelivery {
@@ -285,7 +289,8 @@ impl std::fmt::Debug for SecretDelivery {
             .field("version", &self.version)
             .field("algorithm", &self.algorithm)
             .field("secret", &"[redacted]")
-            .field("kcv", &hex::encode(self.kcv))
+            .field("kcv", &hex::encode(&self.kcv))
+            .field("initial_key_id", &self.initial_key_id.map(hex::encode))
             .finish()
     }
 }
@@ -298,31 +303,83 @@ struct SecretDeliveryJson {
     algorithm: String,
     secret: String,
     kcv: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    initial_key_id: Option<String>,
 }
 
-fn secret_bytes(b: &[u8]) -> Result<Zeroizing<[u8; 32]>, Problem> {
-    let arr = <[u8; 32]>::try_from(b)
-        .map_err(|_| Problem::malformed(format!("secret must be 32 bytes, is {}", b.len())))?;
-    Ok(Zeroizing::new(arr))
+/// Largest secret a delivery may carry.
+const MAX_SECRET: usize = 64;
+/// Largest key check value.
+const MAX_KCV: usize = 16;
+
+fn secret_bytes(b: &[u8]) -> Result<Zeroizing<Vec<u8>>, Problem> {
+    if b.is_empty() || b.len() > MAX_SECRET {
+        return Err(Problem::malformed(format!(
+            "secret must be 1 to {MAX_SECRET} bytes, is {}",
+            b.len()
+        )));
+    }
+    Ok(Zeroizing::new(b.to_vec()))
 }
 
-fn kcv_bytes(b: &[u8]) -> Result<[u8; 3], Problem> {
-    <[u8; 3]>::try_from(b)
-        .map_err(|_| Problem::malformed(format!("kcv must be 3 bytes, is {}", b.len())))
+fn kcv_bytes(b: &[u8]) -> Result<Vec<u8>, Problem> {
+    if b.len() < 3 || b.len() > MAX_KCV {
+        return Err(Problem::malformed(format!(
+            "kcv must be 3 to {MAX_KCV} bytes, is {}",
+            b.len()
+        )));
+    }
+    Ok(b.to_vec())
+}
+
+fn initial_key_id_bytes(b: &[u8]) -> Result<[u8; 8], Problem> {
+    <[u8; 8]>::try_from(b)
+        .map_err(|_| Problem::malformed(format!("initial-key-id must be 8 bytes, is {}", b.len())))
 }
 
 impl SecretDelivery {
+    /// Whether the delivery is consistent: a known algorithm, a secret of its length, an
+    /// Initial Key ID exactly when the algorithm is DUKPT, and the KCV of the secret.
+    pub fn check(&self) -> Result<crate::secret::SecretAlgorithm, String> {
+        let alg = crate::secret::SecretAlgorithm::from_name(&self.algorithm)
+            .ok_or_else(|| format!("secret algorithm {:?} is not known", self.algorithm))?;
+        if self.secret.len() != alg.secret_len() {
+            return Err(format!(
+                "an {} secret is {} bytes, not {}",
+                alg.name(),
+                alg.secret_len(),
+                self.secret.len()
+            ));
+        }
+        if alg.has_initial_key_id() != self.initial_key_id.is_some() {
+            return Err(format!(
+                "an {} delivery {} an initial key id",
+                alg.name(),
+                if alg.has_initial_key_id() {
+                    "needs"
+                } else {
+                    "has no"
+                }
+            ));
+        }
+        if alg.kcv(&self.secret).as_deref() != Some(self.kcv.as_slice()) {
+            return Err("the key check value does not match the secret".into());
+        }
+        Ok(alg)
+    }
+
     /// CBOR encoding.
     pub fn to_cbor(&self) -> Zeroizing<Vec<u8>> {
-        Zeroizing::new(
-            MapWriter::new()
-                .text(1, &self.key_id)
-                .uint(2, self.version)
-                .text(3, &self.algorithm)
-                .bytes(4, self.secret.as_ref())
-                .bytes(5, &self.kcv)
-                .encode(),
-        )
+        let mut w = MapWriter::new()
+            .text(1, &self.key_id)
+            .uint(2, self.version)
+            .text(3, &self.algorithm)
+            .bytes(4, self.secret.as_ref())
+            .bytes(5, &self.kcv);
+        if let Some(id) = &self.initial_key_id {
+            w = w.bytes(6, id);
+        }
+        Zeroizing::new(w.encode())
     }
 
     /// Decodes CBOR.
@@ -333,12 +390,18 @@ impl SecretDelivery {
         let algorithm = m.text(3, "algorithm").map_err(Problem::malformed)?;
         let raw = Zeroizing::new(m.bytes(4, "secret").map_err(Problem::malformed)?);
         let kcv = kcv_bytes(&m.bytes(5, "kcv").map_err(Problem::malformed)?)?;
+        let initial_key_id = m
+            .opt_bytes(6, "initial-key-id")
+            .map_err(Problem::malformed)?
+            .map(|b| initial_key_id_bytes(&b))
+            .transpose()?;
         Ok(SecretDelivery {
             key_id,
             version,
             algorithm,
             secret: secret_bytes(&raw)?,
             kcv,
+            initial_key_id,
         })
     }
 
@@ -350,6 +413,7 @@ impl SecretDelivery {
             algorithm: self.algorithm.clone(),
             secret: b64(self.secret.as_ref()),
             kcv: b64(&self.kcv),
+            initial_key_id: self.initial_key_id.map(|id| b64(&id)),
         };
         let out = Zeroizing::new(serde_json::to_vec(&j).unwrap_or_default());
         zeroize::Zeroize::zeroize(&mut { j.secret });
@@ -368,6 +432,10 @@ impl SecretDelivery {
             algorithm: j.algorithm,
             secret: secret_bytes(&raw)?,
             kcv: kcv_bytes(&unb64(&j.kcv, "kcv")?)?,
+            initial_key_id: j
+                .initial_key_id
+                .map(|s| initial_key_id_bytes(&unb64(&s, "initial_key_id")?))
+                .transpose()?,
         })
     }
 }
@@ -379,8 +447,8 @@ pub struct SecretAck {
     pub key_id: String,
     /// The version delivered.
     pub version: u64,
-    /// The KCV the device computed over the secret it stored.
-    pub kcv: [u8; 3],
+    /// The KCV the device computed over the secret it stored (3 or 5 octets, as delivered).
+    pub kcv: Vec<u8>,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -40,9 +40,15 @@ proptest! {
     }
 
     #[test]
-    fn secret_messages_round_trip(key_id in "[a-z0-9-]{1,40}", version in any::<u64>(), secret in any::<[u8; 32]>()) {
-        let kcv = protocol_spec::secret::kcv(&secret);
-        let d = SecretDelivery { key_id: key_id.clone(), version, algorithm: "aes-256".into(), secret: secret.into(), kcv };
+    fn secret_messages_round_trip(key_id in "[a-z0-9-]{1,40}", version in any::<u64>(), secret in any::<[u8; 32]>(), dukpt in any::<Option<(bool, [u8; 8])>>()) {
+        let (algorithm, secret, initial_key_id) = match dukpt {
+            None => ("aes-256", secret.to_vec(), None),
+            Some((true, id)) => ("aes-256-dukpt", secret.to_vec(), Some(id)),
+            Some((false, id)) => ("aes-128-dukpt", secret[..16].to_vec(), Some(id)),
+        };
+        let kcv = protocol_spec::secret::SecretAlgorithm::from_name(algorithm).unwrap().kcv(&secret).unwrap();
+        let d = SecretDelivery { key_id: key_id.clone(), version, algorithm: algorithm.into(), secret: secret.into(), kcv: kcv.clone(), initial_key_id };
+        prop_assert!(d.check().is_ok());
         prop_assert_eq!(SecretDelivery::from_cbor(&d.to_cbor()).unwrap(), d.clone());
         prop_assert_eq!(SecretDelivery::from_json(&d.to_json()).unwrap(), d);
         let a = SecretAck { key_id, version, kcv };

@@ -369,7 +369,8 @@ async fn device(
                 let ack = protocol_spec::messages::SecretAck {
                     key_id: d.key_id.clone(),
                     version: d.version,
-                    kcv: protocol_spec::secret::kcv(&d.secret),
+                    // fetch_on checked it is the KCV of the secret.
+                    kcv: d.kcv.clone(),
                 };
                 device_agent::secrets::ack_on(&mut session, &ack).await?;
                 record(&mut times[5], t5);

@@ -59,10 +59,14 @@ impl Node {
     }
 }
 
+/// The BDK id of the embedded CA's generated DUKPT BDK (`--secret-source dukpt`).
+pub const SIM_BDK_ID: &str = "51A0B0D1";
+
 /// Creates the CA folder, registers one line per [`SERIALS_PER_LINE`] serials, starts `nodes`
-/// node processes. With `store` (`[store]` settings with a url), the records go to that
-/// PostgreSQL database, in a new schema named for this run (its `schema` setting is ignored);
-/// without, on sled, which one process at a time can hold: `nodes` must be 1.
+/// node processes. With `store` (`[store]` settings with a url), the records go to that PostgreSQL database, in
+/// a new schema named for this run (its `schema` setting is ignored);
+/// without, on sled, which one process at a time can hold: `nodes` must be 1. With `dukpt`, the CA
+/// gets a generated AES-256 BDK ([`SIM_BDK_ID`]) and every line is a DUKPT line under it.
 pub fn start(
     devices: u64,
     nodes: usize,
@@ -70,6 +74,7 @@ pub fn start(
     verify_own_signatures: bool,
     now: u64,
     store: Option<StoreSettings>,
+    dukpt: bool,
 ) -> Result<(EmbeddedCa, Lines), String> {
     if nodes == 0 || (nodes > 1 && store.is_none()) {
         return Err(
@@ -112,6 +117,22 @@ pub fn start(
     {
         let store = ca_server::store::open(&dir, &store)?;
         let store: &dyn Store = &*store;
+        let source = if dukpt {
+            let keys = ca_server::secrets::SecretKeys::load(&dir.kek())?;
+            let request = ca_server::dukpt::AddBdk {
+                bdk_id: SIM_BDK_ID.into(),
+                generate: true,
+                algorithm: Some("aes-256".into()),
+                key: None,
+            };
+            let id = ca_server::dukpt::parse_bdk_id(SIM_BDK_ID).map_err(|e| e.to_string())?;
+            let bdk = ca_server::dukpt::key_of(&request, &keys).map_err(|e| e.to_string())?;
+            ca_server::dukpt::add_bdk(store, &keys, id, &bdk, now, "simulator")
+                .map_err(|e| e.to_string())?;
+            ca_server::records::SecretSource::Dukpt(id)
+        } else {
+            ca_server::records::SecretSource::Random
+        };
         let mut first = 1;
         let mut n = 0;
         while first <= devices.max(1) {
@@ -119,15 +140,17 @@ pub fn start(
             let key = KeyPair::generate(KeyAlgorithm::Ed25519, &rng).map_err(|e| e.to_string())?;
             let id = format!("line-{n:03}");
             let last = first + SERIALS_PER_LINE - 1;
-            ca_server::lines::add_line(
-                store,
+            let mut rec = ca_server::lines::new_line(
                 &id,
                 &PublicKey::from(&key).to_pem(),
                 (first, last),
                 None,
                 now,
-                "simulator",
             )?;
+            rec.secret_source = source;
+            store
+                .add_line(&rec, "simulator")
+                .map_err(|e| e.to_string())?;
             lines.push(LineStation {
                 id,
                 key,

@@ -118,9 +118,23 @@ struct Cli {
     /// Skip the secret phases (mutual-TLS fetch and acknowledgement).
     #[arg(long)]
     no_secrets: bool,
+    /// Where the embedded CA's lines take each device's secret: random (the CSPRNG), or dukpt
+    /// (the CA gets a generated AES-256 DUKPT BDK and every line is a DUKPT line: each device
+    /// receives its Initial Key, and the verification pass derives every one again from the
+    /// BDK).
+    #[arg(long = "secret-source", value_enum, default_value = "random")]
+    secret_source: SimSecretSource,
     /// Hide the live view (for logs and CI).
     #[arg(long)]
     quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum SimSecretSource {
+    /// The CA's CSPRNG.
+    Random,
+    /// AES DUKPT Initial Keys under a BDK the embedded CA generates.
+    Dukpt,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -197,6 +211,14 @@ impl CaMode {
             return Err(
                 "--store sets the embedded CA's database; a CA that runs elsewhere has its own \
                  (its config.toml [store]): drop --ca or --store"
+                    .into(),
+            );
+        }
+        if cli.secret_source == SimSecretSource::Dukpt {
+            return Err(
+                "--secret-source dukpt sets up the embedded CA's BDK and lines; a CA that runs \
+                 elsewhere has its own lines (`ca-server line add --secret-source dukpt:BDKID`): \
+                 drop --ca or --secret-source"
                     .into(),
             );
         }
@@ -498,6 +520,13 @@ fn run(cli: Cli) -> Result<bool, String> {
     config.insert("ca_algorithm".into(), ca_algorithm.to_string());
     config.insert("concurrency".into(), cli.concurrency.to_string());
     config.insert("secrets".into(), (!cli.no_secrets).to_string());
+    config.insert(
+        "secret_source".into(),
+        match cli.secret_source {
+            SimSecretSource::Random => "random".into(),
+            SimSecretSource::Dukpt => "dukpt".into(),
+        },
+    );
     config.insert("loss".into(), cli.loss.to_string());
     config.insert("nodes".into(), fleet.enrollment.nodes().to_string());
     config.insert(
@@ -586,6 +615,7 @@ fn embedded_setup(
         verify_own_signatures,
         now,
         store,
+        cli.secret_source == SimSecretSource::Dukpt,
     )?;
     let enrollment = match transport {
         Transport::Https => Enrollment::Https(

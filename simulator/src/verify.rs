@@ -58,7 +58,7 @@ impl Verification {
         match self {
             Verification::Store(v) => {
                 format!(
-                    "{} records for {} devices, {} certificates valid, {}/{} device certificates match the store, {} confirmed secrets, {} secrets unsealed, {} shared keys, {} shared secrets, {} shared key ids, {} index mismatches, {} devices missing audit entries, audit log of {} entries {}",
+                    "{} records for {} devices, {} certificates valid, {}/{} device certificates match the store, {} confirmed secrets, {} secrets unsealed, {} DUKPT Initial Keys derived again from the BDK ({} wrong), {} shared keys, {} shared secrets, {} shared key ids, {} index mismatches, {} devices missing audit entries, audit log of {} entries {}",
                     v.records,
                     v.devices_run,
                     v.certificates_valid,
@@ -66,6 +66,8 @@ impl Verification {
                     v.devices_with_certificate,
                     v.devices_with_confirmed_secret,
                     v.secrets_unsealed,
+                    v.dukpt_initial_keys_verified,
+                    v.dukpt_initial_keys_wrong,
                     v.shared_keys,
                     v.shared_secrets,
                     v.shared_key_ids,
@@ -130,6 +132,12 @@ pub struct StoreVerification {
     pub shared_secrets: u64,
     /// Key ids held by more than one secret version (must be 0).
     pub shared_key_ids: u64,
+    /// DUKPT versions whose unsealed Initial Key equals the one derived again here from the
+    /// stored BDK and the version's Initial Key ID (ANSI X9.24-3-2017).
+    pub dukpt_initial_keys_verified: u64,
+    /// DUKPT versions whose Initial Key is not the BDK's for its Initial Key ID, or whose
+    /// BDK or Initial Key ID cannot be read (must be 0).
+    pub dukpt_initial_keys_wrong: u64,
     /// Devices missing one of the audit entries of their life: enroll and, with secrets,
     /// secret-deliver and secret-ack (must be 0).
     pub devices_missing_audit_entries: u64,
@@ -163,6 +171,41 @@ impl StoreVerification {
     fn mismatch(&mut self, p: String) {
         self.index_mismatches += 1;
         self.problem(p);
+    }
+}
+
+/// A DUKPT version against the BDK: its key id is its Initial Key ID, whose first 4 octets name
+/// the BDK; the Initial Key derived here from that BDK must be the one the CA sealed.
+fn check_initial_key(
+    v: &mut StoreVerification,
+    bdks: &std::collections::HashMap<String, protocol_spec::dukpt::Bdk>,
+    sv: &ca_server::records::SecretRecord,
+    secret: &[u8],
+) {
+    let what = format!("serial {} version {}", sv.serial, sv.version);
+    let Ok(id) = protocol_spec::dukpt::InitialKeyId::from_hex(&sv.key_id) else {
+        v.dukpt_initial_keys_wrong += 1;
+        v.problem(format!(
+            "{what}: key id {:?} is not an Initial Key ID",
+            sv.key_id
+        ));
+        return;
+    };
+    let Some(bdk) = bdks.get(&id.bdk_id().to_string()) else {
+        v.dukpt_initial_keys_wrong += 1;
+        v.problem(format!(
+            "{what}: no BDK {} for Initial Key ID {id}",
+            id.bdk_id()
+        ));
+        return;
+    };
+    if protocol_spec::dukpt::initial_key(bdk, id).expose() == secret {
+        v.dukpt_initial_keys_verified += 1;
+    } else {
+        v.dukpt_initial_keys_wrong += 1;
+        v.problem(format!(
+            "{what}: the Initial Key is not the BDK's for Initial Key ID {id}"
+        ));
     }
 }
 
@@ -304,6 +347,17 @@ pub fn verify_store(
         }
     }
 
+    // The DUKPT BDKs, opened with the KEK, for an independent derivation of each Initial Key.
+    let mut bdks = std::collections::HashMap::new();
+    for b in store.bdks().map_err(err)? {
+        match kek.open_bdk(&b) {
+            Ok(k) => {
+                bdks.insert(b.id.clone(), k);
+            }
+            Err(e) => v.problem(format!("BDK {}: {e}", b.id)),
+        }
+    }
+
     // Secret versions: each a version of a device on record, unsealed with the KEK.
     for sv in store.secrets() {
         let sv = sv.map_err(err)?;
@@ -323,6 +377,9 @@ pub fn verify_store(
         match kek.open_version(&sv) {
             Ok(secret) => {
                 v.secrets_unsealed += 1;
+                if sv.source.starts_with("dukpt-") {
+                    check_initial_key(&mut v, &bdks, &sv, &secret);
+                }
                 plaintexts.push((digest16(secret.as_slice()), sv.serial));
                 if kek.index_tag(&secret) != sv.index_tag {
                     v.mismatch(format!(
@@ -396,6 +453,7 @@ pub fn verify_store(
         ));
     }
     v.ok = v.problems.is_empty()
+        && v.dukpt_initial_keys_wrong == 0
         && v.certificates_valid == v.records
         && v.devices_matching_store == v.devices_with_certificate
         && v.shared_keys == 0
@@ -937,7 +995,7 @@ mod tests {
                 let secret = kek.generate().unwrap();
                 let key_id = kek.new_key_id().unwrap();
                 let mut record = kek
-                    .seal_version(serial, 1, key_id.clone(), &secret, "csprng", 1001)
+                    .seal_version(serial, 1, key_id.clone(), secret.as_ref(), "csprng", 1001)
                     .unwrap();
                 record.delivered_at = Some(1001);
                 let kcv = record.kcv.clone();

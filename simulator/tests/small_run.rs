@@ -84,6 +84,31 @@ fn small_simulations_survive_a_ca_kill_and_verify_the_store() {
     }
 }
 
+/// `--secret-source dukpt`: the embedded CA gets a generated BDK and DUKPT lines; every device
+/// receives its AES DUKPT Initial Key (through a CA kill too), and the verification pass derives
+/// each one again from the BDK.
+#[test]
+fn a_dukpt_run_checks_every_initial_key_against_the_bdk() {
+    let r = simulate(
+        "coap",
+        1000,
+        &["--secret-source", "dukpt", "--kill-ca-every", "1"],
+    );
+    assert_eq!(r["devices_ok"], 1000);
+    assert_eq!(r["config"]["secret_source"], "dukpt");
+    let v = &r["verification"];
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["devices_with_confirmed_secret"], 1000);
+    assert_eq!(v["secrets_unsealed"], 1000);
+    assert_eq!(v["dukpt_initial_keys_verified"], 1000);
+    assert_eq!(v["dukpt_initial_keys_wrong"], 0);
+    assert_eq!(v["shared_secrets"], 0);
+    assert_eq!(v["shared_key_ids"], 0, "no Initial Key ID twice");
+    // The BDK's addition, a line-add entry, then enroll, secret-deliver and secret-ack per
+    // device.
+    assert_eq!(v["audit_entries"], 2 + 3 * 1000);
+}
+
 #[test]
 fn coap_devices_enroll_through_datagram_loss() {
     let r = simulate("coap", 300, &["--loss", "0.2", "--no-secrets"]);

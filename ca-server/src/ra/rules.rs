@@ -12,7 +12,7 @@
 use protocol_spec::{Problem, ProblemType};
 
 use crate::records::{
-    DeviceRecord, DeviceStatus, LineRecord, OperatorRevocation, PoolEntry, ResetRecord,
+    BdkRecord, DeviceRecord, DeviceStatus, LineRecord, OperatorRevocation, PoolEntry, ResetRecord,
     SecretRecord, TokenUse,
 };
 
@@ -568,6 +568,19 @@ pub struct SecretView {
     pub pool_entry_present: bool,
     /// For an import, per entry: (key id known, key known) in the store.
     pub import_known: Vec<(bool, bool)>,
+    /// For a new version holding a DUKPT Initial Key ([`dukpt_claim`]): the next derivation
+    /// id its BDK gives out, as stored (`None`: no such BDK).
+    pub dukpt_next: Option<u64>,
+}
+
+/// The (BDK id, derivation id) a new version claims when it holds a DUKPT Initial Key: its
+/// source is `dukpt-...` and its key id is the Initial Key ID in hex.
+pub fn dukpt_claim(rec: &SecretRecord) -> Option<(String, u32)> {
+    if !rec.source.starts_with("dukpt-") {
+        return None;
+    }
+    let id = protocol_spec::dukpt::InitialKeyId::from_hex(&rec.key_id).ok()?;
+    Some((id.bdk_id().to_string(), id.derivation_id()))
 }
 
 /// What a secrets write did (or, from [`secret`], will do).
@@ -605,6 +618,13 @@ pub enum SecretWrite {
     },
     /// An imported key into the pool, its keyed hash and key id held by the pool.
     PoolEntry(PoolEntry),
+    /// A BDK's allocation counter moves past the derivation id a new version took.
+    DukptNext {
+        /// The BDK id.
+        bdk_id: String,
+        /// The counter as read (the derivation id taken).
+        taken: u64,
+    },
 }
 
 /// The secrets rule: the outcome, the writes, and the audit event when it changes something
@@ -674,6 +694,10 @@ fn secret_writes(view: &SecretView, op: &SecretOp) -> (SecretOutcome, Vec<Secret
             if let Some(id) = from_pool {
                 writes.push(SecretWrite::TakeFromPool(id.clone()));
             }
+            match dukpt_write(view, record) {
+                Some(w) => writes.extend(w),
+                None => return none(SecretOutcome::Conflict),
+            }
             (SecretOutcome::Done(Some(record.clone())), writes)
         }
         SecretOp::Rotate { record, .. } => {
@@ -686,10 +710,12 @@ fn secret_writes(view: &SecretView, op: &SecretOp) -> (SecretOutcome, Vec<Secret
             if let Some(o) = blocked(false) {
                 return none(o);
             }
-            (
-                SecretOutcome::Done(Some(record.clone())),
-                vec![SecretWrite::NewVersion(record.clone())],
-            )
+            let mut writes = vec![SecretWrite::NewVersion(record.clone())];
+            match dukpt_write(view, record) {
+                Some(w) => writes.extend(w),
+                None => return none(SecretOutcome::Conflict),
+            }
+            (SecretOutcome::Done(Some(record.clone())), writes)
         }
         SecretOp::Delivered {
             serial,
@@ -776,6 +802,23 @@ fn secret_writes(view: &SecretView, op: &SecretOp) -> (SecretOutcome, Vec<Secret
             )
         }
     }
+}
+
+/// The counter write of a new version holding a DUKPT Initial Key: its derivation id must be
+/// the one its BDK gives out next (another allocation took it: read again), and the counter
+/// moves past it in the same transaction. Versions of other sources write nothing here.
+/// `None` when the claim conflicts.
+fn dukpt_write(view: &SecretView, record: &SecretRecord) -> Option<Vec<SecretWrite>> {
+    let Some((bdk_id, derivation_id)) = dukpt_claim(record) else {
+        return Some(Vec::new());
+    };
+    if view.dukpt_next != Some(u64::from(derivation_id)) {
+        return None;
+    }
+    Some(vec![SecretWrite::DukptNext {
+        bdk_id,
+        taken: u64::from(derivation_id),
+    }])
 }
 
 /// What the audit entry of a secrets write says.
@@ -1004,6 +1047,30 @@ pub fn add_line(
     })
 }
 
+/// A BDK addition's audit event (id, algorithm and KCV; never the key); `Err` when the id is
+/// taken.
+pub fn add_bdk(
+    existing: Option<&BdkRecord>,
+    bdk: &BdkRecord,
+    actor: &str,
+) -> Result<AuditEvent, String> {
+    if existing.is_some() {
+        return Err(bdk.id.clone());
+    }
+    Ok(AuditEvent {
+        at: bdk.created_at,
+        event: "dukpt-add-bdk".into(),
+        serial: None,
+        actor: actor.to_string(),
+        detail: format!(
+            "bdk_id={} algorithm={} kcv={}",
+            bdk.id,
+            bdk.algorithm,
+            hex::encode_upper(&bdk.kcv)
+        ),
+    })
+}
+
 /// An operator's change to a registered line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LineChange {
@@ -1068,6 +1135,7 @@ mod tests {
             enrolled,
             active,
             created_at: 1,
+            secret_source: Default::default(),
         }
     }
 

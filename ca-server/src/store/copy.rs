@@ -34,7 +34,7 @@ pub fn sled_to_postgres(dir: &CaDir, target: &StoreSettings) -> Result<String, S
         ));
     }
 
-    let mut counts = [0u64; 9];
+    let mut counts = [0u64; 10];
     let mut importer = pg.importer().map_err(|e| e.to_string())?;
     let index_entries = sled
         .export(&mut |e| {
@@ -72,6 +72,7 @@ fn kind_index(e: &Exported) -> usize {
         Exported::Reset { .. } => 6,
         Exported::Audit(_) => 7,
         Exported::Operator(_) => 8,
+        Exported::Bdk { .. } => 9,
     }
 }
 
@@ -79,7 +80,7 @@ fn verify(
     sled: &SledStore,
     pg: &PgStore,
     head: &crate::audit::AuditVerdict,
-    counts: &[u64; 9],
+    counts: &[u64; 10],
 ) -> Result<(), String> {
     let err = |e: StoreError| e.to_string();
     let anchor: crate::audit::Anchor = format!("{}:{}", head.entries, head.head).parse()?;
@@ -95,6 +96,15 @@ fn verify(
     }
     if sled.lines().map_err(err)? != pg.lines().map_err(err)? {
         return Err("the lines differ".into());
+    }
+    let bdks = sled.bdks().map_err(err)?;
+    if bdks != pg.bdks().map_err(err)? || bdks.len() as u64 != counts[9] {
+        return Err("the DUKPT BDKs differ".into());
+    }
+    for b in &bdks {
+        if sled.dukpt_next(&b.id).map_err(err)? != pg.dukpt_next(&b.id).map_err(err)? {
+            return Err(format!("the allocation counter of BDK {} differs", b.id));
+        }
     }
     let mut devices = 0u64;
     for d in sled.devices() {

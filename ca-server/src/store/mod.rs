@@ -95,8 +95,8 @@ pub use crate::ra::rules::{
     EnrollOutcome, LineChange, NewEnrollment, Refusal, ResetOutcome, SecretOp, SecretOutcome,
 };
 use crate::records::{
-    AuditEntry, DeviceRecord, LineRecord, OperatorRevocation, PoolEntry, ResetRecord, RevokedCert,
-    SecretRecord,
+    AuditEntry, BdkRecord, DeviceRecord, LineRecord, OperatorRevocation, PoolEntry, ResetRecord,
+    RevokedCert, SecretRecord,
 };
 
 /// What the enrollment fast path reads before it spends a signature ([`Store::binding_of`]).
@@ -139,6 +139,9 @@ pub enum StoreError {
     /// A line with this id is already registered.
     #[error("line {0:?} already exists")]
     LineExists(String),
+    /// A DUKPT Base Derivation Key with this id is already stored.
+    #[error("BDK {0} already exists: a BDK id names one key for ever")]
+    BdkExists(String),
     /// The database cannot be reached (or lost its connection mid-write, which it rolled back):
     /// nothing was written; retry later.
     #[error("store unavailable: {0}")]
@@ -198,6 +201,13 @@ pub enum Exported {
     Audit(AuditEntry),
     /// A revoked operator.
     Operator(OperatorRevocation),
+    /// A DUKPT Base Derivation Key, sealed as stored, with its allocation counter.
+    Bdk {
+        /// The sealed BDK.
+        record: BdkRecord,
+        /// The next derivation id it gives out.
+        next: u64,
+    },
 }
 
 /// One of the store's indexes: each binds a value to the one record that holds it. The
@@ -298,6 +308,16 @@ pub trait Store: Send + Sync + 'static {
     fn line(&self, id: &str) -> Result<Option<LineRecord>, StoreError>;
     /// All registered lines.
     fn lines(&self) -> Result<Vec<LineRecord>, StoreError>;
+    /// Stores a sealed DUKPT Base Derivation Key (refuses an existing id), with its audit
+    /// entry; durable on return.
+    fn add_bdk(&self, bdk: &BdkRecord, actor: &str) -> Result<(), StoreError>;
+    /// Every stored Base Derivation Key (sealed), in id order.
+    fn bdks(&self) -> Result<Vec<BdkRecord>, StoreError>;
+    /// The next derivation id a BDK gives out (0 for a BDK that gave none); the allocation
+    /// that takes it moves it on in its own transaction ([`SecretWrite::DukptNext`]).
+    ///
+    /// [`SecretWrite::DukptNext`]: crate::ra::rules::SecretWrite::DukptNext
+    fn dukpt_next(&self, bdk_id: &str) -> Result<u64, StoreError>;
     /// Registers a line (refuses an existing id), with its audit entry; durable on return.
     fn add_line(&self, line: &LineRecord, actor: &str) -> Result<(), StoreError>;
     /// Applies one enrollment atomically: checks the stateful rules (SPEC.md 3.3, 12 to 17) and
@@ -442,6 +462,7 @@ pub(crate) mod test_support {
             enrolled: 0,
             active: true,
             created_at: 1,
+            secret_source: Default::default(),
         }
     }
 
@@ -565,7 +586,14 @@ pub(crate) mod test_support {
         let keys = crate::secrets::SecretKeys::new(&[7u8; 32]).unwrap();
         let secret = keys.generate().unwrap();
         let mut record = keys
-            .seal_version(1, 1, keys.new_key_id().unwrap(), &secret, "csprng", 2_000)
+            .seal_version(
+                1,
+                1,
+                keys.new_key_id().unwrap(),
+                secret.as_ref(),
+                "csprng",
+                2_000,
+            )
             .unwrap();
         record.delivered_at = Some(2_000);
         let e = enrollment(1, 0xc1, 1);
@@ -664,7 +692,7 @@ pub(crate) mod test_support {
         let pooled = keys.seal_pool("pool-1".into(), &[42u8; 32], 1_500).unwrap();
         let secret = keys.open_pool(&pooled).unwrap();
         let mut record = keys
-            .seal_version(1, 1, "pool-1".into(), &secret, "import", 2_000)
+            .seal_version(1, 1, "pool-1".into(), secret.as_ref(), "import", 2_000)
             .unwrap();
         record.delivered_at = Some(2_000);
         let allocate = |record: SecretRecord| {

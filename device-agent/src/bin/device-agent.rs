@@ -144,6 +144,25 @@ enum Command {
         #[arg(long)]
         state: PathBuf,
     },
+    /// AES DUKPT (ANSI X9.24-3-2017) on the device side, from the Initial Key the device holds:
+    /// print the KSN of transaction COUNTER and the KCV of its working key (never a key), to
+    /// compare with `ca-server dukpt derive --ksn KSN` on the host side.
+    Dukpt {
+        /// The state file.
+        #[arg(long)]
+        state: PathBuf,
+        /// The transaction counter: decimal, or hex with 0x (from 1, at most 16 one bits).
+        #[arg(long, value_parser = parse_counter)]
+        counter: u32,
+        /// The working key's usage: pin-encryption (default), mac-generation,
+        /// mac-verification, mac-both-ways, data-encrypt, data-decrypt, data-both-ways,
+        /// key-encryption.
+        #[arg(long, default_value = "pin-encryption")]
+        usage: String,
+        /// The working key's type: aes-128 or aes-256 (default: the Initial Key's).
+        #[arg(long = "key-type")]
+        key_type: Option<String>,
+    },
     /// Build an enrollment request (CBOR, as CoAP carries it) from a factory token and a CSR
     /// made elsewhere (e.g. by openssl), for enrolling by hand with a generic CoAP client.
     Request {
@@ -185,6 +204,14 @@ fn out(text: &str) -> Result<(), AgentError> {
 
 fn parse_alg(s: &str) -> Result<KeyAlgorithm, String> {
     KeyAlgorithm::from_name(s).ok_or_else(|| format!("{s:?} is not ed25519 or p256"))
+}
+
+fn parse_counter(s: &str) -> Result<u32, String> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("{s:?} is not a 32-bit counter: {e}"))
 }
 
 fn main() -> ExitCode {
@@ -376,6 +403,34 @@ fn run(cli: Cli) -> Result<(), AgentError> {
             say!("enrollment request written to {}", path.display());
             Ok(())
         }
+        Command::Dukpt {
+            state,
+            counter,
+            usage,
+            key_type,
+        } => {
+            let s = DeviceState::load(&state, &rng)?;
+            let usage: protocol_spec::dukpt::KeyUsage =
+                usage.parse().map_err(AgentError::Invalid)?;
+            let key_type = key_type
+                .map(|t| {
+                    protocol_spec::dukpt::KeyType::from_name(&t).ok_or_else(|| {
+                        AgentError::Invalid(format!("key type {t:?} is not aes-128 or aes-256"))
+                    })
+                })
+                .transpose()?;
+            let (ksn, kcv) = s.dukpt_transaction(counter, usage, key_type)?;
+            let (ik, _) = s.dukpt_initial_key()?;
+            say!("ksn {ksn}");
+            say!(
+                "kcv {} ({} {} working key, counter {})",
+                hex::encode_upper(kcv),
+                usage.name(),
+                key_type.unwrap_or(ik.key_type()).name(),
+                ksn.counter
+            );
+            Ok(())
+        }
         Command::Show {
             state,
             pem,
@@ -414,11 +469,14 @@ fn run(cli: Cli) -> Result<(), AgentError> {
             }
             for sec in &s.secrets {
                 say!(
-                    "secret:      {} version {} {} kcv {} {}",
+                    "secret:      {} version {} {} kcv {}{} {}",
                     sec.key_id,
                     sec.version,
                     sec.algorithm,
-                    hex::encode(sec.kcv),
+                    hex::encode(&sec.kcv),
+                    sec.initial_key_id
+                        .map(|id| format!(" initial key id {}", hex::encode_upper(id)))
+                        .unwrap_or_default(),
                     if sec.acknowledged {
                         "acknowledged"
                     } else {

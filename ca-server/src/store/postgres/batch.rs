@@ -53,6 +53,10 @@ const CLAIM_POOL_KEYS: &str = "UPDATE secret_keys s SET serial = w.serial, versi
 const SET_DELIVERED: &str = "UPDATE secret_versions s SET delivered_at = w.at FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS w(serial, version, at) WHERE s.serial = w.serial AND s.version = w.version AND s.delivered_at IS NULL AND s.retired_at IS NULL";
 const SET_CONFIRMED: &str = "UPDATE secret_versions s SET confirmed_at = w.at FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS w(serial, version, at) WHERE s.serial = w.serial AND s.version = w.version AND s.confirmed_at IS NULL";
 const TAKE_POOL: &str = "DELETE FROM secret_pool WHERE key_id = ANY($1)";
+const READ_DUKPT_NEXT: &str = "SELECT id, next_derivation FROM dukpt_bdks WHERE id = ANY($1)";
+/// A BDK's allocation counter moves on only from the value the batch read: two writers taking
+/// the same derivation id cannot both commit.
+const MOVE_DUKPT_NEXT: &str = "UPDATE dukpt_bdks b SET next_derivation = w.next FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS w(id, before, next) WHERE b.id = w.id AND b.next_derivation = w.before";
 /// The quota held by the database: a line's count rises only while it stays within the quota.
 const COUNT_LINES: &str = "UPDATE lines l SET enrolled = l.enrolled + w.n FROM unnest($1::text[], $2::bigint[]) AS w(id, n) WHERE l.id = w.id AND l.active AND l.enrolled + w.n <= l.quota";
 
@@ -95,6 +99,8 @@ struct State {
     pool: HashSet<String>,
     /// Resets per enrolling serial (absent: none).
     resets: HashMap<u64, u64>,
+    /// DUKPT allocation counters of the BDKs the batch's new versions name.
+    dukpt_next: HashMap<String, u64>,
 }
 
 /// A new secret-key row: (index tag, key id, (serial, version); none for a pool key).
@@ -119,6 +125,8 @@ struct Changes {
     /// Pool entries taken (written before the batch), and new ones.
     taken: Vec<String>,
     pool: Vec<PoolEntry>,
+    /// DUKPT counters moved: BDK id -> (as read before the batch, as the batch leaves it).
+    dukpt_next: BTreeMap<String, (u64, u64)>,
     audit: Vec<AuditEntry>,
 }
 
@@ -132,6 +140,7 @@ async fn read(db: &Db<'_>, writes: &[Write]) -> Result<(Chain, State), StoreErro
     let mut secret_serials: Vec<i64> = Vec::new();
     let (mut tags, mut key_ids): (Vec<&[u8]>, Vec<&str>) = (Vec::new(), Vec::new());
     let mut pool_ids: Vec<&str> = Vec::new();
+    let mut bdk_ids: Vec<String> = Vec::new();
     for w in writes {
         match w {
             Write::Enroll(e) => {
@@ -150,6 +159,9 @@ async fn read(db: &Db<'_>, writes: &[Write]) -> Result<(Chain, State), StoreErro
                 if let Some(rec) = op.new_version() {
                     tags.push(&rec.index_tag);
                     key_ids.push(&rec.key_id);
+                    if let Some((bdk_id, _)) = rules::dukpt_claim(rec) {
+                        bdk_ids.push(bdk_id);
+                    }
                 }
                 match op {
                     SecretOp::Allocate {
@@ -184,6 +196,9 @@ async fn read(db: &Db<'_>, writes: &[Write]) -> Result<(Chain, State), StoreErro
     if !pool_ids.is_empty() {
         sqls.push(READ_POOL);
     }
+    if !bdk_ids.is_empty() {
+        sqls.push(READ_DUKPT_NEXT);
+    }
     // Prepared first, so that the statements below all leave in one flight, in this order.
     db.prepare(&sqls).await?;
     let p_serials: [P<'_>; 1] = [&serials];
@@ -194,8 +209,9 @@ async fn read(db: &Db<'_>, writes: &[Write]) -> Result<(Chain, State), StoreErro
     let p_versions: [P<'_>; 1] = [&secret_serials];
     let p_secret_keys: [P<'_>; 2] = [&tags, &key_ids];
     let p_pool: [P<'_>; 1] = [&pool_ids];
+    let p_bdks: [P<'_>; 1] = [&bdk_ids];
     let enrolling = !key_hashes.is_empty();
-    let (_, head, devices, keys, tokens, lines, resets, versions, secret_keys, pool) = tokio::try_join!(
+    let (_, head, devices, keys, tokens, lines, resets, versions, secret_keys, pool, dukpt) = tokio::try_join!(
         db.exec(CUSTOM_PLANS, &[]),
         db.one(LOCK_HEAD, &[]),
         db.all(device_sql.as_str(), &p_serials),
@@ -210,6 +226,7 @@ async fn read(db: &Db<'_>, writes: &[Write]) -> Result<(Chain, State), StoreErro
         ),
         db.all_if(!tags.is_empty(), READ_SECRET_KEYS, &p_secret_keys),
         db.all_if(!pool_ids.is_empty(), READ_POOL, &p_pool),
+        db.all_if(!bdk_ids.is_empty(), READ_DUKPT_NEXT, &p_bdks),
     )?;
     let hash: Vec<u8> = head.try_get(1).map_err(pg)?;
     let hash = <[u8; 32]>::try_from(hash.as_slice()).map_err(|_| StoreError::Corrupt {
@@ -268,6 +285,11 @@ async fn read(db: &Db<'_>, writes: &[Write]) -> Result<(Chain, State), StoreErro
     for r in &pool {
         state.pool.insert(r.try_get(0).map_err(pg)?);
     }
+    for r in &dukpt {
+        state
+            .dukpt_next
+            .insert(r.try_get(0).map_err(pg)?, u(r.try_get(1).map_err(pg)?));
+    }
     Ok((chain, state))
 }
 
@@ -323,6 +345,9 @@ impl State {
         if let Some(rec) = op.new_version() {
             view.tag_holder = self.by_tag.get(&rec.index_tag).copied();
             view.key_id_holder = self.by_key_id.get(&rec.key_id).copied();
+            if let Some((bdk_id, _)) = rules::dukpt_claim(rec) {
+                view.dukpt_next = self.dukpt_next.get(&bdk_id).copied();
+            }
         }
         match op {
             SecretOp::Allocate {
@@ -409,6 +434,14 @@ impl State {
                     Some(new) => new.confirmed_at = Some(at),
                     None => ch.confirmed.push((serial, version, at)),
                 }
+            }
+            SecretWrite::DukptNext { bdk_id, taken } => {
+                let next = taken.saturating_add(1);
+                self.dukpt_next.insert(bdk_id.clone(), next);
+                ch.dukpt_next
+                    .entry(bdk_id)
+                    .and_modify(|(_, n)| *n = next)
+                    .or_insert((taken, next));
             }
             SecretWrite::PoolEntry(e) => {
                 self.by_tag.insert(e.index_tag.clone(), Holder::Pool);
@@ -529,6 +562,9 @@ async fn write(db: &Db<'_>, ch: &Changes, chain: &Chain) -> Result<(), StoreErro
     let po_kcv: Vec<&[u8]> = ch.pool.iter().map(|p| p.kcv.as_slice()).collect();
     let po_tag: Vec<&[u8]> = ch.pool.iter().map(|p| p.index_tag.as_slice()).collect();
     let po_at: Vec<i64> = ch.pool.iter().map(|p| i(p.imported_at)).collect();
+    let dn_id: Vec<&str> = ch.dukpt_next.keys().map(String::as_str).collect();
+    let dn_before: Vec<i64> = ch.dukpt_next.values().map(|v| i(v.0)).collect();
+    let dn_next: Vec<i64> = ch.dukpt_next.values().map(|v| i(v.1)).collect();
     // Audit.
     let a = || ch.audit.iter();
     let a_seq: Vec<i64> = a().map(|e| i(e.seq)).collect();
@@ -560,6 +596,7 @@ async fn write(db: &Db<'_>, ch: &Changes, chain: &Chain) -> Result<(), StoreErro
         COUNT_LINES,
         INSERT_AUDITS,
         SET_HEAD,
+        MOVE_DUKPT_NEXT,
     ])
     .await?;
     let p_secret_keys: [P<'_>; 4] = [&sk_tag, &sk_id, &sk_serial, &sk_version];
@@ -572,9 +609,10 @@ async fn write(db: &Db<'_>, ch: &Changes, chain: &Chain) -> Result<(), StoreErro
     let p_tokens: [P<'_>; 3] = [&t_line, &t_id, &t_serial];
     let p_lines: [P<'_>; 2] = [&l_id, &l_n];
     let p_head: [P<'_>; 2] = [&head_seq, &head_hash];
+    let p_dukpt: [P<'_>; 3] = [&dn_id, &dn_before, &dn_next];
     // In this order on the wire: secret-key rows before the versions and pool entries that
     // reference them.
-    let (sk, claimed, _, delivered, confirmed, taken_n, _, _, _, _, counted, _, _) = tokio::try_join!(
+    let (sk, claimed, _, delivered, confirmed, taken_n, _, _, _, _, counted, _, _, moved) = tokio::try_join!(
         db.exec_if(!sk_tag.is_empty(), INSERT_SECRET_KEYS, &p_secret_keys),
         db.exec_if(!c_tag.is_empty(), CLAIM_POOL_KEYS, &p_claims),
         db.exec_if(!v_serial.is_empty(), INSERT_VERSIONS, &p_versions),
@@ -588,6 +626,7 @@ async fn write(db: &Db<'_>, ch: &Changes, chain: &Chain) -> Result<(), StoreErro
         db.exec_if(!l_id.is_empty(), COUNT_LINES, &p_lines),
         db.exec_if(!a_seq.is_empty(), INSERT_AUDITS, &p_audit),
         db.exec_if(!a_seq.is_empty(), SET_HEAD, &p_head),
+        db.exec_if(!dn_id.is_empty(), MOVE_DUKPT_NEXT, &p_dukpt),
     )?;
     rows(sk, sk_tag.len(), "secret keys")?;
     rows(claimed, c_tag.len(), "pool keys")?;
@@ -595,5 +634,6 @@ async fn write(db: &Db<'_>, ch: &Changes, chain: &Chain) -> Result<(), StoreErro
     rows(confirmed, cf_serial.len(), "acknowledgements")?;
     rows(taken_n, taken.len(), "pool entries")?;
     rows(counted, l_id.len(), "line counts")?;
+    rows(moved, dn_id.len(), "DUKPT counters")?;
     Ok(())
 }

@@ -28,13 +28,13 @@ use zeroize::Zeroizing;
 use super::{Index, IndexEntry, RawAudit, RawRecord, Store, StoreError, Write, Written};
 use crate::ra::rules::{self, AuditEvent, ResetOutcome};
 use crate::records::{
-    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, OperatorRevocation, PoolEntry, ResetRecord,
-    RevokedCert, SecretRecord, to_cbor,
+    AuditEntry, BdkRecord, DeviceRecord, DeviceStatus, LineRecord, OperatorRevocation, PoolEntry,
+    ResetRecord, RevokedCert, SecretRecord, to_cbor,
 };
 
 /// Every table of records, with its primary key (for ordered walks and counts). The `nodes`
 /// table (which processes are serving now) holds no record and is left out.
-const TABLES: [(&str, &str); 11] = [
+const TABLES: [(&str, &str); 12] = [
     ("lines", "id"),
     ("devices", "serial"),
     ("keys", "key_hash"),
@@ -46,6 +46,7 @@ const TABLES: [(&str, &str); 11] = [
     ("operator_revocations", "name"),
     ("audit", "seq"),
     ("audit_head", "id"),
+    ("dukpt_bdks", "id"),
 ];
 
 /// One query parameter.
@@ -780,8 +781,7 @@ fn status_name(s: DeviceStatus) -> &'static str {
     }
 }
 
-const LINE_COLUMNS: &str =
-    "id, public_key, first_serial, last_serial, quota, rate, enrolled, active, created_at";
+const LINE_COLUMNS: &str = "id, public_key, first_serial, last_serial, quota, rate, enrolled, active, created_at, secret_source";
 
 fn line_of(r: &Row) -> Result<LineRecord, StoreError> {
     let rate: i32 = r.try_get(5).map_err(pg)?;
@@ -795,6 +795,27 @@ fn line_of(r: &Row) -> Result<LineRecord, StoreError> {
         enrolled: u(r.try_get(6).map_err(pg)?),
         active: r.try_get(7).map_err(pg)?,
         created_at: u(r.try_get(8).map_err(pg)?),
+        secret_source: r
+            .try_get::<_, String>(9)
+            .map_err(pg)?
+            .parse()
+            .map_err(|e: String| StoreError::Corrupt {
+                tree: "lines",
+                reason: e,
+            })?,
+    })
+}
+
+const BDK_COLUMNS: &str = "id, algorithm, ciphertext, nonce, kcv, created_at";
+
+fn bdk_of(r: &Row) -> Result<BdkRecord, StoreError> {
+    Ok(BdkRecord {
+        id: r.try_get(0).map_err(pg)?,
+        algorithm: r.try_get(1).map_err(pg)?,
+        ciphertext: r.try_get(2).map_err(pg)?,
+        nonce: r.try_get(3).map_err(pg)?,
+        kcv: r.try_get(4).map_err(pg)?,
+        created_at: u(r.try_get(5).map_err(pg)?),
     })
 }
 
@@ -1210,7 +1231,7 @@ impl Store for PgStore {
                 let event = rules::add_line(existing.as_ref(), &line, &actor)
                     .map_err(StoreError::LineExists)?;
                 tx.execute(
-                    "INSERT INTO lines (id, public_key, first_serial, last_serial, quota, rate, enrolled, active, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    "INSERT INTO lines (id, public_key, first_serial, last_serial, quota, rate, enrolled, active, created_at, secret_source) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                     &[
                         &line.id,
                         &line.public_key,
@@ -1221,6 +1242,7 @@ impl Store for PgStore {
                         &i(line.enrolled),
                         &line.active,
                         &i(line.created_at),
+                        &line.secret_source.to_string(),
                     ],
                 )
                 .await
@@ -1228,6 +1250,76 @@ impl Store for PgStore {
                 append(&db, &mut chain, &event).await?;
                 set_head(&db, &chain).await?;
                 tx.commit().await.map_err(pg)
+            }
+        })
+    }
+
+    fn add_bdk(&self, bdk: &BdkRecord, actor: &str) -> Result<(), StoreError> {
+        let (bdk, actor) = (bdk.clone(), actor.to_string());
+        self.write(move |pool| {
+            let (bdk, actor) = (bdk.clone(), actor.clone());
+            async move {
+                let mut conn = pool.get().await?;
+                let (tx, stmts) = conn.transaction_db().await?;
+                let db = Db {
+                    on: On::Tx(&tx),
+                    stmts: &stmts,
+                };
+                let mut chain = lock_head(&db).await?;
+                let q = format!("SELECT {BDK_COLUMNS} FROM dukpt_bdks WHERE id = $1");
+                let existing = tx
+                    .query_opt(q.as_str(), &[&bdk.id])
+                    .await
+                    .map_err(pg)?
+                    .as_ref()
+                    .map(bdk_of)
+                    .transpose()?;
+                let event = rules::add_bdk(existing.as_ref(), &bdk, &actor)
+                    .map_err(StoreError::BdkExists)?;
+                // The primary key refuses a concurrent addition of the same id (a unique
+                // violation: this transaction rolls back and the retry sees the row).
+                tx.execute(
+                    "INSERT INTO dukpt_bdks (id, algorithm, ciphertext, nonce, kcv, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[
+                        &bdk.id,
+                        &bdk.algorithm,
+                        &bdk.ciphertext,
+                        &bdk.nonce,
+                        &bdk.kcv,
+                        &i(bdk.created_at),
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+                append(&db, &mut chain, &event).await?;
+                set_head(&db, &chain).await?;
+                tx.commit().await.map_err(pg)
+            }
+        })
+    }
+
+    fn bdks(&self) -> Result<Vec<BdkRecord>, StoreError> {
+        self.query_rows(
+            format!("SELECT {BDK_COLUMNS} FROM dukpt_bdks ORDER BY id"),
+            vec![],
+            bdk_of,
+        )
+    }
+
+    fn dukpt_next(&self, bdk_id: &str) -> Result<u64, StoreError> {
+        let id = bdk_id.to_string();
+        self.run(move |pool| async move {
+            let conn = pool.get().await?;
+            let rows = conn
+                .db()?
+                .all(
+                    "SELECT next_derivation FROM dukpt_bdks WHERE id = $1",
+                    &[&id],
+                )
+                .await?;
+            match rows.first() {
+                Some(r) => Ok(u(r.try_get(0).map_err(pg)?)),
+                None => Ok(0),
             }
         })
     }
@@ -1774,6 +1866,7 @@ fn kind(e: &super::Exported) -> u8 {
         X::Reset { .. } => 6,
         X::Audit(_) => 7,
         X::Operator(_) => 8,
+        X::Bdk { .. } => 9,
     }
 }
 
@@ -1847,7 +1940,7 @@ async fn load(tx: &Transaction<'_>, batch: Vec<super::Exported>) -> Result<(), S
     match batch.first().map(kind) {
         Some(0) => {
             exec(
-                "INSERT INTO lines (id, public_key, first_serial, last_serial, quota, rate, enrolled, active, created_at) SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[], $7::bigint[], $8::bool[], $9::bigint[])",
+                "INSERT INTO lines (id, public_key, first_serial, last_serial, quota, rate, enrolled, active, created_at, secret_source) SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[], $7::bigint[], $8::bool[], $9::bigint[], $10::text[])",
                 vec![
                     Box::new(col!(batch, X::Line(l) => l.id.clone())) as B,
                     Box::new(col!(batch, X::Line(l) => l.public_key.clone())),
@@ -1858,6 +1951,7 @@ async fn load(tx: &Transaction<'_>, batch: Vec<super::Exported>) -> Result<(), S
                     Box::new(col!(batch, X::Line(l) => i(l.enrolled))),
                     Box::new(col!(batch, X::Line(l) => l.active)),
                     Box::new(col!(batch, X::Line(l) => i(l.created_at))),
+                    Box::new(col!(batch, X::Line(l) => l.secret_source.to_string())),
                 ],
             )
             .await?;
@@ -1967,6 +2061,21 @@ async fn load(tx: &Transaction<'_>, batch: Vec<super::Exported>) -> Result<(), S
                     Box::new(col!(batch, X::Reset { record, .. } => i(record.device.enrolled_at))),
                     Box::new(col!(batch, X::Reset { record, .. } => i(record.reset_at))),
                     Box::new(col!(batch, X::Reset { record, .. } => record.actor.clone())),
+                ],
+            )
+            .await?;
+        }
+        Some(9) => {
+            exec(
+                "INSERT INTO dukpt_bdks (id, algorithm, ciphertext, nonce, kcv, created_at, next_derivation) SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::bytea[], $6::bigint[], $7::bigint[])",
+                vec![
+                    Box::new(col!(batch, X::Bdk { record: b, .. } => b.id.clone())) as B,
+                    Box::new(col!(batch, X::Bdk { record: b, .. } => b.algorithm.clone())),
+                    Box::new(col!(batch, X::Bdk { record: b, .. } => b.ciphertext.clone())),
+                    Box::new(col!(batch, X::Bdk { record: b, .. } => b.nonce.clone())),
+                    Box::new(col!(batch, X::Bdk { record: b, .. } => b.kcv.clone())),
+                    Box::new(col!(batch, X::Bdk { record: b, .. } => i(b.created_at))),
+                    Box::new(col!(batch, X::Bdk { next, .. } => i(*next))),
                 ],
             )
             .await?;
@@ -2174,6 +2283,7 @@ mod tests {
             conn.client()?
                 .batch_execute(
                     "DROP TABLE crl_number; DROP TABLE nodes; DROP TABLE operator_revocations; \
+                     DROP TABLE dukpt_bdks; ALTER TABLE lines DROP COLUMN secret_source; \
                      ALTER TABLE audit DROP COLUMN node; DELETE FROM imprint_schema WHERE version >= 2",
                 )
                 .await

@@ -14,10 +14,28 @@
 //! serial minus 2^64).
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
 
 /// (version, SQL). Each runs in one transaction with the row that records it.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5)];
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5), (6, V6)];
+
+/// Version 6: AES DUKPT Base Derivation Keys, sealed under the key-encryption key (never in
+/// the clear: the CA opens them with the KEK only to derive), each with its allocation counter
+/// (raised by a conditional update in the transaction of the version that takes a derivation
+/// id; the Initial Key ID is that version's key id, unique in `secret_keys`), and each line's
+/// secret source (`random`, `pool` or `dukpt:BDKID`).
+const V6: &str = r#"
+CREATE TABLE dukpt_bdks (
+    id               text PRIMARY KEY CHECK (id ~ '^[0-9A-F]{8}$'),
+    algorithm        text NOT NULL CHECK (algorithm IN ('aes-128', 'aes-256')),
+    ciphertext       bytea NOT NULL,
+    nonce            bytea NOT NULL,
+    kcv              bytea NOT NULL,
+    created_at       bigint NOT NULL,
+    next_derivation  bigint NOT NULL DEFAULT 0 CHECK (next_derivation BETWEEN 0 AND 4294967296)
+);
+ALTER TABLE lines ADD COLUMN secret_source text NOT NULL DEFAULT 'random';
+"#;
 
 /// Version 5: revoked operators (names are issued once: the name stands for its certificate).
 const V5: &str = "CREATE TABLE operator_revocations (

@@ -13,8 +13,8 @@ use crate::ra::rules::{
     SecretOutcome, SecretView, SecretWrite,
 };
 use crate::records::{
-    AuditEntry, DeviceRecord, DeviceStatus, LineRecord, OperatorRevocation, PoolEntry, ResetRecord,
-    RevokedCert, SecretRecord, TokenUse, from_cbor, generation_of, to_cbor,
+    AuditEntry, BdkRecord, DeviceRecord, DeviceStatus, LineRecord, OperatorRevocation, PoolEntry,
+    ResetRecord, RevokedCert, SecretRecord, TokenUse, from_cbor, generation_of, to_cbor,
 };
 
 mod raw;
@@ -36,6 +36,11 @@ const REVOKED: &str = "revoked";
 const HISTORY: &str = "history";
 /// Revoked operators: name -> [`OperatorRevocation`].
 const OPERATORS: &str = "operators";
+/// DUKPT Base Derivation Keys, sealed: BDK id -> [`BdkRecord`].
+const BDKS: &str = "dukpt_bdks";
+/// Each BDK's allocation counter: BDK id -> the next derivation id, 8 octets big-endian
+/// (absent: 0). Moved on in the transaction of the version that takes an id.
+const DUKPT_NEXT: &str = "dukpt_next";
 const POOL_MARK: &[u8] = b"pool";
 
 /// sled-backed [`Store`].
@@ -60,6 +65,8 @@ pub struct SledStore {
     revoked: sled::Tree,
     history: sled::Tree,
     operators: sled::Tree,
+    bdks: sled::Tree,
+    dukpt_next: sled::Tree,
     /// sled's data file, opened again so that `sync` can fdatasync it: sled's own flush uses
     /// sync_file_range on Linux, which neither flushes the drive cache nor orders metadata.
     data_file: File,
@@ -100,6 +107,7 @@ type EnrollTrees<'a> = (
 /// The trees a secrets write uses, inside a transaction: devices, secrets, secret_head,
 /// secret_acks, secret_index, key_ids, pool, audit.
 type SecretTrees<'a> = (
+    &'a TransactionalTree,
     &'a TransactionalTree,
     &'a TransactionalTree,
     &'a TransactionalTree,
@@ -236,6 +244,8 @@ impl SledStore {
             revoked: tree(REVOKED)?,
             history: tree(HISTORY)?,
             operators: tree(OPERATORS)?,
+            bdks: tree(BDKS)?,
+            dukpt_next: tree(DUKPT_NEXT)?,
             audit,
             db,
             data_file,
@@ -299,7 +309,7 @@ impl SledStore {
     /// ([`rules::secret`]) and applies its writes, with the audit entry (when it changed
     /// something) chained after `chain`.
     fn secret_in(
-        (devices, secrets, heads, acks, index, key_ids, pool, audit): SecretTrees<'_>,
+        (devices, secrets, heads, acks, index, key_ids, pool, audit, dukpt_next): SecretTrees<'_>,
         op: &SecretOp,
         chain: &(u64, [u8; 32]),
     ) -> TxResult<(SecretOutcome, Option<AuditEntry>)> {
@@ -352,6 +362,15 @@ impl SledStore {
         if let Some(rec) = op.new_version() {
             view.tag_holder = holder(index.get(&rec.index_tag)?);
             view.key_id_holder = holder(key_ids.get(rec.key_id.as_bytes())?);
+            if let Some((bdk_id, _)) = rules::dukpt_claim(rec) {
+                view.dukpt_next = match dukpt_next.get(bdk_id.as_bytes())? {
+                    None => Some(0),
+                    Some(v) => match u64_of(&v) {
+                        Some(n) => Some(n),
+                        None => return abort(corrupt(DUKPT_NEXT)("not 8 bytes".into())),
+                    },
+                };
+            }
         }
         match op {
             SecretOp::Allocate {
@@ -390,6 +409,10 @@ impl SledStore {
                     at,
                 } => {
                     acks.insert(ver_key(serial, version), &at.to_be_bytes())?;
+                }
+                SecretWrite::DukptNext { bdk_id, taken } => {
+                    let next = taken.saturating_add(1);
+                    dukpt_next.insert(bdk_id.as_bytes(), &next.to_be_bytes())?;
                 }
                 SecretWrite::PoolEntry(e) => {
                     index.insert(e.index_tag.as_slice(), POOL_MARK)?;
@@ -441,6 +464,10 @@ impl SledStore {
         sink: &mut dyn FnMut(super::Exported) -> Result<(), StoreError>,
     ) -> Result<u64, StoreError> {
         use super::Exported;
+        for b in self.bdks()? {
+            let next = self.dukpt_next(&b.id)?;
+            sink(Exported::Bdk { record: b, next })?;
+        }
         for r in self.lines.iter() {
             let (_, v) = r.map_err(backend)?;
             sink(Exported::Line(from_cbor(&v).map_err(corrupt(LINES))?))?;
@@ -618,6 +645,43 @@ impl Store for SledStore {
         self.sync()
     }
 
+    fn add_bdk(&self, bdk: &BdkRecord, actor: &str) -> Result<(), StoreError> {
+        let mut head = self.head()?;
+        let chain = *head;
+        let r = (&self.bdks, &self.audit).transaction(|(bdks, audit)| {
+            let existing = tx_get::<BdkRecord>(bdks, bdk.id.as_bytes(), BDKS)?;
+            let event = match rules::add_bdk(existing.as_ref(), bdk, actor) {
+                Ok(ev) => ev,
+                Err(id) => return abort(StoreError::BdkExists(id)),
+            };
+            let entry = event.entry_after(&chain);
+            bdks.insert(bdk.id.as_bytes(), to_cbor(bdk))?;
+            audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
+            Ok(entry)
+        });
+        let entry = flatten(r)?;
+        *head = (entry.seq, sealed_hash(&entry));
+        drop(head);
+        self.sync()
+    }
+
+    fn bdks(&self) -> Result<Vec<BdkRecord>, StoreError> {
+        self.bdks
+            .iter()
+            .map(|r| {
+                let (_, v) = r.map_err(backend)?;
+                from_cbor(&v).map_err(corrupt(BDKS))
+            })
+            .collect()
+    }
+
+    fn dukpt_next(&self, bdk_id: &str) -> Result<u64, StoreError> {
+        match self.dukpt_next.get(bdk_id.as_bytes()).map_err(backend)? {
+            None => Ok(0),
+            Some(v) => u64_of(&v).ok_or_else(|| corrupt(DUKPT_NEXT)("not 8 bytes".into())),
+        }
+    }
+
     fn apply_writes(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {
         let mut head = self.head()?;
         let start = *head;
@@ -644,9 +708,23 @@ impl Store for SledStore {
             &self.secret_index,
             &self.key_ids,
             &self.pool,
+            &self.dukpt_next,
         );
         let r = trees.transaction(
-            |(devices, keys, tokens, lines, audit, secrets, heads, acks, index, key_ids, pool)| {
+            |(
+                devices,
+                keys,
+                tokens,
+                lines,
+                audit,
+                secrets,
+                heads,
+                acks,
+                index,
+                key_ids,
+                pool,
+                dukpt_next,
+            )| {
                 // sled may run this closure again after a conflict: start from the head as it
                 // was, chaining each write's entry to the one before it.
                 let mut chain = start;
@@ -661,8 +739,10 @@ impl Store for SledStore {
                             entry
                         }
                         Write::Secret(op) => {
-                            let trees =
-                                (devices, secrets, heads, acks, index, key_ids, pool, audit);
+                            let trees = (
+                                devices, secrets, heads, acks, index, key_ids, pool, audit,
+                                dukpt_next,
+                            );
                             let (outcome, entry) = Self::secret_in(trees, op, &chain)?;
                             outcomes.push(Written::Secret(outcome));
                             entry
@@ -1024,6 +1104,8 @@ impl Store for SledStore {
             (REVOKED, &self.revoked),
             (HISTORY, &self.history),
             (OPERATORS, &self.operators),
+            (BDKS, &self.bdks),
+            (DUKPT_NEXT, &self.dukpt_next),
         ] {
             for r in tree.iter() {
                 let (k, v) = r.map_err(backend)?;
