@@ -200,20 +200,10 @@ impl CaService {
         Ok(())
     }
 
-    /// This serving process's id on the store (random, drawn when it started).
-    pub fn instance(&self) -> &str {
-        &self.instance
-    }
-
     /// Says on the store that this node stops serving (its share of each line's rate goes to
     /// the others at their next refresh).
     pub fn leave(&self) -> Result<(), String> {
         self.store.leave(&self.instance).map_err(|e| e.to_string())
-    }
-
-    /// CA nodes sharing each line's rate, as last read.
-    pub fn nodes(&self) -> u32 {
-        self.ra.nodes()
     }
 
     /// Reads again what other CA nodes on a shared store may have changed: the revoked

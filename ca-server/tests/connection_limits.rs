@@ -6,7 +6,6 @@
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use ca_server::admin_client::AdminClient;
@@ -166,29 +165,27 @@ async fn a_client_that_sends_nothing_is_closed_after_the_time_limit() {
     server.stop().await;
 }
 
-/// A TLS connection from `source` to `addr`, trusting the test CA.
+/// A TLS connection from `source` to `addr`, trusting the test CA; the handshake's error when
+/// the server closes the connection first.
+async fn try_tls_from(
+    ca: &TestCa,
+    source: IpAddr,
+    addr: SocketAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = connect_from(source, addr).await;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    tokio_rustls::TlsConnector::from(common::trusting(&ca.ca_der))
+        .connect(name, tcp)
+        .await
+}
+
+/// [`try_tls_from`], which must succeed.
 async fn tls_from(
     ca: &TestCa,
     source: IpAddr,
     addr: SocketAddr,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(ca.ca_der.clone()))
-        .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = connect_from(source, addr).await;
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .unwrap()
+    try_tls_from(ca, source, addr).await.unwrap()
 }
 
 /// SPEC.md section 11.6 (hardening issue, finding 12): a per-source rate at the device doors.
@@ -302,22 +299,7 @@ async fn a_client_that_stops_reading_loses_its_connection_after_the_time_limit()
             stalled.elapsed() < GUARD,
             "the stalled connection still holds the source's slot after {GUARD:?}"
         );
-        let tcp = connect_from(source, https).await;
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(rustls::pki_types::CertificateDer::from(ca.ca_der.clone()))
-            .unwrap();
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-        if let Ok(tls) = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
-            .await
+        if let Ok(tls) = try_tls_from(&ca, source, https).await
             && get_ca(tls).await == Some(200)
         {
             break;

@@ -99,19 +99,7 @@ async fn slow_client(
     stop: Arc<AtomicBool>,
     closed: Arc<AtomicU64>,
 ) {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(ca_der))
-        .unwrap();
-    let config = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    );
+    let config = common::trusting(&ca_der);
     while !stop.load(Ordering::Relaxed) {
         let s = TcpSocket::new_v4().unwrap();
         s.bind(SocketAddr::new(from, 0)).unwrap();

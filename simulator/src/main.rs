@@ -114,7 +114,7 @@ struct Cli {
         alias = "kill-ca-every",
         value_name = "SECONDS"
     )]
-    kill_ca_every: Option<f64>,
+    kill_node_every: Option<f64>,
     /// Skip the secret phases (mutual-TLS fetch and acknowledgement).
     #[arg(long)]
     no_secrets: bool,
@@ -229,7 +229,7 @@ impl CaMode {
                     .into(),
             );
         }
-        if cli.kill_ca_every.is_some() {
+        if cli.kill_node_every.is_some() {
             return Err(
                 "--kill-node-every needs the embedded CA (the simulator kills and restarts a CA it \
                  started, not one that runs elsewhere): drop --ca or --kill-node-every"
@@ -397,7 +397,7 @@ fn run(cli: Cli) -> Result<bool, String> {
                 }
             }
         });
-        let killer = cli.kill_ca_every.zip(ca.clone()).map(|(every, ca)| {
+        let killer = cli.kill_node_every.zip(ca.clone()).map(|(every, ca)| {
             let bar = bar.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs_f64(every.max(0.1)));
@@ -531,7 +531,7 @@ fn run(cli: Cli) -> Result<bool, String> {
     config.insert("nodes".into(), fleet.enrollment.nodes().to_string());
     config.insert(
         "kill_node_every".into(),
-        cli.kill_ca_every
+        cli.kill_node_every
             .map(|s| s.to_string())
             .unwrap_or_else(|| "never".into()),
     );

@@ -170,8 +170,7 @@ impl RegistrationAuthority {
             return Ok(());
         };
         let nodes = self.nodes();
-        let share = f64::from(*rate) / f64::from(nodes);
-        bucket.take(share, Instant::now()).map_err(|wait| {
+        bucket.take(self.share(*rate), Instant::now()).map_err(|wait| {
             let across = if nodes > 1 {
                 format!(" across {nodes} CA nodes")
             } else {

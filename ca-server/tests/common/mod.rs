@@ -558,3 +558,20 @@ pub fn operator(ca: &TestCa, name: &str) -> (std::path::PathBuf, std::path::Path
         ops.join(format!("{name}.key.pem")),
     )
 }
+
+/// A TLS client configuration that trusts the CA certificate `ca_der` (no client certificate).
+pub fn trusting(ca_der: &[u8]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(ca_der.to_vec()))
+        .unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
