@@ -194,6 +194,39 @@ fn persisted_parameters(path: &Path) -> Option<(usize, bool)> {
 }
 
 impl SledStore {
+    /// Adds a record under `key` of `tree` (named `name`) with the audit entry `rule` gives,
+    /// in one transaction; `rule` sees the record already there, if any, and refuses it.
+    /// Durable on return.
+    fn add_new<R>(
+        &self,
+        tree: &sled::Tree,
+        name: &'static str,
+        key: &[u8],
+        record: &R,
+        rule: impl Fn(Option<&R>) -> Result<AuditEvent, StoreError>,
+    ) -> Result<(), StoreError>
+    where
+        R: serde::Serialize + for<'de> serde::Deserialize<'de>,
+    {
+        let mut head = self.head()?;
+        let chain = *head;
+        let r = (tree, &self.audit).transaction(|(tree, audit)| {
+            let existing = tx_get::<R>(tree, key, name)?;
+            let event = match rule(existing.as_ref()) {
+                Ok(ev) => ev,
+                Err(e) => return abort(e),
+            };
+            let entry = event.entry_after(&chain);
+            tree.insert(key, to_cbor(record))?;
+            audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
+            Ok(entry)
+        });
+        let entry = flatten(r)?;
+        *head = (entry.seq, sealed_hash(&entry));
+        drop(head);
+        self.sync()
+    }
+
     /// Opens (or creates) the store in `path`. sled allows one process per store; a lock still
     /// held by a store this process just dropped (sled releases it from a background thread)
     /// is waited for briefly, another process's lock is reported as [`StoreError::Locked`].
@@ -626,43 +659,15 @@ impl Store for SledStore {
     }
 
     fn add_line(&self, line: &LineRecord, actor: &str) -> Result<(), StoreError> {
-        let mut head = self.head()?;
-        let chain = *head;
-        let r = (&self.lines, &self.audit).transaction(|(lines, audit)| {
-            let existing = tx_get::<LineRecord>(lines, line.id.as_bytes(), LINES)?;
-            let event = match rules::add_line(existing.as_ref(), line, actor) {
-                Ok(ev) => ev,
-                Err(id) => return abort(StoreError::LineExists(id)),
-            };
-            let entry = event.entry_after(&chain);
-            lines.insert(line.id.as_bytes(), to_cbor(line))?;
-            audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
-            Ok(entry)
-        });
-        let entry = flatten(r)?;
-        *head = (entry.seq, sealed_hash(&entry));
-        drop(head);
-        self.sync()
+        self.add_new(&self.lines, LINES, line.id.as_bytes(), line, |existing| {
+            rules::add_line(existing, line, actor).map_err(StoreError::LineExists)
+        })
     }
 
     fn add_bdk(&self, bdk: &BdkRecord, actor: &str) -> Result<(), StoreError> {
-        let mut head = self.head()?;
-        let chain = *head;
-        let r = (&self.bdks, &self.audit).transaction(|(bdks, audit)| {
-            let existing = tx_get::<BdkRecord>(bdks, bdk.id.as_bytes(), BDKS)?;
-            let event = match rules::add_bdk(existing.as_ref(), bdk, actor) {
-                Ok(ev) => ev,
-                Err(id) => return abort(StoreError::BdkExists(id)),
-            };
-            let entry = event.entry_after(&chain);
-            bdks.insert(bdk.id.as_bytes(), to_cbor(bdk))?;
-            audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
-            Ok(entry)
-        });
-        let entry = flatten(r)?;
-        *head = (entry.seq, sealed_hash(&entry));
-        drop(head);
-        self.sync()
+        self.add_new(&self.bdks, BDKS, bdk.id.as_bytes(), bdk, |existing| {
+            rules::add_bdk(existing, bdk, actor).map_err(StoreError::BdkExists)
+        })
     }
 
     fn bdks(&self) -> Result<Vec<BdkRecord>, StoreError> {
