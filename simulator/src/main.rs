@@ -11,6 +11,7 @@ mod ceiling;
 mod devices;
 mod embedded;
 mod html;
+mod killer;
 mod line;
 mod relay;
 mod remote;
@@ -399,32 +400,12 @@ fn run(cli: Cli) -> Result<bool, String> {
         });
         let killer = cli.kill_node_every.zip(ca.clone()).map(|(every, ca)| {
             let bar = bar.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs_f64(every.max(0.1)));
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    let ca = ca.clone();
-                    let r = tokio::task::spawn_blocking(move || match ca.lock() {
-                        Ok(mut ca) => ca.kill_and_restart(),
-                        Err(_) => Err("CA handle poisoned".to_string()),
-                    })
-                    .await;
-                    match r {
-                        Ok(Ok(node)) => {
-                            bar.println(format!("CA node {node} killed with SIGKILL and restarted"))
-                        }
-                        Ok(Err(e)) => bar.println(format!("CA restart failed: {e}")),
-                        Err(_) => return,
-                    }
-                }
-            })
+            killer::Killer::start(every, ca, move |m| bar.println(m))
         });
         let outcome = devices::run(fleet.clone(), progress.clone()).await;
         ticker.abort();
         if let Some(k) = killer {
-            k.abort();
-            let _ = k.await;
+            k.stop().await;
         }
         outcome
     });
