@@ -258,13 +258,15 @@ impl TokenKey {
         let slot = find_slot(&ctx, uri)?;
         let pin = uri.read_pin()?;
         let session = open_session(&ctx, slot, &pin, false, uri)?;
-        let private = find_key(&session, uri, ObjectClass::PRIVATE_KEY)?.ok_or_else(|| {
+        let held = token_objects();
+        let private = find_key(&session, uri, ObjectClass::PRIVATE_KEY, &held)?.ok_or_else(|| {
             format!(
                 "{}: no private key with that label in the token (give the key's label as object=, or make one with `ca-server init --pkcs11`)",
                 uri.describe()
             )
         })?;
-        let (algorithm, public_raw) = public_half(&session, uri)?;
+        let (algorithm, public_raw) = public_half(&session, uri, &held)?;
+        drop(held);
         let key = TokenKey {
             conn: RwLock::new(Connection { ctx, slot }),
             uri: uri.clone(),
@@ -283,12 +285,12 @@ impl TokenKey {
     /// `uri` says: the private half sensitive and not extractable. Refuses when the token
     /// already holds a private key with that label.
     pub fn generate(uri: &Pkcs11Uri, algorithm: KeyAlgorithm) -> Result<Self, String> {
-        let _one_at_a_time = object_creation();
+        let held = token_objects();
         let ctx = context(&uri.module_path)?;
         let slot = find_slot(&ctx, uri)?;
         let pin = uri.read_pin()?;
         let session = open_session(&ctx, slot, &pin, true, uri)?;
-        if find_key(&session, uri, ObjectClass::PRIVATE_KEY)?.is_some() {
+        if find_key(&session, uri, ObjectClass::PRIVATE_KEY, &held)?.is_some() {
             return Err(format!(
                 "{}: the token already holds a private key with that label; use it with --pkcs11-existing, or name another object=",
                 uri.describe()
@@ -327,6 +329,7 @@ impl TokenKey {
                 )
             })?;
         drop(session);
+        drop(held);
         Self::open(uri)
     }
 
@@ -334,12 +337,12 @@ impl TokenKey {
     /// extractable) and a public-key object, both labelled (and with the id) as `uri` says,
     /// then opens it. Refuses when the token already holds a private key with that label.
     pub fn import(uri: &Pkcs11Uri, key: &KeyPair) -> Result<Self, String> {
-        let _one_at_a_time = object_creation();
+        let held = token_objects();
         let ctx = context(&uri.module_path)?;
         let slot = find_slot(&ctx, uri)?;
         let pin = uri.read_pin()?;
         let session = open_session(&ctx, slot, &pin, true, uri)?;
-        if find_key(&session, uri, ObjectClass::PRIVATE_KEY)?.is_some() {
+        if find_key(&session, uri, ObjectClass::PRIVATE_KEY, &held)?.is_some() {
             return Err(format!(
                 "{}: the token already holds a private key with that label; name another object=",
                 uri.describe()
@@ -394,6 +397,7 @@ impl TokenKey {
             return Err(e);
         }
         drop(session);
+        drop(held);
         Self::open(uri)
     }
 
@@ -542,9 +546,14 @@ impl TokenKey {
         }
         // A key that is not found is taken as a token that is not (or not yet) all there:
         // the key was in it when the server started.
-        let h = find_key(session, &self.uri, ObjectClass::PRIVATE_KEY)
-            .map_err(Attempt::Lost)?
-            .ok_or_else(|| Attempt::Lost("the private key is not in the token".into()))?;
+        let h = find_key(
+            session,
+            &self.uri,
+            ObjectClass::PRIVATE_KEY,
+            &token_objects(),
+        )
+        .map_err(Attempt::Lost)?
+        .ok_or_else(|| Attempt::Lost("the private key is not in the token".into()))?;
         *cached = Some(h);
         Ok(h)
     }
@@ -580,13 +589,18 @@ impl TokenKey {
     }
 }
 
-/// Token objects are made one at a time in a process: the check that a label is free and the
-/// creation then hold together, and SoftHSM2's file store was seen failing with
-/// CKR_GENERAL_ERROR when key pairs were generated from several threads at once (the test
-/// suite with every test CA in one token). Making a CA key is rare; signing is not held.
-fn object_creation() -> std::sync::MutexGuard<'static, ()> {
-    static CREATING: Mutex<()> = Mutex::new(());
-    CREATING.lock().unwrap_or_else(PoisonError::into_inner)
+/// Token objects are made, and searched for, one at a time in a process: the check that a
+/// label is free and the creation then hold together, and SoftHSM2 before 2.7.0 (Debian 12
+/// ships 2.6.1) has a race between `C_FindObjects` and object creation in one process: a search
+/// that reads a new object's file while it is still empty marks the object invalid, and its
+/// creation fails with CKR_GENERAL_ERROR (SoftHSMv2 issue 573, fixed by its commit 07f0b98).
+/// The test suite, with every test CA in one token, met it. Searches are rare (at start, and
+/// when a session's key handle must be found again); signing is not held.
+struct TokenObjects(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
+
+fn token_objects() -> TokenObjects {
+    static HELD: Mutex<()> = Mutex::new(());
+    TokenObjects(HELD.lock().unwrap_or_else(PoisonError::into_inner))
 }
 
 /// One context per module in a process: `C_Initialize` may be called once per library, and two
@@ -704,6 +718,7 @@ fn find_key(
     session: &Session,
     uri: &Pkcs11Uri,
     class: ObjectClass,
+    _held: &TokenObjects,
 ) -> Result<Option<ObjectHandle>, String> {
     let mut template = vec![
         Attribute::Class(class),
@@ -727,8 +742,12 @@ fn find_key(
 }
 
 /// The algorithm and raw public key, from the public-key object beside the private key.
-fn public_half(session: &Session, uri: &Pkcs11Uri) -> Result<(KeyAlgorithm, Vec<u8>), String> {
-    let handle = find_key(session, uri, ObjectClass::PUBLIC_KEY)?.ok_or_else(|| {
+fn public_half(
+    session: &Session,
+    uri: &Pkcs11Uri,
+    held: &TokenObjects,
+) -> Result<(KeyAlgorithm, Vec<u8>), String> {
+    let handle = find_key(session, uri, ObjectClass::PUBLIC_KEY, held)?.ok_or_else(|| {
         format!(
             "{}: no public-key object with that label beside the private key (import it with the same label)",
             uri.describe()
@@ -803,12 +822,12 @@ const SEALED_KEK_MAGIC: &[u8; 12] = b"IMPRINT-KEK1";
 /// key-encryption key, which the token unseals once at start ([`unseal_kek`]): the file on
 /// disk is useless without the token, and sealing a secret costs no call to the token.
 pub fn seal_kek(uri: &Pkcs11Uri, kek: &[u8]) -> Result<Vec<u8>, String> {
-    let _one_at_a_time = object_creation();
+    let held = token_objects();
     let ctx = context(&uri.module_path)?;
     let slot = find_slot(&ctx, uri)?;
     let pin = uri.read_pin()?;
     let session = open_session(&ctx, slot, &pin, true, uri)?;
-    let aes = match find_kek_key(&session, uri)? {
+    let aes = match find_kek_key(&session, uri, &held)? {
         Some(h) => h,
         None => session
             .generate_key(
@@ -865,7 +884,7 @@ pub fn unseal_kek(uri: &Pkcs11Uri, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, 
     let slot = find_slot(&ctx, uri)?;
     let pin = uri.read_pin()?;
     let session = open_session(&ctx, slot, &pin, false, uri)?;
-    let aes = find_kek_key(&session, uri)?.ok_or_else(|| {
+    let aes = find_kek_key(&session, uri, &token_objects())?.ok_or_else(|| {
         format!(
             "token {:?}: no AES key labelled {:?} to unseal the key-encryption key",
             uri.token,
@@ -891,7 +910,11 @@ fn kek_label(uri: &Pkcs11Uri) -> Vec<u8> {
     format!("{}-kek", uri.object).into_bytes()
 }
 
-fn find_kek_key(session: &Session, uri: &Pkcs11Uri) -> Result<Option<ObjectHandle>, String> {
+fn find_kek_key(
+    session: &Session,
+    uri: &Pkcs11Uri,
+    _held: &TokenObjects,
+) -> Result<Option<ObjectHandle>, String> {
     let found = session
         .find_objects(&[
             Attribute::Class(ObjectClass::SECRET_KEY),
