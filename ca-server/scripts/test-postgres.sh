@@ -16,6 +16,8 @@
 #   ca-server/scripts/test-postgres.sh promote DIR  # promote a standby to primary
 #
 # The role's password is IMPRINT_STORE_PASSWORD when that is set, else a new random one.
+# IMPRINT_TEST_PG_OPTIONS adds server settings at start, e.g. for a profile of the statements:
+#   IMPRINT_TEST_PG_OPTIONS="-c shared_preload_libraries=pg_stat_statements"
 # PostgreSQL refuses to run as root: as root the server runs as the postgres user.
 set -euo pipefail
 
@@ -47,7 +49,7 @@ start)
   )
   if [ "$(id -u)" = 0 ]; then chown postgres "$dir/server.key" "$dir/server.crt" "$dir/superpw"; mkdir "$dir/data"; chown postgres "$dir/data" "$dir"; fi
   as_pg "$bin/initdb" -D "$dir/data" -U postgres --auth=scram-sha-256 --pwfile="$dir/superpw" >"$dir/initdb.log" 2>&1
-  echo "-p $port -k $dir -c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key -c max_connections=300 -c fsync=on -c synchronous_commit=on" > "$dir/options"
+  echo "-p $port -k $dir -c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key -c max_connections=300 -c fsync=on -c synchronous_commit=on ${IMPRINT_TEST_PG_OPTIONS:-}" > "$dir/options"
   as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -o "$(cat "$dir/options")" start >/dev/null
   PGPASSWORD=$superpw "$bin/psql" -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -v ON_ERROR_STOP=1 \
     -c "CREATE ROLE imprint LOGIN PASSWORD '$password'" -c "CREATE DATABASE imprint OWNER imprint" >/dev/null

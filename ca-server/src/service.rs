@@ -47,13 +47,18 @@ impl Clock for SystemClock {
 /// A device as the mutual-TLS door authenticated it: its serial and the SHA-256 of the key
 /// its certificate holds. Every secrets write checks, in its transaction, that the serial is
 /// still bound to that key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceIdentity {
     /// The serial.
     pub serial: u64,
     /// SHA-256 of the SPKI.
     pub key_hash: [u8; 32],
+    /// The line the device enrolled on (from the record the door read).
+    pub line: String,
 }
+
+/// How many of the imported pool's entries a secret fetch reads to choose one from.
+const POOL_SPREAD: usize = 32;
 
 /// A successful enrollment, ready to encode.
 #[derive(Debug, Clone)]
@@ -381,6 +386,7 @@ impl CaService {
         Ok(DeviceIdentity {
             serial,
             key_hash: protocol_spec::spki::sha256(&rec.spki),
+            line: rec.line.clone(),
         })
     }
 
@@ -429,19 +435,17 @@ impl CaService {
         })
     }
 
-    /// Where the secrets of the device `serial` come from: its line's source (`random` when
-    /// the device or its line is gone; the write's transaction refuses those anyway).
-    fn secret_source_of(&self, serial: u64) -> Result<SecretSource, Problem> {
-        let Some(device) = self
-            .store
-            .device(serial)
-            .map_err(|e| store_failure("store read", e))?
-        else {
-            return Ok(SecretSource::Random);
-        };
+    /// Where the secrets of device `id` come from: its line's source, as the registration
+    /// authority caches it (a line's source is set when the line is added and never changes);
+    /// read from the store for a line added on another node since this one last refreshed
+    /// (`random` when the line is gone: the write's transaction refuses that anyway).
+    fn secret_source_of(&self, id: &DeviceIdentity) -> Result<SecretSource, Problem> {
+        if let Some(source) = self.ra.secret_source(&id.line) {
+            return Ok(source);
+        }
         Ok(self
             .store
-            .line(&device.line)
+            .line(&id.line)
             .map_err(|e| store_failure("store read", e))?
             .map(|l| l.secret_source)
             .unwrap_or_default())
@@ -499,7 +503,7 @@ impl CaService {
                 }
                 return self.deliver(latest, None);
             }
-            let (secret, key_id, source, from_pool) = match self.secret_source_of(serial)? {
+            let (secret, key_id, source, from_pool) = match self.secret_source_of(id)? {
                 SecretSource::Dukpt(bdk_id) => {
                     let (secret, key_id, source) =
                         crate::secrets::dukpt_secret(self.store.as_ref(), &self.secrets, bdk_id, 0)
@@ -507,19 +511,18 @@ impl CaService {
                     (secret, key_id, source, None)
                 }
                 source => {
-                    let pool = self
+                    // One read of the pool's first entries; concurrent fetches each take a
+                    // different one of them, by serial and attempt, so that they rarely meet
+                    // on the same key (the loser of such a meeting reads again).
+                    let mut pool = self
                         .store
-                        .pool((serial.wrapping_add(attempt) % 32) as usize, 1)
+                        .pool(0, POOL_SPREAD)
                         .map_err(|e| store_failure("store read", e))?;
-                    let pool = match pool.into_iter().next() {
-                        Some(p) => Some(p),
-                        None => self
-                            .store
-                            .pool(0, 1)
-                            .map_err(|e| store_failure("store read", e))?
-                            .into_iter()
-                            .next(),
+                    let pick = match pool.len() as u64 {
+                        0 => None,
+                        n => Some((serial % n + attempt % n) % n),
                     };
+                    let pool = pick.map(|k| pool.swap_remove(k as usize));
                     match pool {
                         Some(entry) => {
                             let s = self

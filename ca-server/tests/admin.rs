@@ -822,6 +822,7 @@ async fn every_subcommand_against_a_running_server() {
     let revoked_id = ca_server::service::DeviceIdentity {
         serial: 10,
         key_hash: protocol_spec::spki::sha256(&dev.key.spki_der()),
+        line: "line-1".into(),
     };
     let last = dev.secrets.last().unwrap();
     let ack = protocol_spec::messages::SecretAck {
@@ -858,6 +859,7 @@ async fn every_subcommand_against_a_running_server() {
     let old_id = ca_server::service::DeviceIdentity {
         serial: 11,
         key_hash: protocol_spec::spki::sha256(&other.key.spki_der()),
+        line: "line-1".into(),
     };
     let mut again = enroll(&ca, server.coap.unwrap(), &line, 11, KeyAlgorithm::Ed25519)
         .await

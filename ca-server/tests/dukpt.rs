@@ -978,3 +978,86 @@ async fn a_pool_line_takes_imported_keys_only() {
     );
     server.stop().await;
 }
+
+/// A node learns where a line's secrets come from by its cached lines, refreshed every
+/// `[store] refresh_ms`; a device that enrolled on a line added through another node since then
+/// fetches from this node all the same, and gets its line's source (read from the database),
+/// not the CSPRNG's. Two nodes in one process on one PostgreSQL schema, refreshing once an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_has_not_seen_a_line_yet_gives_its_devices_the_line_s_source() {
+    use device_agent::secrets::{SyncOutcome, mtls_client, sync};
+    use device_agent::state::DeviceState;
+    use device_agent::url::CaUrl;
+    use protocol_spec::messages::ResponseForm;
+
+    let mut settings = common::pg_store();
+    settings.refresh_ms = Some(3_600_000);
+    let ca = TestCa::with_store(KeyAlgorithm::Ed25519, settings);
+    let keys = secret_keys(&ca);
+    let bdk_id: BdkId = "5EED0003".parse().unwrap();
+    let bdk = AesKey::from_hex(LINE_BDK).unwrap();
+    ca_server::dukpt::add_bdk(
+        ca.store().as_ref(),
+        &keys,
+        bdk_id,
+        &bdk,
+        common::now(),
+        "test",
+    )
+    .unwrap();
+    let a = ca.start().await;
+    let b = ca.start().await;
+    let line = common::Line::new("line-late", KeyAlgorithm::Ed25519);
+    let rec = LineRecord {
+        id: "line-late".into(),
+        public_key: protocol_spec::PublicKey::from(&line.key).spki_der(),
+        first_serial: 1,
+        last_serial: 100,
+        quota: 100,
+        rate: 0,
+        enrolled: 0,
+        active: true,
+        created_at: common::now(),
+        secret_source: SecretSource::Dukpt(bdk_id),
+    };
+    // Through node B (which reloads its own lines at once); node A will not for an hour.
+    b.service.add_line(rec, "operator:test").await.unwrap();
+
+    let rng = ring::rand::SystemRandom::new();
+    let mut s = DeviceState::generate(
+        protocol_spec::DeviceSerial::new(7).unwrap(),
+        KeyAlgorithm::Ed25519,
+        &rng,
+    )
+    .unwrap();
+    let token = line.token(7, &s.key.spki_der());
+    let req = device_agent::enroll::build_request(&s, &token, ResponseForm::Compact, &rng)
+        .unwrap()
+        .to_cbor();
+    let coap = device_agent::coap::CoapClient::new(
+        CaUrl::parse(&format!("coap://{}", b.coap.unwrap())).unwrap(),
+    );
+    let resp = coap.enroll_once(req).await.unwrap();
+    let profile = protocol_spec::profile::CertProfile::from_ca_der(&ca.ca_der).unwrap();
+    s.certificate = Some(device_agent::enroll::accept_response(&s, &profile, &resp).unwrap());
+    s.ca_certificate = Some(ca.ca_der.clone());
+    // The secret from node A.
+    let url = CaUrl::parse(&format!("https://{}", a.mtls.unwrap())).unwrap();
+    let out = sync(&mtls_client(url, &s).unwrap(), &mut s, |_| Ok(()))
+        .await
+        .unwrap();
+    assert!(
+        matches!(out, SyncOutcome::Stored { version: 1, .. }),
+        "{out:?}"
+    );
+    let sec = &s.secrets[0];
+    assert_eq!(
+        sec.algorithm, "aes-256-dukpt",
+        "node A used the line's source"
+    );
+    let id = InitialKeyId::from_bytes(sec.initial_key_id.unwrap());
+    assert_eq!(id.bdk_id(), bdk_id);
+    assert_eq!(sec.secret.as_slice(), dukpt::initial_key(&bdk, id).expose());
+    a.stop().await;
+    b.stop().await;
+}

@@ -17,7 +17,7 @@ use protocol_spec::messages::ResponseForm;
 use protocol_spec::token::{LineInfo, TokenPolicy};
 use protocol_spec::{DeviceSerial, Problem, ProblemType, PublicKey, spki};
 
-use crate::records::LineRecord;
+use crate::records::{LineRecord, SecretSource};
 
 /// A request that passed every stateless check.
 #[derive(Debug, Clone)]
@@ -61,6 +61,8 @@ impl VerifiedEnrollment {
 #[derive(Debug, Default)]
 pub struct RegistrationAuthority {
     lines: RwLock<HashMap<String, LineInfo>>,
+    /// Where each line's device secrets come from (fixed when the line is added).
+    secret_sources: RwLock<HashMap<String, SecretSource>>,
     /// Per-line rate limits: (enrollments per second, bucket).
     rates: Mutex<HashMap<String, (u32, Bucket)>>,
     /// CA nodes serving from the same store, this one included: each takes an equal share of
@@ -105,6 +107,7 @@ impl RegistrationAuthority {
     pub fn new(policy: TokenPolicy, lines: &[LineRecord]) -> Self {
         let ra = RegistrationAuthority {
             lines: RwLock::new(HashMap::new()),
+            secret_sources: RwLock::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
             nodes: AtomicU32::new(1),
             policy,
@@ -133,6 +136,12 @@ impl RegistrationAuthority {
         if let Ok(mut guard) = self.lines.write() {
             *guard = map;
         }
+        if let Ok(mut guard) = self.secret_sources.write() {
+            *guard = lines
+                .iter()
+                .map(|l| (l.id.clone(), l.secret_source))
+                .collect();
+        }
         if let Ok(mut rates) = self.rates.lock() {
             let old = std::mem::take(&mut *rates);
             for l in lines.iter().filter(|l| l.rate > 0) {
@@ -144,6 +153,12 @@ impl RegistrationAuthority {
                 rates.insert(l.id.clone(), (l.rate, bucket));
             }
         }
+    }
+
+    /// Where the secrets of line `line`'s devices come from, as cached; `None` for a line this
+    /// node has not loaded yet (added on another node since the last refresh): read the store.
+    pub fn secret_source(&self, line: &str) -> Option<SecretSource> {
+        self.secret_sources.read().ok()?.get(line).copied()
     }
 
     /// Sets how many CA nodes serve from the store (at least 1); returns whether it changed.
