@@ -14,6 +14,13 @@ use crate::store::{
 
 /// Largest batch applied before a flush.
 const MAX_BATCH: usize = 2048;
+/// A store that other processes share (PostgreSQL) pays for each batch with a transaction of
+/// about fifteen statements, whatever its size: a batch that found fewer than [`LINGER_BELOW`]
+/// writes waiting waits [`LINGER`] once for more before it starts. (sled's batch costs two log
+/// writes and takes no wait.)
+const LINGER_BELOW: usize = 16;
+/// See [`LINGER_BELOW`].
+const LINGER: Duration = Duration::from_millis(2);
 /// How long a reader waits for a flush before giving up with an internal error.
 const DURABLE_WAIT: Duration = Duration::from_secs(30);
 
@@ -142,6 +149,7 @@ impl Committer {
         let (durable_tx, durable) = watch::channel(0u64);
         let stats = Arc::new(CommitStats::default());
         let (s2, st2) = (started.clone(), stats.clone());
+        let linger = store.shared();
         std::thread::Builder::new()
             .name("group-commit".into())
             .spawn(move || {
@@ -149,11 +157,19 @@ impl Committer {
                 let mut batch = Vec::with_capacity(MAX_BATCH);
                 while let Some(first) = rx.blocking_recv() {
                     batch.push(first);
-                    while batch.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(job) => batch.push(job),
-                            Err(_) => break,
+                    let mut waited = !linger;
+                    loop {
+                        while batch.len() < MAX_BATCH {
+                            match rx.try_recv() {
+                                Ok(job) => batch.push(job),
+                                Err(_) => break,
+                            }
                         }
+                        if waited || batch.len() >= LINGER_BELOW {
+                            break;
+                        }
+                        waited = true;
+                        std::thread::sleep(LINGER);
                     }
                     epoch += 1;
                     s2.store(epoch, Ordering::SeqCst);
