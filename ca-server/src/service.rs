@@ -55,9 +55,6 @@ pub struct DeviceIdentity {
     pub key_hash: [u8; 32],
     /// The line the device enrolled on (from the record the door read).
     pub line: String,
-    /// The device's secret versions, oldest first, as the door read them with its record
-    /// (`None`: not read; a fetch reads them).
-    pub versions: Option<Vec<SecretRecord>>,
 }
 
 /// How many of the imported pool's entries a secret fetch reads to choose one from.
@@ -381,17 +378,15 @@ impl CaService {
             })?
             .device
             .get();
-        // The versions come with the record in one read: a fetch needs them next.
-        let (rec, versions) = self
+        let rec = self
             .store
-            .device_with_versions(serial)
+            .device(serial)
             .map_err(|e| store_failure("store read", e))?;
         let rec = rules::admit(rec.as_ref(), serial, cert_der).map_err(|r| r.problem())?;
         Ok(DeviceIdentity {
             serial,
             key_hash: protocol_spec::spki::sha256(&rec.spki),
             line: rec.line.clone(),
-            versions: Some(versions),
         })
     }
 
@@ -470,14 +465,10 @@ impl CaService {
         let (serial, binding) = (id.serial, id.key_hash);
         for attempt in 0..8u64 {
             let now = self.clock.now();
-            // The door's read serves the first attempt; a later one reads again.
-            let versions = match (attempt, &id.versions) {
-                (0, Some(v)) => v.clone(),
-                _ => self
-                    .store
-                    .secret_versions(serial)
-                    .map_err(|e| store_failure("store read", e))?,
-            };
+            let versions = self
+                .store
+                .secret_versions(serial)
+                .map_err(|e| store_failure("store read", e))?;
             // The newest version of the current binding; versions of a binding an operator
             // reset are retired, and the new binding gets the next version.
             let current = versions.last().filter(|l| l.retired_at.is_none());

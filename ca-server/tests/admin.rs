@@ -823,7 +823,6 @@ async fn every_subcommand_against_a_running_server() {
         serial: 10,
         key_hash: protocol_spec::spki::sha256(&dev.key.spki_der()),
         line: "line-1".into(),
-        versions: None,
     };
     let last = dev.secrets.last().unwrap();
     let ack = protocol_spec::messages::SecretAck {
@@ -861,7 +860,6 @@ async fn every_subcommand_against_a_running_server() {
         serial: 11,
         key_hash: protocol_spec::spki::sha256(&other.key.spki_der()),
         line: "line-1".into(),
-        versions: None,
     };
     let mut again = enroll(&ca, server.coap.unwrap(), &line, 11, KeyAlgorithm::Ed25519)
         .await

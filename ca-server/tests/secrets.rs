@@ -116,24 +116,6 @@ async fn fetch_ack_rotate_for_both_key_types() {
             other => panic!("{other:?}"),
         }
     }
-    // The door's one read (record and versions together; one joined statement on
-    // PostgreSQL) gives what the two reads give: two versions, none, no record.
-    let store = server.service.store();
-    let mut dev = enrolled(&ca, &server, &line, 3, KeyAlgorithm::Ed25519).await;
-    for serial in [1, 2, 3, 4] {
-        let (device, versions) = store.device_with_versions(serial).unwrap();
-        assert_eq!(device, store.device(serial).unwrap(), "serial {serial}");
-        assert_eq!(versions, store.secret_versions(serial).unwrap());
-        assert_eq!(
-            versions.len(),
-            [2, 2, 0, 0][serial as usize - 1],
-            "serial {serial}"
-        );
-    }
-    assert!(store.device_with_versions(4).unwrap().0.is_none());
-    let client = mtls_client(mtls_url(&server), &dev).unwrap();
-    sync(&client, &mut dev, |_| Ok(())).await.unwrap();
-    assert_eq!(store.device_with_versions(3).unwrap().1.len(), 1);
     server.stop().await;
 }
 

@@ -281,18 +281,6 @@ pub enum Written {
 pub trait Store: Send + Sync + 'static {
     /// The device record for `serial`.
     fn device(&self, serial: u64) -> Result<Option<DeviceRecord>, StoreError>;
-    /// The device record for `serial` and its secret versions, oldest first (none without a
-    /// record): what the mutual-TLS door and a secret fetch read, in one read where the store
-    /// can.
-    fn device_with_versions(
-        &self,
-        serial: u64,
-    ) -> Result<(Option<DeviceRecord>, Vec<SecretRecord>), StoreError> {
-        match self.device(serial)? {
-            None => Ok((None, Vec::new())),
-            Some(d) => Ok((Some(d), self.secret_versions(serial)?)),
-        }
-    }
     /// Which serial holds the key with this SPKI hash.
     fn serial_for_key(&self, key_hash: &[u8; 32]) -> Result<Option<u64>, StoreError>;
     /// What the service's fast path reads before it spends a signature: the record of

@@ -822,31 +822,21 @@ fn bdk_of(r: &Row) -> Result<BdkRecord, StoreError> {
 const SECRET_COLUMNS: &str = "serial, version, key_id, ciphertext, nonce, kcv, index_tag, source, created_at, delivered_at, confirmed_at, retired_at";
 
 fn secret_of(r: &Row) -> Result<SecretRecord, StoreError> {
-    secret_at(r, 0)
-}
-
-/// A secret version from the row's [`SECRET_COLUMNS`] starting at column `at`.
-fn secret_at(r: &Row, at: usize) -> Result<SecretRecord, StoreError> {
     Ok(SecretRecord {
-        serial: u(r.try_get(at).map_err(pg)?),
-        version: u(r.try_get(at + 1).map_err(pg)?),
-        key_id: r.try_get(at + 2).map_err(pg)?,
-        ciphertext: r.try_get(at + 3).map_err(pg)?,
-        nonce: r.try_get(at + 4).map_err(pg)?,
-        kcv: r.try_get(at + 5).map_err(pg)?,
-        index_tag: r.try_get(at + 6).map_err(pg)?,
-        source: r.try_get(at + 7).map_err(pg)?,
-        created_at: u(r.try_get(at + 8).map_err(pg)?),
-        delivered_at: ou(r.try_get(at + 9).map_err(pg)?),
-        confirmed_at: ou(r.try_get(at + 10).map_err(pg)?),
-        retired_at: ou(r.try_get(at + 11).map_err(pg)?),
+        serial: u(r.try_get(0).map_err(pg)?),
+        version: u(r.try_get(1).map_err(pg)?),
+        key_id: r.try_get(2).map_err(pg)?,
+        ciphertext: r.try_get(3).map_err(pg)?,
+        nonce: r.try_get(4).map_err(pg)?,
+        kcv: r.try_get(5).map_err(pg)?,
+        index_tag: r.try_get(6).map_err(pg)?,
+        source: r.try_get(7).map_err(pg)?,
+        created_at: u(r.try_get(8).map_err(pg)?),
+        delivered_at: ou(r.try_get(9).map_err(pg)?),
+        confirmed_at: ou(r.try_get(10).map_err(pg)?),
+        retired_at: ou(r.try_get(11).map_err(pg)?),
     })
 }
-
-/// [`Store::device_with_versions`] in one statement: the record's [`DEVICE_COLUMNS`], then each
-/// version's [`SECRET_COLUMNS`] (NULLs in a row without one), one row per version. Written out
-/// so that the text is a constant.
-const DEVICE_WITH_VERSIONS: &str = "SELECT d.serial, d.spki, d.certificate, d.line, d.token_id, d.enrolled_at, d.status, d.revoked_at, v.serial, v.version, v.key_id, v.ciphertext, v.nonce, v.kcv, v.index_tag, v.source, v.created_at, v.delivered_at, v.confirmed_at, v.retired_at FROM devices d LEFT JOIN secret_versions v ON v.serial = d.serial WHERE d.serial = $1 ORDER BY v.version";
 
 const POOL_COLUMNS: &str = "key_id, ciphertext, nonce, kcv, index_tag, imported_at";
 
@@ -1145,19 +1135,6 @@ impl Store for PgStore {
     fn device(&self, serial: u64) -> Result<Option<DeviceRecord>, StoreError> {
         let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE serial = $1");
         Ok(self.query_rows(sql, vec![i(serial)], device_of)?.pop())
-    }
-
-    fn device_with_versions(
-        &self,
-        serial: u64,
-    ) -> Result<(Option<DeviceRecord>, Vec<SecretRecord>), StoreError> {
-        let rows = self.query_rows(DEVICE_WITH_VERSIONS.into(), vec![i(serial)], |r| {
-            let version: Option<i64> = r.try_get(9).map_err(pg)?;
-            Ok((device_of(r)?, version.map(|_| secret_at(r, 8)).transpose()?))
-        })?;
-        let device = rows.first().map(|(d, _)| d.clone());
-        let versions = rows.into_iter().filter_map(|(_, v)| v).collect();
-        Ok((device, versions))
     }
 
     fn serial_for_key(&self, key_hash: &[u8; 32]) -> Result<Option<u64>, StoreError> {
