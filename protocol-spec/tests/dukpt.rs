@@ -77,7 +77,18 @@ fn transaction_and_working_keys_host_and_device_side() {
             }
         }
     }
-    for needed in [1, 2, 0x1FFFE, 0x20000, 0x20001] {
+    for needed in [
+        1,
+        2,
+        3,
+        8,
+        0x1FFFE,
+        0x20000,
+        0x20001,
+        0xFFFE_2000,
+        0xFFFE_8000,
+        0xFFFF_0000,
+    ] {
         assert!(counters.contains(&needed), "{needed:#x} has no vector");
     }
 }
