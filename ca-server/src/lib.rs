@@ -1,6 +1,7 @@
 //! The Imprint CA server, split by trust boundary:
 //!
-//! - front ends ([`https`]): decode, limit, map errors; nothing else;
+//! - front ends ([`https`], [`doors`]; the CoAP door a sans-IO endpoint plus its socket loop):
+//!   decode, limit, map errors; nothing else;
 //! - registration authority ([`ra`]): decides, and alone can make a `VerifiedEnrollment`;
 //! - issuer ([`issuer`]): the only holder of the CA key;
 //! - store ([`store`]): a trait, with sled as the embedded default, written through group commit
