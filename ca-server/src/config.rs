@@ -185,15 +185,15 @@ impl Default for Limits {
 
 impl Limits {
     /// The CoAP front end's limits.
-    pub fn coap(&self) -> crate::coap::CoapConfig {
-        crate::coap::CoapConfig {
+    pub fn coap(&self) -> crate::doors::coap::CoapConfig {
+        crate::doors::coap::CoapConfig {
             max_remembered_per_source: self.coap_exchanges_per_source,
             max_remembered: self.coap_exchanges,
             max_assemblies_per_source: self.coap_assemblies_per_source,
             max_assemblies: self.coap_assemblies,
             max_representations_per_source: self.coap_block2_per_source,
             max_representations: self.coap_block2,
-            ..crate::coap::CoapConfig::default()
+            ..crate::doors::coap::CoapConfig::default()
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The Imprint CA server, split by trust boundary:
 //!
-//! - front ends ([`https`]): decode, limit, map errors; nothing else;
+//! - front ends ([`https`], [`doors`]; the CoAP door a sans-IO endpoint plus its socket loop):
+//!   decode, limit, map errors; nothing else;
 //! - registration authority ([`ra`]): decides, and alone can make a `VerifiedEnrollment`;
 //! - issuer ([`issuer`]): the only holder of the CA key;
 //! - store ([`store`]): a trait, with sled as the embedded default, written through group commit
@@ -11,9 +12,9 @@ pub mod admin;
 pub mod admin_client;
 pub mod audit;
 pub mod cli;
-pub mod coap;
 pub mod commit;
 pub mod config;
+pub mod doors;
 pub mod dukpt;
 pub mod https;
 pub mod issuer;
@@ -31,3 +32,6 @@ pub mod service;
 pub mod setup;
 pub mod store;
 pub mod tls;
+
+/// The CoAP door, by its old path (the admin door reads its counters from here).
+pub use doors::coap;

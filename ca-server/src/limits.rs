@@ -163,6 +163,12 @@ impl<K: Sourced, V> PerSource<K, V> {
         Some(e.value)
     }
 
+    /// When the oldest entry was inserted or last touched; `None` when empty.
+    pub fn oldest_at(&self) -> Option<Instant> {
+        let key = self.order.values().next()?;
+        self.entries.get(key).map(|e| e.at)
+    }
+
     /// Removes the entries inserted or touched `lifetime` or longer before `now`; returns how
     /// many.
     pub fn expire(&mut self, now: Instant, lifetime: Duration) -> usize {

@@ -40,7 +40,7 @@ pub struct RunningServer {
     /// Where the admin API listens.
     pub admin: Option<SocketAddr>,
     /// CoAP counters.
-    pub coap_stats: Arc<crate::coap::CoapStats>,
+    pub coap_stats: Arc<crate::doors::coap::CoapStats>,
     /// The service (for tests and metrics).
     pub service: Arc<CaService>,
     shutdown: watch::Sender<bool>,
@@ -144,14 +144,14 @@ pub async fn start_with_clock(
             rx.clone(),
         )));
     }
-    let coap_stats = Arc::new(crate::coap::CoapStats::default());
+    let coap_stats = Arc::new(crate::doors::coap::CoapStats::default());
     let mut coap = None;
     if let Some(addr) = overrides.coap.or(config.listen.coap) {
         let socket = tokio::net::UdpSocket::bind(addr)
             .await
             .map_err(|e| format!("CoAP {addr}: {e}"))?;
         coap = Some(socket.local_addr().map_err(|e| e.to_string())?);
-        tasks.push(tokio::spawn(crate::coap::serve(
+        tasks.push(tokio::spawn(crate::doors::coap::serve(
             socket,
             service.clone(),
             config.limits.coap(),
