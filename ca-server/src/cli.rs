@@ -281,6 +281,11 @@ enum OperatorCommand {
         dir: PathBuf,
         /// Operator name (A-Z a-z 0-9 . _ - @), shown in the audit log as operator:NAME.
         name: String,
+        /// What the operator may do: `admin` (everything) or `read-only` (GET only: metrics,
+        /// the CRL, lookups, listings, the audit log; for metrics scrapers). Carried in the
+        /// certificate, so it cannot change later: revoke and issue under another name.
+        #[arg(long, value_enum, default_value_t = crate::operators::OperatorRole::Admin)]
+        role: crate::operators::OperatorRole,
         /// Days the certificate is valid.
         #[arg(long, default_value_t = 365)]
         days: u32,
@@ -662,14 +667,16 @@ fn run(cli: Cli) -> Result<bool, String> {
                 OperatorCommand::Add {
                     dir,
                     name,
+                    role,
                     days,
                     out,
                 },
         } => {
             let ca = CaDir::new(&dir);
             let out = out.unwrap_or_else(|| ca.operators());
-            let files = crate::operators::add_operator(&ca, &name, days, &out, SystemClock.now())?;
-            println!("operator {name}: certificate valid {days} days");
+            let files =
+                crate::operators::add_operator(&ca, &name, role, days, &out, SystemClock.now())?;
+            println!("operator {name} ({role}): certificate valid {days} days");
             println!("  certificate: {}", files.cert.display());
             println!("  key:         {} (mode 0600)", files.key.display());
             println!("use it with:");
@@ -702,13 +709,14 @@ fn run(cli: Cli) -> Result<bool, String> {
                 print_json(&list)?;
             } else {
                 println!(
-                    "{:<24} {:<8} {:<20}  revoked",
-                    "operator", "status", "expires"
+                    "{:<24} {:<9} {:<8} {:<20}  revoked",
+                    "operator", "role", "status", "expires"
                 );
                 for o in &list {
                     println!(
-                        "{:<24} {:<8} {:<20}  {}",
+                        "{:<24} {:<9} {:<8} {:<20}  {}",
                         o.name,
+                        o.role.as_deref().unwrap_or("-"),
                         o.status,
                         o.expires_at.map(rfc3339).unwrap_or_else(|| "-".into()),
                         match (&o.revoked_at, &o.revoked_by) {

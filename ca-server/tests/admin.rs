@@ -68,13 +68,20 @@ impl Operator {
     }
 
     fn add_at(ca: &TestCa, admin: SocketAddr, name: &str) -> Self {
-        let out = run(&[
+        Self::add_as(ca, admin, name, &[])
+    }
+
+    /// `operator add NAME EXTRA...` (such as `--role read-only`).
+    fn add_as(ca: &TestCa, admin: SocketAddr, name: &str, extra: &[&str]) -> Self {
+        let mut args = vec![
             "operator",
             "add",
             "--dir",
             ca.root().to_str().unwrap(),
             name,
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let out = run(&args);
         assert!(out.status.success(), "{}", stderr(&out));
         let ops = ca.dir.operators();
         let cert = ops.join(format!("{name}.pem"));
@@ -557,6 +564,144 @@ async fn a_revoked_operator_is_refused_at_the_admin_door_at_once() {
             .collect();
         assert_eq!(revocations.len(), 1, "one entry, not one per call");
         assert_eq!(revocations[0].actor, "operator:alice");
+    });
+    server.stop().await;
+}
+
+/// A read-only operator (`operator add --role read-only`, for metrics scrapers) may GET every
+/// read-only resource over real mutual TLS (curl and the CLI), and every write endpoint answers
+/// it 403 with a problem that says why, changing nothing; an admin operator keeps every right;
+/// `operator list` shows each role. Run on sled and on PostgreSQL (`IMPRINT_TEST_STORE`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_operator_reads_and_every_write_is_refused() {
+    let (ca, line, server) = setup().await;
+    let admin = server.admin.unwrap();
+    let mut dev = enroll(&ca, server.coap.unwrap(), &line, 5, KeyAlgorithm::Ed25519)
+        .await
+        .unwrap();
+    sync_secret(server.mtls.unwrap(), &mut dev).await;
+    tokio::task::block_in_place(|| {
+        let alice = Operator::add(&ca, &server, "alice");
+        let scraper = Operator::add_as(&ca, admin, "scraper", &["--role", "read-only"]);
+        // The role is in the certificate: the subject's unit.
+        let pem = std::fs::read_to_string(&scraper.cert).unwrap();
+        let der = protocol_spec::profile::cert_from_pem(&pem).unwrap();
+        let id = ca_server::operators::operator_identity(&der).unwrap();
+        assert_eq!(
+            (id.name.as_str(), id.role),
+            ("scraper", ca_server::operators::OperatorRole::ReadOnly)
+        );
+        let out = Command::new("openssl")
+            .args(["x509", "-noout", "-subject", "-in"])
+            .arg(&scraper.cert)
+            .output()
+            .unwrap();
+        assert!(
+            stdout(&out).contains("OU = operators-read-only"),
+            "{}",
+            stdout(&out)
+        );
+
+        // Every read, with curl.
+        for path in [
+            "/metrics",
+            "/health",
+            "/crl",
+            "/devices/5",
+            "/lines",
+            "/operators",
+            "/dukpt/bdks",
+            "/audit?after=0&limit=10",
+            "/audit/verify",
+        ] {
+            let out = scraper.curl(&format!("https://{admin}{path}"));
+            assert!(
+                out.status.success(),
+                "GET {path}: {}{}",
+                stdout(&out),
+                stderr(&out)
+            );
+        }
+        let metrics = stdout(&scraper.curl(&format!("https://{admin}/metrics")));
+        assert!(metrics.contains("imprint_"), "{metrics}");
+
+        // Every write, refused before it is routed, and the store unchanged.
+        let store = server.service.store().clone();
+        let before = common::snapshot(&store);
+        for (path, body) in [
+            ("/devices/5/revoke", ""),
+            ("/devices/5/reset", ""),
+            ("/secrets/rotate", r#"{"all":true}"#),
+            ("/lines", r#"{"id":"x","public_key":"","serials":"1-2"}"#),
+            ("/lines/line-1/disable", ""),
+            ("/lines/line-1/enable", ""),
+            ("/lines/line-1/rate", r#"{"rate":1}"#),
+            ("/dukpt/bdks", "{}"),
+            ("/dukpt/derive", "{}"),
+            ("/operators/alice/revoke", ""),
+            ("/no-such-resource", ""),
+        ] {
+            let out = Command::new("curl")
+                .args(["-sS", "-X", "POST", "-H", "Content-Type: application/json"])
+                .args(["-d", body, "-w", "\n%{http_code}", "--cacert"])
+                .arg(&scraper.ca_cert)
+                .arg("--cert")
+                .arg(&scraper.cert)
+                .arg("--key")
+                .arg(&scraper.key)
+                .arg(format!("https://{admin}{path}"))
+                .output()
+                .unwrap();
+            let text = stdout(&out);
+            assert!(text.ends_with("\n403"), "POST {path}: {text}");
+            let problem: serde_json::Value =
+                serde_json::from_str(text.trim_end_matches("\n403")).unwrap();
+            assert_eq!(problem["status"], 403, "{text}");
+            let detail = problem["detail"].as_str().unwrap();
+            assert!(
+                detail.contains("operator scraper is read-only")
+                    && detail.contains(&format!("POST {path} needs an admin operator")),
+                "{detail}"
+            );
+        }
+        assert_eq!(
+            common::snapshot(&store),
+            before,
+            "a refused write changes nothing, not even the audit log"
+        );
+
+        // The CLI, as the scraper: reads work, changes are refused with the reason.
+        scraper.ok(&["line", "list"]);
+        let out = scraper.run(&["line", "disable", "line-1"]);
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("403") && stderr(&out).contains("read-only"),
+            "{}",
+            stderr(&out)
+        );
+        let out = scraper.run(&["device", "revoke", "5"]);
+        assert!(!out.status.success(), "{}", stdout(&out));
+
+        // The admin keeps every right, and sees the roles.
+        let list: Vec<ca_server::admin::OperatorView> = alice.json(&["operator", "list"]);
+        let roles: Vec<(&str, Option<&str>)> = list
+            .iter()
+            .map(|o| (o.name.as_str(), o.role.as_deref()))
+            .collect();
+        assert_eq!(
+            roles,
+            [("alice", Some("admin")), ("scraper", Some("read-only"))]
+        );
+        let text = alice.ok(&["operator", "list"]);
+        let scraper_row = text.lines().find(|l| l.starts_with("scraper")).unwrap();
+        assert!(scraper_row.contains("read-only"), "{text}");
+        alice.ok(&["line", "disable", "line-1"]);
+        alice.ok(&["line", "enable", "line-1"]);
+        // A read-only operator can be revoked like any other, and then reads nothing.
+        alice.ok(&["operator", "revoke", "scraper"]);
+        let out = scraper.curl(&format!("https://{admin}/metrics"));
+        assert!(!out.status.success());
+        assert!(stdout(&out).contains("revoked"), "{}", stdout(&out));
     });
     server.stop().await;
 }
