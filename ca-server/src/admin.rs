@@ -55,6 +55,8 @@ pub struct AdminContext {
     pub coap: Arc<CoapStats>,
     /// The CA folder's register of issued operators (`operators.issued`).
     pub operators_issued: std::path::PathBuf,
+    /// The first audit entry sealed by the audit key, as the CA folder records it.
+    pub audit_sealed_from: Option<u64>,
 }
 
 /// An operator as `GET /operators` lists it.
@@ -676,8 +678,10 @@ async fn route(
                 }
             };
             let store = service.store().clone();
+            let key = service.secret_keys().audit_key();
+            let sealed_from = ctx.audit_sealed_from;
             let verdict = tokio::task::spawn_blocking(move || {
-                crate::audit::verify(store.audit_raw(0), anchor)
+                crate::audit::verify(store.audit_raw(0), anchor, Some(&key), sealed_from)
             })
             .await
             .map_err(|e| AdminProblem::internal("audit verify", e))?

@@ -838,8 +838,17 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<(), String> {
     Ok(())
 }
 
-/// The store of the CA folder `dir` (sled in the folder, or the database its config names).
+/// The store of the CA folder `dir` (sled in the folder, or the database its config names),
+/// sealing the audit entries it writes.
 fn open_store(dir: &std::path::Path) -> Result<std::sync::Arc<dyn Store>, String> {
+    open_store_with_key(dir).map(|(store, _)| store)
+}
+
+/// [`open_store`], and the audit key, loaded from the CA folder's key-encryption key (file, or
+/// sealed by its PKCS#11 token).
+fn open_store_with_key(
+    dir: &std::path::Path,
+) -> Result<(std::sync::Arc<dyn Store>, crate::audit::AuditKey), String> {
     let ca = CaDir::new(dir);
     if !ca.ca_cert().exists() {
         return Err(format!(
@@ -850,7 +859,9 @@ fn open_store(dir: &std::path::Path) -> Result<std::sync::Arc<dyn Store>, String
         ));
     }
     let config = ca.load_config()?;
-    crate::store::open(&ca, &config.store)
+    let key = crate::issuer::load_secret_keys(&ca, &config)?.audit_key();
+    let store = crate::store::open_sealing(&ca, &config.store, key.clone())?;
+    Ok((store, key))
 }
 
 fn line_command(command: LineCommand) -> Result<bool, String> {
@@ -1145,8 +1156,10 @@ fn audit_command(command: AuditCommand) -> Result<bool, String> {
             let online = dir.is_none();
             let verdict: AuditVerdict = match dir {
                 Some(dir) => {
-                    let store = open_store(&dir)?;
-                    crate::audit::verify(store.audit_raw(0), expect).map_err(|e| e.to_string())?
+                    let (store, key) = open_store_with_key(&dir)?;
+                    let sealed_from = crate::audit::read_sealed_from(&CaDir::new(&dir))?;
+                    crate::audit::verify(store.audit_raw(0), expect, Some(&key), sealed_from)
+                        .map_err(|e| e.to_string())?
                 }
                 None => {
                     let path = match expect {
@@ -1176,10 +1189,11 @@ fn audit_command(command: AuditCommand) -> Result<bool, String> {
             } else {
                 match &verdict.first_bad {
                     None => println!(
-                        "audit chain intact: {} entries, head {}:{}\n  (record the head elsewhere; `audit verify --expect {}:{}` checks it later{})",
+                        "audit chain intact: {} entries, head {}:{}\n  {}\n  (record the head elsewhere; `audit verify --expect {}:{}` checks it later{})",
                         verdict.entries,
                         verdict.entries,
                         verdict.head,
+                        key_note(&verdict),
                         verdict.entries,
                         verdict.head,
                         if online {
@@ -1197,6 +1211,19 @@ fn audit_command(command: AuditCommand) -> Result<bool, String> {
             }
             Ok(verdict.ok())
         }
+    }
+}
+
+/// What an intact chain's MACs vouch for.
+fn key_note(v: &AuditVerdict) -> String {
+    match (v.keyed, v.keyed_from) {
+        (false, _) => "(MACs not checked: the verifier has no audit key)".into(),
+        (true, None) => "(no entries yet)".into(),
+        (true, Some(1)) => "every entry sealed by the audit key".into(),
+        (true, Some(k)) => format!(
+            "entries {k} on sealed by the audit key; entries 1 to {} were written before the key              existed and are vouched for as a whole by entry {k}'s MAC",
+            k - 1
+        ),
     }
 }
 

@@ -13,6 +13,7 @@ use crate::records::{BdkRecord, PoolEntry, SecretRecord};
 pub struct SecretKeys {
     seal: LessSafeKey,
     index: hmac::Key,
+    audit: crate::audit::AuditKey,
     rng: SystemRandom,
 }
 
@@ -75,11 +76,13 @@ impl SecretKeys {
         let kek = Zeroizing::new(kek);
         let seal = derive(&kek, b"seal")?;
         let index = derive(&kek, b"index")?;
+        let audit = derive(&kek, b"audit")?;
         Ok(SecretKeys {
             seal: LessSafeKey::new(
                 UnboundKey::new(&AES_256_GCM, seal.as_ref()).map_err(|_| "AES key".to_string())?,
             ),
             index: hmac::Key::new(hmac::HMAC_SHA256, index.as_ref()),
+            audit: crate::audit::AuditKey::new(&audit),
             rng: SystemRandom::new(),
         })
     }
@@ -101,6 +104,12 @@ impl SecretKeys {
         let bytes =
             Zeroizing::new(std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?);
         Self::new(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The key that seals audit entries (SPEC.md 11.9): derived from the key-encryption key, so
+    /// held wherever it is.
+    pub fn audit_key(&self) -> crate::audit::AuditKey {
+        self.audit.clone()
     }
 
     /// 32 fresh bytes from the system CSPRNG.

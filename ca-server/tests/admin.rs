@@ -1293,8 +1293,9 @@ async fn audit_verify_names_the_one_edited_entry() {
         stdout(&out)
     );
     assert!(stdout(&out).contains("missing"), "{}", stdout(&out));
-    // A consistent rewrite of entry 3 and every entry after it passes a plain verification (a
-    // hash chain has no secret) but not one against the head recorded before.
+    // Issue 14: someone who can write the store but has no audit key changes entry 3 and
+    // recomputes every hash after it, consistently: the hash chain alone would pass, but the
+    // MACs name entry 3, whether the forger keeps the old MACs or strips them.
     let head: AuditVerdict = serde_json::from_slice(
         &run(&[
             "audit",
@@ -1306,27 +1307,67 @@ async fn audit_verify_names_the_one_edited_entry() {
         .stdout,
     )
     .unwrap();
+    assert_eq!((head.keyed, head.keyed_from), (true, Some(1)), "{head:?}");
     let anchor = format!("{}:{}", head.entries, head.head);
-    let copy = ca.tmp.path().join("copy-rewritten");
+    for (name, keep_macs) in [("kept", true), ("stripped", false)] {
+        let copy = ca.tmp.path().join(format!("copy-rewritten-{name}"));
+        copy_dir(ca.root(), &copy);
+        {
+            use ca_server::records::{AuditEntry, from_cbor, to_cbor};
+            let db = open_sled(&copy.join("store"));
+            let audit = db.open_tree("audit").unwrap();
+            let mut prev = Vec::new();
+            for seq in 1..=entries {
+                let key = seq.to_be_bytes();
+                let mut e: AuditEntry = from_cbor(&audit.get(key).unwrap().unwrap()).unwrap();
+                if seq >= 3 {
+                    if seq == 3 {
+                        e.detail = "forged".into();
+                    }
+                    e.prev_hash = prev.clone();
+                    let mac = e.mac.clone().filter(|_| keep_macs);
+                    e = e.sealed(None);
+                    e.mac = mac;
+                    audit.insert(key, to_cbor(&e)).unwrap();
+                }
+                prev = e.hash.clone();
+            }
+            db.flush().unwrap();
+        }
+        let out = run(&["audit", "verify", "--dir", copy.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", stdout(&out));
+        let why = if keep_macs {
+            "does not vouch"
+        } else {
+            "carries no MAC"
+        };
+        assert!(
+            stdout(&out).contains("BROKEN at entry 3:") && stdout(&out).contains(why),
+            "MACs {name}: {}",
+            stdout(&out)
+        );
+        // And the server refuses to start on a chain that ends unsealed.
+        if !keep_macs {
+            let out = run(&[
+                "serve",
+                "--dir",
+                copy.to_str().unwrap(),
+                "--https",
+                "127.0.0.1:0",
+            ]);
+            assert!(!out.status.success());
+            assert!(stderr(&out).contains("without a MAC"), "{}", stderr(&out));
+        }
+    }
+    // What a MAC cannot show: the newest entry removed. The head recorded before does.
+    let copy = ca.tmp.path().join("copy-truncated");
     copy_dir(ca.root(), &copy);
     {
-        use ca_server::records::{AuditEntry, from_cbor, to_cbor};
         let db = open_sled(&copy.join("store"));
-        let audit = db.open_tree("audit").unwrap();
-        let mut prev = Vec::new();
-        for seq in 1..=entries {
-            let key = seq.to_be_bytes();
-            let mut e: AuditEntry = from_cbor(&audit.get(key).unwrap().unwrap()).unwrap();
-            if seq >= 3 {
-                if seq == 3 {
-                    e.detail = "forged".into();
-                }
-                e.prev_hash = prev.clone();
-                e = e.sealed();
-                audit.insert(key, to_cbor(&e)).unwrap();
-            }
-            prev = e.hash.clone();
-        }
+        db.open_tree("audit")
+            .unwrap()
+            .remove(entries.to_be_bytes())
+            .unwrap();
         db.flush().unwrap();
     }
     let out = run(&["audit", "verify", "--dir", copy.to_str().unwrap()]);
@@ -1342,7 +1383,7 @@ async fn audit_verify_names_the_one_edited_entry() {
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     assert!(
         stdout(&out).contains(&format!("BROKEN at entry {entries}:"))
-            && stdout(&out).contains("rewritten"),
+            && stdout(&out).contains("gone"),
         "{}",
         stdout(&out)
     );
@@ -1553,8 +1594,9 @@ fn psql(ca: &TestCa, sql: &str) -> String {
     stdout(&out)
 }
 
-/// The same tamper checks on PostgreSQL's rows: an edited column, an edited hash, a removed
-/// row; each is named by `audit verify`, which exits 1.
+/// The same tamper checks on PostgreSQL's rows: an edited column, an edited hash, a chain
+/// rewritten without the audit key (with and without its MACs); each is named by `audit
+/// verify`, which exits 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_verify_names_the_edited_row_on_postgres() {
     let ca = TestCa::with_store(KeyAlgorithm::Ed25519, common::pg_store());
@@ -1618,6 +1660,72 @@ async fn audit_verify_names_the_edited_row_on_postgres() {
         ),
     );
     assert!(verify().status.success(), "restored");
+    // Issue 14: whoever can write the tables but has no audit key changes entry 3 and
+    // recomputes every hash after it (and the head): the MACs name entry 3.
+    let rows: Vec<ca_server::records::AuditEntry> = {
+        let store = ca.store();
+        store.audit().map(Result::unwrap).collect()
+    };
+    assert!(rows.iter().all(|e| e.mac.is_some()), "every entry sealed");
+    let row_sql = |e: &ca_server::records::AuditEntry| {
+        format!(
+            "UPDATE audit SET detail = '{}', prev_hash = '\\x{}', hash = '\\x{}', mac = {} WHERE seq = {};",
+            e.detail.replace('\'', "''"),
+            hex::encode(&e.prev_hash),
+            hex::encode(&e.hash),
+            e.mac
+                .as_ref()
+                .map_or("NULL".to_string(), |m| format!("'\\x{}'", hex::encode(m))),
+            e.seq
+        )
+    };
+    let mut restore = String::from("BEGIN;");
+    for e in rows.iter().filter(|e| e.seq >= 3) {
+        restore += &row_sql(e);
+    }
+    restore += &format!(
+        "UPDATE audit_head SET hash = '\\x{}' WHERE id = 1; COMMIT;",
+        hex::encode(&rows.last().unwrap().hash)
+    );
+    let mut prev = vec![0u8; 32];
+    let mut sql = String::from("BEGIN;");
+    for mut e in rows {
+        if e.seq >= 3 {
+            if e.seq == 3 {
+                e.detail = "forged".into();
+            }
+            e.prev_hash = prev.clone();
+            let mac = e.mac.clone();
+            e = e.sealed(None);
+            e.mac = mac;
+            sql += &row_sql(&e);
+        }
+        prev = e.hash.clone();
+    }
+    sql += &format!(
+        "UPDATE audit_head SET hash = '\\x{}' WHERE id = 1; COMMIT;",
+        hex::encode(&prev)
+    );
+    psql(&ca, &sql);
+    broken(3, "rewritten with every later hash");
+    assert!(
+        stdout(&verify()).contains("does not vouch"),
+        "{}",
+        stdout(&verify())
+    );
+    // With the MACs stripped as well: named, and the server will not start on it.
+    psql(&ca, "UPDATE audit SET mac = NULL WHERE seq >= 3");
+    broken(3, "rewritten, MACs stripped");
+    assert!(
+        stdout(&verify()).contains("carries no MAC"),
+        "{}",
+        stdout(&verify())
+    );
+    let out = run(&["serve", "--dir", &dir, "--https", "127.0.0.1:0"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("without a MAC"), "{}", stderr(&out));
+    psql(&ca, &restore);
+    assert!(verify().status.success(), "restored: {}", stdout(&verify()));
     psql(&ca, "DELETE FROM audit WHERE seq = 5");
     broken(5, "removed row");
     assert!(
