@@ -19,6 +19,9 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /operators` | [`OperatorView`] list: every operator issued from this CA folder, and every revoked one |
 //! | `POST /operators/{name}/revoke` | [`OperatorView`]: refused at this door from its next request |
+//!
+//! A read-only operator ([`crate::operators::OperatorRole::ReadOnly`]) may make every `GET`
+//! above; anything else is refused with 403 before it is routed.
 
 use std::sync::Arc;
 
@@ -52,6 +55,8 @@ pub struct AdminContext {
     pub coap: Arc<CoapStats>,
     /// The CA folder's register of issued operators (`operators.issued`).
     pub operators_issued: std::path::PathBuf,
+    /// The first audit entry sealed by the audit key, as the CA folder records it.
+    pub audit_sealed_from: Option<u64>,
 }
 
 /// An operator as `GET /operators` lists it.
@@ -61,6 +66,10 @@ pub struct OperatorView {
     pub name: String,
     /// `active` or `revoked`.
     pub status: String,
+    /// `admin` or `read-only` (as issued; unknown for an operator revoked but not issued from
+    /// this CA folder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
     /// The certificate's serial, hex, when issued from this CA folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_serial: Option<String>,
@@ -316,8 +325,8 @@ pub async fn handle(
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let operation = operation_name(req.method(), &path);
-    let operator = match client_cert.map(|c| crate::operators::operator_name(c)) {
-        Some(Ok(name)) => name,
+    let (operator, role) = match client_cert.map(|c| crate::operators::operator_identity(c)) {
+        Some(Ok(o)) => (o.name, o.role),
         Some(Err(why)) => {
             return finish(
                 service,
@@ -367,6 +376,23 @@ pub async fn handle(
             );
         }
         Err(p) => return finish(service, operation, Err(p)),
+    }
+    // A read-only operator reads: every request that could change the CA is refused before
+    // it is routed (an unknown path too), whatever its body.
+    if !role.allows(req.method()) {
+        tracing::info!(operator, operation, "read-only operator refused a change");
+        return finish(
+            service,
+            operation,
+            Err(AdminProblem::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "operator {operator} is read-only: it may only GET (metrics, the CRL, \
+                     lookups, listings, the audit log); {} {path} needs an admin operator",
+                    req.method()
+                ),
+            )),
+        );
     }
     let actor = format!("operator:{operator}");
     let r = route(req, service, ctx, &actor, &path).await;
@@ -652,8 +678,10 @@ async fn route(
                 }
             };
             let store = service.store().clone();
+            let key = service.secret_keys().audit_key();
+            let sealed_from = ctx.audit_sealed_from;
             let verdict = tokio::task::spawn_blocking(move || {
-                crate::audit::verify(store.audit_raw(0), anchor)
+                crate::audit::verify(store.audit_raw(0), anchor, Some(&key), sealed_from)
             })
             .await
             .map_err(|e| AdminProblem::internal("audit verify", e))?
@@ -874,6 +902,7 @@ fn operator_views(
                 OperatorView {
                     name: o.name.clone(),
                     status: "active".into(),
+                    role: Some(o.role.name().to_string()),
                     certificate_serial: Some(o.serial.clone()),
                     expires_at: Some(o.expires_at),
                     revoked_at: None,
@@ -886,6 +915,7 @@ fn operator_views(
         let v = views.entry(r.name.clone()).or_insert_with(|| OperatorView {
             name: r.name.clone(),
             status: String::new(),
+            role: None,
             certificate_serial: None,
             expires_at: None,
             revoked_at: None,

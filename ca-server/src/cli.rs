@@ -281,6 +281,11 @@ enum OperatorCommand {
         dir: PathBuf,
         /// Operator name (A-Z a-z 0-9 . _ - @), shown in the audit log as operator:NAME.
         name: String,
+        /// What the operator may do: `admin` (everything) or `read-only` (GET only: metrics,
+        /// the CRL, lookups, listings, the audit log; for metrics scrapers). Carried in the
+        /// certificate, so it cannot change later: revoke and issue under another name.
+        #[arg(long, value_enum, default_value_t = crate::operators::OperatorRole::Admin)]
+        role: crate::operators::OperatorRole,
         /// Days the certificate is valid.
         #[arg(long, default_value_t = 365)]
         days: u32,
@@ -662,14 +667,16 @@ fn run(cli: Cli) -> Result<bool, String> {
                 OperatorCommand::Add {
                     dir,
                     name,
+                    role,
                     days,
                     out,
                 },
         } => {
             let ca = CaDir::new(&dir);
             let out = out.unwrap_or_else(|| ca.operators());
-            let files = crate::operators::add_operator(&ca, &name, days, &out, SystemClock.now())?;
-            println!("operator {name}: certificate valid {days} days");
+            let files =
+                crate::operators::add_operator(&ca, &name, role, days, &out, SystemClock.now())?;
+            println!("operator {name} ({role}): certificate valid {days} days");
             println!("  certificate: {}", files.cert.display());
             println!("  key:         {} (mode 0600)", files.key.display());
             println!("use it with:");
@@ -702,13 +709,14 @@ fn run(cli: Cli) -> Result<bool, String> {
                 print_json(&list)?;
             } else {
                 println!(
-                    "{:<24} {:<8} {:<20}  revoked",
-                    "operator", "status", "expires"
+                    "{:<24} {:<9} {:<8} {:<20}  revoked",
+                    "operator", "role", "status", "expires"
                 );
                 for o in &list {
                     println!(
-                        "{:<24} {:<8} {:<20}  {}",
+                        "{:<24} {:<9} {:<8} {:<20}  {}",
                         o.name,
+                        o.role.as_deref().unwrap_or("-"),
                         o.status,
                         o.expires_at.map(rfc3339).unwrap_or_else(|| "-".into()),
                         match (&o.revoked_at, &o.revoked_by) {
@@ -830,8 +838,17 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<(), String> {
     Ok(())
 }
 
-/// The store of the CA folder `dir` (sled in the folder, or the database its config names).
+/// The store of the CA folder `dir` (sled in the folder, or the database its config names),
+/// sealing the audit entries it writes.
 fn open_store(dir: &std::path::Path) -> Result<std::sync::Arc<dyn Store>, String> {
+    open_store_with_key(dir).map(|(store, _)| store)
+}
+
+/// [`open_store`], and the audit key, loaded from the CA folder's key-encryption key (file, or
+/// sealed by its PKCS#11 token).
+fn open_store_with_key(
+    dir: &std::path::Path,
+) -> Result<(std::sync::Arc<dyn Store>, crate::audit::AuditKey), String> {
     let ca = CaDir::new(dir);
     if !ca.ca_cert().exists() {
         return Err(format!(
@@ -842,7 +859,9 @@ fn open_store(dir: &std::path::Path) -> Result<std::sync::Arc<dyn Store>, String
         ));
     }
     let config = ca.load_config()?;
-    crate::store::open(&ca, &config.store)
+    let key = crate::issuer::load_secret_keys(&ca, &config)?.audit_key();
+    let store = crate::store::open_sealing(&ca, &config.store, key.clone())?;
+    Ok((store, key))
 }
 
 fn line_command(command: LineCommand) -> Result<bool, String> {
@@ -1137,8 +1156,10 @@ fn audit_command(command: AuditCommand) -> Result<bool, String> {
             let online = dir.is_none();
             let verdict: AuditVerdict = match dir {
                 Some(dir) => {
-                    let store = open_store(&dir)?;
-                    crate::audit::verify(store.audit_raw(0), expect).map_err(|e| e.to_string())?
+                    let (store, key) = open_store_with_key(&dir)?;
+                    let sealed_from = crate::audit::read_sealed_from(&CaDir::new(&dir))?;
+                    crate::audit::verify(store.audit_raw(0), expect, Some(&key), sealed_from)
+                        .map_err(|e| e.to_string())?
                 }
                 None => {
                     let path = match expect {
@@ -1168,10 +1189,11 @@ fn audit_command(command: AuditCommand) -> Result<bool, String> {
             } else {
                 match &verdict.first_bad {
                     None => println!(
-                        "audit chain intact: {} entries, head {}:{}\n  (record the head elsewhere; `audit verify --expect {}:{}` checks it later{})",
+                        "audit chain intact: {} entries, head {}:{}\n  {}\n  (record the head elsewhere; `audit verify --expect {}:{}` checks it later{})",
                         verdict.entries,
                         verdict.entries,
                         verdict.head,
+                        key_note(&verdict),
                         verdict.entries,
                         verdict.head,
                         if online {
@@ -1189,6 +1211,19 @@ fn audit_command(command: AuditCommand) -> Result<bool, String> {
             }
             Ok(verdict.ok())
         }
+    }
+}
+
+/// What an intact chain's MACs vouch for.
+fn key_note(v: &AuditVerdict) -> String {
+    match (v.keyed, v.keyed_from) {
+        (false, _) => "(MACs not checked: the verifier has no audit key)".into(),
+        (true, None) => "(no entries yet)".into(),
+        (true, Some(1)) => "every entry sealed by the audit key".into(),
+        (true, Some(k)) => format!(
+            "entries {k} on sealed by the audit key; entries 1 to {} were written before the key              existed and are vouched for as a whole by entry {k}'s MAC",
+            k - 1
+        ),
     }
 }
 

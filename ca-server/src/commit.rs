@@ -442,6 +442,12 @@ mod tests {
         ) -> Result<(), StoreError> {
             self.inner.record_event(event, serial, actor, detail, at)
         }
+        fn set_audit_key(&self, key: crate::audit::AuditKey) {
+            self.inner.set_audit_key(key)
+        }
+        fn last_audit(&self) -> Result<Option<crate::records::AuditEntry>, StoreError> {
+            self.inner.last_audit()
+        }
         fn audit_raw(
             &self,
             after: u64,

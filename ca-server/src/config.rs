@@ -234,6 +234,12 @@ impl CaDir {
     pub fn kek_sealed(&self) -> PathBuf {
         self.root.join("kek.sealed")
     }
+    /// The first audit entry sealed by the audit key, as this CA folder recorded it
+    /// ([`crate::audit::read_sealed_from`]): outside the store, so that whoever can write the
+    /// store cannot pass a chain stripped of its MACs for one written before the key.
+    pub fn audit_sealed(&self) -> PathBuf {
+        self.root.join("audit.sealed")
+    }
     /// The HTTPS server certificate (issued by the CA), PEM.
     pub fn tls_cert(&self) -> PathBuf {
         self.root.join("tls.pem")

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{ACCEPT, CONTENT_TYPE};
+use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use protocol_spec::messages::{MAX_ACK, SecretAck};
 use protocol_spec::{Problem, ProblemType};
@@ -43,11 +43,22 @@ pub async fn handle(
     match (req.method(), path.as_str()) {
         (&Method::GET, "/secret") => match service.fetch_secret(&device).await {
             Ok(d) => {
-                if json {
-                    respond(StatusCode::OK, "application/json", d.to_json().to_vec())
+                let (content_type, body) = if json {
+                    ("application/json", d.to_json())
                 } else {
-                    respond(StatusCode::OK, "application/cbor", d.to_cbor().to_vec())
+                    ("application/cbor", d.to_cbor())
+                };
+                drop(d);
+                // Unsealing and encoding went through stack variables (ring's, base64's):
+                // wiped before the answer goes back to hyper and the task yields.
+                crate::secrets::scrub_stack();
+                // The encoding itself becomes the body, without a copy: hyper drops it once
+                // written (rustls encrypts it into a buffer of its own), and dropping wipes it.
+                let mut r = Response::new(Full::new(Bytes::from_owner(body)));
+                if let Ok(v) = HeaderValue::from_str(content_type) {
+                    r.headers_mut().insert(CONTENT_TYPE, v);
                 }
+                r
             }
             Err(p) => problem(&p, !json),
         },

@@ -8,6 +8,9 @@
 //! operator profile ([`operator_name`]): subject `O=Imprint, OU=operators, CN=<name>`, no
 //! serialNumber attribute, extKeyUsage clientAuth, not a CA. Device certificates carry a
 //! serialNumber attribute and come from the other root, so they satisfy neither check.
+//!
+//! An operator is an admin or read-only ([`OperatorRole`]): the role is the subject's unit
+//! (`OU=operators` or `OU=operators-read-only`), fixed when the certificate is issued.
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +30,73 @@ use crate::setup::write_new;
 pub const OPERATOR_ORG: &str = "Imprint";
 /// See [`OPERATOR_ORG`].
 pub const OPERATOR_UNIT: &str = "operators";
+
+/// The organisational unit of a read-only operator's certificate, in place of
+/// [`OPERATOR_UNIT`]. A distinct unit, rather than an attribute added to an admin subject, so
+/// that a server that knows no roles refuses the certificate instead of granting it everything.
+pub const READ_ONLY_UNIT: &str = "operators-read-only";
+
+/// What an operator may do at the admin door. Carried in the operator's certificate (the
+/// subject's organisational unit), set when it is issued: see SPEC.md 11.8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OperatorRole {
+    /// Everything the admin API offers (the role of every operator issued before roles).
+    #[default]
+    Admin,
+    /// `GET` requests only: metrics, the CRL, lookups and listings, audit export and
+    /// verification. Every other request is refused with 403.
+    ReadOnly,
+}
+
+impl OperatorRole {
+    /// Its name, as `operator add --role` and `operator list` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            OperatorRole::Admin => "admin",
+            OperatorRole::ReadOnly => "read-only",
+        }
+    }
+
+    /// The role a name spells.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "admin" => Some(OperatorRole::Admin),
+            "read-only" => Some(OperatorRole::ReadOnly),
+            _ => None,
+        }
+    }
+
+    /// The organisational unit its certificates carry.
+    pub fn unit(self) -> &'static str {
+        match self {
+            OperatorRole::Admin => OPERATOR_UNIT,
+            OperatorRole::ReadOnly => READ_ONLY_UNIT,
+        }
+    }
+
+    /// Whether it may make a request with this method: a read-only operator only reads.
+    pub fn allows(self, method: &hyper::Method) -> bool {
+        match self {
+            OperatorRole::Admin => true,
+            OperatorRole::ReadOnly => method == hyper::Method::GET,
+        }
+    }
+}
+
+impl std::fmt::Display for OperatorRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An operator as its certificate names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorIdentity {
+    /// Name (`operator:NAME` in the audit log).
+    pub name: String,
+    /// Role.
+    pub role: OperatorRole,
+}
 
 /// Creates the operator CA of a CA folder if it has none. Returns whether it created it.
 pub fn ensure_operator_ca(dir: &CaDir, now: u64) -> Result<bool, String> {
@@ -67,11 +137,13 @@ pub struct OperatorFiles {
     pub key: PathBuf,
 }
 
-/// Issues an operator certificate (P-256 key, valid `days` from now) from the operator CA and
-/// writes `NAME.pem` and `NAME.key.pem` (0600) into `out`, refusing to overwrite.
+/// Issues an operator certificate (P-256 key, valid `days` from now, with `role`) from the
+/// operator CA and writes `NAME.pem` and `NAME.key.pem` (0600) into `out`, refusing to
+/// overwrite.
 pub fn add_operator(
     dir: &CaDir,
     name: &str,
+    role: OperatorRole,
     days: u32,
     out: &Path,
     now: u64,
@@ -111,7 +183,7 @@ pub fn add_operator(
     p.distinguished_name
         .push(DnType::OrganizationName, OPERATOR_ORG);
     p.distinguished_name
-        .push(DnType::OrganizationalUnitName, OPERATOR_UNIT);
+        .push(DnType::OrganizationalUnitName, role.unit());
     p.distinguished_name
         .push(DnType::CommonName, DnValue::Utf8String(name.to_string()));
     p.is_ca = IsCa::ExplicitNoCa;
@@ -151,10 +223,11 @@ pub fn add_operator(
     use std::io::Write;
     writeln!(
         reg,
-        "{name}\t{}\t{}\t{}",
+        "{name}\t{}\t{}\t{}\t{}",
         serial_hex,
         now.saturating_sub(300) + u64::from(days) * 86_400,
-        files.cert.display()
+        files.cert.display(),
+        role.name()
     )
     .and_then(|()| reg.sync_all())
     .map_err(|e| format!("{}: {e}", registry.display()))?;
@@ -172,6 +245,8 @@ pub struct IssuedOperator {
     pub serial: String,
     /// Expiry, Unix seconds.
     pub expires_at: u64,
+    /// Role (the fifth field; operators issued before roles have none and are admins).
+    pub role: OperatorRole,
 }
 
 /// The operators issued from a CA folder (its `operators.issued`; none when it has no such
@@ -187,14 +262,20 @@ pub fn issued(registry: &Path) -> Result<Vec<IssuedOperator>, String> {
         .enumerate()
         .map(|(n, l)| {
             let mut f = l.split('\t');
-            match (f.next(), f.next(), f.next().and_then(|t| t.parse().ok())) {
-                (Some(name), Some(serial), Some(expires_at)) => Ok(IssuedOperator {
+            let fields = (f.next(), f.next(), f.next().and_then(|t| t.parse().ok()));
+            let role = match f.nth(1) {
+                None => Some(OperatorRole::Admin),
+                Some(r) => OperatorRole::from_name(r),
+            };
+            match (fields, role) {
+                ((Some(name), Some(serial), Some(expires_at)), Some(role)) => Ok(IssuedOperator {
                     name: name.to_string(),
                     serial: serial.to_string(),
                     expires_at,
+                    role,
                 }),
                 _ => Err(format!(
-                    "{}: line {} is not NAME, SERIAL, EXPIRY",
+                    "{}: line {} is not NAME, SERIAL, EXPIRY, PATH[, ROLE]",
                     registry.display(),
                     n + 1
                 )),
@@ -203,9 +284,9 @@ pub fn issued(registry: &Path) -> Result<Vec<IssuedOperator>, String> {
         .collect()
 }
 
-/// The operator a client certificate names, if it has the operator profile (the chain to the
-/// operator CA was already checked by the TLS layer).
-pub fn operator_name(der: &[u8]) -> Result<String, String> {
+/// The operator a client certificate names, with its role, if it has the operator profile
+/// (the chain to the operator CA was already checked by the TLS layer).
+pub fn operator_identity(der: &[u8]) -> Result<OperatorIdentity, String> {
     let (_, cert) =
         parse_x509_certificate(der).map_err(|_| "the certificate does not parse".to_string())?;
     let subject = cert.subject();
@@ -224,11 +305,22 @@ pub fn operator_name(der: &[u8]) -> Result<String, String> {
             .map(str::to_string)
     }
     let attr = |oid: Oid<'static>| first(subject, &oid);
-    if attr(oid_registry::OID_X509_ORGANIZATIONAL_UNIT).as_deref() != Some(OPERATOR_UNIT)
-        || attr(oid_registry::OID_X509_ORGANIZATION_NAME).as_deref() != Some(OPERATOR_ORG)
-    {
+    let units: Vec<String> = subject
+        .iter_by_oid(&oid_registry::OID_X509_ORGANIZATIONAL_UNIT)
+        .map(|a| a.as_str().map(str::to_string).unwrap_or_default())
+        .collect();
+    let role = match units.as_slice() {
+        [u] if u == OPERATOR_UNIT => OperatorRole::Admin,
+        [u] if u == READ_ONLY_UNIT => OperatorRole::ReadOnly,
+        _ => {
+            return Err(format!(
+                "the subject is not O={OPERATOR_ORG}, OU={OPERATOR_UNIT} (or OU={READ_ONLY_UNIT})"
+            ));
+        }
+    };
+    if attr(oid_registry::OID_X509_ORGANIZATION_NAME).as_deref() != Some(OPERATOR_ORG) {
         return Err(format!(
-            "the subject is not O={OPERATOR_ORG}, OU={OPERATOR_UNIT}"
+            "the subject is not O={OPERATOR_ORG}, OU={OPERATOR_UNIT} (or OU={READ_ONLY_UNIT})"
         ));
     }
     let name = attr(oid_registry::OID_X509_COMMON_NAME)
@@ -245,7 +337,12 @@ pub fn operator_name(der: &[u8]) -> Result<String, String> {
     if cert.is_ca() {
         return Err("a CA certificate is not an operator certificate".into());
     }
-    Ok(name)
+    Ok(OperatorIdentity { name, role })
+}
+
+/// The operator a client certificate names (see [`operator_identity`]).
+pub fn operator_name(der: &[u8]) -> Result<String, String> {
+    operator_identity(der).map(|o| o.name)
 }
 
 /// Operator names: 1 to 64 characters of `A-Z a-z 0-9 . _ - @`.
@@ -278,4 +375,50 @@ fn at(t: u64) -> Result<::time::OffsetDateTime, String> {
         .ok()
         .and_then(|t| ::time::OffsetDateTime::from_unix_timestamp(t).ok())
         .ok_or_else(|| format!("time {t} out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The role is read back from the certificate it was issued in, and from the register; a
+    /// register line written before roles (four fields) is an admin's.
+    #[test]
+    fn a_role_is_carried_by_the_certificate_and_the_register() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CaDir::new(tmp.path().join("ca"));
+        std::fs::create_dir_all(dir.root()).unwrap();
+        let out = tmp.path().join("ops");
+        let now = 1_800_000_000;
+        for (name, role) in [
+            ("alice", OperatorRole::Admin),
+            ("scraper", OperatorRole::ReadOnly),
+        ] {
+            let files = add_operator(&dir, name, role, 30, &out, now).unwrap();
+            let pem = std::fs::read_to_string(&files.cert).unwrap();
+            let der = protocol_spec::profile::cert_from_pem(&pem).unwrap();
+            let id = operator_identity(&der).unwrap();
+            assert_eq!((id.name.as_str(), id.role), (name, role));
+        }
+        let registry = dir.root().join("operators.issued");
+        let mut text = std::fs::read_to_string(&registry).unwrap();
+        text.push_str("old\t0102\t1900000000\t/somewhere/old.pem\n");
+        std::fs::write(&registry, &text).unwrap();
+        let roles: Vec<(String, OperatorRole)> = issued(&registry)
+            .unwrap()
+            .into_iter()
+            .map(|o| (o.name, o.role))
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                ("alice".to_string(), OperatorRole::Admin),
+                ("scraper".to_string(), OperatorRole::ReadOnly),
+                ("old".to_string(), OperatorRole::Admin),
+            ]
+        );
+        std::fs::write(&registry, "bad\t01\t1\t/p\tsuperuser\n").unwrap();
+        assert!(issued(&registry).unwrap_err().contains("line 1"));
+    }
 }

@@ -192,14 +192,25 @@ pub struct AuditEntry {
     /// by itself, not only by its successor.
     #[serde(rename = "h", with = "serde_bytes", default)]
     pub hash: Vec<u8>,
+    /// HMAC-SHA256 of `hash` under the audit key ([`crate::audit::AuditKey::mac`]), so that
+    /// whoever can write the store but has no key cannot rewrite the chain unseen; absent in
+    /// entries written before the key existed, whose encoding is unchanged.
+    #[serde(
+        rename = "m",
+        with = "serde_bytes",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mac: Option<Vec<u8>>,
 }
 
 impl AuditEntry {
-    /// SHA-256 over the entry's CBOR encoding with `hash` empty: what `hash` and the next
-    /// entry's `prev_hash` hold.
+    /// SHA-256 over the entry's CBOR encoding with `hash` empty and no `mac`: what `hash` and
+    /// the next entry's `prev_hash` hold.
     pub fn compute_hash(&self) -> [u8; 32] {
         let unsealed = AuditEntry {
             hash: Vec::new(),
+            mac: None,
             ..self.clone()
         };
         let bytes = to_cbor(&unsealed);
@@ -209,9 +220,11 @@ impl AuditEntry {
         out
     }
 
-    /// The entry with its own hash filled in.
-    pub fn sealed(mut self) -> Self {
-        self.hash = self.compute_hash().to_vec();
+    /// The entry with its own hash filled in, and its MAC when there is a `key`.
+    pub fn sealed(mut self, key: Option<&crate::audit::AuditKey>) -> Self {
+        let hash = self.compute_hash();
+        self.hash = hash.to_vec();
+        self.mac = key.map(|k| k.mac(&hash));
         self
     }
 }

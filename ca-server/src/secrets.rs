@@ -13,6 +13,7 @@ use crate::records::{BdkRecord, PoolEntry, SecretRecord};
 pub struct SecretKeys {
     seal: LessSafeKey,
     index: hmac::Key,
+    audit: crate::audit::AuditKey,
     rng: SystemRandom,
 }
 
@@ -75,11 +76,13 @@ impl SecretKeys {
         let kek = Zeroizing::new(kek);
         let seal = derive(&kek, b"seal")?;
         let index = derive(&kek, b"index")?;
+        let audit = derive(&kek, b"audit")?;
         Ok(SecretKeys {
             seal: LessSafeKey::new(
                 UnboundKey::new(&AES_256_GCM, seal.as_ref()).map_err(|_| "AES key".to_string())?,
             ),
             index: hmac::Key::new(hmac::HMAC_SHA256, index.as_ref()),
+            audit: crate::audit::AuditKey::new(&audit),
             rng: SystemRandom::new(),
         })
     }
@@ -101,6 +104,12 @@ impl SecretKeys {
         let bytes =
             Zeroizing::new(std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?);
         Self::new(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The key that seals audit entries (SPEC.md 11.9): derived from the key-encryption key, so
+    /// held wherever it is.
+    pub fn audit_key(&self) -> crate::audit::AuditKey {
+        self.audit.clone()
     }
 
     /// 32 fresh bytes from the system CSPRNG.
@@ -131,7 +140,10 @@ impl SecretKeys {
         self.rng
             .fill(&mut nonce)
             .map_err(|_| "random generator failed".to_string())?;
-        let mut buf = secret.to_vec();
+        // Room for the tag from the start: sealed in place, the plaintext is never left behind
+        // by a reallocation.
+        let mut buf = Vec::with_capacity(secret.len() + AES_256_GCM.tag_len());
+        buf.extend_from_slice(secret);
         self.seal
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
@@ -140,20 +152,6 @@ impl SecretKeys {
             )
             .map_err(|_| "sealing failed".to_string())?;
         Ok((buf, nonce.to_vec()))
-    }
-
-    fn open_with(
-        &self,
-        aad: &[u8],
-        ciphertext: &[u8],
-        nonce: &[u8],
-    ) -> Result<Zeroizing<[u8; 32]>, String> {
-        let plain = self.open_bytes(aad, ciphertext, nonce)?;
-        let arr: [u8; 32] = plain
-            .as_slice()
-            .try_into()
-            .map_err(|_| "stored secret is not 32 bytes".to_string())?;
-        Ok(Zeroizing::new(arr))
     }
 
     fn open_bytes(
@@ -270,10 +268,33 @@ impl SecretKeys {
         })
     }
 
-    /// Decrypts a pool entry.
-    pub fn open_pool(&self, e: &PoolEntry) -> Result<Zeroizing<[u8; 32]>, String> {
-        self.open_with(&pool_aad(&e.key_id), &e.ciphertext, &e.nonce)
+    /// Decrypts a pool entry (32 bytes, in the heap: no copy of it is left on a stack).
+    pub fn open_pool(&self, e: &PoolEntry) -> Result<Zeroizing<Vec<u8>>, String> {
+        let plain = self.open_bytes(&pool_aad(&e.key_id), &e.ciphertext, &e.nonce)?;
+        if plain.len() != 32 {
+            return Err("stored secret is not 32 bytes".to_string());
+        }
+        Ok(plain)
     }
+}
+
+/// How much of the stack [`scrub_stack`] overwrites: more than the secret-handling code it
+/// follows uses (ring's AES key schedule and HMAC state, the DUKPT derivation), debug builds
+/// included.
+const SCRUB_BYTES: usize = 32 * 1024;
+
+/// Overwrites the stack below the caller's frame, where the functions it called before left
+/// their locals: run right after code that handled a plaintext secret in stack variables of
+/// its own (ring keeps an AES key schedule, whose first round keys are the key, and an HMAC
+/// block buffer there, and wipes neither), before the task yields. Otherwise those bytes stay
+/// on the worker thread's stack and are copied into the heap by whatever runs there next (a
+/// value moved into the heap carries its padding and unused space along), where no wipe
+/// reaches them. The writes are volatile, so they are not optimised away.
+#[inline(never)]
+pub fn scrub_stack() {
+    let mut area = [0u64; SCRUB_BYTES / 8];
+    zeroize::Zeroize::zeroize(&mut area[..]);
+    std::hint::black_box(&area);
 }
 
 /// The delivery algorithm of a version of `source` (its record's `source`): the DUKPT sources

@@ -102,13 +102,63 @@ pub async fn start_with_clock(
              the CA's own signature (no guard against a faulty signer)"
         );
     }
-    let store: Arc<dyn Store> = crate::store::open(dir, &config.store)?;
+    let secrets = crate::issuer::load_secret_keys(dir, &config)?;
+    let store: Arc<dyn Store> =
+        crate::store::open_sealing(dir, &config.store, secrets.audit_key())?;
     let policy = TokenPolicy {
         max_clock_skew: config.token.max_clock_skew,
         max_lifetime: config.token.max_lifetime,
     };
-    let secrets = crate::issuer::load_secret_keys(dir, &config)?;
+    // The audit chain is sealed by the audit key (SPEC.md 11.9). The CA folder records from
+    // which entry on; a chain that ends unsealed past it was written without the key.
+    let sealed_from = crate::audit::read_sealed_from(dir)?;
+    let last = store
+        .last_audit()
+        .map_err(|e| format!("the newest audit entry: {e}"))?;
+    if let (Some(k), Some(e)) = (sealed_from, &last)
+        && e.mac.is_none()
+        && e.seq >= k
+    {
+        return Err(format!(
+            "the audit chain ends in entry {} without a MAC, though {} records it sealed \
+             from entry {k} on: the store was written by someone without the audit key (run \
+             `ca-server audit verify --dir {}`)",
+            e.seq,
+            dir.audit_sealed().display(),
+            dir.root().display()
+        ));
+    }
     let service = Arc::new(CaService::new(issuer, secrets, store, policy, clock)?);
+    if sealed_from.is_none() {
+        let first_sealed = match &last {
+            None => 1,
+            Some(e) if e.mac.is_some() => e.seq,
+            Some(e) => {
+                // A chain written before the audit key existed: one sealed entry now, whose
+                // MAC covers the chain as it stands.
+                service
+                    .record_event(
+                        "audit-key",
+                        None,
+                        "ca",
+                        format!(
+                            "the audit key seals every entry from here; entries 1 to {} were \
+                             written before it",
+                            e.seq
+                        ),
+                    )
+                    .await
+                    .map_err(|e| format!("sealing the audit chain: {e}"))?;
+                tracing::info!(
+                    entries = e.seq,
+                    "audit chain written before the audit key: sealed from here on"
+                );
+                e.seq + 1
+            }
+        };
+        crate::audit::write_sealed_from(dir, first_sealed)?;
+    }
+    let sealed_from = crate::audit::read_sealed_from(dir)?;
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = Vec::new();
     warn_if_slots_exceed_open_files(&config.limits, overrides);
@@ -207,6 +257,7 @@ pub async fn start_with_clock(
         let ctx = Arc::new(crate::admin::AdminContext {
             coap: coap_stats.clone(),
             operators_issued: dir.root().join("operators.issued"),
+            audit_sealed_from: sealed_from,
         });
         tasks.push(tokio::spawn(crate::https::serve(
             listener,
@@ -435,6 +486,9 @@ mod tests {
             store.sync().unwrap();
         }
         std::fs::write(dir.config(), "[listen]\nhttps = \"127.0.0.1:0\"\n").unwrap();
+        // Written without the audit key, as by a build before it: the CA folder must not
+        // record the chain as sealed (the server seals it when it starts).
+        std::fs::remove_file(dir.audit_sealed()).unwrap();
         let quiet = ListenOverrides {
             no_admin: true,
             ..ListenOverrides::default()

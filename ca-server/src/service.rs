@@ -413,9 +413,13 @@ impl CaService {
                 .map_err(|e| internal("secret decryption", e))?,
         };
         let algorithm = crate::secrets::algorithm_of(&rec.source);
-        let kcv = algorithm
-            .kcv(&secret)
-            .ok_or_else(|| internal("delivery", "a stored secret of the wrong length"))?;
+        // The key check value stored when the version was sealed (the AEAD vouches that the
+        // secret is the one it was computed from): computing it again would leave an AES key
+        // schedule of the secret on the stack.
+        if secret.len() != algorithm.secret_len() || rec.kcv.len() < 3 {
+            return Err(internal("delivery", "a stored secret of the wrong length"));
+        }
+        let kcv = rec.kcv.clone();
         let initial_key_id = if algorithm.has_initial_key_id() {
             Some(
                 protocol_spec::dukpt::InitialKeyId::from_hex(&rec.key_id)
@@ -530,7 +534,7 @@ impl CaService {
                                 .open_pool(&entry)
                                 .map_err(|e| internal("pool decryption", e))?;
                             (
-                                Zeroizing::new(s.to_vec()),
+                                s,
                                 entry.key_id.clone(),
                                 "import".to_string(),
                                 Some(entry.key_id),
@@ -559,10 +563,13 @@ impl CaService {
                     }
                 }
             };
-            let mut record = self
-                .secrets
-                .seal_version(serial, next_version, key_id, &secret, &source, now)
-                .map_err(|e| internal("sealing", e))?;
+            let record =
+                self.secrets
+                    .seal_version(serial, next_version, key_id, &secret, &source, now);
+            // The secret went through ring's stack (key check value, keyed hash, sealing, and
+            // for DUKPT the derivation): wiped before the commit below lets the task yield.
+            crate::secrets::scrub_stack();
+            let mut record = record.map_err(|e| internal("sealing", e))?;
             record.delivered_at = Some(now);
             let op = SecretOp::Allocate {
                 record,

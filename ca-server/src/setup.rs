@@ -167,6 +167,8 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
             PgStore::migrate(c).map_err(|e| e.to_string())?;
         }
     }
+    // A new CA's chain is sealed by the audit key from its first entry (SPEC.md 11.9).
+    crate::audit::write_sealed_from(dir, 1)?;
     Ok(())
 }
 

@@ -68,13 +68,20 @@ impl Operator {
     }
 
     fn add_at(ca: &TestCa, admin: SocketAddr, name: &str) -> Self {
-        let out = run(&[
+        Self::add_as(ca, admin, name, &[])
+    }
+
+    /// `operator add NAME EXTRA...` (such as `--role read-only`).
+    fn add_as(ca: &TestCa, admin: SocketAddr, name: &str, extra: &[&str]) -> Self {
+        let mut args = vec![
             "operator",
             "add",
             "--dir",
             ca.root().to_str().unwrap(),
             name,
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let out = run(&args);
         assert!(out.status.success(), "{}", stderr(&out));
         let ops = ca.dir.operators();
         let cert = ops.join(format!("{name}.pem"));
@@ -557,6 +564,144 @@ async fn a_revoked_operator_is_refused_at_the_admin_door_at_once() {
             .collect();
         assert_eq!(revocations.len(), 1, "one entry, not one per call");
         assert_eq!(revocations[0].actor, "operator:alice");
+    });
+    server.stop().await;
+}
+
+/// A read-only operator (`operator add --role read-only`, for metrics scrapers) may GET every
+/// read-only resource over real mutual TLS (curl and the CLI), and every write endpoint answers
+/// it 403 with a problem that says why, changing nothing; an admin operator keeps every right;
+/// `operator list` shows each role. Run on sled and on PostgreSQL (`IMPRINT_TEST_STORE`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_operator_reads_and_every_write_is_refused() {
+    let (ca, line, server) = setup().await;
+    let admin = server.admin.unwrap();
+    let mut dev = enroll(&ca, server.coap.unwrap(), &line, 5, KeyAlgorithm::Ed25519)
+        .await
+        .unwrap();
+    sync_secret(server.mtls.unwrap(), &mut dev).await;
+    tokio::task::block_in_place(|| {
+        let alice = Operator::add(&ca, &server, "alice");
+        let scraper = Operator::add_as(&ca, admin, "scraper", &["--role", "read-only"]);
+        // The role is in the certificate: the subject's unit.
+        let pem = std::fs::read_to_string(&scraper.cert).unwrap();
+        let der = protocol_spec::profile::cert_from_pem(&pem).unwrap();
+        let id = ca_server::operators::operator_identity(&der).unwrap();
+        assert_eq!(
+            (id.name.as_str(), id.role),
+            ("scraper", ca_server::operators::OperatorRole::ReadOnly)
+        );
+        let out = Command::new("openssl")
+            .args(["x509", "-noout", "-subject", "-in"])
+            .arg(&scraper.cert)
+            .output()
+            .unwrap();
+        assert!(
+            stdout(&out).contains("OU = operators-read-only"),
+            "{}",
+            stdout(&out)
+        );
+
+        // Every read, with curl.
+        for path in [
+            "/metrics",
+            "/health",
+            "/crl",
+            "/devices/5",
+            "/lines",
+            "/operators",
+            "/dukpt/bdks",
+            "/audit?after=0&limit=10",
+            "/audit/verify",
+        ] {
+            let out = scraper.curl(&format!("https://{admin}{path}"));
+            assert!(
+                out.status.success(),
+                "GET {path}: {}{}",
+                stdout(&out),
+                stderr(&out)
+            );
+        }
+        let metrics = stdout(&scraper.curl(&format!("https://{admin}/metrics")));
+        assert!(metrics.contains("imprint_"), "{metrics}");
+
+        // Every write, refused before it is routed, and the store unchanged.
+        let store = server.service.store().clone();
+        let before = common::snapshot(&store);
+        for (path, body) in [
+            ("/devices/5/revoke", ""),
+            ("/devices/5/reset", ""),
+            ("/secrets/rotate", r#"{"all":true}"#),
+            ("/lines", r#"{"id":"x","public_key":"","serials":"1-2"}"#),
+            ("/lines/line-1/disable", ""),
+            ("/lines/line-1/enable", ""),
+            ("/lines/line-1/rate", r#"{"rate":1}"#),
+            ("/dukpt/bdks", "{}"),
+            ("/dukpt/derive", "{}"),
+            ("/operators/alice/revoke", ""),
+            ("/no-such-resource", ""),
+        ] {
+            let out = Command::new("curl")
+                .args(["-sS", "-X", "POST", "-H", "Content-Type: application/json"])
+                .args(["-d", body, "-w", "\n%{http_code}", "--cacert"])
+                .arg(&scraper.ca_cert)
+                .arg("--cert")
+                .arg(&scraper.cert)
+                .arg("--key")
+                .arg(&scraper.key)
+                .arg(format!("https://{admin}{path}"))
+                .output()
+                .unwrap();
+            let text = stdout(&out);
+            assert!(text.ends_with("\n403"), "POST {path}: {text}");
+            let problem: serde_json::Value =
+                serde_json::from_str(text.trim_end_matches("\n403")).unwrap();
+            assert_eq!(problem["status"], 403, "{text}");
+            let detail = problem["detail"].as_str().unwrap();
+            assert!(
+                detail.contains("operator scraper is read-only")
+                    && detail.contains(&format!("POST {path} needs an admin operator")),
+                "{detail}"
+            );
+        }
+        assert_eq!(
+            common::snapshot(&store),
+            before,
+            "a refused write changes nothing, not even the audit log"
+        );
+
+        // The CLI, as the scraper: reads work, changes are refused with the reason.
+        scraper.ok(&["line", "list"]);
+        let out = scraper.run(&["line", "disable", "line-1"]);
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("403") && stderr(&out).contains("read-only"),
+            "{}",
+            stderr(&out)
+        );
+        let out = scraper.run(&["device", "revoke", "5"]);
+        assert!(!out.status.success(), "{}", stdout(&out));
+
+        // The admin keeps every right, and sees the roles.
+        let list: Vec<ca_server::admin::OperatorView> = alice.json(&["operator", "list"]);
+        let roles: Vec<(&str, Option<&str>)> = list
+            .iter()
+            .map(|o| (o.name.as_str(), o.role.as_deref()))
+            .collect();
+        assert_eq!(
+            roles,
+            [("alice", Some("admin")), ("scraper", Some("read-only"))]
+        );
+        let text = alice.ok(&["operator", "list"]);
+        let scraper_row = text.lines().find(|l| l.starts_with("scraper")).unwrap();
+        assert!(scraper_row.contains("read-only"), "{text}");
+        alice.ok(&["line", "disable", "line-1"]);
+        alice.ok(&["line", "enable", "line-1"]);
+        // A read-only operator can be revoked like any other, and then reads nothing.
+        alice.ok(&["operator", "revoke", "scraper"]);
+        let out = scraper.curl(&format!("https://{admin}/metrics"));
+        assert!(!out.status.success());
+        assert!(stdout(&out).contains("revoked"), "{}", stdout(&out));
     });
     server.stop().await;
 }
@@ -1150,8 +1295,9 @@ async fn audit_verify_names_the_one_edited_entry() {
         stdout(&out)
     );
     assert!(stdout(&out).contains("missing"), "{}", stdout(&out));
-    // A consistent rewrite of entry 3 and every entry after it passes a plain verification (a
-    // hash chain has no secret) but not one against the head recorded before.
+    // Issue 14: someone who can write the store but has no audit key changes entry 3 and
+    // recomputes every hash after it, consistently: the hash chain alone would pass, but the
+    // MACs name entry 3, whether the forger keeps the old MACs or strips them.
     let head: AuditVerdict = serde_json::from_slice(
         &run(&[
             "audit",
@@ -1163,27 +1309,67 @@ async fn audit_verify_names_the_one_edited_entry() {
         .stdout,
     )
     .unwrap();
+    assert_eq!((head.keyed, head.keyed_from), (true, Some(1)), "{head:?}");
     let anchor = format!("{}:{}", head.entries, head.head);
-    let copy = ca.tmp.path().join("copy-rewritten");
+    for (name, keep_macs) in [("kept", true), ("stripped", false)] {
+        let copy = ca.tmp.path().join(format!("copy-rewritten-{name}"));
+        copy_dir(ca.root(), &copy);
+        {
+            use ca_server::records::{AuditEntry, from_cbor, to_cbor};
+            let db = open_sled(&copy.join("store"));
+            let audit = db.open_tree("audit").unwrap();
+            let mut prev = Vec::new();
+            for seq in 1..=entries {
+                let key = seq.to_be_bytes();
+                let mut e: AuditEntry = from_cbor(&audit.get(key).unwrap().unwrap()).unwrap();
+                if seq >= 3 {
+                    if seq == 3 {
+                        e.detail = "forged".into();
+                    }
+                    e.prev_hash = prev.clone();
+                    let mac = e.mac.clone().filter(|_| keep_macs);
+                    e = e.sealed(None);
+                    e.mac = mac;
+                    audit.insert(key, to_cbor(&e)).unwrap();
+                }
+                prev = e.hash.clone();
+            }
+            db.flush().unwrap();
+        }
+        let out = run(&["audit", "verify", "--dir", copy.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", stdout(&out));
+        let why = if keep_macs {
+            "does not vouch"
+        } else {
+            "carries no MAC"
+        };
+        assert!(
+            stdout(&out).contains("BROKEN at entry 3:") && stdout(&out).contains(why),
+            "MACs {name}: {}",
+            stdout(&out)
+        );
+        // And the server refuses to start on a chain that ends unsealed.
+        if !keep_macs {
+            let out = run(&[
+                "serve",
+                "--dir",
+                copy.to_str().unwrap(),
+                "--https",
+                "127.0.0.1:0",
+            ]);
+            assert!(!out.status.success());
+            assert!(stderr(&out).contains("without a MAC"), "{}", stderr(&out));
+        }
+    }
+    // What a MAC cannot show: the newest entry removed. The head recorded before does.
+    let copy = ca.tmp.path().join("copy-truncated");
     copy_dir(ca.root(), &copy);
     {
-        use ca_server::records::{AuditEntry, from_cbor, to_cbor};
         let db = open_sled(&copy.join("store"));
-        let audit = db.open_tree("audit").unwrap();
-        let mut prev = Vec::new();
-        for seq in 1..=entries {
-            let key = seq.to_be_bytes();
-            let mut e: AuditEntry = from_cbor(&audit.get(key).unwrap().unwrap()).unwrap();
-            if seq >= 3 {
-                if seq == 3 {
-                    e.detail = "forged".into();
-                }
-                e.prev_hash = prev.clone();
-                e = e.sealed();
-                audit.insert(key, to_cbor(&e)).unwrap();
-            }
-            prev = e.hash.clone();
-        }
+        db.open_tree("audit")
+            .unwrap()
+            .remove(entries.to_be_bytes())
+            .unwrap();
         db.flush().unwrap();
     }
     let out = run(&["audit", "verify", "--dir", copy.to_str().unwrap()]);
@@ -1199,7 +1385,7 @@ async fn audit_verify_names_the_one_edited_entry() {
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     assert!(
         stdout(&out).contains(&format!("BROKEN at entry {entries}:"))
-            && stdout(&out).contains("rewritten"),
+            && stdout(&out).contains("gone"),
         "{}",
         stdout(&out)
     );
@@ -1410,8 +1596,9 @@ fn psql(ca: &TestCa, sql: &str) -> String {
     stdout(&out)
 }
 
-/// The same tamper checks on PostgreSQL's rows: an edited column, an edited hash, a removed
-/// row; each is named by `audit verify`, which exits 1.
+/// The same tamper checks on PostgreSQL's rows: an edited column, an edited hash, a chain
+/// rewritten without the audit key (with and without its MACs); each is named by `audit
+/// verify`, which exits 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_verify_names_the_edited_row_on_postgres() {
     let ca = TestCa::with_store(KeyAlgorithm::Ed25519, common::pg_store());
@@ -1475,6 +1662,72 @@ async fn audit_verify_names_the_edited_row_on_postgres() {
         ),
     );
     assert!(verify().status.success(), "restored");
+    // Issue 14: whoever can write the tables but has no audit key changes entry 3 and
+    // recomputes every hash after it (and the head): the MACs name entry 3.
+    let rows: Vec<ca_server::records::AuditEntry> = {
+        let store = ca.store();
+        store.audit().map(Result::unwrap).collect()
+    };
+    assert!(rows.iter().all(|e| e.mac.is_some()), "every entry sealed");
+    let row_sql = |e: &ca_server::records::AuditEntry| {
+        format!(
+            "UPDATE audit SET detail = '{}', prev_hash = '\\x{}', hash = '\\x{}', mac = {} WHERE seq = {};",
+            e.detail.replace('\'', "''"),
+            hex::encode(&e.prev_hash),
+            hex::encode(&e.hash),
+            e.mac
+                .as_ref()
+                .map_or("NULL".to_string(), |m| format!("'\\x{}'", hex::encode(m))),
+            e.seq
+        )
+    };
+    let mut restore = String::from("BEGIN;");
+    for e in rows.iter().filter(|e| e.seq >= 3) {
+        restore += &row_sql(e);
+    }
+    restore += &format!(
+        "UPDATE audit_head SET hash = '\\x{}' WHERE id = 1; COMMIT;",
+        hex::encode(&rows.last().unwrap().hash)
+    );
+    let mut prev = vec![0u8; 32];
+    let mut sql = String::from("BEGIN;");
+    for mut e in rows {
+        if e.seq >= 3 {
+            if e.seq == 3 {
+                e.detail = "forged".into();
+            }
+            e.prev_hash = prev.clone();
+            let mac = e.mac.clone();
+            e = e.sealed(None);
+            e.mac = mac;
+            sql += &row_sql(&e);
+        }
+        prev = e.hash.clone();
+    }
+    sql += &format!(
+        "UPDATE audit_head SET hash = '\\x{}' WHERE id = 1; COMMIT;",
+        hex::encode(&prev)
+    );
+    psql(&ca, &sql);
+    broken(3, "rewritten with every later hash");
+    assert!(
+        stdout(&verify()).contains("does not vouch"),
+        "{}",
+        stdout(&verify())
+    );
+    // With the MACs stripped as well: named, and the server will not start on it.
+    psql(&ca, "UPDATE audit SET mac = NULL WHERE seq >= 3");
+    broken(3, "rewritten, MACs stripped");
+    assert!(
+        stdout(&verify()).contains("carries no MAC"),
+        "{}",
+        stdout(&verify())
+    );
+    let out = run(&["serve", "--dir", &dir, "--https", "127.0.0.1:0"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("without a MAC"), "{}", stderr(&out));
+    psql(&ca, &restore);
+    assert!(verify().status.success(), "restored: {}", stdout(&verify()));
     psql(&ca, "DELETE FROM audit WHERE seq = 5");
     broken(5, "removed row");
     assert!(

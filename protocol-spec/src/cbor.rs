@@ -4,6 +4,7 @@
 //! order and ciborium always uses the shortest integer and length forms.
 
 use ciborium::Value;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Serializes a CBOR value. Writing into a `Vec` cannot fail, so an error yields an empty vector,
 /// which every decoder rejects.
@@ -173,5 +174,58 @@ impl MapWriter {
             .map(|(k, v)| (Value::Integer(k.into()), v))
             .collect();
         to_vec(&Value::Map(map))
+    }
+
+    /// The encoded map, for a map that carries a secret: written into a buffer that is wiped
+    /// when dropped and sized once, before writing, for the largest encoding the values can
+    /// have (so that no reallocation leaves an unwiped copy behind); the values' own copies
+    /// are wiped once written.
+    pub fn encode_secret(mut self) -> Zeroizing<Vec<u8>> {
+        self.0.sort_by_key(|(k, _)| (*k < 0, k.unsigned_abs()));
+        // RFC 8949 3: a head (initial byte and argument) is at most 9 bytes; each entry is a
+        // key head, a value head and the value's content.
+        let bound = HEAD_MAX
+            + self
+                .0
+                .iter()
+                .map(|(_, v)| 2 * HEAD_MAX + content_len(v))
+                .sum::<usize>();
+        let mut out = Zeroizing::new(Vec::with_capacity(bound));
+        let map = Value::Map(
+            self.0
+                .drain(..)
+                .map(|(k, v)| (Value::Integer(k.into()), v))
+                .collect(),
+        );
+        if ciborium::into_writer(&map, &mut *out).is_err() {
+            out.clear();
+        }
+        if let Value::Map(entries) = map {
+            for (_, v) in entries {
+                wipe(v);
+            }
+        }
+        out
+    }
+}
+
+/// The longest CBOR head: the initial byte and an 8-byte argument.
+const HEAD_MAX: usize = 9;
+
+/// The bytes a value written by [`MapWriter`] takes beyond its head.
+fn content_len(v: &Value) -> usize {
+    match v {
+        Value::Bytes(b) => b.len(),
+        Value::Text(t) => t.len(),
+        _ => 0,
+    }
+}
+
+/// Wipes the content of a byte or text string value before it is dropped.
+fn wipe(v: Value) {
+    match v {
+        Value::Bytes(mut b) => b.zeroize(),
+        Value::Text(mut t) => t.zeroize(),
+        _ => {}
     }
 }

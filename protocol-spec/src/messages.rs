@@ -379,7 +379,7 @@ impl SecretDelivery {
         if let Some(id) = &self.initial_key_id {
             w = w.bytes(6, id);
         }
-        Zeroizing::new(w.encode())
+        w.encode_secret()
     }
 
     /// Decodes CBOR.
@@ -415,7 +415,21 @@ impl SecretDelivery {
             kcv: b64(&self.kcv),
             initial_key_id: self.initial_key_id.map(|id| b64(&id)),
         };
-        let out = Zeroizing::new(serde_json::to_vec(&j).unwrap_or_default());
+        // Written into a buffer wiped when dropped and sized once, before writing, for the
+        // largest encoding (every character escaped as \uXXXX): no reallocation leaves an
+        // unwiped copy behind.
+        let strings = [
+            &j.key_id,
+            &j.algorithm,
+            &j.secret,
+            &j.kcv,
+            j.initial_key_id.as_ref().unwrap_or(&j.kcv),
+        ];
+        let bound = 256 + 6 * strings.iter().map(|s| s.len()).sum::<usize>();
+        let mut out = Zeroizing::new(Vec::with_capacity(bound));
+        if serde_json::to_writer(&mut *out, &j).is_err() {
+            out.clear();
+        }
         zeroize::Zeroize::zeroize(&mut { j.secret });
         out
     }

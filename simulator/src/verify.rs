@@ -273,6 +273,8 @@ pub fn verify_store(
             }
         }),
         None,
+        Some(&kek.audit_key()),
+        None,
     )
     .map_err(err)?;
     v.audit_entries = verdict.entries;
@@ -966,6 +968,8 @@ mod tests {
             let ca_der = profile::new_ca_certificate("t", &ca_key, 0, &rng).unwrap();
             let ca = CertProfile::from_ca_der(&ca_der).unwrap();
             let kek = SecretKeys::new(&[7u8; 32]).unwrap();
+            // As the CA does: every audit entry sealed with the key derived from the KEK.
+            store.set_audit_key(kek.audit_key());
             let line = KeyPair::generate(KeyAlgorithm::Ed25519, &rng).unwrap();
             let pem = protocol_spec::PublicKey::from(&line).to_pem();
             ca_server::lines::add_line(store, "line-1", &pem, (1, n), None, 1000, "t").unwrap();
@@ -1334,6 +1338,7 @@ mod tests {
         let f = Fixture::new(2);
         {
             let store = SledStore::open(&f.path()).unwrap();
+            store.set_audit_key(f.kek.audit_key());
             let entry = f.kek.seal_pool("pool-1".into(), &[42u8; 32], 1003).unwrap();
             let op = ca_server::store::SecretOp::Import {
                 entries: vec![entry],

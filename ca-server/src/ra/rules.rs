@@ -229,8 +229,13 @@ pub struct AuditEvent {
 
 impl AuditEvent {
     /// The sealed entry that records this event after the chain's head (sequence number,
-    /// hash), naming this process's node ([`crate::audit::node`]): what every store appends.
-    pub fn entry_after(&self, head: &(u64, [u8; 32])) -> crate::records::AuditEntry {
+    /// hash), naming this process's node ([`crate::audit::node`]), with its MAC under `key`:
+    /// what every store appends.
+    pub fn entry_after(
+        &self,
+        head: &(u64, [u8; 32]),
+        key: Option<&crate::audit::AuditKey>,
+    ) -> crate::records::AuditEntry {
         crate::records::AuditEntry {
             seq: head.0 + 1,
             at: self.at,
@@ -241,8 +246,9 @@ impl AuditEvent {
             prev_hash: head.1.to_vec(),
             node: crate::audit::node().map(str::to_string),
             hash: Vec::new(),
+            mac: None,
         }
-        .sealed()
+        .sealed(key)
     }
 }
 

@@ -26,7 +26,8 @@ pub fn sled_to_postgres(dir: &CaDir, target: &StoreSettings) -> Result<String, S
     let pg = PgStore::open(&pg_config).map_err(|e| e.to_string())?;
 
     // The sled chain first: a broken chain is not copied.
-    let head = crate::audit::verify(sled.audit_raw(0), None).map_err(|e| e.to_string())?;
+    let head =
+        crate::audit::verify(sled.audit_raw(0), None, None, None).map_err(|e| e.to_string())?;
     if let Some(bad) = &head.first_bad {
         return Err(format!(
             "the sled audit chain is broken at entry {} ({}); nothing copied",
@@ -84,7 +85,7 @@ fn verify(
 ) -> Result<(), String> {
     let err = |e: StoreError| e.to_string();
     let anchor: crate::audit::Anchor = format!("{}:{}", head.entries, head.head).parse()?;
-    let copied = crate::audit::verify(pg.audit_raw(0), Some(anchor)).map_err(err)?;
+    let copied = crate::audit::verify(pg.audit_raw(0), Some(anchor), None, None).map_err(err)?;
     if let Some(bad) = copied.first_bad {
         return Err(format!("audit entry {}: {}", bad.seq, bad.reason));
     }

@@ -60,6 +60,27 @@ pub fn open(
     dir: &crate::config::CaDir,
     s: &crate::config::StoreSettings,
 ) -> Result<std::sync::Arc<dyn Store>, String> {
+    let config = dir.load_config()?;
+    let keys = crate::issuer::load_secret_keys(dir, &config)?;
+    open_sealing(dir, s, keys.audit_key())
+}
+
+/// [`open`], with the audit key already at hand (the server's, loaded with the other keys
+/// derived from the key-encryption key): every audit entry the store writes is sealed with it.
+pub fn open_sealing(
+    dir: &crate::config::CaDir,
+    s: &crate::config::StoreSettings,
+    key: crate::audit::AuditKey,
+) -> Result<std::sync::Arc<dyn Store>, String> {
+    let store = open_unsealed(dir, s)?;
+    store.set_audit_key(key);
+    Ok(store)
+}
+
+fn open_unsealed(
+    dir: &crate::config::CaDir,
+    s: &crate::config::StoreSettings,
+) -> Result<std::sync::Arc<dyn Store>, String> {
     match pg_config(dir, s)? {
         None => Ok(std::sync::Arc::new(
             SledStore::open(&dir.store()).map_err(|e| e.to_string())?,
@@ -398,6 +419,11 @@ pub trait Store: Send + Sync + 'static {
         detail: String,
         at: u64,
     ) -> Result<(), StoreError>;
+    /// Seals every audit entry this store writes from now on with `key` (SPEC.md 11.9); the
+    /// first key set stays. Without one, entries are written unsealed.
+    fn set_audit_key(&self, key: crate::audit::AuditKey);
+    /// The newest audit entry, if any.
+    fn last_audit(&self) -> Result<Option<AuditEntry>, StoreError>;
     /// Audit entries after sequence number `after`, as stored (undecoded), in order.
     fn audit_raw(&self, after: u64) -> Box<dyn Iterator<Item = Result<RawAudit, StoreError>> + '_>;
     /// Every device record, in serial order.
@@ -560,7 +586,7 @@ pub(crate) mod test_support {
         let single = store.apply_enrollment(&enrollment(8, 0xa8, 9)).unwrap();
         assert_eq!(kind(&single), "quota-exhausted");
         store.sync().unwrap();
-        let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
+        let verdict = crate::audit::verify(store.audit_raw(0), None, None, None).unwrap();
         assert_eq!(verdict.first_bad, None);
         assert_eq!(verdict.entries, 5, "line-add and four enrollments");
         let events: Vec<(String, Option<u64>)> = store
@@ -673,7 +699,7 @@ pub(crate) mod test_support {
             events,
             ["line-add", "enroll", "secret-deliver", "secret-ack"]
         );
-        let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
+        let verdict = crate::audit::verify(store.audit_raw(0), None, None, None).unwrap();
         assert_eq!((verdict.entries, verdict.first_bad), (4, None));
     }
 
@@ -733,7 +759,7 @@ pub(crate) mod test_support {
             .unwrap();
         assert_eq!(holders.len(), 1);
         assert_eq!(holders[0].holder, Some((1, 1)));
-        let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
+        let verdict = crate::audit::verify(store.audit_raw(0), None, None, None).unwrap();
         assert_eq!(verdict.first_bad, None);
     }
 }

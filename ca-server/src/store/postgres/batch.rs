@@ -32,7 +32,7 @@ pub(super) const INSERT_TOKENS: &str = "INSERT INTO tokens (line, token_id, seri
 pub(super) const INSERT_SECRET_KEYS: &str = "INSERT INTO secret_keys (index_tag, key_id, serial, version) SELECT * FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::bigint[])";
 pub(super) const INSERT_VERSIONS: &str = "INSERT INTO secret_versions (serial, version, key_id, ciphertext, nonce, kcv, index_tag, source, created_at, delivered_at, confirmed_at, retired_at) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bytea[], $5::bytea[], $6::bytea[], $7::bytea[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[])";
 pub(super) const INSERT_POOL: &str = "INSERT INTO secret_pool (key_id, ciphertext, nonce, kcv, index_tag, imported_at) SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::bytea[], $5::bytea[], $6::bigint[])";
-pub(super) const INSERT_AUDITS: &str = "INSERT INTO audit (seq, at, event, serial, actor, detail, prev_hash, hash, node) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::bytea[], $8::bytea[], $9::text[])";
+pub(super) const INSERT_AUDITS: &str = "INSERT INTO audit (seq, at, event, serial, actor, detail, prev_hash, hash, node, mac) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::bytea[], $8::bytea[], $9::text[], $10::bytea[])";
 
 /// The batch's statements take arrays (`= ANY($1)`, `unnest`). A prepared statement's generic
 /// plan is made once, when the tables may still be empty, and kept: a sequential scan that
@@ -72,7 +72,10 @@ pub(super) async fn apply(
         stmts: &stmts,
     };
     let (mut chain, mut state) = read(&db, &writes).await?;
-    let mut changes = Changes::default();
+    let mut changes = Changes {
+        audit_key: pool.audit_key.get().cloned(),
+        ..Changes::default()
+    };
     let outcomes = writes
         .iter()
         .map(|w| match w {
@@ -128,6 +131,8 @@ struct Changes {
     /// DUKPT counters moved: BDK id -> (as read before the batch, as the batch leaves it).
     dukpt_next: BTreeMap<String, (u64, u64)>,
     audit: Vec<AuditEntry>,
+    /// The key that seals the audit entries.
+    audit_key: Option<crate::audit::AuditKey>,
 }
 
 /// Locks the audit head and reads every record the writes touch, in one round trip.
@@ -295,7 +300,7 @@ async fn read(db: &Db<'_>, writes: &[Write]) -> Result<(Chain, State), StoreErro
 
 /// Seals the audit entry for `event` after `chain`, moves `chain` to it and queues it.
 fn audit(changes: &mut Changes, chain: &mut Chain, event: &rules::AuditEvent) {
-    let entry = event.entry_after(chain);
+    let entry = event.entry_after(chain, changes.audit_key.as_ref());
     *chain = (entry.seq, entry.compute_hash());
     changes.audit.push(entry);
 }
@@ -576,8 +581,9 @@ async fn write(db: &Db<'_>, ch: &Changes, chain: &Chain) -> Result<(), StoreErro
     let a_prev: Vec<&[u8]> = a().map(|e| e.prev_hash.as_slice()).collect();
     let a_hash: Vec<&[u8]> = a().map(|e| e.hash.as_slice()).collect();
     let a_node: Vec<Option<&str>> = a().map(|e| e.node.as_deref()).collect();
-    let p_audit: [P<'_>; 9] = [
-        &a_seq, &a_at, &a_event, &a_serial, &a_actor, &a_detail, &a_prev, &a_hash, &a_node,
+    let a_mac: Vec<Option<&[u8]>> = a().map(|e| e.mac.as_deref()).collect();
+    let p_audit: [P<'_>; 10] = [
+        &a_seq, &a_at, &a_event, &a_serial, &a_actor, &a_detail, &a_prev, &a_hash, &a_node, &a_mac,
     ];
     let head_seq = i(chain.0);
     let head_hash = chain.1.as_slice();

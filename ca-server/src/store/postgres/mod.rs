@@ -26,6 +26,7 @@ use tokio_postgres::{Client, NoTls, Row, Transaction};
 use zeroize::Zeroizing;
 
 use super::{Index, IndexEntry, RawAudit, RawRecord, Store, StoreError, Write, Written};
+use crate::audit::AuditKey;
 use crate::ra::rules::{self, AuditEvent, ResetOutcome};
 use crate::records::{
     AuditEntry, BdkRecord, DeviceRecord, DeviceStatus, LineRecord, OperatorRevocation, PoolEntry,
@@ -252,6 +253,7 @@ impl PgStore {
             permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             warnings: Arc::default(),
             suspect: AtomicBool::new(false),
+            audit_key: std::sync::OnceLock::new(),
         });
         let store = PgStore {
             rt: Some(rt),
@@ -402,6 +404,8 @@ struct Pool {
     warnings: Arc<AtomicU64>,
     /// Set by such a warning: the next call first commits a barrier (see [`barrier`]).
     suspect: AtomicBool,
+    /// The key that seals each audit entry written ([`Store::set_audit_key`]).
+    audit_key: std::sync::OnceLock<AuditKey>,
 }
 
 /// A connection's prepared statements, by SQL text: each statement is parsed and planned once
@@ -862,6 +866,7 @@ fn audit_of(r: &Row) -> Result<AuditEntry, StoreError> {
         prev_hash: r.try_get(6).map_err(pg)?,
         hash: r.try_get(7).map_err(pg)?,
         node: r.try_get(8).map_err(pg)?,
+        mac: r.try_get(9).map_err(pg)?,
     })
 }
 
@@ -895,7 +900,7 @@ async fn set_head(db: &Db<'_>, chain: &Chain) -> Result<(), StoreError> {
     Ok(())
 }
 
-const INSERT_AUDIT: &str = "INSERT INTO audit (seq, at, event, serial, actor, detail, prev_hash, hash, node) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+const INSERT_AUDIT: &str = "INSERT INTO audit (seq, at, event, serial, actor, detail, prev_hash, hash, node, mac) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 
 /// An audit entry's column values.
 struct AuditRow<'a> {
@@ -915,7 +920,7 @@ impl<'a> AuditRow<'a> {
         }
     }
 
-    fn params(&self) -> [P<'_>; 9] {
+    fn params(&self) -> [P<'_>; 10] {
         [
             &self.seq,
             &self.at,
@@ -926,6 +931,7 @@ impl<'a> AuditRow<'a> {
             &self.e.prev_hash,
             &self.e.hash,
             &self.e.node,
+            &self.e.mac,
         ]
     }
 }
@@ -935,8 +941,9 @@ async fn append(
     db: &Db<'_>,
     chain: &mut Chain,
     event: &AuditEvent,
+    key: Option<&AuditKey>,
 ) -> Result<AuditEntry, StoreError> {
-    let entry = event.entry_after(chain);
+    let entry = event.entry_after(chain, key);
     let row = AuditRow::of(&entry);
     db.exec(INSERT_AUDIT, &row.params()).await?;
     *chain = (entry.seq, entry.compute_hash());
@@ -1247,7 +1254,7 @@ impl Store for PgStore {
                 )
                 .await
                 .map_err(pg)?;
-                append(&db, &mut chain, &event).await?;
+                append(&db, &mut chain, &event, pool.audit_key.get()).await?;
                 set_head(&db, &chain).await?;
                 tx.commit().await.map_err(pg)
             }
@@ -1291,7 +1298,7 @@ impl Store for PgStore {
                 )
                 .await
                 .map_err(pg)?;
-                append(&db, &mut chain, &event).await?;
+                append(&db, &mut chain, &event, pool.audit_key.get()).await?;
                 set_head(&db, &chain).await?;
                 tx.commit().await.map_err(pg)
             }
@@ -1395,7 +1402,7 @@ impl Store for PgStore {
                     )
                     .await
                     .map_err(pg)?;
-                    append(&db, &mut chain, &event).await?;
+                    append(&db, &mut chain, &event, pool.audit_key.get()).await?;
                     set_head(&db, &chain).await?;
                 }
                 tx.commit().await.map_err(pg)?;
@@ -1450,7 +1457,7 @@ impl Store for PgStore {
                 let Some(w) = writes else {
                     return Ok(outcome);
                 };
-                let entry = append(&db, &mut chain, &w.event).await?;
+                let entry = append(&db, &mut chain, &w.event, pool.audit_key.get()).await?;
                 let old = &w.history.device;
                 tx.execute("DELETE FROM devices WHERE serial = $1", &[&i(serial)])
                     .await
@@ -1596,7 +1603,7 @@ impl Store for PgStore {
                     )
                     .await
                     .map_err(pg)?;
-                    append(&db, &mut chain, &event).await?;
+                    append(&db, &mut chain, &event, pool.audit_key.get()).await?;
                     set_head(&db, &chain).await?;
                 }
                 tx.commit().await.map_err(pg)?;
@@ -1669,7 +1676,7 @@ impl Store for PgStore {
                     )
                     .await
                     .map_err(pg)?;
-                    append(&db, &mut chain, &event).await?;
+                    append(&db, &mut chain, &event, pool.audit_key.get()).await?;
                     set_head(&db, &chain).await?;
                 }
                 tx.commit().await.map_err(pg)?;
@@ -1703,11 +1710,21 @@ impl Store for PgStore {
                     stmts: &stmts,
                 };
                 let mut chain = lock_head(&db).await?;
-                append(&db, &mut chain, &ev).await?;
+                append(&db, &mut chain, &ev, pool.audit_key.get()).await?;
                 set_head(&db, &chain).await?;
                 tx.commit().await.map_err(pg)
             }
         })
+    }
+
+    fn set_audit_key(&self, key: AuditKey) {
+        let _ = self.pool.audit_key.set(key);
+    }
+
+    fn last_audit(&self) -> Result<Option<AuditEntry>, StoreError> {
+        let sql = format!("SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq DESC LIMIT 1");
+        let rows = self.query_rows(sql, Vec::new(), audit_of)?;
+        Ok(rows.into_iter().next())
     }
 
     fn audit_raw(&self, after: u64) -> Box<dyn Iterator<Item = Result<RawAudit, StoreError>> + '_> {
@@ -2093,6 +2110,7 @@ async fn load(tx: &Transaction<'_>, batch: Vec<super::Exported>) -> Result<(), S
                     Box::new(col!(batch, X::Audit(a) => a.prev_hash.clone())),
                     Box::new(col!(batch, X::Audit(a) => a.hash.clone())),
                     Box::new(col!(batch, X::Audit(a) => a.node.clone())),
+                    Box::new(col!(batch, X::Audit(a) => a.mac.clone())),
                 ],
             )
             .await?;
@@ -2113,12 +2131,14 @@ async fn load(tx: &Transaction<'_>, batch: Vec<super::Exported>) -> Result<(), S
     Ok(())
 }
 
+const AUDIT_COLUMNS: &str = "seq, at, event, serial, actor, detail, prev_hash, hash, node, mac";
+
 impl PgStore {
     fn audit_from(&self, after: u64) -> Cursor<'_, AuditEntry> {
         Cursor::new(
             self,
             format!(
-                "SELECT seq, at, event, serial, actor, detail, prev_hash, hash, node FROM audit WHERE seq > {} ORDER BY seq",
+                "SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > {} ORDER BY seq",
                 i(after)
             ),
             audit_of,
@@ -2284,7 +2304,8 @@ mod tests {
                 .batch_execute(
                     "DROP TABLE crl_number; DROP TABLE nodes; DROP TABLE operator_revocations; \
                      DROP TABLE dukpt_bdks; ALTER TABLE lines DROP COLUMN secret_source; \
-                     ALTER TABLE audit DROP COLUMN node; DELETE FROM imprint_schema WHERE version >= 2",
+                     ALTER TABLE audit DROP COLUMN node; ALTER TABLE audit DROP COLUMN mac; \
+                     DELETE FROM imprint_schema WHERE version >= 2",
                 )
                 .await
                 .map_err(pg)
@@ -2297,14 +2318,24 @@ mod tests {
         );
         assert_eq!(PgStore::migrate(&db.1).unwrap(), 1, "the version it found");
         let store = PgStore::open(&db.1).unwrap();
-        let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
+        let verdict = crate::audit::verify(store.audit_raw(0), None, None, None).unwrap();
         assert_eq!((verdict.entries, verdict.first_bad), (2, None));
         assert!(store.audit().all(|e| e.unwrap().node.is_none()));
         // Version 3's table is there: an operator revocation is recorded, in the chain.
+        // Version 7's column is there: with the audit key, the entries written from now on are
+        // sealed; the two before stay as they were, vouched for by the first sealed one.
+        let key = crate::audit::AuditKey::new(&[9u8; 32]);
+        store.set_audit_key(key.clone());
         store.revoke_operator("bob", 5, "operator:alice").unwrap();
         assert_eq!(store.operator_revocations().unwrap().len(), 1);
-        let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
+        let verdict = crate::audit::verify(store.audit_raw(0), None, None, None).unwrap();
         assert_eq!((verdict.entries, verdict.first_bad), (3, None));
+        let verdict = crate::audit::verify(store.audit_raw(0), None, Some(&key), None).unwrap();
+        assert_eq!(
+            (verdict.entries, verdict.first_bad, verdict.keyed_from),
+            (3, None, Some(3))
+        );
+        assert!(store.last_audit().unwrap().unwrap().mac.is_some());
     }
 
     #[test]

@@ -14,10 +14,23 @@
 //! serial minus 2^64).
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 6;
+pub const SCHEMA_VERSION: i32 = 7;
 
 /// (version, SQL). Each runs in one transaction with the row that records it.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5), (6, V6)];
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (1, V1),
+    (2, V2),
+    (3, V3),
+    (4, V4),
+    (5, V5),
+    (6, V6),
+    (7, V7),
+];
+
+/// Version 7: each audit entry's MAC under the audit key (SPEC.md 11.9); NULL for the entries
+/// written before the key existed. Whoever can write these tables but has no key can no longer
+/// rewrite the chain unseen.
+const V7: &str = "ALTER TABLE audit ADD COLUMN mac bytea;";
 
 /// Version 6: AES DUKPT Base Derivation Keys, sealed under the key-encryption key (never in
 /// the clear: the CA opens them with the KEK only to derive), each with its allocation counter

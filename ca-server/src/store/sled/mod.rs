@@ -8,6 +8,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
 use super::{RawAudit, RawRecord, Store, StoreError, Write, Written};
+use crate::audit::AuditKey;
 use crate::ra::rules::{
     self, AuditEvent, EnrollOutcome, EnrollView, Holder, NewEnrollment, ResetOutcome, SecretOp,
     SecretOutcome, SecretView, SecretWrite,
@@ -72,6 +73,9 @@ pub struct SledStore {
     data_file: File,
     /// (last seq, last hash) of the audit chain; held while a write computes the next entry.
     audit_head: Mutex<(u64, [u8; 32])>,
+    /// The key that seals each audit entry written ([`Store::set_audit_key`]); none: entries
+    /// are written unsealed (a store opened without its CA folder, as unit tests do).
+    audit_key: std::sync::OnceLock<AuditKey>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -216,7 +220,7 @@ impl SledStore {
                 Ok(ev) => ev,
                 Err(e) => return abort(e),
             };
-            let entry = event.entry_after(&chain);
+            let entry = event.entry_after(&chain, self.audit_key.get());
             tree.insert(key, to_cbor(record))?;
             audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
             Ok(entry)
@@ -283,6 +287,7 @@ impl SledStore {
             db,
             data_file,
             audit_head: Mutex::new(head),
+            audit_key: std::sync::OnceLock::new(),
         })
     }
 
@@ -308,6 +313,7 @@ impl SledStore {
         e: &NewEnrollment,
         resets: u64,
         chain: &(u64, [u8; 32]),
+        key: Option<&AuditKey>,
     ) -> TxResult<(EnrollOutcome, Option<AuditEntry>)> {
         let serial_key = e.serial.to_be_bytes();
         let tkey = token_key(&e.line, &e.token_id);
@@ -329,7 +335,7 @@ impl SledStore {
         let Some(w) = writes else {
             return Ok((outcome, None));
         };
-        let entry = w.event.entry_after(chain);
+        let entry = w.event.entry_after(chain, key);
         devices.insert(&serial_key, to_cbor(&w.device))?;
         keys.insert(&e.key_hash, &serial_key)?;
         tokens.insert(tkey.as_slice(), to_cbor(&w.token_use))?;
@@ -345,6 +351,7 @@ impl SledStore {
         (devices, secrets, heads, acks, index, key_ids, pool, audit, dukpt_next): SecretTrees<'_>,
         op: &SecretOp,
         chain: &(u64, [u8; 32]),
+        key: Option<&AuditKey>,
     ) -> TxResult<(SecretOutcome, Option<AuditEntry>)> {
         let holder = |v: Option<sled::IVec>| {
             v.map(|v| {
@@ -454,7 +461,7 @@ impl SledStore {
                 }
             }
         }
-        let entry = event.map(|ev| ev.entry_after(chain));
+        let entry = event.map(|ev| ev.entry_after(chain, key));
         if let Some(entry) = &entry {
             audit.insert(&entry.seq.to_be_bytes(), to_cbor(entry))?;
         }
@@ -739,7 +746,8 @@ impl Store for SledStore {
                         Write::Enroll(e) => {
                             let trees = (devices, keys, tokens, lines, audit);
                             let n = resets.get(&e.serial).copied().unwrap_or(0);
-                            let (outcome, entry) = Self::enroll_in(trees, e, n, &chain)?;
+                            let (outcome, entry) =
+                                Self::enroll_in(trees, e, n, &chain, self.audit_key.get())?;
                             outcomes.push(Written::Enroll(outcome));
                             entry
                         }
@@ -748,7 +756,8 @@ impl Store for SledStore {
                                 devices, secrets, heads, acks, index, key_ids, pool, audit,
                                 dukpt_next,
                             );
-                            let (outcome, entry) = Self::secret_in(trees, op, &chain)?;
+                            let (outcome, entry) =
+                                Self::secret_in(trees, op, &chain, self.audit_key.get())?;
                             outcomes.push(Written::Secret(outcome));
                             entry
                         }
@@ -847,7 +856,7 @@ impl Store for SledStore {
                 let Some(event) = event else {
                     return Ok((Some(rec), None));
                 };
-                let entry = event.entry_after(&chain);
+                let entry = event.entry_after(&chain, self.audit_key.get());
                 devices.insert(&key, to_cbor(&rec))?;
                 match status {
                     DeviceStatus::Revoked => revoked.insert(&key, &at.to_be_bytes())?,
@@ -893,7 +902,7 @@ impl Store for SledStore {
             let Some(w) = writes else {
                 return Ok((outcome, None));
             };
-            let entry = w.event.entry_after(&chain);
+            let entry = w.event.entry_after(&chain, self.audit_key.get());
             devices.remove(&key)?;
             if let Some(line) = &w.line {
                 lines.insert(line.id.as_bytes(), to_cbor(line))?;
@@ -967,7 +976,7 @@ impl Store for SledStore {
             let Some(event) = event else {
                 return Ok((rec, None));
             };
-            let entry = event.entry_after(&chain);
+            let entry = event.entry_after(&chain, self.audit_key.get());
             operators.insert(name.as_bytes(), to_cbor(&rec))?;
             audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
             Ok((rec, Some(entry)))
@@ -1013,7 +1022,7 @@ impl Store for SledStore {
             let Some(event) = event else {
                 return Ok((Some(line), None));
             };
-            let entry = event.entry_after(&chain);
+            let entry = event.entry_after(&chain, self.audit_key.get());
             lines.insert(id.as_bytes(), to_cbor(&line))?;
             audit.insert(&entry.seq.to_be_bytes(), to_cbor(&entry))?;
             Ok((Some(line), Some(entry)))
@@ -1041,12 +1050,23 @@ impl Store for SledStore {
             actor: actor.to_string(),
             detail,
         }
-        .entry_after(&head);
+        .entry_after(&head, self.audit_key.get());
         self.audit
             .insert(entry.seq.to_be_bytes(), to_cbor(&entry))
             .map_err(backend)?;
         *head = (entry.seq, sealed_hash(&entry));
         Ok(())
+    }
+
+    fn set_audit_key(&self, key: AuditKey) {
+        let _ = self.audit_key.set(key);
+    }
+
+    fn last_audit(&self) -> Result<Option<AuditEntry>, StoreError> {
+        match self.audit.last().map_err(backend)? {
+            None => Ok(None),
+            Some((_, v)) => from_cbor(&v).map(Some).map_err(corrupt(AUDIT)),
+        }
     }
 
     fn audit_raw(&self, after: u64) -> Box<dyn Iterator<Item = Result<RawAudit, StoreError>> + '_> {
@@ -1175,7 +1195,7 @@ mod tests {
             kind(&store.apply_enrollment(&batch[0]).unwrap()),
             "created 1"
         );
-        let verdict = crate::audit::verify(store.audit_raw(0), None).unwrap();
+        let verdict = crate::audit::verify(store.audit_raw(0), None, None, None).unwrap();
         assert_eq!((verdict.entries, verdict.first_bad), (2, None));
     }
 

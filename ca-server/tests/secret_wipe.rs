@@ -1,0 +1,163 @@
+//! Hardening finding 9: every plaintext copy of a delivered secret the server makes is wiped
+//! before its memory is freed.
+//!
+//! This test binary runs on [`wipe_check::ScanningAllocator`], which looks into every block
+//! freed while it is armed. A known secret is imported into the pool, a device enrolls, and
+//! curl (another process, so that the client's own copies are not in this one) fetches the
+//! secret from the mutual-TLS door of a real server in this process, as JSON and then as CBOR
+//! (the first fetch allocates the imported key, the second delivers the stored version again).
+//! No block freed during the fetches or the server's shutdown may still hold the secret, raw or
+//! in base64. rustls encrypts the answer in a buffer of its own: freed, it holds ciphertext.
+//!
+//! One test in this binary: the allocator's state is global.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::Path;
+
+use base64::Engine;
+use common::{Line, TestCa};
+use device_agent::enroll::{accept_response, build_request};
+use device_agent::state::DeviceState;
+use device_agent::url::CaUrl;
+use protocol_spec::messages::{ResponseForm, SecretDelivery};
+use protocol_spec::profile::CertProfile;
+use protocol_spec::{DeviceSerial, KeyAlgorithm};
+use ring::rand::{SecureRandom, SystemRandom};
+
+#[global_allocator]
+static ALLOCATOR: wipe_check::ScanningAllocator = wipe_check::ScanningAllocator;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_freed_memory_holds_a_delivered_secret() {
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+
+    // A secret this process knows, imported as the device's key by `ca-server secrets import`
+    // (another process, before the server starts): the server's process meets it first when
+    // it delivers it. This process keeps it in the heap only (a copy on a stack could be moved
+    // into a freed block by unrelated code, and found there).
+    let mut secret = zeroize::Zeroizing::new(vec![0u8; 32]);
+    SystemRandom::new().fill(secret.as_mut_slice()).unwrap();
+    let import = ca.tmp.path().join("keys.jsonl");
+    std::fs::write(
+        &import,
+        format!(
+            "{{\"key_id\": \"wipe-1\", \"key\": \"{}\"}}\n",
+            hex::encode(&*secret)
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ca-server"))
+        .args(["secrets", "import", "--dir"])
+        .arg(ca.root())
+        .arg(&import)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(&import).unwrap();
+    let server = ca.start().await;
+
+    // A device enrolled over CoAP, its certificate and key in files for curl.
+    let serial = 7;
+    let rng = SystemRandom::new();
+    let mut dev =
+        DeviceState::generate(DeviceSerial::new(serial).unwrap(), KeyAlgorithm::P256, &rng)
+            .unwrap();
+    let token = line.token(serial, &dev.key.spki_der());
+    let req = build_request(&dev, &token, ResponseForm::Compact, &rng)
+        .unwrap()
+        .to_cbor();
+    let coap = device_agent::coap::CoapClient::new(
+        CaUrl::parse(&format!("coap://{}", server.coap.unwrap())).unwrap(),
+    );
+    let resp = coap.enroll_once(req).await.unwrap();
+    let profile = CertProfile::from_ca_der(&ca.ca_der).unwrap();
+    dev.certificate = Some(accept_response(&dev, &profile, &resp).unwrap());
+    let dir = ca.tmp.path().to_path_buf();
+    std::fs::write(
+        dir.join("dev.pem"),
+        protocol_spec::profile::cert_pem(dev.certificate.as_ref().unwrap()),
+    )
+    .unwrap();
+    std::fs::write(dir.join("dev.key"), dev.key.to_pem().as_bytes()).unwrap();
+    let url = format!("https://{}/secret", server.mtls.unwrap());
+
+    let b64 = zeroize::Zeroizing::new(
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret.as_slice()),
+    );
+    wipe_check::arm(&[
+        secret.as_slice(),
+        &secret[16..],
+        b64.as_bytes(),
+        &b64.as_bytes()[22..],
+    ])
+    .unwrap();
+    let json = curl(&dir, &ca.ca_pem_path(), &url, "application/json", "json").await;
+    let cbor = curl(&dir, &ca.ca_pem_path(), &url, "application/cbor", "cbor").await;
+    // The connections' tasks end once curl has gone; then the server stops, still watched.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    server.stop().await;
+    let report = wipe_check::disarm();
+
+    // The fetches did carry the secret (both answers are read only now, unwatched).
+    for (what, delivery) in [
+        (
+            "json",
+            SecretDelivery::from_json(&std::fs::read(json).unwrap()),
+        ),
+        (
+            "cbor",
+            SecretDelivery::from_cbor(&std::fs::read(cbor).unwrap()),
+        ),
+    ] {
+        let d = delivery.unwrap_or_else(|p| panic!("{what}: {p:?}"));
+        assert_eq!(d.key_id, "wipe-1", "{what}");
+        assert_eq!(d.secret.as_slice(), secret.as_slice(), "{what}");
+    }
+    assert!(report.scanned > 100, "the allocator watched: {report:?}");
+    assert_eq!(
+        report.hits, 0,
+        "freed blocks still holding the secret (block size, 0/1 raw, 2/3 base64): {:?} \
+         ({} blocks, {} bytes freed while watched)",
+        report.hit_blocks, report.scanned, report.scanned_bytes
+    );
+}
+
+/// Fetches `url` with curl presenting the device's certificate, asking for `accept`; the file
+/// the answer was written to.
+async fn curl(
+    dir: &Path,
+    ca_pem: &Path,
+    url: &str,
+    accept: &str,
+    name: &str,
+) -> std::path::PathBuf {
+    let out = dir.join(format!("secret.{name}"));
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--fail-with-body", "-H"])
+        .arg(format!("Accept: {accept}"))
+        .arg("--cacert")
+        .arg(ca_pem)
+        .arg("--cert")
+        .arg(dir.join("dev.pem"))
+        .arg("--key")
+        .arg(dir.join("dev.key"))
+        .arg("-o")
+        .arg(&out)
+        .arg(url)
+        .stdout(std::process::Stdio::null());
+    let status = tokio::task::spawn_blocking(move || cmd.status())
+        .await
+        .unwrap()
+        .expect("curl runs (Debian package curl)");
+    assert!(status.success(), "curl {url} ({accept}): {status}");
+    out
+}
