@@ -10,7 +10,6 @@ use std::process::{Command, Output};
 use ca_server::config::CaDir;
 use ca_server::server::{self, ListenOverrides};
 use ca_server::setup::{self, InitOptions};
-use ca_server::store::SledStore;
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -60,8 +59,9 @@ async fn ca_with_line(
         .args(["keygen", "--name", "l1", "--out"])
         .arg(dir.join("line")));
     let pem = std::fs::read_to_string(dir.join("line/l1.pub.pem")).unwrap();
-    let store = SledStore::open(&ca.store()).unwrap();
-    ca_server::lines::add_line(&store, "l1", &pem, (1, 999), None, now(), "test").unwrap();
+    // Opened as the CA opens it, so that its audit entry is sealed with the CA's audit key.
+    let store = ca_server::store::open(&ca, &Default::default()).unwrap();
+    ca_server::lines::add_line(store.as_ref(), "l1", &pem, (1, 999), None, now(), "test").unwrap();
     drop(store);
     let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let server = server::start(
