@@ -95,6 +95,27 @@ impl SoftToken {
         TestCa { tmp, dir, ca_der }
     }
 
+    /// `ca-server line add` of `line` (serials 1-100) on the CA, with this token's
+    /// configuration: the store seals its audit entries under a key the token unseals, and
+    /// only a process with `SOFTHSM2_CONF` reaches the token.
+    fn add_line(&self, ca: &TestCa, line: &Line) {
+        let pem = ca.tmp.path().join(format!("{}.pub.pem", line.id));
+        std::fs::write(&pem, protocol_spec::PublicKey::from(&line.key).to_pem()).unwrap();
+        let out = self.ca_server(&[
+            "line",
+            "add",
+            "--dir",
+            ca.root().to_str().unwrap(),
+            "--id",
+            &line.id,
+            "--public-key",
+            pem.to_str().unwrap(),
+            "--serials",
+            "1-100",
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+
     /// `ca-server serve` on the CA, HTTPS on a free port.
     fn serve(&self, ca: &TestCa) -> (Server, SocketAddr) {
         use std::io::BufRead;
@@ -230,7 +251,7 @@ async fn a_device_enrolls_with_a_token_ca_and_openssl_verifies_its_certificate_a
         let token = SoftToken::new();
         let ca = token.init_ca(alg, "ca");
         let line = Line::new("line-1", KeyAlgorithm::Ed25519);
-        ca.add_line(&line, 1, 100, None);
+        token.add_line(&ca, &line);
         let (_server, addr) = token.serve(&ca);
         // The client pins the CA certificate: the handshake itself checks the server
         // certificate the token signed at init.
@@ -383,7 +404,7 @@ async fn a_token_that_disappears_while_serving_gives_unavailable_and_signing_res
     let token = SoftToken::new();
     let ca = token.init_ca(KeyAlgorithm::Ed25519, "ca");
     let line = Line::new("line-1", KeyAlgorithm::Ed25519);
-    ca.add_line(&line, 1, 100, None);
+    token.add_line(&ca, &line);
     let (_server, addr) = token.serve(&ca);
     let client = ca.client(addr);
     let enroll = |serial: u64| {
