@@ -659,7 +659,10 @@ async fn block2_state_is_bounded_per_source_and_in_total_and_get_ca_holds_none()
     }
     assert_eq!(held(), 0, "GET /ca keeps no Block2 state");
     // Undecodable enrollment requests from 40 ports of one source, each answered with a problem
-    // in 16-byte pieces (more to come): the source keeps 8.
+    // in 16-byte pieces (more to come): the source keeps 8. Every socket stays open until the
+    // counts are read: a port closed and drawn again would be the same endpoint, whose answer
+    // replaces its own instead of evicting another's.
+    let mut open = Vec::new();
     for _ in 0..40 {
         let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         mid += 1;
@@ -667,6 +670,7 @@ async fn block2_state_is_bounded_per_source_and_in_total_and_get_ca_holds_none()
             .await
             .unwrap();
         assert_eq!(ans[1], 0x80, "4.00, its first piece");
+        open.push(s);
     }
     assert_eq!(held(), 8, "one source holds its share, no more");
     assert_eq!(stats.block2_evicted.load(Ordering::Relaxed), 32);
@@ -683,6 +687,7 @@ async fn block2_state_is_bounded_per_source_and_in_total_and_get_ca_holds_none()
         mid += 1;
         let req = small_block_request(mid, Some(&[0xff; 40]));
         assert_eq!(exchange(&s, addr, &req).await.unwrap()[1], 0x80);
+        open.push(s);
     }
     assert_eq!(held(), 12, "the total cap");
     // A device on another source gets its full certificate in Block2 pieces (its request in
