@@ -346,11 +346,18 @@ async fn a_commit_the_standby_never_confirmed_is_not_reported_as_done() {
     tokio::task::spawn_blocking(move || wait_for_sync_rep(&d, primary_port))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !retry.is_finished(),
-        "the retry was answered before the standby confirmed"
-    );
+    // Slept on a blocking thread, not with tokio's timer: while the standby is away the CA's
+    // store reads block the runtime's two workers (up to the store's 10 s call limit), and the
+    // timer would not fire before then; the standby would come back too late for the retry.
+    tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(500)))
+        .await
+        .unwrap();
+    if retry.is_finished() {
+        panic!(
+            "the retry was answered before the standby confirmed: {:?}",
+            retry.await
+        );
+    }
     let d = standby_dir.clone();
     tokio::task::spawn_blocking(move || script("resume", &d))
         .await
