@@ -20,9 +20,14 @@ sql() {
 }
 sql -c "CREATE EXTENSION pg_stat_statements"
 echo "run: $(date -u +%H:%M:%S) UTC, $sim --devices $devices --quiet --store <cluster> --report $report"
+out=$(mktemp)
+rc=0
 "$sim" --devices "$devices" --quiet --store "$IMPRINT_TEST_PG_URL" \
-  --store-ca-file "$IMPRINT_TEST_PG_CA" --report "$report" | grep -E '^(devices|CA:|verification|result)' || true
+  --store-ca-file "$IMPRINT_TEST_PG_CA" --report "$report" >"$out" 2>&1 || rc=$?
+grep -E '^(devices|CA:|verification|result)' "$out" || cat "$out"
+rm -f "$out"
 echo "end: $(date -u +%H:%M:%S) UTC"
+[ "$rc" = 0 ] || { echo "pg-statements: the simulator exited with $rc" >&2; exit "$rc"; }
 sql -P pager=off -c "SELECT calls, round(mean_exec_time::numeric, 3) AS mean_ms,
     round(total_exec_time::numeric) AS total_ms, rows, left(regexp_replace(query, '\s+', ' ', 'g'), 110) AS statement
   FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = 'imprint')

@@ -7,55 +7,21 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
 use ca_server::config::CaDir;
-use common::{Device, Line, TestCa};
+use common::{Device, Line, SoftHsmToken as SoftToken, TestCa};
 use protocol_spec::KeyAlgorithm;
 use protocol_spec::messages::{EnrollResponse, ResponseForm};
 use protocol_spec::profile::CertProfile;
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-const PIN: &str = "1234";
+const MODULE: &str = common::SOFTHSM_MODULE;
+const PIN: &str = common::SOFTHSM_PIN;
 
-/// A SoftHSM2 token labelled `imprint` (user PIN 1234, SO PIN 5678) in a temporary folder.
-struct SoftToken {
-    tmp: tempfile::TempDir,
-    conf: PathBuf,
-    pin_file: PathBuf,
-}
-
+// A SoftHSM2 token labelled `imprint` (`SoftToken::new("imprint")`), with what these tests do
+// through it.
 impl SoftToken {
-    fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let tokens = tmp.path().join("tokens");
-        std::fs::create_dir(&tokens).unwrap();
-        let conf = tmp.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .unwrap();
-        let out = Command::new("softhsm2-util")
-            .args(["--init-token", "--free", "--label", "imprint"])
-            .args(["--pin", PIN, "--so-pin", "5678"])
-            .env("SOFTHSM2_CONF", &conf)
-            .output()
-            .expect("softhsm2-util (Debian package softhsm2) is installed");
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let pin_file = tmp.path().join("pin");
-        std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
-        SoftToken {
-            tmp,
-            conf,
-            pin_file,
-        }
-    }
-
     /// The URI of key `object` in this token, its PIN in a file.
     fn uri(&self, object: &str) -> String {
         format!(
@@ -181,7 +147,7 @@ fn private_key_files(dir: &Path) -> Vec<String> {
 #[test]
 fn init_with_the_key_in_a_token_writes_no_ca_key_file_and_config_keeps_no_pin() {
     for alg in [KeyAlgorithm::Ed25519, KeyAlgorithm::P256] {
-        let token = SoftToken::new();
+        let token = SoftToken::new("imprint");
         let ca = token.init_ca(alg, "ca");
         // The TLS server key and the operator CA's key are files; the CA key is not, and the
         // key-encryption key is sealed by the token.
@@ -219,7 +185,7 @@ fn init_with_the_key_in_a_token_writes_no_ca_key_file_and_config_keeps_no_pin() 
 
 #[test]
 fn init_with_pkcs11_existing_uses_the_key_already_in_the_token() {
-    let token = SoftToken::new();
+    let token = SoftToken::new("imprint");
     let first = token.init_ca(KeyAlgorithm::P256, "shared");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("again");
@@ -248,7 +214,7 @@ fn init_with_pkcs11_existing_uses_the_key_already_in_the_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_enrolls_with_a_token_ca_and_openssl_verifies_its_certificate_and_the_crl() {
     for alg in [KeyAlgorithm::Ed25519, KeyAlgorithm::P256] {
-        let token = SoftToken::new();
+        let token = SoftToken::new("imprint");
         let ca = token.init_ca(alg, "ca");
         let line = Line::new("line-1", KeyAlgorithm::Ed25519);
         token.add_line(&ca, &line);
@@ -298,7 +264,7 @@ async fn a_device_enrolls_with_a_token_ca_and_openssl_verifies_its_certificate_a
 
 #[test]
 fn a_wrong_pin_a_missing_token_and_a_missing_key_each_exit_2_with_one_line_naming_it() {
-    let token = SoftToken::new();
+    let token = SoftToken::new("imprint");
     token.init_ca(KeyAlgorithm::Ed25519, "ca");
     let secret_pin = "98765431";
     let cases = [
@@ -348,7 +314,7 @@ fn a_wrong_pin_a_missing_token_and_a_missing_key_each_exit_2_with_one_line_namin
 
 #[test]
 fn serve_refuses_a_wrong_pin_file_an_altered_sealed_kek_and_a_pin_value_in_config() {
-    let token = SoftToken::new();
+    let token = SoftToken::new("imprint");
     let ca = token.init_ca(KeyAlgorithm::Ed25519, "ca");
     let root = ca.root().to_str().unwrap().to_string();
     let serve = |token: &SoftToken| {
@@ -401,7 +367,7 @@ fn serve_refuses_a_wrong_pin_file_an_altered_sealed_kek_and_a_pin_value_in_confi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_that_disappears_while_serving_gives_unavailable_and_signing_resumes() {
-    let token = SoftToken::new();
+    let token = SoftToken::new("imprint");
     let ca = token.init_ca(KeyAlgorithm::Ed25519, "ca");
     let line = Line::new("line-1", KeyAlgorithm::Ed25519);
     token.add_line(&ca, &line);
@@ -450,7 +416,7 @@ async fn a_token_that_disappears_while_serving_gives_unavailable_and_signing_res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_to_token_moves_a_file_key_into_the_token_and_the_ca_goes_on_signing() {
     for alg in [KeyAlgorithm::Ed25519, KeyAlgorithm::P256] {
-        let token = SoftToken::new();
+        let token = SoftToken::new("imprint");
         let ca = TestCa::with_file_key(alg);
         let line = Line::new("line-1", KeyAlgorithm::Ed25519);
         ca.add_line(&line, 1, 100, None);

@@ -9,13 +9,15 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ca_server::issuer::{Pkcs11Uri, TokenKey};
 use protocol_spec::KeyAlgorithm;
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const MODULE: &str = common::SOFTHSM_MODULE;
 const CHILD: &str = "IMPRINT_PKCS11_THREADS_PIN_FILE";
 
 #[test]
@@ -23,39 +25,15 @@ fn keys_made_while_other_threads_search_the_token_are_all_made() {
     if let Ok(pin_file) = std::env::var(CHILD) {
         return make_and_search_at_once(&pin_file);
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let tokens = tmp.path().join("tokens");
-    std::fs::create_dir(&tokens).unwrap();
-    let conf = tmp.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
-    let out = Command::new("softhsm2-util")
-        .args(["--init-token", "--free", "--label", "threads"])
-        .args(["--pin", "1234", "--so-pin", "5678"])
-        .env("SOFTHSM2_CONF", &conf)
-        .output()
-        .expect("softhsm2-util (Debian package softhsm2) is installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pin_file = tmp.path().join("pin");
-    std::fs::write(&pin_file, "1234\n").unwrap();
+    let token = common::SoftHsmToken::new("threads");
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
             "keys_made_while_other_threads_search_the_token_are_all_made",
             "--nocapture",
         ])
-        .env("SOFTHSM2_CONF", &conf)
-        .env(CHILD, &pin_file)
+        .env("SOFTHSM2_CONF", &token.conf)
+        .env(CHILD, &token.pin_file)
         .output()
         .unwrap();
     assert!(

@@ -27,12 +27,8 @@ use std::path::Path;
 
 use base64::Engine;
 use common::{Line, TestCa};
-use device_agent::enroll::{accept_response, build_request};
-use device_agent::state::DeviceState;
-use device_agent::url::CaUrl;
-use protocol_spec::messages::{ResponseForm, SecretDelivery};
-use protocol_spec::profile::CertProfile;
-use protocol_spec::{DeviceSerial, KeyAlgorithm};
+use protocol_spec::KeyAlgorithm;
+use protocol_spec::messages::SecretDelivery;
 use ring::rand::{SecureRandom, SystemRandom};
 
 #[global_allocator]
@@ -74,21 +70,8 @@ async fn no_freed_memory_holds_a_delivered_secret() {
     let server = ca.start().await;
 
     // A device enrolled over CoAP, its certificate and key in files for curl.
-    let serial = 7;
-    let rng = SystemRandom::new();
-    let mut dev =
-        DeviceState::generate(DeviceSerial::new(serial).unwrap(), KeyAlgorithm::P256, &rng)
-            .unwrap();
-    let token = line.token(serial, &dev.key.spki_der());
-    let req = build_request(&dev, &token, ResponseForm::Compact, &rng)
-        .unwrap()
-        .to_cbor();
-    let coap = device_agent::coap::CoapClient::new(
-        CaUrl::parse(&format!("coap://{}", server.coap.unwrap())).unwrap(),
-    );
-    let resp = coap.enroll_once(req).await.unwrap();
-    let profile = CertProfile::from_ca_der(&ca.ca_der).unwrap();
-    dev.certificate = Some(accept_response(&dev, &profile, &resp).unwrap());
+    let dev =
+        common::enrolled_over_coap(&ca, server.coap.unwrap(), &line, 7, KeyAlgorithm::P256).await;
     let dir = ca.tmp.path().to_path_buf();
     std::fs::write(
         dir.join("dev.pem"),

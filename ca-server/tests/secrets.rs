@@ -11,13 +11,11 @@ use std::sync::Arc;
 use ca_server::server::RunningServer;
 use common::{Line, TestCa, snapshot};
 use device_agent::AgentError;
-use device_agent::enroll::{accept_response, build_request};
 use device_agent::secrets::{SyncOutcome, mtls_client, sync};
 use device_agent::state::DeviceState;
 use device_agent::url::CaUrl;
-use protocol_spec::messages::ResponseForm;
 use protocol_spec::profile::CertProfile;
-use protocol_spec::{DeviceSerial, KeyAlgorithm, ProblemType};
+use protocol_spec::{KeyAlgorithm, ProblemType};
 use ring::rand::SystemRandom;
 
 /// An enrolled device (over CoAP, the cheap way), ready for the secrets door.
@@ -28,20 +26,7 @@ async fn enrolled(
     serial: u64,
     alg: KeyAlgorithm,
 ) -> DeviceState {
-    let rng = SystemRandom::new();
-    let mut s = DeviceState::generate(DeviceSerial::new(serial).unwrap(), alg, &rng).unwrap();
-    let token = line.token(serial, &s.key.spki_der());
-    let req = build_request(&s, &token, ResponseForm::Compact, &rng)
-        .unwrap()
-        .to_cbor();
-    let client = device_agent::coap::CoapClient::new(
-        CaUrl::parse(&format!("coap://{}", server.coap.unwrap())).unwrap(),
-    );
-    let resp = client.enroll_once(req).await.unwrap();
-    let profile = CertProfile::from_ca_der(&ca.ca_der).unwrap();
-    s.certificate = Some(accept_response(&s, &profile, &resp).unwrap());
-    s.ca_certificate = Some(ca.ca_der.clone());
-    s
+    common::enrolled_over_coap(ca, server.coap.unwrap(), line, serial, alg).await
 }
 
 fn mtls_url(server: &RunningServer) -> CaUrl {

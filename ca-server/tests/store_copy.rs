@@ -10,14 +10,10 @@ use std::process::Command;
 
 use ca_server::config::StoreSettings;
 use common::{Line, TestCa};
-use device_agent::enroll::{accept_response, build_request};
 use device_agent::secrets::{SyncOutcome, mtls_client, sync};
 use device_agent::state::DeviceState;
 use device_agent::url::CaUrl;
-use protocol_spec::messages::ResponseForm;
-use protocol_spec::profile::CertProfile;
-use protocol_spec::{DeviceSerial, KeyAlgorithm};
-use ring::rand::SystemRandom;
+use protocol_spec::KeyAlgorithm;
 
 async fn enrolled(
     ca: &TestCa,
@@ -25,24 +21,7 @@ async fn enrolled(
     line: &Line,
     serial: u64,
 ) -> DeviceState {
-    let rng = SystemRandom::new();
-    let mut s = DeviceState::generate(
-        DeviceSerial::new(serial).unwrap(),
-        KeyAlgorithm::Ed25519,
-        &rng,
-    )
-    .unwrap();
-    let token = line.token(serial, &s.key.spki_der());
-    let req = build_request(&s, &token, ResponseForm::Compact, &rng)
-        .unwrap()
-        .to_cbor();
-    let client =
-        device_agent::coap::CoapClient::new(CaUrl::parse(&format!("coap://{coap}")).unwrap());
-    let resp = client.enroll_once(req).await.unwrap();
-    let profile = CertProfile::from_ca_der(&ca.ca_der).unwrap();
-    s.certificate = Some(accept_response(&s, &profile, &resp).unwrap());
-    s.ca_certificate = Some(ca.ca_der.clone());
-    s
+    common::enrolled_over_coap(ca, coap, line, serial, KeyAlgorithm::Ed25519).await
 }
 
 fn ca_server(args: &[&str]) -> std::process::Output {

@@ -575,3 +575,78 @@ pub fn trusting(ca_der: &[u8]) -> Arc<rustls::ClientConfig> {
         .with_no_client_auth(),
     )
 }
+
+/// SoftHSM2's PKCS#11 module as Debian's `softhsm2` installs it.
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// The user PIN of every [`SoftHsmToken`] (its SO PIN is 5678).
+pub const SOFTHSM_PIN: &str = "1234";
+
+/// A SoftHSM2 token in a temporary folder of its own: `conf` is the file `SOFTHSM2_CONF`
+/// names, `pin_file` holds the user PIN ([`SOFTHSM_PIN`]).
+pub struct SoftHsmToken {
+    pub tmp: tempfile::TempDir,
+    pub conf: PathBuf,
+    pub pin_file: PathBuf,
+}
+
+impl SoftHsmToken {
+    /// Makes a token labelled `label` with `softhsm2-util --init-token`.
+    pub fn new(label: &str) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let tokens = tmp.path().join("tokens");
+        std::fs::create_dir(&tokens).unwrap();
+        let conf = tmp.path().join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new("softhsm2-util")
+            .args(["--init-token", "--free", "--label", label])
+            .args(["--pin", SOFTHSM_PIN, "--so-pin", "5678"])
+            .env("SOFTHSM2_CONF", &conf)
+            .output()
+            .expect("softhsm2-util (Debian package softhsm2) is installed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pin_file = tmp.path().join("pin");
+        std::fs::write(&pin_file, format!("{SOFTHSM_PIN}\n")).unwrap();
+        SoftHsmToken {
+            tmp,
+            conf,
+            pin_file,
+        }
+    }
+}
+
+/// A device of key type `alg` enrolled through the CoAP door at `coap` (compact response, the
+/// cheap way), its certificate and the CA's in its state: ready for the secrets door.
+pub async fn enrolled_over_coap(
+    ca: &TestCa,
+    coap: SocketAddr,
+    line: &Line,
+    serial: u64,
+    alg: KeyAlgorithm,
+) -> device_agent::state::DeviceState {
+    let rng = SystemRandom::new();
+    let mut s =
+        device_agent::state::DeviceState::generate(DeviceSerial::new(serial).unwrap(), alg, &rng)
+            .unwrap();
+    let token = line.token(serial, &s.key.spki_der());
+    let req = device_agent::enroll::build_request(&s, &token, ResponseForm::Compact, &rng)
+        .unwrap()
+        .to_cbor();
+    let client =
+        device_agent::coap::CoapClient::new(CaUrl::parse(&format!("coap://{coap}")).unwrap());
+    let resp = client.enroll_once(req).await.unwrap();
+    let profile = protocol_spec::profile::CertProfile::from_ca_der(&ca.ca_der).unwrap();
+    s.certificate = Some(device_agent::enroll::accept_response(&s, &profile, &resp).unwrap());
+    s.ca_certificate = Some(ca.ca_der.clone());
+    s
+}
