@@ -14,6 +14,9 @@
 #                                                   # _PORT
 #   ca-server/scripts/test-postgres.sh kill DIR     # SIGKILL the server and all its processes
 #   ca-server/scripts/test-postgres.sh promote DIR  # promote a standby to primary
+#   ca-server/scripts/test-postgres.sh freeze DIR   # SIGSTOP the server and all its processes:
+#                                                   # connections stay open, nothing answers
+#   ca-server/scripts/test-postgres.sh thaw DIR     # SIGCONT them
 #
 # The role's password is IMPRINT_STORE_PASSWORD when that is set, else a new random one.
 # IMPRINT_TEST_PG_OPTIONS adds server settings at start, e.g. for a profile of the statements:
@@ -92,6 +95,18 @@ kill)
   kill -KILL "$pid"
   while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
   ;;
+freeze|thaw)
+  dir=${2:?usage: test-postgres.sh freeze|thaw DIR}
+  pid=$(head -1 "$dir/data/postmaster.pid")
+  # The postmaster first when freezing, so that it starts no backend meanwhile.
+  if [ "$1" = freeze ]; then
+    kill -STOP "$pid"
+    pkill -STOP -P "$pid" || true
+  else
+    pkill -CONT -P "$pid" || true
+    kill -CONT "$pid"
+  fi
+  ;;
 promote)
   dir=${2:?usage: test-postgres.sh promote DIR}
   as_pg "$bin/pg_ctl" -D "$dir/data" -w promote >/dev/null
@@ -106,11 +121,16 @@ resume)
   ;;
 stop)
   dir=${2:?usage: test-postgres.sh stop DIR}
+  # A frozen server would never stop.
+  if pid=$(head -1 "$dir/data/postmaster.pid" 2>/dev/null); then
+    kill -CONT "$pid" 2>/dev/null || true
+    pkill -CONT -P "$pid" 2>/dev/null || true
+  fi
   as_pg "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$dir"
   ;;
 *)
-  echo "usage: test-postgres.sh start | standby DIR | kill DIR | promote DIR | pause DIR | resume DIR | stop DIR" >&2
+  echo "usage: test-postgres.sh start | standby DIR | kill DIR | promote DIR | pause DIR | resume DIR | freeze DIR | thaw DIR | stop DIR" >&2
   exit 2
   ;;
 esac

@@ -346,9 +346,10 @@ async fn a_commit_the_standby_never_confirmed_is_not_reported_as_done() {
     tokio::task::spawn_blocking(move || wait_for_sync_rep(&d, primary_port))
         .await
         .unwrap();
-    // Slept on a blocking thread, not with tokio's timer: while the standby is away the CA's
-    // store reads block the runtime's two workers (up to the store's 10 s call limit), and the
-    // timer would not fire before then; the standby would come back too late for the retry.
+    // Slept on a blocking thread, not with tokio's timer: before the store's slow calls gave
+    // their worker back (store_outage::a_database_that_stops_answering_stalls_no_door), the
+    // CA's waiting store reads held both of this runtime's workers and the timer with them. The
+    // sleep stays off the runtime so that this test does not depend on that.
     tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(500)))
         .await
         .unwrap();

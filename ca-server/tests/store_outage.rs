@@ -124,3 +124,135 @@ async fn five_seconds_without_the_database_lose_nothing() {
     drop(ca);
     drop(cluster);
 }
+
+/// A database that stops answering (frozen: its connections stay open, nothing comes back)
+/// must not stall the CA's doors. Before the fix, each enrollment's store read held an async
+/// worker for the store's whole call limit (10 s): with as many such requests as workers (two
+/// here, as in the CA's runtime on this machine), `GET /ca`, which needs no database, waited
+/// 10 s too. Now a slow call hands its worker back, and past a bound of waiting calls new ones
+/// are refused as `unavailable` at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_stops_answering_stalls_no_door() {
+    let (pg_dir, settings) = own_cluster();
+    let cluster = Cluster(pg_dir.clone());
+    let ca = TestCa::with_store(KeyAlgorithm::Ed25519, settings);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100_000, None);
+    let server = ca.start().await;
+    let client = ca.client(server.https.unwrap());
+    // The store's connections are open and warm before the database freezes.
+    let first = Device::new(1, KeyAlgorithm::Ed25519);
+    client
+        .enroll(first.request(&line, ResponseForm::Full))
+        .await
+        .unwrap();
+
+    let d = pg_dir.clone();
+    tokio::task::spawn_blocking(move || script("freeze", &d))
+        .await
+        .unwrap();
+    // The clients run on a runtime of their own, so that the CA's two workers (this test's
+    // runtime) serve nothing but the CA.
+    let ca_der = ca.ca_der.clone();
+    let https = server.https.unwrap();
+    let devices: Vec<Device> = (2..=60u64)
+        .map(|serial| Device::new(serial, KeyAlgorithm::Ed25519))
+        .collect();
+    let requests: Vec<Vec<u8>> = devices
+        .iter()
+        .map(|d| d.request(&line, ResponseForm::Full))
+        .collect();
+    let probe = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let client = Arc::new(
+                device_agent::https::HttpsClient::new(
+                    device_agent::url::CaUrl::parse(&format!("https://{https}")).unwrap(),
+                    &ca_der,
+                )
+                .unwrap(),
+            );
+            // More waiting enrollments than the CA has workers, and more than the store lets
+            // wait at once.
+            let started = std::time::Instant::now();
+            let mut waiting = Vec::new();
+            for request in requests {
+                let client = client.clone();
+                waiting.push(tokio::spawn(async move {
+                    let r = client.enroll(request).await;
+                    (r, started.elapsed())
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let asked = std::time::Instant::now();
+            let ca_cert =
+                tokio::time::timeout(Duration::from_secs(8), client.ca_certificate()).await;
+            let ca_answer = asked.elapsed();
+            let mut outcomes = Vec::new();
+            for w in waiting {
+                outcomes.push(w.await.unwrap());
+            }
+            (ca_cert, ca_answer, outcomes)
+        })
+    });
+    let (ca_cert, ca_answer, outcomes) = tokio::task::spawn_blocking(move || probe.join().unwrap())
+        .await
+        .unwrap();
+    let d = pg_dir.clone();
+    tokio::task::spawn_blocking(move || script("thaw", &d))
+        .await
+        .unwrap();
+
+    let ca_cert = ca_cert
+        .unwrap_or_else(|_| panic!("GET /ca not answered within 8 s while the database was frozen"))
+        .unwrap();
+    assert_eq!(ca_cert, ca.ca_der);
+    assert!(
+        ca_answer < Duration::from_secs(3),
+        "GET /ca, which needs no database, took {ca_answer:?} while enrollments waited for it"
+    );
+    let mut refused_at_once = 0;
+    for (serial, (r, after)) in (2u64..).zip(&outcomes) {
+        match r {
+            Ok(other) => panic!("serial {serial} answered {other:?} while the database was frozen"),
+            Err(AgentError::Refused(p)) if p.kind == ProblemType::Unavailable => {
+                if *after < Duration::from_secs(2) {
+                    refused_at_once += 1;
+                }
+            }
+            // The door's own time limit may end a request that waits (10 s, as the store's).
+            Err(_) => {}
+        }
+    }
+    assert!(
+        refused_at_once > 0,
+        "with more calls waiting than the store lets wait, some were refused at once: {outcomes:?}"
+    );
+    // Once the database answers again, every device enrolls, once.
+    for device in &devices {
+        let serial = device.serial.get();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match client
+                .enroll(device.request(&line, ResponseForm::Full))
+                .await
+            {
+                Ok(EnrollResponse::Full { .. }) => break,
+                Ok(other) => panic!("serial {serial}: {other:?}"),
+                Err(e) => assert!(tries < 100, "serial {serial} after the thaw: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let store = server.service.store();
+    assert_eq!(store.devices().count(), 60);
+    assert_eq!(store.line("line-1").unwrap().unwrap().enrolled, 60);
+    server.stop().await;
+    drop(ca);
+    drop(cluster);
+}

@@ -15,7 +15,7 @@ pub mod schema;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,6 +64,13 @@ const MAX_CONNECTIONS: usize = 8;
 const CONFLICT_ATTEMPTS: usize = 5;
 /// Rows per page when a whole table is walked.
 const PAGE: i64 = 2000;
+/// How long a caller waits for an answer on its own thread before it gives that thread back to
+/// its async runtime (an answer within this is the usual case: then nothing more is done).
+const QUICK_ANSWER: Duration = Duration::from_millis(5);
+/// Calls that may wait longer than [`QUICK_ANSWER`] at once. While that many wait, the database
+/// is not answering: a new call is refused as `unavailable` at once, before anything is sent,
+/// rather than holding one more thread for up to [`CALL_TIMEOUT`].
+const SLOW_CALLS_MAX: usize = 32;
 
 /// Where the database is and how to reach it.
 #[derive(Clone)]
@@ -148,12 +155,44 @@ fn check_schema_name(name: &str) -> Result<(), StoreError> {
     }
 }
 
+/// Counts a call in [`PgStore::slow`] while it lives.
+struct SlowCall<'a>(&'a AtomicUsize);
+
+impl<'a> SlowCall<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        SlowCall(count)
+    }
+}
+
+impl Drop for SlowCall<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Runs `wait` (a blocking wait) without holding an async worker: on a worker of a
+/// multi-threaded tokio runtime, through `block_in_place`, which hands the worker's other tasks
+/// (and its share of the timers and I/O) to another thread meanwhile. Elsewhere (a plain thread,
+/// a blocking-pool thread, a current-thread runtime, which has no other worker to hand them to)
+/// it just waits.
+fn off_the_runtime<R>(wait: impl FnOnce() -> R) -> R {
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    }
+}
+
 /// PostgreSQL-backed [`Store`].
 pub struct PgStore {
     rt: Option<Runtime>,
     handle: Handle,
     pool: Arc<Pool>,
     target: String,
+    /// Calls now waiting longer than [`QUICK_ANSWER`].
+    slow: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -260,6 +299,7 @@ impl PgStore {
             handle,
             pool,
             target,
+            slow: Arc::default(),
         };
         // Fail now, naming the database, rather than at the first request.
         store.run(|pool| async move { pool.get().await.map(|_| ()) })?;
@@ -267,12 +307,27 @@ impl PgStore {
     }
 
     /// Runs `f` on the store's runtime and waits for its answer on this thread.
+    ///
+    /// The store's API is synchronous and is called from the CA's async workers. A database
+    /// that is slow to answer (lost, frozen, or waiting for a synchronous standby that is away)
+    /// must not hold those workers: with as many waiting calls as workers, every door would
+    /// stall, the ones that need no database too, and the runtime's timers with them. So a call
+    /// not answered within [`QUICK_ANSWER`] hands its worker back to the runtime
+    /// (`block_in_place`) and waits on its own; and while [`SLOW_CALLS_MAX`] calls wait so, a
+    /// new call is refused as `unavailable` before anything is sent.
     fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(Arc<Pool>) -> Fut,
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
         T: Send + 'static,
     {
+        let waiting = self.slow.load(Ordering::SeqCst);
+        if waiting >= SLOW_CALLS_MAX {
+            return Err(StoreError::Unavailable(format!(
+                "the database has not answered {waiting} calls within {} ms; not sending more until it does",
+                QUICK_ANSWER.as_millis()
+            )));
+        }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let pool = self.pool.clone();
         let fut = f(self.pool.clone());
@@ -303,8 +358,15 @@ impl PgStore {
             };
             let _ = tx.send(r);
         });
-        rx.recv()
-            .map_err(|_| StoreError::Backend("the database task ended without an answer".into()))?
+        let ended = || StoreError::Backend("the database task ended without an answer".into());
+        match rx.recv_timeout(QUICK_ANSWER) {
+            Ok(r) => r,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(ended()),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _slow = SlowCall::new(&self.slow);
+                off_the_runtime(|| rx.recv()).map_err(|_| ended())?
+            }
+        }
     }
 
     /// Runs a writing transaction again while it meets another writer.
