@@ -3,7 +3,8 @@
 # of its own (test-postgres.sh, with pg_stat_statements loaded), runs
 #   SIMULATOR --devices N --quiet --store URL --store-ca-file CA --report REPORT_DIR
 # against it, then prints the statements with the most execution time (calls, mean and total
-# milliseconds, rows, the statement's first 110 characters) and stops the cluster.
+# milliseconds, rows, the statement's first 110 characters), then those with the most planning
+# time (how many times each was planned), and stops the cluster.
 #   ca-server/scripts/pg-statements.sh target/release/simulator 20000 /tmp/pgstat-report
 set -euo pipefail
 sim=${1:?usage: pg-statements.sh SIMULATOR DEVICES REPORT_DIR}
@@ -11,7 +12,7 @@ devices=${2:?usage: pg-statements.sh SIMULATOR DEVICES REPORT_DIR}
 report=${3:?usage: pg-statements.sh SIMULATOR DEVICES REPORT_DIR}
 here=$(cd "$(dirname "$0")" && pwd)
 bin=/usr/lib/postgresql/15/bin
-eval "$(IMPRINT_TEST_PG_OPTIONS='-c shared_preload_libraries=pg_stat_statements' "$here/test-postgres.sh" start)"
+eval "$(IMPRINT_TEST_PG_OPTIONS='-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track_planning=on' "$here/test-postgres.sh" start)"
 trap '"$here/test-postgres.sh" stop "$IMPRINT_TEST_PG_DIR" >/dev/null' EXIT
 port=${IMPRINT_TEST_PG_URL##*:}; port=${port%%/*}
 sql() {
@@ -32,3 +33,7 @@ sql -P pager=off -c "SELECT calls, round(mean_exec_time::numeric, 3) AS mean_ms,
     round(total_exec_time::numeric) AS total_ms, rows, left(regexp_replace(query, '\s+', ' ', 'g'), 110) AS statement
   FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = 'imprint')
   ORDER BY total_exec_time DESC LIMIT 12"
+sql -P pager=off -c "SELECT plans, calls, round(total_plan_time::numeric) AS plan_ms,
+    left(regexp_replace(query, '\s+', ' ', 'g'), 110) AS statement
+  FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = 'imprint')
+  ORDER BY total_plan_time DESC LIMIT 8"
