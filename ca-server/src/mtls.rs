@@ -32,8 +32,16 @@ pub async fn handle(
         );
     };
     // Checked on every request, so that a revocation takes effect at once, even on a
-    // kept-alive connection.
-    let device = match service.device_for_certificate(cert) {
+    // kept-alive connection. A fetch's first reads go in the same flight as the check.
+    let fetch = (req.method(), path.as_str()) == (&Method::GET, "/secret");
+    let checked = if fetch {
+        service
+            .device_for_fetch(cert)
+            .map(|(d, read)| (d, Some(read)))
+    } else {
+        service.device_for_certificate(cert).map(|d| (d, None))
+    };
+    let (device, first_read) = match checked {
         Ok(d) => d,
         Err(p) => {
             tracing::info!(problem = %p.kind, "mutual-TLS client refused");
@@ -41,7 +49,7 @@ pub async fn handle(
         }
     };
     match (req.method(), path.as_str()) {
-        (&Method::GET, "/secret") => match service.fetch_secret(&device).await {
+        (&Method::GET, "/secret") => match service.fetch_secret_after(&device, first_read).await {
             Ok(d) => {
                 let (content_type, body) = if json {
                     ("application/json", d.to_json())

@@ -20,7 +20,8 @@ use crate::records::{
 use crate::revocation::{CRL_VALIDITY, Crl, Revocations};
 use crate::secrets::SecretKeys;
 use crate::store::{
-    EnrollOutcome, NewEnrollment, ResetOutcome, SecretOp, SecretOutcome, Store, StoreError,
+    EnrollOutcome, FetchRead, NewEnrollment, ResetOutcome, SecretOp, SecretOutcome, Store,
+    StoreError,
 };
 use protocol_spec::messages::{SecretAck, SecretDelivery};
 use zeroize::Zeroizing;
@@ -369,25 +370,28 @@ impl CaService {
     /// the chain to the CA; here the record must exist, be active, and hold this very
     /// certificate.
     pub fn device_for_certificate(&self, cert_der: &[u8]) -> Result<DeviceIdentity, Problem> {
-        let serial = crate::tls::certificate_serial(cert_der)
-            .ok_or_else(|| {
-                Problem::new(
-                    ProblemType::UnknownDevice,
-                    "the certificate's serial is not a device serial",
-                )
-            })?
-            .device
-            .get();
+        let serial = device_serial_of(cert_der)?;
         let rec = self
             .store
             .device(serial)
             .map_err(|e| store_failure("store read", e))?;
-        let rec = rules::admit(rec.as_ref(), serial, cert_der).map_err(|r| r.problem())?;
-        Ok(DeviceIdentity {
-            serial,
-            key_hash: protocol_spec::spki::sha256(&rec.spki),
-            line: rec.line.clone(),
-        })
+        identity(rec.as_ref(), serial, cert_der)
+    }
+
+    /// The door's check for a secret fetch, with the fetch's first reads in the same flight
+    /// ([`Store::fetch_read`]): the device's versions, then its record (which the door checks),
+    /// then the pool's first entries. One round trip to a database where there were three.
+    pub fn device_for_fetch(
+        &self,
+        cert_der: &[u8],
+    ) -> Result<(DeviceIdentity, FetchRead), Problem> {
+        let serial = device_serial_of(cert_der)?;
+        let read = self
+            .store
+            .fetch_read(serial, POOL_SPREAD)
+            .map_err(|e| store_failure("store read", e))?;
+        let id = identity(read.device.as_ref(), serial, cert_der)?;
+        Ok((id, read))
     }
 
     /// Checks again that `id` is the serial's current, active binding (after reads that did
@@ -458,21 +462,44 @@ impl CaService {
     /// The device's newest secret; version 1 is allocated on the first fetch (from the imported
     /// pool if it has keys, else from the CSPRNG). Delivery is durable before the answer.
     pub async fn fetch_secret(&self, id: &DeviceIdentity) -> Result<SecretDelivery, Problem> {
+        self.fetch_secret_after(id, None).await
+    }
+
+    /// [`CaService::fetch_secret`], starting from what [`CaService::device_for_fetch`] read
+    /// (`first`, used by the first attempt; later attempts read again).
+    pub async fn fetch_secret_after(
+        &self,
+        id: &DeviceIdentity,
+        first: Option<FetchRead>,
+    ) -> Result<SecretDelivery, Problem> {
         let started = Instant::now();
-        let r = self.fetch_secret_inner(id).await;
+        let r = self.fetch_secret_inner(id, first).await;
         self.metrics
             .delivery(r.as_ref().map(|_| ()), started.elapsed());
         r
     }
 
-    async fn fetch_secret_inner(&self, id: &DeviceIdentity) -> Result<SecretDelivery, Problem> {
+    async fn fetch_secret_inner(
+        &self,
+        id: &DeviceIdentity,
+        mut first: Option<FetchRead>,
+    ) -> Result<SecretDelivery, Problem> {
         let (serial, binding) = (id.serial, id.key_hash);
         for attempt in 0..8u64 {
             let now = self.clock.now();
-            let versions = self
-                .store
-                .secret_versions(serial)
-                .map_err(|e| store_failure("store read", e))?;
+            // The door's read: the device's record came after these versions and was checked,
+            // so a reset since they were read has already been refused.
+            let first_read = first.take();
+            let checked = first_read.is_some();
+            let (versions, read_pool) = match first_read {
+                Some(r) => (r.versions, Some(r.pool)),
+                None => (
+                    self.store
+                        .secret_versions(serial)
+                        .map_err(|e| store_failure("store read", e))?,
+                    None,
+                ),
+            };
             // The newest version of the current binding; versions of a binding an operator
             // reset are retired, and the new binding gets the next version.
             let current = versions.last().filter(|l| l.retired_at.is_none());
@@ -496,10 +523,12 @@ impl CaService {
                         _ => continue,
                     }
                 } else {
-                    // No transaction checked the binding on this path: the versions were read
-                    // first, so a reset (and a new binding's version) since the door's check
-                    // shows here.
-                    self.still_bound(id)?;
+                    // No transaction checked the binding on this path: unless the door's read
+                    // of the record came after these versions, a reset (and a new binding's
+                    // version) since the door's check shows only in a read made now.
+                    if !checked {
+                        self.still_bound(id)?;
+                    }
                     self.committer
                         .wait_durable()
                         .await
@@ -518,10 +547,13 @@ impl CaService {
                     // One read of the pool's first entries; concurrent fetches each take a
                     // different one of them, by serial and attempt, so that they rarely meet
                     // on the same key (the loser of such a meeting reads again).
-                    let mut pool = self
-                        .store
-                        .pool(0, POOL_SPREAD)
-                        .map_err(|e| store_failure("store read", e))?;
+                    let mut pool = match read_pool {
+                        Some(p) => p,
+                        None => self
+                            .store
+                            .pool(0, POOL_SPREAD)
+                            .map_err(|e| store_failure("store read", e))?,
+                    };
                     let pick = match pool.len() as u64 {
                         0 => None,
                         n => Some((serial % n + attempt % n) % n),
@@ -810,6 +842,33 @@ impl CaService {
 
 /// Seals and stores an import batch, all or nothing (used online by the admin API and offline by
 /// `ca-server secrets import`). Returns how many keys were imported.
+/// The device serial a client certificate names.
+fn device_serial_of(cert_der: &[u8]) -> Result<u64, Problem> {
+    Ok(crate::tls::certificate_serial(cert_der)
+        .ok_or_else(|| {
+            Problem::new(
+                ProblemType::UnknownDevice,
+                "the certificate's serial is not a device serial",
+            )
+        })?
+        .device
+        .get())
+}
+
+/// The door's rule ([`rules::admit`]) over the record read for `serial`.
+fn identity(
+    rec: Option<&DeviceRecord>,
+    serial: u64,
+    cert_der: &[u8],
+) -> Result<DeviceIdentity, Problem> {
+    let rec = rules::admit(rec, serial, cert_der).map_err(|r| r.problem())?;
+    Ok(DeviceIdentity {
+        serial,
+        key_hash: protocol_spec::spki::sha256(&rec.spki),
+        line: rec.line.clone(),
+    })
+}
+
 pub fn import_batch(
     store: &dyn Store,
     keys: &SecretKeys,

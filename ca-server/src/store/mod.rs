@@ -132,6 +132,18 @@ pub struct BindingRead {
     pub resets: u64,
 }
 
+/// What a secret fetch reads first ([`Store::fetch_read`]).
+#[derive(Debug, Clone, Default)]
+pub struct FetchRead {
+    /// Every secret version of the device, oldest first.
+    pub versions: Vec<SecretRecord>,
+    /// The device's record, read after the versions: a reset committed since they were read
+    /// shows here.
+    pub device: Option<DeviceRecord>,
+    /// The pool's first entries.
+    pub pool: Vec<PoolEntry>,
+}
+
 /// One stored record: (table, key, value).
 pub type RawRecord = (String, Vec<u8>, Vec<u8>);
 /// One audit entry as stored: (key, value), undecoded, for verification.
@@ -320,6 +332,20 @@ pub trait Store: Send + Sync + 'static {
                 resets: self.resets(serial)?,
             }),
         }
+    }
+    /// What a secret fetch reads before it decides: the device's secret versions, then its
+    /// record (in that order, so that a reset committed after the versions were read shows in
+    /// the record the door checks), and the pool's first `pool_spread` entries. A store whose
+    /// reads are round trips sends all three in one flight.
+    fn fetch_read(&self, serial: u64, pool_spread: usize) -> Result<FetchRead, StoreError> {
+        let versions = self.secret_versions(serial)?;
+        let device = self.device(serial)?;
+        let pool = self.pool(0, pool_spread)?;
+        Ok(FetchRead {
+            versions,
+            device,
+            pool,
+        })
     }
     /// How many times `serial` was reset (its earlier bindings in the history).
     fn resets(&self, serial: u64) -> Result<u64, StoreError> {
@@ -761,5 +787,65 @@ pub(crate) mod test_support {
         assert_eq!(holders[0].holder, Some((1, 1)));
         let verdict = crate::audit::verify(store.audit_raw(0), None, None, None).unwrap();
         assert_eq!(verdict.first_bad, None);
+    }
+
+    /// A secret fetch's first read gives what the single reads give: the versions, the
+    /// record, and the pool's first entries, in order and at most as many as asked.
+    pub(crate) fn fetch_read_gives_what_the_single_reads_give(store: &dyn Store) {
+        store.add_line(&line(100), "operator:test").unwrap();
+        let keys = crate::secrets::SecretKeys::new(&[7u8; 32]).unwrap();
+        let empty = store.fetch_read(1, 4).unwrap();
+        assert!(empty.device.is_none() && empty.versions.is_empty() && empty.pool.is_empty());
+        let e = enrollment(1, 0xe1, 1);
+        let binding = e.key_hash;
+        let secret = keys.generate().unwrap();
+        let mut record = keys
+            .seal_version(1, 1, "v-1".into(), secret.as_ref(), "csprng", 2_000)
+            .unwrap();
+        record.delivered_at = Some(2_000);
+        let pooled: Vec<_> = (0..6)
+            .map(|k| {
+                keys.seal_pool(format!("pool-{k}"), &[k; 32], 1_500)
+                    .unwrap()
+            })
+            .collect();
+        store
+            .apply_writes(&[
+                Write::Enroll(e),
+                Write::Secret(SecretOp::Allocate {
+                    record,
+                    from_pool: None,
+                    binding,
+                }),
+                Write::Secret(SecretOp::Import {
+                    entries: pooled,
+                    at: 1_500,
+                    actor: "operator:test".into(),
+                }),
+            ])
+            .unwrap();
+        let read = store.fetch_read(1, 4).unwrap();
+        let device = store.device(1).unwrap().unwrap();
+        assert_eq!(
+            read.device.as_ref().map(|d| &d.certificate),
+            Some(&device.certificate)
+        );
+        let key_ids = |v: &[SecretRecord]| v.iter().map(|r| r.key_id.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            key_ids(&read.versions),
+            key_ids(&store.secret_versions(1).unwrap())
+        );
+        assert_eq!(key_ids(&read.versions), ["v-1"]);
+        let pool_ids = |p: &[crate::records::PoolEntry]| {
+            p.iter().map(|e| e.key_id.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(pool_ids(&read.pool), pool_ids(&store.pool(0, 4).unwrap()));
+        assert_eq!(
+            pool_ids(&read.pool),
+            ["pool-0", "pool-1", "pool-2", "pool-3"]
+        );
+        let other = store.fetch_read(2, 4).unwrap();
+        assert!(other.device.is_none() && other.versions.is_empty());
+        assert_eq!(other.pool.len(), 4);
     }
 }

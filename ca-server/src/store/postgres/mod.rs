@@ -1246,6 +1246,39 @@ impl Store for PgStore {
         })
     }
 
+    fn fetch_read(
+        &self,
+        serial: u64,
+        pool_spread: usize,
+    ) -> Result<crate::store::FetchRead, StoreError> {
+        self.run(move |pool| async move {
+            let conn = pool.get().await?;
+            let db = conn.db()?;
+            let versions_sql = format!(
+                "SELECT {SECRET_COLUMNS} FROM secret_versions WHERE serial = $1 ORDER BY version"
+            );
+            let device_sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE serial = $1");
+            let pool_sql = format!(
+                "SELECT {POOL_COLUMNS} FROM secret_pool ORDER BY key_id LIMIT {pool_spread}"
+            );
+            // Prepared first, so that the three leave in one flight, in this order (each its
+            // own snapshot: the device's record is read after its versions).
+            db.prepare(&[&versions_sql, &device_sql, &pool_sql]).await?;
+            let s = i(serial);
+            let by_serial: [P<'_>; 1] = [&s];
+            let (versions, device, entries) = tokio::try_join!(
+                db.all(&versions_sql, &by_serial),
+                db.all(&device_sql, &by_serial),
+                db.all(&pool_sql, &[]),
+            )?;
+            Ok(crate::store::FetchRead {
+                versions: versions.iter().map(secret_of).collect::<Result<_, _>>()?,
+                device: device.iter().map(device_of).next().transpose()?,
+                pool: entries.iter().map(pool_of).collect::<Result<_, _>>()?,
+            })
+        })
+    }
+
     fn resets(&self, serial: u64) -> Result<u64, StoreError> {
         let counts = self.query_rows(
             "SELECT count(*) FROM device_resets WHERE serial = $1".into(),
@@ -2319,6 +2352,11 @@ mod tests {
     #[test]
     fn a_pool_key_imported_and_given_out_in_one_batch() {
         crate::store::test_support::pool_key_imported_and_given_out_in_one_batch(&TestDb::new().0);
+    }
+
+    #[test]
+    fn a_fetch_read_gives_what_the_single_reads_give() {
+        crate::store::test_support::fetch_read_gives_what_the_single_reads_give(&TestDb::new().0);
     }
 
     /// Sequential and index scans of each table of the test's schema, after the connection the

@@ -1233,4 +1233,11 @@ mod tests {
         let store = SledStore::open(&tmp.path().join("store")).unwrap();
         crate::store::test_support::pool_key_imported_and_given_out_in_one_batch(&store);
     }
+
+    #[test]
+    fn a_fetch_read_gives_what_the_single_reads_give() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&tmp.path().join("store")).unwrap();
+        crate::store::test_support::fetch_read_gives_what_the_single_reads_give(&store);
+    }
 }
