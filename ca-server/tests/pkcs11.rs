@@ -1080,6 +1080,50 @@ fn dukpt_derive_with_a_token_bdk_agrees_with_the_device_side() {
         );
     }
     assert_eq!(view.custody, "token");
+
+    // A second CA folder on the same token key (`--pkcs11-existing`) would name its BDK
+    // ABCD0001 with the same label: refused, nothing stored, the first CA's object untouched.
+    let tmp = tempfile::tempdir().unwrap();
+    let again = tmp.path().join("again");
+    let again = again.to_str().unwrap();
+    token.ok(&[
+        "init",
+        "--dir",
+        again,
+        "--pkcs11",
+        &token.uri("ca"),
+        "--pkcs11-existing",
+    ]);
+    let out = token.ca_server(&[
+        "dukpt",
+        "add-bdk",
+        "--dir",
+        again,
+        "--bdk-id",
+        "ABCD0001",
+        "--generate",
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("already holds an object labelled \"ca-bdk-ABCD0001\""),
+        "{err}"
+    );
+    assert_eq!(
+        token
+            .ok(&["dukpt", "list", "--dir", again, "--json"])
+            .trim(),
+        "[]"
+    );
+    assert_token_object(&token, "ca-bdk-ABCD0001", 32);
+    token.ok(&[
+        "dukpt",
+        "derive",
+        "--dir",
+        &root,
+        "--ksn",
+        "ABCD00010000002A00000001",
+    ]);
 }
 
 /// A CA whose key moves into a token keeps deriving from the BDK it sealed under the KEK
