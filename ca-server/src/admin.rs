@@ -614,19 +614,23 @@ async fn route(
         ("POST", ["dukpt", "bdks"]) => {
             let body: crate::dukpt::AddBdk = read_json(req).await?;
             let id = crate::dukpt::parse_bdk_id(&body.bdk_id).map_err(dukpt_problem)?;
-            let bdk = crate::dukpt::key_of(&body, service.secret_keys()).map_err(dukpt_problem)?;
-            let record = crate::dukpt::seal(
+            let new = crate::dukpt::new_bdk(&body).map_err(dukpt_problem)?;
+            drop(body);
+            let record = crate::dukpt::prepare(
                 service.store().as_ref(),
                 service.secret_keys(),
                 id,
-                &bdk,
+                new,
                 service.now(),
             )
             .map_err(dukpt_problem)?;
-            let record = service
-                .add_bdk(record, actor)
-                .await
-                .map_err(|e| dukpt_problem(e.into()))?;
+            let record = match service.add_bdk(record.clone(), actor).await {
+                Ok(r) => r,
+                Err(e) => {
+                    crate::dukpt::discard(service.secret_keys(), &record);
+                    return Err(dukpt_problem(e.into()));
+                }
+            };
             json(StatusCode::CREATED, &crate::dukpt::bdk_view(&record))
         }
         ("POST", ["dukpt", "derive"]) => {
@@ -1022,6 +1026,14 @@ fn dukpt_problem(r: crate::dukpt::BdkRefusal) -> AdminProblem {
         BdkRefusal::Invalid(why) => AdminProblem::bad_request(why),
         e @ BdkRefusal::Exists(_) => AdminProblem::new(StatusCode::CONFLICT, e.to_string()),
         e @ BdkRefusal::Unknown(_) => AdminProblem::not_found(e.to_string()),
+        BdkRefusal::TokenConflict(why) => AdminProblem::new(StatusCode::CONFLICT, why),
+        BdkRefusal::Unavailable(why) => {
+            tracing::warn!(error = %why, "dukpt: the BDK's token");
+            AdminProblem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the PKCS#11 token holding the BDK: {why}; nothing was stored; retry"),
+            )
+        }
         BdkRefusal::Internal(why) => AdminProblem::internal("dukpt", why),
     }
 }

@@ -1272,17 +1272,12 @@ fn dukpt_command(command: DukptCommand) -> Result<bool, String> {
             let view = match dir {
                 Some(dir) => {
                     let (store, keys) = offline_keys(&dir)?;
-                    let bdk = crate::dukpt::key_of(&request, &keys)
-                        .map_err(|e| at_file(e.to_string()))?;
-                    let rec = crate::dukpt::add_bdk(
-                        store.as_ref(),
-                        &keys,
-                        id,
-                        &bdk,
-                        SystemClock.now(),
-                        "cli",
-                    )
-                    .map_err(|e| e.to_string())?;
+                    let new =
+                        crate::dukpt::new_bdk(&request).map_err(|e| at_file(e.to_string()))?;
+                    drop(request);
+                    let rec =
+                        crate::dukpt::add(store.as_ref(), &keys, id, new, SystemClock.now(), "cli")
+                            .map_err(|e| e.to_string())?;
                     crate::dukpt::bdk_view(&rec)
                 }
                 None => {
@@ -1297,8 +1292,15 @@ fn dukpt_command(command: DukptCommand) -> Result<bool, String> {
                 print_json(&view)?;
             } else {
                 println!(
-                    "BDK {} stored: {}, kcv {}",
-                    view.bdk_id, view.algorithm, view.kcv
+                    "BDK {} stored: {}, kcv {}{}",
+                    view.bdk_id,
+                    view.algorithm,
+                    view.kcv,
+                    if view.custody == "token" {
+                        ", kept in the PKCS#11 token"
+                    } else {
+                        ""
+                    }
                 );
             }
             Ok(true)
@@ -1316,13 +1318,17 @@ fn dukpt_command(command: DukptCommand) -> Result<bool, String> {
             if admin.json {
                 print_json(&views)?;
             } else {
-                println!("{:<10} {:<9} {:<12} added", "bdk id", "algorithm", "kcv");
+                println!(
+                    "{:<10} {:<9} {:<12} {:<7} added",
+                    "bdk id", "algorithm", "kcv", "kept"
+                );
                 for v in &views {
                     println!(
-                        "{:<10} {:<9} {:<12} {}",
+                        "{:<10} {:<9} {:<12} {:<7} {}",
                         v.bdk_id,
                         v.algorithm,
                         v.kcv,
+                        v.custody,
                         rfc3339(v.created_at)
                     );
                 }

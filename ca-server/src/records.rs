@@ -385,9 +385,11 @@ pub struct PoolEntry {
     pub imported_at: u64,
 }
 
-/// An AES DUKPT Base Derivation Key (ANSI X9.24-3-2017), sealed at rest under the
-/// key-encryption key (AES-256-GCM, AAD `"imprint-bdk-v1" || BDK id || algorithm`). Never
-/// shown, logged or exported in the clear: operators see its id, algorithm and KCV.
+/// An AES DUKPT Base Derivation Key (ANSI X9.24-3-2017): sealed at rest under the
+/// key-encryption key (AES-256-GCM, AAD `"imprint-bdk-v1" || BDK id || algorithm`), or, when
+/// the CA keeps its key in a PKCS#11 token, an object in that token ([`BdkRecord::token_object`])
+/// and no key bytes here at all. Never shown, logged or exported in the clear: operators see
+/// its id, algorithm and KCV.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BdkRecord {
     /// The BDK id: 8 hex digits, upper case (the first 4 octets of every Initial Key ID).
@@ -396,10 +398,10 @@ pub struct BdkRecord {
     /// `aes-128` or `aes-256`.
     #[serde(rename = "a")]
     pub algorithm: String,
-    /// AES-256-GCM ciphertext and tag of the key.
+    /// AES-256-GCM ciphertext and tag of the key; empty for a key held in the token.
     #[serde(rename = "x", with = "serde_bytes")]
     pub ciphertext: Vec<u8>,
-    /// The GCM nonce.
+    /// The GCM nonce; empty for a key held in the token.
     #[serde(rename = "o", with = "serde_bytes")]
     pub nonce: Vec<u8>,
     /// Key check value: AES-CMAC of a zero block, 5 octets (ANSI X9.24-1-2017).
@@ -408,4 +410,19 @@ pub struct BdkRecord {
     /// Unix seconds of its addition.
     #[serde(rename = "t")]
     pub created_at: u64,
+    /// The label of the key's object in the CA's PKCS#11 token, when the token holds it
+    /// (sensitive, not extractable); `None`: sealed under the key-encryption key.
+    #[serde(rename = "k", default, skip_serializing_if = "Option::is_none")]
+    pub token_object: Option<String>,
+}
+
+impl BdkRecord {
+    /// Where the key is: `sealed` (under the key-encryption key) or `token`.
+    pub fn custody(&self) -> &'static str {
+        if self.token_object.is_some() {
+            "token"
+        } else {
+            "sealed"
+        }
+    }
 }

@@ -9,12 +9,37 @@ use zeroize::Zeroizing;
 
 use crate::records::{BdkRecord, PoolEntry, SecretRecord};
 
-/// Keys derived from the CA's key-encryption key (`kek.bin`).
+/// Keys derived from the CA's key-encryption key (`kek.bin`), and, when the CA keeps its key in
+/// a PKCS#11 token, that token as the keeper of its DUKPT BDKs.
 pub struct SecretKeys {
     seal: LessSafeKey,
     index: hmac::Key,
     audit: crate::audit::AuditKey,
     rng: SystemRandom,
+    bdk_token: Option<std::sync::Arc<crate::issuer::BdkToken>>,
+}
+
+/// Why an Initial Key could not be derived from a stored BDK.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BdkUseError {
+    /// The token holding the BDK does not answer, or does not hold the BDK's object (as
+    /// signing treats a CA key its token does not show): nothing was derived; retry later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything else: a record that fails authentication, a token's refusal, the store.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<crate::issuer::BdkTokenError> for BdkUseError {
+    fn from(e: crate::issuer::BdkTokenError) -> Self {
+        use crate::issuer::BdkTokenError as E;
+        match e {
+            E::Unavailable(why) | E::Missing(why) => BdkUseError::Unavailable(why),
+            e => BdkUseError::Failed(e.to_string()),
+        }
+    }
 }
 
 impl std::fmt::Debug for SecretKeys {
@@ -84,7 +109,20 @@ impl SecretKeys {
             index: hmac::Key::new(hmac::HMAC_SHA256, index.as_ref()),
             audit: crate::audit::AuditKey::new(&audit),
             rng: SystemRandom::new(),
+            bdk_token: None,
         })
+    }
+
+    /// These keys, with `token` keeping the DUKPT BDKs added from now on (the CA's PKCS#11
+    /// token).
+    pub fn with_bdk_token(mut self, token: crate::issuer::BdkToken) -> Self {
+        self.bdk_token = Some(std::sync::Arc::new(token));
+        self
+    }
+
+    /// The token that keeps new DUKPT BDKs, when the CA has one.
+    pub fn bdk_token(&self) -> Option<&crate::issuer::BdkToken> {
+        self.bdk_token.as_deref()
     }
 
     /// Loads `kek.bin`.
@@ -194,11 +232,19 @@ impl SecretKeys {
             nonce,
             kcv: bdk.kcv().to_vec(),
             created_at: at,
+            token_object: None,
         })
     }
 
-    /// Opens a sealed Base Derivation Key, and checks it against its algorithm and KCV.
+    /// Opens a sealed Base Derivation Key, and checks it against its algorithm and KCV. A BDK
+    /// held in the token is never opened: use [`SecretKeys::bdk_initial_key`].
     pub fn open_bdk(&self, r: &BdkRecord) -> Result<protocol_spec::dukpt::Bdk, String> {
+        if let Some(label) = &r.token_object {
+            return Err(format!(
+                "BDK {} is the PKCS#11 token's object {label:?}: it never leaves the token",
+                r.id
+            ));
+        }
         let plain = self.open_bytes(&bdk_aad(&r.id, &r.algorithm), &r.ciphertext, &r.nonce)?;
         let bdk = protocol_spec::dukpt::AesKey::from_bytes(&plain).map_err(|e| e.to_string())?;
         if bdk.key_type().name() != r.algorithm || bdk.kcv()[..] != r.kcv[..] {
@@ -208,6 +254,37 @@ impl SecretKeys {
             ));
         }
         Ok(bdk)
+    }
+
+    /// The Initial Key of `id` under the stored BDK `r` (ANSI X9.24-3-2017): derived in the
+    /// CA's memory from a BDK sealed under the key-encryption key, or with the derivation data
+    /// encrypted in the token for a BDK the token holds.
+    pub fn bdk_initial_key(
+        &self,
+        r: &BdkRecord,
+        id: protocol_spec::dukpt::InitialKeyId,
+    ) -> Result<protocol_spec::dukpt::AesKey, BdkUseError> {
+        let Some(label) = &r.token_object else {
+            let bdk = self.open_bdk(r).map_err(BdkUseError::Failed)?;
+            return Ok(protocol_spec::dukpt::initial_key(&bdk, id));
+        };
+        let key_type = protocol_spec::dukpt::KeyType::from_name(&r.algorithm).ok_or_else(|| {
+            BdkUseError::Failed(format!("BDK {}: unknown algorithm {:?}", r.id, r.algorithm))
+        })?;
+        let token = self.bdk_token().ok_or_else(|| {
+            BdkUseError::Failed(format!(
+                "BDK {} is held in a PKCS#11 token, but config.toml names none ([issuer] pkcs11)",
+                r.id
+            ))
+        })?;
+        token
+            .initial_key(label, key_type, id)
+            .map_err(|e| match BdkUseError::from(e) {
+                BdkUseError::Unavailable(why) => {
+                    BdkUseError::Unavailable(format!("BDK {}: {why}", r.id))
+                }
+                BdkUseError::Failed(why) => BdkUseError::Failed(format!("BDK {}: {why}", r.id)),
+            })
     }
 
     /// A new version record for a device. The secret's length and KCV follow its source's
@@ -318,24 +395,27 @@ pub fn dukpt_secret(
     keys: &SecretKeys,
     bdk_id: protocol_spec::dukpt::BdkId,
     offset: u64,
-) -> Result<(Zeroizing<Vec<u8>>, String, String), String> {
+) -> Result<(Zeroizing<Vec<u8>>, String, String), BdkUseError> {
     let name = bdk_id.to_string();
     let record = store
         .bdks()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| BdkUseError::Failed(e.to_string()))?
         .into_iter()
         .find(|b| b.id == name)
-        .ok_or_else(|| format!("the line's BDK {name} is not stored"))?;
-    let next = store.dukpt_next(&name).map_err(|e| e.to_string())? + offset;
-    let derivation_id =
-        u32::try_from(next).map_err(|_| format!("BDK {name} has given out every derivation id"))?;
+        .ok_or_else(|| BdkUseError::Failed(format!("the line's BDK {name} is not stored")))?;
+    let next = store
+        .dukpt_next(&name)
+        .map_err(|e| BdkUseError::Failed(e.to_string()))?
+        + offset;
+    let derivation_id = u32::try_from(next).map_err(|_| {
+        BdkUseError::Failed(format!("BDK {name} has given out every derivation id"))
+    })?;
     let id = protocol_spec::dukpt::InitialKeyId::new(bdk_id, derivation_id);
-    let bdk = keys.open_bdk(&record)?;
-    let ik = protocol_spec::dukpt::initial_key(&bdk, id);
+    let ik = keys.bdk_initial_key(&record, id)?;
     Ok((
         Zeroizing::new(ik.expose().to_vec()),
         id.to_string(),
-        format!("dukpt-{}", bdk.key_type().name()),
+        format!("dukpt-{}", ik.key_type().name()),
     ))
 }
 

@@ -132,6 +132,22 @@ fn issuer_failure(context: &str, e: IssueError) -> Problem {
     }
 }
 
+/// What a client is told of a failed Initial Key derivation: `unavailable` when the token
+/// holding the BDK does not answer or does not show the BDK's object (as for the CA key:
+/// nothing was derived or written; retry), else `internal`.
+fn bdk_failure(context: &str, e: crate::secrets::BdkUseError) -> Problem {
+    match e {
+        crate::secrets::BdkUseError::Unavailable(why) => {
+            tracing::warn!(error = %why, "{context}: BDK unavailable");
+            Problem::new(
+                ProblemType::Unavailable,
+                "the CA's key token cannot derive this device's key now; nothing was written; retry",
+            )
+        }
+        e => internal(context, e),
+    }
+}
+
 fn internal(context: &str, e: impl std::fmt::Display) -> Problem {
     // The detail stays in the server's log; the client sees only "internal".
     tracing::error!(error = %e, "{context}");
@@ -540,7 +556,7 @@ impl CaService {
                 SecretSource::Dukpt(bdk_id) => {
                     let (secret, key_id, source) =
                         crate::secrets::dukpt_secret(self.store.as_ref(), &self.secrets, bdk_id, 0)
-                            .map_err(|e| internal("DUKPT allocation", e))?;
+                            .map_err(|e| bdk_failure("DUKPT allocation", e))?;
                     (secret, key_id, source, None)
                 }
                 source => {
@@ -923,7 +939,8 @@ fn next_rotation(
         // batch took the ids before it.
         SecretSource::Dukpt(bdk_id) => {
             let taken = dukpt_taken.entry(bdk_id).or_default();
-            let r = crate::secrets::dukpt_secret(store, keys, bdk_id, *taken).map_err(fail)?;
+            let r = crate::secrets::dukpt_secret(store, keys, bdk_id, *taken)
+                .map_err(|e| fail(e.to_string()))?;
             *taken += 1;
             r
         }

@@ -460,3 +460,737 @@ async fn key_to_token_moves_a_file_key_into_the_token_and_the_ca_goes_on_signing
         });
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// DUKPT BDKs kept in the token (issue 16): a token CA's BDK is an object of the token, never
+// key bytes in the store; the token encrypts the Initial Key's derivation data.
+
+use protocol_spec::dukpt::{self, AesKey, InitialKeyId, KeyType, KeyUsage, Ksn};
+
+/// The X9.24-3-2017 vectors (protocol-spec/vectors/dukpt/).
+fn vectors() -> serde_json::Value {
+    serde_json::from_str(include_str!(
+        "../../protocol-spec/vectors/dukpt/x9.24-3-2017.json"
+    ))
+    .unwrap()
+}
+
+/// What [`token_probe`] found or did, from a process of its own (a module reads
+/// `SOFTHSM2_CONF` once per process): `inspect LABEL` (the secret-key objects with that label
+/// and their attributes), `destroy LABEL`, `initial-key LABEL TYPE IKID` (the Initial Key the
+/// CA's token code derives, in hex: test vectors only).
+fn probe(token: &SoftToken, action: &[&str]) -> serde_json::Value {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "token_probe",
+            "--exact",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("SOFTHSM2_CONF", &token.conf)
+        .env("IMPRINT_TOKEN_PROBE", action.join(" "))
+        .env("IMPRINT_TOKEN_PROBE_URI", token.uri("probe"))
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once("probe: ").map(|(_, json)| json))
+        .unwrap_or_else(|| panic!("no probe line: {stdout}"));
+    serde_json::from_str(line).unwrap()
+}
+
+/// Not a test of its own: the other process [`probe`] starts (does nothing unless
+/// `IMPRINT_TOKEN_PROBE` is set).
+#[test]
+fn token_probe() {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+    use cryptoki::session::UserType;
+    let Ok(action) = std::env::var("IMPRINT_TOKEN_PROBE") else {
+        return;
+    };
+    let words: Vec<&str> = action.split(' ').collect();
+    let uri =
+        ca_server::issuer::Pkcs11Uri::parse(&std::env::var("IMPRINT_TOKEN_PROBE_URI").unwrap())
+            .unwrap();
+    let result = match words.as_slice() {
+        ["initial-key", label, key_type, ikid] => {
+            let token = ca_server::issuer::BdkToken::new(&uri);
+            let key = token
+                .initial_key(
+                    label,
+                    KeyType::from_name(key_type).unwrap(),
+                    InitialKeyId::from_hex(ikid).unwrap(),
+                )
+                .unwrap();
+            serde_json::json!({ "initial_key": hex::encode_upper(key.expose()) })
+        }
+        [what @ ("inspect" | "destroy"), label] => {
+            let ctx = Pkcs11::new(MODULE).unwrap();
+            ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+                .unwrap();
+            let slot = ctx
+                .get_slots_with_token()
+                .unwrap()
+                .into_iter()
+                .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == "imprint")
+                .unwrap();
+            let session = ctx.open_rw_session(slot).unwrap();
+            session
+                .login(UserType::User, Some(&PIN.to_string().into()))
+                .unwrap();
+            let found = session
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                ])
+                .unwrap();
+            if *what == "destroy" {
+                for h in &found {
+                    session.destroy_object(*h).unwrap();
+                }
+                serde_json::json!({ "destroyed": found.len() })
+            } else {
+                let mut objects = Vec::new();
+                for h in &found {
+                    let mut o = serde_json::Map::new();
+                    for a in session
+                        .get_attributes(
+                            *h,
+                            &[
+                                AttributeType::KeyType,
+                                AttributeType::ValueLen,
+                                AttributeType::Token,
+                                AttributeType::Sensitive,
+                                AttributeType::Extractable,
+                                AttributeType::Encrypt,
+                                AttributeType::Decrypt,
+                                AttributeType::Sign,
+                                AttributeType::Wrap,
+                                AttributeType::Derive,
+                            ],
+                        )
+                        .unwrap()
+                    {
+                        let (k, v) = match a {
+                            Attribute::KeyType(t) => ("key_type", serde_json::json!(t.to_string())),
+                            Attribute::ValueLen(n) => {
+                                ("value_len", serde_json::json!(u64::from(n)))
+                            }
+                            Attribute::Token(b) => ("token", serde_json::json!(b)),
+                            Attribute::Sensitive(b) => ("sensitive", serde_json::json!(b)),
+                            Attribute::Extractable(b) => ("extractable", serde_json::json!(b)),
+                            Attribute::Encrypt(b) => ("encrypt", serde_json::json!(b)),
+                            Attribute::Decrypt(b) => ("decrypt", serde_json::json!(b)),
+                            Attribute::Sign(b) => ("sign", serde_json::json!(b)),
+                            Attribute::Wrap(b) => ("wrap", serde_json::json!(b)),
+                            Attribute::Derive(b) => ("derive", serde_json::json!(b)),
+                            _ => continue,
+                        };
+                        o.insert(k.into(), v);
+                    }
+                    // The key's value: the token must refuse to give it.
+                    let value = session.get_attributes(*h, &[AttributeType::Value]);
+                    let readable = matches!(&value, Ok(v) if v.iter().any(|a| matches!(a, Attribute::Value(_))));
+                    o.insert("value_readable".into(), serde_json::json!(readable));
+                    objects.push(serde_json::Value::Object(o));
+                }
+                serde_json::json!({ "objects": objects })
+            }
+        }
+        ["store", dir] => {
+            // The CA's store as `ca-server` opens it (the audit key unsealed by the token).
+            let dir = CaDir::new(dir);
+            let config = dir.load_config().unwrap();
+            let store = ca_server::store::open(&dir, &config.store).unwrap();
+            let keys = ca_server::issuer::load_secret_keys(&dir, &config).unwrap();
+            let bdks: Vec<_> = store
+                .bdks()
+                .unwrap()
+                .iter()
+                .map(|b| {
+                    serde_json::json!({
+                        "id": b.id,
+                        "token_object": b.token_object,
+                        "ciphertext": hex::encode(&b.ciphertext),
+                        "nonce": hex::encode(&b.nonce),
+                        "kcv": hex::encode_upper(&b.kcv),
+                        "kek_opens": keys.open_bdk(b).is_ok(),
+                        "next": store.dukpt_next(&b.id).unwrap(),
+                    })
+                })
+                .collect();
+            let versions: Vec<_> = store
+                .secrets()
+                .map(|v| {
+                    let v = v.unwrap();
+                    serde_json::json!({ "serial": v.serial, "key_id": v.key_id })
+                })
+                .collect();
+            let records: Vec<String> = common::snapshot(&store)
+                .into_iter()
+                .map(|(t, k, v)| format!("{t}:{}:{}", hex::encode(k), hex::encode(v)))
+                .collect();
+            serde_json::json!({ "bdks": bdks, "versions": versions, "records": records })
+        }
+        other => panic!("unknown probe {other:?}"),
+    };
+    println!("probe: {result}");
+}
+
+impl SoftToken {
+    /// `ca-server init --pkcs11 URI` into a new CA folder on the suite's store (PostgreSQL with
+    /// IMPRINT_TEST_STORE=postgres, else sled).
+    fn init_ca_on_suite_store(&self, object: &str) -> TestCa {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CaDir::new(tmp.path().join("ca"));
+        let uri = self.uri(object);
+        let mut args = vec![
+            "init".to_string(),
+            "--dir".into(),
+            dir.root().to_str().unwrap().into(),
+            "--name".into(),
+            "Token CA".into(),
+            "--pkcs11".into(),
+            uri,
+        ];
+        let store = common::test_store();
+        if let Some(url) = &store.url {
+            args.extend(["--store".into(), url.clone()]);
+            if let Some(ca) = &store.ca_file {
+                args.extend(["--store-ca-file".into(), ca.to_str().unwrap().into()]);
+            }
+            if let Some(schema) = &store.schema {
+                args.extend(["--store-schema".into(), schema.clone()]);
+            }
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.ca_server(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let pem = std::fs::read_to_string(dir.ca_cert()).unwrap();
+        let ca_der = protocol_spec::profile::cert_from_pem(&pem).unwrap();
+        TestCa { tmp, dir, ca_der }
+    }
+
+    /// `ca-server ARGS` with this token's configuration; its stdout, after checking it
+    /// succeeded.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.ca_server(args);
+        assert!(
+            out.status.success(),
+            "ca-server {args:?}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+}
+
+/// Every stored BDK is held in the token: a label, no key bytes, nothing the key-encryption
+/// key opens; no record of the store holds any of `keys_hex` (a BDK sealed under the KEK would
+/// have ciphertext and no label here).
+fn assert_held_in_token(token: &SoftToken, ca: &TestCa, object: &str, keys_hex: &[&str]) {
+    let found = probe(token, &["store", ca.root().to_str().unwrap()]);
+    let bdks = found["bdks"].as_array().unwrap();
+    assert!(!bdks.is_empty());
+    for b in bdks {
+        let id = b["id"].as_str().unwrap();
+        assert_eq!(
+            b["token_object"],
+            format!("{object}-bdk-{id}"),
+            "BDK {id} is not kept in the token: {b}"
+        );
+        assert_eq!(
+            (&b["ciphertext"], &b["nonce"]),
+            (&"".into(), &"".into()),
+            "{b}"
+        );
+        assert_eq!(b["kek_opens"], false, "{b}");
+    }
+    for r in found["records"].as_array().unwrap() {
+        let r = r.as_str().unwrap().to_lowercase();
+        for key in keys_hex {
+            assert!(
+                !r.contains(&key.to_lowercase()),
+                "a record holds a key: {r}"
+            );
+            // PostgreSQL rows are JSON text: the key in hex there is the hex of that text.
+            assert!(!r.contains(&hex::encode(key.to_lowercase())), "{r}");
+            assert!(!r.contains(&hex::encode(key.to_uppercase())), "{r}");
+        }
+    }
+}
+
+/// The object `label` in the token: one AES key, on the token, sensitive, not extractable,
+/// for encryption only, its value never readable.
+fn assert_token_object(token: &SoftToken, label: &str, len: u64) {
+    let found = probe(token, &["inspect", label]);
+    let objects = found["objects"].as_array().unwrap();
+    assert_eq!(objects.len(), 1, "{label}: {found}");
+    let o = &objects[0];
+    assert_eq!(o["key_type"], "CKK_AES", "{o}");
+    assert_eq!(o["value_len"], len, "{o}");
+    for (attr, want) in [
+        ("token", true),
+        ("sensitive", true),
+        ("extractable", false),
+        ("encrypt", true),
+        ("decrypt", false),
+        ("sign", false),
+        ("wrap", false),
+        ("derive", false),
+        ("value_readable", false),
+    ] {
+        assert_eq!(o[attr], want, "{label}: {attr} in {o}");
+    }
+}
+
+#[test]
+fn a_token_ca_s_bdks_are_token_objects_and_derive_the_standard_s_keys() {
+    let token = SoftToken::new("imprint");
+    let v = vectors();
+    let bdk128 = v["bdks"]["aes-128"].as_str().unwrap();
+    let bdk256 = v["bdks"]["aes-256"].as_str().unwrap();
+    let ikid = v["initial_key_id"].as_str().unwrap();
+    // Two CAs in one token, one per vector BDK, both under the vectors' BDK id.
+    let cas = [
+        ("ca", bdk128, KeyType::Aes128),
+        ("ca2", bdk256, KeyType::Aes256),
+    ];
+    for (object, bdk_hex, key_type) in cas {
+        let ca = token.init_ca_on_suite_store(object);
+        let root = ca.root().to_str().unwrap().to_string();
+        let file = ca.tmp.path().join("bdk.hex");
+        std::fs::write(&file, format!("{bdk_hex}\n")).unwrap();
+        let bdk = AesKey::from_hex(bdk_hex).unwrap();
+        let out = token.ok(&[
+            "dukpt",
+            "add-bdk",
+            "--dir",
+            &root,
+            "--bdk-id",
+            "12345678",
+            "--key-file",
+            file.to_str().unwrap(),
+        ]);
+        // The KCV is the token's, and the key's.
+        assert!(
+            out.contains(&format!("kcv {}", hex::encode_upper(bdk.kcv())))
+                && out.contains("kept in the PKCS#11 token"),
+            "{out}"
+        );
+        let label = format!("{object}-bdk-12345678");
+        assert_token_object(&token, &label, key_type.key_len() as u64);
+
+        // Generated in the token: never anywhere else.
+        let out = token.ok(&[
+            "dukpt",
+            "add-bdk",
+            "--dir",
+            &root,
+            "--bdk-id",
+            "CAFE0001",
+            "--generate",
+            "--algorithm",
+            "aes-128",
+            "--json",
+        ]);
+        let view: ca_server::dukpt::BdkView = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            (view.algorithm.as_str(), view.custody.as_str()),
+            ("aes-128", "token")
+        );
+        assert_token_object(&token, &format!("{object}-bdk-CAFE0001"), 16);
+        assert_held_in_token(&token, &ca, object, &[bdk_hex]);
+        let list = token.ok(&["dukpt", "list", "--dir", &root, "--json"]);
+        let views: Vec<ca_server::dukpt::BdkView> = serde_json::from_str(&list).unwrap();
+        assert_eq!(views.len(), 2);
+        assert!(views.iter().all(|v| v.custody == "token"), "{list}");
+
+        // The token's Initial Key is the standard's.
+        let want = v["initial_keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["bdk"] == key_type.name())
+            .unwrap();
+        let got = probe(&token, &["initial-key", &label, key_type.name(), ikid]);
+        assert_eq!(got["initial_key"], want["initial_key"], "{object}");
+
+        // `dukpt derive` through the token gives every working key of the vectors (their KCVs).
+        for t in v["transactions"].as_array().unwrap() {
+            if t["bdk"] != key_type.name() {
+                continue;
+            }
+            let ksn = format!("{ikid}{}", t["counter"].as_str().unwrap());
+            for w in t["working_keys"].as_array().unwrap() {
+                let key = AesKey::from_hex(w["key"].as_str().unwrap()).unwrap();
+                let out = token.ok(&[
+                    "dukpt",
+                    "derive",
+                    "--dir",
+                    &root,
+                    "--ksn",
+                    &ksn,
+                    "--usage",
+                    w["usage"].as_str().unwrap(),
+                    "--key-type",
+                    w["type"].as_str().unwrap(),
+                    "--json",
+                ]);
+                let d: ca_server::dukpt::DeriveView = serde_json::from_str(&out).unwrap();
+                assert_eq!(d.kcv, hex::encode_upper(key.kcv()), "{ksn} {w}");
+            }
+        }
+
+        // The same id again: refused, and the token's object is still the one.
+        let out = token.ca_server(&[
+            "dukpt",
+            "add-bdk",
+            "--dir",
+            &root,
+            "--bdk-id",
+            "12345678",
+            "--generate",
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("already exists"));
+        assert_token_object(&token, &label, key_type.key_len() as u64);
+    }
+}
+
+/// `ca-server line add` of `line` (serials 1-100) with secret source `dukpt:BDKID`.
+fn add_dukpt_line(token: &SoftToken, ca: &TestCa, line: &Line, bdk_id: &str) {
+    let pem = ca.tmp.path().join(format!("{}.pub.pem", line.id));
+    std::fs::write(&pem, protocol_spec::PublicKey::from(&line.key).to_pem()).unwrap();
+    token.ok(&[
+        "line",
+        "add",
+        "--dir",
+        ca.root().to_str().unwrap(),
+        "--id",
+        &line.id,
+        "--public-key",
+        pem.to_str().unwrap(),
+        "--serials",
+        "1-100",
+        "--secret-source",
+        &format!("dukpt:{bdk_id}"),
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_of_a_token_ca_get_initial_keys_from_the_token_and_a_deleted_bdk_is_refused() {
+    use device_agent::secrets::{SyncOutcome, mtls_client, sync};
+    use device_agent::url::CaUrl;
+    use std::io::BufRead;
+
+    const IMPORTED: &str = "00112233445566778899AABBCCDDEEFF0102030405060708090A0B0C0D0E0F10";
+    let token = SoftToken::new("imprint");
+    let ca = token.init_ca_on_suite_store("ca");
+    let root = ca.root().to_str().unwrap().to_string();
+    let file = ca.tmp.path().join("bdk.hex");
+    std::fs::write(&file, IMPORTED).unwrap();
+    token.ok(&[
+        "dukpt",
+        "add-bdk",
+        "--dir",
+        &root,
+        "--bdk-id",
+        "5EED0001",
+        "--key-file",
+        file.to_str().unwrap(),
+    ]);
+    let imported = AesKey::from_hex(IMPORTED).unwrap();
+    let line_a = Line::new("line-a", KeyAlgorithm::Ed25519);
+    add_dukpt_line(&token, &ca, &line_a, "5EED0001");
+    token.ok(&["operator", "add", "--dir", &root, "alice"]);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ca-server"))
+        .args(["serve", "--https", "127.0.0.1:0", "--coap", "127.0.0.1:0"])
+        .args(["--mtls", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--dir"])
+        .arg(ca.root())
+        .env("SOFTHSM2_CONF", &token.conf)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut listening = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut listening)
+        .unwrap();
+    let server = Server(child);
+    let addrs = ca_server::server::parse_listening_line(&listening).unwrap();
+    let (coap, mtls, admin) = (addrs["coap"], addrs["mtls"], addrs["admin"]);
+    let url = CaUrl::parse(&format!("https://{mtls}")).unwrap();
+
+    // The admin API adds a BDK generated in the token.
+    let ops = ca.dir.operators();
+    let admin_env = |c: &mut Command| {
+        c.env("IMPRINT_ADMIN", format!("https://{admin}"))
+            .env("IMPRINT_OPERATOR_CERT", ops.join("alice.pem"))
+            .env("IMPRINT_OPERATOR_KEY", ops.join("alice.key.pem"))
+            .env("IMPRINT_CA_CERT", ca.dir.ca_cert());
+    };
+    let out = tokio::task::block_in_place(|| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ca-server"));
+        c.args([
+            "dukpt",
+            "add-bdk",
+            "--bdk-id",
+            "5EED0002",
+            "--generate",
+            "--json",
+        ]);
+        admin_env(&mut c);
+        c.output().unwrap()
+    });
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let view: ca_server::dukpt::BdkView = serde_json::from_str(&text(&out.stdout)).unwrap();
+    assert_eq!(
+        (view.algorithm.as_str(), view.custody.as_str()),
+        ("aes-256", "token")
+    );
+    tokio::task::block_in_place(|| assert_token_object(&token, "ca-bdk-5EED0002", 32));
+
+    // Devices on the imported BDK's line: each Initial Key is the software derivation from the
+    // known key.
+    let mut devices = Vec::new();
+    for serial in 1..=3u64 {
+        let mut s =
+            common::enrolled_over_coap(&ca, coap, &line_a, serial, KeyAlgorithm::Ed25519).await;
+        let client = mtls_client(url.clone(), &s).unwrap();
+        let out = sync(&client, &mut s, |_| Ok(())).await.unwrap();
+        assert!(
+            matches!(out, SyncOutcome::Stored { version: 1, .. }),
+            "{out:?}"
+        );
+        let sec = &s.secrets[0];
+        assert_eq!(sec.algorithm, "aes-256-dukpt");
+        let id = InitialKeyId::from_bytes(sec.initial_key_id.unwrap());
+        assert_eq!(id.to_string(), format!("5EED0001{:08X}", serial - 1));
+        assert_eq!(
+            sec.secret.as_slice(),
+            dukpt::initial_key(&imported, id).expose(),
+            "serial {serial}"
+        );
+        devices.push(s);
+    }
+
+    // The token's object goes away while the server runs (it has used it): the next device is
+    // told `unavailable`, and nothing is allocated or stored for it.
+    tokio::task::block_in_place(|| {
+        assert_eq!(
+            probe(&token, &["destroy", "ca-bdk-5EED0001"])["destroyed"],
+            1
+        );
+    });
+    let mut s = common::enrolled_over_coap(&ca, coap, &line_a, 4, KeyAlgorithm::Ed25519).await;
+    let client = mtls_client(url.clone(), &s).unwrap();
+    match sync(&client, &mut s, |_| Ok(())).await {
+        Err(device_agent::AgentError::Refused(p)) => assert_eq!(
+            p.kind,
+            protocol_spec::problem::ProblemType::Unavailable,
+            "{p:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(s.secrets.is_empty());
+    drop(server);
+
+    // The host side agrees with the devices (while the BDK was there)... and now refuses,
+    // naming the missing object; nothing was stored for serial 4.
+    tokio::task::block_in_place(|| {
+        let d = &devices[1];
+        let (ksn, _) = d
+            .dukpt_transaction(1, KeyUsage::PinEncryption, None)
+            .unwrap();
+        let out = token.ca_server(&["dukpt", "derive", "--dir", &root, "--ksn", &ksn.to_string()]);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("no BDK object labelled \"ca-bdk-5EED0001\""),
+            "{err}"
+        );
+
+        let found = probe(&token, &["store", &root]);
+        let versions = found["versions"].as_array().unwrap();
+        assert_eq!(versions.len(), 3, "{versions:?}");
+        assert!(versions.iter().all(|v| v["serial"] != 4), "{versions:?}");
+        let a = found["bdks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["id"] == "5EED0001")
+            .unwrap()
+            .clone();
+        assert_eq!(a["next"], 3, "{a}");
+        assert_held_in_token(&token, &ca, "ca", &[IMPORTED]);
+    });
+}
+
+/// `dukpt derive` agrees with the device side for a BDK in the token, at the counters around
+/// the rollover.
+#[test]
+fn dukpt_derive_with_a_token_bdk_agrees_with_the_device_side() {
+    let token = SoftToken::new("imprint");
+    let ca = token.init_ca_on_suite_store("ca");
+    let root = ca.root().to_str().unwrap().to_string();
+    let out = token.ok(&[
+        "dukpt",
+        "add-bdk",
+        "--dir",
+        &root,
+        "--bdk-id",
+        "ABCD0001",
+        "--generate",
+        "--algorithm",
+        "aes-256",
+        "--json",
+    ]);
+    let view: ca_server::dukpt::BdkView = serde_json::from_str(&out).unwrap();
+    // The Initial Key of a device the token derives; the device side runs from it alone.
+    let id = InitialKeyId::from_hex("ABCD00010000002A").unwrap();
+    let got = probe(
+        &token,
+        &["initial-key", "ca-bdk-ABCD0001", "aes-256", &id.to_string()],
+    );
+    let ik = AesKey::from_hex(got["initial_key"].as_str().unwrap()).unwrap();
+    for counter in [1u32, 2, 0x1FFFE, 0x20000, 0x20001] {
+        let ksn = Ksn {
+            initial_key_id: id,
+            counter,
+        };
+        let device = dukpt::DukptDevice::resume(&ik, id, counter)
+            .unwrap()
+            .next_transaction()
+            .unwrap();
+        assert_eq!(device.ksn, ksn);
+        let kcv = device
+            .working_key(KeyUsage::PinEncryption, KeyType::Aes256)
+            .unwrap()
+            .kcv();
+        let out = token.ok(&["dukpt", "derive", "--dir", &root, "--ksn", &ksn.to_string()]);
+        assert!(
+            out.contains(&format!("kcv {}", hex::encode_upper(kcv))),
+            "counter {counter:#x}: {out}"
+        );
+    }
+    assert_eq!(view.custody, "token");
+
+    // A second CA folder on the same token key (`--pkcs11-existing`) would name its BDK
+    // ABCD0001 with the same label: refused, nothing stored, the first CA's object untouched.
+    let tmp = tempfile::tempdir().unwrap();
+    let again = tmp.path().join("again");
+    let again = again.to_str().unwrap();
+    token.ok(&[
+        "init",
+        "--dir",
+        again,
+        "--pkcs11",
+        &token.uri("ca"),
+        "--pkcs11-existing",
+    ]);
+    let out = token.ca_server(&[
+        "dukpt",
+        "add-bdk",
+        "--dir",
+        again,
+        "--bdk-id",
+        "ABCD0001",
+        "--generate",
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("already holds an object labelled \"ca-bdk-ABCD0001\""),
+        "{err}"
+    );
+    assert_eq!(
+        token
+            .ok(&["dukpt", "list", "--dir", again, "--json"])
+            .trim(),
+        "[]"
+    );
+    assert_token_object(&token, "ca-bdk-ABCD0001", 32);
+    token.ok(&[
+        "dukpt",
+        "derive",
+        "--dir",
+        &root,
+        "--ksn",
+        "ABCD00010000002A00000001",
+    ]);
+}
+
+/// A CA whose key moves into a token keeps deriving from the BDK it sealed under the KEK
+/// before; the BDKs it adds from then on are token objects.
+#[test]
+fn a_ca_moved_into_a_token_keeps_its_sealed_bdk_and_adds_token_ones() {
+    const SEALED: &str = "FEDCBA9876543210F1F1F1F1F1F1F1F1";
+    let token = SoftToken::new("imprint");
+    let ca = TestCa::with_file_key(KeyAlgorithm::Ed25519);
+    let root = ca.root().to_str().unwrap().to_string();
+    let file = ca.tmp.path().join("bdk.hex");
+    std::fs::write(&file, SEALED).unwrap();
+    token.ok(&[
+        "dukpt",
+        "add-bdk",
+        "--dir",
+        &root,
+        "--bdk-id",
+        "12345678",
+        "--key-file",
+        file.to_str().unwrap(),
+    ]);
+    token.ok(&[
+        "key",
+        "to-token",
+        "--dir",
+        &root,
+        "--pkcs11",
+        &token.uri("moved"),
+    ]);
+    token.ok(&[
+        "dukpt",
+        "add-bdk",
+        "--dir",
+        &root,
+        "--bdk-id",
+        "12345679",
+        "--generate",
+    ]);
+    let list = token.ok(&["dukpt", "list", "--dir", &root, "--json"]);
+    let views: Vec<ca_server::dukpt::BdkView> = serde_json::from_str(&list).unwrap();
+    let custody: Vec<_> = views
+        .iter()
+        .map(|v| (v.bdk_id.as_str(), v.custody.as_str()))
+        .collect();
+    assert_eq!(custody, [("12345678", "sealed"), ("12345679", "token")]);
+    assert_token_object(&token, "moved-bdk-12345679", 32);
+    let ksn = "123456789012345600000001";
+    let out = token.ok(&["dukpt", "derive", "--dir", &root, "--ksn", ksn]);
+    let want = dukpt::host_working_key(
+        &AesKey::from_hex(SEALED).unwrap(),
+        Ksn::from_hex(ksn).unwrap(),
+        KeyUsage::PinEncryption,
+        KeyType::Aes128,
+    )
+    .unwrap()
+    .kcv();
+    assert!(
+        out.contains(&format!("kcv {}", hex::encode_upper(want))),
+        "{out}"
+    );
+    token.ok(&[
+        "dukpt",
+        "derive",
+        "--dir",
+        &root,
+        "--ksn",
+        "123456790000000100000001",
+    ]);
+}

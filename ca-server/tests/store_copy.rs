@@ -69,8 +69,24 @@ async fn a_sled_ca_moves_to_postgres_with_every_binding_and_its_audit_chain() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A BDK held in a PKCS#11 token (as a token CA records it): its label, no key bytes
+    // (PostgreSQL: NULL ciphertext and nonce), copied as it is too.
+    ca.store()
+        .add_bdk(
+            &ca_server::records::BdkRecord {
+                id: "ABCD0001".into(),
+                algorithm: "aes-256".into(),
+                ciphertext: Vec::new(),
+                nonce: Vec::new(),
+                kcv: vec![1, 2, 3, 4, 5],
+                created_at: 7,
+                token_object: Some("ca-bdk-ABCD0001".into()),
+            },
+            "test",
+        )
+        .unwrap();
     let bdks_before = ca.store().bdks().unwrap();
-    assert_eq!(bdks_before.len(), 1);
+    assert_eq!(bdks_before.len(), 2);
 
     let server = ca.start().await;
     let mut devices = Vec::new();
@@ -193,7 +209,7 @@ async fn a_sled_ca_moves_to_postgres_with_every_binding_and_its_audit_chain() {
     assert_eq!(
         store.bdks().unwrap(),
         bdks_before,
-        "the sealed BDK, as it was"
+        "the sealed BDK and the token's, as they were"
     );
     // Device 3 picks up its rotated version; device 1 has nothing new.
     let url = CaUrl::parse(&format!("https://{}", server.mtls.unwrap())).unwrap();

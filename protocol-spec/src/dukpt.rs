@@ -256,7 +256,18 @@ pub const KCV_LEN: usize = 5;
 /// leftmost 40 bits; "AES must only use the CMAC method". CMAC is NIST SP 800-38B: for one
 /// complete block M, MAC = AES(K, M xor K1) with K1 = dbl(AES(K, 0^128)).
 pub fn kcv(key: &AesKey) -> [u8; KCV_LEN] {
-    let l = key.encrypt_block([0; 16]);
+    match kcv_with(|block| Ok::<_, std::convert::Infallible>(key.encrypt_block(block))) {
+        Ok(kcv) => kcv,
+        Err(never) => match never {},
+    }
+}
+
+/// [`kcv`] of a key held elsewhere (a BDK in a hardware token): `encrypt` is AES-ECB of one
+/// block under that key; it is called twice (the CMAC subkey's block, then the MAC's).
+pub fn kcv_with<E>(
+    mut encrypt: impl FnMut([u8; 16]) -> Result<[u8; 16], E>,
+) -> Result<[u8; KCV_LEN], E> {
+    let l = encrypt([0; 16])?;
     // Subkey K1 (SP 800-38B section 6.1): L shifted left one bit, xor Rb = 0x87 if the
     // shifted-out bit was one. The message is one zero block, so M xor K1 = K1.
     let mut k1 = [0u8; 16];
@@ -267,10 +278,10 @@ pub fn kcv(key: &AesKey) -> [u8; KCV_LEN] {
     if l[0] & 0x80 != 0 {
         k1[15] ^= 0x87;
     }
-    let mac = key.encrypt_block(k1);
+    let mac = encrypt(k1)?;
     let mut out = [0u8; KCV_LEN];
     out.copy_from_slice(&mac[..KCV_LEN]);
-    out
+    Ok(out)
 }
 
 /// An Initial Key ID: BDK id (4 octets) || derivation id (4 octets).
@@ -422,6 +433,18 @@ pub enum DukptError {
 /// context.
 pub fn initial_key(bdk: &Bdk, initial_key_id: InitialKeyId) -> AesKey {
     derive(bdk, USAGE_INITIAL_KEY, bdk.key_type, initial_key_id.0)
+}
+
+/// [`initial_key`] under a BDK of `key_type` held elsewhere (a hardware token, which never
+/// lets the BDK out): `encrypt` is AES-ECB of one block under the BDK, called once per
+/// derivation data block (twice for AES-256), in order. The Initial Key it returns is computed
+/// here, as [`initial_key`] computes it.
+pub fn initial_key_with<E>(
+    key_type: KeyType,
+    initial_key_id: InitialKeyId,
+    encrypt: impl FnMut([u8; 16]) -> Result<[u8; 16], E>,
+) -> Result<AesKey, E> {
+    derive_with(USAGE_INITIAL_KEY, key_type, initial_key_id.0, encrypt)
 }
 
 /// Whether a device may use `counter`: from 1, at most 16 one bits.
@@ -661,6 +684,21 @@ fn context(derivation_id: u32, counter: u32) -> [u8; 8] {
 /// One derivation (X9.24-3-2017 section 6.3.2, "Derive Key"): AES-ECB under `key` of as many
 /// derivation data blocks as the derived key needs.
 fn derive(key: &AesKey, usage: u16, key_type: KeyType, context: [u8; 8]) -> AesKey {
+    match derive_with(usage, key_type, context, |block| {
+        Ok::<_, std::convert::Infallible>(key.encrypt_block(block))
+    }) {
+        Ok(derived) => derived,
+        Err(never) => match never {},
+    }
+}
+
+/// [`derive`] with the deriving key's AES-ECB given as `encrypt`, one block at a time.
+fn derive_with<E>(
+    usage: u16,
+    key_type: KeyType,
+    context: [u8; 8],
+    mut encrypt: impl FnMut([u8; 16]) -> Result<[u8; 16], E>,
+) -> Result<AesKey, E> {
     let blocks = key_type.key_len() / 16;
     let mut bytes = Vec::with_capacity(key_type.key_len());
     for block_counter in 1..=blocks {
@@ -671,9 +709,11 @@ fn derive(key: &AesKey, usage: u16, key_type: KeyType, context: [u8; 8]) -> AesK
         data[4..6].copy_from_slice(&key_type.indicator().to_be_bytes());
         data[6..8].copy_from_slice(&((key_type.key_len() * 8) as u16).to_be_bytes());
         data[8..].copy_from_slice(&context);
-        bytes.extend_from_slice(&key.encrypt_block(data));
+        let mut block = encrypt(data)?;
+        bytes.extend_from_slice(&block);
+        block.zeroize();
     }
-    AesKey { key_type, bytes }
+    Ok(AesKey { key_type, bytes })
 }
 
 #[cfg(test)]
@@ -711,6 +751,31 @@ mod tests {
             .unwrap();
         assert_eq!(kcv(&key)[..], key.encrypt_block(k1)[..5]);
         assert_eq!(hex::encode_upper(kcv(&key)), "7AD386C376");
+    }
+
+    #[test]
+    fn a_bdk_held_elsewhere_gives_the_same_initial_key_and_kcv() {
+        let id = InitialKeyId::from_hex("1234567890123456").unwrap();
+        for bdk in [
+            bdk128(),
+            AesKey::from_hex(&"FEDCBA9876543210F1F1F1F1F1F1F1F1".repeat(2)).unwrap(),
+        ] {
+            let mut calls = 0;
+            let ik = initial_key_with(bdk.key_type(), id, |b| {
+                calls += 1;
+                Ok::<_, ()>(bdk.encrypt_block(b))
+            })
+            .unwrap();
+            assert_eq!(ik, initial_key(&bdk, id));
+            assert_eq!(calls, bdk.key_type().key_len() / 16);
+            let kcv = kcv_with(|b| Ok::<_, ()>(bdk.encrypt_block(b))).unwrap();
+            assert_eq!(kcv, bdk.kcv());
+        }
+        // A failure of the holder is passed on, not turned into a key.
+        assert_eq!(
+            initial_key_with(KeyType::Aes128, id, |_| Err::<[u8; 16], _>("gone")),
+            Err("gone")
+        );
     }
 
     #[test]

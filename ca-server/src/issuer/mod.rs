@@ -16,7 +16,7 @@ use ring::rand::SystemRandom;
 use zeroize::Zeroizing;
 
 pub use key::{CaKey, SignError};
-pub use pkcs11::{Pkcs11Uri, TokenKey};
+pub use pkcs11::{BdkToken, BdkTokenError, Pkcs11Uri, TokenKey};
 
 use crate::config::{CaDir, Config};
 use crate::ra::VerifiedEnrollment;
@@ -257,8 +257,19 @@ pub fn load_ca_key(dir: &CaDir, config: &Config) -> Result<CaKey, String> {
 }
 
 /// The keys that seal secrets at rest: from `kek.sealed`, unsealed by the CA's token, when the
-/// folder has it; else from `kek.bin`.
+/// folder has it; else from `kek.bin`. When config.toml names a PKCS#11 token, that token keeps
+/// the DUKPT BDKs added from now on (opened at its first use).
 pub fn load_secret_keys(dir: &CaDir, config: &Config) -> Result<SecretKeys, String> {
+    let keys = load_kek_keys(dir, config)?;
+    let Some(text) = &config.issuer.pkcs11 else {
+        return Ok(keys);
+    };
+    let uri = Pkcs11Uri::parse(text)
+        .map_err(|e| format!("{}: [issuer] pkcs11: {e}", dir.config().display()))?;
+    Ok(keys.with_bdk_token(BdkToken::new(&uri)))
+}
+
+fn load_kek_keys(dir: &CaDir, config: &Config) -> Result<SecretKeys, String> {
     let sealed_path = dir.kek_sealed();
     let sealed = match std::fs::read(&sealed_path) {
         Ok(bytes) => bytes,

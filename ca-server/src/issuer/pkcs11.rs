@@ -34,6 +34,9 @@ use zeroize::Zeroizing;
 
 use super::key::SignError;
 
+pub mod bdk;
+pub use bdk::{BdkToken, BdkTokenError};
+
 /// DER OBJECT IDENTIFIER 1.3.101.112 (id-Ed25519, RFC 8410): CKA_EC_PARAMS of an Ed25519 key.
 const ED25519_PARAMS: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
 /// DER PrintableString "edwards25519", the other CKA_EC_PARAMS PKCS#11 3.0 allows for Ed25519.

@@ -1069,10 +1069,14 @@ pub fn add_bdk(
         serial: None,
         actor: actor.to_string(),
         detail: format!(
-            "bdk_id={} algorithm={} kcv={}",
+            "bdk_id={} algorithm={} kcv={}{}",
             bdk.id,
             bdk.algorithm,
-            hex::encode_upper(&bdk.kcv)
+            hex::encode_upper(&bdk.kcv),
+            match &bdk.token_object {
+                Some(label) => format!(" token_object={label}"),
+                None => String::new(),
+            }
         ),
     })
 }

@@ -872,17 +872,32 @@ fn line_of(r: &Row) -> Result<LineRecord, StoreError> {
     })
 }
 
-const BDK_COLUMNS: &str = "id, algorithm, ciphertext, nonce, kcv, created_at";
+const BDK_COLUMNS: &str = "id, algorithm, ciphertext, nonce, kcv, created_at, token_object";
 
 fn bdk_of(r: &Row) -> Result<BdkRecord, StoreError> {
     Ok(BdkRecord {
         id: r.try_get(0).map_err(pg)?,
         algorithm: r.try_get(1).map_err(pg)?,
-        ciphertext: r.try_get(2).map_err(pg)?,
-        nonce: r.try_get(3).map_err(pg)?,
+        ciphertext: r
+            .try_get::<_, Option<Vec<u8>>>(2)
+            .map_err(pg)?
+            .unwrap_or_default(),
+        nonce: r
+            .try_get::<_, Option<Vec<u8>>>(3)
+            .map_err(pg)?
+            .unwrap_or_default(),
         kcv: r.try_get(4).map_err(pg)?,
         created_at: u(r.try_get(5).map_err(pg)?),
+        token_object: r.try_get(6).map_err(pg)?,
     })
+}
+
+/// The sealed key's bytes as the table keeps them: none (NULL) for a key held in the token.
+fn bdk_sealed(b: &BdkRecord) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+    match b.token_object {
+        Some(_) => (None, None),
+        None => (Some(b.ciphertext.clone()), Some(b.nonce.clone())),
+    }
 }
 
 const SECRET_COLUMNS: &str = "serial, version, key_id, ciphertext, nonce, kcv, index_tag, source, created_at, delivered_at, confirmed_at, retired_at";
@@ -1380,15 +1395,17 @@ impl Store for PgStore {
                     .map_err(StoreError::BdkExists)?;
                 // The primary key refuses a concurrent addition of the same id (a unique
                 // violation: this transaction rolls back and the retry sees the row).
+                let (ciphertext, nonce) = bdk_sealed(&bdk);
                 tx.execute(
-                    "INSERT INTO dukpt_bdks (id, algorithm, ciphertext, nonce, kcv, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    "INSERT INTO dukpt_bdks (id, algorithm, ciphertext, nonce, kcv, created_at, token_object) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                     &[
                         &bdk.id,
                         &bdk.algorithm,
-                        &bdk.ciphertext,
-                        &bdk.nonce,
+                        &ciphertext,
+                        &nonce,
                         &bdk.kcv,
                         &i(bdk.created_at),
+                        &bdk.token_object,
                     ],
                 )
                 .await
@@ -2189,15 +2206,16 @@ async fn load(tx: &Transaction<'_>, batch: Vec<super::Exported>) -> Result<(), S
         }
         Some(9) => {
             exec(
-                "INSERT INTO dukpt_bdks (id, algorithm, ciphertext, nonce, kcv, created_at, next_derivation) SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::bytea[], $6::bigint[], $7::bigint[])",
+                "INSERT INTO dukpt_bdks (id, algorithm, ciphertext, nonce, kcv, created_at, next_derivation, token_object) SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::bytea[], $6::bigint[], $7::bigint[], $8::text[])",
                 vec![
                     Box::new(col!(batch, X::Bdk { record: b, .. } => b.id.clone())) as B,
                     Box::new(col!(batch, X::Bdk { record: b, .. } => b.algorithm.clone())),
-                    Box::new(col!(batch, X::Bdk { record: b, .. } => b.ciphertext.clone())),
-                    Box::new(col!(batch, X::Bdk { record: b, .. } => b.nonce.clone())),
+                    Box::new(col!(batch, X::Bdk { record: b, .. } => bdk_sealed(b).0)),
+                    Box::new(col!(batch, X::Bdk { record: b, .. } => bdk_sealed(b).1)),
                     Box::new(col!(batch, X::Bdk { record: b, .. } => b.kcv.clone())),
                     Box::new(col!(batch, X::Bdk { record: b, .. } => i(b.created_at))),
                     Box::new(col!(batch, X::Bdk { next, .. } => i(*next))),
+                    Box::new(col!(batch, X::Bdk { record: b, .. } => b.token_object.clone())),
                 ],
             )
             .await?;
@@ -2533,6 +2551,88 @@ mod tests {
             (3, None, Some(3))
         );
         assert!(store.last_audit().unwrap().unwrap().mac.is_some());
+    }
+
+    /// A version-7 schema (before a BDK could be an object in the CA's token) with a sealed
+    /// BDK is refused by `open` until migrated; then the sealed BDK reads as before, a BDK held
+    /// in the token is stored with no key bytes (NULL ciphertext and nonce), and the table
+    /// refuses a row that is both or neither.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_version_7_schema_keeps_its_sealed_bdks_and_then_takes_token_ones() {
+        let db = TestDb::new();
+        let sealed = BdkRecord {
+            id: "0000AAAA".into(),
+            algorithm: "aes-128".into(),
+            ciphertext: vec![1; 32],
+            nonce: vec![2; 12],
+            kcv: vec![3; 5],
+            created_at: 9,
+            token_object: None,
+        };
+        // Back to version 7, with a BDK as that version wrote it.
+        db.0.run(|pool| async move {
+            let conn = pool.get().await?;
+            conn.client()?
+                .batch_execute(
+                    "ALTER TABLE dukpt_bdks DROP CONSTRAINT dukpt_bdks_custody; \
+                     ALTER TABLE dukpt_bdks DROP COLUMN token_object; \
+                     ALTER TABLE dukpt_bdks ALTER COLUMN ciphertext SET NOT NULL, ALTER COLUMN nonce SET NOT NULL; \
+                     DELETE FROM imprint_schema WHERE version >= 8; \
+                     INSERT INTO dukpt_bdks (id, algorithm, ciphertext, nonce, kcv, created_at) VALUES \
+                     ('0000AAAA', 'aes-128', decode(repeat('01', 32), 'hex'), decode(repeat('02', 12), 'hex'), decode(repeat('03', 5), 'hex'), 9)",
+                )
+                .await
+                .map_err(pg)
+        })
+        .unwrap();
+        let refused = PgStore::open(&db.1).unwrap_err().to_string();
+        assert!(refused.contains("version 7, older"), "{refused}");
+        assert_eq!(PgStore::migrate(&db.1).unwrap(), 7, "the version it found");
+        let store = PgStore::open(&db.1).unwrap();
+        assert_eq!(store.bdks().unwrap(), vec![sealed.clone()]);
+
+        let held = BdkRecord {
+            id: "0000BBBB".into(),
+            algorithm: "aes-256".into(),
+            ciphertext: Vec::new(),
+            nonce: Vec::new(),
+            kcv: vec![4; 5],
+            created_at: 10,
+            token_object: Some("ca-bdk-0000BBBB".into()),
+        };
+        store.add_bdk(&held, "t").unwrap();
+        assert_eq!(store.bdks().unwrap(), vec![sealed, held]);
+        let (no_bytes, both, neither) = store
+            .run(|pool| async move {
+                let conn = pool.get().await?;
+                let c = conn.client()?;
+                let r = c
+                    .query_one(
+                        "SELECT ciphertext IS NULL AND nonce IS NULL FROM dukpt_bdks WHERE id = '0000BBBB'",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg)?;
+                let both = c
+                    .batch_execute(
+                        "INSERT INTO dukpt_bdks (id, algorithm, ciphertext, nonce, kcv, created_at, token_object) VALUES ('0000CCCC', 'aes-128', '\\x01', '\\x02', '\\x03', 1, 'x')",
+                    )
+                    .await;
+                let neither = c
+                    .batch_execute(
+                        "INSERT INTO dukpt_bdks (id, algorithm, kcv, created_at) VALUES ('0000DDDD', 'aes-128', '\\x03', 1)",
+                    )
+                    .await;
+                Ok((r.try_get::<_, bool>(0).map_err(pg)?, both.is_err(), neither.is_err()))
+            })
+            .unwrap();
+        assert!(no_bytes, "a token BDK's row holds key bytes");
+        assert!(
+            both && neither,
+            "the table took a BDK both sealed and in a token, or neither"
+        );
+        assert_eq!(store.bdks().unwrap().len(), 2);
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! serial minus 2^64).
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 7;
+pub const SCHEMA_VERSION: i32 = 8;
 
 /// (version, SQL). Each runs in one transaction with the row that records it.
 pub const MIGRATIONS: &[(i32, &str)] = &[
@@ -25,7 +25,20 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     (5, V5),
     (6, V6),
     (7, V7),
+    (8, V8),
 ];
+
+/// Version 8: a DUKPT BDK may be an object in the CA's PKCS#11 token instead of sealed under
+/// the key-encryption key: `token_object` names it (its label), and such a row holds no key
+/// bytes at all (no ciphertext, no nonce); a sealed one holds both and no label.
+const V8: &str = r#"
+ALTER TABLE dukpt_bdks ADD COLUMN token_object text;
+ALTER TABLE dukpt_bdks ALTER COLUMN ciphertext DROP NOT NULL, ALTER COLUMN nonce DROP NOT NULL;
+ALTER TABLE dukpt_bdks ADD CONSTRAINT dukpt_bdks_custody CHECK (
+    (token_object IS NULL AND ciphertext IS NOT NULL AND nonce IS NOT NULL)
+    OR (token_object IS NOT NULL AND ciphertext IS NULL AND nonce IS NULL)
+);
+"#;
 
 /// Version 7: each audit entry's MAC under the audit key (SPEC.md 11.9); NULL for the entries
 /// written before the key existed. Whoever can write these tables but has no key can no longer
