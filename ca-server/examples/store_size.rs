@@ -144,6 +144,7 @@ fn fill(path: &Path, devices: u64, batch: u64, no_secrets: bool) -> Result<(), S
             for (r, binding) in sealed {
                 let op = SecretOp::Ack {
                     binding,
+                    certificate: None,
                     serial: r.serial,
                     key_id: r.key_id.clone(),
                     version: r.version,

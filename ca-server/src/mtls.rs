@@ -32,8 +32,12 @@ pub async fn handle(
         );
     };
     // Checked on every request, so that a revocation takes effect at once, even on a
-    // kept-alive connection. A fetch's first reads go in the same flight as the check.
+    // kept-alive connection. A fetch's first reads go in the same flight as the check; an
+    // acknowledgement's check is made by its own transaction, over the record it reads.
     let fetch = (req.method(), path.as_str()) == (&Method::GET, "/secret");
+    if (req.method(), path.as_str()) == (&Method::POST, "/secret/ack") {
+        return ack(req, service, cert, json).await;
+    }
     let checked = if fetch {
         service
             .device_for_fetch(cert)
@@ -70,35 +74,47 @@ pub async fn handle(
             }
             Err(p) => problem(&p, !json),
         },
-        (&Method::POST, "/secret/ack") => {
-            let body = match crate::https::read_body(req, MAX_ACK + 1).await {
-                Ok(b) => b,
-                Err(e) => {
-                    return crate::https::closing(problem(&e.problem("ack", MAX_ACK), !json));
-                }
-            };
-            let ack = if json {
-                SecretAck::from_json(&body)
-            } else {
-                SecretAck::from_cbor(&body)
-            };
-            let ack = match ack {
-                Ok(a) => a,
-                Err(p) => return problem(&p, !json),
-            };
-            match service.ack_secret(&device, ack).await {
-                Ok(()) => {
-                    let mut r = Response::new(Full::new(Bytes::new()));
-                    *r.status_mut() = StatusCode::NO_CONTENT;
-                    r
-                }
-                Err(p) => problem(&p, !json),
-            }
-        }
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
             format!("no resource {path}\n").into_bytes(),
         ),
+    }
+}
+
+/// `POST /secret/ack`: the device's confirmation of what it stored. The door's rule (the
+/// record exists, is active and holds this very certificate) is applied inside the
+/// acknowledgement's transaction.
+async fn ack(
+    req: Request<Incoming>,
+    service: &CaService,
+    cert: &[u8],
+    json: bool,
+) -> Response<Full<Bytes>> {
+    let body = match crate::https::read_body(req, MAX_ACK + 1).await {
+        Ok(b) => b,
+        Err(e) => {
+            return crate::https::closing(problem(&e.problem("ack", MAX_ACK), !json));
+        }
+    };
+    let ack = if json {
+        SecretAck::from_json(&body)
+    } else {
+        SecretAck::from_cbor(&body)
+    };
+    let ack = match ack {
+        Ok(a) => a,
+        Err(p) => return problem(&p, !json),
+    };
+    match service.ack_secret_for_certificate(cert, ack).await {
+        Ok(()) => {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            r
+        }
+        Err(p) => {
+            tracing::info!(problem = %p.kind, "secret acknowledgement refused");
+            problem(&p, !json)
+        }
     }
 }

@@ -646,22 +646,55 @@ impl CaService {
         ))
     }
 
-    /// Records the device's acknowledgement (idempotent).
+    /// Records the device's acknowledgement (idempotent), for a device the door admitted.
     pub async fn ack_secret(&self, id: &DeviceIdentity, ack: SecretAck) -> Result<(), Problem> {
         let started = Instant::now();
-        let r = self.ack_secret_inner(id, ack).await;
+        let r = self
+            .ack_secret_inner(id.serial, id.key_hash, None, ack)
+            .await;
         self.metrics.ack(r.as_ref().map(|_| ()), started.elapsed());
         r
     }
 
-    async fn ack_secret_inner(&self, id: &DeviceIdentity, ack: SecretAck) -> Result<(), Problem> {
+    /// Records the acknowledgement of the device holding `cert_der`, which the door has not
+    /// checked against the record: the acknowledgement's own transaction applies the door's
+    /// rule over the record it reads anyway (one read of the record fewer; on PostgreSQL one
+    /// round trip fewer).
+    pub async fn ack_secret_for_certificate(
+        &self,
+        cert_der: &[u8],
+        ack: SecretAck,
+    ) -> Result<(), Problem> {
+        let started = Instant::now();
+        let r = match crate::tls::certificate_serial_and_key(cert_der) {
+            None => Err(Problem::new(
+                ProblemType::UnknownDevice,
+                "the certificate's serial is not a device serial",
+            )),
+            Some((serial, key_hash)) => {
+                self.ack_secret_inner(serial.device.get(), key_hash, Some(cert_der.to_vec()), ack)
+                    .await
+            }
+        };
+        self.metrics.ack(r.as_ref().map(|_| ()), started.elapsed());
+        r
+    }
+
+    async fn ack_secret_inner(
+        &self,
+        serial: u64,
+        key_hash: [u8; 32],
+        certificate: Option<Vec<u8>>,
+        ack: SecretAck,
+    ) -> Result<(), Problem> {
         let op = SecretOp::Ack {
-            serial: id.serial,
+            serial,
             key_id: ack.key_id,
             version: ack.version,
             kcv: ack.kcv.to_vec(),
             at: self.clock.now(),
-            binding: id.key_hash,
+            binding: key_hash,
+            certificate,
         };
         match self
             .committer

@@ -85,6 +85,18 @@ pub fn certificate_serial(der: &[u8]) -> Option<protocol_spec::CertSerial> {
     protocol_spec::profile::cert_serial(der).ok()
 }
 
+/// The device serial and the SHA-256 of the SPKI of a DER certificate (one parse), or `None`
+/// when it is no device certificate.
+pub fn certificate_serial_and_key(der: &[u8]) -> Option<(protocol_spec::CertSerial, [u8; 32])> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    let serial = protocol_spec::CertSerial::from_integer_octets(cert.tbs_certificate.raw_serial())?;
+    Some((
+        serial,
+        protocol_spec::spki::sha256(cert.tbs_certificate.subject_pki.raw),
+    ))
+}
+
 fn chain_verifier(ca_cert: &Path) -> Result<Arc<dyn ClientCertVerifier>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for c in load_chain(ca_cert)? {

@@ -1016,6 +1016,7 @@ mod tests {
                         kcv,
                         at: 1002,
                         binding,
+                        certificate: None,
                     },
                 ];
                 for op in ops {

@@ -498,6 +498,10 @@ pub enum SecretOp {
         at: u64,
         /// SHA-256 of the SPKI the device authenticated with.
         binding: [u8; 32],
+        /// The certificate the device authenticated with, when the door has not checked it
+        /// against the record: the transaction applies the door's rule ([`admit`]) instead,
+        /// over the record it reads anyway.
+        certificate: Option<Vec<u8>>,
     },
     /// Add a batch of pre-generated keys to the pool: all of it or nothing.
     Import {
@@ -751,7 +755,13 @@ fn secret_writes(view: &SecretView, op: &SecretOp) -> (SecretOutcome, Vec<Secret
             kcv,
             at,
             binding,
+            certificate,
         } => {
+            if let Some(cert) = certificate
+                && let Err(r) = admit(view.device.as_ref(), *serial, cert)
+            {
+                return refuse(r);
+            }
             if let Err(r) = active(*serial, Some(binding)) {
                 return refuse(r);
             }
@@ -1364,6 +1374,7 @@ mod tests {
             kcv,
             at: 9,
             binding,
+            certificate: None,
         };
         let undelivered = SecretView {
             named: Some(version(5, 1)),
@@ -1382,6 +1393,48 @@ mod tests {
         assert!(matches!(
             outcome(&view, &ack(vec![0, 0, 0])),
             SecretOutcome::Refused(Refusal::AckKcv)
+        ));
+        // An ack whose certificate the door did not check: the transaction applies the
+        // door's rule. Another certificate of the same key (an earlier generation) is refused,
+        // the record's own passes.
+        let with_cert = |certificate: Vec<u8>| match ack(vec![1, 2, 3]) {
+            SecretOp::Ack {
+                serial,
+                key_id,
+                version,
+                kcv,
+                at,
+                binding,
+                ..
+            } => SecretOp::Ack {
+                serial,
+                key_id,
+                version,
+                kcv,
+                at,
+                binding,
+                certificate: Some(certificate),
+            },
+            other => other,
+        };
+        let record_cert = view.device.as_ref().map(|d| d.certificate.clone()).unwrap();
+        let mut other_cert = record_cert.clone();
+        other_cert.push(0);
+        assert!(matches!(
+            outcome(&view, &with_cert(other_cert)),
+            SecretOutcome::Refused(Refusal::NotTheCertificate { .. })
+        ));
+        let revoked_view = SecretView {
+            device: Some(device(5, 1, DeviceStatus::Revoked)),
+            ..view.clone()
+        };
+        assert!(matches!(
+            outcome(&revoked_view, &with_cert(record_cert.clone())),
+            SecretOutcome::Refused(Refusal::Revoked { .. })
+        ));
+        assert!(matches!(
+            outcome(&view, &with_cert(record_cert)),
+            SecretOutcome::Done(_)
         ));
         let (o, w, ev) = secret(&view, &ack(vec![1, 2, 3]));
         assert!(matches!(o, SecretOutcome::Done(_)) && w.len() == 1 && ev.is_some());

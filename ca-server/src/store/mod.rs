@@ -670,6 +670,7 @@ pub(crate) mod test_support {
                 kcv: record.kcv.clone(),
                 at: 2_001,
                 binding,
+                certificate: None,
             }),
             // The same ack again: confirmed already, no second entry.
             Write::Secret(SecretOp::Ack {
@@ -679,6 +680,7 @@ pub(crate) mod test_support {
                 kcv: record.kcv.clone(),
                 at: 2_003,
                 binding,
+                certificate: None,
             }),
             // A binding the device does not hold.
             Write::Secret(SecretOp::Ack {
@@ -688,6 +690,7 @@ pub(crate) mod test_support {
                 kcv: record.kcv.clone(),
                 at: 2_002,
                 binding: [9; 32],
+                certificate: None,
             }),
         ];
         let outcomes: Vec<String> = store

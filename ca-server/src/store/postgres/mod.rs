@@ -2445,6 +2445,7 @@ mod tests {
                 kcv: record.kcv.clone(),
                 at: 2_001,
                 binding,
+                certificate: None,
             };
             let allocate = SecretOp::Allocate {
                 record,
