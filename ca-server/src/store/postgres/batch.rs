@@ -15,10 +15,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use super::{
-    Chain, DEVICE_COLUMNS, Db, LINE_COLUMNS, On, P, Pool, SECRET_COLUMNS, device_of, i, line_of,
-    oi, pg, secret_of, status_name, u,
+    Chain, DEVICE_COLUMNS, Db, LINE_COLUMNS, P, Pool, SECRET_COLUMNS, device_of, i, line_of, oi,
+    pg, secret_of, status_name, u,
 };
 use crate::ra::rules::{self, EnrollOutcome, EnrollView, Holder, NewEnrollment, SecretOp};
 use crate::ra::rules::{SecretOutcome, SecretView, SecretWrite};
@@ -70,27 +71,46 @@ pub(super) async fn apply(
     pool: Arc<Pool>,
     writes: Arc<Vec<Write>>,
 ) -> Result<Vec<Written>, StoreError> {
-    let mut conn = pool.get().await?;
-    let (tx, stmts) = conn.transaction_db().await?;
-    let db = Db {
-        on: On::Tx(&tx),
-        stmts: &stmts,
-    };
-    let (mut chain, mut state) = read(&db, &writes).await?;
-    let mut changes = Changes {
-        audit_key: pool.audit_key.get().cloned(),
-        ..Changes::default()
-    };
-    let outcomes = writes
-        .iter()
-        .map(|w| match w {
-            Write::Enroll(e) => Written::Enroll(state.enroll(e, &mut changes, &mut chain)),
-            Write::Secret(op) => Written::Secret(state.secret(op, &mut changes, &mut chain)),
-        })
-        .collect();
-    write(&db, &changes, &chain).await?;
-    tx.commit().await.map_err(pg)?;
-    Ok(outcomes)
+    let conn = pool.get().await?;
+    // The transaction is opened by a `BEGIN` sent in the same flight as the reads (one round
+    // trip fewer than a `BEGIN` of its own), so it is ended here by hand; until it is, the
+    // connection is not reused if this task ends early.
+    conn.open.store(true, Ordering::SeqCst);
+    let db = conn.db()?;
+    let decided = async {
+        let (mut chain, mut state) = read(&db, &writes).await?;
+        let mut changes = Changes {
+            audit_key: pool.audit_key.get().cloned(),
+            ..Changes::default()
+        };
+        let outcomes = writes
+            .iter()
+            .map(|w| match w {
+                Write::Enroll(e) => Written::Enroll(state.enroll(e, &mut changes, &mut chain)),
+                Write::Secret(op) => Written::Secret(state.secret(op, &mut changes, &mut chain)),
+            })
+            .collect::<Vec<_>>();
+        write(&db, &changes, &chain).await?;
+        Ok::<_, StoreError>(outcomes)
+    }
+    .await;
+    match decided {
+        Ok(outcomes) => {
+            // No ROLLBACK after a failed COMMIT: the transaction has ended either way, and a
+            // ROLLBACK outside one draws a WARNING, which this store takes for a commit the
+            // synchronous standby did not confirm.
+            db.simple("COMMIT").await?;
+            conn.open.store(false, Ordering::SeqCst);
+            Ok(outcomes)
+        }
+        Err(e) => {
+            // The connection goes back to the pool outside any transaction, or is closed.
+            if db.simple("ROLLBACK").await.is_ok() {
+                conn.open.store(false, Ordering::SeqCst);
+            }
+            Err(e)
+        }
+    }
 }
 
 /// The records a batch touches, as they stand after the writes decided so far. A key absent
@@ -140,7 +160,8 @@ struct Changes {
     audit_key: Option<crate::audit::AuditKey>,
 }
 
-/// Locks the audit head and reads every record the writes touch, in one round trip.
+/// Opens the transaction, locks the audit head and reads every record the writes touch, in
+/// one round trip.
 async fn read(db: &Db<'_>, writes: &[Write]) -> Result<(Chain, State), StoreError> {
     let mut serials: Vec<i64> = Vec::new();
     let mut enroll_serials: Vec<i64> = Vec::new();
@@ -221,7 +242,8 @@ async fn read(db: &Db<'_>, writes: &[Write]) -> Result<(Chain, State), StoreErro
     let p_pool: [P<'_>; 1] = [&pool_ids];
     let p_bdks: [P<'_>; 1] = [&bdk_ids];
     let enrolling = !key_hashes.is_empty();
-    let (_, head, devices, keys, tokens, lines, resets, versions, secret_keys, pool, dukpt) = tokio::try_join!(
+    let (_, _, head, devices, keys, tokens, lines, resets, versions, secret_keys, pool, dukpt) = tokio::try_join!(
+        db.simple("BEGIN"),
         db.exec(PLANS, &[]),
         db.one(LOCK_HEAD, &[]),
         db.all(device_sql.as_str(), &p_serials),

@@ -479,6 +479,10 @@ struct Conn {
     stmts: Stmts,
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
+    /// Set while a transaction opened by hand may be open on it: dropped so (its task
+    /// cancelled, say, by the call's time limit), the connection is closed rather than handed
+    /// to the next caller inside that transaction.
+    open: AtomicBool,
 }
 
 /// Where a statement runs (a transaction, or the connection itself), with the connection's
@@ -562,12 +566,18 @@ impl Db<'_> {
         let s = self.stmt(sql).await?;
         on_either!(self, execute, &s, params)
     }
+
+    /// A statement of the simple protocol (`BEGIN`, `COMMIT`), sent when first polled.
+    async fn simple(&self, sql: &str) -> Result<(), StoreError> {
+        on_either!(self, batch_execute, sql)
+    }
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
         if let Some(c) = self.client.take()
             && !c.is_closed()
+            && !self.open.load(Ordering::SeqCst)
             && let Ok(mut idle) = self.pool.idle.lock()
         {
             idle.push((c, self.stmts.clone()));
@@ -631,6 +641,7 @@ impl Pool {
                         stmts,
                         pool: self.clone(),
                         _permit: permit,
+                        open: AtomicBool::new(false),
                     });
                 }
                 Some(_) => continue,
@@ -662,6 +673,7 @@ impl Pool {
             stmts: Arc::default(),
             pool: self.clone(),
             _permit: permit,
+            open: AtomicBool::new(false),
         })
     }
 }
@@ -2370,6 +2382,47 @@ mod tests {
     #[test]
     fn a_pool_key_imported_and_given_out_in_one_batch() {
         crate::store::test_support::pool_key_imported_and_given_out_in_one_batch(&TestDb::new().0);
+    }
+
+    async fn backend_pid(c: &Conn) -> Result<i32, StoreError> {
+        Ok(c.client()?
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .map_err(pg)?
+            .get(0))
+    }
+
+    /// A batch opens its transaction by hand (its `BEGIN` goes with its reads). A connection
+    /// dropped before that transaction ended (the call's time limit cancelled it) is closed,
+    /// never handed to the next caller inside the transaction; one dropped outside any is
+    /// reused.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_connection_dropped_inside_a_transaction_opened_by_hand_is_not_reused() {
+        let db = TestDb::new();
+        let (reused, after_open) =
+            db.0.run(|pool| async move {
+                let first = pool.get().await?;
+                let p1 = backend_pid(&first).await?;
+                drop(first);
+                let second = pool.get().await?;
+                let p2 = backend_pid(&second).await?;
+                second.open.store(true, Ordering::SeqCst);
+                second.client()?.batch_execute("BEGIN").await.map_err(pg)?;
+                drop(second);
+                let third = pool.get().await?;
+                let p3 = backend_pid(&third).await?;
+                Ok((p1 == p2, p3 != p2))
+            })
+            .unwrap();
+        assert!(
+            reused,
+            "a connection dropped outside a transaction is reused"
+        );
+        assert!(
+            after_open,
+            "the one dropped inside a transaction was not reused"
+        );
     }
 
     #[test]
