@@ -77,8 +77,9 @@ pub(super) async fn apply(
     // connection is not reused if this task ends early.
     conn.open.store(true, Ordering::SeqCst);
     let db = conn.db()?;
+    let begun = std::sync::atomic::AtomicBool::new(false);
     let decided = async {
-        let (mut chain, mut state) = read(&db, &writes).await?;
+        let (mut chain, mut state) = read(&db, &writes, &begun).await?;
         let mut changes = Changes {
             audit_key: pool.audit_key.get().cloned(),
             ..Changes::default()
@@ -104,8 +105,10 @@ pub(super) async fn apply(
             Ok(outcomes)
         }
         Err(e) => {
-            // The connection goes back to the pool outside any transaction, or is closed.
-            if db.simple("ROLLBACK").await.is_ok() {
+            // The connection goes back to the pool outside any transaction, or is closed. No
+            // ROLLBACK when the BEGIN was never sent (a failure before the reads): outside a
+            // transaction it would draw a WARNING.
+            if !begun.load(Ordering::SeqCst) || db.simple("ROLLBACK").await.is_ok() {
                 conn.open.store(false, Ordering::SeqCst);
             }
             Err(e)
@@ -162,7 +165,11 @@ struct Changes {
 
 /// Opens the transaction, locks the audit head and reads every record the writes touch, in
 /// one round trip.
-async fn read(db: &Db<'_>, writes: &[Write]) -> Result<(Chain, State), StoreError> {
+async fn read(
+    db: &Db<'_>,
+    writes: &[Write],
+    begun: &std::sync::atomic::AtomicBool,
+) -> Result<(Chain, State), StoreError> {
     let mut serials: Vec<i64> = Vec::new();
     let mut enroll_serials: Vec<i64> = Vec::new();
     let mut key_hashes: Vec<&[u8]> = Vec::new();
@@ -242,6 +249,9 @@ async fn read(db: &Db<'_>, writes: &[Write]) -> Result<(Chain, State), StoreErro
     let p_pool: [P<'_>; 1] = [&pool_ids];
     let p_bdks: [P<'_>; 1] = [&bdk_ids];
     let enrolling = !key_hashes.is_empty();
+    // The BEGIN leaves at the first poll below: from here on the connection is in a
+    // transaction.
+    begun.store(true, Ordering::SeqCst);
     let (_, _, head, devices, keys, tokens, lines, resets, versions, secret_keys, pool, dukpt) = tokio::try_join!(
         db.simple("BEGIN"),
         db.exec(PLANS, &[]),

@@ -2425,6 +2425,32 @@ mod tests {
         );
     }
 
+    /// A batch that fails before its `BEGIN` was sent (here: a statement that cannot be
+    /// prepared) sends no `ROLLBACK`: outside a transaction that draws a WARNING, which this
+    /// store counts as a commit the synchronous standby may not have confirmed.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_batch_that_fails_before_its_begin_draws_no_warning() {
+        use crate::store::test_support::{enrollment, line};
+        let db = TestDb::new();
+        db.0.add_line(&line(100), "t").unwrap();
+        db.0.run(|pool| async move {
+            let conn = pool.get().await?;
+            conn.client()?
+                .batch_execute("DROP TABLE device_resets")
+                .await
+                .map_err(pg)
+        })
+        .unwrap();
+        let before = db.0.pool.warnings.load(Ordering::SeqCst);
+        let r = db.0.apply_writes(&[
+            Write::Enroll(enrollment(1, 1, 1)),
+            Write::Enroll(enrollment(2, 2, 2)),
+        ]);
+        assert!(r.is_err(), "{r:?}");
+        assert_eq!(db.0.pool.warnings.load(Ordering::SeqCst), before);
+    }
+
     #[test]
     fn a_fetch_read_gives_what_the_single_reads_give() {
         crate::store::test_support::fetch_read_gives_what_the_single_reads_give(&TestDb::new().0);
