@@ -84,9 +84,22 @@ impl SoftToken {
 
     /// `ca-server serve` on the CA, HTTPS on a free port.
     fn serve(&self, ca: &TestCa) -> (Server, SocketAddr) {
+        let (server, addrs) = self.serve_on(ca, &["--https", "127.0.0.1:0", "--no-admin"]);
+        (server, addrs["https"])
+    }
+
+    /// `ca-server serve` on the CA with `listeners` (e.g. `--https 127.0.0.1:0`): the process
+    /// and the addresses it printed, by listener.
+    fn serve_on(
+        &self,
+        ca: &TestCa,
+        listeners: &[&str],
+    ) -> (Server, std::collections::BTreeMap<String, SocketAddr>) {
         use std::io::BufRead;
         let mut child = Command::new(env!("CARGO_BIN_EXE_ca-server"))
-            .args(["serve", "--https", "127.0.0.1:0", "--no-admin", "--dir"])
+            .arg("serve")
+            .args(listeners)
+            .arg("--dir")
             .arg(ca.root())
             .env("SOFTHSM2_CONF", &self.conf)
             .stdout(Stdio::piped())
@@ -99,7 +112,7 @@ impl SoftToken {
             .unwrap();
         let addrs = ca_server::server::parse_listening_line(&line)
             .unwrap_or_else(|| panic!("unexpected: {line}"));
-        (Server(child), addrs["https"])
+        (Server(child), addrs)
     }
 }
 
@@ -886,7 +899,6 @@ fn add_dukpt_line(token: &SoftToken, ca: &TestCa, line: &Line, bdk_id: &str) {
 async fn devices_of_a_token_ca_get_initial_keys_from_the_token_and_a_deleted_bdk_is_refused() {
     use device_agent::secrets::{SyncOutcome, mtls_client, sync};
     use device_agent::url::CaUrl;
-    use std::io::BufRead;
 
     const IMPORTED: &str = "00112233445566778899AABBCCDDEEFF0102030405060708090A0B0C0D0E0F10";
     let token = SoftToken::new("imprint");
@@ -909,21 +921,19 @@ async fn devices_of_a_token_ca_get_initial_keys_from_the_token_and_a_deleted_bdk
     add_dukpt_line(&token, &ca, &line_a, "5EED0001");
     token.ok(&["operator", "add", "--dir", &root, "alice"]);
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ca-server"))
-        .args(["serve", "--https", "127.0.0.1:0", "--coap", "127.0.0.1:0"])
-        .args(["--mtls", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--dir"])
-        .arg(ca.root())
-        .env("SOFTHSM2_CONF", &token.conf)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut listening = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut listening)
-        .unwrap();
-    let server = Server(child);
-    let addrs = ca_server::server::parse_listening_line(&listening).unwrap();
+    let (server, addrs) = token.serve_on(
+        &ca,
+        &[
+            "--https",
+            "127.0.0.1:0",
+            "--coap",
+            "127.0.0.1:0",
+            "--mtls",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+    );
     let (coap, mtls, admin) = (addrs["coap"], addrs["mtls"], addrs["admin"]);
     let url = CaUrl::parse(&format!("https://{mtls}")).unwrap();
 

@@ -1367,15 +1367,16 @@ mod tests {
         };
         assert!(matches!(outcome(&has, &alloc), SecretOutcome::Existing(_)));
         // An ack of a version never delivered; then with the wrong KCV; then twice.
-        let ack = |kcv: Vec<u8>| SecretOp::Ack {
+        let ack_with = |kcv: Vec<u8>, certificate: Option<Vec<u8>>| SecretOp::Ack {
             serial: 5,
             key_id: "k5-1".into(),
             version: 1,
             kcv,
             at: 9,
             binding,
-            certificate: None,
+            certificate,
         };
+        let ack = |kcv: Vec<u8>| ack_with(kcv, None);
         let undelivered = SecretView {
             named: Some(version(5, 1)),
             ..active.clone()
@@ -1397,26 +1398,7 @@ mod tests {
         // An ack whose certificate the door did not check: the transaction applies the
         // door's rule. Another certificate of the same key (an earlier generation) is refused,
         // the record's own passes.
-        let with_cert = |certificate: Vec<u8>| match ack(vec![1, 2, 3]) {
-            SecretOp::Ack {
-                serial,
-                key_id,
-                version,
-                kcv,
-                at,
-                binding,
-                ..
-            } => SecretOp::Ack {
-                serial,
-                key_id,
-                version,
-                kcv,
-                at,
-                binding,
-                certificate: Some(certificate),
-            },
-            other => other,
-        };
+        let with_cert = |certificate: Vec<u8>| ack_with(vec![1, 2, 3], Some(certificate));
         let record_cert = view.device.as_ref().map(|d| d.certificate.clone()).unwrap();
         let mut other_cert = record_cert.clone();
         other_cert.push(0);
