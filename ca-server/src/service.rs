@@ -94,7 +94,7 @@ impl std::fmt::Debug for CaService {
     }
 }
 
-/// What a client is told of a store failure: `unavailable` when the database cannot be reached
+/// What a client is told of a store failure: `unavailable` when the database is not answering
 /// (nothing was written; retry) or when whether a write was made is not known (a retry gets
 /// the same answer), else `internal`.
 fn store_failure(context: &str, e: StoreError) -> Problem {
@@ -103,7 +103,7 @@ fn store_failure(context: &str, e: StoreError) -> Problem {
             tracing::warn!(error = %why, "{context}: store unavailable");
             Problem::new(
                 ProblemType::Unavailable,
-                "the CA's database cannot be reached; nothing was written; retry",
+                "the CA's database is not answering; nothing was written; retry",
             )
         }
         StoreError::Unknown(why) => {

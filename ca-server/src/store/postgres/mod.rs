@@ -17,7 +17,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -67,10 +67,66 @@ const PAGE: i64 = 2000;
 /// How long a caller waits for an answer on its own thread before it gives that thread back to
 /// its async runtime (an answer within this is the usual case: then nothing more is done).
 const QUICK_ANSWER: Duration = Duration::from_millis(5);
-/// Calls that may wait longer than [`QUICK_ANSWER`] at once. While that many wait, the database
-/// is not answering: a new call is refused as `unavailable` at once, before anything is sent,
-/// rather than holding one more thread for up to [`CALL_TIMEOUT`].
+/// Calls that may wait longer than [`QUICK_ANSWER`] at once while the database answers nothing.
+/// Past that many, and with no call answered for [`STALLED`], the database is not answering: a
+/// new call is refused as `unavailable` at once, before anything is sent, rather than holding
+/// one more thread for up to [`CALL_TIMEOUT`]. A database that is only slow (a busy machine, a
+/// burst of requests) keeps answering, and its callers keep waiting.
 const SLOW_CALLS_MAX: usize = 32;
+/// How long the database may answer nothing, with [`SLOW_CALLS_MAX`] calls waiting, before new
+/// calls are refused.
+const STALLED: Duration = Duration::from_secs(1);
+/// Calls that may wait longer than [`QUICK_ANSWER`] at once in any case (each holds a thread).
+const SLOW_CALLS_HARD: usize = 256;
+
+/// The store's calls in flight: how many wait past [`QUICK_ANSWER`], and when the database
+/// last answered one.
+#[derive(Debug)]
+struct Waits {
+    slow: AtomicUsize,
+    epoch: Instant,
+    /// Milliseconds from `epoch` to the latest answer.
+    answered: AtomicU64,
+}
+
+impl Waits {
+    fn new() -> Self {
+        Waits {
+            slow: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            answered: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn answer(&self) {
+        self.answered.fetch_max(self.now_ms(), Ordering::SeqCst);
+    }
+
+    /// Why a new call is not to be sent, if it is not.
+    fn refusal(&self) -> Option<String> {
+        let waiting = self.slow.load(Ordering::SeqCst);
+        if waiting < SLOW_CALLS_MAX {
+            return None;
+        }
+        if waiting >= SLOW_CALLS_HARD {
+            return Some(format!(
+                "{waiting} calls already wait for the database; not sending more until they are answered"
+            ));
+        }
+        let quiet = self
+            .now_ms()
+            .saturating_sub(self.answered.load(Ordering::SeqCst));
+        (u128::from(quiet) >= STALLED.as_millis()).then(|| {
+            format!(
+                "the database has answered nothing for {quiet} ms while {waiting} calls wait; not sending more until it does"
+            )
+        })
+    }
+}
 
 /// Where the database is and how to reach it.
 #[derive(Clone)]
@@ -155,7 +211,7 @@ fn check_schema_name(name: &str) -> Result<(), StoreError> {
     }
 }
 
-/// Counts a call in [`PgStore::slow`] while it lives.
+/// Counts a call in [`Waits::slow`] while it lives.
 struct SlowCall<'a>(&'a AtomicUsize);
 
 impl<'a> SlowCall<'a> {
@@ -191,8 +247,8 @@ pub struct PgStore {
     handle: Handle,
     pool: Arc<Pool>,
     target: String,
-    /// Calls now waiting longer than [`QUICK_ANSWER`].
-    slow: Arc<AtomicUsize>,
+    /// The calls in flight (see [`SLOW_CALLS_MAX`]).
+    waits: Arc<Waits>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -299,7 +355,7 @@ impl PgStore {
             handle,
             pool,
             target,
-            slow: Arc::default(),
+            waits: Arc::new(Waits::new()),
         };
         // Fail now, naming the database, rather than at the first request.
         store.run(|pool| async move { pool.get().await.map(|_| ()) })?;
@@ -321,15 +377,12 @@ impl PgStore {
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
         T: Send + 'static,
     {
-        let waiting = self.slow.load(Ordering::SeqCst);
-        if waiting >= SLOW_CALLS_MAX {
-            return Err(StoreError::Unavailable(format!(
-                "the database has not answered {waiting} calls within {} ms; not sending more until it does",
-                QUICK_ANSWER.as_millis()
-            )));
+        if let Some(why) = self.waits.refusal() {
+            return Err(StoreError::Unavailable(why));
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let pool = self.pool.clone();
+        let waits = self.waits.clone();
         let fut = f(self.pool.clone());
         self.handle.spawn(async move {
             let call = async {
@@ -356,6 +409,9 @@ impl PgStore {
                     CALL_TIMEOUT.as_secs()
                 ))),
             };
+            if !matches!(r, Err(StoreError::Unavailable(_))) {
+                waits.answer();
+            }
             let _ = tx.send(r);
         });
         let ended = || StoreError::Backend("the database task ended without an answer".into());
@@ -363,7 +419,7 @@ impl PgStore {
             Ok(r) => r,
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(ended()),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                let _slow = SlowCall::new(&self.slow);
+                let _slow = SlowCall::new(&self.waits.slow);
                 off_the_runtime(|| rx.recv()).map_err(|_| ended())?
             }
         }
