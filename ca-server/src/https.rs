@@ -409,10 +409,40 @@ fn rate_limited(req: &Request<Incoming>, retry_secs: u32) -> Response<Full<Bytes
     r
 }
 
-/// A JSON problem sent with another status than its type's (405, 415), the body's `status`
-/// saying the same.
+/// A JSON problem sent with another status than its type's (404, 405, 415), the body's
+/// `status` saying the same.
 fn problem_with_status(p: &Problem, status: StatusCode) -> Response<Full<Bytes>> {
     respond(status, PROBLEM_JSON, p.to_json_with_status(status.as_u16()))
+}
+
+/// The answer to a path a door does not serve: 404, a `malformed` problem saying 404.
+pub(crate) fn not_found(path: &str) -> Response<Full<Bytes>> {
+    let p = Problem::malformed(format!("no resource {path}"));
+    problem_with_status(&p, StatusCode::NOT_FOUND)
+}
+
+/// The answer to a path asked with a method it does not take: 405 with the methods it takes in
+/// `Allow` (RFC 9110 section 15.5.6: the origin server "MUST generate an Allow header field in
+/// a 405 response"), a `malformed` problem saying 405.
+pub(crate) fn method_not_allowed(
+    method: &Method,
+    path: &str,
+    allow: &'static str,
+) -> Response<Full<Bytes>> {
+    let p = Problem::malformed(format!(
+        "method {method} not allowed on {path} (only {allow})"
+    ));
+    let mut r = problem_with_status(&p, StatusCode::METHOD_NOT_ALLOWED);
+    r.headers_mut()
+        .insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// The answer to a request body in a content type the door does not read: 415, a `malformed`
+/// problem saying 415 and naming the types it reads (`accepted`).
+pub(crate) fn unsupported_media_type(given: &str, accepted: &str) -> Response<Full<Bytes>> {
+    let p = Problem::malformed(format!("content type {given:?} is not {accepted}"));
+    problem_with_status(&p, StatusCode::UNSUPPORTED_MEDIA_TYPE)
 }
 
 async fn handle(
@@ -447,15 +477,9 @@ async fn handle(
             Err(p) => problem(&p, false),
         },
         (&Method::POST, "/enroll") => enroll(req, service, peer).await,
-        (_, "/enroll" | "/ca" | "/crl" | "/health") => problem_with_status(
-            &Problem::malformed(format!("method {} not allowed on {path}", req.method())),
-            StatusCode::METHOD_NOT_ALLOWED,
-        ),
-        _ => respond(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            format!("no resource {path}\n").into_bytes(),
-        ),
+        (m, "/enroll") => method_not_allowed(m, &path, "POST"),
+        (m, "/ca" | "/crl" | "/health") => method_not_allowed(m, &path, "GET"),
+        _ => not_found(&path),
     }
 }
 
@@ -469,10 +493,7 @@ async fn enroll(
     let encoding = match ctype.as_str() {
         CBOR => RequestEncoding::Cbor,
         JSON => RequestEncoding::Json,
-        other => {
-            let p = Problem::malformed(format!("content type {other:?} is not {CBOR} or {JSON}"));
-            return problem_with_status(&p, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-        }
+        other => return unsupported_media_type(other, &format!("{CBOR} or {JSON}")),
     };
     let cbor_problems = encoding == RequestEncoding::Cbor && !accept.contains("json");
     // Read one byte past the limit so that an oversize body is reported as too-large.
