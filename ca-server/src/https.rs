@@ -69,14 +69,19 @@ pub struct DoorLimits {
     /// Requests per second per source address (shared by the device doors; none at the
     /// admin door).
     pub rate: Option<Arc<SourceRate>>,
+    /// What each accepted connection (a TLS handshake attempt) takes from its source's `rate`
+    /// (`[limits] rate_handshake_cost`; 0: not counted).
+    pub handshake_cost: u32,
 }
 
 /// Serves `door` on `listener` until `shutdown` turns true. Each connection takes one of
 /// `limits.slots` once accepted (per source address and per listener): a connection past its
 /// source's share or the listener's is closed at once, so that one source cannot hold every
 /// slot, and a client behind a flood is never left in the kernel's backlog; each door has its
-/// own slots, so enrollment traffic cannot starve the admin door. A request past its source's
-/// rate gets 429 (rate-limited) with Retry-After.
+/// own slots, so enrollment traffic cannot starve the admin door. Each accepted connection
+/// takes `limits.handshake_cost` from its source's rate, and is closed before the TLS handshake
+/// when the source is past it; a request past its source's rate gets 429 (rate-limited) with
+/// Retry-After.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -89,6 +94,7 @@ pub async fn serve(
         slots,
         timeout,
         rate,
+        handshake_cost,
     } = limits;
     let acceptor = TlsAcceptor::from(tls);
     loop {
@@ -114,6 +120,18 @@ pub async fn serve(
                 continue;
             }
         };
+        // Each handshake costs the server a signature: a source past its rate is not given
+        // one. Its connection is closed at once (an answer of 429 would need the handshake).
+        if let Some(r) = &rate
+            && r.check_cost(peer.ip(), std::time::Instant::now(), handshake_cost)
+                .is_err()
+        {
+            service.metrics().handshake_rate_limited(door.name());
+            tracing::debug!(%peer, door = door.name(), "source rate exceeded: no handshake");
+            drop(permit);
+            drop(tcp);
+            continue;
+        }
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let service = service.clone();
