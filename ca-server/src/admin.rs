@@ -28,6 +28,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::header::HeaderValue;
 use hyper::{Method, Request, Response, StatusCode};
 use protocol_spec::PublicKey;
 use protocol_spec::profile::cert_pem;
@@ -288,6 +289,9 @@ pub struct AdminProblem {
     pub title: String,
     /// What exactly.
     pub detail: String,
+    /// For 405: the methods the path takes, sent as `Allow` (not in the body).
+    #[serde(skip)]
+    pub allow: Option<&'static str>,
 }
 
 impl AdminProblem {
@@ -296,6 +300,7 @@ impl AdminProblem {
             status: status.as_u16(),
             title: status.canonical_reason().unwrap_or("error").to_string(),
             detail: detail.into(),
+            allow: None,
         }
     }
     fn not_found(detail: impl Into<String>) -> Self {
@@ -407,11 +412,15 @@ pub async fn handle(
 fn finish(service: &CaService, operation: &str, r: AdminResult) -> Response<Full<Bytes>> {
     let resp = r.unwrap_or_else(|p| {
         let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let r = respond(
+        let mut r = respond(
             status,
             "application/problem+json",
             serde_json::to_vec(&p).unwrap_or_default(),
         );
+        if let Some(allow) = p.allow {
+            r.headers_mut()
+                .insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
+        }
         if status == StatusCode::REQUEST_TIMEOUT {
             crate::https::closing(r)
         } else {
@@ -700,10 +709,39 @@ async fn route(
                 .map_err(|e| AdminProblem::internal("audit", e))?;
             json(StatusCode::OK, &verdict)
         }
-        _ => Err(AdminProblem::not_found(format!(
-            "no admin resource {} {path}",
-            method
-        ))),
+        (_, parts) => match allowed_methods(parts) {
+            // RFC 9110 section 15.5.6: a 405 names the methods the path takes in Allow.
+            Some(allow) => Err(AdminProblem {
+                allow: Some(allow),
+                ..AdminProblem::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("method {method} not allowed on {path} (only {allow})"),
+                )
+            }),
+            None => Err(AdminProblem::not_found(format!(
+                "no admin resource {method} {path}"
+            ))),
+        },
+    }
+}
+
+/// The methods a path of the admin door takes (every route of [`route`]), when it is one.
+fn allowed_methods(parts: &[&str]) -> Option<&'static str> {
+    match parts {
+        ["health"]
+        | ["metrics"]
+        | ["crl"]
+        | ["devices", _]
+        | ["operators"]
+        | ["audit"]
+        | ["audit", "verify"] => Some("GET"),
+        ["lines"] | ["dukpt", "bdks"] => Some("GET, POST"),
+        ["devices", _, "revoke" | "reset"]
+        | ["operators", _, "revoke"]
+        | ["secrets", "rotate"]
+        | ["lines", _, "disable" | "enable" | "rate"]
+        | ["dukpt", "derive"] => Some("POST"),
+        _ => None,
     }
 }
 
@@ -1053,6 +1091,14 @@ fn json<T: Serialize>(status: StatusCode, v: &T) -> AdminResult {
 async fn read_json<T: for<'de> Deserialize<'de>>(
     req: Request<Incoming>,
 ) -> Result<T, AdminProblem> {
+    // JSON only (absent: taken as JSON), refused before the body is read.
+    let ctype = crate::https::media_type(crate::https::header(&req, hyper::header::CONTENT_TYPE));
+    if !matches!(ctype.as_str(), "" | "application/json") {
+        return Err(AdminProblem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("content type {ctype:?} is not application/json"),
+        ));
+    }
     let body = crate::https::read_body(req, MAX_BODY)
         .await
         .map_err(|e| match e {
@@ -1088,6 +1134,41 @@ mod tests {
             "line-disable"
         );
         assert_eq!(operation_name(&Method::GET, "/nothing/here"), "other");
+    }
+
+    /// Every route (each has an operation name) is in `allowed_methods` with its method, so
+    /// that no route of the door is ever answered 405 or 404, and a 405's Allow names it.
+    #[test]
+    fn every_route_takes_its_method_and_allow_names_it() {
+        let routes = [
+            ("GET", "/devices/17"),
+            ("POST", "/devices/17/revoke"),
+            ("POST", "/devices/17/reset"),
+            ("POST", "/secrets/rotate"),
+            ("GET", "/lines"),
+            ("POST", "/lines"),
+            ("POST", "/lines/L1/disable"),
+            ("POST", "/lines/L1/enable"),
+            ("POST", "/lines/L1/rate"),
+            ("GET", "/dukpt/bdks"),
+            ("POST", "/dukpt/bdks"),
+            ("POST", "/dukpt/derive"),
+            ("GET", "/audit"),
+            ("GET", "/audit/verify"),
+            ("GET", "/crl"),
+            ("GET", "/metrics"),
+            ("GET", "/health"),
+            ("GET", "/operators"),
+            ("POST", "/operators/alice/revoke"),
+        ];
+        for (method, path) in routes {
+            let m = Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET);
+            assert_ne!(operation_name(&m, path), "other", "{method} {path}");
+            let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+            let allow = allowed_methods(&parts).unwrap_or("");
+            assert!(allow.split(", ").any(|a| a == method), "{method} {path}");
+        }
+        assert_eq!(allowed_methods(&["nothing", "here"]), None);
     }
 
     #[test]

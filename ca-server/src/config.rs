@@ -140,6 +140,11 @@ pub struct Limits {
     pub rate_per_source: u32,
     /// Requests one source address may make at once before its rate applies.
     pub rate_burst_per_source: u32,
+    /// What one TLS handshake attempt costs its source at the device doors' TCP listeners
+    /// (HTTPS enrollment, mutual-TLS secrets), in requests of `rate_per_source`, taken when the
+    /// connection is accepted: past the rate the connection is closed at once, before the
+    /// handshake and its signature. 0: handshakes are not counted.
+    pub rate_handshake_cost: u32,
     /// Source addresses whose rate is remembered at once (the least recently seen is
     /// forgotten first, and starts again with a full burst).
     pub rate_sources: usize,
@@ -172,6 +177,7 @@ impl Default for Limits {
             // (a line gateway, a NAT, the simulator's loss relay: about 2,600 CoAP devices/s).
             rate_per_source: 5000,
             rate_burst_per_source: 10_000,
+            rate_handshake_cost: 1,
             rate_sources: 100_000,
             coap_exchanges_per_source: 50_000,
             coap_exchanges: 200_000,

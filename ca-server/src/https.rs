@@ -69,14 +69,19 @@ pub struct DoorLimits {
     /// Requests per second per source address (shared by the device doors; none at the
     /// admin door).
     pub rate: Option<Arc<SourceRate>>,
+    /// What each accepted connection (a TLS handshake attempt) takes from its source's `rate`
+    /// (`[limits] rate_handshake_cost`; 0: not counted).
+    pub handshake_cost: u32,
 }
 
 /// Serves `door` on `listener` until `shutdown` turns true. Each connection takes one of
 /// `limits.slots` once accepted (per source address and per listener): a connection past its
 /// source's share or the listener's is closed at once, so that one source cannot hold every
 /// slot, and a client behind a flood is never left in the kernel's backlog; each door has its
-/// own slots, so enrollment traffic cannot starve the admin door. A request past its source's
-/// rate gets 429 (rate-limited) with Retry-After.
+/// own slots, so enrollment traffic cannot starve the admin door. Each accepted connection
+/// takes `limits.handshake_cost` from its source's rate, and is closed before the TLS handshake
+/// when the source is past it; a request past its source's rate gets 429 (rate-limited) with
+/// Retry-After.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -89,6 +94,7 @@ pub async fn serve(
         slots,
         timeout,
         rate,
+        handshake_cost,
     } = limits;
     let acceptor = TlsAcceptor::from(tls);
     loop {
@@ -114,6 +120,18 @@ pub async fn serve(
                 continue;
             }
         };
+        // Each handshake costs the server a signature: a source past its rate is not given
+        // one. Its connection is closed at once (an answer of 429 would need the handshake).
+        if let Some(r) = &rate
+            && r.check_cost(peer.ip(), std::time::Instant::now(), handshake_cost)
+                .is_err()
+        {
+            service.metrics().handshake_rate_limited(door.name());
+            tracing::debug!(%peer, door = door.name(), "source rate exceeded: no handshake");
+            drop(permit);
+            drop(tcp);
+            continue;
+        }
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let service = service.clone();
@@ -409,10 +427,40 @@ fn rate_limited(req: &Request<Incoming>, retry_secs: u32) -> Response<Full<Bytes
     r
 }
 
-/// A JSON problem sent with another status than its type's (405, 415), the body's `status`
-/// saying the same.
+/// A JSON problem sent with another status than its type's (404, 405, 415), the body's
+/// `status` saying the same.
 fn problem_with_status(p: &Problem, status: StatusCode) -> Response<Full<Bytes>> {
     respond(status, PROBLEM_JSON, p.to_json_with_status(status.as_u16()))
+}
+
+/// The answer to a path a door does not serve: 404, a `malformed` problem saying 404.
+pub(crate) fn not_found(path: &str) -> Response<Full<Bytes>> {
+    let p = Problem::malformed(format!("no resource {path}"));
+    problem_with_status(&p, StatusCode::NOT_FOUND)
+}
+
+/// The answer to a path asked with a method it does not take: 405 with the methods it takes in
+/// `Allow` (RFC 9110 section 15.5.6: the origin server "MUST generate an Allow header field in
+/// a 405 response"), a `malformed` problem saying 405.
+pub(crate) fn method_not_allowed(
+    method: &Method,
+    path: &str,
+    allow: &'static str,
+) -> Response<Full<Bytes>> {
+    let p = Problem::malformed(format!(
+        "method {method} not allowed on {path} (only {allow})"
+    ));
+    let mut r = problem_with_status(&p, StatusCode::METHOD_NOT_ALLOWED);
+    r.headers_mut()
+        .insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// The answer to a request body in a content type the door does not read: 415, a `malformed`
+/// problem saying 415 and naming the types it reads (`accepted`).
+pub(crate) fn unsupported_media_type(given: &str, accepted: &str) -> Response<Full<Bytes>> {
+    let p = Problem::malformed(format!("content type {given:?} is not {accepted}"));
+    problem_with_status(&p, StatusCode::UNSUPPORTED_MEDIA_TYPE)
 }
 
 async fn handle(
@@ -447,15 +495,9 @@ async fn handle(
             Err(p) => problem(&p, false),
         },
         (&Method::POST, "/enroll") => enroll(req, service, peer).await,
-        (_, "/enroll" | "/ca" | "/crl" | "/health") => problem_with_status(
-            &Problem::malformed(format!("method {} not allowed on {path}", req.method())),
-            StatusCode::METHOD_NOT_ALLOWED,
-        ),
-        _ => respond(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            format!("no resource {path}\n").into_bytes(),
-        ),
+        (m, "/enroll") => method_not_allowed(m, &path, "POST"),
+        (m, "/ca" | "/crl" | "/health") => method_not_allowed(m, &path, "GET"),
+        _ => not_found(&path),
     }
 }
 
@@ -469,10 +511,7 @@ async fn enroll(
     let encoding = match ctype.as_str() {
         CBOR => RequestEncoding::Cbor,
         JSON => RequestEncoding::Json,
-        other => {
-            let p = Problem::malformed(format!("content type {other:?} is not {CBOR} or {JSON}"));
-            return problem_with_status(&p, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-        }
+        other => return unsupported_media_type(other, &format!("{CBOR} or {JSON}")),
     };
     let cbor_problems = encoding == RequestEncoding::Cbor && !accept.contains("json");
     // Read one byte past the limit so that an oversize body is reported as too-large.

@@ -315,9 +315,16 @@ impl SourceRate {
     /// Takes one request from `source`'s bucket; `Err(seconds)`, whole seconds until the next
     /// request is allowed (at least 1), when it is empty.
     pub fn check(&self, source: IpAddr, now: Instant) -> Result<(), u32> {
-        if self.rate == 0 {
+        self.check_cost(source, now, 1)
+    }
+
+    /// Takes `cost` requests from `source`'s bucket (a TLS handshake's price), or none when it
+    /// holds fewer; `Err(seconds)` as [`SourceRate::check`]. A cost of 0 is always allowed.
+    pub fn check_cost(&self, source: IpAddr, now: Instant, cost: u32) -> Result<(), u32> {
+        if self.rate == 0 || cost == 0 {
             return Ok(());
         }
+        let need = f64::from(cost);
         let (rate, cap) = (f64::from(self.rate), f64::from(self.burst));
         let mut buckets = lock(&self.buckets);
         let mut b = buckets.get(&source).copied().unwrap_or(Bucket {
@@ -327,13 +334,13 @@ impl SourceRate {
         let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
         b.tokens = (b.tokens + elapsed * rate).min(cap);
         b.at = now;
-        let verdict = if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+        let verdict = if b.tokens >= need {
+            b.tokens -= need;
             Ok(())
         } else {
-            // ceil of a value in (0, 1 / rate]: at least 1 s, a whole number for Retry-After
-            // and Max-Age.
-            Err((((1.0 - b.tokens) / rate).ceil() as u32).max(1))
+            // ceil of a value in (0, need / rate]: at least 1 s, a whole number for
+            // Retry-After and Max-Age.
+            Err((((need - b.tokens) / rate).ceil() as u32).max(1))
         };
         if let Some(slot) = buckets.get_mut(&source) {
             *slot = b;
@@ -417,6 +424,13 @@ mod tests {
         // Half a second brings one back at 2 per second.
         r.check(a, t0 + Duration::from_millis(500)).unwrap();
         assert_eq!(r.check(a, t0 + Duration::from_millis(500)), Err(1));
+        // A handshake's cost: taken whole or not at all; 0 is free.
+        let c: IpAddr = [10, 0, 0, 3].into();
+        r.check_cost(c, t0, 3).unwrap();
+        assert_eq!(r.check_cost(c, t0, 3), Err(1));
+        r.check(c, t0).unwrap();
+        r.check_cost(c, t0, 0).unwrap();
+        assert_eq!(r.check(c, t0), Err(1));
         // Off.
         let off = SourceRate::new(0, 0, 10);
         for _ in 0..100 {

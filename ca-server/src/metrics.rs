@@ -242,8 +242,9 @@ impl Metrics {
         let refused_connections = Family::<RefusedLabel, Counter>::default();
         registry.register(
             "refused_connections",
-            "TCP connections closed on accept for want of a slot, by door and reason (source: the \
-             source address holds its share; listener: the door is full)",
+            "TCP connections closed on accept, by door and reason (source: the source address \
+             holds its share of slots; listener: the door is full; rate: the source is past its \
+             rate, so no TLS handshake)",
             refused_connections.clone(),
         );
         let rate_limited = Family::<DoorLabel, Counter>::default();
@@ -283,6 +284,17 @@ impl Metrics {
         self.rate_limited
             .get_or_create(&DoorLabel {
                 door: door.to_string(),
+            })
+            .inc();
+    }
+
+    /// A connection closed on accept, before its TLS handshake, because its source was past
+    /// its rate.
+    pub fn handshake_rate_limited(&self, door: &str) {
+        self.refused_connections
+            .get_or_create(&RefusedLabel {
+                door: door.to_string(),
+                reason: "rate".to_string(),
             })
             .inc();
     }

@@ -9,7 +9,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use protocol_spec::messages::{MAX_ACK, SecretAck};
 use protocol_spec::{Problem, ProblemType};
 
-use crate::https::{header, media_type, problem, respond};
+use crate::https::{
+    header, media_type, method_not_allowed, not_found, problem, respond, unsupported_media_type,
+};
 use crate::service::CaService;
 
 /// Handles one request on the mutual-TLS door.
@@ -21,8 +23,15 @@ pub async fn handle(
     let json = media_type(header(&req, ACCEPT)) == "application/json"
         || media_type(header(&req, CONTENT_TYPE)) == "application/json";
     let path = req.uri().path().to_string();
-    if (req.method(), path.as_str()) == (&Method::GET, "/health") {
-        return respond(StatusCode::OK, "text/plain", b"ok\n".to_vec());
+    // Routed before the device is looked up: a request the door cannot serve costs no read.
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/health") => {
+            return respond(StatusCode::OK, "text/plain", b"ok\n".to_vec());
+        }
+        (&Method::GET, "/secret") | (&Method::POST, "/secret/ack") => {}
+        (m, "/secret" | "/health") => return method_not_allowed(m, &path, "GET"),
+        (m, "/secret/ack") => return method_not_allowed(m, &path, "POST"),
+        _ => return not_found(&path),
     }
     let Some(cert) = client_cert else {
         // The TLS configuration requires a certificate; this is a belt to those braces.
@@ -34,51 +43,36 @@ pub async fn handle(
     // Checked on every request, so that a revocation takes effect at once, even on a
     // kept-alive connection. A fetch's first reads go in the same flight as the check; an
     // acknowledgement's check is made by its own transaction, over the record it reads.
-    let fetch = (req.method(), path.as_str()) == (&Method::GET, "/secret");
-    if (req.method(), path.as_str()) == (&Method::POST, "/secret/ack") {
+    if req.method() == Method::POST {
         return ack(req, service, cert, json).await;
     }
-    let checked = if fetch {
-        service
-            .device_for_fetch(cert)
-            .map(|(d, read)| (d, Some(read)))
-    } else {
-        service.device_for_certificate(cert).map(|d| (d, None))
-    };
-    let (device, first_read) = match checked {
+    let (device, first_read) = match service.device_for_fetch(cert) {
         Ok(d) => d,
         Err(p) => {
             tracing::info!(problem = %p.kind, "mutual-TLS client refused");
             return problem(&p, !json);
         }
     };
-    match (req.method(), path.as_str()) {
-        (&Method::GET, "/secret") => match service.fetch_secret_after(&device, first_read).await {
-            Ok(d) => {
-                let (content_type, body) = if json {
-                    ("application/json", d.to_json())
-                } else {
-                    ("application/cbor", d.to_cbor())
-                };
-                drop(d);
-                // Unsealing and encoding went through stack variables (ring's, base64's):
-                // wiped before the answer goes back to hyper and the task yields.
-                crate::secrets::scrub_stack();
-                // The encoding itself becomes the body, without a copy: hyper drops it once
-                // written (rustls encrypts it into a buffer of its own), and dropping wipes it.
-                let mut r = Response::new(Full::new(Bytes::from_owner(body)));
-                if let Ok(v) = HeaderValue::from_str(content_type) {
-                    r.headers_mut().insert(CONTENT_TYPE, v);
-                }
-                r
+    match service.fetch_secret_after(&device, Some(first_read)).await {
+        Ok(d) => {
+            let (content_type, body) = if json {
+                ("application/json", d.to_json())
+            } else {
+                ("application/cbor", d.to_cbor())
+            };
+            drop(d);
+            // Unsealing and encoding went through stack variables (ring's, base64's):
+            // wiped before the answer goes back to hyper and the task yields.
+            crate::secrets::scrub_stack();
+            // The encoding itself becomes the body, without a copy: hyper drops it once
+            // written (rustls encrypts it into a buffer of its own), and dropping wipes it.
+            let mut r = Response::new(Full::new(Bytes::from_owner(body)));
+            if let Ok(v) = HeaderValue::from_str(content_type) {
+                r.headers_mut().insert(CONTENT_TYPE, v);
             }
-            Err(p) => problem(&p, !json),
-        },
-        _ => respond(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            format!("no resource {path}\n").into_bytes(),
-        ),
+            r
+        }
+        Err(p) => problem(&p, !json),
     }
 }
 
@@ -91,13 +85,19 @@ async fn ack(
     cert: &[u8],
     json: bool,
 ) -> Response<Full<Bytes>> {
+    // CBOR is the default; JSON when it says so; anything else is not an ack this door reads.
+    let body_json = match media_type(header(&req, CONTENT_TYPE)).as_str() {
+        "" | "application/cbor" => false,
+        "application/json" => true,
+        other => return unsupported_media_type(other, "application/cbor or application/json"),
+    };
     let body = match crate::https::read_body(req, MAX_ACK + 1).await {
         Ok(b) => b,
         Err(e) => {
             return crate::https::closing(problem(&e.problem("ack", MAX_ACK), !json));
         }
     };
-    let ack = if json {
+    let ack = if body_json {
         SecretAck::from_json(&body)
     } else {
         SecretAck::from_cbor(&body)

@@ -190,6 +190,7 @@ pub async fn start_with_clock(
                 ),
                 timeout,
                 rate: Some(rate.clone()),
+                handshake_cost: config.limits.rate_handshake_cost,
             },
             rx.clone(),
         )));
@@ -234,6 +235,7 @@ pub async fn start_with_clock(
                 ),
                 timeout,
                 rate: Some(rate.clone()),
+                handshake_cost: config.limits.rate_handshake_cost,
             },
             rx.clone(),
         )));
@@ -271,6 +273,7 @@ pub async fn start_with_clock(
                 ),
                 timeout,
                 rate: None,
+                handshake_cost: 0,
             },
             rx.clone(),
         )));

@@ -107,47 +107,15 @@ async fn fetch_ack_rotate_for_both_key_types() {
 /// A TLS client of the secrets door trusting the CA, with a client certificate and its key
 /// (PKCS#8) or none.
 fn client_config(ca_der: &[u8], client: Option<(Vec<u8>, Vec<u8>)>) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca_der.to_vec().into()).unwrap();
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots);
-    Arc::new(match client {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => builder
-            .with_client_auth_cert(
-                vec![cert.into()],
+    common::tls_client(
+        ca_der,
+        client.map(|(cert, key)| {
+            (
+                cert.into(),
                 rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()),
             )
-            .unwrap(),
-    })
-}
-
-/// What the secrets door says to a TLS handshake with `config`, read before the client sends
-/// anything: in TLS 1.3 the server judges the client certificate after the client's Finished,
-/// so a refusal is the server's alert, as rustls names it ("received fatal alert: ..."). (A
-/// client that sent a request first could find the connection reset before it reads the
-/// alert.)
-async fn door_answer(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> String {
-    use tokio::io::AsyncReadExt;
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    match tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await
-    {
-        Err(e) => e.to_string(),
-        Ok(mut tls) => {
-            let mut byte = [0u8; 1];
-            match tls.read(&mut byte).await {
-                Err(e) => e.to_string(),
-                Ok(n) => panic!("the door accepted the handshake and sent {n} bytes"),
-            }
-        }
-    }
+        }),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,7 +125,7 @@ async fn strangers_are_refused_at_the_door() {
     let dev = enrolled(&ca, &server, &line, 10, KeyAlgorithm::Ed25519).await;
     let mtls = server.mtls.unwrap();
     // No client certificate: the handshake fails with TLS 1.3's certificate_required alert.
-    let alert = door_answer(mtls, client_config(&ca.ca_der, None)).await;
+    let alert = common::handshake_refusal(mtls, client_config(&ca.ca_der, None)).await;
     assert!(
         alert.contains("received fatal alert: CertificateRequired"),
         "no client certificate: {alert}"
@@ -187,7 +155,7 @@ async fn strangers_are_refused_at_the_door() {
     // Its issuer name is the real CA's ("Test CA"), so the server checks it under the real CA
     // key, where its signature fails: rustls answers a bad signature with decrypt_error.
     let forged_der = impostor.certificate.clone().unwrap();
-    let alert = door_answer(
+    let alert = common::handshake_refusal(
         mtls,
         client_config(&ca.ca_der, Some((forged_der, dev.key.pkcs8_der().to_vec()))),
     )

@@ -46,6 +46,8 @@ pub struct HttpAnswer {
     pub status: u16,
     /// Content-Type, if any.
     pub content_type: String,
+    /// Every header of the answer.
+    pub headers: hyper::HeaderMap,
     /// Body.
     pub body: Bytes,
 }
@@ -343,22 +345,19 @@ impl HttpsSession {
             // The previous exchange on this connection must be finished before the next starts.
             self.sender.ready().await.map_err(|e| t(&e))?;
             let resp = self.sender.send_request(req).await.map_err(|e| t(&e))?;
-            let status = resp.status().as_u16();
-            let content_type = resp
-                .headers()
+            let (head, body) = resp.into_parts();
+            let status = head.status.as_u16();
+            let content_type = head
+                .headers
                 .get(CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_string();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| t(&e))?
-                .to_bytes();
+            let body = body.collect().await.map_err(|e| t(&e))?.to_bytes();
             Ok(HttpAnswer {
                 status,
                 content_type,
+                headers: head.headers,
                 body,
             })
         };

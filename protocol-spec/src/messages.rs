@@ -473,6 +473,18 @@ struct SecretAckJson {
     kcv: String,
 }
 
+/// A key id as SPEC.md section 10 has it: `KeyId = tstr .size (1..64)`.
+fn key_id(text: String) -> Result<String, Problem> {
+    if (1..=64).contains(&text.len()) {
+        Ok(text)
+    } else {
+        Err(Problem::malformed(format!(
+            "key-id: {} octets, not 1 to 64",
+            text.len()
+        )))
+    }
+}
+
 impl SecretAck {
     /// CBOR encoding.
     pub fn to_cbor(&self) -> Vec<u8> {
@@ -490,7 +502,7 @@ impl SecretAck {
         }
         let mut m = IntMap::decode(bytes, "secret ack").map_err(Problem::malformed)?;
         Ok(SecretAck {
-            key_id: m.text(1, "key-id").map_err(Problem::malformed)?,
+            key_id: key_id(m.text(1, "key-id").map_err(Problem::malformed)?)?,
             version: m.uint(2, "version").map_err(Problem::malformed)?,
             kcv: kcv_bytes(&m.bytes(3, "kcv").map_err(Problem::malformed)?)?,
         })
@@ -514,7 +526,7 @@ impl SecretAck {
         let j: SecretAckJson = serde_json::from_slice(bytes)
             .map_err(|e| Problem::malformed(format!("secret ack: invalid JSON: {e}")))?;
         Ok(SecretAck {
-            key_id: j.key_id,
+            key_id: key_id(j.key_id)?,
             version: j.version,
             kcv: kcv_bytes(&unb64(&j.kcv, "kcv")?)?,
         })

@@ -56,6 +56,16 @@ proptest! {
         prop_assert_eq!(SecretAck::from_json(&a.to_json()).unwrap(), a);
     }
 
+    /// SPEC.md 10: `KeyId = tstr .size (1..64)`; an ack naming another is malformed, not an
+    /// ack of something else.
+    #[test]
+    fn an_ack_key_id_outside_1_to_64_octets_is_malformed(len in prop_oneof![Just(0usize), 65usize..200]) {
+        let a = SecretAck { key_id: "k".repeat(len), version: 1, kcv: vec![1, 2, 3] };
+        for decoded in [SecretAck::from_cbor(&a.to_cbor()), SecretAck::from_json(&a.to_json())] {
+            prop_assert_eq!(decoded.unwrap_err().kind, protocol_spec::ProblemType::Malformed);
+        }
+    }
+
     #[test]
     fn problems_round_trip(i in 0..ALL_PROBLEM_TYPES.len(), detail in ".{0,80}") {
         let p = Problem::new(ALL_PROBLEM_TYPES[i].clone(), detail);

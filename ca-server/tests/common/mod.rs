@@ -265,6 +265,99 @@ pub fn snapshot(store: &Arc<dyn Store>) -> Vec<ca_server::store::RawRecord> {
     store.raw_records().unwrap()
 }
 
+/// Fails unless the store holds exactly `before` (a [`snapshot`]), naming the records `what`
+/// added and removed (a changed record is one of each), by table.
+pub fn assert_unchanged(
+    store: &Arc<dyn Store>,
+    before: &[ca_server::store::RawRecord],
+    what: &str,
+) {
+    let after = snapshot(store);
+    if after == before {
+        return;
+    }
+    let show = |r: &ca_server::store::RawRecord| {
+        format!(
+            "{} {} {}",
+            r.0,
+            hex::encode(&r.1),
+            String::from_utf8(r.2.clone()).unwrap_or_else(|_| hex::encode(&r.2))
+        )
+    };
+    let added: Vec<String> = after
+        .iter()
+        .filter(|r| !before.contains(r))
+        .map(show)
+        .collect();
+    let removed: Vec<String> = before
+        .iter()
+        .filter(|r| !after.contains(r))
+        .map(show)
+        .collect();
+    panic!("{what} changed the store:\nadded: {added:#?}\nremoved: {removed:#?}");
+}
+
+/// A TLS 1.3 client trusting `ca_der`, presenting `client` (certificate, key) when given.
+pub fn tls_client(
+    ca_der: &[u8],
+    client: Option<(
+        rustls::pki_types::CertificateDer<'static>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_der.to_vec().into()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots);
+    Arc::new(match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder.with_client_auth_cert(vec![cert], key).unwrap(),
+    })
+}
+
+/// The (certificate, key) of PEM files, for [`tls_client`].
+pub fn pem_identity(
+    cert: &Path,
+    key: &Path,
+) -> (
+    rustls::pki_types::CertificateDer<'static>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    use rustls::pki_types::pem::PemObject;
+    (
+        rustls::pki_types::CertificateDer::from_pem_file(cert).unwrap(),
+        rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap(),
+    )
+}
+
+/// What a mutual-TLS door says to a TLS handshake with `config`, read before the client sends
+/// anything: in TLS 1.3 the server judges the client certificate after the client's Finished,
+/// so a refusal is the server's alert, as rustls names it ("received fatal alert: ..."). (A
+/// client that sent a request first could find the connection reset before it reads the
+/// alert.) Panics if the door accepts the handshake.
+pub async fn handshake_refusal(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> String {
+    use tokio::io::AsyncReadExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    match tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+    {
+        Err(e) => e.to_string(),
+        Ok(mut tls) => {
+            let mut byte = [0u8; 1];
+            match tls.read(&mut byte).await {
+                Err(e) => e.to_string(),
+                Ok(n) => panic!("the door accepted the handshake and sent {n} bytes"),
+            }
+        }
+    }
+}
+
 impl TestCa {
     /// Sets `[limits] request_timeout_secs` in config.toml (before `start`).
     pub fn set_request_timeout(&self, secs: u64) {

@@ -1962,17 +1962,32 @@ impl Store for PgStore {
     }
 
     fn raw_records(&self) -> Result<Vec<RawRecord>, StoreError> {
-        // Every row of every table as JSON text, by table and primary key: for before/after
-        // comparisons.
+        // Every row of every table of the schema as JSON text, by table name and row: for
+        // before/after comparisons. The tables come from the catalog, so that one added later
+        // is compared too; all but `nodes`, where each running node writes its heartbeat (a
+        // sign of life, no record).
         self.run(|pool| async move {
             let conn = pool.get().await?;
             let c = conn.client()?;
+            let tables = c
+                .query(
+                    "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = current_schema() AND c.relkind = 'r' AND c.relname <> 'nodes' \
+                     ORDER BY 1",
+                    &[],
+                )
+                .await
+                .map_err(pg)?;
             let mut out = Vec::new();
-            for (table, key) in TABLES {
-                let sql = format!("SELECT row_to_json(t)::text FROM {table} t ORDER BY {key}");
+            for t in tables {
+                let table: String = t.try_get(0).map_err(pg)?;
+                let sql = format!(
+                    "SELECT row_to_json(t)::text FROM \"{}\" t ORDER BY 1",
+                    table.replace('"', "\"\"")
+                );
                 for r in c.query(sql.as_str(), &[]).await.map_err(pg)? {
                     let row: String = r.try_get(0).map_err(pg)?;
-                    out.push((table.to_string(), Vec::new(), row.into_bytes()));
+                    out.push((table.clone(), Vec::new(), row.into_bytes()));
                 }
             }
             Ok(out)
@@ -2423,6 +2438,37 @@ mod tests {
             PgStore::open(&db.1).unwrap().next_crl_number(0).unwrap(),
             1_700_000_004
         );
+    }
+
+    /// The whole-store comparison reads every table of the schema (the CRL number too), but
+    /// not the nodes' heartbeats.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn raw_records_hold_every_table_but_the_heartbeats() {
+        let db = TestDb::new();
+        db.0.add_line(&crate::store::test_support::line(10), "test")
+            .unwrap();
+        let before = db.0.raw_records().unwrap();
+        db.0.heartbeat("instance-1", "node-1", Duration::from_secs(1))
+            .unwrap();
+        assert_eq!(
+            db.0.raw_records().unwrap(),
+            before,
+            "a heartbeat is no record"
+        );
+        db.0.next_crl_number(0).unwrap();
+        let after = db.0.raw_records().unwrap();
+        let changed: Vec<_> = after.iter().filter(|r| !before.contains(r)).collect();
+        assert_eq!(changed.len(), 1, "{changed:?}");
+        assert_eq!(changed[0].0, "crl_number");
+        let tables: std::collections::BTreeSet<&str> =
+            after.iter().map(|(t, _, _)| t.as_str()).collect();
+        for (t, _) in TABLES {
+            if ["lines", "audit", "audit_head"].contains(&t) {
+                assert!(tables.contains(t), "{t}");
+            }
+        }
+        assert!(tables.contains("imprint_schema") && !tables.contains("nodes"));
     }
 
     #[test]
