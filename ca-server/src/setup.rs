@@ -9,7 +9,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
 use crate::config::{CaDir, Config};
-use crate::issuer::{CaKey, Issuer, Pkcs11Uri, TokenKey};
+use crate::issuer::{CaKey, Issuer, Pkcs11Uri, SessionLimits, TokenKey};
 use crate::store::{PgStore, SledStore};
 
 /// What `init` needs to know.
@@ -105,10 +105,11 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
             None,
         ),
         CaKeySource::Pkcs11 { uri, existing } => {
+            let limits = SessionLimits::default();
             let key = if *existing {
-                TokenKey::open(uri)?
+                TokenKey::open(uri, &limits)?
             } else {
-                TokenKey::generate(uri, opts.algorithm)?
+                TokenKey::generate(uri, opts.algorithm, &limits)?
             };
             (CaKey::Token(key), Some(uri.to_config_string()))
         }
@@ -134,7 +135,7 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
         // The key-encryption key only leaves the token's seal in the CA's memory.
         CaKeySource::Pkcs11 { uri, .. } => write_new(
             &dir.kek_sealed(),
-            &crate::issuer::pkcs11::seal_kek(uri, kek.as_ref())?,
+            &crate::issuer::pkcs11::seal_kek(uri, kek.as_ref(), &SessionLimits::default())?,
             0o600,
         )?,
     }
@@ -204,7 +205,7 @@ pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
             dir.ca_cert().display()
         ));
     }
-    let token = TokenKey::import(uri, &key)?;
+    let token = TokenKey::import(uri, &key, &crate::issuer::session_limits(dir, &config)?)?;
     let mut probe = [0u8; 32];
     rng.fill(&mut probe)
         .map_err(|_| "random generator failed".to_string())?;

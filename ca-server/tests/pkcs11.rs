@@ -531,7 +531,7 @@ fn token_probe() {
             .unwrap();
     let result = match words.as_slice() {
         ["initial-key", label, key_type, ikid] => {
-            let token = ca_server::issuer::BdkToken::new(&uri);
+            let token = ca_server::issuer::BdkToken::new(&uri, &Default::default());
             let key = token
                 .initial_key(
                     label,
