@@ -10,6 +10,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{CaDir, Config};
 use crate::issuer::{CaKey, Issuer, Pkcs11Uri, SessionLimits, TokenKey};
+use crate::operators::OperatorCaKey;
 use crate::store::{PgStore, SledStore};
 
 /// What `init` needs to know.
@@ -153,7 +154,16 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
     let header =
         "# Imprint CA configuration. Every field may be left out; these are the defaults.\n";
     write_new(&dir.config(), format!("{header}{config}").as_bytes(), 0o644)?;
-    crate::operators::ensure_operator_ca(dir, opts.now)?;
+    // With the CA key in a token, the operator CA's key is a second key pair there.
+    let operator_key = match &opts.ca_key {
+        CaKeySource::File => OperatorCaKey::File,
+        CaKeySource::Pkcs11 { uri, existing } => OperatorCaKey::Token {
+            uri: uri.clone(),
+            limits: SessionLimits::default(),
+            existing: *existing,
+        },
+    };
+    crate::operators::ensure_operator_ca(dir, &operator_key, opts.now)?;
     match &pg {
         None => {
             // The store holds every binding and the encrypted secrets: only the CA's own
