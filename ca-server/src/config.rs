@@ -62,6 +62,12 @@ pub struct IssuerRules {
     /// Absent: the key is the file `ca.key.pem` in the CA folder.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pkcs11: Option<String>,
+    /// With `pkcs11`: the most sessions the CA opens with the token at once (an HSM limits the
+    /// sessions of a partition; the CA key, the operator CA's key and the DUKPT BDKs share them).
+    /// A call that finds every session busy waits up to 5 seconds for one, then answers
+    /// `unavailable`. Absent: the number of CPU threads (one per signing thread).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pkcs11_sessions: Option<usize>,
 }
 
 impl Default for IssuerRules {
@@ -69,6 +75,7 @@ impl Default for IssuerRules {
         IssuerRules {
             verify_own_signatures: true,
             pkcs11: None,
+            pkcs11_sessions: None,
         }
     }
 }

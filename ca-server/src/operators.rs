@@ -11,6 +11,10 @@
 //!
 //! An operator is an admin or read-only ([`OperatorRole`]): the role is the subject's unit
 //! (`OU=operators` or `OU=operators-read-only`), fixed when the certificate is issued.
+//!
+//! The operator CA's key is a file (`operators-ca.key.pem`, 0600), or, for a CA whose key is in
+//! a PKCS#11 token, a second key pair of that token labelled `OBJECT-operators` (OBJECT: the CA
+//! key's label), made when the operator CA is made ([`OperatorCaKey`]).
 
 use std::path::{Path, PathBuf};
 
@@ -23,7 +27,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 use x509_parser::der_parser::oid::Oid;
 use x509_parser::prelude::*;
 
-use crate::config::CaDir;
+use crate::config::{CaDir, Config};
+use crate::issuer::{CaKey, Pkcs11Uri, SessionLimits, TokenKey};
 use crate::setup::write_new;
 
 /// The organisation and unit every operator certificate carries in its subject.
@@ -98,13 +103,80 @@ pub struct OperatorIdentity {
     pub role: OperatorRole,
 }
 
-/// Creates the operator CA of a CA folder if it has none. Returns whether it created it.
-pub fn ensure_operator_ca(dir: &CaDir, now: u64) -> Result<bool, String> {
+/// Where a new operator CA's key is made.
+#[derive(Debug, Clone)]
+pub enum OperatorCaKey {
+    /// A new key in `operators-ca.key.pem` (0600).
+    File,
+    /// A key pair in the CA key's token, labelled `OBJECT-operators` (and with that id):
+    /// generated there, private half sensitive and not extractable; with `existing`, the one
+    /// already there under that label, if any.
+    Token {
+        /// The CA key's URI (its token, PIN source and label).
+        uri: Pkcs11Uri,
+        /// The token's session limits.
+        limits: SessionLimits,
+        /// Use a key already in the token under the label (`init --pkcs11-existing`).
+        existing: bool,
+    },
+}
+
+impl OperatorCaKey {
+    /// Where `config` keeps keys: the CA key's token (`[issuer] pkcs11`), or files.
+    pub fn for_config(dir: &CaDir, config: &Config) -> Result<Self, String> {
+        let Some(text) = &config.issuer.pkcs11 else {
+            return Ok(OperatorCaKey::File);
+        };
+        Ok(OperatorCaKey::Token {
+            uri: Pkcs11Uri::parse(text)
+                .map_err(|e| format!("{}: [issuer] pkcs11: {e}", dir.config().display()))?,
+            limits: crate::issuer::session_limits(dir, config)?,
+            existing: false,
+        })
+    }
+}
+
+/// The URI of the operator CA's key in the token of the CA key `ca`: the label
+/// `OBJECT-operators`, no id of its own (the label is its id).
+pub fn operator_key_uri(ca: &Pkcs11Uri) -> Pkcs11Uri {
+    Pkcs11Uri {
+        object: format!("{}-operators", ca.object),
+        id: None,
+        ..ca.clone()
+    }
+}
+
+/// Creates the operator CA of a CA folder if it has none, its key where `key` says. Returns
+/// whether it created it.
+pub fn ensure_operator_ca(dir: &CaDir, key: &OperatorCaKey, now: u64) -> Result<bool, String> {
     if dir.operator_ca_cert().exists() {
         return Ok(false);
     }
     let rng = SystemRandom::new();
-    let key = KeyPair::generate(KeyAlgorithm::P256, &rng).map_err(|e| e.to_string())?;
+    let key = match key {
+        OperatorCaKey::File => {
+            CaKey::File(KeyPair::generate(KeyAlgorithm::P256, &rng).map_err(|e| e.to_string())?)
+        }
+        OperatorCaKey::Token {
+            uri,
+            limits,
+            existing,
+        } => {
+            let uri = operator_key_uri(uri);
+            let found = if *existing {
+                TokenKey::open(&uri, limits).ok()
+            } else {
+                None
+            };
+            match found {
+                Some(k) => CaKey::Token(k),
+                None => CaKey::Token(
+                    TokenKey::generate(&uri, KeyAlgorithm::P256, limits)
+                        .map_err(|e| format!("the operator CA's key: {e}"))?,
+                ),
+            }
+        }
+    };
     let mut p = CertificateParams::default();
     p.distinguished_name
         .push(DnType::OrganizationName, OPERATOR_ORG);
@@ -120,10 +192,13 @@ pub fn ensure_operator_ca(dir: &CaDir, now: u64) -> Result<bool, String> {
     let start = at(now.saturating_sub(300))?;
     p.not_before = start;
     p.not_after = start + ::time::Duration::days(3650);
+    let signer = key.signer(&rng);
     let cert = p
-        .self_signed(&key.rcgen_signer(&rng))
-        .map_err(|e| format!("operator CA: {e}"))?;
-    write_new(&dir.operator_ca_key(), key.to_pem().as_bytes(), 0o600)?;
+        .self_signed(&&signer)
+        .map_err(|e| signing_error("operator CA", &signer, e))?;
+    if let CaKey::File(k) = &key {
+        write_new(&dir.operator_ca_key(), k.to_pem().as_bytes(), 0o600)?;
+    }
     write_new(&dir.operator_ca_cert(), cert.pem().as_bytes(), 0o644)?;
     Ok(true)
 }
@@ -152,7 +227,9 @@ pub fn add_operator(
     if days == 0 {
         return Err("--days must be at least 1".into());
     }
-    ensure_operator_ca(dir, now)?;
+    let config = dir.load_config()?;
+    let key_home = OperatorCaKey::for_config(dir, &config)?;
+    ensure_operator_ca(dir, &key_home, now)?;
     let registry = dir.root().join("operators.issued");
     let issued = match std::fs::read_to_string(&registry) {
         Ok(t) => t,
@@ -167,15 +244,13 @@ pub fn add_operator(
         ));
     }
     let rng = SystemRandom::new();
-    let ca_key_pem = std::fs::read_to_string(dir.operator_ca_key())
-        .map_err(|e| format!("{}: {e}", dir.operator_ca_key().display()))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem, &rng)
-        .map_err(|e| format!("{}: {e}", dir.operator_ca_key().display()))?;
+    let ca_key = operator_ca_key(dir, &key_home, &rng)?;
     let ca_pem = std::fs::read_to_string(dir.operator_ca_cert())
         .map_err(|e| format!("{}: {e}", dir.operator_ca_cert().display()))?;
     let ca_der = protocol_spec::profile::cert_from_pem(&ca_pem)
         .ok_or_else(|| format!("{}: no CERTIFICATE", dir.operator_ca_cert().display()))?;
-    let issuer = Issuer::from_ca_cert_der(&ca_der.into(), ca_key.rcgen_signer(&rng))
+    let signer = ca_key.signer(&rng);
+    let issuer = Issuer::from_ca_cert_der(&ca_der.into(), &signer)
         .map_err(|e| format!("{}: {e}", dir.operator_ca_cert().display()))?;
 
     let key = KeyPair::generate(KeyAlgorithm::P256, &rng).map_err(|e| e.to_string())?;
@@ -198,7 +273,7 @@ pub fn add_operator(
     p.not_after = start + ::time::Duration::days(i64::from(days));
     let cert = p
         .signed_by(&key.rcgen_signer(&rng), &issuer)
-        .map_err(|e| format!("operator certificate: {e}"))?;
+        .map_err(|e| signing_error("operator certificate", &signer, e))?;
 
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let files = OperatorFiles {
@@ -358,6 +433,34 @@ pub fn check_name(name: &str) -> Result<(), String> {
         Err(format!(
             "operator name {name:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ - @"
         ))
+    }
+}
+
+/// The operator CA's key: the file `operators-ca.key.pem` when the folder has one (an operator
+/// CA made before its CA moved into a token keeps it), else the object `key` names.
+fn operator_ca_key(dir: &CaDir, key: &OperatorCaKey, rng: &SystemRandom) -> Result<CaKey, String> {
+    let path = dir.operator_ca_key();
+    match (std::fs::read_to_string(&path), key) {
+        (Ok(pem), _) => KeyPair::from_pem(&pem, rng)
+            .map(CaKey::File)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        (Err(e), OperatorCaKey::Token { uri, limits, .. })
+            if e.kind() == std::io::ErrorKind::NotFound =>
+        {
+            TokenKey::open(&operator_key_uri(uri), limits)
+                .map(CaKey::Token)
+                .map_err(|e| format!("the operator CA's key: {e}"))
+        }
+        (Err(e), _) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// What a failed signature with the operator CA's key means: the key's own error when it kept
+/// one (a token that does not answer), rcgen's otherwise.
+fn signing_error(what: &str, signer: &crate::issuer::key::CaSigner<'_>, e: rcgen::Error) -> String {
+    match signer.take_error() {
+        Some(why) => format!("{what}: {why}"),
+        None => format!("{what}: {e}"),
     }
 }
 

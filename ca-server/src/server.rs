@@ -246,7 +246,11 @@ pub async fn start_with_clock(
         .or(config.listen.admin)
         .filter(|_| !overrides.no_admin)
     {
-        crate::operators::ensure_operator_ca(dir, service.now())?;
+        crate::operators::ensure_operator_ca(
+            dir,
+            &crate::operators::OperatorCaKey::for_config(dir, &config)?,
+            service.now(),
+        )?;
         let tls = crate::tls::admin_server_config(
             &dir.operator_ca_cert(),
             &dir.tls_cert(),

@@ -9,7 +9,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
 use crate::config::{CaDir, Config};
-use crate::issuer::{CaKey, Issuer, Pkcs11Uri, TokenKey};
+use crate::issuer::{CaKey, Issuer, Pkcs11Uri, SessionLimits, TokenKey};
+use crate::operators::OperatorCaKey;
 use crate::store::{PgStore, SledStore};
 
 /// What `init` needs to know.
@@ -105,10 +106,11 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
             None,
         ),
         CaKeySource::Pkcs11 { uri, existing } => {
+            let limits = SessionLimits::default();
             let key = if *existing {
-                TokenKey::open(uri)?
+                TokenKey::open(uri, &limits)?
             } else {
-                TokenKey::generate(uri, opts.algorithm)?
+                TokenKey::generate(uri, opts.algorithm, &limits)?
             };
             (CaKey::Token(key), Some(uri.to_config_string()))
         }
@@ -134,7 +136,7 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
         // The key-encryption key only leaves the token's seal in the CA's memory.
         CaKeySource::Pkcs11 { uri, .. } => write_new(
             &dir.kek_sealed(),
-            &crate::issuer::pkcs11::seal_kek(uri, kek.as_ref())?,
+            &crate::issuer::pkcs11::seal_kek(uri, kek.as_ref(), &SessionLimits::default())?,
             0o600,
         )?,
     }
@@ -152,7 +154,16 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
     let header =
         "# Imprint CA configuration. Every field may be left out; these are the defaults.\n";
     write_new(&dir.config(), format!("{header}{config}").as_bytes(), 0o644)?;
-    crate::operators::ensure_operator_ca(dir, opts.now)?;
+    // With the CA key in a token, the operator CA's key is a second key pair there.
+    let operator_key = match &opts.ca_key {
+        CaKeySource::File => OperatorCaKey::File,
+        CaKeySource::Pkcs11 { uri, existing } => OperatorCaKey::Token {
+            uri: uri.clone(),
+            limits: SessionLimits::default(),
+            existing: *existing,
+        },
+    };
+    crate::operators::ensure_operator_ca(dir, &operator_key, opts.now)?;
     match &pg {
         None => {
             // The store holds every binding and the encrypted secrets: only the CA's own
@@ -204,7 +215,7 @@ pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
             dir.ca_cert().display()
         ));
     }
-    let token = TokenKey::import(uri, &key)?;
+    let token = TokenKey::import(uri, &key, &crate::issuer::session_limits(dir, &config)?)?;
     let mut probe = [0u8; 32];
     rng.fill(&mut probe)
         .map_err(|_| "random generator failed".to_string())?;

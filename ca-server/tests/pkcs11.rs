@@ -138,17 +138,28 @@ fn openssl(args: &[&str], files: &[&Path]) -> Output {
         .unwrap()
 }
 
-/// Every file in `dir` (recursively) holding a PEM private key, by name.
+/// Every file in `dir` (recursively, the store's too) holding a private key, by name: a PEM
+/// private key of any kind, or a DER PKCS#8 document of an Ed25519 or P-256 key (its
+/// algorithm identifier right after the version).
 fn private_key_files(dir: &Path) -> Vec<String> {
+    const PKCS8_ED25519: &[u8] = &[0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70];
+    const PKCS8_V2_ED25519: &[u8] = &[0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70];
+    const PKCS8_EC: &[u8] = &[
+        0x02, 0x01, 0x00, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
+    ];
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.is_dir() {
             found.extend(private_key_files(&path));
-        } else if std::fs::read(&path)
-            .unwrap()
-            .windows(11)
-            .any(|w| w == b"PRIVATE KEY")
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let holds = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        if holds(b"PRIVATE KEY")
+            || holds(PKCS8_ED25519)
+            || holds(PKCS8_V2_ED25519)
+            || holds(PKCS8_EC)
         {
             found.push(path.file_name().unwrap().to_string_lossy().into_owned());
         }
@@ -162,16 +173,20 @@ fn init_with_the_key_in_a_token_writes_no_ca_key_file_and_config_keeps_no_pin() 
     for alg in [KeyAlgorithm::Ed25519, KeyAlgorithm::P256] {
         let token = SoftToken::new("imprint");
         let ca = token.init_ca(alg, "ca");
-        // The TLS server key and the operator CA's key are files; the CA key is not, and the
-        // key-encryption key is sealed by the token.
+        // Neither the CA key nor the operator CA's key is a file (both are key pairs of the
+        // token), and the key-encryption key is sealed by the token. Of every file in the
+        // folder, the one private key is the HTTPS server's: the TLS doors sign every
+        // handshake with it, in memory.
         assert!(!ca.dir.ca_key().exists(), "{alg}");
+        assert!(!ca.dir.operator_ca_key().exists(), "{alg}");
         assert!(
             !ca.dir.kek().exists() && ca.dir.kek_sealed().exists(),
             "{alg}"
         );
+        assert_eq!(private_key_files(ca.root()), ["tls.key.pem"], "{alg}");
         assert_eq!(
-            private_key_files(ca.root()),
-            ["operators-ca.key.pem", "tls.key.pem"],
+            probe(&token, &["private-keys"])["labels"],
+            serde_json::json!(["ca", "ca-operators"]),
             "{alg}"
         );
         // The CA certificate carries the token's key, of the algorithm asked for.
@@ -194,6 +209,55 @@ fn init_with_the_key_in_a_token_writes_no_ca_key_file_and_config_keeps_no_pin() 
             "{config}"
         );
     }
+}
+
+/// With the CA key in a token, the operator CA's key is a second key pair of that token: init
+/// writes no key file for it, `operator add` signs through the token, openssl verifies the
+/// operator's certificate against the operator CA certificate, and the admin door lets the
+/// operator in.
+#[test]
+fn operator_add_signs_with_the_operator_ca_key_in_the_token_and_the_admin_door_accepts_it() {
+    let token = SoftToken::new("imprint");
+    let ca = token.init_ca(KeyAlgorithm::P256, "ca");
+    let root = ca.root().to_str().unwrap().to_string();
+    assert_eq!(private_key_files(ca.root()), ["tls.key.pem"]);
+    let out = token.ok(&["operator", "add", "--dir", &root, "alice"]);
+    assert!(out.contains("operator alice (admin)"), "{out}");
+    // Still no operator CA key file; the operator's own key is for the operator to take away.
+    assert!(!ca.dir.operator_ca_key().exists());
+    assert_eq!(
+        private_key_files(ca.root()),
+        ["alice.key.pem", "tls.key.pem"]
+    );
+    let (cert, key) = (
+        ca.dir.operators().join("alice.pem"),
+        ca.dir.operators().join("alice.key.pem"),
+    );
+    let operators_ca = ca.dir.operator_ca_cert();
+    for c in [&operators_ca, &cert] {
+        let out = openssl(&["verify", "-CAfile"], &[&operators_ca, c]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains(": OK"), "{}", text(&out.stdout));
+    }
+    // Signed in the token: the CLI had no operator CA key file to sign with.
+    assert_eq!(
+        probe(&token, &["private-keys"])["labels"],
+        serde_json::json!(["ca", "ca-operators"])
+    );
+
+    let (_server, addrs) =
+        token.serve_on(&ca, &["--https", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_ca-server"))
+        .args(["operator", "list", "--json"])
+        .env("IMPRINT_ADMIN", format!("https://{}", addrs["admin"]))
+        .env("IMPRINT_OPERATOR_CERT", &cert)
+        .env("IMPRINT_OPERATOR_KEY", &key)
+        .env("IMPRINT_CA_CERT", ca.dir.ca_cert())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["name"], "alice", "{list}");
 }
 
 #[test]
@@ -490,7 +554,8 @@ fn vectors() -> serde_json::Value {
 
 /// What [`token_probe`] found or did, from a process of its own (a module reads
 /// `SOFTHSM2_CONF` once per process): `inspect LABEL` (the secret-key objects with that label
-/// and their attributes), `destroy LABEL`, `initial-key LABEL TYPE IKID` (the Initial Key the
+/// and their attributes), `destroy LABEL`, `private-keys` (the labels of every private key),
+/// `initial-key LABEL TYPE IKID` (the Initial Key the
 /// CA's token code derives, in hex: test vectors only).
 fn probe(token: &SoftToken, action: &[&str]) -> serde_json::Value {
     let out = Command::new(std::env::current_exe().unwrap())
@@ -531,7 +596,7 @@ fn token_probe() {
             .unwrap();
     let result = match words.as_slice() {
         ["initial-key", label, key_type, ikid] => {
-            let token = ca_server::issuer::BdkToken::new(&uri);
+            let token = ca_server::issuer::BdkToken::new(&uri, &Default::default());
             let key = token
                 .initial_key(
                     label,
@@ -540,6 +605,34 @@ fn token_probe() {
                 )
                 .unwrap();
             serde_json::json!({ "initial_key": hex::encode_upper(key.expose()) })
+        }
+        ["private-keys"] => {
+            let ctx = Pkcs11::new(MODULE).unwrap();
+            ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+                .unwrap();
+            let slot = ctx
+                .get_slots_with_token()
+                .unwrap()
+                .into_iter()
+                .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == "imprint")
+                .unwrap();
+            let session = ctx.open_ro_session(slot).unwrap();
+            session
+                .login(UserType::User, Some(&PIN.to_string().into()))
+                .unwrap();
+            let mut labels = Vec::new();
+            for h in session
+                .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+                .unwrap()
+            {
+                for a in session.get_attributes(h, &[AttributeType::Label]).unwrap() {
+                    if let Attribute::Label(l) = a {
+                        labels.push(String::from_utf8(l).unwrap());
+                    }
+                }
+            }
+            labels.sort();
+            serde_json::json!({ "labels": labels })
         }
         [what @ ("inspect" | "destroy"), label] => {
             let ctx = Pkcs11::new(MODULE).unwrap();

@@ -1,10 +1,13 @@
-//! Token objects made and searched for from several threads of one process, against a real
-//! SoftHSM2 token: the suite's test CAs share one token, and SoftHSM2 before 2.7.0 (Debian 12
-//! ships 2.6.1) fails an object's creation with CKR_GENERAL_ERROR when a `C_FindObjects` in the
-//! same process reads the new object's file while it is still empty (SoftHSMv2 issue 573).
-//! The issuer holds searches and creations one at a time; this test makes both at once.
+//! The token's session pool used from many threads of one process, against a real SoftHSM2
+//! token: signers beyond the session cap wait for a session (and never make the token open
+//! more), a signer that waits too long is told `unavailable`; and token objects made while
+//! other threads search the token are all made (the suite's test CAs share one token, and
+//! SoftHSM2 before 2.7.0, Debian 12 ships 2.6.1, fails an object's creation with
+//! CKR_GENERAL_ERROR when a `C_FindObjects` in the same process reads the new object's file
+//! while it is still empty: SoftHSMv2 issue 573; the issuer holds searches and creations one at
+//! a time).
 //!
-//! A PKCS#11 module reads `SOFTHSM2_CONF` once per process, so the test runs itself again as a
+//! A PKCS#11 module reads `SOFTHSM2_CONF` once per process, so each test runs itself again as a
 //! child process with the variable set (the test process's own environment is left alone).
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -13,25 +16,24 @@ mod common;
 
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use ca_server::issuer::{Pkcs11Uri, TokenKey};
-use protocol_spec::KeyAlgorithm;
+use ca_server::issuer::pkcs11::session::{Fault, TokenSessions};
+use ca_server::issuer::{Pkcs11Uri, SessionLimits, SignError, TokenKey};
+use protocol_spec::{KeyAlgorithm, PublicKey};
 
 const MODULE: &str = common::SOFTHSM_MODULE;
 const CHILD: &str = "IMPRINT_PKCS11_THREADS_PIN_FILE";
 
-#[test]
-fn keys_made_while_other_threads_search_the_token_are_all_made() {
+/// Runs `body` (given the PIN file) in a child process running only the test `name`, with a
+/// new token labelled `threads` of its own.
+fn in_own_process(name: &str, body: impl FnOnce(&str)) {
     if let Ok(pin_file) = std::env::var(CHILD) {
-        return make_and_search_at_once(&pin_file);
+        return body(&pin_file);
     }
     let token = common::SoftHsmToken::new("threads");
     let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "keys_made_while_other_threads_search_the_token_are_all_made",
-            "--nocapture",
-        ])
+        .args(["--exact", name, "--nocapture"])
         .env("SOFTHSM2_CONF", &token.conf)
         .env(CHILD, &token.pin_file)
         .output()
@@ -41,6 +43,130 @@ fn keys_made_while_other_threads_search_the_token_are_all_made() {
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn keys_made_while_other_threads_search_the_token_are_all_made() {
+    in_own_process(
+        "keys_made_while_other_threads_search_the_token_are_all_made",
+        make_and_search_at_once,
+    );
+}
+
+/// 16 threads sign through two keys (Ed25519 and P-256) of one token whose pool may open 2
+/// sessions: every signature verifies under its key, the two keys share one pool, and the
+/// token never had more than 2 sessions open: the pool counts a session from before its
+/// `C_OpenSession` to after its `C_CloseSession`, and a watcher thread also reads the token's
+/// own count (`ulSessionCount`) throughout, for modules that report one (SoftHSM2 2.6.1
+/// does not, and its session handles come from a counter shared with objects, so they do not
+/// tell either).
+#[test]
+fn sixteen_signers_share_a_cap_of_two_sessions_and_every_signature_verifies() {
+    in_own_process(
+        "sixteen_signers_share_a_cap_of_two_sessions_and_every_signature_verifies",
+        |pin_file| {
+            let limits = SessionLimits {
+                max: 2,
+                wait: Duration::from_secs(60),
+            };
+            let keys = [KeyAlgorithm::Ed25519, KeyAlgorithm::P256]
+                .map(|alg| TokenKey::generate(&uri(pin_file, alg.name()), alg, &limits).unwrap());
+            let signed = AtomicUsize::new(0);
+            let token_counts = std::thread::scope(|s| {
+                let watcher = s.spawn(|| {
+                    let mut seen = Vec::new();
+                    // Until every signature is made (or a signer failed, and so never will).
+                    let give_up = Instant::now() + Duration::from_secs(120);
+                    while signed.load(Ordering::SeqCst) < 16 * 24 && Instant::now() < give_up {
+                        seen.extend(keys[0].session_stats().token_count);
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    seen
+                });
+                for t in 0..16 {
+                    let (keys, signed) = (&keys, &signed);
+                    s.spawn(move || {
+                        for i in 0..24 {
+                            let key = &keys[(t + i) % 2];
+                            let msg = format!("message {i} of signer {t}");
+                            let sig = key
+                                .sign_x509(msg.as_bytes())
+                                .unwrap_or_else(|e| panic!("signer {t}: {e}"));
+                            let public = PublicKey {
+                                algorithm: key.algorithm(),
+                                raw: key.public_key_raw().to_vec(),
+                            };
+                            assert!(public.verify_x509(msg.as_bytes(), &sig), "{t}-{i}");
+                            signed.fetch_add(1, Ordering::SeqCst);
+                        }
+                    });
+                }
+                watcher.join().unwrap()
+            });
+            assert!(token_counts.iter().all(|n| *n <= 2), "{token_counts:?}");
+            assert_eq!(signed.load(Ordering::SeqCst), 16 * 24);
+            let stats = keys[0].session_stats();
+            assert_eq!(stats, keys[1].session_stats(), "one pool for the token");
+            assert_eq!(stats.max, 2);
+            assert_eq!(stats.peak_open, 2, "{stats:?}");
+            assert!(stats.open <= 2, "{stats:?}");
+            println!("384 signatures from 16 threads on at most 2 sessions: {stats:?}");
+        },
+    );
+}
+
+/// With every session busy, a signer waits for one: past the wait it is told `unavailable`
+/// (nothing signed, no session opened beyond the cap); a signer waiting when the session comes
+/// back gets it.
+#[test]
+fn a_signer_that_finds_every_session_busy_waits_then_is_unavailable() {
+    in_own_process(
+        "a_signer_that_finds_every_session_busy_waits_then_is_unavailable",
+        |pin_file| {
+            let wait = Duration::from_secs(2);
+            let limits = SessionLimits { max: 1, wait };
+            let u = uri(pin_file, "busy");
+            let key = TokenKey::generate(&u, KeyAlgorithm::Ed25519, &limits).unwrap();
+            // The pool the key signs through: this process's one pool for the token.
+            let pool = TokenSessions::open(&u, &limits).unwrap();
+            let (held_tx, held) = std::sync::mpsc::channel();
+            let (release, release_rx) = std::sync::mpsc::channel::<()>();
+            std::thread::scope(|s| {
+                let holder = s.spawn({
+                    let pool = pool.clone();
+                    move || {
+                        pool.with_session(|_, _| {
+                            held_tx.send(()).unwrap();
+                            release_rx.recv().unwrap();
+                            Ok::<_, Fault<()>>(())
+                        })
+                    }
+                });
+                held.recv().unwrap();
+                let started = Instant::now();
+                match key.sign_x509(b"no session for me") {
+                    Err(SignError::Unavailable(why)) => {
+                        assert!(why.contains("busy"), "{why}");
+                        assert!(!why.contains(common::SOFTHSM_PIN), "{why}");
+                    }
+                    other => panic!("{other:?}"),
+                }
+                assert!(started.elapsed() >= wait, "{:?}", started.elapsed());
+                let waiter = s.spawn(|| key.sign_x509(b"my turn"));
+                std::thread::sleep(Duration::from_millis(100));
+                release.send(()).unwrap();
+                holder.join().unwrap().unwrap();
+                let sig = waiter.join().unwrap().unwrap();
+                let public = PublicKey {
+                    algorithm: KeyAlgorithm::Ed25519,
+                    raw: key.public_key_raw().to_vec(),
+                };
+                assert!(public.verify_x509(b"my turn", &sig));
+            });
+            let stats = pool.stats();
+            assert_eq!((stats.peak_open, stats.open), (1, 1), "{stats:?}");
+        },
     );
 }
 
@@ -54,7 +180,8 @@ fn uri(pin_file: &str, object: &str) -> Pkcs11Uri {
 /// Three threads each make 8 key pairs (and seal a key-encryption key, an AES key object) while
 /// three others open an existing key over and over (each open searches the token).
 fn make_and_search_at_once(pin_file: &str) {
-    TokenKey::generate(&uri(pin_file, "first"), KeyAlgorithm::Ed25519).unwrap();
+    let limits = SessionLimits::default();
+    TokenKey::generate(&uri(pin_file, "first"), KeyAlgorithm::Ed25519, &limits).unwrap();
     // Makers still at work; a maker that fails (panics) counts as done too, so that the
     // searchers stop and the failure is reported rather than waited on.
     let making = AtomicUsize::new(3);
@@ -71,8 +198,9 @@ fn make_and_search_at_once(pin_file: &str) {
                         } else {
                             KeyAlgorithm::P256
                         };
-                        TokenKey::generate(&u, alg).unwrap_or_else(|e| panic!("key {t}-{i}: {e}"));
-                        ca_server::issuer::pkcs11::seal_kek(&u, &[7u8; 32])
+                        TokenKey::generate(&u, alg, &limits)
+                            .unwrap_or_else(|e| panic!("key {t}-{i}: {e}"));
+                        ca_server::issuer::pkcs11::seal_kek(&u, &[7u8; 32], &limits)
                             .unwrap_or_else(|e| panic!("key-encryption key {t}-{i}: {e}"));
                     }
                 })
@@ -83,7 +211,7 @@ fn make_and_search_at_once(pin_file: &str) {
                 s.spawn(move || {
                     let mut opened = 0u32;
                     while making.load(Ordering::SeqCst) > 0 {
-                        TokenKey::open(&uri(pin_file, "first"))
+                        TokenKey::open(&uri(pin_file, "first"), &limits)
                             .unwrap_or_else(|e| panic!("open: {e}"));
                         opened += 1;
                     }

@@ -16,7 +16,7 @@ use ring::rand::SystemRandom;
 use zeroize::Zeroizing;
 
 pub use key::{CaKey, SignError};
-pub use pkcs11::{BdkToken, BdkTokenError, Pkcs11Uri, TokenKey};
+pub use pkcs11::{BdkToken, BdkTokenError, Pkcs11Uri, SessionLimits, TokenKey};
 
 use crate::config::{CaDir, Config};
 use crate::ra::VerifiedEnrollment;
@@ -253,7 +253,18 @@ pub fn load_ca_key(dir: &CaDir, config: &Config) -> Result<CaKey, String> {
             pkcs11::PIN_ENV
         ));
     }
-    TokenKey::open(&uri).map(CaKey::Token)
+    TokenKey::open(&uri, &session_limits(dir, config)?).map(CaKey::Token)
+}
+
+/// How many sessions the CA opens with its token (`[issuer] pkcs11_sessions`).
+pub fn session_limits(dir: &CaDir, config: &Config) -> Result<SessionLimits, String> {
+    match config.issuer.pkcs11_sessions {
+        Some(0) => Err(format!(
+            "{}: [issuer] pkcs11_sessions must be at least 1",
+            dir.config().display()
+        )),
+        n => Ok(SessionLimits::sessions(n)),
+    }
 }
 
 /// The keys that seal secrets at rest: from `kek.sealed`, unsealed by the CA's token, when the
@@ -266,7 +277,7 @@ pub fn load_secret_keys(dir: &CaDir, config: &Config) -> Result<SecretKeys, Stri
     };
     let uri = Pkcs11Uri::parse(text)
         .map_err(|e| format!("{}: [issuer] pkcs11: {e}", dir.config().display()))?;
-    Ok(keys.with_bdk_token(BdkToken::new(&uri)))
+    Ok(keys.with_bdk_token(BdkToken::new(&uri, &session_limits(dir, config)?)))
 }
 
 fn load_kek_keys(dir: &CaDir, config: &Config) -> Result<SecretKeys, String> {
@@ -284,7 +295,7 @@ fn load_kek_keys(dir: &CaDir, config: &Config) -> Result<SecretKeys, String> {
     })?;
     let uri = Pkcs11Uri::parse(text)
         .map_err(|e| format!("{}: [issuer] pkcs11: {e}", dir.config().display()))?;
-    let kek = pkcs11::unseal_kek(&uri, &sealed).map_err(at)?;
+    let kek = pkcs11::unseal_kek(&uri, &sealed, &session_limits(dir, config)?).map_err(at)?;
     SecretKeys::new(&kek).map_err(at)
 }
 

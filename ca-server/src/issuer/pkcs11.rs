@@ -1,41 +1,35 @@
 //! The CA key in a PKCS#11 token (a hardware security module; SoftHSM2 in the tests), named by
 //! an RFC 7512 PKCS#11 URI and used through the `cryptoki` crate.
 //!
-//! Signing takes an idle session from a pool, or opens one when none is idle (so there are at
-//! most as many sessions as threads signing at once), and gives it back afterwards. The user is
-//! logged in once: in PKCS#11 a login holds for every session of the application on that token,
-//! and a new session's `C_Login` answers `CKR_USER_ALREADY_LOGGED_IN`. The private key's handle
-//! is found once and cached. A session that fails is dropped with every idle one and the
-//! signature is tried once more on a fresh session (logging in again if the token was reset);
-//! if that fails too, the module is reset (`C_Finalize`, `C_Initialize`: a token pulled out and
-//! put back, or SoftHSM2's token folder gone and back, is seen again only then; at most once a
-//! second) and the slot found again for a last try. Past that the token is
-//! [`SignError::Unavailable`]; the next signature tries again, so signing resumes by itself
-//! when the token is back.
+//! Every call goes through the token's session pool ([`session::TokenSessions`]: one per token
+//! in a process, shared with the operator CA's key, the DUKPT BDKs and the sealed key-encryption
+//! key), which logs in once, bounds the sessions open at once, and tries a call again on a fresh
+//! session, then after resetting the module, when the token stops answering. Past that a
+//! signature is [`SignError::Unavailable`]; the next one tries again, so signing resumes by
+//! itself when the token is back. The private key's handle is found once per epoch of the pool.
 //!
 //! Ed25519 signs with `CKM_EDDSA` (PKCS#11 3.0) over the message; P-256 with `CKM_ECDSA` over
 //! its SHA-256 digest, the token's raw r||s turned into the DER `Ecdsa-Sig-Value` X.509 wants.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock, PoisonError, RwLock};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-use cryptoki::error::{Error as P11Error, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
-use cryptoki::slot::Slot;
+use cryptoki::session::Session;
 use cryptoki::types::AuthPin;
 use protocol_spec::{KeyAlgorithm, KeyPair};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::key::SignError;
 
 pub mod bdk;
+pub mod session;
 pub use bdk::{BdkToken, BdkTokenError};
+pub use session::{SessionLimits, SessionStats, TokenSessions};
+
+use session::{Failure, Fault, HandleCache, is_stale_handle, is_unavailable, short};
 
 /// DER OBJECT IDENTIFIER 1.3.101.112 (id-Ed25519, RFC 8410): CKA_EC_PARAMS of an Ed25519 key.
 const ED25519_PARAMS: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
@@ -43,9 +37,6 @@ const ED25519_PARAMS: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
 const ED25519_PARAMS_NAME: &[u8] = b"\x13\x0cedwards25519";
 /// DER OBJECT IDENTIFIER 1.2.840.10045.3.1.7 (prime256v1, RFC 5480).
 const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-
-/// Idle sessions kept open for the next signatures.
-const MAX_IDLE_SESSIONS: usize = 64;
 
 /// Where the PIN comes from (RFC 7512 section 2.3, `pin-source` and `pin-value`).
 #[derive(Clone, PartialEq, Eq)]
@@ -215,33 +206,14 @@ impl Pkcs11Uri {
     }
 }
 
-/// The CA's key in a token: the module and slot, the PIN (to log in again after the token
-/// was reset), the key's public half, and the session pool.
+/// The CA's key in a token: the token's session pool ([`TokenSessions`]), the key's public half
+/// and its private half's handle, found once per epoch of the pool.
 pub struct TokenKey {
-    /// The module's context and the token's slot. Signatures hold it shared; a reconnection
-    /// (`C_Finalize`, `C_Initialize`, the slot found again) holds it alone, so no call is in
-    /// flight while the library is reset.
-    conn: RwLock<Connection>,
+    sessions: Arc<TokenSessions>,
     uri: Pkcs11Uri,
-    pin: AuthPin,
     algorithm: KeyAlgorithm,
     public_raw: Vec<u8>,
-    key: Mutex<Option<ObjectHandle>>,
-    idle: Mutex<Vec<Session>>,
-    last_reconnect: Mutex<Option<Instant>>,
-}
-
-struct Connection {
-    ctx: Pkcs11,
-    slot: Slot,
-}
-
-/// How one signing attempt ended, when it did not sign.
-enum Attempt {
-    /// The session, the key handle or the token is gone: try again, then reconnect.
-    Lost(String),
-    /// The token refused this signature.
-    Refused(String),
+    handles: HandleCache,
 }
 
 impl std::fmt::Debug for TokenKey {
@@ -254,51 +226,47 @@ impl std::fmt::Debug for TokenKey {
     }
 }
 
+/// The [`HandleCache`] label of a key's private half.
+const PRIVATE: &str = "private";
+
 impl TokenKey {
-    /// Opens the key `uri` names, which must already be in the token.
-    pub fn open(uri: &Pkcs11Uri) -> Result<Self, String> {
-        let ctx = context(&uri.module_path)?;
-        let slot = find_slot(&ctx, uri)?;
-        let pin = uri.read_pin()?;
-        let session = open_session(&ctx, slot, &pin, false, uri)?;
-        let held = token_objects();
-        let private = find_key(&session, uri, ObjectClass::PRIVATE_KEY, &held)?.ok_or_else(|| {
-            format!(
-                "{}: no private key with that label in the token (give the key's label as object=, or make one with `ca-server init --pkcs11`)",
-                uri.describe()
-            )
-        })?;
-        let (algorithm, public_raw) = public_half(&session, uri, &held)?;
-        drop(held);
-        let key = TokenKey {
-            conn: RwLock::new(Connection { ctx, slot }),
+    /// Opens the key `uri` names, which must already be in the token, through the token's
+    /// session pool (opened with `limits` if this process has none yet).
+    pub fn open(uri: &Pkcs11Uri, limits: &SessionLimits) -> Result<Self, String> {
+        let sessions = TokenSessions::open(uri, limits).map_err(|e| e.to_string())?;
+        let (epoch, private, algorithm, public_raw) = sessions
+            .with_session(|session, epoch| {
+                let held = token_objects();
+                let private = find_key(session, uri, ObjectClass::PRIVATE_KEY, &held)
+                    .map_err(Fault::Failed)?
+                    .ok_or_else(|| Fault::Failed(format!(
+                        "{}: no private key with that label in the token (give the key's label as object=, or make one with `ca-server init --pkcs11`)",
+                        uri.describe()
+                    )))?;
+                let (algorithm, public_raw) =
+                    public_half(session, uri, &held).map_err(Fault::Failed)?;
+                Ok((epoch, private, algorithm, public_raw))
+            })
+            .map_err(|e| e.to_string())?;
+        let handles = HandleCache::default();
+        handles.put(epoch, PRIVATE, private);
+        Ok(TokenKey {
+            sessions,
             uri: uri.clone(),
-            pin,
             algorithm,
             public_raw,
-            key: Mutex::new(Some(private)),
-            idle: Mutex::new(Vec::new()),
-            last_reconnect: Mutex::new(None),
-        };
-        key.give_back(session);
-        Ok(key)
+            handles,
+        })
     }
 
     /// Generates a new key pair of `algorithm` in the token, labelled (and with the id) as
     /// `uri` says: the private half sensitive and not extractable. Refuses when the token
     /// already holds a private key with that label.
-    pub fn generate(uri: &Pkcs11Uri, algorithm: KeyAlgorithm) -> Result<Self, String> {
-        let held = token_objects();
-        let ctx = context(&uri.module_path)?;
-        let slot = find_slot(&ctx, uri)?;
-        let pin = uri.read_pin()?;
-        let session = open_session(&ctx, slot, &pin, true, uri)?;
-        if find_key(&session, uri, ObjectClass::PRIVATE_KEY, &held)?.is_some() {
-            return Err(format!(
-                "{}: the token already holds a private key with that label; use it with --pkcs11-existing, or name another object=",
-                uri.describe()
-            ));
-        }
+    pub fn generate(
+        uri: &Pkcs11Uri,
+        algorithm: KeyAlgorithm,
+        limits: &SessionLimits,
+    ) -> Result<Self, String> {
         let (mechanism, params) = match algorithm {
             KeyAlgorithm::Ed25519 => (Mechanism::EccEdwardsKeyPairGen, ED25519_PARAMS),
             KeyAlgorithm::P256 => (Mechanism::EccKeyPairGen, P256_PARAMS),
@@ -322,35 +290,37 @@ impl TokenKey {
             Attribute::Label(label),
             Attribute::Id(id),
         ];
-        session
-            .generate_key_pair(&mechanism, &public, &private)
-            .map_err(|e| {
-                format!(
-                    "{}: the token could not generate a {algorithm} key pair: {}",
-                    uri.describe(),
-                    short(&e)
-                )
-            })?;
-        drop(session);
-        drop(held);
-        Self::open(uri)
+        let sessions = TokenSessions::open(uri, limits).map_err(|e| e.to_string())?;
+        sessions
+            .with_session(|session, _| {
+                let held = token_objects();
+                if find_key(session, uri, ObjectClass::PRIVATE_KEY, &held)
+                    .map_err(Fault::Failed)?
+                    .is_some()
+                {
+                    return Err(Fault::Failed(format!(
+                        "{}: the token already holds a private key with that label; use it with --pkcs11-existing, or name another object=",
+                        uri.describe()
+                    )));
+                }
+                session
+                    .generate_key_pair(&mechanism, &public, &private)
+                    .map_err(|e| {
+                        Fault::Failed(format!(
+                            "{}: the token could not generate a {algorithm} key pair: {}",
+                            uri.describe(),
+                            short(&e)
+                        ))
+                    })
+            })
+            .map_err(|e| e.to_string())?;
+        Self::open(uri, limits)
     }
 
     /// Imports `key` (a file key) into the token as a private-key object (sensitive, not
     /// extractable) and a public-key object, both labelled (and with the id) as `uri` says,
     /// then opens it. Refuses when the token already holds a private key with that label.
-    pub fn import(uri: &Pkcs11Uri, key: &KeyPair) -> Result<Self, String> {
-        let held = token_objects();
-        let ctx = context(&uri.module_path)?;
-        let slot = find_slot(&ctx, uri)?;
-        let pin = uri.read_pin()?;
-        let session = open_session(&ctx, slot, &pin, true, uri)?;
-        if find_key(&session, uri, ObjectClass::PRIVATE_KEY, &held)?.is_some() {
-            return Err(format!(
-                "{}: the token already holds a private key with that label; name another object=",
-                uri.describe()
-            ));
-        }
+    pub fn import(uri: &Pkcs11Uri, key: &KeyPair, limits: &SessionLimits) -> Result<Self, String> {
         let (key_type, params) = match key.algorithm() {
             KeyAlgorithm::Ed25519 => (KeyType::EC_EDWARDS, ED25519_PARAMS),
             KeyAlgorithm::P256 => (KeyType::EC, P256_PARAMS),
@@ -372,7 +342,7 @@ impl TokenKey {
             Attribute::Label(label.clone()),
             Attribute::Id(id.clone()),
         ];
-        let private = [
+        let mut private = [
             Attribute::Class(ObjectClass::PRIVATE_KEY),
             Attribute::KeyType(key_type),
             Attribute::Token(true),
@@ -385,23 +355,41 @@ impl TokenKey {
             Attribute::Label(label),
             Attribute::Id(id),
         ];
-        let created = |template: &[Attribute], what: &str| {
-            session.create_object(template).map_err(|e| {
-                format!(
-                    "{}: the token refused the {what}: {}",
-                    uri.describe(),
-                    short(&e)
-                )
-            })
-        };
-        let public_handle = created(&public, "public key")?;
-        if let Err(e) = created(&private, "private key") {
-            let _ = session.destroy_object(public_handle);
-            return Err(e);
+        let sessions = TokenSessions::open(uri, limits).map_err(|e| e.to_string())?;
+        let created = sessions.with_session(|session, _| {
+            let held = token_objects();
+            if find_key(session, uri, ObjectClass::PRIVATE_KEY, &held)
+                .map_err(Fault::Failed)?
+                .is_some()
+            {
+                return Err(Fault::Failed(format!(
+                    "{}: the token already holds a private key with that label; name another object=",
+                    uri.describe()
+                )));
+            }
+            let created = |template: &[Attribute], what: &str| {
+                session.create_object(template).map_err(|e| {
+                    Fault::Failed(format!(
+                        "{}: the token refused the {what}: {}",
+                        uri.describe(),
+                        short(&e)
+                    ))
+                })
+            };
+            let public_handle = created(&public, "public key")?;
+            if let Err(e) = created(&private, "private key") {
+                let _ = session.destroy_object(public_handle);
+                return Err(e);
+            }
+            Ok(())
+        });
+        for a in private.iter_mut() {
+            if let Attribute::Value(v) = a {
+                v.zeroize();
+            }
         }
-        drop(session);
-        drop(held);
-        Self::open(uri)
+        created.map_err(|e| e.to_string())?;
+        Self::open(uri, limits)
     }
 
     /// The key's algorithm (from the token's key type and curve).
@@ -419,9 +407,14 @@ impl TokenKey {
         &self.uri
     }
 
-    /// Signs as X.509 expects (see the module documentation): on a session that fails, once
-    /// more on a fresh one; then once more after reconnecting to the module (at most one
-    /// reconnection a second); then [`SignError::Unavailable`].
+    /// What the token's session pool has done so far (shared with every other user of the
+    /// token in this process).
+    pub fn session_stats(&self) -> SessionStats {
+        self.sessions.stats()
+    }
+
+    /// Signs as X.509 expects (see the module documentation) on a session of the token's pool;
+    /// [`SignError::Unavailable`] when the token does not answer, or every session stays busy.
     pub fn sign_x509(&self, msg: &[u8]) -> Result<Vec<u8>, SignError> {
         let (mechanism, data) = match self.algorithm {
             KeyAlgorithm::Ed25519 => (
@@ -435,55 +428,22 @@ impl TokenKey {
                     .to_vec(),
             ),
         };
-        let mut last = String::new();
-        for attempt in 0..3 {
-            if attempt == 2
-                && let Err(why) = self.reconnect()
-            {
-                last = format!("{last}; reconnecting: {why}");
-                break;
-            }
-            let outcome = {
-                let conn = self.conn.read().unwrap_or_else(PoisonError::into_inner);
-                self.try_sign(&conn, &mechanism, &data)
-            };
-            match outcome {
-                Ok(sig) => return self.x509_signature(sig),
-                Err(Attempt::Refused(why)) => {
-                    return Err(SignError::Failed(format!("{}: {why}", self.uri.describe())));
+        let signed = self.sessions.with_session(|session, epoch| {
+            let key = self.key_handle(session, epoch)?;
+            session.sign(&mechanism, key, &data).map_err(|e| {
+                if is_unavailable(&e) || is_stale_handle(&e) {
+                    Fault::Lost(short(&e))
+                } else {
+                    Fault::Failed(short(&e))
                 }
-                Err(Attempt::Lost(why)) => {
-                    last = why;
-                    self.drop_idle();
-                }
-            }
-        }
-        Err(SignError::Unavailable(format!(
-            "{}: {last}",
-            self.uri.describe()
-        )))
-    }
-
-    fn try_sign(
-        &self,
-        conn: &Connection,
-        mechanism: &Mechanism,
-        data: &[u8],
-    ) -> Result<Vec<u8>, Attempt> {
-        let session = self.session(conn)?;
-        let key = self.key_handle(&session)?;
-        match session.sign(mechanism, key, data) {
-            Ok(sig) => {
-                self.give_back(session);
-                Ok(sig)
-            }
-            Err(e) if is_unavailable(&e) => Err(Attempt::Lost(short(&e))),
-            Err(
-                e @ P11Error::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _),
-            ) => Err(Attempt::Lost(short(&e))),
-            Err(e) => {
-                self.give_back(session);
-                Err(Attempt::Refused(short(&e)))
+            })
+        });
+        match signed {
+            Ok(sig) => self.x509_signature(sig),
+            Err(Failure::Unavailable(why)) => Err(SignError::Unavailable(why)),
+            Err(Failure::Refused(why)) => Err(SignError::Failed(why)),
+            Err(Failure::Op(why)) => {
+                Err(SignError::Failed(format!("{}: {why}", self.uri.describe())))
             }
         }
     }
@@ -504,47 +464,9 @@ impl TokenKey {
         }
     }
 
-    /// An idle session, or a new one (logged in) when none is idle.
-    fn session(&self, conn: &Connection) -> Result<Session, Attempt> {
-        if let Some(s) = self
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop()
-        {
-            return Ok(s);
-        }
-        let session = conn
-            .ctx
-            .open_ro_session(conn.slot)
-            .map_err(|e| Attempt::Lost(format!("opening a session: {}", short(&e))))?;
-        match session.login(UserType::User, Some(&self.pin)) {
-            Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
-            Err(e @ P11Error::Pkcs11(RvError::PinIncorrect | RvError::PinLocked, _)) => Err(
-                Attempt::Refused(format!("the token refused the PIN: {}", short(&e))),
-            ),
-            Err(e) => Err(Attempt::Lost(format!("logging in: {}", short(&e)))),
-        }
-    }
-
-    fn give_back(&self, session: Session) {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < MAX_IDLE_SESSIONS {
-            idle.push(session);
-        }
-    }
-
-    /// Forgets every idle session and the key handle (after a session failed, the others
-    /// most likely did too).
-    fn drop_idle(&self) {
-        let stale = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
-        *self.key.lock().unwrap_or_else(PoisonError::into_inner) = None;
-        drop(stale);
-    }
-
-    fn key_handle(&self, session: &Session) -> Result<ObjectHandle, Attempt> {
-        let mut cached = self.key.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(h) = *cached {
+    /// The private key's handle: cached for the pool's epoch, or found again.
+    fn key_handle(&self, session: &Session, epoch: u64) -> Result<ObjectHandle, Fault<String>> {
+        if let Some(h) = self.handles.get(epoch, PRIVATE) {
             return Ok(h);
         }
         // A key that is not found is taken as a token that is not (or not yet) all there:
@@ -555,40 +477,10 @@ impl TokenKey {
             ObjectClass::PRIVATE_KEY,
             &token_objects(),
         )
-        .map_err(Attempt::Lost)?
-        .ok_or_else(|| Attempt::Lost("the private key is not in the token".into()))?;
-        *cached = Some(h);
+        .map_err(Fault::Lost)?
+        .ok_or_else(|| Fault::Lost("the private key is not in the token".into()))?;
+        self.handles.put(epoch, PRIVATE, h);
         Ok(h)
-    }
-
-    /// Resets the module (`C_Finalize`, `C_Initialize`) and finds the token's slot again: a
-    /// token that was removed and put back, or a module that lost its device, is usable
-    /// again only after this. At most once a second, with no call in flight.
-    fn reconnect(&self) -> Result<(), String> {
-        {
-            let mut last = self
-                .last_reconnect
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-                return Err("the last reconnection was less than a second ago".into());
-            }
-            *last = Some(Instant::now());
-        }
-        let mut conn = self.conn.write().unwrap_or_else(PoisonError::into_inner);
-        self.drop_idle();
-        // Every session of the old initialization is closed by C_Finalize.
-        let _ = conn.ctx.clone().finalize();
-        match conn
-            .ctx
-            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        {
-            Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-            Err(e) => return Err(format!("C_Initialize: {}", short(&e))),
-        }
-        conn.slot = find_slot(&conn.ctx, &self.uri)?;
-        tracing::info!(token = %self.uri.token, "reconnected to the PKCS#11 token");
-        Ok(())
     }
 }
 
@@ -598,122 +490,14 @@ impl TokenKey {
 /// that reads a new object's file while it is still empty marks the object invalid, and its
 /// creation fails with CKR_GENERAL_ERROR (SoftHSMv2 issue 573, fixed by its commit 07f0b98).
 /// The test suite, with every test CA in one token, met it. Searches are rare (at start, and
-/// when a session's key handle must be found again); signing is not held.
+/// when a session's key handle must be found again); signing is not held. It is taken while a
+/// session is held, never before one is taken: a caller holding it while waiting for a session
+/// could wait on callers that hold sessions and wait for it.
 struct TokenObjects(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
 
 fn token_objects() -> TokenObjects {
     static HELD: Mutex<()> = Mutex::new(());
     TokenObjects(HELD.lock().unwrap_or_else(PoisonError::into_inner))
-}
-
-/// One context per module in a process: `C_Initialize` may be called once per library, and two
-/// CAs in one process (the tests) share it.
-fn context(module: &Path) -> Result<Pkcs11, String> {
-    static CONTEXTS: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
-    let mut map = CONTEXTS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    if let Some(ctx) = map.get(module) {
-        return Ok(ctx.clone());
-    }
-    let ctx = Pkcs11::new(module)
-        .map_err(|e| format!("PKCS#11 module {}: cannot load it ({e})", module.display()))?;
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => {
-            return Err(format!(
-                "PKCS#11 module {}: C_Initialize failed: {}",
-                module.display(),
-                short(&e)
-            ));
-        }
-    }
-    map.insert(module.to_path_buf(), ctx.clone());
-    Ok(ctx)
-}
-
-/// The slot holding the token `uri` names (by label, and serial when given).
-fn find_slot(ctx: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot, String> {
-    let slots = ctx.get_slots_with_token().map_err(|e| {
-        format!(
-            "PKCS#11 module {}: cannot list its slots: {}",
-            uri.module_path.display(),
-            short(&e)
-        )
-    })?;
-    let mut labels = Vec::new();
-    for slot in slots {
-        let Ok(info) = ctx.get_token_info(slot) else {
-            continue;
-        };
-        let label = info.label().trim_end().to_string();
-        if label == uri.token
-            && uri
-                .serial
-                .as_deref()
-                .is_none_or(|s| info.serial_number().trim_end() == s)
-        {
-            return Ok(slot);
-        }
-        // An uninitialized token (SoftHSM2 always offers one) has no label worth naming.
-        if !label.is_empty() {
-            labels.push(format!("{label:?}"));
-        }
-    }
-    Err(format!(
-        "no token labelled {:?} in PKCS#11 module {} (tokens there: {})",
-        uri.token,
-        uri.module_path.display(),
-        if labels.is_empty() {
-            "none".to_string()
-        } else {
-            labels.join(", ")
-        }
-    ))
-}
-
-/// Opens a session and logs the user in (a no-op when the application already is).
-fn open_session(
-    ctx: &Pkcs11,
-    slot: Slot,
-    pin: &AuthPin,
-    rw: bool,
-    uri: &Pkcs11Uri,
-) -> Result<Session, String> {
-    let session = if rw {
-        ctx.open_rw_session(slot)
-    } else {
-        ctx.open_ro_session(slot)
-    }
-    .map_err(|e| {
-        format!(
-            "token {:?}: cannot open a session: {}",
-            uri.token,
-            short(&e)
-        )
-    })?;
-    match session.login(UserType::User, Some(pin)) {
-        Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
-        Err(P11Error::Pkcs11(RvError::PinIncorrect, _)) => Err(format!(
-            "token {:?}: the PIN is wrong ({})",
-            uri.token,
-            match &uri.pin {
-                PinSource::File(p) => format!("read from {}", p.display()),
-                PinSource::Value(_) => "given as pin-value".to_string(),
-                PinSource::Environment => format!("read from {PIN_ENV}"),
-            }
-        )),
-        Err(P11Error::Pkcs11(RvError::PinLocked, _)) => Err(format!(
-            "token {:?}: the user PIN is locked (too many wrong PINs); the security officer must unlock it",
-            uri.token
-        )),
-        Err(e) => Err(format!(
-            "token {:?}: login failed: {}",
-            uri.token,
-            short(&e)
-        )),
-    }
 }
 
 /// The one object of `class` with the URI's label (and id); an error when several match.
@@ -824,52 +608,57 @@ const SEALED_KEK_MAGIC: &[u8; 12] = b"IMPRINT-KEK1";
 /// The secrets themselves are still sealed in the CA's memory under keys derived from the
 /// key-encryption key, which the token unseals once at start ([`unseal_kek`]): the file on
 /// disk is useless without the token, and sealing a secret costs no call to the token.
-pub fn seal_kek(uri: &Pkcs11Uri, kek: &[u8]) -> Result<Vec<u8>, String> {
-    let held = token_objects();
-    let ctx = context(&uri.module_path)?;
-    let slot = find_slot(&ctx, uri)?;
-    let pin = uri.read_pin()?;
-    let session = open_session(&ctx, slot, &pin, true, uri)?;
-    let aes = match find_kek_key(&session, uri, &held)? {
-        Some(h) => h,
-        None => session
-            .generate_key(
-                &Mechanism::AesKeyGen,
-                &[
-                    Attribute::Token(true),
-                    Attribute::Private(true),
-                    Attribute::Sensitive(true),
-                    Attribute::Extractable(false),
-                    Attribute::Encrypt(true),
-                    Attribute::Decrypt(true),
-                    Attribute::ValueLen(32.into()),
-                    Attribute::Label(kek_label(uri)),
-                ],
-            )
-            .map_err(|e| {
-                format!(
-                    "{}: the token could not make an AES key for the key-encryption key: {}",
-                    uri.describe(),
-                    short(&e)
-                )
-            })?,
-    };
+pub fn seal_kek(uri: &Pkcs11Uri, kek: &[u8], limits: &SessionLimits) -> Result<Vec<u8>, String> {
     let mut iv = [0u8; 12];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut iv)
         .map_err(|_| "random generator failed".to_string())?;
-    let mut iv_param = iv;
-    let params =
-        cryptoki::mechanism::aead::GcmParams::new(&mut iv_param, SEALED_KEK_MAGIC, 128.into())
-            .map_err(|e| short(&e))?;
-    let sealed = session
-        .encrypt(&Mechanism::AesGcm(params), aes, kek)
-        .map_err(|e| {
-            format!(
-                "{}: the token could not seal the key-encryption key: {}",
-                uri.describe(),
-                short(&e)
+    let sessions = TokenSessions::open(uri, limits).map_err(|e| e.to_string())?;
+    let sealed = sessions
+        .with_session(|session, _| {
+            let held = token_objects();
+            let aes = match find_kek_key(session, uri, &held).map_err(Fault::Failed)? {
+                Some(h) => h,
+                None => session
+                    .generate_key(
+                        &Mechanism::AesKeyGen,
+                        &[
+                            Attribute::Token(true),
+                            Attribute::Private(true),
+                            Attribute::Sensitive(true),
+                            Attribute::Extractable(false),
+                            Attribute::Encrypt(true),
+                            Attribute::Decrypt(true),
+                            Attribute::ValueLen(32.into()),
+                            Attribute::Label(kek_label(uri)),
+                        ],
+                    )
+                    .map_err(|e| {
+                        Fault::Failed(format!(
+                            "{}: the token could not make an AES key for the key-encryption key: {}",
+                            uri.describe(),
+                            short(&e)
+                        ))
+                    })?,
+            };
+            drop(held);
+            let mut iv_param = iv;
+            let params = cryptoki::mechanism::aead::GcmParams::new(
+                &mut iv_param,
+                SEALED_KEK_MAGIC,
+                128.into(),
             )
-        })?;
+            .map_err(|e| Fault::Failed(short(&e)))?;
+            session
+                .encrypt(&Mechanism::AesGcm(params), aes, kek)
+                .map_err(|e| {
+                    Fault::Failed(format!(
+                        "{}: the token could not seal the key-encryption key: {}",
+                        uri.describe(),
+                        short(&e)
+                    ))
+                })
+        })
+        .map_err(|e| e.to_string())?;
     let mut out = SEALED_KEK_MAGIC.to_vec();
     out.extend_from_slice(&iv);
     out.extend_from_slice(&sealed);
@@ -877,36 +666,44 @@ pub fn seal_kek(uri: &Pkcs11Uri, kek: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 /// Opens a file [`seal_kek`] wrote, in the token.
-pub fn unseal_kek(uri: &Pkcs11Uri, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, String> {
+pub fn unseal_kek(
+    uri: &Pkcs11Uri,
+    sealed: &[u8],
+    limits: &SessionLimits,
+) -> Result<Zeroizing<Vec<u8>>, String> {
     let rest = sealed
         .strip_prefix(SEALED_KEK_MAGIC.as_slice())
         .filter(|r| r.len() > 12 + 16)
         .ok_or("not a sealed key-encryption key")?;
     let (iv, ciphertext) = rest.split_at(12);
-    let ctx = context(&uri.module_path)?;
-    let slot = find_slot(&ctx, uri)?;
-    let pin = uri.read_pin()?;
-    let session = open_session(&ctx, slot, &pin, false, uri)?;
-    let aes = find_kek_key(&session, uri, &token_objects())?.ok_or_else(|| {
-        format!(
-            "token {:?}: no AES key labelled {:?} to unseal the key-encryption key",
-            uri.token,
-            String::from_utf8_lossy(&kek_label(uri))
-        )
-    })?;
-    let mut iv = iv.to_vec();
-    let params = cryptoki::mechanism::aead::GcmParams::new(&mut iv, SEALED_KEK_MAGIC, 128.into())
-        .map_err(|e| short(&e))?;
-    session
-        .decrypt(&Mechanism::AesGcm(params), aes, ciphertext)
-        .map(Zeroizing::new)
-        .map_err(|e| {
-            format!(
-                "{}: the token could not unseal the key-encryption key (another token's, or altered): {}",
-                uri.describe(),
-                short(&e)
-            )
+    let sessions = TokenSessions::open(uri, limits).map_err(|e| e.to_string())?;
+    sessions
+        .with_session(|session, _| {
+            let aes = find_kek_key(session, uri, &token_objects())
+                .map_err(Fault::Failed)?
+                .ok_or_else(|| {
+                    Fault::Failed(format!(
+                        "token {:?}: no AES key labelled {:?} to unseal the key-encryption key",
+                        uri.token,
+                        String::from_utf8_lossy(&kek_label(uri))
+                    ))
+                })?;
+            let mut iv = iv.to_vec();
+            let params =
+                cryptoki::mechanism::aead::GcmParams::new(&mut iv, SEALED_KEK_MAGIC, 128.into())
+                    .map_err(|e| Fault::Failed(short(&e)))?;
+            session
+                .decrypt(&Mechanism::AesGcm(params), aes, ciphertext)
+                .map(Zeroizing::new)
+                .map_err(|e| {
+                    Fault::Failed(format!(
+                        "{}: the token could not unseal the key-encryption key (another token's, or altered): {}",
+                        uri.describe(),
+                        short(&e)
+                    ))
+                })
         })
+        .map_err(|e| e.to_string())
 }
 
 fn kek_label(uri: &Pkcs11Uri) -> Vec<u8> {
@@ -948,40 +745,6 @@ fn private_value(key: &KeyPair) -> Result<Zeroizing<Vec<u8>>, String> {
         .get(at..at + 32)
         .ok_or("the key file's PKCS#8 document is cut short")?;
     Ok(Zeroizing::new(value.to_vec()))
-}
-
-/// Whether a failure means the token or the session is gone (retry on a fresh session, then
-/// report the token unavailable) rather than a refusal of this request.
-fn is_unavailable(e: &P11Error) -> bool {
-    match e {
-        P11Error::Pkcs11(rv, _) => matches!(
-            rv,
-            RvError::DeviceError
-                | RvError::DeviceRemoved
-                | RvError::DeviceMemory
-                | RvError::TokenNotPresent
-                | RvError::TokenNotRecognized
-                | RvError::SessionHandleInvalid
-                | RvError::SessionClosed
-                | RvError::SessionCount
-                | RvError::SlotIdInvalid
-                | RvError::UserNotLoggedIn
-                | RvError::CryptokiNotInitialized
-                | RvError::GeneralError
-                | RvError::FunctionFailed
-        ),
-        P11Error::LibraryLoading(_) | P11Error::NullFunctionPointer => true,
-        _ => false,
-    }
-}
-
-/// A one-line description of a PKCS#11 failure: the return value's name (CKR_...) and the
-/// function, not the standard's paragraph-long explanation.
-fn short(e: &P11Error) -> String {
-    match e {
-        P11Error::Pkcs11(rv, function) => format!("{function} returned {rv:?}"),
-        other => other.to_string(),
-    }
 }
 
 /// The DER `Ecdsa-Sig-Value` (RFC 5480 section 2.2.3) for a token's fixed-size r||s.

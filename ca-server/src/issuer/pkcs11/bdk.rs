@@ -8,31 +8,25 @@
 //! (AES-CMAC of a zero block: two `CKM_AES_ECB` blocks); every key derived from the Initial Key
 //! is computed in the CA's memory, as for a BDK sealed under the key-encryption key.
 //!
-//! Sessions come from a pool, opened (and logged in) lazily: a CA that never derives never
-//! asks the token for anything. A session that fails is dropped with every idle one and the
-//! call is tried once more on a fresh session, the slot found again; past that the token is
-//! [`BdkTokenError::Unavailable`], as signing reports it. A BDK object that is not in the token
-//! is [`BdkTokenError::Missing`].
+//! Every call goes through the token's session pool ([`TokenSessions`], shared with the CA
+//! key), opened at the first call that needs it: a CA that never derives never asks the token
+//! for anything. A token that does not answer is [`BdkTokenError::Unavailable`], as signing
+//! reports it; a BDK object that is not in the token is [`BdkTokenError::Missing`].
 
-use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use cryptoki::context::Pkcs11;
-use cryptoki::error::{Error as P11Error, RvError};
+use cryptoki::error::Error as P11Error;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType as P11KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
-use cryptoki::slot::Slot;
-use cryptoki::types::AuthPin;
 use protocol_spec::dukpt::{self, AesKey, BdkId, InitialKeyId, KCV_LEN, KeyType};
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{
-    Pkcs11Uri, TokenObjects, context, find_slot, is_unavailable, open_session, short, token_objects,
+use super::session::{
+    Failure, Fault, HandleCache, SessionLimits, TokenSessions, is_stale_handle, is_unavailable,
+    short,
 };
-
-/// Idle sessions kept open for the next derivations.
-const MAX_IDLE_SESSIONS: usize = 16;
+use super::{Pkcs11Uri, TokenObjects, token_objects};
 
 /// Why the token did not do what was asked with a BDK.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,16 +51,12 @@ pub enum BdkTokenError {
 /// The CA's PKCS#11 token, as the keeper of its DUKPT BDKs.
 pub struct BdkToken {
     uri: Pkcs11Uri,
-    conn: Mutex<Option<Connection>>,
-    idle: Mutex<Vec<Session>>,
-    /// Object handles by label, found once (dropped when the token says a handle is invalid).
-    handles: Mutex<HashMap<String, ObjectHandle>>,
-}
-
-struct Connection {
-    ctx: Pkcs11,
-    slot: Slot,
-    pin: AuthPin,
+    limits: SessionLimits,
+    /// The token's session pool, once a call needed it.
+    sessions: Mutex<Option<Arc<TokenSessions>>>,
+    /// Object handles by label, found once per epoch of the pool (forgotten when the token
+    /// says a handle is invalid).
+    handles: HandleCache,
 }
 
 impl std::fmt::Debug for BdkToken {
@@ -78,10 +68,8 @@ impl std::fmt::Debug for BdkToken {
     }
 }
 
-/// How one attempt ended, when it did not succeed.
+/// How a call failed, when the token answered.
 enum Attempt {
-    /// The session or the token is gone: try once more on a fresh session.
-    Lost(String),
     /// The object is not in the token.
     Missing(String),
     /// The token refused.
@@ -92,13 +80,14 @@ enum Attempt {
 
 impl BdkToken {
     /// The token `uri` names (the CA key's URI: its token, and its label as the prefix of every
-    /// BDK object's label). Nothing is opened until the first call that needs the token.
-    pub fn new(uri: &Pkcs11Uri) -> Self {
+    /// BDK object's label), through the token's session pool (opened with `limits` if this
+    /// process has none yet). Nothing is opened until the first call that needs the token.
+    pub fn new(uri: &Pkcs11Uri, limits: &SessionLimits) -> Self {
         BdkToken {
             uri: uri.clone(),
-            conn: Mutex::new(None),
-            idle: Mutex::new(Vec::new()),
-            handles: Mutex::new(HashMap::new()),
+            limits: *limits,
+            sessions: Mutex::new(None),
+            handles: HandleCache::default(),
         }
     }
 
@@ -188,11 +177,11 @@ impl BdkToken {
     /// Deletes the BDK object `label` (an addition the store then refused leaves nothing
     /// behind); a failure is logged, not returned: the caller is already reporting one.
     pub fn destroy_quietly(&self, label: &str) {
-        let outcome = self.with_session(true, |session| {
-            let h = self.handle(session, label)?;
+        let outcome = self.with_session(|session, epoch| {
+            let h = self.handle(session, epoch, label)?;
             session.destroy_object(h).map_err(|e| classify(&e))
         });
-        self.forget_handle(label);
+        self.handles.forget(label);
         if let Err(e) = outcome {
             tracing::warn!(
                 token = %self.uri.token,
@@ -205,20 +194,14 @@ impl BdkToken {
 
     /// AES-ECB of one block under the BDK object `label`, in the token.
     fn encrypt_block(&self, label: &str, block: [u8; 16]) -> Result<[u8; 16], BdkTokenError> {
-        let out = self.with_session(false, |session| {
-            let h = self.handle(session, label)?;
+        let out = self.with_session(|session, epoch| {
+            let h = self.handle(session, epoch, label)?;
             session
                 .encrypt(&Mechanism::AesEcb, h, &block)
                 .map(Zeroizing::new)
                 .map_err(|e| {
-                    if matches!(
-                        e,
-                        P11Error::Pkcs11(
-                            RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid,
-                            _
-                        )
-                    ) {
-                        self.forget_handle(label);
+                    if is_stale_handle(&e) {
+                        self.handles.forget(label);
                     }
                     classify(&e)
                 })
@@ -232,168 +215,76 @@ impl BdkToken {
         })
     }
 
-    /// Makes the object `label` with `make` on a read-write session, after checking that no
-    /// object has that label; the check and the creation hold together ([`token_objects`]).
+    /// Makes the object `label` with `make`, after checking that no object has that label; the
+    /// check and the creation hold together ([`token_objects`]).
     fn create(
         &self,
         label: &str,
         make: impl Fn(&Session) -> Result<ObjectHandle, P11Error>,
     ) -> Result<(), BdkTokenError> {
-        let held = token_objects();
-        let handle = self.with_session(true, |session| {
+        let (epoch, handle) = self.with_session(|session, epoch| {
+            let held = token_objects();
             if find(session, label, &held)?.is_some() {
-                return Err(Attempt::Taken(format!(
+                return Err(Fault::Failed(Attempt::Taken(format!(
                     "the token already holds an object labelled {label:?} (left by an addition that did not finish, or another CA's): delete it, or choose another BDK id"
-                )));
+                ))));
             }
-            make(session).map_err(|e| classify(&e))
+            make(session).map(|h| (epoch, h)).map_err(|e| classify(&e))
         })?;
-        drop(held);
-        self.handles
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(label.to_string(), handle);
+        self.handles.put(epoch, label, handle);
         Ok(())
     }
 
-    /// Runs `op` on a session (read-write ones are opened for the call and not kept): on a
-    /// pooled session, then once more on a fresh one (the slot found again) when the first is
-    /// lost.
+    /// Runs `op` on a session of the token's pool (opened at the first call).
     fn with_session<T>(
         &self,
-        rw: bool,
-        op: impl Fn(&Session) -> Result<T, Attempt>,
+        op: impl FnMut(&Session, u64) -> Result<T, Fault<Attempt>>,
     ) -> Result<T, BdkTokenError> {
-        let mut last = String::new();
-        for attempt in 0..2 {
-            let session = match self.session(rw, attempt > 0) {
-                Ok(s) => s,
-                Err(Attempt::Lost(why)) => {
-                    last = why;
-                    continue;
-                }
-                Err(Attempt::Missing(why)) => return Err(BdkTokenError::Missing(why)),
-                Err(Attempt::Refused(why)) => {
-                    return Err(BdkTokenError::Failed(format!("{}: {why}", self.describe())));
-                }
-                Err(Attempt::Taken(why)) => {
-                    return Err(BdkTokenError::Taken(format!("{}: {why}", self.describe())));
-                }
-            };
-            match op(&session) {
-                Ok(v) => {
-                    if !rw {
-                        self.give_back(session);
-                    }
-                    return Ok(v);
-                }
-                Err(Attempt::Lost(why)) => {
-                    last = why;
-                    self.drop_idle();
-                }
-                Err(Attempt::Missing(why)) => {
-                    if !rw {
-                        self.give_back(session);
-                    }
-                    return Err(BdkTokenError::Missing(format!(
-                        "{}: {why}",
-                        self.describe()
-                    )));
-                }
-                Err(Attempt::Refused(why)) => {
-                    // An operation the token refused may still be active on the session: it
-                    // is not given back.
-                    return Err(BdkTokenError::Failed(format!("{}: {why}", self.describe())));
-                }
-                Err(Attempt::Taken(why)) => {
-                    return Err(BdkTokenError::Taken(format!("{}: {why}", self.describe())));
+        let sessions = {
+            let mut pool = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+            match &*pool {
+                Some(p) => p.clone(),
+                None => {
+                    let p = TokenSessions::open(&self.uri, &self.limits).map_err(|e| match e {
+                        Failure::Refused(why) => BdkTokenError::Failed(why),
+                        other => BdkTokenError::Unavailable(other.to_string()),
+                    })?;
+                    *pool = Some(p.clone());
+                    p
                 }
             }
-        }
-        Err(BdkTokenError::Unavailable(format!(
-            "{}: {last}",
-            self.describe()
-        )))
-    }
-
-    /// An idle session, or a new one; `fresh`: the slot is found again first.
-    fn session(&self, rw: bool, fresh: bool) -> Result<Session, Attempt> {
-        if !rw
-            && !fresh
-            && let Some(s) = self
-                .idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop()
-        {
-            return Ok(s);
-        }
-        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        if fresh || conn.is_none() {
-            let ctx = context(&self.uri.module_path).map_err(Attempt::Lost)?;
-            let slot = find_slot(&ctx, &self.uri).map_err(Attempt::Lost)?;
-            let pin = match conn.take() {
-                Some(c) => c.pin,
-                None => self.uri.read_pin().map_err(Attempt::Refused)?,
-            };
-            *conn = Some(Connection { ctx, slot, pin });
-        }
-        let Some(c) = conn.as_ref() else {
-            return Err(Attempt::Lost("no connection to the token".into()));
         };
-        open_session(&c.ctx, c.slot, &c.pin, rw, &self.uri).map_err(|why| {
-            if why.contains("PIN") {
-                Attempt::Refused(why)
-            } else {
-                Attempt::Lost(why)
+        sessions.with_session(op).map_err(|e| match e {
+            Failure::Unavailable(why) => BdkTokenError::Unavailable(why),
+            Failure::Refused(why) => BdkTokenError::Failed(why),
+            Failure::Op(Attempt::Missing(why)) => {
+                BdkTokenError::Missing(format!("{}: {why}", self.describe()))
+            }
+            Failure::Op(Attempt::Refused(why)) => {
+                BdkTokenError::Failed(format!("{}: {why}", self.describe()))
+            }
+            Failure::Op(Attempt::Taken(why)) => {
+                BdkTokenError::Taken(format!("{}: {why}", self.describe()))
             }
         })
     }
 
-    fn give_back(&self, session: Session) {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < MAX_IDLE_SESSIONS {
-            idle.push(session);
-        }
-    }
-
-    /// Forgets every idle session and every handle (after a session failed, the others most
-    /// likely did too).
-    fn drop_idle(&self) {
-        let stale = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
-        self.handles
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
-        drop(stale);
-    }
-
-    fn forget_handle(&self, label: &str) {
-        self.handles
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(label);
-    }
-
-    /// The handle of the object `label`: cached, or found.
-    fn handle(&self, session: &Session, label: &str) -> Result<ObjectHandle, Attempt> {
-        if let Some(h) = self
-            .handles
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(label)
-        {
-            return Ok(*h);
+    /// The handle of the object `label`: cached for the pool's epoch, or found.
+    fn handle(
+        &self,
+        session: &Session,
+        epoch: u64,
+        label: &str,
+    ) -> Result<ObjectHandle, Fault<Attempt>> {
+        if let Some(h) = self.handles.get(epoch, label) {
+            return Ok(h);
         }
         let h = find(session, label, &token_objects())?.ok_or_else(|| {
-            Attempt::Missing(format!(
+            Fault::Failed(Attempt::Missing(format!(
                 "no BDK object labelled {label:?} in the token (deleted, or the CA is pointed at another token)"
-            ))
+            )))
         })?;
-        self.handles
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(label.to_string(), h);
+        self.handles.put(epoch, label, h);
         Ok(h)
     }
 }
@@ -426,34 +317,34 @@ fn find(
     session: &Session,
     label: &str,
     _held: &TokenObjects,
-) -> Result<Option<ObjectHandle>, Attempt> {
+) -> Result<Option<ObjectHandle>, Fault<Attempt>> {
     let found = session
         .find_objects(&[
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::Label(label.as_bytes().to_vec()),
         ])
         .map_err(|e| match classify(&e) {
-            Attempt::Refused(why) => Attempt::Refused(format!("cannot search the token: {why}")),
+            Fault::Failed(Attempt::Refused(why)) => {
+                Fault::Failed(Attempt::Refused(format!("cannot search the token: {why}")))
+            }
             other => other,
         })?;
     match found.as_slice() {
         [] => Ok(None),
         [one] => Ok(Some(*one)),
-        _ => Err(Attempt::Refused(format!(
+        _ => Err(Fault::Failed(Attempt::Refused(format!(
             "{} secret keys are labelled {label:?}; keep one",
             found.len()
-        ))),
+        )))),
     }
 }
 
-/// What a PKCS#11 failure means here: the token gone (try again), a handle no longer valid
-/// (the object was deleted: found again, or missing), or a refusal.
-fn classify(e: &P11Error) -> Attempt {
-    match e {
-        e if is_unavailable(e) => Attempt::Lost(short(e)),
-        P11Error::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _) => {
-            Attempt::Lost(short(e))
-        }
-        e => Attempt::Refused(short(e)),
+/// What a PKCS#11 failure means here: the token gone or a handle no longer valid (the object
+/// was deleted: found again, or missing), both tried again; or a refusal.
+fn classify(e: &P11Error) -> Fault<Attempt> {
+    if is_unavailable(e) || is_stale_handle(e) {
+        Fault::Lost(short(e))
+    } else {
+        Fault::Failed(Attempt::Refused(short(e)))
     }
 }
