@@ -48,6 +48,11 @@ enum Command {
         /// the CA's) instead of generating one.
         #[arg(long = "pkcs11-existing", requires = "pkcs11")]
         pkcs11_existing: bool,
+        /// With --pkcs11: keep the HTTPS server's key in DIR/tls.key.pem instead of in the
+        /// token (label OBJECT-tls), so that TLS handshakes sign on the CA's processor rather
+        /// than in the token.
+        #[arg(long = "tls-key-file", requires = "pkcs11")]
+        tls_key_file: bool,
         /// CA common name.
         #[arg(long, default_value = "Imprint Device CA")]
         name: String,
@@ -530,6 +535,7 @@ fn run(cli: Cli) -> Result<bool, String> {
             algorithm,
             pkcs11,
             pkcs11_existing,
+            tls_key_file,
             name,
             tls_names,
             store_url,
@@ -545,6 +551,7 @@ fn run(cli: Cli) -> Result<bool, String> {
                     uri: crate::issuer::Pkcs11Uri::parse(text)
                         .map_err(|e| format!("--pkcs11: {e}"))?,
                     existing: pkcs11_existing,
+                    tls_key_file,
                 },
             };
             setup::init(

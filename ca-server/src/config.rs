@@ -261,6 +261,11 @@ impl CaDir {
     pub fn tls_key(&self) -> PathBuf {
         self.root.join("tls.key.pem")
     }
+    /// The HTTPS server key sealed by the CA key's PKCS#11 token (a CA made with `init
+    /// --pkcs11`): magic, IV, AES-GCM ciphertext and tag.
+    pub fn tls_key_sealed(&self) -> PathBuf {
+        self.root.join("tls.key.sealed")
+    }
     /// The operator CA's certificate, PEM: the admin listener trusts only this root.
     pub fn operator_ca_cert(&self) -> PathBuf {
         self.root.join("operators-ca.pem")

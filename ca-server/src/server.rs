@@ -170,10 +170,12 @@ pub async fn start_with_clock(
         config.limits.rate_sources,
     ));
 
+    // The HTTPS server's key, for the three TLS doors: a file, or sealed by the CA's token.
+    let server_key = crate::tls::ServerKey::for_folder(dir, &config)?;
     let https_addr = overrides.https.or(config.listen.https);
     let mut https = None;
     if let Some(addr) = https_addr {
-        let tls = crate::tls::https_server_config(&dir.tls_cert(), &dir.tls_key())?;
+        let tls = crate::tls::https_server_config(&dir.tls_cert(), &server_key)?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| format!("HTTPS {addr}: {e}"))?;
@@ -216,7 +218,7 @@ pub async fn start_with_clock(
         let tls = crate::tls::mtls_server_config(
             &dir.ca_cert(),
             &dir.tls_cert(),
-            &dir.tls_key(),
+            &server_key,
             service.revocations().clone(),
         )?;
         let listener = TcpListener::bind(addr)
@@ -251,11 +253,8 @@ pub async fn start_with_clock(
             &crate::operators::OperatorCaKey::for_config(dir, &config)?,
             service.now(),
         )?;
-        let tls = crate::tls::admin_server_config(
-            &dir.operator_ca_cert(),
-            &dir.tls_cert(),
-            &dir.tls_key(),
-        )?;
+        let tls =
+            crate::tls::admin_server_config(&dir.operator_ca_cert(), &dir.tls_cert(), &server_key)?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| format!("admin {addr}: {e}"))?;

@@ -45,6 +45,9 @@ pub enum CaKeySource {
         uri: Pkcs11Uri,
         /// Use the key already in the token.
         existing: bool,
+        /// Keep the HTTPS server's key in plain `tls.key.pem` rather than sealed by the token
+        /// in `tls.key.sealed`.
+        tls_key_file: bool,
     },
 }
 
@@ -105,7 +108,7 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
             CaKey::File(KeyPair::generate(opts.algorithm, &rng).map_err(|e| e.to_string())?),
             None,
         ),
-        CaKeySource::Pkcs11 { uri, existing } => {
+        CaKeySource::Pkcs11 { uri, existing, .. } => {
             let limits = SessionLimits::default();
             let key = if *existing {
                 TokenKey::open(uri, &limits)?
@@ -127,6 +130,7 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
         write_new(&dir.ca_key(), k.to_pem().as_bytes(), 0o600)?;
     }
     write_new(&dir.ca_cert(), profile::cert_pem(&ca_der).as_bytes(), 0o644)?;
+    let algorithm = ca_key.algorithm();
     let issuer = Issuer::new(ca_key, &ca_der)?;
     let mut kek = Zeroizing::new([0u8; 32]);
     rng.fill(kek.as_mut())
@@ -140,10 +144,28 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
             0o600,
         )?,
     }
-    let (tls_cert, tls_key) = issuer
-        .server_certificate(&opts.tls_names, opts.now)
+    // The HTTPS server's key, of the CA's algorithm: a file, or, for a CA whose key is in a
+    // token, written only sealed by that token (unless asked for a file).
+    let tls_key = KeyPair::generate(algorithm, &rng).map_err(|e| e.to_string())?;
+    let tls_cert = issuer
+        .server_certificate(&tls_key, &opts.tls_names, opts.now)
         .map_err(|e| e.to_string())?;
-    write_new(&dir.tls_key(), tls_key.as_bytes(), 0o600)?;
+    match &opts.ca_key {
+        CaKeySource::Pkcs11 {
+            uri,
+            tls_key_file: false,
+            ..
+        } => write_new(
+            &dir.tls_key_sealed(),
+            &crate::issuer::pkcs11::seal_tls_key(
+                uri,
+                tls_key.to_pem().as_bytes(),
+                &SessionLimits::default(),
+            )?,
+            0o600,
+        )?,
+        _ => write_new(&dir.tls_key(), tls_key.to_pem().as_bytes(), 0o600)?,
+    }
     write_new(&dir.tls_cert(), tls_cert.as_bytes(), 0o644)?;
     let mut config = Config {
         store: opts.store.clone(),
@@ -157,7 +179,7 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
     // With the CA key in a token, the operator CA's key is a second key pair there.
     let operator_key = match &opts.ca_key {
         CaKeySource::File => OperatorCaKey::File,
-        CaKeySource::Pkcs11 { uri, existing } => OperatorCaKey::Token {
+        CaKeySource::Pkcs11 { uri, existing, .. } => OperatorCaKey::Token {
             uri: uri.clone(),
             limits: SessionLimits::default(),
             existing: *existing,

@@ -11,6 +11,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
+use crate::config::{CaDir, Config};
+use crate::issuer::Pkcs11Uri;
 use crate::revocation::Revocations;
 
 /// The ring provider, passed explicitly everywhere (no process-wide default is installed).
@@ -35,15 +37,62 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// The TLS server's private key (its certificate is `tls.pem`), loaded: from the file
+/// `tls.key.pem`, or, for a CA made with `init --pkcs11`, from `tls.key.sealed`, which the CA
+/// key's token unseals once at start (SPEC.md 11.8). Handshakes then sign in memory, and a
+/// token that stops answering leaves the TLS doors able to say `unavailable`.
+#[derive(Debug)]
+pub struct ServerKey(PrivateKeyDer<'static>);
+
+impl ServerKey {
+    /// A PEM key file.
+    pub fn file(path: &Path) -> Result<Self, String> {
+        load_key(path).map(ServerKey)
+    }
+
+    /// The server key of a CA folder: `tls.key.pem` when the folder has it, else
+    /// `tls.key.sealed` unsealed by the token of config.toml's `[issuer] pkcs11`.
+    pub fn for_folder(dir: &CaDir, config: &Config) -> Result<Self, String> {
+        let file = dir.tls_key();
+        if file.exists() {
+            return Self::file(&file);
+        }
+        let sealed_path = dir.tls_key_sealed();
+        let sealed = std::fs::read(&sealed_path).map_err(|e| {
+            format!(
+                "{}: {e} (the HTTPS server's key: neither it nor {} is in the CA folder)",
+                sealed_path.display(),
+                file.display()
+            )
+        })?;
+        let Some(text) = &config.issuer.pkcs11 else {
+            return Err(format!(
+                "{}: sealed by a PKCS#11 token, and config.toml names none ([issuer] pkcs11)",
+                sealed_path.display()
+            ));
+        };
+        let uri = Pkcs11Uri::parse(text)
+            .map_err(|e| format!("{}: [issuer] pkcs11: {e}", dir.config().display()))?;
+        let limits = crate::issuer::session_limits(dir, config)?;
+        let pem = crate::issuer::pkcs11::unseal_tls_key(&uri, &sealed, &limits)
+            .map_err(|e| format!("{}: {e}", sealed_path.display()))?;
+        PrivateKeyDer::from_pem_slice(&pem)
+            .map(ServerKey)
+            .map_err(|e| format!("{}: {e}", sealed_path.display()))
+    }
+
+    fn der(&self) -> PrivateKeyDer<'static> {
+        self.0.clone_key()
+    }
+}
+
 /// Server config for the HTTPS enrollment listener: TLS 1.3 and 1.2, no client certificates.
-pub fn https_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
-    let chain = load_chain(cert)?;
-    let key = load_key(key)?;
+pub fn https_server_config(cert: &Path, key: &ServerKey) -> Result<Arc<ServerConfig>, String> {
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
-        .with_single_cert(chain, key)
+        .with_single_cert(load_chain(cert)?, key.der())
         .map_err(|e| format!("TLS server certificate: {e}"))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     // A device enrolls once: session tickets would cost a seal, two records and the device's
@@ -59,7 +108,7 @@ pub fn https_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>,
 pub fn mtls_server_config(
     ca_cert: &Path,
     cert: &Path,
-    key: &Path,
+    key: &ServerKey,
     revocations: Arc<Revocations>,
 ) -> Result<Arc<ServerConfig>, String> {
     let verifier = Arc::new(DeviceVerifier {
@@ -74,7 +123,7 @@ pub fn mtls_server_config(
 pub fn admin_server_config(
     operator_ca: &Path,
     cert: &Path,
-    key: &Path,
+    key: &ServerKey,
 ) -> Result<Arc<ServerConfig>, String> {
     client_auth_config(chain_verifier(operator_ca)?, cert, key)
 }
@@ -171,13 +220,13 @@ impl ClientCertVerifier for DeviceVerifier {
 fn client_auth_config(
     verifier: Arc<dyn ClientCertVerifier>,
     cert: &Path,
-    key: &Path,
+    key: &ServerKey,
 ) -> Result<Arc<ServerConfig>, String> {
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(load_chain(cert)?, load_key(key)?)
+        .with_single_cert(load_chain(cert)?, key.der())
         .map_err(|e| format!("TLS server certificate: {e}"))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     // No session resumption: a resumed session skips the client certificate check, and a

@@ -41,20 +41,30 @@ impl SoftToken {
 
     /// `ca-server init --pkcs11 URI` into a new CA folder.
     fn init_ca(&self, algorithm: KeyAlgorithm, object: &str) -> TestCa {
+        self.init_ca_with(algorithm, object, &[])
+    }
+
+    /// `ca-server init --pkcs11 URI EXTRA...` into a new CA folder.
+    fn init_ca_with(&self, algorithm: KeyAlgorithm, object: &str, extra: &[&str]) -> TestCa {
         let tmp = tempfile::tempdir().unwrap();
         let dir = CaDir::new(tmp.path().join("ca"));
         let uri = self.uri(object);
-        let out = self.ca_server(&[
-            "init",
-            "--dir",
-            dir.root().to_str().unwrap(),
-            "--algorithm",
-            algorithm.name(),
-            "--name",
-            "Token CA",
-            "--pkcs11",
-            &uri,
-        ]);
+        let out = self.ca_server(
+            &[
+                "init",
+                "--dir",
+                dir.root().to_str().unwrap(),
+                "--algorithm",
+                algorithm.name(),
+                "--name",
+                "Token CA",
+                "--pkcs11",
+                &uri,
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>(),
+        );
         assert!(out.status.success(), "{}", text(&out.stderr));
         let pem = std::fs::read_to_string(dir.ca_cert()).unwrap();
         let ca_der = protocol_spec::profile::cert_from_pem(&pem).unwrap();
@@ -173,17 +183,20 @@ fn init_with_the_key_in_a_token_writes_no_ca_key_file_and_config_keeps_no_pin() 
     for alg in [KeyAlgorithm::Ed25519, KeyAlgorithm::P256] {
         let token = SoftToken::new("imprint");
         let ca = token.init_ca(alg, "ca");
-        // Neither the CA key nor the operator CA's key is a file (both are key pairs of the
-        // token), and the key-encryption key is sealed by the token. Of every file in the
-        // folder, the one private key is the HTTPS server's: the TLS doors sign every
-        // handshake with it, in memory.
+        // Neither the CA key nor the operator CA's is a file (both are key pairs of the
+        // token), and the key-encryption key and the HTTPS server's key are written only
+        // sealed by the token: no file in the folder holds a private key.
         assert!(!ca.dir.ca_key().exists(), "{alg}");
         assert!(!ca.dir.operator_ca_key().exists(), "{alg}");
+        assert!(
+            !ca.dir.tls_key().exists() && ca.dir.tls_key_sealed().exists(),
+            "{alg}"
+        );
         assert!(
             !ca.dir.kek().exists() && ca.dir.kek_sealed().exists(),
             "{alg}"
         );
-        assert_eq!(private_key_files(ca.root()), ["tls.key.pem"], "{alg}");
+        assert_eq!(private_key_files(ca.root()), Vec::<String>::new(), "{alg}");
         assert_eq!(
             probe(&token, &["private-keys"])["labels"],
             serde_json::json!(["ca", "ca-operators"]),
@@ -208,7 +221,46 @@ fn init_with_the_key_in_a_token_writes_no_ca_key_file_and_config_keeps_no_pin() 
             !config.contains("pin-value") && !config.contains(PIN),
             "{config}"
         );
+        // The HTTPS door's key, unsealed by the token at start: curl (OpenSSL) verifies the
+        // server against the CA certificate and gets it.
+        let (_server, addrs) = token.serve_on(&ca, &["--https", "127.0.0.1:0"]);
+        assert_eq!(curl_ca(&ca, addrs["https"]), ca.ca_der, "{alg}");
     }
+}
+
+/// GET /ca over HTTPS with curl, the server verified against the CA certificate: the body.
+fn curl_ca(ca: &TestCa, addr: SocketAddr) -> Vec<u8> {
+    let out = Command::new("curl")
+        .args(["--silent", "--show-error", "--fail", "--cacert"])
+        .arg(ca.dir.ca_cert())
+        .arg(format!("https://{addr}/ca"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "curl: {}", text(&out.stderr));
+    out.stdout
+}
+
+/// `init --pkcs11 URI --tls-key-file`: the HTTPS server's key is a plain file (the one private
+/// key file of the folder, 0600, and no sealed one), the token holds the CA's and the operator
+/// CA's keys, and the HTTPS door serves with the file key.
+#[test]
+fn init_with_tls_key_file_keeps_the_server_key_in_a_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let token = SoftToken::new("imprint");
+    let ca = token.init_ca_with(KeyAlgorithm::Ed25519, "ca", &["--tls-key-file"]);
+    assert_eq!(private_key_files(ca.root()), ["tls.key.pem"]);
+    assert!(!ca.dir.tls_key_sealed().exists());
+    let mode = std::fs::metadata(ca.dir.tls_key())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(
+        probe(&token, &["private-keys"])["labels"],
+        serde_json::json!(["ca", "ca-operators"])
+    );
+    let (_server, addrs) = token.serve_on(&ca, &["--https", "127.0.0.1:0"]);
+    assert_eq!(curl_ca(&ca, addrs["https"]), ca.ca_der);
 }
 
 /// With the CA key in a token, the operator CA's key is a second key pair of that token: init
@@ -220,15 +272,12 @@ fn operator_add_signs_with_the_operator_ca_key_in_the_token_and_the_admin_door_a
     let token = SoftToken::new("imprint");
     let ca = token.init_ca(KeyAlgorithm::P256, "ca");
     let root = ca.root().to_str().unwrap().to_string();
-    assert_eq!(private_key_files(ca.root()), ["tls.key.pem"]);
+    assert_eq!(private_key_files(ca.root()), Vec::<String>::new());
     let out = token.ok(&["operator", "add", "--dir", &root, "alice"]);
     assert!(out.contains("operator alice (admin)"), "{out}");
     // Still no operator CA key file; the operator's own key is for the operator to take away.
     assert!(!ca.dir.operator_ca_key().exists());
-    assert_eq!(
-        private_key_files(ca.root()),
-        ["alice.key.pem", "tls.key.pem"]
-    );
+    assert_eq!(private_key_files(ca.root()), ["alice.key.pem"]);
     let (cert, key) = (
         ca.dir.operators().join("alice.pem"),
         ca.dir.operators().join("alice.key.pem"),
@@ -390,7 +439,7 @@ fn a_wrong_pin_a_missing_token_and_a_missing_key_each_exit_2_with_one_line_namin
 }
 
 #[test]
-fn serve_refuses_a_wrong_pin_file_an_altered_sealed_kek_and_a_pin_value_in_config() {
+fn serve_refuses_a_wrong_pin_file_altered_sealed_keys_and_a_pin_value_in_config() {
     let token = SoftToken::new("imprint");
     let ca = token.init_ca(KeyAlgorithm::Ed25519, "ca");
     let root = ca.root().to_str().unwrap().to_string();
@@ -426,6 +475,20 @@ fn serve_refuses_a_wrong_pin_file_an_altered_sealed_kek_and_a_pin_value_in_confi
         "{err}"
     );
     std::fs::write(ca.dir.kek_sealed(), &sealed).unwrap();
+    // The same for the sealed HTTPS server key; and the sealed key-encryption key in its
+    // place (the same token's AES key, another magic and associated data) does not open as it.
+    let sealed_tls = std::fs::read(ca.dir.tls_key_sealed()).unwrap();
+    let mut altered = sealed_tls.clone();
+    *altered.last_mut().unwrap() ^= 1;
+    for wrong in [altered, sealed.clone()] {
+        std::fs::write(ca.dir.tls_key_sealed(), &wrong).unwrap();
+        let out = serve(&token);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("tls.key.sealed"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    std::fs::write(ca.dir.tls_key_sealed(), &sealed_tls).unwrap();
 
     let config = std::fs::read_to_string(ca.dir.config()).unwrap();
     let with_value = config.replace(

@@ -308,11 +308,14 @@ mod tls {
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(device.pkcs8_der().to_vec())),
             )
             .map_err(|e| e.to_string())?;
-        let https = ca_server::tls::https_server_config(&dir.tls_cert(), &dir.tls_key())?;
+        let https = ca_server::tls::https_server_config(
+            &dir.tls_cert(),
+            &ca_server::tls::ServerKey::file(&dir.tls_key())?,
+        )?;
         let mtls = ca_server::tls::mtls_server_config(
             &dir.ca_cert(),
             &dir.tls_cert(),
-            &dir.tls_key(),
+            &ca_server::tls::ServerKey::file(&dir.tls_key())?,
             Arc::new(ca_server::revocation::Revocations::default()),
         )?;
         let time = |client: Arc<ClientConfig>,

@@ -13,7 +13,6 @@ use protocol_spec::profile::{CertProfile, IssuedCertificate};
 use protocol_spec::{CertSerial, DeviceSerial};
 use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyUsagePurpose, SanType};
 use ring::rand::SystemRandom;
-use zeroize::Zeroizing;
 
 pub use key::{CaKey, SignError};
 pub use pkcs11::{BdkToken, BdkTokenError, Pkcs11Uri, SessionLimits, TokenKey};
@@ -170,20 +169,20 @@ impl Issuer {
         Ok(crl.der().to_vec())
     }
 
-    /// An HTTPS server certificate issued by the CA, so that devices verify the server with
-    /// the one CA certificate they pin; returns (certificate PEM, key PEM). Its key is a new
-    /// file key of the CA's algorithm: with an Ed25519 CA, every TLS handshake a device makes
-    /// signs and verifies Ed25519 only (cheaper than P-256 on both sides; TLS 1.3 clients such
-    /// as rustls, OpenSSL 1.1.1+ (curl) and Go support it). `names` are extra DNS names or IP
-    /// addresses besides localhost, 127.0.0.1 and ::1.
+    /// An HTTPS server certificate issued by the CA for the key `key`, so that devices verify
+    /// the server with the one CA certificate they pin; returns the certificate's PEM. `init`
+    /// makes that key of the CA's algorithm (a file, or sealed by the CA's token): with an
+    /// Ed25519 CA, every TLS handshake a device makes signs and verifies Ed25519 only (cheaper
+    /// than P-256 on both sides; TLS 1.3 clients such as rustls, OpenSSL 1.1.1+ (curl) and Go
+    /// support it). `names` are extra DNS names or IP addresses besides localhost, 127.0.0.1
+    /// and ::1.
     pub fn server_certificate(
         &self,
+        key: &KeyPair,
         names: &[String],
         now: u64,
-    ) -> Result<(String, Zeroizing<String>), IssueError> {
+    ) -> Result<String, IssueError> {
         let fail = |reason: String| IssueError::Failed { serial: 0, reason };
-        let key =
-            KeyPair::generate(self.key.algorithm(), &self.rng).map_err(|e| fail(e.to_string()))?;
         let dns = |n: &str| {
             n.try_into()
                 .map(SanType::DnsName)
@@ -217,7 +216,7 @@ impl Issuer {
         let cert = p
             .signed_by(&key.rcgen_signer(&self.rng), &issuer)
             .map_err(|e| signing_failure(signer.take_error(), "server certificate", e))?;
-        Ok((cert.pem(), key.to_pem()))
+        Ok(cert.pem())
     }
 
     /// The pre-issuance lint [`Issuer::issue`] runs on what it just signed: every field of the

@@ -600,6 +600,8 @@ fn public_half(
 
 /// What a sealed key-encryption key file starts with; also the AES-GCM additional data.
 const SEALED_KEK_MAGIC: &[u8; 12] = b"IMPRINT-KEK1";
+/// The same for a sealed HTTPS server key.
+const SEALED_TLS_MAGIC: &[u8; 12] = b"IMPRINT-TLS1";
 
 /// Seals the CA's key-encryption key for secrets with an AES-256 key in the token (label
 /// `OBJECT-kek`, made sensitive and not extractable when the token has none): AES-GCM in the
@@ -609,6 +611,47 @@ const SEALED_KEK_MAGIC: &[u8; 12] = b"IMPRINT-KEK1";
 /// key-encryption key, which the token unseals once at start ([`unseal_kek`]): the file on
 /// disk is useless without the token, and sealing a secret costs no call to the token.
 pub fn seal_kek(uri: &Pkcs11Uri, kek: &[u8], limits: &SessionLimits) -> Result<Vec<u8>, String> {
+    seal(uri, SEALED_KEK_MAGIC, "key-encryption key", kek, limits)
+}
+
+/// Opens a file [`seal_kek`] wrote, in the token.
+pub fn unseal_kek(
+    uri: &Pkcs11Uri,
+    sealed: &[u8],
+    limits: &SessionLimits,
+) -> Result<Zeroizing<Vec<u8>>, String> {
+    unseal(uri, SEALED_KEK_MAGIC, "key-encryption key", sealed, limits)
+}
+
+/// Seals the HTTPS server's private key (PKCS#8 PEM) in the token, as [`seal_kek`] does the
+/// key-encryption key but under a magic of its own (also the AES-GCM associated data), so that
+/// neither sealed file opens as the other: for `tls.key.sealed`.
+pub fn seal_tls_key(
+    uri: &Pkcs11Uri,
+    pem: &[u8],
+    limits: &SessionLimits,
+) -> Result<Vec<u8>, String> {
+    seal(uri, SEALED_TLS_MAGIC, "HTTPS server key", pem, limits)
+}
+
+/// Opens a file [`seal_tls_key`] wrote, in the token.
+pub fn unseal_tls_key(
+    uri: &Pkcs11Uri,
+    sealed: &[u8],
+    limits: &SessionLimits,
+) -> Result<Zeroizing<Vec<u8>>, String> {
+    unseal(uri, SEALED_TLS_MAGIC, "HTTPS server key", sealed, limits)
+}
+
+/// Seals `bytes` in the token: AES-GCM under the token's AES key `OBJECT-kek` (made there on
+/// first use, sensitive and not extractable), `magic` as prefix and associated data.
+fn seal(
+    uri: &Pkcs11Uri,
+    magic: &[u8; 12],
+    what: &str,
+    bytes: &[u8],
+    limits: &SessionLimits,
+) -> Result<Vec<u8>, String> {
     let mut iv = [0u8; 12];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut iv)
         .map_err(|_| "random generator failed".to_string())?;
@@ -644,37 +687,39 @@ pub fn seal_kek(uri: &Pkcs11Uri, kek: &[u8], limits: &SessionLimits) -> Result<V
             let mut iv_param = iv;
             let params = cryptoki::mechanism::aead::GcmParams::new(
                 &mut iv_param,
-                SEALED_KEK_MAGIC,
+                magic,
                 128.into(),
             )
             .map_err(|e| Fault::Failed(short(&e)))?;
             session
-                .encrypt(&Mechanism::AesGcm(params), aes, kek)
+                .encrypt(&Mechanism::AesGcm(params), aes, bytes)
                 .map_err(|e| {
                     Fault::Failed(format!(
-                        "{}: the token could not seal the key-encryption key: {}",
+                        "{}: the token could not seal the {what}: {}",
                         uri.describe(),
                         short(&e)
                     ))
                 })
         })
         .map_err(|e| e.to_string())?;
-    let mut out = SEALED_KEK_MAGIC.to_vec();
+    let mut out = magic.to_vec();
     out.extend_from_slice(&iv);
     out.extend_from_slice(&sealed);
     Ok(out)
 }
 
-/// Opens a file [`seal_kek`] wrote, in the token.
-pub fn unseal_kek(
+/// Opens what [`seal`] sealed with `magic`, in the token.
+fn unseal(
     uri: &Pkcs11Uri,
+    magic: &[u8; 12],
+    what: &str,
     sealed: &[u8],
     limits: &SessionLimits,
 ) -> Result<Zeroizing<Vec<u8>>, String> {
     let rest = sealed
-        .strip_prefix(SEALED_KEK_MAGIC.as_slice())
+        .strip_prefix(magic.as_slice())
         .filter(|r| r.len() > 12 + 16)
-        .ok_or("not a sealed key-encryption key")?;
+        .ok_or_else(|| format!("not a sealed {what}"))?;
     let (iv, ciphertext) = rest.split_at(12);
     let sessions = TokenSessions::open(uri, limits).map_err(|e| e.to_string())?;
     sessions
@@ -683,21 +728,21 @@ pub fn unseal_kek(
                 .map_err(Fault::Failed)?
                 .ok_or_else(|| {
                     Fault::Failed(format!(
-                        "token {:?}: no AES key labelled {:?} to unseal the key-encryption key",
+                        "token {:?}: no AES key labelled {:?} to unseal the {what}",
                         uri.token,
                         String::from_utf8_lossy(&kek_label(uri))
                     ))
                 })?;
             let mut iv = iv.to_vec();
             let params =
-                cryptoki::mechanism::aead::GcmParams::new(&mut iv, SEALED_KEK_MAGIC, 128.into())
+                cryptoki::mechanism::aead::GcmParams::new(&mut iv, magic, 128.into())
                     .map_err(|e| Fault::Failed(short(&e)))?;
             session
                 .decrypt(&Mechanism::AesGcm(params), aes, ciphertext)
                 .map(Zeroizing::new)
                 .map_err(|e| {
                     Fault::Failed(format!(
-                        "{}: the token could not unseal the key-encryption key (another token's, or altered): {}",
+                        "{}: the token could not unseal the {what} (another token's, or altered): {}",
                         uri.describe(),
                         short(&e)
                     ))

@@ -226,6 +226,7 @@ pub fn test_ca_key() -> CaKeySource {
         uri: ca_server::issuer::Pkcs11Uri::parse(&uri)
             .unwrap_or_else(|e| panic!("IMPRINT_TEST_PKCS11: {e}")),
         existing: false,
+        tls_key_file: false,
     }
 }
 
