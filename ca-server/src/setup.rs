@@ -207,8 +207,9 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
 
 /// `ca-server key to-token`: moves the CA key from `ca.key.pem` into the PKCS#11 token `uri`
 /// names. Imports it, signs a message in the token and checks the signature under the CA
-/// certificate's key, points config.toml's `[issuer] pkcs11` at the token (written whole, then
-/// renamed into place), and only then removes the key file. Run it with the server stopped.
+/// certificate's key, seals the HTTPS server's key by the token (`tls.key.sealed`, checked to
+/// open again), points config.toml's `[issuer] pkcs11` at the token (written whole, then
+/// renamed into place), and only then removes the key files. Run it with the server stopped.
 pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
     let mut config = dir.load_config()?;
     if let Some(already) = &config.issuer.pkcs11 {
@@ -251,6 +252,23 @@ pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
             dir.ca_key().display()
         ));
     }
+    // The HTTPS server's key is sealed by the token too (as `init --pkcs11` writes it), and
+    // checked to open again, before anything is removed.
+    let tls_pem = std::fs::read(dir.tls_key()).ok().map(Zeroizing::new);
+    if let Some(pem) = &tls_pem {
+        let limits = crate::issuer::session_limits(dir, &config)?;
+        let sealed = crate::issuer::pkcs11::seal_tls_key(uri, pem, &limits)?;
+        let opened = crate::issuer::pkcs11::unseal_tls_key(uri, &sealed, &limits)?;
+        if opened.as_slice() != pem.as_slice() {
+            return Err(format!(
+                "{}: the sealed HTTPS server key does not open to {}; nothing changed",
+                uri.describe(),
+                dir.tls_key().display()
+            ));
+        }
+        let _ = std::fs::remove_file(dir.tls_key_sealed());
+        write_new(&dir.tls_key_sealed(), &sealed, 0o600)?;
+    }
     config.issuer.pkcs11 = Some(uri.to_config_string());
     let text = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
     let temporary = dir.root().join("config.toml.new");
@@ -258,7 +276,12 @@ pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
     write_new(&temporary, text.as_bytes(), 0o644)?;
     std::fs::rename(&temporary, dir.config())
         .map_err(|e| format!("{}: {e}", dir.config().display()))?;
-    std::fs::remove_file(dir.ca_key()).map_err(|e| format!("{}: {e}", dir.ca_key().display()))
+    std::fs::remove_file(dir.ca_key()).map_err(|e| format!("{}: {e}", dir.ca_key().display()))?;
+    if tls_pem.is_some() {
+        std::fs::remove_file(dir.tls_key())
+            .map_err(|e| format!("{}: {e}", dir.tls_key().display()))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

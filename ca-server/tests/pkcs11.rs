@@ -569,6 +569,11 @@ async fn key_to_token_moves_a_file_key_into_the_token_and_the_ca_goes_on_signing
         let out = token.ca_server(&["key", "to-token", "--dir", &root, "--pkcs11", &uri]);
         assert!(out.status.success(), "{alg}: {}", text(&out.stderr));
         assert!(!ca.dir.ca_key().exists(), "{alg}");
+        // The HTTPS server's key is sealed by the token, as init --pkcs11 writes it.
+        assert!(
+            !ca.dir.tls_key().exists() && ca.dir.tls_key_sealed().exists(),
+            "{alg}"
+        );
         let config = std::fs::read_to_string(ca.dir.config()).unwrap();
         assert!(config.contains("object=moved"), "{config}");
 
@@ -597,6 +602,8 @@ async fn key_to_token_moves_a_file_key_into_the_token_and_the_ca_goes_on_signing
             std::fs::write(&path, protocol_spec::profile::cert_pem(&certificate)).unwrap();
             let out = openssl(&["verify", "-CAfile"], &[&ca.dir.ca_cert(), &path]);
             assert!(out.status.success(), "{alg}: {}", text(&out.stderr));
+            // The HTTPS door serves with the key the token unsealed.
+            assert_eq!(curl_ca(&ca, addr), ca.ca_der, "{alg}");
         });
     }
 }
