@@ -208,8 +208,10 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
 /// `ca-server key to-token`: moves the CA key from `ca.key.pem` into the PKCS#11 token `uri`
 /// names. Imports it, signs a message in the token and checks the signature under the CA
 /// certificate's key, seals the HTTPS server's key by the token (`tls.key.sealed`, checked to
-/// open again), points config.toml's `[issuer] pkcs11` at the token (written whole, then
-/// renamed into place), and only then removes the key files. Run it with the server stopped.
+/// open again), imports the operator CA's key as the token's `OBJECT-operators` key pair
+/// (checked by a signature under the operator CA certificate's key), points config.toml's
+/// `[issuer] pkcs11` at the token (written whole, then renamed into place), and only then
+/// removes the key files. Run it with the server stopped.
 pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
     let mut config = dir.load_config()?;
     if let Some(already) = &config.issuer.pkcs11 {
@@ -269,6 +271,46 @@ pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
         let _ = std::fs::remove_file(dir.tls_key_sealed());
         write_new(&dir.tls_key_sealed(), &sealed, 0o600)?;
     }
+    // The operator CA's key becomes the token's `OBJECT-operators` key pair, as init --pkcs11
+    // makes it, checked by a signature made there under the operator CA certificate's key.
+    let operator_key = dir.operator_ca_key();
+    let moved_operator_key = match std::fs::read_to_string(&operator_key) {
+        Ok(pem) => {
+            let pem = Zeroizing::new(pem);
+            let at = |e: String| format!("{}: {e}", operator_key.display());
+            let key = KeyPair::from_pem(&pem, &rng).map_err(|e| at(e.to_string()))?;
+            let cert_path = dir.operator_ca_cert();
+            let cert_pem = std::fs::read_to_string(&cert_path)
+                .map_err(|e| format!("{}: {e}", cert_path.display()))?;
+            let der = profile::cert_from_pem(&cert_pem)
+                .ok_or_else(|| format!("{}: no CERTIFICATE", cert_path.display()))?;
+            let (_, cert) = x509_parser::parse_x509_certificate(&der)
+                .map_err(|e| format!("{}: {e}", cert_path.display()))?;
+            let public = protocol_spec::PublicKey::from_spki_der(cert.public_key().raw)
+                .map_err(|e| format!("{}: {e}", cert_path.display()))?;
+            if public.raw != key.public_key_raw() {
+                return Err(at(format!("not the key of {}", cert_path.display())));
+            }
+            let token = TokenKey::import(
+                &crate::operators::operator_key_uri(uri),
+                &key,
+                &crate::issuer::session_limits(dir, &config)?,
+            )?;
+            let mut probe = [0u8; 32];
+            rng.fill(&mut probe)
+                .map_err(|_| "random generator failed".to_string())?;
+            let signature = token.sign_x509(&probe).map_err(|e| e.to_string())?;
+            if !public.verify_x509(&probe, &signature) {
+                return Err(format!(
+                    "{}: a signature made in the token does not verify under the operator CA certificate's key; nothing removed, config.toml unchanged",
+                    uri.describe()
+                ));
+            }
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(format!("{}: {e}", operator_key.display())),
+    };
     config.issuer.pkcs11 = Some(uri.to_config_string());
     let text = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
     let temporary = dir.root().join("config.toml.new");
@@ -280,6 +322,10 @@ pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
     if tls_pem.is_some() {
         std::fs::remove_file(dir.tls_key())
             .map_err(|e| format!("{}: {e}", dir.tls_key().display()))?;
+    }
+    if moved_operator_key {
+        std::fs::remove_file(&operator_key)
+            .map_err(|e| format!("{}: {e}", operator_key.display()))?;
     }
     Ok(())
 }

@@ -223,8 +223,8 @@ fn init_with_the_key_in_a_token_writes_no_ca_key_file_and_config_keeps_no_pin() 
         );
         // The HTTPS door's key, unsealed by the token at start: curl (OpenSSL) verifies the
         // server against the CA certificate and gets it.
-        let (_server, addrs) = token.serve_on(&ca, &["--https", "127.0.0.1:0"]);
-        assert_eq!(curl_ca(&ca, addrs["https"]), ca.ca_der, "{alg}");
+        let (_server, addr) = token.serve(&ca);
+        assert_eq!(curl_ca(&ca, addr), ca.ca_der, "{alg}");
     }
 }
 
@@ -259,8 +259,8 @@ fn init_with_tls_key_file_keeps_the_server_key_in_a_file() {
         probe(&token, &["private-keys"])["labels"],
         serde_json::json!(["ca", "ca-operators"])
     );
-    let (_server, addrs) = token.serve_on(&ca, &["--https", "127.0.0.1:0"]);
-    assert_eq!(curl_ca(&ca, addrs["https"]), ca.ca_der);
+    let (_server, addr) = token.serve(&ca);
+    assert_eq!(curl_ca(&ca, addr), ca.ca_der);
 }
 
 /// With the CA key in a token, the operator CA's key is a second key pair of that token: init
@@ -569,11 +569,25 @@ async fn key_to_token_moves_a_file_key_into_the_token_and_the_ca_goes_on_signing
         let out = token.ca_server(&["key", "to-token", "--dir", &root, "--pkcs11", &uri]);
         assert!(out.status.success(), "{alg}: {}", text(&out.stderr));
         assert!(!ca.dir.ca_key().exists(), "{alg}");
-        // The HTTPS server's key is sealed by the token, as init --pkcs11 writes it.
+        // The HTTPS server's key is sealed by the token and the operator CA's key is a key
+        // pair there, as init --pkcs11 makes them: no private key file is left.
         assert!(
             !ca.dir.tls_key().exists() && ca.dir.tls_key_sealed().exists(),
             "{alg}"
         );
+        assert!(!ca.dir.operator_ca_key().exists(), "{alg}");
+        assert_eq!(private_key_files(ca.root()), Vec::<String>::new(), "{alg}");
+        assert_eq!(
+            probe(&token, &["private-keys"])["labels"],
+            serde_json::json!(["moved", "moved-operators"]),
+            "{alg}"
+        );
+        // operator add signs in the token, under the operator CA certificate that was there.
+        token.ok(&["operator", "add", "--dir", &root, "alice"]);
+        let alice = ca.dir.operators().join("alice.pem");
+        let operators_ca = ca.dir.operator_ca_cert();
+        let out = openssl(&["verify", "-CAfile"], &[&operators_ca, &alice]);
+        assert!(out.status.success(), "{alg}: {}", text(&out.stderr));
         let config = std::fs::read_to_string(ca.dir.config()).unwrap();
         assert!(config.contains("object=moved"), "{config}");
 
