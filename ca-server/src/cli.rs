@@ -48,9 +48,8 @@ enum Command {
         /// the CA's) instead of generating one.
         #[arg(long = "pkcs11-existing", requires = "pkcs11")]
         pkcs11_existing: bool,
-        /// With --pkcs11: keep the HTTPS server's key in DIR/tls.key.pem instead of in the
-        /// token (label OBJECT-tls), so that TLS handshakes sign on the CA's processor rather
-        /// than in the token.
+        /// With --pkcs11: write the HTTPS server's key as plain DIR/tls.key.pem (0600) instead of
+        /// sealed by the token in DIR/tls.key.sealed (either way, handshakes sign in memory).
         #[arg(long = "tls-key-file", requires = "pkcs11")]
         tls_key_file: bool,
         /// CA common name.

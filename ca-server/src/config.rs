@@ -172,6 +172,19 @@ pub struct Limits {
     pub coap_block2: usize,
 }
 
+impl Limits {
+    /// Settings that cannot work together, refused when the server starts.
+    pub fn check(&self) -> Result<(), String> {
+        if self.rate_per_source > 0 && self.rate_handshake_cost > self.rate_burst_per_source {
+            return Err(format!(
+                "[limits] rate_handshake_cost ({}) is more than rate_burst_per_source ({}): no source could ever make a TLS handshake",
+                self.rate_handshake_cost, self.rate_burst_per_source
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -291,5 +304,33 @@ impl CaDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
             Err(e) => Err(format!("{}: {e}", path.display())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handshake that costs more than a source's whole burst could never be made: refused.
+    #[test]
+    fn a_handshake_cost_over_the_burst_is_refused() {
+        assert_eq!(Limits::default().check(), Ok(()));
+        let over = Limits {
+            rate_handshake_cost: 11,
+            rate_burst_per_source: 10,
+            ..Limits::default()
+        };
+        assert!(
+            over.check()
+                .is_err_and(|e| e.contains("rate_handshake_cost (11)")),
+            "{:?}",
+            over.check()
+        );
+        // With no rate at all, nothing is counted.
+        let off = Limits {
+            rate_per_source: 0,
+            ..over
+        };
+        assert_eq!(off.check(), Ok(()));
     }
 }

@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod admin_client;
 pub mod audit;
+pub mod blocking;
 pub mod cli;
 pub mod commit;
 pub mod config;

@@ -161,6 +161,10 @@ pub async fn start_with_clock(
     let sealed_from = crate::audit::read_sealed_from(dir)?;
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    config
+        .limits
+        .check()
+        .map_err(|e| format!("{}: {e}", dir.config().display()))?;
     warn_if_slots_exceed_open_files(&config.limits, overrides);
     let timeout = Duration::from_secs(config.limits.request_timeout_secs.max(1));
     // One rate per source address for every device door, HTTPS and CoAP alike.

@@ -256,7 +256,11 @@ pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
     }
     // The HTTPS server's key is sealed by the token too (as `init --pkcs11` writes it), and
     // checked to open again, before anything is removed.
-    let tls_pem = std::fs::read(dir.tls_key()).ok().map(Zeroizing::new);
+    let tls_pem = match std::fs::read(dir.tls_key()) {
+        Ok(pem) => Some(Zeroizing::new(pem)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("{}: {e}", dir.tls_key().display())),
+    };
     if let Some(pem) = &tls_pem {
         let limits = crate::issuer::session_limits(dir, &config)?;
         let sealed = crate::issuer::pkcs11::seal_tls_key(uri, pem, &limits)?;

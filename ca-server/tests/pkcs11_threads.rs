@@ -170,6 +170,71 @@ fn a_signer_that_finds_every_session_busy_waits_then_is_unavailable() {
     );
 }
 
+/// Signers that wait for a session do so off the async workers: with both workers of a
+/// two-worker runtime signing while the one session is held elsewhere, a task that only sleeps
+/// 50 ms still finishes at once. Before, each waiting signer held its worker for the whole wait
+/// (3 s here), and every task of the runtime (the CA's doors, its timers) with it.
+#[test]
+fn signers_waiting_for_a_session_leave_the_async_runtime_running() {
+    in_own_process(
+        "signers_waiting_for_a_session_leave_the_async_runtime_running",
+        |pin_file| {
+            let limits = SessionLimits {
+                max: 1,
+                wait: Duration::from_secs(3),
+            };
+            let u = uri(pin_file, "runtime");
+            let key = std::sync::Arc::new(
+                TokenKey::generate(&u, KeyAlgorithm::Ed25519, &limits).unwrap(),
+            );
+            let pool = TokenSessions::open(&u, &limits).unwrap();
+            let (held_tx, held) = std::sync::mpsc::channel();
+            let (release, release_rx) = std::sync::mpsc::channel::<()>();
+            let holder = std::thread::spawn(move || {
+                pool.with_session(|_, _| {
+                    held_tx.send(()).unwrap();
+                    release_rx.recv().unwrap();
+                    Ok::<_, Fault<()>>(())
+                })
+            });
+            held.recv().unwrap();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let took = rt.block_on(async {
+                // Signing is synchronous on the workers, as the CA's doors do it.
+                let signers: Vec<_> = (0..2)
+                    .map(|i| {
+                        let key = key.clone();
+                        tokio::spawn(async move { key.sign_x509(format!("m{i}").as_bytes()) })
+                    })
+                    .collect();
+                std::thread::sleep(Duration::from_millis(300));
+                let started = Instant::now();
+                tokio::spawn(async { tokio::time::sleep(Duration::from_millis(50)).await })
+                    .await
+                    .unwrap();
+                let took = started.elapsed();
+                release.send(()).unwrap();
+                for s in signers {
+                    match s.await.unwrap() {
+                        Ok(_) | Err(SignError::Unavailable(_)) => {}
+                        other => panic!("{other:?}"),
+                    }
+                }
+                took
+            });
+            holder.join().unwrap().unwrap();
+            assert!(
+                took < Duration::from_millis(1500),
+                "a 50 ms task took {took:?} while signers waited for a session"
+            );
+        },
+    );
+}
+
 fn uri(pin_file: &str, object: &str) -> Pkcs11Uri {
     Pkcs11Uri::parse(&format!(
         "pkcs11:token=threads;object={object}?module-path={MODULE}&pin-source=file:{pin_file}"

@@ -339,11 +339,14 @@ impl TokenSessions {
                     self.limits.wait.as_millis()
                 )));
             }
-            state = self
-                .freed
-                .wait_timeout(state, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            // Off the async worker: a caller waiting for a session must not hold the
+            // runtime's other tasks (every door, the timers) with it.
+            state = crate::blocking::off_the_runtime(|| {
+                self.freed
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0
+            });
         }
     }
 
@@ -403,18 +406,20 @@ impl TokenSessions {
         // Polled rather than waited for: a writer waiting on the lock would stop new calls
         // behind a call that hangs in the token.
         let deadline = Instant::now() + self.limits.wait;
-        let mut conn = loop {
-            match self.conn.try_write() {
-                Ok(c) => break c,
-                Err(TryLockError::Poisoned(p)) => break p.into_inner(),
-                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(TryLockError::WouldBlock) => {
-                    return Err("calls to the token are still in flight".into());
+        let mut conn = crate::blocking::off_the_runtime(|| {
+            loop {
+                match self.conn.try_write() {
+                    Ok(c) => break Ok(c),
+                    Err(TryLockError::Poisoned(p)) => break Ok(p.into_inner()),
+                    Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(TryLockError::WouldBlock) => {
+                        break Err("calls to the token are still in flight".to_string());
+                    }
                 }
             }
-        };
+        })?;
         // Every session of the old initialization is closed by C_Finalize.
         self.drop_idle();
         let _ = conn.ctx.clone().finalize();

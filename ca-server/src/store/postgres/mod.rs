@@ -211,33 +211,23 @@ fn check_schema_name(name: &str) -> Result<(), StoreError> {
     }
 }
 
-/// Counts a call in [`Waits::slow`] while it lives.
-struct SlowCall<'a>(&'a AtomicUsize);
+/// Counts a call in [`Waits::slow`] while it lives. The first of a run of slow calls starts the
+/// database's silence from now, not from the last answer (which may be long ago after an idle
+/// spell): a burst after a quiet time is waited for like any other.
+struct SlowCall<'a>(&'a Waits);
 
 impl<'a> SlowCall<'a> {
-    fn new(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::SeqCst);
-        SlowCall(count)
+    fn new(waits: &'a Waits) -> Self {
+        if waits.slow.fetch_add(1, Ordering::SeqCst) == 0 {
+            waits.answer();
+        }
+        SlowCall(waits)
     }
 }
 
 impl Drop for SlowCall<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Runs `wait` (a blocking wait) without holding an async worker: on a worker of a
-/// multi-threaded tokio runtime, through `block_in_place`, which hands the worker's other tasks
-/// (and its share of the timers and I/O) to another thread meanwhile. Elsewhere (a plain thread,
-/// a blocking-pool thread, a current-thread runtime, which has no other worker to hand them to)
-/// it just waits.
-fn off_the_runtime<R>(wait: impl FnOnce() -> R) -> R {
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(wait)
-        }
-        _ => wait(),
+        self.0.slow.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -419,8 +409,8 @@ impl PgStore {
             Ok(r) => r,
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(ended()),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                let _slow = SlowCall::new(&self.waits.slow);
-                off_the_runtime(|| rx.recv()).map_err(|_| ended())?
+                let _slow = SlowCall::new(&self.waits);
+                crate::blocking::off_the_runtime(|| rx.recv()).map_err(|_| ended())?
             }
         }
     }
@@ -2357,6 +2347,29 @@ mod tests {
     use super::*;
     use crate::ra::rules::SecretOp;
     use std::collections::HashMap;
+
+    /// The database's silence counts from the latest answer or from when the first waiting call
+    /// began, whichever is later: a burst after an idle spell (the latest answer 5 s ago) is
+    /// waited for, not refused; the same calls still waiting a second later are.
+    #[test]
+    fn a_burst_after_an_idle_spell_is_waited_for() {
+        let mut waits = Waits::new();
+        waits.epoch = Instant::now()
+            .checked_sub(Duration::from_secs(5))
+            .unwrap_or_else(Instant::now);
+        let slow: Vec<_> = (0..SLOW_CALLS_MAX).map(|_| SlowCall::new(&waits)).collect();
+        assert_eq!(waits.refusal(), None);
+        std::thread::sleep(STALLED + Duration::from_millis(50));
+        assert!(
+            waits
+                .refusal()
+                .is_some_and(|why| why.contains("answered nothing")),
+            "{:?}",
+            waits.refusal()
+        );
+        drop(slow);
+        assert_eq!(waits.refusal(), None);
+    }
 
     #[test]
     fn a_password_never_shows_in_the_target() {
