@@ -1631,7 +1631,13 @@ async fn audit_verify_names_the_edited_row_on_postgres() {
     );
     let broken = |seq: u64, what: &str| {
         let out = verify();
-        assert_eq!(out.status.code(), Some(1), "{what}: {}", stdout(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{what}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
         assert!(
             stdout(&out).contains(&format!("BROKEN at entry {seq}:")),
             "{what}: {}",
