@@ -1273,7 +1273,8 @@ async fn audit_verify_names_the_one_edited_entry() {
                 stdout(&out)
             );
             let out = run(&["audit", "verify", "--json", "--dir", copy.to_str().unwrap()]);
-            let v: AuditVerdict = serde_json::from_slice(&out.stdout).unwrap();
+            let v: AuditVerdict = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&out), stderr(&out)));
             assert_eq!(v.first_bad.unwrap().seq, seq);
         }
     }
