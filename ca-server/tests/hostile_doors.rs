@@ -463,35 +463,6 @@ async fn every_refusal_at_the_secrets_door_has_its_problem_and_changes_nothing()
     server.stop().await;
 }
 
-/// `operator add --dir CA NAME EXTRA...` (offline); its (certificate, key) files.
-fn operator_files(
-    ca: &TestCa,
-    name: &str,
-    extra: &[&str],
-) -> (std::path::PathBuf, std::path::PathBuf) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ca-server"))
-        .args([
-            "operator",
-            "add",
-            "--dir",
-            ca.root().to_str().unwrap(),
-            name,
-        ])
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ops = ca.dir.operators();
-    (
-        ops.join(format!("{name}.pem")),
-        ops.join(format!("{name}.key.pem")),
-    )
-}
-
 /// (status, the problem's own status, its detail) of an admin answer.
 fn admin_answer(a: &HttpAnswer) -> (u16, u16, String) {
     let p: ca_server::admin::AdminProblem = serde_json::from_slice(&a.body)
@@ -505,9 +476,9 @@ async fn every_refusal_at_the_admin_door_has_its_problem_and_changes_nothing() {
     let ca = TestCa::new(ED);
     let line = Line::new("line-1", ED);
     ca.add_line(&line, 1, 1000, None);
-    let alice = operator_files(&ca, "alice", &[]);
-    let bob = operator_files(&ca, "bob", &["--role", "read-only"]);
-    let carol = operator_files(&ca, "carol", &[]);
+    let alice = common::operator_with(&ca, "alice", &[]);
+    let bob = common::operator_with(&ca, "bob", &["--role", "read-only"]);
+    let carol = common::operator_with(&ca, "carol", &[]);
     let server = ca.start().await;
     let (coap, admin) = (server.coap.unwrap(), server.admin.unwrap());
     let store = server.service.store().clone();
@@ -863,7 +834,7 @@ async fn every_refusal_at_the_admin_door_has_its_problem_and_changes_nothing() {
 
     // Refused in the handshake: no certificate, a device's, another CA's operator.
     let other = TestCa::new(ED);
-    let mallory = operator_files(&other, "alice", &[]);
+    let mallory = common::operator_with(&other, "alice", &[]);
     let device = (
         rustls::pki_types::CertificateDer::from(five.certificate.clone().unwrap()),
         rustls::pki_types::PrivateKeyDer::Pkcs8(five.key.pkcs8_der().to_vec().into()),

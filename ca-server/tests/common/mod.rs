@@ -631,6 +631,15 @@ pub fn psql(cluster: &Path, port: u16, sql: &str) -> String {
 
 /// An operator certificate for the admin door, made offline before the server starts.
 pub fn operator(ca: &TestCa, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    operator_with(ca, name, &[])
+}
+
+/// `operator add --dir CA NAME EXTRA...` (offline); its (certificate, key) files.
+pub fn operator_with(
+    ca: &TestCa,
+    name: &str,
+    extra: &[&str],
+) -> (std::path::PathBuf, std::path::PathBuf) {
     let out = Command::new(env!("CARGO_BIN_EXE_ca-server"))
         .args([
             "operator",
@@ -639,6 +648,7 @@ pub fn operator(ca: &TestCa, name: &str) -> (std::path::PathBuf, std::path::Path
             ca.root().to_str().unwrap(),
             name,
         ])
+        .args(extra)
         .output()
         .unwrap();
     assert!(
