@@ -41,6 +41,10 @@ const NOT_RUN: &[(&str, &str)] = &[
         "the test suite, which runs this test",
     ),
     (
+        "IMPRINT_TEST_PKCS11=",
+        "the test suite's token pass, which runs this test",
+    ),
+    (
         "ca-server/scripts/test-postgres.sh stop",
         "the test suite's own database",
     ),

@@ -210,18 +210,35 @@ impl Drop for TestCa {
 }
 
 /// Where the suite's test CAs keep their key, from the environment: with
-/// `IMPRINT_TEST_PKCS11=pkcs11:token=LABEL?module-path=LIB&pin-source=file:PIN` (and the
-/// module's own settings, such as `SOFTHSM2_CONF`, for the whole test process; `.ci/run` makes a
-/// SoftHSM2 token), each test CA makes its key in that token under a label of its own; unset: the
+/// `IMPRINT_TEST_PKCS11=pkcs11:token=PREFIX?module-path=LIB&pin-source=file:PIN` (and the
+/// module's own settings, such as `SOFTHSM2_CONF`, for the whole test process; `.ci/run` gives a
+/// SoftHSM2 token folder), each test CA makes its key in a token of its own, `PREFIX-` and 16 hex
+/// digits, initialized here in the test process with the user PIN the file PIN holds
+/// (`ca_server::issuer::pkcs11::session::init_token` says why one token per CA); unset: the
 /// file `ca.key.pem`.
 pub fn test_ca_key() -> CaKeySource {
     let Ok(base) = std::env::var("IMPRINT_TEST_PKCS11") else {
         return CaKeySource::File;
     };
+    let (path, query) = base.split_once('?').unwrap_or((&base, ""));
+    let base_uri = ca_server::issuer::Pkcs11Uri::parse(&format!("{path};object=test-ca?{query}"))
+        .unwrap_or_else(|e| panic!("IMPRINT_TEST_PKCS11: {e}"));
+    let ca_server::issuer::pkcs11::PinSource::File(pin_file) = &base_uri.pin else {
+        panic!("IMPRINT_TEST_PKCS11: give the PIN as pin-source=file:PATH");
+    };
+    let pin = std::fs::read_to_string(pin_file).unwrap();
+    let pin = pin.lines().next().unwrap_or("");
     let mut tag = [0u8; 8];
     SystemRandom::new().fill(&mut tag).unwrap();
-    let (path, query) = base.split_once('?').unwrap_or((&base, ""));
-    let uri = format!("{path};object=test-ca-{}?{query}", hex::encode(tag));
+    let token = format!("{}-{}", base_uri.token, hex::encode(tag));
+    ca_server::issuer::pkcs11::session::init_token(
+        &base_uri.module_path,
+        &token,
+        "imprint-test-so",
+        pin,
+    )
+    .unwrap_or_else(|e| panic!("IMPRINT_TEST_PKCS11: {e}"));
+    let uri = format!("pkcs11:token={token};object=test-ca?{query}");
     CaKeySource::Pkcs11 {
         uri: ca_server::issuer::Pkcs11Uri::parse(&uri)
             .unwrap_or_else(|e| panic!("IMPRINT_TEST_PKCS11: {e}")),

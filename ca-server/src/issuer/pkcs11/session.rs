@@ -540,6 +540,50 @@ fn context(module: &Path) -> Result<Pkcs11, String> {
     Ok(ctx)
 }
 
+/// Initializes a token in this process: the module's first uninitialized token gets `label`, the
+/// security officer PIN `so_pin` and the user PIN `user_pin` (what `softhsm2-util
+/// --init-token --free` does). Not used by the CA: an HSM's tokens are made with its vendor's
+/// tools. The test suite's token pass makes a token per test CA with it, because Debian's
+/// SoftHSM2 (2.6.1) does not keep one token consistent while several processes write and read
+/// it at once (a process loading the module then finds no token, or a key twice: upstream issues
+/// 757 and 573), and because SoftHSM2 shows a process only the tokens that existed when it
+/// loaded the module and those it made itself.
+#[doc(hidden)]
+pub fn init_token(module: &Path, label: &str, so_pin: &str, user_pin: &str) -> Result<(), String> {
+    // Two threads must not both take the one uninitialized token.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+    let ctx = context(module)?;
+    let at = |what: &str, e: P11Error| format!("token {label:?}: {what}: {}", short(&e));
+    let free = ctx
+        .get_slots_with_token()
+        .map_err(|e| at("cannot list the slots", e))?
+        .into_iter()
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .is_ok_and(|info| !info.token_initialized())
+        })
+        .ok_or_else(|| {
+            format!(
+                "token {label:?}: PKCS#11 module {} offers no uninitialized token",
+                module.display()
+            )
+        })?;
+    let so = AuthPin::new(so_pin.into());
+    ctx.init_token(free, &so, label)
+        .map_err(|e| at("C_InitToken", e))?;
+    let session = ctx
+        .open_rw_session(free)
+        .map_err(|e| at("cannot open a session", e))?;
+    session
+        .login(UserType::So, Some(&so))
+        .map_err(|e| at("security officer login", e))?;
+    session
+        .init_pin(&AuthPin::new(user_pin.into()))
+        .map_err(|e| at("C_InitPIN", e))?;
+    Ok(())
+}
+
 /// The slot holding the token `uri` names (by label, and serial when given).
 fn find_slot(ctx: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot, String> {
     let slots = ctx.get_slots_with_token().map_err(|e| {
