@@ -14,7 +14,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::admin::AdminProblem;
+use crate::ops::AdminProblem;
 use crate::tls::{load_chain, load_key, provider};
 
 /// How long one admin request may take.

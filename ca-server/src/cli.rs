@@ -5,12 +5,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::admin::{
-    AddLine, DeviceView, LineView, RotateFailure, RotateRequest, RotateResult, RotatedVersion,
-};
 use crate::admin_client::{AdminClient, AdminResponse};
 use crate::audit::{AuditLine, AuditVerdict, rfc3339};
 use crate::config::CaDir;
+use crate::ops::{
+    AddLine, DeviceView, LineView, RotateFailure, RotateRequest, RotateResult, RotatedVersion,
+};
 use crate::server::{self, ListenOverrides};
 use crate::service::{Clock, SystemClock};
 use crate::setup::{self, InitOptions};
@@ -695,7 +695,7 @@ fn run(cli: Cli) -> Result<bool, String> {
             command: OperatorCommand::Revoke { name, admin },
         } => {
             let path = format!("/operators/{name}/revoke");
-            let v: crate::admin::OperatorView = call(&admin, "POST", &path, None)?.json()?;
+            let v: crate::ops::OperatorView = call(&admin, "POST", &path, None)?.json()?;
             if admin.json {
                 print_json(&v)?;
             } else {
@@ -709,7 +709,7 @@ fn run(cli: Cli) -> Result<bool, String> {
         Command::Operator {
             command: OperatorCommand::List { admin },
         } => {
-            let list: Vec<crate::admin::OperatorView> =
+            let list: Vec<crate::ops::OperatorView> =
                 call(&admin, "GET", "/operators", None)?.json()?;
             if admin.json {
                 print_json(&list)?;
@@ -882,10 +882,10 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
             secret_source,
             admin,
         } => {
-            if rate > crate::admin::MAX_LINE_RATE {
+            if rate > crate::ops::MAX_LINE_RATE {
                 return Err(format!(
                     "--rate {rate} is above {} enrollments per second",
-                    crate::admin::MAX_LINE_RATE
+                    crate::ops::MAX_LINE_RATE
                 ));
             }
             let pem = std::fs::read_to_string(&public_key)
@@ -900,7 +900,7 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
                     rec.secret_source =
                         crate::lines::secret_source(store.as_ref(), &secret_source)?;
                     store.add_line(&rec, "cli").map_err(|e| e.to_string())?;
-                    crate::admin::line_view(&rec)
+                    crate::ops::line_view(&rec)
                 }
                 None => {
                     let body = serde_json::to_vec(&AddLine {
@@ -936,7 +936,7 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
                     .lines()
                     .map_err(|e| e.to_string())?
                     .iter()
-                    .map(crate::admin::line_view)
+                    .map(crate::ops::line_view)
                     .collect(),
                 None => call(&admin, "GET", "/lines", None)?.json()?,
             };
@@ -971,7 +971,7 @@ fn line_command(command: LineCommand) -> Result<bool, String> {
         LineCommand::Rate { id, rate, admin } => {
             crate::lines::check_id(&id)?;
             let body =
-                serde_json::to_vec(&crate::admin::SetRate { rate }).map_err(|e| e.to_string())?;
+                serde_json::to_vec(&crate::ops::SetRate { rate }).map_err(|e| e.to_string())?;
             let line: LineView =
                 call(&admin, "POST", &format!("/lines/{id}/rate"), Some(body))?.json()?;
             if admin.json {
@@ -1132,10 +1132,8 @@ fn audit_command(command: AuditCommand) -> Result<bool, String> {
                     let c = client(&admin)?;
                     let mut after = after;
                     loop {
-                        let path = format!(
-                            "/audit?after={after}&limit={}",
-                            crate::admin::MAX_AUDIT_PAGE
-                        );
+                        let path =
+                            format!("/audit?after={after}&limit={}", crate::ops::MAX_AUDIT_PAGE);
                         let c2 = c.clone();
                         let r = block_on(async move { c2.request("GET", &path, None).await })?;
                         r.ok()?;
@@ -1149,7 +1147,7 @@ fn audit_command(command: AuditCommand) -> Result<bool, String> {
                             out.write_all(b"\n").map_err(io)?;
                             n += 1;
                         }
-                        if n < crate::admin::MAX_AUDIT_PAGE {
+                        if n < crate::ops::MAX_AUDIT_PAGE {
                             break;
                         }
                     }

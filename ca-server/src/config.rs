@@ -152,6 +152,13 @@ pub struct Limits {
     /// connection is accepted: past the rate the connection is closed at once, before the
     /// handshake and its signature. 0: handshakes are not counted.
     pub rate_handshake_cost: u32,
+    /// Requests per second from one source address at the admin door, a rate of its own (so
+    /// that device traffic from an address never uses up an operator's); each accepted
+    /// connection takes `rate_handshake_cost` from it too. Past it 429 with Retry-After, or the
+    /// connection closed before the handshake. 0: no limit.
+    pub admin_rate_per_source: u32,
+    /// Requests one source address may make at once at the admin door before its rate applies.
+    pub admin_rate_burst_per_source: u32,
     /// Source addresses whose rate is remembered at once (the least recently seen is
     /// forgotten first, and starts again with a full burst).
     pub rate_sources: usize,
@@ -181,6 +188,14 @@ impl Limits {
                 self.rate_handshake_cost, self.rate_burst_per_source
             ));
         }
+        if self.admin_rate_per_source > 0
+            && self.rate_handshake_cost > self.admin_rate_burst_per_source
+        {
+            return Err(format!(
+                "[limits] rate_handshake_cost ({}) is more than admin_rate_burst_per_source ({}): no operator could ever make a TLS handshake",
+                self.rate_handshake_cost, self.admin_rate_burst_per_source
+            ));
+        }
         Ok(())
     }
 }
@@ -198,6 +213,10 @@ impl Default for Limits {
             rate_per_source: 5000,
             rate_burst_per_source: 10_000,
             rate_handshake_cost: 1,
+            // An operator's script of lookups, one request each, well within it; a scan of
+            // the door's routes or a flood of handshakes from one address is not.
+            admin_rate_per_source: 200,
+            admin_rate_burst_per_source: 400,
             rate_sources: 100_000,
             coap_exchanges_per_source: 50_000,
             coap_exchanges: 200_000,
@@ -332,5 +351,23 @@ mod tests {
             ..over
         };
         assert_eq!(off.check(), Ok(()));
+        // The admin door's burst too.
+        let admin = Limits {
+            rate_handshake_cost: 5,
+            admin_rate_burst_per_source: 4,
+            ..Limits::default()
+        };
+        assert!(
+            admin
+                .check()
+                .is_err_and(|e| e.contains("admin_rate_burst_per_source (4)")),
+            "{:?}",
+            admin.check()
+        );
+        let admin_off = Limits {
+            admin_rate_per_source: 0,
+            ..admin
+        };
+        assert_eq!(admin_off.check(), Ok(()));
     }
 }

@@ -184,12 +184,12 @@ pub async fn start_with_clock(
             .await
             .map_err(|e| format!("HTTPS {addr}: {e}"))?;
         https = Some(listener.local_addr().map_err(|e| e.to_string())?);
-        tasks.push(tokio::spawn(crate::https::serve(
+        tasks.push(tokio::spawn(crate::doors::http::serve(
             listener,
             tls,
-            service.clone(),
-            crate::https::Door::Enrollment,
-            crate::https::DoorLimits {
+            Arc::new(crate::doors::enroll_https::EnrollDoor::new(service.clone())),
+            service.metrics().clone(),
+            crate::doors::http::DoorLimits {
                 slots: crate::limits::Slots::new(
                     config.limits.max_connections_per_source,
                     config.limits.max_connections,
@@ -229,12 +229,12 @@ pub async fn start_with_clock(
             .await
             .map_err(|e| format!("mutual TLS {addr}: {e}"))?;
         mtls = Some(listener.local_addr().map_err(|e| e.to_string())?);
-        tasks.push(tokio::spawn(crate::https::serve(
+        tasks.push(tokio::spawn(crate::doors::http::serve(
             listener,
             tls,
-            service.clone(),
-            crate::https::Door::Secrets,
-            crate::https::DoorLimits {
+            Arc::new(crate::doors::secrets::SecretsDoor::new(service.clone())),
+            service.metrics().clone(),
+            crate::doors::http::DoorLimits {
                 slots: crate::limits::Slots::new(
                     config.limits.max_connections_per_source,
                     config.limits.max_connections,
@@ -263,24 +263,33 @@ pub async fn start_with_clock(
             .await
             .map_err(|e| format!("admin {addr}: {e}"))?;
         admin = Some(listener.local_addr().map_err(|e| e.to_string())?);
-        let ctx = Arc::new(crate::admin::AdminContext {
+        // The admin door's rate per source is its own: device traffic from an address never
+        // uses up an operator's.
+        let admin_rate = (config.limits.admin_rate_per_source > 0).then(|| {
+            Arc::new(crate::limits::SourceRate::new(
+                config.limits.admin_rate_per_source,
+                config.limits.admin_rate_burst_per_source,
+                config.limits.rate_sources,
+            ))
+        });
+        let ctx = crate::doors::admin::AdminContext {
             coap: coap_stats.clone(),
             operators_issued: dir.root().join("operators.issued"),
             audit_sealed_from: sealed_from,
-        });
-        tasks.push(tokio::spawn(crate::https::serve(
+        };
+        tasks.push(tokio::spawn(crate::doors::http::serve(
             listener,
             tls,
-            service.clone(),
-            crate::https::Door::Admin(ctx),
-            crate::https::DoorLimits {
+            Arc::new(crate::doors::admin::AdminDoor::new(service.clone(), ctx)),
+            service.metrics().clone(),
+            crate::doors::http::DoorLimits {
                 slots: crate::limits::Slots::new(
                     config.limits.admin_max_connections_per_source,
                     config.limits.admin_max_connections,
                 ),
                 timeout,
-                rate: None,
-                handshake_cost: 0,
+                rate: admin_rate,
+                handshake_cost: config.limits.rate_handshake_cost,
             },
             rx.clone(),
         )));

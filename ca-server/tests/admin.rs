@@ -10,9 +10,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use ca_server::admin::{DeviceView, LineView, RotateResult};
 use ca_server::audit::{AuditLine, AuditVerdict};
 use ca_server::config::StoreSettings;
+use ca_server::ops::{DeviceView, LineView, RotateResult};
 use ca_server::server::RunningServer;
 use common::{Line, TestCa};
 use device_agent::AgentError;
@@ -524,7 +524,7 @@ async fn a_revoked_operator_is_refused_at_the_admin_door_at_once() {
         let mut session = KeptAlive::open(&bob, admin);
         let first = session.get("/health", "ok\n");
         assert!(first.starts_with("HTTP/1.1 200"), "{first}");
-        let list: Vec<ca_server::admin::OperatorView> = alice.json(&["operator", "list"]);
+        let list: Vec<ca_server::ops::OperatorView> = alice.json(&["operator", "list"]);
         let status: Vec<(&str, &str)> = list
             .iter()
             .map(|o| (o.name.as_str(), o.status.as_str()))
@@ -550,7 +550,7 @@ async fn a_revoked_operator_is_refused_at_the_admin_door_at_once() {
         let out = alice.run(&["operator", "revoke", "carol"]);
         assert!(!out.status.success());
         assert!(stderr(&out).contains("404"), "{}", stderr(&out));
-        let list: Vec<ca_server::admin::OperatorView> = alice.json(&["operator", "list"]);
+        let list: Vec<ca_server::ops::OperatorView> = alice.json(&["operator", "list"]);
         let bob_view = list.iter().find(|o| o.name == "bob").unwrap();
         assert_eq!(bob_view.status, "revoked");
         assert_eq!(bob_view.revoked_by.as_deref(), Some("operator:alice"));
@@ -683,7 +683,7 @@ async fn a_read_only_operator_reads_and_every_write_is_refused() {
         assert!(!out.status.success(), "{}", stdout(&out));
 
         // The admin keeps every right, and sees the roles.
-        let list: Vec<ca_server::admin::OperatorView> = alice.json(&["operator", "list"]);
+        let list: Vec<ca_server::ops::OperatorView> = alice.json(&["operator", "list"]);
         let roles: Vec<(&str, Option<&str>)> = list
             .iter()
             .map(|o| (o.name.as_str(), o.role.as_deref()))

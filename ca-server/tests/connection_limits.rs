@@ -368,3 +368,97 @@ async fn a_client_that_stops_reading_loses_its_connection_after_the_time_limit()
     drop(slow);
     server.stop().await;
 }
+
+/// The admin door has a rate per source of its own (hardening issue): an operator's client
+/// past it gets 429 in the admin door's JSON problem form, with Retry-After, on its kept-alive
+/// connection, and is served again once the bucket refills; its new connections past the rate
+/// are closed before the handshake while another source still makes one; and the device doors
+/// still serve that address, whose device rate is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_door_has_a_rate_per_source_of_its_own() {
+    use std::process::Command;
+    let ca = TestCa::new(KeyAlgorithm::Ed25519);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    let (cert, key) = operator(&ca, "alice");
+    ca.set_limits(|l| {
+        l.admin_rate_per_source = 1;
+        l.admin_rate_burst_per_source = 4;
+    });
+    let server = ca.start().await;
+    let (https, admin) = (server.https.unwrap(), server.admin.unwrap());
+    let url = format!("https://{admin}/health");
+    // Eight requests on one kept-alive connection (curl reuses it for every URL): the handshake
+    // takes one of the burst of 4, three requests are answered, the rest get 429.
+    let headers = ca.tmp.path().join("headers");
+    let out = Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(ca.ca_pem_path())
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("-D")
+        .arg(&headers)
+        .args(["-w", "\nCODE %{http_code} %{num_connects}\n"])
+        .args(std::iter::repeat_n(url.as_str(), 8))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<(&str, usize)> = stdout
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("CODE ")?.split_whitespace();
+            Some((w.next()?, w.next()?.parse().ok()?))
+        })
+        .collect();
+    let codes: Vec<&str> = results.iter().map(|r| r.0).collect();
+    let connects: usize = results.iter().map(|r| r.1).sum();
+    assert_eq!(
+        connects, 1,
+        "one connection for the eight requests: {stdout}"
+    );
+    assert_eq!(
+        codes,
+        ["200", "200", "200", "429", "429", "429", "429", "429"],
+        "{stdout}"
+    );
+    let headers = std::fs::read_to_string(&headers)
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(headers.contains("retry-after: 1"), "{headers}");
+    assert!(
+        headers.contains("content-type: application/problem+json"),
+        "{headers}"
+    );
+    assert!(
+        stdout.contains("\"status\":429") && stdout.contains("too many requests"),
+        "the admin door's problem: {stdout}"
+    );
+    // Past its rate, this address's next connection is closed before the handshake; another
+    // address makes one (an admin handshake without a client certificate completes on the
+    // client's side before the server judges it).
+    let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    assert!(try_tls_from(&ca, local, admin).await.is_err());
+    try_tls_from(&ca, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), admin)
+        .await
+        .unwrap();
+    // The device doors serve the same address: their rate is another.
+    let device = Device::new(1, KeyAlgorithm::Ed25519);
+    ca.client(https)
+        .with_source(local)
+        .enroll(device.request(&line, ResponseForm::Compact))
+        .await
+        .unwrap();
+    // Once the bucket has refilled (1 a second), the operator is served again.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let op = AdminClient::new(&format!("https://{admin}"), &ca.ca_pem_path(), &cert, &key).unwrap();
+    let r = op.request("GET", "/health", None).await.unwrap();
+    assert_eq!(r.status.as_u16(), 200);
+    server.stop().await;
+}

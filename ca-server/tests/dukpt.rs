@@ -814,7 +814,7 @@ async fn devices_on_a_dukpt_line_over_mutual_tls() {
         assert_eq!(sec.key_id, id.to_string());
         assert!(ids.insert(id));
         assert_eq!(sec.secret.as_slice(), dukpt::initial_key(&bdk, id).expose());
-        let view = ca_server::admin::device_view(&server.service, d.serial.get()).unwrap();
+        let view = ca_server::ops::device_view(&server.service, d.serial.get()).unwrap();
         assert_eq!(
             view.secrets[0].initial_key_id.as_deref(),
             Some(id.to_string().as_str())

@@ -465,7 +465,7 @@ async fn every_refusal_at_the_secrets_door_has_its_problem_and_changes_nothing()
 
 /// (status, the problem's own status, its detail) of an admin answer.
 fn admin_answer(a: &HttpAnswer) -> (u16, u16, String) {
-    let p: ca_server::admin::AdminProblem = serde_json::from_slice(&a.body)
+    let p: ca_server::ops::AdminProblem = serde_json::from_slice(&a.body)
         .unwrap_or_else(|e| panic!("HTTP {}: no admin problem ({e}): {:?}", a.status, a.body));
     assert_eq!(a.content_type, "application/problem+json");
     (a.status, p.status, p.detail)
@@ -524,6 +524,28 @@ async fn every_refusal_at_the_admin_door_has_its_problem_and_changes_nothing() {
             ask("GET", "/devices/999", None, vec![]),
             404,
             "no device 999",
+        ),
+        // A body sent to a route that takes none: refused, not ignored (device 5 stays
+        // active, which the store snapshot checks).
+        (
+            ask(
+                "POST",
+                "/devices/5/revoke",
+                Some(JSON),
+                j(r#"{"reason":"keyCompromise"}"#),
+            ),
+            400,
+            "takes no request body",
+        ),
+        (
+            ask("POST", "/devices/5/reset", Some(JSON), j("{}")),
+            400,
+            "takes no request body",
+        ),
+        (
+            ask("GET", "/devices/5", Some(JSON), j("{}")),
+            400,
+            "takes no request body",
         ),
         (
             ask("POST", "/devices/999/revoke", None, vec![]),

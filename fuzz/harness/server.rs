@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ca_server::admin::{AddLine, MAX_LINE_RATE, RotateRequest, SetRate};
 use ca_server::doors::coap::{CoapConfig, Endpoint, JobId, MAX_RESPONSE_DATAGRAM, Transmit};
 use ca_server::dukpt::{AddBdk, DeriveRequest};
 use ca_server::limits::SourceRate;
+use ca_server::ops::{AddLine, MAX_LINE_RATE, RotateRequest, SetRate};
 use ca_server::records::SecretSource;
 use protocol_spec::coap::AMPLIFICATION_FACTOR;
 use protocol_spec::dukpt::{KeyType, KeyUsage, Ksn};

@@ -738,8 +738,8 @@ impl Endpoint {
         // RFC 7252 section 5.9.3.4 and RFC 8516 section 3: Max-Age says when to retry a 5.03
         // or a 4.29.
         let retry = match c {
-            x if x == code(5, 3) => Some(crate::https::UNAVAILABLE_RETRY_SECS),
-            x if x == code(4, 29) => Some(crate::https::RATE_LIMITED_RETRY_SECS),
+            x if x == code(5, 3) => Some(crate::doors::UNAVAILABLE_RETRY_SECS),
+            x if x == code(4, 29) => Some(crate::doors::RATE_LIMITED_RETRY_SECS),
             _ => None,
         };
         if let Some(secs) = retry {

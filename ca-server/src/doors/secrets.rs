@@ -1,6 +1,9 @@
 //! The mutual-TLS door: devices fetch and acknowledge their secrets, identified by the
 //! certificate they enrolled with.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -9,16 +12,44 @@ use hyper::{Method, Request, Response, StatusCode};
 use protocol_spec::messages::{MAX_ACK, SecretAck};
 use protocol_spec::{Problem, ProblemType};
 
-use crate::https::{
-    header, media_type, method_not_allowed, not_found, problem, respond, unsupported_media_type,
+use super::http::{
+    closing, header, media_type, method_not_allowed, not_found, problem, read_body, respond,
+    unsupported_media_type,
 };
 use crate::service::CaService;
 
+/// The mutual-TLS secrets door: `GET /secret`, `POST /secret/ack`, `GET /health`.
+#[derive(Debug)]
+pub struct SecretsDoor {
+    service: Arc<CaService>,
+}
+
+impl SecretsDoor {
+    pub fn new(service: Arc<CaService>) -> Self {
+        SecretsDoor { service }
+    }
+}
+
+impl super::http::Door for SecretsDoor {
+    fn name(&self) -> &'static str {
+        "secrets"
+    }
+
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        _peer: SocketAddr,
+        client_cert: Option<&[u8]>,
+    ) -> Response<Full<Bytes>> {
+        handle(req, &self.service, client_cert).await
+    }
+}
+
 /// Handles one request on the mutual-TLS door.
-pub async fn handle(
+async fn handle(
     req: Request<Incoming>,
     service: &CaService,
-    client_cert: Option<&Vec<u8>>,
+    client_cert: Option<&[u8]>,
 ) -> Response<Full<Bytes>> {
     let json = media_type(header(&req, ACCEPT)) == "application/json"
         || media_type(header(&req, CONTENT_TYPE)) == "application/json";
@@ -91,10 +122,10 @@ async fn ack(
         "application/json" => true,
         other => return unsupported_media_type(other, "application/cbor or application/json"),
     };
-    let body = match crate::https::read_body(req, MAX_ACK + 1).await {
+    let body = match read_body(req, MAX_ACK + 1).await {
         Ok(b) => b,
         Err(e) => {
-            return crate::https::closing(problem(&e.problem("ack", MAX_ACK), !json));
+            return closing(problem(&e.problem("ack", MAX_ACK), !json));
         }
     };
     let ack = if body_json {

@@ -30,24 +30,22 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Method, Request, Response, StatusCode};
-use protocol_spec::PublicKey;
-use protocol_spec::profile::cert_pem;
 use serde::{Deserialize, Serialize};
 
+use super::coap::CoapStats;
+use super::http::{BodyError, closing, header, media_type, read_body, respond};
 use crate::audit::{AuditLine, rfc3339};
-use crate::coap::CoapStats;
-use crate::https::respond;
 use crate::metrics::Snapshot;
-use crate::records::{
-    DeviceRecord, DeviceStatus, LineRecord, ResetRecord, SecretRecord, from_cbor,
+use crate::ops::{
+    AddLine, AdminProblem, MAX_AUDIT_PAGE, MAX_LINE_RATE, RotateFailure, RotateRequest,
+    RotateResult, RotatedVersion, SetRate, device_view, line_view, operator_views,
 };
+use crate::records::{DeviceRecord, DeviceStatus, from_cbor};
 use crate::service::CaService;
 use crate::store::ResetOutcome;
 
 /// Largest admin request body.
 const MAX_BODY: usize = 64 * 1024;
-/// Most audit entries in one page.
-pub const MAX_AUDIT_PAGE: usize = 10_000;
 
 /// What the admin door needs beyond the service.
 #[derive(Debug)]
@@ -60,277 +58,63 @@ pub struct AdminContext {
     pub audit_sealed_from: Option<u64>,
 }
 
-/// An operator as `GET /operators` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OperatorView {
-    /// Name (`operator:NAME` in the audit log).
-    pub name: String,
-    /// `active` or `revoked`.
-    pub status: String,
-    /// `admin` or `read-only` (as issued; unknown for an operator revoked but not issued from
-    /// this CA folder).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub role: Option<String>,
-    /// The certificate's serial, hex, when issued from this CA folder.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub certificate_serial: Option<String>,
-    /// When the certificate expires, Unix seconds, when issued from this CA folder.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<u64>,
-    /// When it was revoked, Unix seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revoked_at: Option<u64>,
-    /// Who revoked it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revoked_by: Option<String>,
-}
-
-/// A device as an operator sees it: never a secret, only key ids, versions and times.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceView {
-    /// The serial.
-    pub serial: u64,
-    /// `active`, `revoked`, or `reset` (no current binding, history only).
-    pub status: String,
-    /// The current binding, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub binding: Option<BindingView>,
-    /// Every secret version, oldest first.
-    pub secrets: Vec<SecretView>,
-    /// Earlier bindings an operator reset, oldest first.
-    pub history: Vec<ResetView>,
-}
-
-/// One serial -> key binding.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BindingView {
-    /// `sha256:` and the hex SHA-256 of the DER SubjectPublicKeyInfo.
-    pub key_fingerprint: String,
-    /// `ed25519` or `p256`.
-    pub key_algorithm: String,
-    /// The line that vouched for it.
-    pub line: String,
-    /// The token id its enrollment consumed, hex.
-    pub token_id: String,
-    /// Enrollment time, Unix seconds.
-    pub enrolled_at: u64,
-    /// Enrollment time, RFC 3339.
-    pub enrolled: String,
-    /// The reset generation its certificate serial carries (SPEC.md 5): 0 for a serial never
-    /// reset.
-    #[serde(default)]
-    pub generation: u32,
-    /// Revocation time, Unix seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revoked_at: Option<u64>,
-    /// The certificate, PEM.
-    pub certificate: String,
-}
-
-/// One secret version, without the secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SecretView {
-    /// Key id.
-    pub key_id: String,
-    /// For a DUKPT Initial Key: its Initial Key ID, hex (BDK id, then derivation id).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub initial_key_id: Option<String>,
-    /// Version.
-    pub version: u64,
-    /// `csprng` or `import`.
-    pub source: String,
-    /// Key check value, hex (3 octets: identifies the key without revealing it).
-    pub kcv: String,
-    /// Created, Unix seconds.
-    pub created_at: u64,
-    /// First delivered, Unix seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub delivered_at: Option<u64>,
-    /// Acknowledged by the device, Unix seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub confirmed_at: Option<u64>,
-    /// Retired by a reset of the serial, Unix seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retired_at: Option<u64>,
-}
-
-/// An earlier binding of a serial.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResetView {
-    /// When it was reset, Unix seconds.
-    pub reset_at: u64,
-    /// Who reset it.
-    pub actor: String,
-    /// Its status when it was reset.
-    pub status: String,
-    /// The binding.
-    pub binding: BindingView,
-}
-
-/// A production line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LineView {
-    /// Line id.
-    pub id: String,
-    /// First serial.
-    pub first_serial: u64,
-    /// Last serial (inclusive).
-    pub last_serial: u64,
-    /// Quota.
-    pub quota: u64,
-    /// Devices enrolled so far.
-    pub enrolled: u64,
-    /// Enrollments per second allowed (0: no limit).
-    #[serde(default)]
-    pub rate: u32,
-    /// Whether its tokens are accepted.
-    pub active: bool,
-    /// `sha256:` and the hex SHA-256 of the line station's SubjectPublicKeyInfo.
-    pub key_fingerprint: String,
-    /// Registration time, Unix seconds.
-    pub created_at: u64,
-    /// Where its devices' secrets come from: `random`, `pool` or `dukpt:BDKID`.
-    #[serde(default = "random_source")]
-    pub secret_source: String,
-}
-
-fn random_source() -> String {
-    "random".into()
-}
-
-/// `POST /lines/{id}/rate` body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SetRate {
-    /// Enrollments per second, 0 = no limit.
-    pub rate: u32,
-}
-
-/// The largest line rate accepted (enrollments per second, across every node).
-pub const MAX_LINE_RATE: u32 = 1_000_000;
-
-/// `POST /lines`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AddLine {
-    /// Line id.
-    pub id: String,
-    /// The line station's public key, PEM.
-    pub public_key: String,
-    /// `FIRST-LAST`.
-    pub serials: String,
-    /// Quota (default: the size of the range).
-    #[serde(default)]
-    pub quota: Option<u64>,
-    /// Enrollments per second (0 or absent: no limit).
-    #[serde(default)]
-    pub rate: u32,
-    /// `random` (absent), `pool` or `dukpt:BDKID` (a stored BDK).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret_source: Option<String>,
-}
-
-/// `POST /secrets/rotate`: exactly one of the three.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RotateRequest {
-    /// One device.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub serial: Option<u64>,
-    /// Every device of a line.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub line: Option<String>,
-    /// Every device.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub all: bool,
-}
-
-/// What a rotation did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RotateResult {
-    /// Devices asked for.
-    pub requested: u64,
-    /// New versions created.
-    pub rotated: u64,
-    /// The new versions (at most 100 listed).
-    pub versions: Vec<RotatedVersion>,
-    /// Devices not rotated, with why.
-    pub failed: Vec<RotateFailure>,
-}
-
-/// One new version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RotatedVersion {
-    /// Device.
-    pub serial: u64,
-    /// New key id.
-    pub key_id: String,
-    /// New version (pending until the device fetches and acks it).
-    pub version: u64,
-}
-
-/// A device that was not rotated.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RotateFailure {
-    /// Device.
-    pub serial: u64,
-    /// Problem type.
-    pub problem: String,
-    /// Detail.
-    pub detail: String,
-}
-
-/// An admin API failure, sent as problem details.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AdminProblem {
-    /// HTTP status.
-    pub status: u16,
-    /// Short title.
-    pub title: String,
-    /// What exactly.
-    pub detail: String,
-    /// For 405: the methods the path takes, sent as `Allow` (not in the body).
-    #[serde(skip)]
-    pub allow: Option<&'static str>,
-}
-
-impl AdminProblem {
-    fn new(status: StatusCode, detail: impl Into<String>) -> Self {
-        AdminProblem {
-            status: status.as_u16(),
-            title: status.canonical_reason().unwrap_or("error").to_string(),
-            detail: detail.into(),
-            allow: None,
-        }
-    }
-    fn not_found(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, detail)
-    }
-    fn bad_request(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, detail)
-    }
-    fn internal(context: &str, e: impl std::fmt::Display) -> Self {
-        tracing::error!(error = %e, "admin: {context}");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal error (see the server log)",
-        )
-    }
-}
-
 type AdminResult = Result<Response<Full<Bytes>>, AdminProblem>;
+
+/// The admin door: the routes above, for operators with certificates of the operator CA.
+#[derive(Debug)]
+pub struct AdminDoor {
+    service: Arc<CaService>,
+    ctx: AdminContext,
+}
+
+impl AdminDoor {
+    pub fn new(service: Arc<CaService>, ctx: AdminContext) -> Self {
+        AdminDoor { service, ctx }
+    }
+}
+
+impl super::http::Door for AdminDoor {
+    fn name(&self) -> &'static str {
+        "admin"
+    }
+
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        _peer: std::net::SocketAddr,
+        client_cert: Option<&[u8]>,
+    ) -> Response<Full<Bytes>> {
+        handle(req, &self.service, &self.ctx, client_cert).await
+    }
+
+    /// 429 as the admin door's other problems are: JSON, with Retry-After.
+    fn rate_limited(&self, req: &Request<Incoming>, retry_secs: u32) -> Response<Full<Bytes>> {
+        let operation = operation_name(req.method(), req.uri().path());
+        let mut r = finish(
+            &self.service,
+            operation,
+            Err(AdminProblem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests from this address; retry later",
+            )),
+        );
+        r.headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from(retry_secs));
+        r
+    }
+}
 
 /// Handles one request on the admin door. `client_cert` has been checked against the operator
 /// CA by the TLS layer; here it must also have the operator profile.
-pub async fn handle(
+async fn handle(
     req: Request<Incoming>,
     service: &Arc<CaService>,
     ctx: &AdminContext,
-    client_cert: Option<&Vec<u8>>,
+    client_cert: Option<&[u8]>,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let operation = operation_name(req.method(), &path);
-    let (operator, role) = match client_cert.map(|c| crate::operators::operator_identity(c)) {
+    let (operator, role) = match client_cert.map(crate::operators::operator_identity) {
         Some(Ok(o)) => (o.name, o.role),
         Some(Err(why)) => {
             return finish(
@@ -422,7 +206,7 @@ fn finish(service: &CaService, operation: &str, r: AdminResult) -> Response<Full
                 .insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
         }
         if status == StatusCode::REQUEST_TIMEOUT {
-            crate::https::closing(r)
+            closing(r)
         } else {
             r
         }
@@ -468,6 +252,14 @@ async fn route(
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
     let query = req.uri().query().unwrap_or("").to_string();
+    // A route that takes no body refuses one rather than act without it: whoever sent a body
+    // to `revoke` or `reset` meant something the door would not do.
+    let served = allowed_methods(&parts).is_some_and(|a| a.split(", ").any(|m| m == method));
+    if served && !reads_body(&method, &parts) && !hyper::body::Body::is_end_stream(req.body()) {
+        return Err(AdminProblem::bad_request(format!(
+            "{method} {path} takes no request body; send none"
+        )));
+    }
     match (method.as_str(), parts.as_slice()) {
         ("GET", ["health"]) => Ok(respond(StatusCode::OK, "text/plain", b"ok\n".to_vec())),
         ("GET", ["metrics"]) => metrics(service, ctx),
@@ -725,6 +517,15 @@ async fn route(
     }
 }
 
+/// Whether a route reads a request body (JSON): the others take none.
+fn reads_body(method: &Method, parts: &[&str]) -> bool {
+    *method == Method::POST
+        && matches!(
+            parts,
+            ["secrets", "rotate"] | ["lines"] | ["lines", _, "rate"] | ["dukpt", "bdks" | "derive"]
+        )
+}
+
 /// The methods a path of the admin door takes (every route of [`route`]), when it is one.
 fn allowed_methods(parts: &[&str]) -> Option<&'static str> {
     match parts {
@@ -931,132 +732,6 @@ where
         .map_err(|e| AdminProblem::internal("blocking task", e))?
 }
 
-/// Every operator issued from this CA folder, and every revoked one, by name.
-fn operator_views(
-    issued: &[crate::operators::IssuedOperator],
-    revoked: &[crate::records::OperatorRevocation],
-) -> Vec<OperatorView> {
-    let mut views: std::collections::BTreeMap<String, OperatorView> = issued
-        .iter()
-        .map(|o| {
-            (
-                o.name.clone(),
-                OperatorView {
-                    name: o.name.clone(),
-                    status: "active".into(),
-                    role: Some(o.role.name().to_string()),
-                    certificate_serial: Some(o.serial.clone()),
-                    expires_at: Some(o.expires_at),
-                    revoked_at: None,
-                    revoked_by: None,
-                },
-            )
-        })
-        .collect();
-    for r in revoked {
-        let v = views.entry(r.name.clone()).or_insert_with(|| OperatorView {
-            name: r.name.clone(),
-            status: String::new(),
-            role: None,
-            certificate_serial: None,
-            expires_at: None,
-            revoked_at: None,
-            revoked_by: None,
-        });
-        v.status = "revoked".into();
-        v.revoked_at = Some(r.revoked_at);
-        v.revoked_by = Some(r.actor.clone());
-    }
-    views.into_values().collect()
-}
-
-/// A device's full record as an operator sees it.
-pub fn device_view(service: &CaService, serial: u64) -> Result<DeviceView, AdminProblem> {
-    let store = service.store();
-    let err = |e| AdminProblem::internal("store", e);
-    let current = store.device(serial).map_err(err)?;
-    let history = store.history(serial).map_err(err)?;
-    if current.is_none() && history.is_empty() {
-        return Err(AdminProblem::not_found(format!("no device {serial}")));
-    }
-    let secrets = store.secret_versions(serial).map_err(err)?;
-    Ok(DeviceView {
-        serial,
-        status: match &current {
-            Some(d) if d.status == DeviceStatus::Revoked => "revoked",
-            Some(_) => "active",
-            None => "reset",
-        }
-        .to_string(),
-        binding: current.as_ref().map(binding_view),
-        secrets: secrets.iter().map(secret_view).collect(),
-        history: history.iter().map(reset_view).collect(),
-    })
-}
-
-fn fingerprint(spki: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(protocol_spec::spki::sha256(spki)))
-}
-
-fn binding_view(d: &DeviceRecord) -> BindingView {
-    BindingView {
-        key_fingerprint: fingerprint(&d.spki),
-        key_algorithm: PublicKey::from_spki_der(&d.spki)
-            .map(|k| k.algorithm.to_string())
-            .unwrap_or_else(|_| "unknown".into()),
-        line: d.line.clone(),
-        token_id: hex::encode(&d.token_id),
-        enrolled_at: d.enrolled_at,
-        enrolled: rfc3339(d.enrolled_at),
-        generation: crate::records::generation_of(&d.certificate),
-        revoked_at: d.revoked_at,
-        certificate: cert_pem(&d.certificate),
-    }
-}
-
-fn secret_view(s: &SecretRecord) -> SecretView {
-    SecretView {
-        initial_key_id: crate::ra::rules::dukpt_claim(s).map(|_| s.key_id.clone()),
-        key_id: s.key_id.clone(),
-        version: s.version,
-        source: s.source.clone(),
-        kcv: hex::encode(&s.kcv),
-        created_at: s.created_at,
-        delivered_at: s.delivered_at,
-        confirmed_at: s.confirmed_at,
-        retired_at: s.retired_at,
-    }
-}
-
-fn reset_view(r: &ResetRecord) -> ResetView {
-    ResetView {
-        reset_at: r.reset_at,
-        actor: r.actor.clone(),
-        status: match r.device.status {
-            DeviceStatus::Active => "active",
-            DeviceStatus::Revoked => "revoked",
-        }
-        .to_string(),
-        binding: binding_view(&r.device),
-    }
-}
-
-/// A line as an operator sees it.
-pub fn line_view(l: &LineRecord) -> LineView {
-    LineView {
-        id: l.id.clone(),
-        first_serial: l.first_serial,
-        last_serial: l.last_serial,
-        quota: l.quota,
-        enrolled: l.enrolled,
-        rate: l.rate,
-        active: l.active,
-        key_fingerprint: fingerprint(&l.public_key),
-        created_at: l.created_at,
-        secret_source: l.secret_source.to_string(),
-    }
-}
-
 /// A refused DUKPT action: bad input 400, an id taken 409, an unknown BDK 404.
 fn dukpt_problem(r: crate::dukpt::BdkRefusal) -> AdminProblem {
     use crate::dukpt::BdkRefusal;
@@ -1092,28 +767,26 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
     req: Request<Incoming>,
 ) -> Result<T, AdminProblem> {
     // JSON only (absent: taken as JSON), refused before the body is read.
-    let ctype = crate::https::media_type(crate::https::header(&req, hyper::header::CONTENT_TYPE));
+    let ctype = media_type(header(&req, hyper::header::CONTENT_TYPE));
     if !matches!(ctype.as_str(), "" | "application/json") {
         return Err(AdminProblem::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!("content type {ctype:?} is not application/json"),
         ));
     }
-    let body = crate::https::read_body(req, MAX_BODY)
-        .await
-        .map_err(|e| match e {
-            crate::https::BodyError::TooLarge => AdminProblem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body over {MAX_BODY} bytes"),
-            ),
-            crate::https::BodyError::TimedOut(t) => AdminProblem::new(
-                StatusCode::REQUEST_TIMEOUT,
-                format!("request body not received within {} s", t.as_secs()),
-            ),
-            crate::https::BodyError::Unreadable(e) => {
-                AdminProblem::bad_request(format!("request body unreadable: {e}"))
-            }
-        })?;
+    let body = read_body(req, MAX_BODY).await.map_err(|e| match e {
+        BodyError::TooLarge => AdminProblem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body over {MAX_BODY} bytes"),
+        ),
+        BodyError::TimedOut(t) => AdminProblem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("request body not received within {} s", t.as_secs()),
+        ),
+        BodyError::Unreadable(e) => {
+            AdminProblem::bad_request(format!("request body unreadable: {e}"))
+        }
+    })?;
     serde_json::from_slice(&body)
         .map_err(|e| AdminProblem::bad_request(format!("request body: {e}")))
 }
@@ -1169,6 +842,26 @@ mod tests {
             assert!(allow.split(", ").any(|a| a == method), "{method} {path}");
         }
         assert_eq!(allowed_methods(&["nothing", "here"]), None);
+        // The routes that read a body are those that call read_json; the others refuse one.
+        let with_body: Vec<&str> = routes
+            .iter()
+            .filter(|(method, path)| {
+                let m = Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET);
+                let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+                reads_body(&m, &parts)
+            })
+            .map(|(_, path)| *path)
+            .collect();
+        assert_eq!(
+            with_body,
+            [
+                "/secrets/rotate",
+                "/lines",
+                "/lines/L1/rate",
+                "/dukpt/bdks",
+                "/dukpt/derive"
+            ]
+        );
     }
 
     #[test]

@@ -1,7 +1,11 @@
-//! The HTTPS front end: decoding, size limits, content negotiation and error mapping. Nothing
-//! else: every decision is the service's.
+//! HTTP serving, written once for the three TLS doors (HTTPS enrollment, the mutual-TLS
+//! secrets door, the admin door): connection slots per source and per listener, the source's
+//! rate (handshakes and requests), time limits on the handshake, the headers, the body and
+//! every write, and the problem responses they share. A door is a [`Door`]: its name and its
+//! handler; it sees requests that passed all of this and nothing of the others.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,47 +18,37 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use protocol_spec::Problem;
-use protocol_spec::enroll::RequestEncoding;
-use protocol_spec::messages::MAX_ENROLL_REQUEST_JSON;
-use protocol_spec::profile::cert_pem;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use super::{RATE_LIMITED_RETRY_SECS, UNAVAILABLE_RETRY_SECS};
 use crate::limits::{Slots, SourceRate};
-use crate::service::CaService;
+use crate::metrics::Metrics;
 
-const CBOR: &str = "application/cbor";
-const JSON: &str = "application/json";
-const PEM_CHAIN: &str = "application/pem-certificate-chain";
-const PROBLEM_JSON: &str = "application/problem+json";
+pub(crate) const CBOR: &str = "application/cbor";
+pub(crate) const JSON: &str = "application/json";
+pub(crate) const PROBLEM_JSON: &str = "application/problem+json";
 const PROBLEM_CBOR: &str = "application/concise-problem-details+cbor";
-/// Seconds a client is told to wait when the store is unavailable (Retry-After, and CoAP's
-/// Max-Age on 5.03).
-pub(crate) const UNAVAILABLE_RETRY_SECS: u32 = 2;
-/// Seconds a client is told to wait when it is rate-limited (a bucket that refills at one or
-/// more requests per second has one again within a second).
-pub(crate) const RATE_LIMITED_RETRY_SECS: u32 = 1;
 
-/// Which listener a connection came in on.
-#[derive(Debug, Clone)]
-pub enum Door {
-    /// HTTPS enrollment, server-authenticated TLS.
-    Enrollment,
-    /// Secrets, mutual TLS with device certificates.
-    Secrets,
-    /// The admin API, mutual TLS with operator certificates.
-    Admin(Arc<crate::admin::AdminContext>),
-}
-
-impl Door {
+/// One listener's requests: a door answers what [`serve`] lets through.
+pub trait Door: Send + Sync + 'static {
     /// The door's name in logs and metrics.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Door::Enrollment => "enrollment",
-            Door::Secrets => "secrets",
-            Door::Admin(_) => "admin",
-        }
+    fn name(&self) -> &'static str;
+
+    /// Answers one request from `peer`; `client_cert` is the certificate rustls checked on a
+    /// mutual-TLS door (none on the enrollment door).
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        client_cert: Option<&[u8]>,
+    ) -> impl Future<Output = Response<Full<Bytes>>> + Send;
+
+    /// The answer to a request past its source's rate: 429 with Retry-After (SPEC.md section
+    /// 11.6), by default the problem in CBOR unless the request asks for JSON.
+    fn rate_limited(&self, req: &Request<Incoming>, retry_secs: u32) -> Response<Full<Bytes>> {
+        rate_limited(req, retry_secs)
     }
 }
 
@@ -66,8 +60,8 @@ pub struct DoorLimits {
     /// Bounds the TLS handshake, each request's headers (an idle kept-alive connection
     /// included) and each request's body.
     pub timeout: Duration,
-    /// Requests per second per source address (shared by the device doors; none at the
-    /// admin door).
+    /// Requests per second per source address (one rate shared by the device doors, the
+    /// admin door's its own).
     pub rate: Option<Arc<SourceRate>>,
     /// What each accepted connection (a TLS handshake attempt) takes from its source's `rate`
     /// (`[limits] rate_handshake_cost`; 0: not counted).
@@ -82,11 +76,11 @@ pub struct DoorLimits {
 /// takes `limits.handshake_cost` from its source's rate, and is closed before the TLS handshake
 /// when the source is past it; a request past its source's rate gets 429 (rate-limited) with
 /// Retry-After.
-pub async fn serve(
+pub async fn serve<D: Door>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    service: Arc<CaService>,
-    door: Door,
+    door: Arc<D>,
+    metrics: Arc<Metrics>,
     limits: DoorLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -114,7 +108,7 @@ pub async fn serve(
             Ok(p) => p,
             Err(full) => {
                 // Closed at once: the peer sees the connection end before any handshake.
-                service.metrics().connection_refused(door.name(), full);
+                metrics.connection_refused(door.name(), full);
                 tracing::debug!(%peer, door = door.name(), ?full, "no connection slot");
                 drop(tcp);
                 continue;
@@ -126,7 +120,7 @@ pub async fn serve(
             && r.check_cost(peer.ip(), std::time::Instant::now(), handshake_cost)
                 .is_err()
         {
-            service.metrics().handshake_rate_limited(door.name());
+            metrics.handshake_rate_limited(door.name());
             tracing::debug!(%peer, door = door.name(), "source rate exceeded: no handshake");
             drop(permit);
             drop(tcp);
@@ -134,7 +128,7 @@ pub async fn serve(
         }
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let service = service.clone();
+        let metrics = metrics.clone();
         let door = door.clone();
         let rate = rate.clone();
         tokio::spawn(async move {
@@ -158,8 +152,8 @@ pub async fn serve(
                 .and_then(|c| c.first())
                 .map(|c| Arc::new(c.to_vec()));
             let svc = service_fn(move |mut req: Request<Incoming>| {
-                let (service, client_cert, door) =
-                    (service.clone(), client_cert.clone(), door.clone());
+                let (metrics, client_cert, door) =
+                    (metrics.clone(), client_cert.clone(), door.clone());
                 let limited = rate
                     .as_ref()
                     .and_then(|r| r.check(peer.ip(), std::time::Instant::now()).err());
@@ -171,19 +165,11 @@ pub async fn serve(
                 async move {
                     if let Some(retry) = limited {
                         tracing::debug!(%peer, door = door.name(), "source rate exceeded");
-                        service.metrics().source_rate_limited(door.name());
-                        return Ok::<_, Infallible>(rate_limited(&req, retry));
+                        metrics.source_rate_limited(door.name());
+                        return Ok::<_, Infallible>(door.rate_limited(&req, retry));
                     }
-                    let resp = match &door {
-                        Door::Enrollment => handle(req, &service, peer).await,
-                        Door::Secrets => {
-                            crate::mtls::handle(req, &service, client_cert.as_deref()).await
-                        }
-                        Door::Admin(ctx) => {
-                            crate::admin::handle(req, &service, ctx, client_cert.as_deref()).await
-                        }
-                    };
-                    Ok::<_, Infallible>(resp)
+                    let cert = client_cert.as_deref().map(Vec::as_slice);
+                    Ok::<_, Infallible>(door.handle(req, peer, cert).await)
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -461,94 +447,4 @@ pub(crate) fn method_not_allowed(
 pub(crate) fn unsupported_media_type(given: &str, accepted: &str) -> Response<Full<Bytes>> {
     let p = Problem::malformed(format!("content type {given:?} is not {accepted}"));
     problem_with_status(&p, StatusCode::UNSUPPORTED_MEDIA_TYPE)
-}
-
-async fn handle(
-    req: Request<Incoming>,
-    service: &CaService,
-    peer: SocketAddr,
-) -> Response<Full<Bytes>> {
-    let path = req.uri().path().to_string();
-    match (req.method(), path.as_str()) {
-        (&Method::GET, "/health") => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
-        (&Method::GET, "/ca") => {
-            let der = service.issuer().profile().ca_der().to_vec();
-            if header(&req, ACCEPT).contains("pem") {
-                respond(
-                    StatusCode::OK,
-                    "application/x-pem-file",
-                    cert_pem(&der).into_bytes(),
-                )
-            } else {
-                respond(StatusCode::OK, "application/pkix-cert", der)
-            }
-        }
-        (&Method::GET, "/crl") => match service.crl() {
-            Ok(crl) => {
-                if header(&req, ACCEPT).contains("pem") {
-                    let pem = pem::encode(&pem::Pem::new("X509 CRL", crl.der.to_vec()));
-                    respond(StatusCode::OK, "application/x-pem-file", pem.into_bytes())
-                } else {
-                    respond(StatusCode::OK, "application/pkix-crl", crl.der.to_vec())
-                }
-            }
-            Err(p) => problem(&p, false),
-        },
-        (&Method::POST, "/enroll") => enroll(req, service, peer).await,
-        (m, "/enroll") => method_not_allowed(m, &path, "POST"),
-        (m, "/ca" | "/crl" | "/health") => method_not_allowed(m, &path, "GET"),
-        _ => not_found(&path),
-    }
-}
-
-async fn enroll(
-    req: Request<Incoming>,
-    service: &CaService,
-    peer: SocketAddr,
-) -> Response<Full<Bytes>> {
-    let ctype = media_type(header(&req, CONTENT_TYPE));
-    let accept = media_type(header(&req, ACCEPT));
-    let encoding = match ctype.as_str() {
-        CBOR => RequestEncoding::Cbor,
-        JSON => RequestEncoding::Json,
-        other => return unsupported_media_type(other, &format!("{CBOR} or {JSON}")),
-    };
-    let cbor_problems = encoding == RequestEncoding::Cbor && !accept.contains("json");
-    // Read one byte past the limit so that an oversize body is reported as too-large.
-    let body = match read_body(req, MAX_ENROLL_REQUEST_JSON + 1).await {
-        Ok(b) => b,
-        Err(e) => {
-            let p = e.problem("request body", MAX_ENROLL_REQUEST_JSON);
-            tracing::info!(%peer, problem = %p.kind, "enrollment request not read");
-            return closing(problem(&p, cbor_problems));
-        }
-    };
-    match service
-        .enroll(&body, encoding, crate::metrics::Transport::Https)
-        .await
-    {
-        Err(p) => {
-            tracing::info!(%peer, problem = %p.kind, "enrollment refused");
-            problem(&p, cbor_problems)
-        }
-        Ok(enrolled) => {
-            if accept == PEM_CHAIN {
-                return respond(
-                    StatusCode::OK,
-                    PEM_CHAIN,
-                    cert_pem(&enrolled.certificate).into_bytes(),
-                );
-            }
-            let msg = match service.response(&enrolled) {
-                Ok(m) => m,
-                Err(p) => return problem(&p, cbor_problems),
-            };
-            let json = accept == JSON || (accept != CBOR && encoding == RequestEncoding::Json);
-            if json {
-                respond(StatusCode::OK, JSON, msg.to_json())
-            } else {
-                respond(StatusCode::OK, CBOR, msg.to_cbor())
-            }
-        }
-    }
 }
