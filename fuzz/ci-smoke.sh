@@ -1,30 +1,44 @@
 #!/usr/bin/env bash
-# A short fuzzing pass: each protocol-spec / device-agent target for a few seconds
-# (IMPRINT_CI_FUZZ_SECS, default 5) from its committed seeds and regressions; a crash fails.
-# Not yet called by .ci/run (RELIABILITY.md, "Not done yet", says why). Run from the repository's
-# top folder: fuzz/ci-smoke.sh
+# CI's short fuzzing pass over every target (the CA server's included), in two steps so that the
+# build can run beside the test suite:
+#   fuzz/ci-smoke.sh build   installs cargo-fuzz and the nightly toolchain if missing, and builds
+#                            every target (release, debug assertions, no sanitizer), at nice 19
+#   fuzz/ci-smoke.sh run     runs each target IMPRINT_CI_FUZZ_SECS seconds (default 5) from its
+#                            committed seeds and regressions; a crash or a broken harness rule
+#                            fails it, and its input is left in fuzz/artifacts/TARGET/
+# Target folder: IMPRINT_FUZZ_TARGET_DIR (default fuzz/target). Run from anywhere in the
+# repository. RELIABILITY.md, "Fuzzing", has what the targets check and the long runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Fuzzing, briefly: each protocol-spec / device-agent target for a few seconds from its committed
-# seeds and regressions (RELIABILITY.md, "Fuzzing", says what this covers and what was run by
-# hand). The CA server's targets are left out here: building ca-server with libFuzzer's
-# instrumentation would add more than the time CI has to spare; the seeds and regressions of
-# every target, theirs included, are replayed on stable by ca-server/tests/fuzz_corpus.rs in
-# the test command above.
-echo "ci: fuzz targets (cargo-fuzz, nightly), ${IMPRINT_CI_FUZZ_SECS:-5} s each"
-command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
-rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
-fuzz_work=$(mktemp -d)
-for t in enroll_request_cbor enroll_request_json factory_token csr compact_response secret_ack; do
-  mkdir -p "$fuzz_work/$t"
-  dirs=("$fuzz_work/$t" "fuzz/seeds/$t")
-  [ -d "fuzz/regressions/$t" ] && dirs+=("fuzz/regressions/$t")
-  if ! cargo +nightly fuzz run --fuzz-dir fuzz -s none -a "$t" "${dirs[@]}" -- \
-      -max_total_time="${IMPRINT_CI_FUZZ_SECS:-5}" -print_final_stats=1 >"$fuzz_work/$t.log" 2>&1; then
-    tail -n 60 "$fuzz_work/$t.log" >&2
-    echo "ci: fuzz target $t failed (its input is in fuzz/artifacts/$t)" >&2
-    exit 1
-  fi
-  grep -E '^stat::number_of_executed_units' "$fuzz_work/$t.log" | sed "s/^/ci: $t /" || true
-done
-rm -rf "$fuzz_work"
+dir=${IMPRINT_FUZZ_TARGET_DIR:-fuzz/target}
+targets=(coap_datagram admin_body enroll_request_cbor enroll_request_json factory_token csr compact_response secret_ack)
+case "${1:-}" in
+  build)
+    command -v cargo-fuzz >/dev/null 2>&1 || nice -n 19 cargo install cargo-fuzz --locked --quiet
+    rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+    nice -n 19 cargo +nightly fuzz build --fuzz-dir fuzz -s none -a --features server \
+      --target-dir "$dir"
+    ;;
+  run)
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    for t in "${targets[@]}"; do
+      mkdir -p "$work/$t" "fuzz/artifacts/$t"
+      dirs=("$work/$t" "fuzz/seeds/$t")
+      [ -d "fuzz/regressions/$t" ] && dirs+=("fuzz/regressions/$t")
+      if ! "$dir/x86_64-unknown-linux-gnu/release/$t" "${dirs[@]}" \
+          -max_total_time="${IMPRINT_CI_FUZZ_SECS:-5}" -print_final_stats=1 \
+          -artifact_prefix="fuzz/artifacts/$t/" >"$work/$t.log" 2>&1; then
+        tail -n 60 "$work/$t.log" >&2
+        echo "ci: fuzz target $t failed (its input is in fuzz/artifacts/$t/)" >&2
+        exit 1
+      fi
+      execs=$(grep -E '^stat::number_of_executed_units' "$work/$t.log" | awk '{print $2}')
+      echo "ci: fuzz $t: ${execs:-?} executions in ${IMPRINT_CI_FUZZ_SECS:-5} s, no crash"
+    done
+    ;;
+  *)
+    echo "usage: fuzz/ci-smoke.sh build|run" >&2
+    exit 2
+    ;;
+esac
