@@ -170,6 +170,48 @@ fn a_signer_that_finds_every_session_busy_waits_then_is_unavailable() {
     );
 }
 
+/// A call whose closure panics gives its session's place back (issue 15): the pool, at a cap
+/// of one session, serves the next call at once. Before, the panic lost the place for good and
+/// every later call waited, then was told `unavailable`.
+#[test]
+fn a_call_that_panics_frees_its_session_for_the_next_call() {
+    in_own_process(
+        "a_call_that_panics_frees_its_session_for_the_next_call",
+        |pin_file| {
+            let limits = SessionLimits {
+                max: 1,
+                wait: Duration::from_secs(2),
+            };
+            let u = uri(pin_file, "panics");
+            let key = TokenKey::generate(&u, KeyAlgorithm::Ed25519, &limits).unwrap();
+            let pool = TokenSessions::open(&u, &limits).unwrap();
+            let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.with_session(|_, _| -> Result<(), Fault<()>> {
+                    panic!("a bug in a session call")
+                })
+            }));
+            assert!(panicked.is_err());
+            assert_eq!(pool.stats().open, 0, "{:?}", pool.stats());
+            let started = Instant::now();
+            let sig = key
+                .sign_x509(b"after the panic")
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "{:?}",
+                started.elapsed()
+            );
+            let public = PublicKey {
+                algorithm: KeyAlgorithm::Ed25519,
+                raw: key.public_key_raw().to_vec(),
+            };
+            assert!(public.verify_x509(b"after the panic", &sig));
+            let stats = pool.stats();
+            assert_eq!((stats.peak_open, stats.open), (1, 1), "{stats:?}");
+        },
+    );
+}
+
 /// Signers that wait for a session do so off the async workers: with both workers of a
 /// two-worker runtime signing while the one session is held elsewhere, a task that only sleeps
 /// 50 ms still finishes at once. Before, each waiting signer held its worker for the whole wait
