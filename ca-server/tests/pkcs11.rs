@@ -399,6 +399,12 @@ fn a_wrong_pin_a_missing_token_and_a_missing_key_each_exit_2_with_one_line_namin
             false,
             "PIN is wrong",
         ),
+        // --pkcs11-existing: the PIN's error too, never a key made instead (issue 15).
+        (
+            format!("pkcs11:token=imprint;object=ca?module-path={MODULE}&pin-value={secret_pin}"),
+            true,
+            "PIN is wrong",
+        ),
         (
             format!("pkcs11:token=elsewhere;object=ca?module-path={MODULE}&pin-value={PIN}"),
             false,
@@ -436,6 +442,10 @@ fn a_wrong_pin_a_missing_token_and_a_missing_key_each_exit_2_with_one_line_namin
         // Nothing of a CA is left behind.
         assert!(!dir.join("ca.pem").exists(), "{uri}");
     }
+    assert_eq!(
+        probe(&token, &["private-keys"])["labels"],
+        serde_json::json!(["ca", "ca-operators"])
+    );
 }
 
 #[test]
