@@ -212,13 +212,22 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
 /// (checked by a signature under the operator CA certificate's key), points config.toml's
 /// `[issuer] pkcs11` at the token (written whole, then renamed into place), and only then
 /// removes the key files. Run it with the server stopped.
+///
+/// It can be run again after it failed part way: keys already imported under the same labels
+/// are used again when they are the files' keys (their public halves equal), and a run that
+/// stopped after config.toml named the token (the key files still there) is finished.
 pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
     let mut config = dir.load_config()?;
     if let Some(already) = &config.issuer.pkcs11 {
-        return Err(format!(
-            "{}: the CA key is already in a token ({already})",
-            dir.config().display()
-        ));
+        // A run that stopped between config.toml and the removal of the key files is
+        // finished by the same command; otherwise the key has moved already.
+        let unfinished = *already == uri.to_config_string() && dir.ca_key().exists();
+        if !unfinished {
+            return Err(format!(
+                "{}: the CA key is already in a token ({already})",
+                dir.config().display()
+            ));
+        }
     }
     let rng = SystemRandom::new();
     let key_pem = std::fs::read_to_string(dir.ca_key())
@@ -240,7 +249,7 @@ pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
             dir.ca_cert().display()
         ));
     }
-    let token = TokenKey::import(uri, &key, &crate::issuer::session_limits(dir, &config)?)?;
+    let token = import_again(uri, &key, &crate::issuer::session_limits(dir, &config)?)?;
     let mut probe = [0u8; 32];
     rng.fill(&mut probe)
         .map_err(|_| "random generator failed".to_string())?;
@@ -295,7 +304,7 @@ pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
             if public.raw != key.public_key_raw() {
                 return Err(at(format!("not the key of {}", cert_path.display())));
             }
-            let token = TokenKey::import(
+            let token = import_again(
                 &crate::operators::operator_key_uri(uri),
                 &key,
                 &crate::issuer::session_limits(dir, &config)?,
@@ -332,6 +341,29 @@ pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
             .map_err(|e| format!("{}: {e}", operator_key.display()))?;
     }
     Ok(())
+}
+
+/// Imports `key` into the token as `uri` names it ([`TokenKey::import`]), or, when a key is
+/// already there under that label (left by an earlier run that failed part way), uses it if it
+/// is `key` (the same algorithm and public key); another key under the label is refused.
+fn import_again(
+    uri: &Pkcs11Uri,
+    key: &KeyPair,
+    limits: &SessionLimits,
+) -> Result<TokenKey, String> {
+    match TokenKey::open_if_present(uri, limits)? {
+        None => TokenKey::import(uri, key, limits),
+        Some(found)
+            if found.algorithm() == key.algorithm()
+                && found.public_key_raw() == key.public_key_raw() =>
+        {
+            Ok(found)
+        }
+        Some(_) => Err(format!(
+            "{}: the token already holds another key with that label; name another object=",
+            uri.describe()
+        )),
+    }
 }
 
 #[cfg(test)]

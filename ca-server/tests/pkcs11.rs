@@ -632,6 +632,90 @@ async fn key_to_token_moves_a_file_key_into_the_token_and_the_ca_goes_on_signing
     }
 }
 
+/// `key to-token` that failed after its imports (here: config.toml.new cannot be written) can
+/// be run again (issue 15): the second run uses the keys the first one imported, and the CA
+/// ends as a clean run leaves it: no key file, one key pair per label, and the token signs
+/// under the CA's and the operator CA's certificates. Before, the second run was refused: the
+/// token already held a key with that label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_to_token_that_failed_part_way_can_be_run_again() {
+    let token = SoftToken::new("imprint");
+    let ca = TestCa::with_file_key(KeyAlgorithm::P256);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    let uri = token.uri("moved");
+    let root = ca.root().to_str().unwrap().to_string();
+    let config = std::fs::read_to_string(ca.dir.config()).unwrap();
+
+    let blocker = ca.root().join("config.toml.new");
+    std::fs::create_dir(&blocker).unwrap();
+    let out = token.ca_server(&["key", "to-token", "--dir", &root, "--pkcs11", &uri]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("config.toml.new"), "{err}");
+    // Stopped after both imports, before anything of the CA folder's keys changed.
+    assert_eq!(
+        probe(&token, &["private-keys"])["labels"],
+        serde_json::json!(["moved", "moved-operators"])
+    );
+    assert!(ca.dir.ca_key().exists() && ca.dir.operator_ca_key().exists());
+    assert!(ca.dir.tls_key().exists());
+    assert_eq!(std::fs::read_to_string(ca.dir.config()).unwrap(), config);
+
+    std::fs::remove_dir(&blocker).unwrap();
+    token.ok(&["key", "to-token", "--dir", &root, "--pkcs11", &uri]);
+    assert_eq!(private_key_files(ca.root()), Vec::<String>::new());
+    assert!(ca.dir.tls_key_sealed().exists());
+    assert_eq!(
+        probe(&token, &["private-keys"])["labels"],
+        serde_json::json!(["moved", "moved-operators"])
+    );
+    assert!(
+        std::fs::read_to_string(ca.dir.config())
+            .unwrap()
+            .contains("object=moved")
+    );
+    // The operator CA's key signs in the token, under the operator CA certificate.
+    token.ok(&["operator", "add", "--dir", &root, "alice"]);
+    let alice = ca.dir.operators().join("alice.pem");
+    let out = openssl(
+        &["verify", "-CAfile"],
+        &[&ca.dir.operator_ca_cert(), &alice],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The CA key signs a device's certificate in the token; the HTTPS door serves with the
+    // key the token unsealed.
+    let (_server, addr) = token.serve(&ca);
+    let dev = Device::new(5, KeyAlgorithm::P256);
+    let EnrollResponse::Full { certificate } = ca
+        .client(addr)
+        .enroll(dev.request(&line, ResponseForm::Full))
+        .await
+        .unwrap()
+    else {
+        panic!("not a full response");
+    };
+    tokio::task::block_in_place(|| {
+        let path = ca.tmp.path().join("device.pem");
+        std::fs::write(&path, protocol_spec::profile::cert_pem(&certificate)).unwrap();
+        let out = openssl(&["verify", "-CAfile"], &[&ca.dir.ca_cert(), &path]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(curl_ca(&ca, addr), ca.ca_der);
+    });
+
+    // Another CA's key is never taken for this one's: the label is refused, nothing changes.
+    let other = TestCa::with_file_key(KeyAlgorithm::P256);
+    let other_root = other.root().to_str().unwrap().to_string();
+    let out = token.ca_server(&["key", "to-token", "--dir", &other_root, "--pkcs11", &uri]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("already holds another key with that label"),
+        "{err}"
+    );
+    assert!(other.dir.ca_key().exists() && other.dir.tls_key().exists());
+}
+
 // ---------------------------------------------------------------------------------------------
 // DUKPT BDKs kept in the token (issue 16): a token CA's BDK is an object of the token, never
 // key bytes in the store; the token encrypts the Initial Key's derivation data.
