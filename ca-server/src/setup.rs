@@ -64,6 +64,14 @@ pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Makes the entries of `folder` (files written, renamed or removed there) durable: an fsync of
+/// the folder itself, without which a crash may lose a file whose own data was synced.
+pub fn sync_folder(folder: &Path) -> Result<(), String> {
+    std::fs::File::open(folder)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("{}: {e}", folder.display()))
+}
+
 /// Creates a CA folder: CA key (0600) and certificate, key-encryption key (0600), HTTPS server
 /// key (0600) and certificate issued by the CA, `config.toml`, and an empty store.
 pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
@@ -331,6 +339,9 @@ pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
     write_new(&temporary, text.as_bytes(), 0o644)?;
     std::fs::rename(&temporary, dir.config())
         .map_err(|e| format!("{}: {e}", dir.config().display()))?;
+    // tls.key.sealed and config.toml are durable before any key file is removed: a crash
+    // cannot leave a CA folder without its keys and without what replaces them.
+    sync_folder(dir.root())?;
     std::fs::remove_file(dir.ca_key()).map_err(|e| format!("{}: {e}", dir.ca_key().display()))?;
     if tls_pem.is_some() {
         std::fs::remove_file(dir.tls_key())
@@ -340,7 +351,7 @@ pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
         std::fs::remove_file(&operator_key)
             .map_err(|e| format!("{}: {e}", operator_key.display()))?;
     }
-    Ok(())
+    sync_folder(dir.root())
 }
 
 /// Imports `key` into the token as `uri` names it ([`TokenKey::import`]), or, when a key is
