@@ -563,6 +563,103 @@ async fn a_token_that_disappears_while_serving_gives_unavailable_and_signing_res
     enroll(3).await.unwrap();
 }
 
+/// The token going away while the admin door serves (issue 15): the door's TLS keeps working
+/// (its key was unsealed at start), a revocation is stored, and the CRL, which the CA key must
+/// sign again, answers 503 `unavailable` rather than an internal error; once the token is
+/// back the CRL is signed, lists the revoked certificate and verifies. Before, the CRL
+/// answered 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_disappears_while_the_admin_door_serves_gives_503_and_the_crl_resumes() {
+    let token = SoftToken::new("imprint");
+    let ca = token.init_ca(KeyAlgorithm::P256, "ca");
+    let root = ca.root().to_str().unwrap().to_string();
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    token.add_line(&ca, &line);
+    token.ok(&["operator", "add", "--dir", &root, "alice"]);
+    let (cert, key) = (
+        ca.dir.operators().join("alice.pem"),
+        ca.dir.operators().join("alice.key.pem"),
+    );
+    let (_server, addrs) =
+        token.serve_on(&ca, &["--https", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+    let EnrollResponse::Full { certificate } = ca
+        .client(addrs["https"])
+        .enroll(Device::new(1, KeyAlgorithm::P256).request(&line, ResponseForm::Full))
+        .await
+        .unwrap()
+    else {
+        panic!("not a full response");
+    };
+    let admin = |method: &str, path: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "-X", method, "-w", "\n%{http_code}", "--cacert"])
+            .arg(ca.dir.ca_cert())
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .arg(format!("https://{}{path}", addrs["admin"]))
+            .output()
+            .unwrap();
+        // The handshake and the request went through: an HTTP status came back.
+        assert!(out.status.success(), "curl: {}", text(&out.stderr));
+        let (body, status) = out.stdout.split_at(out.stdout.len().saturating_sub(3));
+        (
+            String::from_utf8_lossy(status).parse::<u16>().unwrap(),
+            body.to_vec(),
+        )
+    };
+    tokio::task::block_in_place(|| {
+        assert_eq!(admin("GET", "/crl").0, 200);
+
+        let tokens = token.tmp.path().join("tokens");
+        let away = token.tmp.path().join("away");
+        std::fs::rename(&tokens, &away).unwrap();
+        let (status, body) = admin("POST", "/devices/1/revoke");
+        assert_eq!(status, 200, "{}", text(&body));
+        let (status, body) = admin("GET", "/crl");
+        assert_eq!(status, 503, "{}", text(&body));
+        let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("cannot be reached"),
+            "{problem}"
+        );
+        assert_eq!(admin("GET", "/health").0, 200);
+
+        // Back: the server reconnects (at most once a second) and signs the CRL again.
+        std::fs::rename(&away, &tokens).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let crl = loop {
+            match admin("GET", "/crl") {
+                (200, crl) => break crl,
+                (503, _) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                (status, body) => panic!("{status}: {}", text(&body)),
+            }
+        };
+        let crl_path = ca.tmp.path().join("ca.crl");
+        std::fs::write(&crl_path, &crl).unwrap();
+        let out = openssl(
+            &["crl", "-inform", "DER", "-noout", "-verify", "-in"],
+            &[&crl_path, Path::new("-CAfile"), &ca.dir.ca_cert()],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("verify OK"));
+        let (_, device) = x509_parser::parse_x509_certificate(&certificate).unwrap();
+        let (_, listed) = x509_parser::parse_x509_crl(&crl).unwrap();
+        assert!(
+            listed
+                .iter_revoked_certificates()
+                .any(|r| *r.serial() == device.serial),
+            "the revoked device's certificate is not on the CRL"
+        );
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_to_token_moves_a_file_key_into_the_token_and_the_ca_goes_on_signing() {
     for alg in [KeyAlgorithm::Ed25519, KeyAlgorithm::P256] {
