@@ -11,9 +11,9 @@
 //! every one busy waits for one, at most [`SessionLimits::wait`], and is then
 //! [`Failure::Unavailable`]. A token that refuses another session (its own session limit,
 //! `CKR_SESSION_COUNT`, shared with other applications) is waited on the same way, for one of
-//! the pool's sessions to come back; the module is never reset for it. One process has one pool per token ([`TokenSessions::open`] hands
-//! out the pool that is already open), so the CA key, the operator CA's key and the BDKs share
-//! the sessions and the login.
+//! the pool's sessions to come back; the module is never reset for it. One process has one
+//! pool per token ([`TokenSessions::open`] hands out the pool that is already open), so the CA
+//! key, the operator CA's key and the BDKs share the sessions and the login.
 //!
 //! A call whose session fails ([`Fault::Lost`]) is tried again: on another session, after
 //! every idle one is closed (when one session failed, the others most likely did too); then
@@ -721,10 +721,9 @@ fn open_logged_in(
 }
 
 /// Why `C_OpenSession` failed, for the pool: the token's own session limit reached
-/// (`CKR_SESSION_COUNT`, PKCS#11 3.0 section 5.6: "the attempt to open the session failed,
-/// either because the token has too many sessions already open, or because the token has too
-/// many read/write sessions already open") is [`Taken::Full`], a wait; anything else a token
-/// that does not answer.
+/// (`CKR_SESSION_COUNT`, which only `C_OpenSession` returns: the token has too many sessions,
+/// or too many read/write sessions, open already) is [`Taken::Full`], a wait; anything else a
+/// token that does not answer.
 fn open_failure(token: &str, e: &P11Error) -> Taken {
     let why = format!("token {token:?}: cannot open a session: {}", short(e));
     match e {
