@@ -163,17 +163,19 @@ pub fn ensure_operator_ca(dir: &CaDir, key: &OperatorCaKey, now: u64) -> Result<
             existing,
         } => {
             let uri = operator_key_uri(uri);
+            let at = |e: String| format!("the operator CA's key: {e}");
+            // Made only when it is really absent: a wrong PIN or a token that does not
+            // answer stops here, with its own error.
             let found = if *existing {
-                TokenKey::open(&uri, limits).ok()
+                TokenKey::open_if_present(&uri, limits).map_err(at)?
             } else {
                 None
             };
             match found {
                 Some(k) => CaKey::Token(k),
-                None => CaKey::Token(
-                    TokenKey::generate(&uri, KeyAlgorithm::P256, limits)
-                        .map_err(|e| format!("the operator CA's key: {e}"))?,
-                ),
+                None => {
+                    CaKey::Token(TokenKey::generate(&uri, KeyAlgorithm::P256, limits).map_err(at)?)
+                }
             }
         }
     };

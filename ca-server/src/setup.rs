@@ -64,6 +64,14 @@ pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Makes the entries of `folder` (files written, renamed or removed there) durable: an fsync of
+/// the folder itself, without which a crash may lose a file whose own data was synced.
+pub fn sync_folder(folder: &Path) -> Result<(), String> {
+    std::fs::File::open(folder)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("{}: {e}", folder.display()))
+}
+
 /// Creates a CA folder: CA key (0600) and certificate, key-encryption key (0600), HTTPS server
 /// key (0600) and certificate issued by the CA, `config.toml`, and an empty store.
 pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
@@ -212,13 +220,22 @@ pub fn init(dir: &CaDir, opts: &InitOptions) -> Result<(), String> {
 /// (checked by a signature under the operator CA certificate's key), points config.toml's
 /// `[issuer] pkcs11` at the token (written whole, then renamed into place), and only then
 /// removes the key files. Run it with the server stopped.
+///
+/// It can be run again after it failed part way: keys already imported under the same labels
+/// are used again when they are the files' keys (their public halves equal), and a run that
+/// stopped after config.toml named the token (the key files still there) is finished.
 pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
     let mut config = dir.load_config()?;
     if let Some(already) = &config.issuer.pkcs11 {
-        return Err(format!(
-            "{}: the CA key is already in a token ({already})",
-            dir.config().display()
-        ));
+        // A run that stopped between config.toml and the removal of the key files is
+        // finished by the same command; otherwise the key has moved already.
+        let unfinished = *already == uri.to_config_string() && dir.ca_key().exists();
+        if !unfinished {
+            return Err(format!(
+                "{}: the CA key is already in a token ({already})",
+                dir.config().display()
+            ));
+        }
     }
     let rng = SystemRandom::new();
     let key_pem = std::fs::read_to_string(dir.ca_key())
@@ -240,7 +257,7 @@ pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
             dir.ca_cert().display()
         ));
     }
-    let token = TokenKey::import(uri, &key, &crate::issuer::session_limits(dir, &config)?)?;
+    let token = import_again(uri, &key, &crate::issuer::session_limits(dir, &config)?)?;
     let mut probe = [0u8; 32];
     rng.fill(&mut probe)
         .map_err(|_| "random generator failed".to_string())?;
@@ -295,7 +312,7 @@ pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
             if public.raw != key.public_key_raw() {
                 return Err(at(format!("not the key of {}", cert_path.display())));
             }
-            let token = TokenKey::import(
+            let token = import_again(
                 &crate::operators::operator_key_uri(uri),
                 &key,
                 &crate::issuer::session_limits(dir, &config)?,
@@ -322,6 +339,9 @@ pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
     write_new(&temporary, text.as_bytes(), 0o644)?;
     std::fs::rename(&temporary, dir.config())
         .map_err(|e| format!("{}: {e}", dir.config().display()))?;
+    // tls.key.sealed and config.toml are durable before any key file is removed: a crash
+    // cannot leave a CA folder without its keys and without what replaces them.
+    sync_folder(dir.root())?;
     std::fs::remove_file(dir.ca_key()).map_err(|e| format!("{}: {e}", dir.ca_key().display()))?;
     if tls_pem.is_some() {
         std::fs::remove_file(dir.tls_key())
@@ -331,7 +351,30 @@ pub fn key_to_token(dir: &CaDir, uri: &Pkcs11Uri) -> Result<(), String> {
         std::fs::remove_file(&operator_key)
             .map_err(|e| format!("{}: {e}", operator_key.display()))?;
     }
-    Ok(())
+    sync_folder(dir.root())
+}
+
+/// Imports `key` into the token as `uri` names it ([`TokenKey::import`]), or, when a key is
+/// already there under that label (left by an earlier run that failed part way), uses it if it
+/// is `key` (the same algorithm and public key); another key under the label is refused.
+fn import_again(
+    uri: &Pkcs11Uri,
+    key: &KeyPair,
+    limits: &SessionLimits,
+) -> Result<TokenKey, String> {
+    match TokenKey::open_if_present(uri, limits)? {
+        None => TokenKey::import(uri, key, limits),
+        Some(found)
+            if found.algorithm() == key.algorithm()
+                && found.public_key_raw() == key.public_key_raw() =>
+        {
+            Ok(found)
+        }
+        Some(_) => Err(format!(
+            "{}: the token already holds another key with that label; name another object=",
+            uri.describe()
+        )),
+    }
 }
 
 #[cfg(test)]

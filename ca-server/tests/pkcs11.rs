@@ -399,6 +399,12 @@ fn a_wrong_pin_a_missing_token_and_a_missing_key_each_exit_2_with_one_line_namin
             false,
             "PIN is wrong",
         ),
+        // --pkcs11-existing: the PIN's error too, never a key made instead (issue 15).
+        (
+            format!("pkcs11:token=imprint;object=ca?module-path={MODULE}&pin-value={secret_pin}"),
+            true,
+            "PIN is wrong",
+        ),
         (
             format!("pkcs11:token=elsewhere;object=ca?module-path={MODULE}&pin-value={PIN}"),
             false,
@@ -436,6 +442,10 @@ fn a_wrong_pin_a_missing_token_and_a_missing_key_each_exit_2_with_one_line_namin
         // Nothing of a CA is left behind.
         assert!(!dir.join("ca.pem").exists(), "{uri}");
     }
+    assert_eq!(
+        probe(&token, &["private-keys"])["labels"],
+        serde_json::json!(["ca", "ca-operators"])
+    );
 }
 
 #[test]
@@ -553,6 +563,103 @@ async fn a_token_that_disappears_while_serving_gives_unavailable_and_signing_res
     enroll(3).await.unwrap();
 }
 
+/// The token going away while the admin door serves (issue 15): the door's TLS keeps working
+/// (its key was unsealed at start), a revocation is stored, and the CRL, which the CA key must
+/// sign again, answers 503 `unavailable` rather than an internal error; once the token is
+/// back the CRL is signed, lists the revoked certificate and verifies. Before, the CRL
+/// answered 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_disappears_while_the_admin_door_serves_gives_503_and_the_crl_resumes() {
+    let token = SoftToken::new("imprint");
+    let ca = token.init_ca(KeyAlgorithm::P256, "ca");
+    let root = ca.root().to_str().unwrap().to_string();
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    token.add_line(&ca, &line);
+    token.ok(&["operator", "add", "--dir", &root, "alice"]);
+    let (cert, key) = (
+        ca.dir.operators().join("alice.pem"),
+        ca.dir.operators().join("alice.key.pem"),
+    );
+    let (_server, addrs) =
+        token.serve_on(&ca, &["--https", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+    let EnrollResponse::Full { certificate } = ca
+        .client(addrs["https"])
+        .enroll(Device::new(1, KeyAlgorithm::P256).request(&line, ResponseForm::Full))
+        .await
+        .unwrap()
+    else {
+        panic!("not a full response");
+    };
+    let admin = |method: &str, path: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "-X", method, "-w", "\n%{http_code}", "--cacert"])
+            .arg(ca.dir.ca_cert())
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .arg(format!("https://{}{path}", addrs["admin"]))
+            .output()
+            .unwrap();
+        // The handshake and the request went through: an HTTP status came back.
+        assert!(out.status.success(), "curl: {}", text(&out.stderr));
+        let (body, status) = out.stdout.split_at(out.stdout.len().saturating_sub(3));
+        (
+            String::from_utf8_lossy(status).parse::<u16>().unwrap(),
+            body.to_vec(),
+        )
+    };
+    tokio::task::block_in_place(|| {
+        assert_eq!(admin("GET", "/crl").0, 200);
+
+        let tokens = token.tmp.path().join("tokens");
+        let away = token.tmp.path().join("away");
+        std::fs::rename(&tokens, &away).unwrap();
+        let (status, body) = admin("POST", "/devices/1/revoke");
+        assert_eq!(status, 200, "{}", text(&body));
+        let (status, body) = admin("GET", "/crl");
+        assert_eq!(status, 503, "{}", text(&body));
+        let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("cannot be reached"),
+            "{problem}"
+        );
+        assert_eq!(admin("GET", "/health").0, 200);
+
+        // Back: the server reconnects (at most once a second) and signs the CRL again.
+        std::fs::rename(&away, &tokens).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let crl = loop {
+            match admin("GET", "/crl") {
+                (200, crl) => break crl,
+                (503, _) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                (status, body) => panic!("{status}: {}", text(&body)),
+            }
+        };
+        let crl_path = ca.tmp.path().join("ca.crl");
+        std::fs::write(&crl_path, &crl).unwrap();
+        let out = openssl(
+            &["crl", "-inform", "DER", "-noout", "-verify", "-in"],
+            &[&crl_path, Path::new("-CAfile"), &ca.dir.ca_cert()],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("verify OK"));
+        let (_, device) = x509_parser::parse_x509_certificate(&certificate).unwrap();
+        let (_, listed) = x509_parser::parse_x509_crl(&crl).unwrap();
+        assert!(
+            listed
+                .iter_revoked_certificates()
+                .any(|r| *r.serial() == device.serial),
+            "the revoked device's certificate is not on the CRL"
+        );
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_to_token_moves_a_file_key_into_the_token_and_the_ca_goes_on_signing() {
     for alg in [KeyAlgorithm::Ed25519, KeyAlgorithm::P256] {
@@ -620,6 +727,90 @@ async fn key_to_token_moves_a_file_key_into_the_token_and_the_ca_goes_on_signing
             assert_eq!(curl_ca(&ca, addr), ca.ca_der, "{alg}");
         });
     }
+}
+
+/// `key to-token` that failed after its imports (here: config.toml.new cannot be written) can
+/// be run again (issue 15): the second run uses the keys the first one imported, and the CA
+/// ends as a clean run leaves it: no key file, one key pair per label, and the token signs
+/// under the CA's and the operator CA's certificates. Before, the second run was refused: the
+/// token already held a key with that label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_to_token_that_failed_part_way_can_be_run_again() {
+    let token = SoftToken::new("imprint");
+    let ca = TestCa::with_file_key(KeyAlgorithm::P256);
+    let line = Line::new("line-1", KeyAlgorithm::Ed25519);
+    ca.add_line(&line, 1, 100, None);
+    let uri = token.uri("moved");
+    let root = ca.root().to_str().unwrap().to_string();
+    let config = std::fs::read_to_string(ca.dir.config()).unwrap();
+
+    let blocker = ca.root().join("config.toml.new");
+    std::fs::create_dir(&blocker).unwrap();
+    let out = token.ca_server(&["key", "to-token", "--dir", &root, "--pkcs11", &uri]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("config.toml.new"), "{err}");
+    // Stopped after both imports, before anything of the CA folder's keys changed.
+    assert_eq!(
+        probe(&token, &["private-keys"])["labels"],
+        serde_json::json!(["moved", "moved-operators"])
+    );
+    assert!(ca.dir.ca_key().exists() && ca.dir.operator_ca_key().exists());
+    assert!(ca.dir.tls_key().exists());
+    assert_eq!(std::fs::read_to_string(ca.dir.config()).unwrap(), config);
+
+    std::fs::remove_dir(&blocker).unwrap();
+    token.ok(&["key", "to-token", "--dir", &root, "--pkcs11", &uri]);
+    assert_eq!(private_key_files(ca.root()), Vec::<String>::new());
+    assert!(ca.dir.tls_key_sealed().exists());
+    assert_eq!(
+        probe(&token, &["private-keys"])["labels"],
+        serde_json::json!(["moved", "moved-operators"])
+    );
+    assert!(
+        std::fs::read_to_string(ca.dir.config())
+            .unwrap()
+            .contains("object=moved")
+    );
+    // The operator CA's key signs in the token, under the operator CA certificate.
+    token.ok(&["operator", "add", "--dir", &root, "alice"]);
+    let alice = ca.dir.operators().join("alice.pem");
+    let out = openssl(
+        &["verify", "-CAfile"],
+        &[&ca.dir.operator_ca_cert(), &alice],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The CA key signs a device's certificate in the token; the HTTPS door serves with the
+    // key the token unsealed.
+    let (_server, addr) = token.serve(&ca);
+    let dev = Device::new(5, KeyAlgorithm::P256);
+    let EnrollResponse::Full { certificate } = ca
+        .client(addr)
+        .enroll(dev.request(&line, ResponseForm::Full))
+        .await
+        .unwrap()
+    else {
+        panic!("not a full response");
+    };
+    tokio::task::block_in_place(|| {
+        let path = ca.tmp.path().join("device.pem");
+        std::fs::write(&path, protocol_spec::profile::cert_pem(&certificate)).unwrap();
+        let out = openssl(&["verify", "-CAfile"], &[&ca.dir.ca_cert(), &path]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(curl_ca(&ca, addr), ca.ca_der);
+    });
+
+    // Another CA's key is never taken for this one's: the label is refused, nothing changes.
+    let other = TestCa::with_file_key(KeyAlgorithm::P256);
+    let other_root = other.root().to_str().unwrap().to_string();
+    let out = token.ca_server(&["key", "to-token", "--dir", &other_root, "--pkcs11", &uri]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("already holds another key with that label"),
+        "{err}"
+    );
+    assert!(other.dir.ca_key().exists() && other.dir.tls_key().exists());
 }
 
 // ---------------------------------------------------------------------------------------------

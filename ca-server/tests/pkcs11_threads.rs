@@ -170,6 +170,145 @@ fn a_signer_that_finds_every_session_busy_waits_then_is_unavailable() {
     );
 }
 
+/// A call whose closure panics gives its session's place back (issue 15): the pool, at a cap
+/// of one session, serves the next call at once. Before, the panic lost the place for good and
+/// every later call waited, then was told `unavailable`.
+#[test]
+fn a_call_that_panics_frees_its_session_for_the_next_call() {
+    in_own_process(
+        "a_call_that_panics_frees_its_session_for_the_next_call",
+        |pin_file| {
+            let limits = SessionLimits {
+                max: 1,
+                wait: Duration::from_secs(2),
+            };
+            let u = uri(pin_file, "panics");
+            let key = TokenKey::generate(&u, KeyAlgorithm::Ed25519, &limits).unwrap();
+            let pool = TokenSessions::open(&u, &limits).unwrap();
+            let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.with_session(|_, _| -> Result<(), Fault<()>> {
+                    panic!("a bug in a session call")
+                })
+            }));
+            assert!(panicked.is_err());
+            assert_eq!(pool.stats().open, 0, "{:?}", pool.stats());
+            let started = Instant::now();
+            let sig = key
+                .sign_x509(b"after the panic")
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "{:?}",
+                started.elapsed()
+            );
+            let public = PublicKey {
+                algorithm: KeyAlgorithm::Ed25519,
+                raw: key.public_key_raw().to_vec(),
+            };
+            assert!(public.verify_x509(b"after the panic", &sig));
+            let stats = pool.stats();
+            assert_eq!((stats.peak_open, stats.open), (1, 1), "{stats:?}");
+        },
+    );
+}
+
+/// `init --pkcs11-existing` uses the operator CA's key already in the token and makes one only
+/// when the token holds nothing of that label (issue 15): a wrong PIN stops it with the PIN's
+/// error, and so does a public key left without its private half, with nothing made. Before,
+/// any failure to open the key was taken for its absence and a key pair generated (beside the
+/// lone public key, which then made the label ambiguous).
+#[test]
+fn an_existing_operator_key_is_made_only_when_the_token_holds_none() {
+    in_own_process(
+        "an_existing_operator_key_is_made_only_when_the_token_holds_none",
+        |pin_file| {
+            use ca_server::config::CaDir;
+            use ca_server::operators::{OperatorCaKey, ensure_operator_ca};
+            use cryptoki::object::{Attribute, ObjectClass};
+            let limits = SessionLimits::default();
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = CaDir::new(tmp.path());
+            let existing = |uri: Pkcs11Uri| OperatorCaKey::Token {
+                uri,
+                limits,
+                existing: true,
+            };
+            let wrong_pin = Pkcs11Uri::parse(&format!(
+                "pkcs11:token=threads;object=ca?module-path={MODULE}&pin-value=97531"
+            ))
+            .unwrap();
+            let err = ensure_operator_ca(&dir, &existing(wrong_pin), 1_700_000_000).unwrap_err();
+            assert!(err.contains("PIN is wrong"), "{err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(!err.contains("97531"), "{err}");
+            assert!(!dir.operator_ca_cert().exists());
+
+            // The labels of the objects of `class` in the token.
+            let u = uri(pin_file, "ca");
+            let pool = TokenSessions::open(&u, &limits).unwrap();
+            let labels = |class: ObjectClass| {
+                pool.with_session(|session, _| {
+                    let mut labels = Vec::new();
+                    for h in session.find_objects(&[Attribute::Class(class)]).unwrap() {
+                        for a in session
+                            .get_attributes(h, &[cryptoki::object::AttributeType::Label])
+                            .unwrap()
+                        {
+                            if let Attribute::Label(l) = a {
+                                labels.push(String::from_utf8(l).unwrap());
+                            }
+                        }
+                    }
+                    labels.sort();
+                    Ok::<_, Fault<()>>(labels)
+                })
+                .unwrap()
+            };
+            assert!(labels(ObjectClass::PRIVATE_KEY).is_empty());
+
+            // A public key labelled ca-operators, its private half gone.
+            let lone = uri(pin_file, "ca-operators");
+            TokenKey::generate(&lone, KeyAlgorithm::P256, &limits).unwrap();
+            pool.with_session(|session, _| {
+                for h in session
+                    .find_objects(&[
+                        Attribute::Class(ObjectClass::PRIVATE_KEY),
+                        Attribute::Label(b"ca-operators".to_vec()),
+                    ])
+                    .unwrap()
+                {
+                    session.destroy_object(h).unwrap();
+                }
+                Ok::<_, Fault<()>>(())
+            })
+            .unwrap();
+            let err = ensure_operator_ca(&dir, &existing(u.clone()), 1_700_000_000).unwrap_err();
+            assert!(
+                err.contains("public key with that label but no private key"),
+                "{err}"
+            );
+            assert!(labels(ObjectClass::PRIVATE_KEY).is_empty());
+            assert_eq!(labels(ObjectClass::PUBLIC_KEY), ["ca-operators"]);
+            assert!(!dir.operator_ca_cert().exists());
+
+            // Nothing of that label: made.
+            pool.with_session(|session, _| {
+                for h in session
+                    .find_objects(&[Attribute::Label(b"ca-operators".to_vec())])
+                    .unwrap()
+                {
+                    session.destroy_object(h).unwrap();
+                }
+                Ok::<_, Fault<()>>(())
+            })
+            .unwrap();
+            assert!(ensure_operator_ca(&dir, &existing(u), 1_700_000_000).unwrap());
+            assert!(dir.operator_ca_cert().exists());
+            assert_eq!(labels(ObjectClass::PRIVATE_KEY), ["ca-operators"]);
+        },
+    );
+}
+
 /// Signers that wait for a session do so off the async workers: with both workers of a
 /// two-worker runtime signing while the one session is held elsewhere, a task that only sleeps
 /// 50 ms still finishes at once. Before, each waiting signer held its worker for the whole wait

@@ -266,7 +266,7 @@ async fn route(
         ("GET", ["crl"]) => {
             let crl = service
                 .crl()
-                .map_err(|p| AdminProblem::internal("CRL", p.detail))?;
+                .map_err(|p| AdminProblem::from_service("CRL", p))?;
             Ok(respond(
                 StatusCode::OK,
                 "application/pkix-crl",
@@ -287,7 +287,7 @@ async fn route(
             service
                 .revoke(serial, actor)
                 .await
-                .map_err(|p| AdminProblem::internal("revoke", p.detail))?
+                .map_err(|p| AdminProblem::from_service("revoke", p))?
                 .ok_or_else(|| AdminProblem::not_found(format!("no enrolled device {serial}")))?;
             // Sign the new CRL now, so that it is ready before anyone asks.
             let _ = blocking(service, |s| Ok(s.crl())).await;
@@ -298,7 +298,7 @@ async fn route(
             match service
                 .reset(serial, actor)
                 .await
-                .map_err(|p| AdminProblem::internal("reset", p.detail))?
+                .map_err(|p| AdminProblem::from_service("reset", p))?
             {
                 ResetOutcome::Reset(_) => json(StatusCode::OK, &device_view(service, serial)?),
                 ResetOutcome::Missing => Err(AdminProblem::not_found(format!(
@@ -623,7 +623,7 @@ async fn rotate(service: &Arc<CaService>, body: RotateRequest, actor: &str) -> A
     let (rotated, done, failed) = service
         .rotate_many(serials, actor, 100)
         .await
-        .map_err(|p| AdminProblem::internal("rotate", p.detail))?;
+        .map_err(|p| AdminProblem::from_service("rotate", p))?;
     if body.serial.is_some()
         && let Some((serial, p)) = failed.first()
     {

@@ -233,30 +233,57 @@ impl TokenKey {
     /// Opens the key `uri` names, which must already be in the token, through the token's
     /// session pool (opened with `limits` if this process has none yet).
     pub fn open(uri: &Pkcs11Uri, limits: &SessionLimits) -> Result<Self, String> {
+        Self::open_if_present(uri, limits)?.ok_or_else(|| {
+            format!(
+                "{}: no private key with that label in the token (give the key's label as object=, or make one with `ca-server init --pkcs11`)",
+                uri.describe()
+            )
+        })
+    }
+
+    /// Opens the key `uri` names as [`TokenKey::open`] does; `None` only when the token holds
+    /// no object of that label at all (neither half). Any other failure (a wrong PIN, a token
+    /// that is not there, one half without the other) is an error: a caller that would make
+    /// the key when it is absent must not make it for those.
+    pub fn open_if_present(
+        uri: &Pkcs11Uri,
+        limits: &SessionLimits,
+    ) -> Result<Option<Self>, String> {
         let sessions = TokenSessions::open(uri, limits).map_err(|e| e.to_string())?;
-        let (epoch, private, algorithm, public_raw) = sessions
+        let found = sessions
             .with_session(|session, epoch| {
                 let held = token_objects();
-                let private = find_key(session, uri, ObjectClass::PRIVATE_KEY, &held)
+                let Some(private) = find_key(session, uri, ObjectClass::PRIVATE_KEY, &held)
                     .map_err(Fault::Failed)?
-                    .ok_or_else(|| Fault::Failed(format!(
-                        "{}: no private key with that label in the token (give the key's label as object=, or make one with `ca-server init --pkcs11`)",
-                        uri.describe()
-                    )))?;
+                else {
+                    if find_key(session, uri, ObjectClass::PUBLIC_KEY, &held)
+                        .map_err(Fault::Failed)?
+                        .is_some()
+                    {
+                        return Err(Fault::Failed(format!(
+                            "{}: the token holds a public key with that label but no private key (delete it, or name another object=)",
+                            uri.describe()
+                        )));
+                    }
+                    return Ok(None);
+                };
                 let (algorithm, public_raw) =
                     public_half(session, uri, &held).map_err(Fault::Failed)?;
-                Ok((epoch, private, algorithm, public_raw))
+                Ok(Some((epoch, private, algorithm, public_raw)))
             })
             .map_err(|e| e.to_string())?;
+        let Some((epoch, private, algorithm, public_raw)) = found else {
+            return Ok(None);
+        };
         let handles = HandleCache::default();
         handles.put(epoch, PRIVATE, private);
-        Ok(TokenKey {
+        Ok(Some(TokenKey {
             sessions,
             uri: uri.clone(),
             algorithm,
             public_raw,
             handles,
-        })
+        }))
     }
 
     /// Generates a new key pair of `algorithm` in the token, labelled (and with the id) as

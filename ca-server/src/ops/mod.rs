@@ -272,4 +272,16 @@ impl AdminProblem {
             "internal error (see the server log)",
         )
     }
+    /// A service call's problem: 503 when the store or the CA's key token does not answer
+    /// (`unavailable`: nothing was written; retry), else an internal error.
+    pub fn from_service(context: &str, p: protocol_spec::Problem) -> Self {
+        if p.kind == protocol_spec::ProblemType::Unavailable {
+            Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{context}: {}", p.detail),
+            )
+        } else {
+            Self::internal(context, p.detail)
+        }
+    }
 }

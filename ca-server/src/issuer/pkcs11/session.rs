@@ -9,9 +9,11 @@
 //! sessions are kept for the next call. At most [`SessionLimits::max`] sessions are open at once
 //! (`[issuer] pkcs11_sessions`: an HSM limits the sessions of a partition); a call that finds
 //! every one busy waits for one, at most [`SessionLimits::wait`], and is then
-//! [`Failure::Unavailable`]. One process has one pool per token ([`TokenSessions::open`] hands
-//! out the pool that is already open), so the CA key, the operator CA's key and the BDKs share
-//! the sessions and the login.
+//! [`Failure::Unavailable`]. A token that refuses another session (its own session limit,
+//! `CKR_SESSION_COUNT`, shared with other applications) is waited on the same way, for one of
+//! the pool's sessions to come back; the module is never reset for it. One process has one
+//! pool per token ([`TokenSessions::open`] hands out the pool that is already open), so the CA
+//! key, the operator CA's key and the BDKs share the sessions and the login.
 //!
 //! A call whose session fails ([`Fault::Lost`]) is tried again: on another session, after
 //! every idle one is closed (when one session failed, the others most likely did too); then
@@ -160,9 +162,17 @@ impl std::fmt::Debug for TokenSessions {
 }
 
 /// Why no session was taken.
+#[derive(Debug)]
 enum Taken {
+    /// The token or its module does not answer: try again after dropping the idle sessions,
+    /// then after a reset of the module.
     Lost(String),
+    /// Every session stayed busy for the pool's wait.
     Busy(String),
+    /// The token itself refused another session (`CKR_SESSION_COUNT`: the HSM's own session
+    /// limit, which other applications share): the pool waits for one of its sessions, as
+    /// at its cap. Never a reason to reset the module.
+    Full(String),
     Refused(String),
 }
 
@@ -239,30 +249,40 @@ impl TokenSessions {
                 break;
             }
             let conn = self.conn.read().unwrap_or_else(PoisonError::into_inner);
-            let session = match self.take(&conn) {
-                Ok(s) => s,
+            let lease = match self.take(&conn) {
+                Ok(s) => Lease {
+                    pool: self,
+                    session: Some(s),
+                },
                 Err(Taken::Lost(why)) => {
                     last = why;
                     drop(conn);
                     self.drop_idle();
                     continue;
                 }
-                Err(Taken::Busy(why)) => return Err(Failure::Unavailable(why)),
+                Err(Taken::Busy(why) | Taken::Full(why)) => {
+                    return Err(Failure::Unavailable(why));
+                }
                 Err(Taken::Refused(why)) => return Err(Failure::Refused(why)),
             };
-            match op(&session, self.epoch()) {
+            // A panic in `op` drops the lease, which closes the session and frees its place.
+            // (The lease holds its session until put back or dropped: `None` cannot happen.)
+            let Some(session) = lease.session.as_ref() else {
+                continue;
+            };
+            match op(session, self.epoch()) {
                 Ok(v) => {
-                    self.put_back(session);
+                    lease.put_back();
                     return Ok(v);
                 }
                 Err(Fault::Lost(why)) => {
                     last = format!("token {:?}: {why}", self.uri.token);
-                    self.close(session);
+                    drop(lease);
                     drop(conn);
                     self.drop_idle();
                 }
                 Err(Fault::Failed(e)) => {
-                    self.close(session);
+                    drop(lease);
                     return Err(Failure::Op(e));
                 }
             }
@@ -280,7 +300,9 @@ impl TokenSessions {
         let session = match open_logged_in(&ctx, slot, &pin, uri) {
             Ok(s) => s,
             Err(Taken::Refused(why)) => return Err(Failure::Refused(why)),
-            Err(Taken::Lost(why) | Taken::Busy(why)) => return Err(Failure::Unavailable(why)),
+            Err(Taken::Lost(why) | Taken::Busy(why) | Taken::Full(why)) => {
+                return Err(Failure::Unavailable(why));
+            }
         };
         let state = State {
             open: 1,
@@ -304,40 +326,58 @@ impl TokenSessions {
     }
 
     /// An idle session; or a new one when fewer than the maximum are open; or, when all are
-    /// busy, the first one given back within the wait.
+    /// busy, the first one given back within the wait. When the token refuses another session
+    /// (its own limit, [`Taken::Full`]), the sessions the pool holds then are its cap for this
+    /// call: it waits for one of them, as at the pool's cap.
     fn take(&self, conn: &Connection) -> Result<Session, Taken> {
         let deadline = Instant::now() + self.limits.wait;
+        let mut cap = self.limits.max;
+        let mut token_full = None;
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             if let Some(s) = state.idle.pop() {
                 return Ok(s);
             }
-            if state.open < self.limits.max {
+            if state.open < cap {
                 state.open += 1;
                 state.peak_open = state.peak_open.max(state.open);
                 drop(state);
-                return match open_logged_in(&conn.ctx, conn.slot, &self.pin, &self.uri) {
+                match open_logged_in(&conn.ctx, conn.slot, &self.pin, &self.uri) {
                     Ok(s) => {
                         self.state
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
                             .opened += 1;
-                        Ok(s)
+                        return Ok(s);
+                    }
+                    Err(Taken::Full(why)) => {
+                        self.closed(1);
+                        state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                        cap = state.open;
+                        token_full = Some(why);
+                        continue;
                     }
                     Err(e) => {
                         self.closed(1);
-                        Err(e)
+                        return Err(e);
                     }
-                };
+                }
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Taken::Busy(format!(
-                    "token {:?}: all {} sessions stayed busy for {} ms ([issuer] pkcs11_sessions)",
-                    self.uri.token,
-                    self.limits.max,
-                    self.limits.wait.as_millis()
-                )));
+                return Err(Taken::Busy(match &token_full {
+                    Some(why) => format!(
+                        "{why}; none of the pool's {} sessions came back within {} ms",
+                        cap,
+                        self.limits.wait.as_millis()
+                    ),
+                    None => format!(
+                        "token {:?}: all {} sessions stayed busy for {} ms ([issuer] pkcs11_sessions)",
+                        self.uri.token,
+                        self.limits.max,
+                        self.limits.wait.as_millis()
+                    ),
+                }));
             }
             // Off the async worker: a caller waiting for a session must not hold the
             // runtime's other tasks (every door, the timers) with it.
@@ -348,21 +388,6 @@ impl TokenSessions {
                     .0
             });
         }
-    }
-
-    fn put_back(&self, session: Session) {
-        self.state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .idle
-            .push(session);
-        self.freed.notify_one();
-    }
-
-    /// Closes a session, then counts it out: the token never sees more than the maximum.
-    fn close(&self, session: Session) {
-        drop(session);
-        self.closed(1);
     }
 
     fn closed(&self, n: usize) {
@@ -437,6 +462,42 @@ impl TokenSessions {
     }
 }
 
+/// A session taken from a pool, for one call: given back by [`Lease::put_back`] after a call
+/// that succeeded; otherwise closed when dropped (after a failure, or a panic in the call),
+/// which frees its place in the pool.
+struct Lease<'a> {
+    pool: &'a TokenSessions,
+    /// Always `Some` until [`Lease::put_back`] or the drop takes it.
+    session: Option<Session>,
+}
+
+impl Lease<'_> {
+    /// The session goes back to the pool, idle, for the next call.
+    fn put_back(mut self) {
+        if let Some(session) = self.session.take() {
+            self.pool
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .idle
+                .push(session);
+            self.pool.freed.notify_one();
+        }
+    }
+}
+
+impl Drop for Lease<'_> {
+    /// Closes the session, then counts it out: the token never sees more than the maximum.
+    /// Closed rather than kept: an operation the token refused, or that a panic cut short,
+    /// might still be active on it.
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            drop(session);
+            self.pool.closed(1);
+        }
+    }
+}
+
 /// Object handles found on a pool's sessions, by label, each valid for the
 /// [`TokenSessions::epoch`] it was found in.
 #[derive(Debug, Default)]
@@ -483,7 +544,6 @@ pub fn is_unavailable(e: &P11Error) -> bool {
                 | RvError::TokenNotRecognized
                 | RvError::SessionHandleInvalid
                 | RvError::SessionClosed
-                | RvError::SessionCount
                 | RvError::SlotIdInvalid
                 | RvError::UserNotLoggedIn
                 | RvError::CryptokiNotInitialized
@@ -636,13 +696,7 @@ fn open_logged_in(
         Err(P11Error::Pkcs11(RvError::TokenWriteProtected, _)) => ctx.open_ro_session(slot),
         other => other,
     }
-    .map_err(|e| {
-        Taken::Lost(format!(
-            "token {:?}: cannot open a session: {}",
-            uri.token,
-            short(&e)
-        ))
-    })?;
+    .map_err(|e| open_failure(&uri.token, &e))?;
     match session.login(UserType::User, Some(pin)) {
         Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
         Err(P11Error::Pkcs11(RvError::PinIncorrect, _)) => Err(Taken::Refused(format!(
@@ -663,5 +717,48 @@ fn open_logged_in(
             uri.token,
             short(&e)
         ))),
+    }
+}
+
+/// Why `C_OpenSession` failed, for the pool: the token's own session limit reached
+/// (`CKR_SESSION_COUNT`, which only `C_OpenSession` returns: the token has too many sessions,
+/// or too many read/write sessions, open already) is [`Taken::Full`], a wait; anything else a
+/// token that does not answer.
+fn open_failure(token: &str, e: &P11Error) -> Taken {
+    let why = format!("token {token:?}: cannot open a session: {}", short(e));
+    match e {
+        P11Error::Pkcs11(RvError::SessionCount, _) => Taken::Full(why),
+        _ => Taken::Lost(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use cryptoki::context::Function;
+
+    /// Issue 15: the token's own session limit was taken for a lost token, and the module was
+    /// reset for it. SoftHSM2 has no session limit, so this is checked here rather than
+    /// against a token.
+    #[test]
+    fn a_token_at_its_session_limit_is_waited_for_never_reset() {
+        let full = open_failure(
+            "hsm",
+            &P11Error::Pkcs11(RvError::SessionCount, Function::OpenSession),
+        );
+        assert!(
+            matches!(&full, Taken::Full(why) if why.contains("CKR_SESSION_COUNT") || why.contains("SessionCount")),
+            "{full:?}"
+        );
+        for lost in [
+            RvError::DeviceRemoved,
+            RvError::TokenNotPresent,
+            RvError::DeviceError,
+            RvError::GeneralError,
+        ] {
+            let taken = open_failure("hsm", &P11Error::Pkcs11(lost, Function::OpenSession));
+            assert!(matches!(taken, Taken::Lost(_)), "{lost:?}: {taken:?}");
+        }
     }
 }
