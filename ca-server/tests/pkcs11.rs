@@ -708,25 +708,30 @@ async fn key_to_token_moves_a_file_key_into_the_token_and_the_ca_goes_on_signing
         );
 
         // The server signs with the token's copy: a device enrolls and openssl verifies.
-        let (_server, addr) = token.serve(&ca);
-        let dev = Device::new(5, KeyAlgorithm::P256);
-        let EnrollResponse::Full { certificate } = ca
-            .client(addr)
-            .enroll(dev.request(&line, ResponseForm::Full))
-            .await
-            .unwrap()
-        else {
-            panic!("not a full response");
-        };
-        tokio::task::block_in_place(|| {
-            let path = ca.tmp.path().join("device.pem");
-            std::fs::write(&path, protocol_spec::profile::cert_pem(&certificate)).unwrap();
-            let out = openssl(&["verify", "-CAfile"], &[&ca.dir.ca_cert(), &path]);
-            assert!(out.status.success(), "{alg}: {}", text(&out.stderr));
-            // The HTTPS door serves with the key the token unsealed.
-            assert_eq!(curl_ca(&ca, addr), ca.ca_der, "{alg}");
-        });
+        enroll_and_verify(&token, &ca, &line, &format!("{alg}")).await;
     }
+}
+
+/// Serves `ca` with its key in `token`: device 5 of `line` enrolls, openssl verifies its
+/// certificate against the CA's, and the HTTPS door serves with the key the token unsealed.
+async fn enroll_and_verify(token: &SoftToken, ca: &TestCa, line: &Line, what: &str) {
+    let (_server, addr) = token.serve(ca);
+    let dev = Device::new(5, KeyAlgorithm::P256);
+    let EnrollResponse::Full { certificate } = ca
+        .client(addr)
+        .enroll(dev.request(line, ResponseForm::Full))
+        .await
+        .unwrap()
+    else {
+        panic!("not a full response");
+    };
+    tokio::task::block_in_place(|| {
+        let path = ca.tmp.path().join("device.pem");
+        std::fs::write(&path, protocol_spec::profile::cert_pem(&certificate)).unwrap();
+        let out = openssl(&["verify", "-CAfile"], &[&ca.dir.ca_cert(), &path]);
+        assert!(out.status.success(), "{what}: {}", text(&out.stderr));
+        assert_eq!(curl_ca(ca, addr), ca.ca_der, "{what}");
+    });
 }
 
 /// `key to-token` that failed after its imports (here: config.toml.new cannot be written) can
@@ -782,23 +787,7 @@ async fn key_to_token_that_failed_part_way_can_be_run_again() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     // The CA key signs a device's certificate in the token; the HTTPS door serves with the
     // key the token unsealed.
-    let (_server, addr) = token.serve(&ca);
-    let dev = Device::new(5, KeyAlgorithm::P256);
-    let EnrollResponse::Full { certificate } = ca
-        .client(addr)
-        .enroll(dev.request(&line, ResponseForm::Full))
-        .await
-        .unwrap()
-    else {
-        panic!("not a full response");
-    };
-    tokio::task::block_in_place(|| {
-        let path = ca.tmp.path().join("device.pem");
-        std::fs::write(&path, protocol_spec::profile::cert_pem(&certificate)).unwrap();
-        let out = openssl(&["verify", "-CAfile"], &[&ca.dir.ca_cert(), &path]);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        assert_eq!(curl_ca(&ca, addr), ca.ca_der);
-    });
+    enroll_and_verify(&token, &ca, &line, "run again").await;
 
     // Another CA's key is never taken for this one's: the label is refused, nothing changes.
     let other = TestCa::with_file_key(KeyAlgorithm::P256);
