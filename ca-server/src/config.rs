@@ -182,19 +182,27 @@ pub struct Limits {
 impl Limits {
     /// Settings that cannot work together, refused when the server starts.
     pub fn check(&self) -> Result<(), String> {
-        if self.rate_per_source > 0 && self.rate_handshake_cost > self.rate_burst_per_source {
-            return Err(format!(
-                "[limits] rate_handshake_cost ({}) is more than rate_burst_per_source ({}): no source could ever make a TLS handshake",
-                self.rate_handshake_cost, self.rate_burst_per_source
-            ));
-        }
-        if self.admin_rate_per_source > 0
-            && self.rate_handshake_cost > self.admin_rate_burst_per_source
-        {
-            return Err(format!(
-                "[limits] rate_handshake_cost ({}) is more than admin_rate_burst_per_source ({}): no operator could ever make a TLS handshake",
-                self.rate_handshake_cost, self.admin_rate_burst_per_source
-            ));
+        // A handshake that costs more than a whole burst could never be made.
+        for (rate, burst_name, burst, who) in [
+            (
+                self.rate_per_source,
+                "rate_burst_per_source",
+                self.rate_burst_per_source,
+                "source",
+            ),
+            (
+                self.admin_rate_per_source,
+                "admin_rate_burst_per_source",
+                self.admin_rate_burst_per_source,
+                "operator",
+            ),
+        ] {
+            if rate > 0 && self.rate_handshake_cost > burst {
+                return Err(format!(
+                    "[limits] rate_handshake_cost ({}) is more than {burst_name} ({burst}): no {who} could ever make a TLS handshake",
+                    self.rate_handshake_cost
+                ));
+            }
         }
         Ok(())
     }

@@ -265,13 +265,11 @@ pub async fn start_with_clock(
         admin = Some(listener.local_addr().map_err(|e| e.to_string())?);
         // The admin door's rate per source is its own: device traffic from an address never
         // uses up an operator's.
-        let admin_rate = (config.limits.admin_rate_per_source > 0).then(|| {
-            Arc::new(crate::limits::SourceRate::new(
-                config.limits.admin_rate_per_source,
-                config.limits.admin_rate_burst_per_source,
-                config.limits.rate_sources,
-            ))
-        });
+        let admin_rate = Arc::new(crate::limits::SourceRate::new(
+            config.limits.admin_rate_per_source,
+            config.limits.admin_rate_burst_per_source,
+            config.limits.rate_sources,
+        ));
         let ctx = crate::doors::admin::AdminContext {
             coap: coap_stats.clone(),
             operators_issued: dir.root().join("operators.issued"),
@@ -288,7 +286,7 @@ pub async fn start_with_clock(
                     config.limits.admin_max_connections,
                 ),
                 timeout,
-                rate: admin_rate,
+                rate: Some(admin_rate),
                 handshake_cost: config.limits.rate_handshake_cost,
             },
             rx.clone(),
